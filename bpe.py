@@ -1,0 +1,854 @@
+"""Byte-level BPE: train a GPT tokenizer from scratch, apply it exactly like tiktoken.
+
+Byte pair encoding (Sennrich et al. 2016, arXiv:1508.07909) starts from a vocabulary of
+symbols and repeatedly merges the most frequent adjacent pair into a new symbol. GPT-2
+(Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", section 2.2)
+runs it on UTF-8 *bytes*, so the 256 byte tokens can spell any string and nothing is ever
+out of vocabulary, and it first cuts text into pre-tokens with a regex (words with their
+leading space, runs of digits, punctuation, whitespace) so merges never cross a word.
+
+    text --split at special tokens--> segments --regex--> pre-tokens --UTF-8--> bytes
+         --apply merges in the order they were learned--> token ids
+
+Training (`train_bpe`) counts each distinct pre-token once, then learns merges
+incrementally: pair counts, an index pair -> words that hold it, and a heap to find the
+best pair (see `learn_merges`). Ties between equally frequent pairs go to the
+lexicographically greater pair of bytes, the convention of Stanford CS336, so a run is
+deterministic and comparable. `Tokenizer` encodes, decodes, streams, saves and loads, and
+loads OpenAI's GPT-2 files or any tiktoken encoding, so its ids equal tiktoken's.
+
+Run:
+    python bpe.py train --input input.txt --vocab_size 4096 --out tok.bpe
+    python bpe.py encode --tokenizer tok.bpe "Hello world"      (or --tokenizer gpt2)
+    python bpe.py compare --input input.txt --tokenizer tok.bpe   (GPT-2, cl100k, yours)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import heapq
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from itertools import accumulate, repeat
+from pathlib import Path
+
+import regex  # Python's `re` has no \p{L} / \p{N} (Unicode letter / number), which the split patterns need
+
+# GPT-2's split pattern as tiktoken writes it. The release's original
+# r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""" cuts
+# text identically; possessive quantifiers (++) only spare the regex engine backtracking.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-4's (cl100k_base): case-insensitive contractions, digits in groups of at most three,
+# newlines kept apart from other whitespace.
+GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+ENDOFTEXT = "<|endoftext|>"
+FILE_VERSION = "nanollm-bpe v1"
+CHUNK_BYTES = 16 << 20  # files are pre-tokenized in pieces of about this size (memory bound)
+
+
+# ----------------------------------------------------------------------------------------
+# The two BPE primitives (named as in minbpe)
+
+
+def get_stats(ids, counts=None, weight=1):
+    """Count adjacent pairs in `ids` (added to `counts`, each occurrence counting `weight`)."""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge(ids, pair, new_id):
+    """Replace each occurrence of `pair` in `ids`, scanning left to right, by `new_id`.
+    Left to right matters when the pair overlaps itself: (a, a) in a a a -> aa a."""
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Pre-tokenization: special tokens first, then the split regex
+
+
+@functools.lru_cache(maxsize=64)
+def special_token_regex(special_tokens: frozenset):
+    """Regex matching any of the special tokens; longer ones first, so when two overlap
+    (e.g. "<|a|>" and "<|a|><|b|>") the longest wins."""
+    ordered = sorted(special_tokens, key=lambda s: (-len(s), s))
+    return regex.compile("|".join(regex.escape(s) for s in ordered))
+
+
+def split_on_special_tokens(text: str, special_tokens) -> list[str]:
+    """The text between special tokens (they delimit documents and never take part in merges)."""
+    if not special_tokens:
+        return [text]
+    return special_token_regex(frozenset(special_tokens)).split(text)
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    """A str may hold lone surrogates ("\\ud800") that UTF-8 cannot encode; like tiktoken,
+    replace them by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def count_text_pretokens(text: str, special_tokens=(), pattern=GPT2_PATTERN) -> Counter:
+    """How often each distinct pre-token occurs in `text` (special tokens removed)."""
+    split = regex.compile(pattern)
+    counts = Counter()
+    for segment in split_on_special_tokens(text, special_tokens):
+        counts.update(split.findall(segment))
+    return counts
+
+
+def find_chunk_boundaries(path, special_tokens, chunk_bytes=CHUNK_BYTES) -> list[int]:
+    """Byte offsets that cut the file into pieces of about `chunk_bytes`, each cut at the
+    start of a special token. Cutting there changes nothing: the text is split at special
+    tokens before the regex runs anyway. Without special tokens the file stays whole."""
+    size = os.path.getsize(path)
+    if not special_tokens or size <= chunk_bytes:
+        return [0, size]
+    specials = sorted((s.encode("utf-8") for s in special_tokens), key=len, reverse=True)
+    find = regex.compile(b"|".join(regex.escape(s) for s in specials))
+    overlap = max(map(len, specials)) - 1  # so a token straddling two reads is still seen
+    block = 1 << 20
+    bounds = [0]
+    with open(path, "rb") as f:
+        pos = chunk_bytes
+        while pos < size:
+            found = None
+            while found is None:  # scan forward from pos for the next special token
+                f.seek(pos)
+                data = f.read(block)
+                match = find.search(data)
+                if match:
+                    found = pos + match.start()
+                elif len(data) < block:
+                    break
+                else:
+                    pos += block - overlap
+            if found is None or found >= size:
+                break
+            if found > bounds[-1]:
+                bounds.append(found)
+            pos = found + chunk_bytes
+    bounds.append(size)
+    return bounds
+
+
+def _count_file_chunk(args):
+    """Worker: pre-token counts of bytes [start, end) of a file (an error string if not UTF-8)."""
+    path, start, end, special_tokens, pattern = args
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"error: {path} is not UTF-8 text (bad byte at offset {start + e.start}; convert it to UTF-8)"
+    return count_text_pretokens(text, special_tokens, pattern)
+
+
+def count_pretokens(text_or_path, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
+                    chunk_bytes=CHUNK_BYTES) -> Counter:
+    """Counts of distinct pre-tokens in a string, or in a file read chunk by chunk (cut at
+    special tokens) and counted by `num_workers` processes (default: one per CPU)."""
+    if not _is_path(text_or_path):
+        text = text_or_path
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _replace_lone_surrogates(text)
+        return count_text_pretokens(text, special_tokens, pattern)
+    path = str(text_or_path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: training file {path} not found (check the path)")
+    bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
+    jobs = [(path, a, b, tuple(special_tokens), pattern) for a, b in zip(bounds, bounds[1:])]
+    num_workers = min(num_workers or os.cpu_count() or 1, len(jobs))
+    if num_workers > 1:
+        import multiprocessing
+
+        with multiprocessing.Pool(num_workers) as pool:
+            parts = pool.imap_unordered(_count_file_chunk, jobs)
+            return _sum_counts(parts)
+    return _sum_counts(map(_count_file_chunk, jobs))
+
+
+def _sum_counts(parts) -> Counter:
+    total = Counter()
+    for part in parts:
+        if isinstance(part, str):
+            raise SystemExit(part)
+        total.update(part)
+    return total
+
+
+def _is_path(x) -> bool:
+    """A Path is a file; a str is a file name if such a file exists, else it is the text."""
+    if isinstance(x, os.PathLike):
+        return True
+    return isinstance(x, str) and 0 < len(x) < 4096 and "\n" not in x and os.path.isfile(x)
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+
+
+def _reversed_order_key(token: bytes) -> str:
+    """A string whose order is the reverse of the order of `token` among byte strings:
+    each byte b becomes chr(255 - b), and a final chr(256), larger than any of them, makes
+    a prefix ("ab") sort after its extensions ("abc"), the reverse of bytes order. The key
+    of a pair is the two keys concatenated (the terminator keeps them apart)."""
+    return token.translate(_INVERT_BYTES).decode("latin-1") + "\u0100"
+
+
+_INVERT_BYTES = bytes(range(255, -1, -1))
+
+
+def learn_merges(pretoken_counts: dict[bytes, int], num_merges: int, verbose=False):
+    """Learn up to `num_merges` merges from pre-token counts; returns [(left, right), ...]
+    as byte strings, in the order learned (fewer if the text runs out of pairs).
+
+    Re-counting every pair after every merge (minbpe) costs O(merges x text). Instead:
+      - each distinct pre-token ("word") is a list of token ids with its count, so work
+        and memory scale with the number of distinct pre-tokens, not the text size;
+      - pair_counts holds the current count of every adjacent pair (weighted by word
+        count), pair_words the words that hold it, so a merge rewrites only those words
+        and applies the change of their pair counts (most merges touch a few words);
+      - the best pair comes from a heap of (-count, reversed-order key, pair). Counts
+        change all the time, and a heap cannot update an entry in place, so every change
+        pushes a fresh entry and stale ones are dropped when popped (lazy invalidation:
+        an entry is live iff its count equals pair_counts[pair]). A pop is O(log n),
+        against O(#pairs) for a max() over the dict each merge. The key string makes
+        ties (equal counts) pop the lexicographically greater pair of bytes first, with
+        the comparison done in C by the heap, not by a Python __lt__.
+    pair_words is a superset: a word that lost a pair is not removed from its set; when
+    that pair is merged the word is scanned and nothing happens (cheaper than keeping the
+    sets exact)."""
+    token_bytes = [bytes([i]) for i in range(256)]
+    order_key = [_reversed_order_key(t) for t in token_bytes]
+    words = [list(w) for w in pretoken_counts]
+    freqs = list(pretoken_counts.values())
+    pair_counts: dict[tuple[int, int], int] = {}
+    pair_words: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    for w, (word, freq) in enumerate(zip(words, freqs)):
+        get_stats(word, pair_counts, freq)
+        for pair in zip(word, word[1:]):
+            pair_words[pair].add(w)
+    heap = [(-c, order_key[a] + order_key[b], (a, b)) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges, t0 = [], time.perf_counter()
+    while len(merges) < num_merges and heap:
+        neg_count, _, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -neg_count:
+            continue  # stale entry: this pair's count has changed since it was pushed
+        a, b = pair
+        new_id = len(token_bytes)
+        token_bytes.append(token_bytes[a] + token_bytes[b])
+        order_key.append(_reversed_order_key(token_bytes[new_id]))
+        merges.append((token_bytes[a], token_bytes[b]))
+        del pair_counts[pair]
+
+        # Rewrite each word holding the pair, like merge(), and note how its pair counts
+        # change: only the neighbours of a merged occurrence change. x a b y -> x N y
+        # loses (x, a) and (b, y) and gains (x, N) and (N, y); in a b a b -> N N the
+        # (b, a) between two occurrences is lost once and (N, N) gained once.
+        delta = defaultdict(int)
+        for w in pair_words.pop(pair):
+            word, freq = words[w], freqs[w]
+            out, i, n = [], 0, len(word)
+            while i < n:
+                if word[i] == a and i + 1 < n and word[i + 1] == b:
+                    if out:
+                        left = out[-1]
+                        if left != new_id:  # else (b, a) was already counted out just below
+                            delta[left, a] -= freq
+                        delta[left, new_id] += freq
+                        pair_words[left, new_id].add(w)
+                    if i + 2 < n:
+                        right = word[i + 2]
+                        delta[b, right] -= freq
+                        if not (right == a and i + 3 < n and word[i + 3] == b):  # else: (N, N) above
+                            delta[new_id, right] += freq
+                            pair_words[new_id, right].add(w)
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            words[w] = out  # unchanged (a stale index entry) if an earlier merge took the pair out
+        for p, d in delta.items():
+            if d == 0 or p == pair:
+                continue
+            count = pair_counts.get(p, 0) + d
+            if count > 0:
+                pair_counts[p] = count
+                heapq.heappush(heap, (-count, order_key[p[0]] + order_key[p[1]], p))
+            else:
+                del pair_counts[p]
+        if verbose and (len(merges) % 1000 == 0 or len(merges) == num_merges):
+            print(f"merge {len(merges):,}/{num_merges:,}: {token_bytes[new_id]!r} (count {-neg_count:,}), "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return merges
+
+
+def train_bpe(text_or_path, vocab_size: int, special_tokens=(), pattern=GPT2_PATTERN,
+              num_workers=None, verbose=False):
+    """Train a byte-level BPE tokenizer.
+
+    text_or_path: the training text, or a file (a Path, or a str naming an existing file).
+    vocab_size: 256 byte tokens + merges + special tokens.
+    Returns (vocab, merges): vocab {id: bytes} with ids 0-255 the bytes, 256... the merges
+    in order, then the special tokens; merges [(left bytes, right bytes), ...]."""
+    special_tokens = list(dict.fromkeys(special_tokens))
+    num_merges = vocab_size - 256 - len(special_tokens)
+    if num_merges < 0:
+        raise SystemExit(f"error: vocab_size {vocab_size} is too small (it counts 256 byte tokens and "
+                         f"{len(special_tokens)} special token(s): use at least {256 + len(special_tokens)})")
+    t0 = time.perf_counter()
+    counts = count_pretokens(text_or_path, special_tokens, pattern, num_workers)
+    if not counts:
+        raise SystemExit("error: the training text is empty (nothing outside special tokens; give a non-empty text)")
+    if verbose:
+        print(f"{len(counts):,} distinct pre-tokens, {sum(counts.values()):,} in all, counted in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    merges = learn_merges({p.encode("utf-8"): c for p, c in counts.items()}, num_merges, verbose)
+    vocab = {i: bytes([i]) for i in range(256)}
+    for left, right in merges:
+        vocab[len(vocab)] = left + right
+    for s in special_tokens:
+        vocab[len(vocab)] = s.encode("utf-8")
+    return vocab, merges
+
+
+# ----------------------------------------------------------------------------------------
+# GPT-2's byte alphabet (how vocab.bpe, encoder.json and our saved files write bytes)
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map byte -> printable character, so a byte token can be written
+    as text: the 188 printable latin-1 bytes stand for themselves, the other 68 (control
+    characters, space, ...) become chr(256), chr(257), ... in byte order (space -> 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + len(table) - len(printable))
+    return table
+
+
+def _to_alphabet(token: bytes) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def _from_alphabet(text: str) -> bytes:
+    """Inverse of _to_alphabet (UnicodeEncodeError: a character outside the alphabet)."""
+    return text.translate(_alphabet_to_latin1()).encode("latin-1")
+
+
+@functools.lru_cache(maxsize=1)
+def _alphabet_to_latin1() -> dict[int, str]:
+    """str.translate table: each alphabet character -> the latin-1 character of its byte.
+    Latin-1 characters outside the alphabet (space, controls) -> U+FFFF, which latin-1
+    cannot encode, so they raise instead of passing through."""
+    table = {b: "\uffff" for b in range(256)}
+    table.update({ord(c): chr(b) for b, c in bytes_to_unicode().items()})
+    return table
+
+
+def render_token(token: bytes) -> str:
+    """A token for people: its text if valid UTF-8, else its bytes; control chars escaped."""
+    try:
+        return repr(token.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(token)
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """Encode text with learned merges, decode ids, stream, save, load.
+
+    vocab: {id: bytes}; merges: [(left, right), ...] in priority order (each left + right
+    must be in vocab); special_tokens: strings (found in vocab by their bytes, appended if
+    absent) or {string: id}; pattern: the split regex. cache_size bounds the cache of
+    encoded pre-tokens (natural text repeats a few thousand words most of the time)."""
+
+    def __init__(self, vocab, merges, special_tokens=(), pattern=GPT2_PATTERN, cache_size=1 << 16):
+        self.vocab = {int(i): bytes(t) for i, t in vocab.items()}
+        self.merges = [(bytes(a), bytes(b)) for a, b in merges]
+        self.pattern = pattern
+        self.cache_size = cache_size
+        if isinstance(special_tokens, dict):
+            self.special_tokens = {s: int(i) for s, i in special_tokens.items()}
+            for s, i in self.special_tokens.items():
+                self.vocab[i] = s.encode("utf-8")
+        else:
+            self.special_tokens = {}
+            by_bytes = {t: i for i, t in self.vocab.items()}
+            for s in special_tokens:
+                i = by_bytes.get(s.encode("utf-8"))
+                if i is None:  # not in the vocabulary yet: append it
+                    i = max(self.vocab, default=-1) + 1
+                    self.vocab[i] = s.encode("utf-8")
+                self.special_tokens[s] = i
+        self.eot_id = self.special_tokens.get(ENDOFTEXT)
+        self.vocab_size = max(self.vocab) + 1  # rows of an embedding table indexed by these ids
+        try:
+            self._split = regex.compile(pattern)
+        except regex.error as e:
+            raise SystemExit(f"error: bad split pattern {pattern!r}: {e}") from None
+        self._build_tables()
+
+    def _build_tables(self):
+        special_ids = set(self.special_tokens.values())
+        token_id = {t: i for i, t in self.vocab.items() if i not in special_ids}
+        missing = [b for b in range(256) if bytes([b]) not in token_id]
+        if missing:
+            raise SystemExit(f"error: the vocabulary lacks byte token(s) {missing[:5]} (a byte-level BPE needs all 256)")
+        self._byte_ids = [token_id[bytes([b])] for b in range(256)]
+        self._ranks, self._merged_id = {}, {}  # (left id, right id) -> priority / id of left+right
+        for rank, (left, right) in enumerate(self.merges):
+            try:
+                pair, new_id = (token_id[left], token_id[right]), token_id[left + right]
+            except KeyError:
+                raise SystemExit(f"error: merge {rank} ({render_token(left)} + {render_token(right)}) "
+                                 "uses a token missing from the vocabulary (rebuild the tokenizer)") from None
+            if pair not in self._ranks:
+                self._ranks[pair], self._merged_id[pair] = rank, new_id
+        self._encode_piece = functools.lru_cache(maxsize=self.cache_size)(self._bpe)
+
+    def __getstate__(self):  # the cache holds a bound method: leave it out of pickles
+        return {k: v for k, v in self.__dict__.items() if k != "_encode_piece"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._encode_piece = functools.lru_cache(maxsize=self.cache_size)(self._bpe)
+
+    def __repr__(self):
+        return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={list(self.special_tokens)})")
+
+    # --- encoding ---
+
+    def _bpe(self, piece: str) -> tuple[int, ...]:
+        """Token ids of one pre-token: start from its bytes, then apply the earliest learned
+        merge present, again and again (the order of training, as in GPT-2's encoder.py)."""
+        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        rank_of, inf = self._ranks.get, float("inf")
+        while len(ids) >= 2:
+            ranks = list(map(rank_of, zip(ids, ids[1:]), repeat(inf)))
+            best = min(ranks)
+            if best == inf:
+                break  # no pair left that the merges know
+            # Merging only the leftmost occurrence is enough: the next round finds the
+            # same rank again at the next one (a merge with the new token ranks later).
+            i = ranks.index(best)
+            ids[i:i + 2] = [self._merged_id[ids[i], ids[i + 1]]]
+        return tuple(ids)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode, treating special tokens as plain text."""
+        ids = []
+        extend, encode_piece = ids.extend, self._encode_piece
+        try:
+            for piece in self._split.findall(text):
+                extend(encode_piece(piece))
+        except UnicodeEncodeError:
+            return self.encode_ordinary(_replace_lone_surrogates(text))
+        return ids
+
+    def _special_sets(self, allowed_special):
+        """(allowed, disallowed) special tokens for an `allowed_special` argument:
+        "none_raise" (default, as tiktoken): none allowed, and finding one is an error;
+        "all": all allowed; "none": none, they are plain text; a set: those allowed, any
+        other one found is an error (tiktoken's disallowed_special="all")."""
+        every = frozenset(self.special_tokens)
+        if allowed_special == "all":
+            return every, frozenset()
+        if allowed_special == "none":
+            return frozenset(), frozenset()
+        if allowed_special == "none_raise":
+            return frozenset(), every
+        if isinstance(allowed_special, (set, frozenset, list, tuple)):
+            unknown = set(allowed_special) - every
+            if unknown:
+                raise SystemExit(f"error: {sorted(unknown)} are not special tokens of this tokenizer "
+                                 f"(it has {sorted(every)})")
+            return frozenset(allowed_special), every - frozenset(allowed_special)
+        raise SystemExit(f"error: allowed_special={allowed_special!r} (use 'none_raise', 'all', 'none' or a set)")
+
+    def _check_disallowed(self, text, disallowed):
+        if disallowed:
+            found = special_token_regex(disallowed).search(text)
+            if found:
+                raise SystemExit(f"error: the text contains the special token {found.group()!r} (pass "
+                                 "allowed_special='all' to encode it as one token, or use encode_ordinary "
+                                 "to encode it as plain text)")
+
+    def encode(self, text: str, allowed_special="none_raise") -> list[int]:
+        """Encode text; special tokens in `allowed_special` become their single id."""
+        allowed, disallowed = self._special_sets(allowed_special)
+        self._check_disallowed(text, disallowed)
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids, start = [], 0
+        for match in special_token_regex(allowed).finditer(text):
+            ids += self.encode_ordinary(text[start:match.start()])
+            ids.append(self.special_tokens[match.group()])
+            start = match.end()
+        ids += self.encode_ordinary(text[start:])
+        return ids
+
+    def _units(self, text, allowed):
+        """The pre-tokens (str) and allowed special tokens (int id) of `text` in order, and
+        where each one ends (the split patterns match every character; if a custom one
+        skips some, a skipped run counts as part of the unit after it)."""
+        units, lengths, start = [], [], 0
+        specials = list(special_token_regex(allowed).finditer(text)) if allowed else []
+        for special in specials + [None]:
+            stop = special.start() if special else len(text)
+            segment = text[start:stop]
+            pieces = self._split.findall(segment)
+            sizes = list(map(len, pieces))
+            if sum(sizes) != len(segment):  # the pattern skipped characters: use positions
+                ends = [m.end() for m in self._split.finditer(segment)]
+                sizes = [end - begin for begin, end in zip([0, *ends], ends)]
+            units += pieces
+            lengths += sizes
+            if special:
+                units.append(self.special_tokens[special.group()])
+                lengths.append(special.end() - start - sum(sizes))
+                start = special.end()
+        return units, list(accumulate(lengths))
+
+    def _ids_of_units(self, units):
+        ids = []
+        for unit in units:
+            if type(unit) is int:
+                ids.append(unit)
+            else:
+                ids += self._encode_piece(unit)
+        return ids
+
+    def encode_iterable(self, chunks, allowed_special="none_raise", min_chars=1 << 14):
+        """Yield the ids of a stream of strings (e.g. an open file's lines) in constant
+        memory; the result equals encode("".join(chunks)).
+
+        A pre-token can straddle two chunks ("hel" + "lo"), and where the text stops
+        changes the last pre-tokens (a trailing "'" may become "'ll"; a whitespace run at
+        the end is cut differently than one followed by a word). So the last two units
+        of the buffer are held back until more text arrives: the split patterns look at
+        most 2 characters past a pre-token's start or 1 past its end, so the units before
+        them are final. A suffix that could begin a special token is held back too.
+        Memory: the buffer (min_chars plus one chunk) and the bounded pre-token cache."""
+        allowed, disallowed = self._special_sets(allowed_special)
+        specials = list(self.special_tokens) if (allowed or disallowed) else []
+        buffer = ""
+        for chunk in chunks:
+            buffer += chunk
+            if len(buffer) < min_chars:
+                continue  # work on sizeable pieces: per-call overhead would dominate on lines
+            self._check_disallowed(buffer, disallowed)
+            hold = len(buffer)
+            for s in specials:  # longest suffix that is a proper prefix of a special token
+                for k in range(min(len(s) - 1, len(buffer)), 0, -1):
+                    if len(buffer) - k < hold and buffer.endswith(s[:k]):
+                        hold = len(buffer) - k
+                        break
+            units, ends = self._units(buffer, allowed)
+            n_final = len(units) - 2
+            while n_final > 0 and ends[n_final - 1] > hold:
+                n_final -= 1
+            if n_final > 0:
+                yield from self._ids_of_units(units[:n_final])
+                buffer = buffer[ends[n_final - 1]:]
+        self._check_disallowed(buffer, disallowed)
+        yield from self._ids_of_units(self._units(buffer, allowed)[0])
+
+    # --- decoding ---
+
+    def decode_bytes(self, ids) -> bytes:
+        try:
+            return b"".join(map(self.vocab.__getitem__, ids))
+        except KeyError as e:
+            raise SystemExit(f"error: token id {e.args[0]!r} is not in the vocabulary (ids go up to "
+                             f"{self.vocab_size - 1})") from None
+
+    def decode(self, ids) -> str:
+        """Text of the ids; bytes that are not valid UTF-8 (a token sequence cut inside a
+        character) become U+FFFD, as tiktoken's decode(errors="replace")."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --- GPT-2 / tiktoken ---
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_bpe_path, encoder_json_path, special_tokens=(ENDOFTEXT,)):
+        """OpenAI's GPT-2 files: vocab.bpe (one merge per line, in priority order) and
+        encoder.json (token -> id), both written in GPT-2's byte alphabet."""
+        try:
+            encoder = json.loads(Path(encoder_json_path).read_text(encoding="utf-8"))
+            lines = Path(vocab_bpe_path).read_text(encoding="utf-8").split("\n")
+            vocab = {int(i): _from_alphabet(token) for token, i in encoder.items()}
+            merges = [tuple(map(_from_alphabet, line.split(" "))) for line in lines
+                      if line and not line.startswith("#version")]
+            if not all(len(m) == 2 for m in merges):
+                raise ValueError("a merge line is not two tokens")
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise SystemExit(f"error: cannot read GPT-2 files {vocab_bpe_path}, {encoder_json_path}: "
+                             f"{type(e).__name__}: {e} (need OpenAI's vocab.bpe and encoder.json)") from None
+        specials = {s: encoder[s] for s in special_tokens if s in encoder}
+        return cls(vocab, merges, specials, GPT2_PATTERN)
+
+    @classmethod
+    def from_tiktoken(cls, encoding):
+        """Rebuild a tokenizer from a tiktoken encoding (or its name, e.g. "cl100k_base").
+        tiktoken stores only ranks (token bytes -> id, lower merges first); the merge that
+        made a token is found by running BPE on its bytes with only the lower-ranked tokens:
+        what remains is exactly two parts, the pair that was merged."""
+        if isinstance(encoding, str):
+            try:
+                import tiktoken
+
+                encoding = tiktoken.get_encoding(encoding)
+            except Exception as e:
+                raise SystemExit(f"error: tiktoken cannot load {encoding!r}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]} (needs network or TIKTOKEN_CACHE_DIR)") from None
+        ranks = encoding._mergeable_ranks  # tiktoken exposes no public accessor
+        merges = []
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            if len(token) > 1:
+                parts = _bpe_by_rank(ranks, token, max_rank=rank)
+                if len(parts) != 2:
+                    raise SystemExit(f"error: token {render_token(token)} (rank {rank}) is not a merge of "
+                                     "two lower-ranked tokens: not a BPE vocabulary")
+                merges.append((parts[0], parts[1]))
+        vocab = {rank: token for token, rank in ranks.items()}
+        return cls(vocab, merges, dict(encoding._special_tokens), encoding._pat_str)
+
+    # --- save / load ---
+
+    def save(self, path):
+        """Write `path` (the tokenizer, human-readable) and a .vocab listing beside it.
+        Both go to a temp file first, then are renamed: never a half-written file."""
+        path = Path(path)
+        special_ids = set(self.special_tokens.values())
+        lines = [FILE_VERSION,
+                 "# byte-level BPE written by nanollm's bpe.py. Tokens are in GPT-2's byte alphabet",
+                 "# (Ġ is a space, Ċ a newline); a merge line is: left right id-of-the-merged-token.",
+                 f"pattern {json.dumps(self.pattern)}",
+                 "bytes " + " ".join(str(i) for i in self._byte_ids),
+                 f"special {len(self.special_tokens)}"]
+        lines += [f"{i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
+        lines.append(f"merges {len(self.merges)}")
+        token_id = {t: i for i, t in self.vocab.items() if i not in special_ids}
+        lines += [f"{_to_alphabet(a)} {_to_alphabet(b)} {token_id[a + b]}" for a, b in self.merges]
+        _atomic_write(path, "\n".join(lines) + "\n")
+
+        made_by = {a + b: (a, b) for a, b in reversed(self.merges)}  # earliest merge wins
+        listing = []
+        for i in sorted(self.vocab):
+            token = self.vocab[i]
+            if i in special_ids:
+                listing.append(f"{i}\t{render_token(token)}\t(special)")
+            elif token in made_by:
+                a, b = made_by[token]
+                listing.append(f"{i}\t{render_token(token)}\t= {render_token(a)} + {render_token(b)}")
+            else:
+                listing.append(f"{i}\t{render_token(token)}")
+        _atomic_write(_vocab_path(path), "\n".join(listing) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by save(); a clear one-line error if it is not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise SystemExit(f"error: tokenizer file {path} not found (train one: python bpe.py train ...)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {path} is not a bpe.py tokenizer file ({type(e).__name__})") from None
+        lines = text.split("\n")
+        try:
+            # comment lines ("# ...") are allowed in the header only: "#" is also a token
+            at = next((i for i, line in enumerate(lines) if line.startswith("merges ")), len(lines))
+            lines = [line for line in lines[:at] if not line.startswith("#")] + lines[at:]
+            if lines[0] != FILE_VERSION:
+                raise ValueError(f"first line is {lines[0][:40]!r}, expected {FILE_VERSION!r}")
+            pattern = json.loads(_field(lines[1], "pattern"))
+            byte_ids = [int(x) for x in _field(lines[2], "bytes").split(" ")]
+            if len(byte_ids) != 256:
+                raise ValueError(f"{len(byte_ids)} byte ids, expected 256")
+            vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+            n_special = int(_field(lines[3], "special"))
+            specials = {}
+            for line in lines[4:4 + n_special]:
+                i, s = line.split(" ", 1)
+                specials[json.loads(s)] = int(i)
+            at = 4 + n_special
+            n_merges = int(_field(lines[at], "merges"))
+            merges = []
+            for line in lines[at + 1:at + 1 + n_merges]:
+                left, right, i = line.split(" ")
+                merges.append((_from_alphabet(left), _from_alphabet(right)))
+                vocab[int(i)] = merges[-1][0] + merges[-1][1]
+            if len(merges) != n_merges or any(lines[at + 1 + n_merges:]):
+                raise ValueError(f"expected {n_merges} merges, found {len(lines) - at - 1} lines")
+        except (ValueError, IndexError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {path} is not a valid bpe.py tokenizer file ({e}; re-create it "
+                             "with python bpe.py train)") from None
+        return cls(vocab, merges, specials, pattern)
+
+
+def _field(line: str, name: str) -> str:
+    key, _, value = line.partition(" ")
+    if key != name:
+        raise ValueError(f"expected a {name!r} line, got {line[:40]!r}")
+    return value
+
+
+def _vocab_path(path: Path) -> Path:
+    return path.with_suffix(".vocab") if path.suffix != ".vocab" else Path(str(path) + ".vocab")
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _bpe_by_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """tiktoken's BPE on raw bytes: merge the adjacent pair whose concatenation has the
+    lowest rank, as long as that rank is below max_rank."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best, best_rank = None, max_rank
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: train, encode, compare
+
+SAMPLE_TEXT = """The quick brown fox doesn't jump over 1,234,567 lazy dogs -- they'll sleep in.
+    def fib(n):
+        return n if n < 2 else fib(n - 1) + fib(n - 2)   # 4 spaces of indent
+Tokenizers split "ﬁne" ligatures, émigré accents, 日本語のテキスト and emoji 👋🏽 very differently.
+"""
+
+
+def load_any(spec: str) -> Tokenizer:
+    """A saved bpe.py file, or a tiktoken encoding name (gpt2, cl100k_base, ...)."""
+    if Path(spec).is_file():
+        return Tokenizer.load(spec)
+    if spec in ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"):
+        return Tokenizer.from_tiktoken(spec)
+    raise SystemExit(f"error: tokenizer {spec!r} is neither a file nor a tiktoken encoding name (e.g. gpt2)")
+
+
+def _cmd_train(args):
+    if not os.path.isfile(args.input):
+        raise SystemExit(f"error: input file {args.input} not found (check --input)")
+    pattern = PATTERNS.get(args.pattern, args.pattern)
+    specials = [s for s in args.special_tokens.split(",") if s]
+    t0 = time.perf_counter()
+    vocab, merges = train_bpe(Path(args.input), args.vocab_size, specials, pattern, args.num_workers, verbose=True)
+    tok = Tokenizer(vocab, merges, specials, pattern)
+    tok.save(args.out)
+    print(f"trained {len(merges):,} merges (vocab {tok.vocab_size:,}) in {time.perf_counter() - t0:.2f} s; "
+          f"wrote {args.out} and {_vocab_path(Path(args.out))}")
+
+
+def _cmd_encode(args):
+    tok = load_any(args.tokenizer)
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
+    if text is None:
+        raise SystemExit("error: nothing to encode (give the text, or --file FILE)")
+    ids = tok.encode(text, allowed_special=args.allowed_special)
+    print(ids)
+    print("|".join(tok.decode_bytes([i]).decode("utf-8", "replace") for i in ids))
+    print(f"{len(ids)} tokens for {len(text.encode('utf-8'))} bytes")
+
+
+def _cmd_compare(args):
+    text = Path(args.input).read_text(encoding="utf-8")[:args.max_chars] if args.input else SAMPLE_TEXT
+    n_bytes = len(text.encode("utf-8"))
+    tokenizers = []
+    for name in ("gpt2", "cl100k_base"):
+        try:
+            tokenizers.append((name, Tokenizer.from_tiktoken(name)))
+        except SystemExit as e:
+            print(f"({name} skipped: {e})")
+    if args.tokenizer:
+        tokenizers += [(spec, Tokenizer.load(spec)) for spec in args.tokenizer]
+    else:
+        vocab, merges = train_bpe(text, args.vocab_size, (ENDOFTEXT,))
+        tokenizers.append((f"trained here (vocab {args.vocab_size}, on this same text)",
+                           Tokenizer(vocab, merges, (ENDOFTEXT,))))
+    first_line = text.strip().split("\n")[0][:100]
+    print(f"text: {n_bytes:,} bytes" + (f" from {args.input}" if args.input else " (built-in sample)"))
+    for name, tok in tokenizers:
+        ids = tok.encode(text, allowed_special="all")
+        longest = sorted((t for i, t in tok.vocab.items() if i not in tok.special_tokens.values()),
+                         key=len, reverse=True)[:5]
+        print(f"\n{name}: vocab {tok.vocab_size:,}, {len(ids):,} tokens, {len(ids) / n_bytes:.3f} tokens/byte "
+              f"({n_bytes / max(len(ids), 1):.2f} bytes/token)")
+        print("  longest tokens: " + ", ".join(render_token(t) for t in longest))
+        print("  " + "|".join(tok.decode_bytes([i]).decode("utf-8", "replace") for i in tok.encode_ordinary(first_line)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bpe.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a tokenizer on a text file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="UTF-8 text file")
+    p.add_argument("--vocab_size", type=int, default=4096, help="256 bytes + merges + special tokens")
+    p.add_argument("--out", default="tok.bpe", help="tokenizer file (a .vocab listing is written beside it)")
+    p.add_argument("--special_tokens", default=ENDOFTEXT, help="comma-separated; '' for none")
+    p.add_argument("--pattern", default="gpt2", help="split regex: gpt2, gpt4, or a regex")
+    p.add_argument("--num_workers", type=int, default=0, help="processes counting pre-tokens (0: one per CPU)")
+    p.set_defaults(run=_cmd_train)
+    p = sub.add_parser("encode", help="show the tokens of a text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tokenizer", default="gpt2", help="a bpe.py file, or a tiktoken name (gpt2, cl100k_base)")
+    p.add_argument("--file", default=None, help="encode this file instead of the text argument")
+    p.add_argument("--allowed_special", default="none_raise", choices=["none_raise", "all", "none"])
+    p.add_argument("text", nargs="?", default=None)
+    p.set_defaults(run=_cmd_encode)
+    p = sub.add_parser("compare", help="one text under GPT-2, cl100k and your tokenizer",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", default=None, help="text file (default: a built-in sample)")
+    p.add_argument("--max_chars", type=int, default=1_000_000, help="use at most this much of --input")
+    p.add_argument("--tokenizer", action="append", default=None, help="bpe.py file(s) to compare (repeatable)")
+    p.add_argument("--vocab_size", type=int, default=1024, help="without --tokenizer: train one of this size")
+    p.set_defaults(run=_cmd_compare)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

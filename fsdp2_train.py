@@ -1,0 +1,649 @@
+"""FSDP2: train a GPT sharded across GPUs with fully_shard, the whole model or QLoRA.
+
+Fully Sharded Data Parallel (ZeRO stage 3: Rajbhandari et al. 2020, arXiv:1910.02054;
+PyTorch FSDP: Zhao et al. 2023, arXiv:2304.11277) is data parallelism in which no rank
+holds the whole model: every parameter, its gradient and its optimizer state are cut
+along dim 0 into world_size pieces and rank r keeps piece r. FSDP2 (`fully_shard`,
+torch.distributed.fsdp) represents each piece as a DTensor with placement Shard(0) and
+moves whole groups of parameters with one collective each. Here one group per
+transformer block, and the root group (embeddings, final LayerNorm, tied lm_head).
+
+What each rank holds around one block's forward (world size N, bf16 mixed precision):
+- before: its 1/N shard of every tensor of the block (fp32 for --mode full; for QLoRA
+  1/N of the packed NF4 bytes and of the uint8 absmax codes, plus 1/N of the fp32 LoRA
+  A/B matrices), its gradient shard, and the AdamW moments of that shard only.
+- during: a pre-forward hook all-gathers the block's shards into full, ordinary tensors
+  (float ones cast to bf16 on the way, MixedPrecisionPolicy; the uint8 NF4 bytes are not
+  floats and are gathered bit-exact) and the block's own forward runs on them. QLoRA
+  gathers 0.5 byte per base weight and dequantizes each matrix on the fly for its matmul.
+  The next block's all-gather is prefetched while this one computes.
+- after: a post-forward hook frees the gathered tensors (reshard_after_forward): only
+  the shard and the activations saved for backward (with --activation_checkpointing,
+  only the block's input) remain. In backward the block is gathered again, its gradients
+  computed, and reduce-scattered (averaged over ranks, in fp32) into the gradient shards;
+  frozen tensors (the NF4 base) get no gradient and no reduce-scatter at all.
+The root group stays gathered from its forward to the end of backward: its tied
+embedding/lm_head weight is the first one the backward of the loss needs.
+
+Determinism across world sizes: every rank builds the same full model from the seed,
+then shards it; every rank draws the same *global* batch (--batch_size) with one
+generator seeded by --seed and keeps its slice of rows. Per-rank mean losses, averaged
+by the gradient reduce-scatter, equal the mean over the global batch, so the same command
+under 1 or 8 processes trains on the same samples in the same order and gives the same
+losses up to float rounding (dropout > 0 draws different masks per rank).
+
+Checkpoints: sharded, with torch.distributed.checkpoint (DCP): each rank writes its own
+shards of model + optimizer to out_dir/ckpt_dcp/, and --resume reads them back on any
+world size (DCP reshards). --export writes one full, unsharded checkpoint in nanollm's
+format (gpt.save_checkpoint) that sample.py and eval_hellaswag.py read; for lora and qlora
+it is the *merged* model (NF4 base dequantized + B @ A * scaling), a plain GPT.
+
+Run:
+  python fsdp2_train.py --device cpu                              # one process
+  torchrun --nproc_per_node=2 fsdp2_train.py --device cpu         # 2 ranks on CPU (gloo)
+  torchrun --nproc_per_node=8 fsdp2_train.py --dataset shakespeare --init_from gpt2 \\
+      --mode qlora --block_size 512 --batch_size 32 --export out-fsdp2/ckpt.pt
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+      fsdp2_train.py --hsdp True ...                              # shard in a node, replicate across
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import gpt
+import lora
+import qlora_nf4
+
+
+@dataclass
+class FSDP2Config:
+    # data (as train.py)
+    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | text:<path>"})
+    input: str = field(default="", metadata={"help": "local copy of the raw text instead of downloading it"})
+    data_root: str = "data"
+    # model
+    init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | path/to/ckpt.pt"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt_dcp on any world size (same as --init_from resume)"})
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = True
+    # what is trained
+    mode: str = field(default="full", metadata={"help": "full (every weight) | lora (frozen base + adapters) | qlora (frozen NF4 base + adapters)"})
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = field(default=0.0, metadata={"help": "> 0 makes the run depend on the world size (per-rank masks)"})
+    lora_targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated Linear names to adapt"})
+    nf4_blocksize: int = field(default=64, metadata={"help": "weights per NF4 absmax block (qlora)"})
+    # FSDP2
+    hsdp: bool = field(default=False, metadata={"help": "2-D mesh: shard within groups of hsdp_shard_size ranks, replicate across them"})
+    hsdp_shard_size: int = field(default=0, metadata={"help": "ranks per shard group with --hsdp (0: LOCAL_WORLD_SIZE, one node)"})
+    reshard_after_forward: bool = field(default=True, metadata={"help": "free gathered block weights after forward (False: keep them until backward, more memory, less communication)"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "keep only each block's input, recompute the block in backward"})
+    cpu_offload: bool = field(default=False, metadata={"help": "keep parameter/gradient/optimizer shards in CPU memory (CPUOffloadPolicy; CUDA only)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each block's forward"})
+    # optimisation (as train.py; batch_size is the GLOBAL micro-batch, split across ranks)
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-step summed over all ranks (must divide by the world size)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per iteration (each rank does all of them)"})
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (over all shards) to this (0 = off)"})
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = field(default=False, metadata={"help": "save at every eval, not only on a better val loss"})
+    out_dir: str = "out-fsdp2"
+    export: str = field(default="", metadata={"help": "at the end, write a full single-file checkpoint here (lora/qlora: merged)"})
+    # system
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (each rank takes cuda:LOCAL_RANK)"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 (FSDP2 param dtype; reduce in float32)"})
+    peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0 = datasheet table for A100/H100/H200)"})
+    seed: int = 1337
+
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
+RUN_KEYS = ("mode", "lora_r", "lora_alpha", "lora_targets", "nf4_blocksize")  # must match on resume
+CKPT_DIR = "ckpt_dcp"
+
+
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then flat (train.py's)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# ----------------------------------------------------------------------------------------
+# Process group, and errors that end every rank
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world: int
+    local_world: int
+    device: str
+    created_group: bool  # this main() made the process group, so it also destroys it
+
+
+def init_distributed(device_name: str) -> Ranks:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a 1-rank group, so the
+    same code path (and the same sharded checkpoints) serve a single process."""
+    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu)")
+    if device_name not in ("auto", "cpu") and not device_name.startswith("cuda"):
+        raise SystemExit(f"error: --device {device_name} is not supported by FSDP2 here (auto, cpu or cuda)")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = f"cuda:{local_rank}" if want_cuda else "cpu"
+    if want_cuda:
+        torch.cuda.set_device(device)
+    created = False
+    if not dist.is_initialized():
+        # cpu:gloo next to cuda:nccl lets small CPU-side collectives (DCP's planning) use gloo
+        backend = "cpu:gloo,cuda:nccl" if want_cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    world = dist.get_world_size()
+    return Ranks(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device, created)
+
+
+def fail(ranks: Ranks, message: str):
+    """Every rank calls this on the same condition: rank 0 prints the one-line error, the
+    others exit quietly. No rank waits in a collective that another has left."""
+    raise SystemExit(message if ranks.rank == 0 else 1)
+
+
+def agree(ranks: Ranks, fn):
+    """Run fn on rank 0 first (downloads, tokenizing), the others wait; if it raises
+    SystemExit, every rank exits with rank 0's message instead of hanging at a barrier."""
+    status = [None]
+    if ranks.rank == 0:
+        try:
+            fn()
+        except SystemExit as e:
+            status = [str(e.code)]
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        fail(ranks, status[0])
+    return fn()  # rank 0: cheap second call (reuses files); others: the real call
+
+
+# ----------------------------------------------------------------------------------------
+# Model: the same full model on every rank, then sharded
+
+
+def build_model(cfg: FSDP2Config, vocab_size: int, device: str, compute_dtype: torch.dtype):
+    """The full, unsharded model exactly as a 1-process run would build it (same seed, same
+    init, same quantization), so the sharded run is a function of the seed alone.
+    Returns (model, tokenizer spec of the init checkpoint or None)."""
+    gpt.set_seed(cfg.seed)
+    spec = None
+    if cfg.init_from == "scratch" or cfg.init_from == "resume":
+        config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+        model = gpt.GPT(config)
+    elif cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).is_file():
+        model, spec = gpt.GPT.from_pretrained(cfg.init_from), "gpt2"
+    else:
+        model, spec = gpt.load_checkpoint(cfg.init_from)
+    if cfg.mode == "qlora":
+        model.to(device)  # quantize where the matmuls will run, then shard
+        qlora_nf4.quantize_model(model, blocksize=cfg.nf4_blocksize, compute_dtype=compute_dtype)
+        shardable_nf4_stats(model)
+    if cfg.mode in ("lora", "qlora"):
+        lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg))
+    return model, spec
+
+
+def lora_targets(cfg):
+    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+
+
+def shardable_nf4_stats(model):
+    """FSDP2 shards parameters, not buffers. Linear4bit keeps its packed NF4 bytes as a
+    frozen uint8 parameter (sharded) and its statistics as buffers (replicated on every
+    rank). The uint8 absmax codes (1 byte per 64 weights) become frozen parameters here, so
+    they are sharded too; mixed precision leaves non-float parameters alone, so their bytes
+    are gathered exactly. The fp32 per-256-block scales and the offset (4 bytes per 16384
+    weights) stay buffers: replicated, and never cast to bf16 by the param_dtype policy."""
+    for m in model.modules():
+        if isinstance(m, qlora_nf4.Linear4bit) and m.absmax.dtype == torch.uint8 and "absmax" in m._buffers:
+            m.absmax = nn.Parameter(m._buffers.pop("absmax"), requires_grad=False)
+
+
+def wrap_block_forward(block, checkpointing: bool, compile: bool):
+    """Activation checkpointing and torch.compile go *inside* the block's forward; FSDP2's
+    all-gather/free hooks stay outside on the module call. Module and parameter names are
+    untouched, so checkpoints do not change with these options."""
+    forward = block.forward
+    if checkpointing:
+        inner = forward
+
+        def forward(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    if compile:
+        forward = torch.compile(forward)
+    block.forward = forward
+
+
+def shard_model(model, mesh, cfg: FSDP2Config, param_dtype):
+    """fully_shard each block (one all-gather / reduce-scatter group per block), then the
+    root, which takes every parameter not yet in a group (embeddings, ln_f, tied head)."""
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    for block in model.transformer.h:
+        wrap_block_forward(block, cfg.activation_checkpointing, cfg.compile)
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,
+                    reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False)
+    return model
+
+
+def local_param_bytes(model) -> tuple[int, int]:
+    """(bytes of this rank's shards, bytes of the full tensors) over all parameters."""
+    local = full = 0
+    for p in model.parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p
+        local += t.numel() * t.element_size()
+        full += p.numel() * p.element_size()
+    return local, full
+
+
+# ----------------------------------------------------------------------------------------
+# Data: one global batch per micro-step, drawn identically on every rank
+
+
+def local_batch(bins, cfg: FSDP2Config, generator, ranks: Ranks):
+    """Every rank draws the same global batch (B, T) with the shared generator and keeps
+    rows [rank * B / N, (rank + 1) * B / N): the data order does not depend on N."""
+    x, y = bins.get_batch(cfg.batch_size, cfg.block_size, generator, "cpu")
+    per_rank = cfg.batch_size // ranks.world
+    rows = slice(ranks.rank * per_rank, (ranks.rank + 1) * per_rank)
+    x, y = x[rows], y[rows]
+    if ranks.device.startswith("cuda"):
+        return x.pin_memory().to(ranks.device, non_blocking=True), y.pin_memory().to(ranks.device, non_blocking=True)
+    return x, y
+
+
+def all_mean(value: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    value = value.detach().float().clone()
+    dist.all_reduce(value)  # SUM: gloo has no AVG
+    return value / ranks.world
+
+
+@torch.no_grad()
+def estimate_loss(model, bins, cfg, ranks):
+    """Mean loss over eval_iters global batches per split, the same batches every time."""
+    model.eval()
+    out = {}
+    for split, data in bins.items():
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters, device=ranks.device)
+        for k in range(cfg.eval_iters):
+            x, y = local_batch(data, cfg, g, ranks)
+            losses[k] = model(x, y)[1]
+        out[split] = all_mean(losses.mean(), ranks).item()
+    model.train()
+    return out
+
+
+def peak_memory_mib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS of this process
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: sharded DCP for resuming, one full file for everything else
+
+
+def check_checkpoint_fits(ranks, path: Path, state: dict):
+    """Compare the checkpoint's tensor names and global shapes with this run's before any
+    rank starts loading, so a mismatch is one line, not a hang inside DCP."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for prefix in ("model", "optim"):
+        for name, value in _flat(state[prefix], prefix):
+            if not torch.is_tensor(value):
+                continue
+            if name not in saved:
+                fail(ranks, f"error: checkpoint {path} has no tensor {name} (saved with another --mode, "
+                            f"--lora_r or model shape; resume with the options of the run that wrote it)")
+            size = tuple(getattr(saved[name], "size", ()))
+            if size != tuple(value.shape):
+                fail(ranks, f"error: checkpoint {path} holds {name} of shape {size}, this run builds "
+                            f"{tuple(value.shape)} (resume with the model options of the run that wrote it)")
+
+
+def _flat(tree, prefix):
+    """(dotted name, leaf) pairs the way DCP names nested state-dict entries."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat(v, f"{prefix}.{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _flat(v, f"{prefix}.{i}")
+    else:
+        yield prefix, tree
+
+
+def save_dcp(ranks, out_dir: Path, model, optimizer, train_rng, train_state: dict):
+    """Each rank writes its shards; the folder replaces the previous one only when complete."""
+    final, tmp = out_dir / CKPT_DIR, out_dir / (CKPT_DIR + ".tmp")
+    if ranks.rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, "train_rng": train_rng.get_state()}, checkpoint_id=str(tmp))
+    if ranks.rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+        old = out_dir / (CKPT_DIR + ".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_dcp(ranks, path: Path, model, optimizer, train_rng):
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "train_rng": train_rng.get_state()}
+    check_checkpoint_fits(ranks, path, state)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train_rng.set_state(state["train_rng"])
+
+
+def export_checkpoint(ranks, path, model, cfg: FSDP2Config, model_config, spec, step):
+    """Gather the full state dict onto rank 0's CPU and write it as a plain GPT checkpoint.
+    lora: adapters merged into the base weights (lora.merge_lora). qlora: each NF4 base is
+    dequantized to fp32 first, then merged, so the file computes what the trained QLoRA
+    model computes (not a merge into the original full-precision weights, which FSDP2
+    never held). The adapter-only file is lora.save_lora's job."""
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ranks.rank == 0:
+        config = gpt.GPTConfig(**model_config)
+        if cfg.mode == "qlora":  # the quantizer needs real values to build Linear4bit's buffers
+            replica = qlora_nf4.quantize_model(gpt.GPT(config), cfg.nf4_blocksize, torch.float32)
+            shardable_nf4_stats(replica)
+        else:
+            with torch.device("meta"):  # structure only: the gathered tensors are assigned below
+                replica = gpt.GPT(config)
+        if cfg.mode in ("lora", "qlora"):
+            lora.apply_lora(replica, cfg.lora_r, cfg.lora_alpha, 0.0, lora_targets(cfg))
+        replica.load_state_dict(full_sd, assign=True)
+        replica.transformer.wte.weight = replica.lm_head.weight  # assign=True loads the tied names separately
+        if cfg.mode == "qlora":
+            for parent in list(replica.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, qlora_nf4.Linear4bit):
+                        setattr(parent, name, dequantized_linear(child))
+        if cfg.mode in ("lora", "qlora"):
+            lora.merge_lora(replica)
+        gpt.save_checkpoint(path, replica, spec, step=step, fsdp2_mode=cfg.mode)
+    dist.barrier()
+
+
+def dequantized_linear(layer) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(layer.dequantized_weight(torch.float32))
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().float())
+    return linear
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+
+
+def parse_args(argv):
+    cfg = gpt.parse_config(FSDP2Config, argv, __doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    if cfg.init_from == "resume":
+        cfg.resume = True
+    return cfg, given
+
+
+def validate(cfg: FSDP2Config, ranks: Ranks):
+    """Bad input: one line from rank 0, every rank exits, before any long work."""
+    if cfg.mode not in ("full", "lora", "qlora"):
+        fail(ranks, f"error: unknown --mode {cfg.mode!r} (full, lora or qlora)")
+    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
+                 "log_interval", "lora_r", "nf4_blocksize"):
+        if getattr(cfg, name) <= 0:
+            fail(ranks, f"error: --{name} must be positive (got {getattr(cfg, name)})")
+    if cfg.batch_size % ranks.world:
+        fail(ranks, f"error: --batch_size {cfg.batch_size} (the global batch) is not divisible by the world "
+                    f"size {ranks.world} (pass a multiple of {ranks.world})")
+    if cfg.hsdp:
+        shard = cfg.hsdp_shard_size or ranks.local_world
+        if ranks.world % shard:
+            fail(ranks, f"error: --hsdp shard groups of {shard} ranks do not divide the world size {ranks.world} "
+                        "(set --hsdp_shard_size to a divisor)")
+    device_type = ranks.device.split(":")[0]
+    if cfg.mode == "qlora" and device_type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            fail(ranks, "error: --mode qlora on CUDA needs triton for the NF4 kernels (pip install triton)")
+    if cfg.cpu_offload and device_type != "cuda":
+        fail(ranks, "error: --cpu_offload moves shards between GPU and CPU memory; it needs --device cuda")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        fail(ranks, f"error: --dtype {cfg.dtype} is not supported with FSDP2 here (auto, float32 or bfloat16; "
+                    "float16 would need a sharded grad scaler)")
+    if cfg.dtype == "auto" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        fail(ranks, "error: this GPU has no bfloat16 (pass --dtype float32)")
+
+
+def resume_options(cfg: FSDP2Config, given: set, ranks: Ranks) -> dict:
+    """nanoGPT-style resume: the model shape and LoRA/QLoRA settings come from the checkpoint;
+    an option given on the command line must agree with it."""
+    path = Path(cfg.out_dir) / CKPT_DIR
+    state_file = path / "train_state.json"
+    if not state_file.is_file():
+        fail(ranks, f"error: no checkpoint to resume in {path} (train first, or check --out_dir)")
+    state = json.loads(state_file.read_text())
+    for key in MODEL_KEYS + RUN_KEYS:
+        saved = state["model_config"][key] if key in MODEL_KEYS else state["run"][key]
+        if key in given and getattr(cfg, key) != saved and key != "dropout":
+            fail(ranks, f"error: checkpoint {path} was saved with {key}={saved}, but --{key} {getattr(cfg, key)} "
+                        f"was given (drop the option to resume, or use another --out_dir)")
+        if key not in given:
+            setattr(cfg, key, saved)
+    return state
+
+
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    ranks = init_distributed(cfg.device)
+    try:
+        return run(cfg, given, ranks)
+    finally:
+        if ranks.created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: FSDP2Config, given: set, ranks: Ranks):
+    master = ranks.rank == 0
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    validate(cfg, ranks)
+    device, device_type = ranks.device, ranks.device.split(":")[0]
+    dtype = gpt.pick_dtype(device, cfg.dtype)
+    out_dir = Path(cfg.out_dir)
+    resume_state = resume_options(cfg, given, ranks) if cfg.resume else None
+
+    # --- data: rank 0 tokenizes, the others wait (and learn of its failure)
+    data_dir = agree(ranks, lambda: gpt.prepare_dataset(cfg.dataset, cfg.input or None, None, cfg.data_root))
+    meta = gpt.read_meta(data_dir)
+    bins = {"train": gpt.TokenBins(data_dir, "train"), "val": gpt.TokenBins(data_dir, "val")}
+
+    # --- model: the same full model on every rank, then cut into shards
+    if resume_state is not None:
+        vocab_size = resume_state["model_config"]["vocab_size"]
+        cfg.init_from = "resume"
+    else:
+        vocab_size = meta["vocab_size"]
+        if cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).is_file():
+            agree(ranks, lambda: gpt.GPT.from_pretrained(cfg.init_from) and None)  # rank 0 downloads
+    model, init_spec = build_model(cfg, vocab_size, device, dtype)
+    model_config = asdict(model.config)
+    tokenizer_spec = meta["tokenizer"]
+    if init_spec is not None and init_spec != tokenizer_spec:
+        fail(ranks, f"error: {cfg.init_from} uses tokenizer {init_spec!r}, the data {tokenizer_spec!r} "
+                    "(prepare the dataset with the model's tokenizer, e.g. --dataset shakespeare for gpt2)")
+    if meta["vocab_size"] > model.config.vocab_size:
+        fail(ranks, f"error: the data has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
+    if cfg.block_size > model.config.block_size:
+        fail(ranks, f"error: --block_size {cfg.block_size} exceeds the model's {model.config.block_size}")
+
+    if cfg.hsdp:
+        shard = cfg.hsdp_shard_size or ranks.local_world
+        mesh = init_device_mesh(device_type, (ranks.world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device_type, (ranks.world,), mesh_dim_names=("shard",))
+    shard_model(model, mesh, cfg, dtype if dtype != torch.float32 else None)
+    local_bytes, full_bytes = local_param_bytes(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{cfg.mode}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameter elements, "
+        f"{trainable / 1e6:.3f}M trainable; {ranks.world} ranks ({'HSDP ' + 'x'.join(map(str, mesh.shape)) if cfg.hsdp else 'FSDP'}), "
+        f"rank 0 holds {local_bytes / 2**20:.2f} of {full_bytes / 2**20:.2f} MiB of parameters; "
+        f"device {device}, param dtype {str(dtype).removeprefix('torch.')}")
+
+    # only trainable shards reach the optimizer: for lora/qlora the adapters, never the base
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    train_rng = torch.Generator().manual_seed(cfg.seed)  # its state is the data position
+    iter_num, best_val_loss = 0, float("inf")
+    if resume_state is not None:
+        load_dcp(ranks, out_dir / CKPT_DIR, model, optimizer, train_rng)
+        iter_num, best_val_loss = resume_state["iter_num"], resume_state["best_val_loss"]
+        log(f"resumed from {out_dir / CKPT_DIR} at iter {iter_num} (saved by {resume_state['world_size']} ranks)")
+    torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks: independent per rank
+
+    # FLOPs are those of the dense model (6N per token, nanoGPT's count), whatever the mode
+    with torch.device("meta"):
+        flops_model = gpt.GPT(gpt.GPTConfig(**model_config))
+    peak_flops = gpt.device_peak_flops(device, dtype, cfg.peak_flops)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    local_seqs_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size // ranks.world
+    log(f"tokens per iteration: {tokens_per_iter:,} ({cfg.batch_size // ranks.world} sequences per rank per micro-step)")
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = open(out_dir / "metrics.jsonl", "a" if cfg.resume else "w") if master else None
+
+    def write_metrics(row):
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    losses = []  # (iter, global loss) of every logged iteration, for callers such as the tests
+    start_iter = iter_num
+    t_last, iters_since_log, step_times = time.time(), 0, []
+    model.train()
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if iter_num % cfg.eval_interval == 0 and (iter_num != start_iter or start_iter == 0):
+            ev = estimate_loss(model, bins, cfg, ranks)
+            log(f"iter {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
+            write_metrics({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
+            if iter_num > 0 and (ev["val"] < best_val_loss or cfg.always_save_checkpoint):
+                best_val_loss = min(best_val_loss, ev["val"])
+                save_dcp(ranks, out_dir, model, optimizer, train_rng, {
+                    "iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": ranks.world,
+                    "model_config": model_config, "run": {k: getattr(cfg, k) for k in RUN_KEYS},
+                    "tokenizer": tokenizer_spec, "config": asdict(cfg)})
+                log(f"saved sharded checkpoint to {out_dir / CKPT_DIR}")
+        if iter_num >= cfg.max_iters:
+            break
+
+        # gradient accumulation: reduce-scatter only after the last micro-step's backward;
+        # before that, each rank keeps summing unsharded gradients locally
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(cfg.gradient_accumulation_steps):
+            model.set_requires_gradient_sync(micro_step == cfg.gradient_accumulation_steps - 1)
+            x, y = local_batch(bins["train"], cfg, train_rng, ranks)
+            _, loss = model(x, y)
+            loss = loss / cfg.gradient_accumulation_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            # the gradients are DTensors: the norm is reduced over all shards (and replicas)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_since_log += 1
+
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            lossf = all_mean(loss_sum, ranks).item()  # the global batch's mean loss
+            peaks = torch.tensor([peak_memory_mib(device)], device=device)
+            all_peaks = [torch.zeros_like(peaks) for _ in range(ranks.world)]
+            dist.all_gather(all_peaks, peaks)
+            now = time.time()
+            dt = (now - t_last) / iters_since_log
+            t_last, iters_since_log = now, 0
+            if iter_num - start_iter > 1:  # the first step includes warm-up (and compilation)
+                step_times.append(dt)
+            mfu = flops_model.estimate_mfu(local_seqs_per_iter, dt, peak_flops)  # per GPU
+            eta = dt * (cfg.max_iters - iter_num)
+            losses.append((iter_num, lossf))
+            log(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+                f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else "")
+                + f", peak mem/rank {'/'.join(f'{p.item():,.0f}' for p in all_peaks)} MiB, eta {eta / 60:.1f} min")
+            write_metrics({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_step": dt * 1000,
+                           "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
+
+    if step_times:
+        med = sorted(step_times)[len(step_times) // 2]
+        log(f"done: {iter_num} iters, median {med * 1000:.1f} ms/iter, {tokens_per_iter / med:,.0f} tok/s")
+    if cfg.export:
+        export_checkpoint(ranks, cfg.export, model, cfg, model_config, tokenizer_spec, iter_num)
+        log(f"exported full checkpoint ({'merged ' + cfg.mode if cfg.mode != 'full' else 'full model'}) to {cfg.export}")
+    if metrics is not None:
+        metrics.close()
+    return {"iter": iter_num, "losses": losses, "best_val_loss": best_val_loss, "model": model,
+            "optimizer": optimizer, "mesh": mesh}
+
+
+if __name__ == "__main__":
+    main()

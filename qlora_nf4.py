@@ -1,0 +1,637 @@
+"""QLoRA: finetune a frozen 4-bit NF4 model through LoRA adapters (Dettmers et al. 2023,
+"QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314).
+
+LoRA (lora.py) freezes the base weights, so they never need gradients or optimizer state:
+QLoRA goes further and stores them in 4 bits. Every Linear weight is cut into blocks of
+64 values; each block keeps its absolute maximum (absmax) and each value the index of the
+nearest of 16 levels of NormalFloat4 (NF4), levels placed at quantiles of N(0, 1) so that
+normally distributed weights use every level about equally often. Two indices share a
+byte. Double quantization then stores the absmax values themselves in 8 bits (minus their
+mean, blockwise over 256 of them with an fp32 scale each), which brings the overhead from
+0.5 to about 0.127 bits per weight. In forward the weight is dequantized on the fly to
+bf16/fp32 and multiplied; gradients flow only into the input (and so into the adapters).
+
+The format is bitsandbytes' byte for byte (its `quantize_4bit(quant_type="nf4",
+compress_statistics=True)`, checked in tests/test_qlora_nf4.py): a model quantized here
+loads into bitsandbytes and the reverse (`QuantState.to_bnb_state_dict`/`from_bnb_state_dict`).
+On CUDA the dequantization is one own Triton kernel (`dequantize_nf4_triton`); on CPU the
+plain PyTorch reference runs; both are the torch.library op `nanollm::dequantize_nf4`, so
+torch.compile(fullgraph=True) traces a QLoRA model without graph breaks.
+
+Run:
+  python qlora_nf4.py --init_from gpt2 --data data.txt           # GPT-2 in NF4 + LoRA
+  python qlora_nf4.py --init_from out/ckpt.pt --data chat.jsonl  # prompt/response pairs
+  -> prints fp32/bf16 vs NF4 weight memory; writes out-qlora/adapter.pt and metrics.jsonl
+     (--merge True also writes out-qlora/ckpt_merged.pt: the adapter merged into the
+     full-precision base, a plain checkpoint for sample.py)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpt
+import lora
+
+try:  # Triton is optional: without it (macOS, Windows) the PyTorch reference runs everywhere
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+# Triton reads TRITON_INTERPRET when @triton.jit runs, i.e. when this file is imported:
+# with it set, the kernel runs on CPU tensors through Triton's interpreter (slow, for tests).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ----------------------------------------------------------------------------------------
+# The two code tables
+#
+# NF4 (QLoRA, section 3): the 16 levels are quantiles of N(0, 1) rescaled to [-1, 1]. An
+# asymmetric grid gives an exact zero and 8 positive / 7 negative levels: the positive
+# ones are Phi^-1 at 8 evenly spaced probabilities from 0.9677083 down to 0.5 (exclusive),
+# the negative ones -Phi^-1 at 7 of them from 0.9677083 to 0.5; 0.9677083 is chosen so the
+# outermost level sits at the center of the last quantile bin ((1 - 1/(2*15) + 1 - 1/(2*16))
+# / 2). Divided by the largest, the table is the one below; `nf4_from_normal_quantiles`
+# recomputes it (torch.special.ndtri = Phi^-1) and a test checks they are bit-identical.
+
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+
+
+def nf4_from_normal_quantiles(offset: float = 0.9677083) -> torch.Tensor:
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())   # 8 levels
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())  # 7 levels
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float().sort().values
+    return levels / levels.max()
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The 256 levels of the 8-bit dynamic data type (Dettmers 2015, arXiv:1511.04561) that
+    double quantization uses for the absmax values, sorted ascending.
+
+    A code is sign, then a run of zero bits e (a decimal exponent: 10^-e), a 1 bit, then a
+    linear fraction in the bits left. So exponent i (0..6 below the top) gets 2^i fraction
+    steps: the midpoints of a linear grid on [0.1, 1] times 10^(i - 6), small magnitudes get
+    coarse steps, large ones fine steps. With the sign that is 2 * 127 values, plus 0 and 1.
+    (Computed in fp32 with the same operations as bitsandbytes, so the table is identical.)"""
+    non_sign_bits = total_bits - 1
+    levels = []
+    for i in range(max_exponent_bits):
+        # unsigned: the sign bit becomes one more fraction bit
+        n_fraction = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
+        edges = torch.linspace(0.1, 1, n_fraction, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        levels += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            levels += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1  # codes whose exponent bits are all zero
+    if extra > 0:
+        edges = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        levels += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            levels += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    levels += [0.0, 1.0]
+    levels += [0.0] * (2 ** total_bits - len(levels))
+    return torch.tensor(sorted(levels), dtype=torch.float32)
+
+
+DYNAMIC_CODE = create_dynamic_map(signed=True)
+NESTED_BLOCKSIZE = 256  # absmax values per fp32 scale in double quantization (bitsandbytes')
+
+_tables: dict = {}
+
+
+def _code_tables(device):
+    """Per device: NF4 levels (16,), the 8-bit map (256,), byte -> its two NF4 values (256, 2)."""
+    device = torch.device(device)
+    if device not in _tables:
+        byte = torch.arange(256)
+        pairs = torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 15]], dim=1)  # high nibble first
+        _tables[device] = (NF4_CODE.to(device), DYNAMIC_CODE.to(device), pairs.to(device))
+    return _tables[device]
+
+
+# ----------------------------------------------------------------------------------------
+# Quantization state, in bitsandbytes' layout
+
+
+@dataclass
+class QuantState:
+    """All a packed NF4 tensor needs to be dequantized.
+    absmax: per block, uint8 codes of DYNAMIC_CODE (double quant) or fp32 values;
+    nested_absmax: fp32, one scale per 256 absmax codes; offset: fp32 scalar, their mean."""
+    shape: torch.Size
+    dtype: torch.dtype  # dtype of the weight that was quantized (dequantize's default)
+    blocksize: int
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.absmax, self.nested_absmax, self.offset)
+                   if t is not None)
+
+    def to(self, device) -> QuantState:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantState(self.shape, self.dtype, self.blocksize, move(self.absmax),
+                          move(self.nested_absmax), move(self.offset))
+
+    def to_bnb_state_dict(self, packed: torch.Tensor, prefix: str = "") -> dict:
+        """The entries bitsandbytes' Linear4bit writes for its weight, in its order: the
+        packed bytes as a (n_bytes, 1) uint8 `weight`, the statistics and both code tables,
+        and the scalars as a JSON string stored in a uint8 tensor."""
+        p = prefix + "weight"
+        meta = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+                "shape": list(self.shape)}
+        sd = {p: packed.reshape(-1, 1), f"{p}.absmax": self.absmax, f"{p}.quant_map": NF4_CODE.to(packed.device)}
+        if self.double_quant:
+            sd[f"{p}.nested_absmax"] = self.nested_absmax
+            sd[f"{p}.nested_quant_map"] = DYNAMIC_CODE.to(packed.device)
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.offset.item())
+        sd[f"{p}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd: dict, prefix: str = "") -> tuple[torch.Tensor, QuantState]:
+        """(packed uint8 bytes, QuantState) from the entries of a bitsandbytes 4-bit Linear."""
+        p = prefix + "weight"
+        packed_keys = [k for k in sd if k.startswith(f"{p}.quant_state.bitsandbytes__")]
+        if len(packed_keys) != 1 or p not in sd:
+            raise SystemExit(f"error: no bitsandbytes 4-bit weight under {p!r} (expected {p} and "
+                             f"{p}.quant_state.bitsandbytes__nf4)")
+        meta = json.loads(bytes(sd[packed_keys[0]].cpu().tolist()).decode())
+        quant_type = meta.get("quant_type", packed_keys[0].rsplit("__", 1)[1])
+        if quant_type != "nf4":
+            raise SystemExit(f"error: {p} is quantized as {quant_type!r}, not 'nf4' (only NF4 loads here; "
+                             "re-quantize the model with quant_type='nf4')")
+        shape, blocksize = torch.Size(meta["shape"]), meta["blocksize"]
+        check_blocksize(blocksize)
+        packed = sd[p].contiguous().view(torch.uint8).reshape(-1)  # other quant_storage dtypes: same bytes
+        n_blocks = math.ceil(shape.numel() / blocksize)
+        if packed.numel() != (shape.numel() + 1) // 2 or sd[f"{p}.absmax"].numel() != n_blocks:
+            raise SystemExit(f"error: {p} holds {packed.numel()} bytes and {sd[f'{p}.absmax'].numel()} absmax "
+                             f"values, not those of shape {tuple(shape)} with blocksize {blocksize}")
+        if not torch.equal(sd[f"{p}.quant_map"].float().cpu(), NF4_CODE):
+            raise SystemExit(f"error: {p}.quant_map is not the standard NF4 table (custom maps are not supported)")
+        state = cls(shape, getattr(torch, meta["dtype"]), blocksize, sd[f"{p}.absmax"])
+        if f"{p}.nested_absmax" in sd:
+            if not torch.equal(sd[f"{p}.nested_quant_map"].float().cpu(), DYNAMIC_CODE) or \
+                    meta["nested_blocksize"] != NESTED_BLOCKSIZE:
+                raise SystemExit(f"error: {p} uses a nested quantization other than bitsandbytes' default "
+                                 "(8-bit dynamic map, blocksize 256)")
+            state.nested_absmax = sd[f"{p}.nested_absmax"].float()
+            state.offset = torch.tensor(float(meta["nested_offset"]), device=packed.device)
+        return packed, state
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------
+# Quantize and dequantize: the plain PyTorch reference
+
+
+def check_blocksize(blocksize: int):
+    if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+        raise SystemExit(f"error: blocksize {blocksize} is not a power of two in [32, 4096] "
+                         "(64 is QLoRA's choice)")
+
+
+def _scale_blocks(flat: torch.Tensor, blocksize: int):
+    """Split fp32 `flat` into blocks (the last may be short) and scale each by its absmax
+    into [-1, 1]. Returns (scaled values, absmax per block).
+
+    The arithmetic is bitsandbytes' reference, so borderline values round the same way:
+    full blocks are multiplied by 1 / absmax but the short last block is divided by its
+    absmax; an all-zero block keeps absmax 0 (the last one stores it clamped to 1e-38)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (n_full_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).view(-1)
+    if full < n:
+        tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax[None]])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
+    return scaled, absmax
+
+
+def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of the sorted `code` for each value. bucketize against
+    the midpoints puts a value exactly on a midpoint into the lower level."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> tuple[torch.Tensor, QuantState]:
+    """w (any shape, fp32/fp16/bf16) -> (packed uint8 (ceil(numel/2),), QuantState).
+    Element 2i goes to the high nibble of byte i, element 2i+1 to the low nibble."""
+    check_blocksize(blocksize)
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise SystemExit(f"error: cannot quantize a {w.dtype} tensor (needs float32, float16 or bfloat16)")
+    if w.numel() == 0:
+        raise SystemExit("error: cannot quantize an empty tensor")
+    bad = (~torch.isfinite(w)).sum().item()
+    if bad:
+        raise SystemExit(f"error: the weight holds {bad} NaN/Inf values (4-bit codes cannot represent them; "
+                         "fix or reload the checkpoint)")
+    nf4, dynamic, _ = _code_tables(w.device)
+    scaled, absmax = _scale_blocks(w.detach().reshape(-1).float(), blocksize)
+    scaled = F.pad(scaled, (0, scaled.numel() % 2))  # odd count: a zero fills the last low nibble
+    q = _nearest_code(scaled, nf4)
+    packed = (q[0::2] << 4) | q[1::2]
+    state = QuantState(w.shape, w.dtype, blocksize, absmax)
+    if double_quant:
+        # Absmax values are all positive and similar: subtract their mean, then store them
+        # like 8-bit optimizer states (blockwise over 256, signed dynamic map, fp32 scales).
+        state.offset = absmax.mean()
+        scaled_absmax, state.nested_absmax = _scale_blocks(absmax - state.offset, NESTED_BLOCKSIZE)
+        state.absmax = _nearest_code(scaled_absmax, dynamic)
+    return packed, state
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """fp32 absmax per block: code * its 256-block scale, then + offset (two fp32 roundings,
+    in that order, as bitsandbytes does: no fused multiply-add)."""
+    if not state.double_quant:
+        return state.absmax.float()
+    _, dynamic, _ = _code_tables(state.absmax.device)
+    scales = state.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:state.absmax.numel()]
+    return dynamic[state.absmax.long()] * scales + state.offset
+
+
+def dequantize_nf4(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The plain PyTorch reference: packed bytes -> weight of state.shape in `dtype`
+    (default: the dtype it was quantized from). Each value is one fp32 product
+    level * absmax, then cast (round to nearest even)."""
+    _, _, pairs = _code_tables(packed.device)
+    n, blocksize = state.shape.numel(), state.blocksize
+    absmax = dequantize_absmax(state)  # (n_blocks,)
+    levels = pairs[packed.reshape(-1).long()].view(-1)  # (2 * n_bytes,) in element order
+    levels = F.pad(levels, (0, absmax.numel() * blocksize - levels.numel()))
+    out = (levels.view(-1, blocksize) * absmax[:, None]).view(-1)[:n]  # (n_blocks, blocksize) -> (n,)
+    return out.to(dtype or state.dtype).view(state.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# The Triton kernel: one launch from packed bytes to the finished weight
+
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dynamic_ptr, out_ptr,
+                               n_elements, n_bytes, LOG2_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                               OUT_KIND: tl.constexpr, BYTES_PER_PROGRAM: tl.constexpr):
+        # each program turns BYTES_PER_PROGRAM bytes into twice as many output values
+        pid = tl.program_id(0).to(tl.int64)
+        byte_idx = pid * BYTES_PER_PROGRAM + tl.arange(0, BYTES_PER_PROGRAM)
+        in_range = byte_idx < n_bytes
+        byte = tl.load(packed_ptr + byte_idx, mask=in_range, other=0).to(tl.int32)
+        # both elements of a byte share a block (blocksizes are even)
+        block = (byte_idx * 2) >> LOG2_BLOCKSIZE
+        if DOUBLE_QUANT:
+            code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+            scale = tl.load(nested_ptr + (block >> 8), mask=in_range, other=0.0)  # 256 absmax per scale
+            absmax = tl.load(dynamic_ptr + code) * scale + tl.load(offset_ptr)  # launched without fma
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+        high = tl.load(nf4_ptr + (byte >> 4)) * absmax  # element 2i
+        low = tl.load(nf4_ptr + (byte & 15)) * absmax  # element 2i + 1
+        values = tl.interleave(high, low)  # (2 * BYTES_PER_PROGRAM,) fp32 in element order
+        out_idx = pid * 2 * BYTES_PER_PROGRAM + tl.arange(0, 2 * BYTES_PER_PROGRAM)
+        keep = out_idx < n_elements
+        if OUT_KIND == 2:
+            # bf16 = the top 16 bits of fp32, rounded to nearest even with integer ops (the
+            # interpreter's .to(tl.bfloat16) truncates; this is the same on CPU and GPU)
+            bits = values.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            tl.store(out_ptr + out_idx, (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=keep)
+        elif OUT_KIND == 1:
+            tl.store(out_ptr + out_idx, values.to(tl.float16), mask=keep)
+        else:
+            tl.store(out_ptr + out_idx, values, mask=keep)
+
+
+_OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _dequantize_triton(packed, absmax, nested_absmax, offset, blocksize, shape, dtype):
+    if triton is None:
+        raise SystemExit("error: Triton is not installed (pip install triton, or use dequantize_nf4)")
+    if not packed.is_cuda and not TRITON_INTERPRET:
+        raise SystemExit("error: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         "importing qlora_nf4, to run it on CPU in Triton's interpreter)")
+    if dtype not in _OUT_KIND:
+        raise SystemExit(f"error: cannot dequantize to {dtype} (float32, float16 or bfloat16)")
+    nf4, dynamic, _ = _code_tables(packed.device)
+    n = math.prod(shape)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    double_quant = nested_absmax is not None
+    bytes_per_program = 1024
+    grid = (triton.cdiv(packed.numel(), bytes_per_program),)
+    _dequantize_nf4_kernel[grid](
+        packed, absmax, nested_absmax if double_quant else absmax, offset if double_quant else absmax,
+        nf4, dynamic, out.view(torch.int16) if dtype == torch.bfloat16 else out, n, packed.numel(),
+        LOG2_BLOCKSIZE=blocksize.bit_length() - 1, DOUBLE_QUANT=double_quant, OUT_KIND=_OUT_KIND[dtype],
+        BYTES_PER_PROGRAM=bytes_per_program, num_warps=4,
+        enable_fp_fusion=False,  # keep code * scale + offset two roundings, like the reference
+    )
+    return out
+
+
+def dequantize_nf4_triton(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Same result as dequantize_nf4, bit for bit, from one Triton kernel launch."""
+    return _dequantize_triton(packed.reshape(-1), state.absmax, state.nested_absmax, state.offset,
+                              state.blocksize, list(state.shape), dtype or state.dtype)
+
+
+# The op torch.compile sees: opaque to the compiler (register_fake tells it the output's
+# shape and dtype), so the kernel runs as written and a QLoRA model compiles in one graph.
+@torch.library.custom_op("nanollm::dequantize_nf4", mutates_args=())
+def _dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                   offset: torch.Tensor | None, blocksize: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    if packed.is_cuda and triton is not None:
+        return _dequantize_triton(packed, absmax, nested_absmax, offset, blocksize, shape, dtype)
+    state = QuantState(torch.Size(shape), dtype, blocksize, absmax, nested_absmax, offset)
+    return dequantize_nf4(packed, state, dtype)
+
+
+@_dequantize_op.register_fake
+def _(packed, absmax, nested_absmax, offset, blocksize, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Triton on CUDA, the PyTorch reference elsewhere (torch.ops.nanollm.dequantize_nf4)."""
+    return _dequantize_op(packed.reshape(-1), state.absmax, state.nested_absmax, state.offset,
+                          state.blocksize, list(state.shape), dtype or state.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# The 4-bit Linear layer
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x @ dequantize(W).T + b. Backward dequantizes W again instead of saving it:
+    keeping the full-precision copy of every layer for backward would cost more memory
+    than the 4-bit model saves. No gradient for W or b: they are frozen."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, nested_absmax, offset, bias, blocksize, shape):
+        w = _dequantize_op(packed, absmax, nested_absmax, offset, blocksize, shape, x.dtype)
+        ctx.save_for_backward(packed, absmax, nested_absmax, offset)
+        ctx.blocksize, ctx.shape, ctx.dtype = blocksize, shape, x.dtype
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, absmax, nested_absmax, offset = ctx.saved_tensors
+        w = _dequantize_op(packed, absmax, nested_absmax, offset, ctx.blocksize, ctx.shape, ctx.dtype)
+        return grad_out.to(w.dtype) @ w, None, None, None, None, None, None, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen nn.Linear stored in NF4: `weight` is the packed uint8 bytes (a frozen
+    parameter, so FSDP2 shards it; never viewed as float), `absmax`, `nested_absmax` and
+    `offset` are buffers. Forward dequantizes to compute_dtype (default: the autocast dtype,
+    else the input's) and multiplies; the output has the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, blocksize: int = 64,
+                 compute_dtype: torch.dtype | None = None, double_quant: bool = True):
+        super().__init__()
+        packed, state = quantize_nf4(weight, blocksize, double_quant)
+        self._store(packed, state, bias, compute_dtype)
+
+    def _store(self, packed, state, bias, compute_dtype):
+        self.out_features, self.in_features = state.shape
+        self.blocksize, self.weight_dtype, self.compute_dtype = state.blocksize, state.dtype, compute_dtype
+        self.weight = nn.Parameter(packed.reshape(-1), requires_grad=False)
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("nested_absmax", state.nested_absmax)
+        self.register_buffer("offset", state.offset)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, compute_dtype=None, double_quant=True):
+        return cls(linear.weight.data, linear.bias.data if linear.bias is not None else None,
+                   blocksize, compute_dtype, double_quant)
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd: dict, prefix: str = "", compute_dtype=None) -> Linear4bit:
+        """Build the layer from a bitsandbytes Linear4bit's state dict entries (no re-quantizing)."""
+        packed, state = QuantState.from_bnb_state_dict(sd, prefix)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._store(packed, state, sd.get(prefix + "bias"), compute_dtype)
+        return layer
+
+    @property
+    def quant_state(self) -> QuantState:
+        return QuantState(torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.blocksize,
+                          self.absmax, self.nested_absmax, self.offset)
+
+    def bnb_state_dict(self, prefix: str = "") -> dict:
+        """What bitsandbytes' Linear4bit.state_dict() holds for the same weight."""
+        sd = self.quant_state.to_bnb_state_dict(self.weight.data, prefix)
+        if self.bias is not None:
+            sd = {prefix + "weight": sd.pop(prefix + "weight"), prefix + "bias": self.bias.data, **sd}
+        return sd
+
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        return dequantize(self.weight, self.quant_state, dtype)
+
+    def forward(self, x):
+        dtype = self.compute_dtype
+        if dtype is None:
+            device_type = x.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        out = _NF4Linear.apply(x.to(dtype), self.weight, self.absmax, self.nested_absmax, self.offset,
+                               self.bias, self.blocksize, [self.out_features, self.in_features])
+        return out.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts float buffers; the fp32 statistics are part of the
+        # 4-bit format (fp32 in bitsandbytes too) and must follow the device, never the dtype.
+        fp32_stats = {k: b for k, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for k, b in fp32_stats.items():
+            self._buffers[k] = b.to(self._buffers[k].device)
+        return self
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nf4 blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}")
+
+
+def quantize_model(model: nn.Module, blocksize: int = 64, compute_dtype=None, double_quant: bool = True,
+                   skip=("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear except those named in `skip` by a Linear4bit, in place.
+    lm_head stays: its weight is the token embedding (tied), which is not a Linear."""
+    check_blocksize(blocksize)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name not in skip:
+                setattr(parent, name, Linear4bit.from_linear(child, blocksize, compute_dtype, double_quant))
+    return model
+
+
+def nf4_bytes(model: nn.Module) -> int:
+    """Bytes of every Linear4bit's weight storage: packed codes + absmax + scales + offset."""
+    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, Linear4bit)
+               for t in (m.weight, m.absmax, m.nested_absmax, m.offset) if t is not None)
+
+
+# ----------------------------------------------------------------------------------------
+# Finetune CLI (data handling shared with lora.py)
+
+
+@dataclass
+class QLoRAConfig(lora.FinetuneConfig):
+    out_dir: str = field(default="out-qlora", metadata={"help": "adapter.pt, metrics.jsonl (and ckpt_merged.pt) go here"})
+    blocksize: int = field(default=64, metadata={"help": "weights per NF4 block (power of two in [32, 4096])"})
+    double_quant: bool = field(default=True, metadata={"help": "store the absmax values in 8 bits too"})
+    merge: bool = field(default=False, metadata={"help": "also write out_dir/ckpt_merged.pt: the adapter merged "
+                                                         "into the full-precision base"})
+
+
+def main(argv=None):
+    cfg = gpt.parse_config(QLoRAConfig, argv, __doc__)
+    # --- check the input before any long work
+    data_path = Path(cfg.data)
+    if not cfg.data or not data_path.is_file():
+        raise SystemExit(f"error: --data {cfg.data!r} not found (a text file or a prompt/response .jsonl)")
+    for name in ("r", "batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
+        if getattr(cfg, name) <= 0:
+            raise SystemExit(f"error: --{name} must be positive (got {getattr(cfg, name)})")
+    if not 0.0 <= cfg.lora_dropout < 1.0 or not 0.0 <= cfg.val_fraction < 1.0:
+        raise SystemExit("error: --lora_dropout and --val_fraction must be in [0, 1)")
+    check_blocksize(cfg.blocksize)
+    targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
+    out_dir = Path(cfg.out_dir)
+    if cfg.merge and (out_dir / "ckpt_merged.pt").resolve() == Path(cfg.init_from).resolve():
+        raise SystemExit(f"error: --merge would overwrite the base {cfg.init_from} (choose another --out_dir)")
+    device = gpt.pick_device(cfg.device)
+    dtype = gpt.pick_dtype(device, cfg.dtype)
+    gpt.set_seed(cfg.seed)
+
+    model, spec, base = lora.load_base(cfg.init_from, device)
+    block_size = cfg.block_size or model.config.block_size
+    if not 0 < block_size <= model.config.block_size:
+        raise SystemExit(f"error: --block_size {block_size} must be in 1..{model.config.block_size} (the model's)")
+    tok = gpt.load_tokenizer(spec)
+    instruct = data_path.suffix == ".jsonl"
+    train_data, val_data = (lora.load_jsonl if instruct else lora.load_text)(data_path, tok, cfg.val_fraction, block_size)
+    get_batch = lora.jsonl_batch if instruct else lora.text_batch
+
+    # --- quantize, then put adapters on the 4-bit layers
+    n_quantized = sum(m.weight.numel() for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and not n.endswith("lm_head"))
+    quantize_model(model, cfg.blocksize, double_quant=cfg.double_quant)
+    nf4 = nf4_bytes(model)
+    print(f"Linear weights ({n_quantized:,} values): fp32 {4 * n_quantized / 2**20:,.1f} MiB, "
+          f"bf16 {2 * n_quantized / 2**20:,.1f} MiB, NF4 {nf4 / 2**20:,.1f} MiB incl. absmax and scales "
+          f"({nf4 / (2 * n_quantized):.3f}x of bf16, {8 * nf4 / n_quantized:.3f} bits per weight)")
+    try:
+        lora.apply_lora(model, cfg.r, cfg.alpha, cfg.lora_dropout, targets, cfg.use_rslora)
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (check --targets)") from None
+    trainable, total = lora.count_params(model)
+    print(f"LoRA r={cfg.r} on {', '.join(targets)}: {trainable:,} trainable params")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    def lr_at(it):  # linear warmup, then cosine decay to min_lr_ratio * learning_rate
+        if it < cfg.warmup_iters:
+            return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+        progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+        return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same val batches every time
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(val_data, cfg.batch_size, block_size, gen, device)
+            with gpt.autocast(device, dtype):
+                losses.append(model(x, targets=y)[1].item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "cuda" in device:
+        torch.cuda.reset_peak_memory_stats()
+    gen_train = torch.Generator().manual_seed(cfg.seed)
+    loss_val = val_loss()
+    print(f"step 0: val loss {loss_val:.4f} (the NF4 base model: B = 0)")
+    with open(out_dir / "metrics.jsonl", "w") as metrics:
+        metrics.write(json.dumps({"step": 0, "val_loss": loss_val}) + "\n")
+        t_start, t_last, tokens = time.time(), time.time(), 0
+        for step in range(1, cfg.max_iters + 1):
+            lr = lr_at(step - 1)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = get_batch(train_data, cfg.batch_size, block_size, gen_train, device)
+                with gpt.autocast(device, dtype):
+                    _, loss = model(x, targets=y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+                tokens += x.numel()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr}
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                now = time.time()
+                record["tokens_per_s"] = tokens / (now - t_last)
+                eta = (now - t_start) / step * (cfg.max_iters - step)
+                print(f"step {step}/{cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
+                      f"{record['tokens_per_s']:,.0f} tok/s, ETA {eta:.0f}s")
+                t_last, tokens = now, 0
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                record["val_loss"] = loss_val = val_loss()
+                print(f"step {step}: val loss {loss_val:.4f}")
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+    print(f"peak memory: {lora.peak_memory_mb(device):,.0f} MiB "
+          f"({'CUDA max allocated' if 'cuda' in device else 'peak RSS of the process'})")
+
+    adapter = lora.lora_state_dict(model, base)
+    adapter["nf4"] = {"blocksize": cfg.blocksize, "double_quant": cfg.double_quant}  # how the base was quantized
+    adapter_path = out_dir / "adapter.pt"
+    gpt.atomic_save(adapter, adapter_path)
+    print(f"saved adapter ({adapter_path.stat().st_size / 1024:,.1f} KiB) to {adapter_path}; apply it to "
+          f"{base} with lora.load_lora (after quantize_model for the 4-bit model it was trained on)")
+    if cfg.merge:
+        # Merge into the full-precision base (as PEFT users do after QLoRA): rounding the
+        # merged weight to NF4 again would throw most of the small update away.
+        full, _, _ = lora.load_base(cfg.init_from, device)
+        merged = lora.merge_lora(lora.load_lora(full, adapter_path))
+        gpt.save_checkpoint(out_dir / "ckpt_merged.pt", merged, spec, step=cfg.max_iters)
+        print(f"saved merged checkpoint to {out_dir / 'ckpt_merged.pt'}")
+    return loss_val
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Shared test setup: offline data from ../shared/data, tiny configs, the `slow` marker."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+# tiktoken reads its cache folder when an encoding is first loaded: point it at the copy of
+# GPT-2's BPE files before any test touches tiktoken (no network here).
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s; excluded from the default run")
+
+
+@pytest.fixture
+def shakespeare_path():
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.fail(f"{path} missing: the tests need ../shared/data beside the repository")
+    return path
+
+
+@pytest.fixture
+def tiny_config():
+    from gpt import GPTConfig
+
+    return GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+
+
+@pytest.fixture
+def char_data(tmp_path, shakespeare_path):
+    """shakespeare_char prepared from the first 100 KB of Tiny Shakespeare."""
+    from gpt import prepare_dataset
+
+    src = tmp_path / "shakespeare_100k.txt"
+    src.write_text(shakespeare_path.read_text()[:100_000])
+    return prepare_dataset("shakespeare_char", input=src, data_root=tmp_path / "data")

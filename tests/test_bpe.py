@@ -1,0 +1,402 @@
+"""bpe.py: training (Wikipedia example, CS336 ties, incremental == naive re-count), round
+trips, GPT-2 files == tiktoken token for token, save/load, streaming in bounded memory,
+one-line errors on bad input."""
+
+import json
+import random
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+import bpe
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOCAB_BPE = SHARED / "tiktoken_cache" / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"  # GPT-2 vocab.bpe
+ENCODER_JSON = SHARED / "tiktoken_cache" / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6"  # GPT-2 encoder.json
+EOT = "<|endoftext|>"
+
+TRICKY = [
+    "I'm you're WE'VE they'LL he'd IT'S don't 'tis rock'n'roll",
+    "1234567 3.14159 1,000,000 12 123 1234 x2 ²³ ٣",
+    "trailing spaces   ", "   leading", "   ", "\n\n\n", "a\r\n\r\nb", "tabs\t\tand\tx", "x  \n  y",
+    "hello<|endoftext|>world", EOT, "<|endoftext|><|endoftext|> <|endoftext",
+    "👋🏽 👨‍👩‍👧‍👦 emoji", "日本語のテキスト", "ﬁne émigré naïve", "a\x1c\x1db\x00\x7f\x1b[31m",
+    " ' s 's ''", "?!\n\n((a))\n", "\u3000x\u00a0y\u2028z", "lone \ud800 surrogate",
+]
+ROUND_TRIP = [
+    "", "hello world", "héllo wörld, Καλημέρα, привет, 你好, مرحبا", "👋🏽 family: 👨‍👩‍👧‍👦 🏳️‍🌈",
+    "a   b\n\n\n\tc    \r\n  ", "\x00\x01\x02\x1b[0m\x7f\x85", "".join(map(chr, range(256))),
+]
+
+
+def shakespeare() -> str:
+    return (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2():
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference for GPT-2 tokenization")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no cached files and no network
+        pytest.skip(f"tiktoken cannot load gpt2: {e}")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return bpe.Tokenizer.from_gpt2_files(VOCAB_BPE, ENCODER_JSON)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A 512-token tokenizer trained on 100 KB of Shakespeare, with <|endoftext|>."""
+    vocab, merges = bpe.train_bpe(shakespeare()[:100_000], 512, special_tokens=(EOT,))
+    return bpe.Tokenizer(vocab, merges, (EOT,))
+
+
+# ---- training ------------------------------------------------------------------------
+
+
+def test_wikipedia_example():
+    # Wikipedia: aaabdaaabac -> ZabdZabac (Z=aa) -> ZYdZYac (Y=ab) -> XdXac (X=ZY=aaab).
+    # After aa, "aa a" and "a b" both occur twice; the CS336 rule takes the greater pair
+    # of bytes, (b"aa", b"a") > (b"a", b"b"), so our second token is "aaa", not "ab";
+    # the third merge reaches Wikipedia's X = "aaab" all the same.
+    vocab, merges = bpe.train_bpe("aaabdaaabac", 256 + 3)
+    assert merges == [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b")]
+    assert [vocab[256], vocab[257], vocab[258]] == [b"aa", b"aaa", b"aaab"]
+    tok = bpe.Tokenizer(vocab, merges)
+    ids = tok.encode("aaabdaaabac")
+    assert [tok.vocab[i] for i in ids] == [b"aaab", b"d", b"aaab", b"a", b"c"]  # X d X a c
+
+
+def test_ties_go_to_the_lexicographically_greater_pair():
+    # The worked example of Stanford CS336 assignment 1 (pre-tokens split on whitespace):
+    # "es" and "st" tie at 9 and "st" wins; "lo" and "ow" tie at 7 and "ow" wins; ...
+    text = "low low low low low lower lower widest widest widest newest newest newest newest newest newest"
+    _, merges = bpe.train_bpe(text, 256 + 12, pattern=r"\S+")
+    assert [f"{a.decode()} {b.decode()}" for a, b in merges] == [
+        "s t", "e st", "o w", "l ow", "w est", "n e", "ne west", "w i", "wi d", "wid est", "low e", "lowe r"]
+    # a corpus of nothing but ties: every pair occurs once; the greatest pair goes first
+    _, merges = bpe.train_bpe("ab ba zy yz", 256 + 1, pattern=r"\S+")
+    assert merges == [(b"z", b"y")]
+    _, merges = bpe.train_bpe("xa xab", 256 + 2, pattern=r"\S+")  # (x,a) x2, then (xa,b) vs nothing
+    assert merges == [(b"x", b"a"), (b"xa", b"b")]
+
+
+def naive_train(pretoken_counts: dict[bytes, int], num_merges: int):
+    """Reference: re-count every pair after every merge (minbpe's loop, CS336's ties)."""
+    words = {tuple(bytes([b]) for b in w): c for w, c in pretoken_counts.items()}
+    merges = []
+    for _ in range(num_merges):
+        stats = {}
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                stats[pair] = stats.get(pair, 0) + count
+        if not stats:
+            break
+        best = max(stats, key=lambda p: (stats[p], p))
+        merges.append(best)
+        new_words = {}
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            new_words[tuple(out)] = new_words.get(tuple(out), 0) + count
+        words = new_words
+    return merges
+
+
+@pytest.mark.parametrize("pattern", [bpe.GPT2_PATTERN, bpe.GPT4_PATTERN])
+def test_incremental_training_equals_naive_recount(pattern):
+    # runs of one letter make pairs that overlap themselves (a a a a), the tricky case
+    text = shakespeare()[:20_000] + " aaaa aaaaa abab ababab xxxxxxx\n\n\n    " * 20
+    counts = {p.encode(): c for p, c in bpe.count_text_pretokens(text, (), pattern).items()}
+    fast = bpe.learn_merges(counts, 250)
+    assert len(fast) == 250
+    assert fast == naive_train(counts, 250)
+
+
+def test_special_tokens_never_merge():
+    text = EOT.join(shakespeare()[:20_000].split("\n\n"))  # ~300 "documents"
+    vocab, merges = bpe.train_bpe(text, 256 + 100 + 1, special_tokens=(EOT,))
+    assert vocab[256 + 100] == EOT.encode() and len(vocab) == 256 + 100 + 1
+    assert not any(b"<" in a + b or b"|" in a + b for a, b in merges)  # Shakespeare has neither
+
+
+def test_training_stops_when_pairs_run_out():
+    vocab, merges = bpe.train_bpe("ab", 1000, special_tokens=(EOT,))
+    assert merges == [(b"a", b"b")] and vocab[257] == EOT.encode()
+
+
+def test_parallel_counting_equals_serial(tmp_path):
+    docs = shakespeare()[:300_000].split("\n\n")
+    text = EOT.join(docs)
+    path = tmp_path / "docs.txt"
+    path.write_text(text, encoding="utf-8")
+    bounds = bpe.find_chunk_boundaries(path, [EOT], chunk_bytes=40_000)
+    data = path.read_bytes()
+    assert len(bounds) > 4 and bounds[0] == 0 and bounds[-1] == len(data)
+    assert all(data[b:b + len(EOT)] == EOT.encode() for b in bounds[1:-1])
+    serial = bpe.count_pretokens(text, [EOT])
+    assert bpe.count_pretokens(path, [EOT], num_workers=2, chunk_bytes=40_000) == serial
+    assert bpe.count_pretokens(str(path), [EOT], num_workers=1, chunk_bytes=40_000) == serial
+    assert EOT not in serial and "<|" not in serial
+
+
+# ---- encoding and decoding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP, ids=lambda s: repr(s[:12]))
+def test_round_trip(text, gpt2, small):
+    for tok in (gpt2, small):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.decode_bytes(ids) == text.encode("utf-8")
+        assert list(tok.encode_iterable(iter(text), min_chars=1)) == ids  # one character at a time
+
+
+def test_all_256_bytes(gpt2, small, tiktoken_gpt2):
+    for tok in (gpt2, small):
+        id_of = {t: i for i, t in tok.vocab.items()}
+        byte_ids = [id_of[bytes([b])] for b in range(256)]  # GPT-2's are a permutation of 0..255
+        assert tok.decode_bytes(byte_ids) == bytes(range(256))
+        assert tok.decode(byte_ids) == bytes(range(256)).decode("utf-8", errors="replace")
+        if tok is gpt2:
+            assert tok.decode(byte_ids) == tiktoken_gpt2.decode(byte_ids)
+    # a token sequence cut inside a character decodes with U+FFFD, like tiktoken
+    ids = gpt2.encode("é😀")
+    for cut in range(len(ids) + 1):
+        assert gpt2.decode(ids[:cut]) == tiktoken_gpt2.decode(ids[:cut])
+
+
+def test_gpt2_files_equal_tiktoken_on_all_of_shakespeare(gpt2, tiktoken_gpt2):
+    text = shakespeare()
+    ids = gpt2.encode(text)
+    assert ids == tiktoken_gpt2.encode(text)
+    assert gpt2.decode(ids) == text
+    assert gpt2.vocab_size == tiktoken_gpt2.n_vocab == 50257 and gpt2.eot_id == tiktoken_gpt2.eot_token
+
+
+def test_gpt2_tricky_strings_equal_tiktoken(gpt2, tiktoken_gpt2):
+    for s in TRICKY:
+        assert gpt2.encode(s, allowed_special="all") == tiktoken_gpt2.encode(s, allowed_special="all"), s
+        assert gpt2.encode_ordinary(s) == tiktoken_gpt2.encode_ordinary(s), s
+        assert gpt2.encode(s, allowed_special={EOT}) == tiktoken_gpt2.encode(s, allowed_special={EOT}), s
+    assert gpt2.encode(EOT, allowed_special="all") == [50256]
+
+
+def test_from_tiktoken_rebuilds_gpt2_merges(gpt2, tiktoken_gpt2):
+    rebuilt = bpe.Tokenizer.from_tiktoken(tiktoken_gpt2)
+    assert rebuilt.merges == gpt2.merges and rebuilt.vocab == gpt2.vocab
+    assert rebuilt.special_tokens == gpt2.special_tokens == {EOT: 50256}
+
+
+def test_from_tiktoken_cl100k():
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference")
+    try:
+        enc = tiktoken.get_encoding("cl100k_base")
+    except Exception as e:
+        pytest.skip(f"cl100k_base not available offline ({type(e).__name__})")
+    tok = bpe.Tokenizer.from_tiktoken(enc)
+    text = shakespeare()[:200_000]
+    assert tok.encode(text) == enc.encode(text)
+    for s in TRICKY:
+        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), s
+
+
+def test_gpt4_pattern_equals_tiktoken_regex(small):
+    """The GPT-4 split pattern under the `regex` module cuts text as tiktoken's Rust regex
+    does: a tokenizer trained with it, handed to tiktoken as ranks, encodes identically."""
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference")
+    text = shakespeare()[:100_000] + "".join(TRICKY[:-1]) * 5
+    vocab, merges = bpe.train_bpe(text, 700, special_tokens=(EOT,), pattern=bpe.GPT4_PATTERN)
+    tok = bpe.Tokenizer(vocab, merges, (EOT,), bpe.GPT4_PATTERN)
+    ranks = {t: i for i, t in vocab.items() if i != tok.eot_id}
+    enc = tiktoken.Encoding("nanollm-test", pat_str=bpe.GPT4_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=tok.special_tokens)
+    assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    for s in TRICKY:
+        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), s
+
+
+def test_special_tokens_longest_wins_and_allowed_sets(small):
+    specials = [EOT, "<|a|>", "<|a|><|b|>"]
+    tok = bpe.Tokenizer(small.vocab, small.merges, specials)
+    a, ab = tok.special_tokens["<|a|>"], tok.special_tokens["<|a|><|b|>"]
+    ids = tok.encode("x<|a|><|b|>y<|a|>", allowed_special="all")
+    assert ab in ids and ids[-1] == a and tok.decode(ids) == "x<|a|><|b|>y<|a|>"
+    assert tok.encode("x<|a|>", allowed_special={"<|a|>"})[-1] == a
+    with pytest.raises(SystemExit) as e:  # allowed {"<|a|>"}: EOT is still disallowed
+        tok.encode(f"x<|a|>{EOT}", allowed_special={"<|a|>"})
+    assert EOT in one_line_error(e)
+    plain = tok.encode("x<|a|>", allowed_special="none")
+    assert plain == tok.encode_ordinary("x<|a|>") and a not in plain
+    assert tok.eot_id == small.eot_id == small.special_tokens[EOT]
+
+
+def test_encode_iterable_equals_encode(gpt2, small):
+    """Random chunk boundaries, splitting pre-tokens and special tokens anywhere."""
+    gpt4 = bpe.Tokenizer(small.vocab, small.merges, (EOT,), bpe.GPT4_PATTERN)
+    text = shakespeare()[:30_000] + "".join(TRICKY[:-1]) * 3 + "don't  \n\n 123456  'll"
+    rng = random.Random(0)
+    skipping = bpe.Tokenizer(small.vocab, small.merges, (EOT,), r"\S+")  # drops whitespace
+    for tok in (gpt2, small, gpt4, skipping):
+        cuts = sorted(rng.sample(range(1, len(text)), 3000))
+        chunks = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+        expected = tok.encode(text, allowed_special="all")
+        assert list(tok.encode_iterable(chunks, allowed_special="all", min_chars=1)) == expected
+        assert list(tok.encode_iterable(chunks, allowed_special="all", min_chars=100)) == expected
+        lines = text.splitlines(keepends=True)
+        assert list(tok.encode_iterable(lines, allowed_special="none")) == tok.encode_ordinary(text)
+
+
+def test_encode_iterable_memory_is_bounded(gpt2):
+    """Streaming 4x more text takes no more memory: the buffer and the pre-token cache
+    (warmed beforehand; bounded by cache_size) are all that is kept."""
+    text = shakespeare()
+    block = text[:text.index("\n", 20_000) + 1]  # ends "...:\n", and the text starts "First"
+    lines = block.splitlines(keepends=True)
+    per_block = len(gpt2.encode(block))  # also warms the cache
+
+    def peak_memory(reps):
+        stream = (line for _ in range(reps) for line in lines)
+        tracemalloc.start()
+        try:
+            n_tokens = sum(1 for _ in gpt2.encode_iterable(stream))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert n_tokens == reps * per_block
+        return peak
+
+    small_peak, big_peak = peak_memory(8), peak_memory(32)  # 160 KB and 640 KB of text
+    # 32 blocks make ~190k tokens: a list of them alone would take ~1.5 MB; 64 KB is slack
+    # for allocator noise
+    assert big_peak < small_peak + 64 * 1024 and big_peak < 1024 * 1024, (small_peak, big_peak)
+
+
+# ---- save / load -----------------------------------------------------------------------
+
+
+def test_save_load(tmp_path, gpt2, small):
+    text = shakespeare()[-5000:] + "".join(TRICKY)
+    for name, tok in (("small.bpe", small), ("gpt2.bpe", gpt2)):
+        path = tmp_path / name
+        tok.save(path)
+        lines = path.read_text(encoding="utf-8").split("\n")
+        assert lines[0] == bpe.FILE_VERSION
+        vocab_listing = path.with_suffix(".vocab").read_text(encoding="utf-8").splitlines()
+        assert len(vocab_listing) == len(tok.vocab)
+        loaded = bpe.Tokenizer.load(path)
+        assert loaded.merges == tok.merges and loaded.vocab == tok.vocab
+        assert loaded.special_tokens == tok.special_tokens and loaded.pattern == tok.pattern
+        assert loaded.eot_id == tok.eot_id and loaded.vocab_size == tok.vocab_size
+        assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+        assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_train_py_and_gpt_py_contract(tmp_path):
+    """train.py trains and saves with these calls; gpt.load_tokenizer reads the file."""
+    src = tmp_path / "input.txt"
+    src.write_text(shakespeare()[:50_000], encoding="utf-8")
+    vocab, merges = bpe.train_bpe(src, 400, special_tokens=(EOT,))
+    assert len(vocab) == 400 and len(merges) == 400 - 256 - 1
+    bpe.Tokenizer(vocab, merges, (EOT,)).save(tmp_path / "tok.bpe")
+    tok = bpe.Tokenizer.load(tmp_path / "tok.bpe")
+    assert tok.vocab_size == 400 and tok.eot_id == 399
+    assert tok.encode("to be" + EOT, allowed_special="all")[-1] == 399
+    gpt = pytest.importorskip("gpt", reason="gpt.py (lead) loads bpe.py files")
+    wrapped = gpt.load_tokenizer(str(tmp_path / "tok.bpe"))
+    assert wrapped.vocab_size == 400 and wrapped.eot_id == 399
+    ids = wrapped.encode("To be, or not" + EOT)
+    assert ids[-1] == 399 and wrapped.decode(ids) == "To be, or not" + EOT
+
+
+# ---- CLI and bad input ---------------------------------------------------------------
+
+
+def test_cli(tmp_path, capsys):
+    src = tmp_path / "input.txt"
+    src.write_text(shakespeare()[:30_000], encoding="utf-8")
+    out = tmp_path / "tok.bpe"
+    bpe.main(["train", "--input", str(src), "--vocab_size", "300", "--out", str(out), "--num_workers", "1"])
+    assert "trained 43 merges" in capsys.readouterr().out
+    bpe.main(["encode", "--tokenizer", str(out), "First Citizen"])
+    ids_line, pieces, _ = capsys.readouterr().out.splitlines()
+    assert bpe.Tokenizer.load(out).decode(json.loads(ids_line)) == "First Citizen"
+    bpe.main(["compare", "--input", str(src), "--tokenizer", str(out)])
+    report = capsys.readouterr().out
+    assert "tokens/byte" in report and str(out) in report
+
+
+def test_bad_vocab_size():
+    with pytest.raises(SystemExit) as e:
+        bpe.train_bpe("hello", 256, special_tokens=(EOT,))
+    assert "257" in one_line_error(e)
+
+
+def test_empty_training_text(tmp_path):
+    for empty in ("", EOT * 3):
+        with pytest.raises(SystemExit) as e:
+            bpe.train_bpe(empty, 300, special_tokens=(EOT,))
+        assert "empty" in one_line_error(e)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bpe.train_bpe(tmp_path / "empty.txt", 300)
+    one_line_error(e)
+    with pytest.raises(SystemExit) as e:
+        bpe.train_bpe(tmp_path / "missing.txt", 300)
+    assert "not found" in one_line_error(e)
+
+
+def test_special_token_with_none_raise(small):
+    for call in (lambda: small.encode(f"a{EOT}b"),
+                 lambda: list(small.encode_iterable(["a<|endof", "text|>b"], min_chars=1))):
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert EOT in one_line_error(e)
+    assert small.encode_ordinary(EOT) == small.encode(EOT, allowed_special="none") != [small.eot_id]
+
+
+def test_corrupt_tokenizer_file(tmp_path, small):
+    good = tmp_path / "good.bpe"
+    small.save(good)
+    lines = good.read_text(encoding="utf-8").split("\n")
+    cases = {
+        "garbage": "this is not a tokenizer\n",
+        "version": "\n".join(["nanollm-bpe v9"] + lines[1:]),
+        "truncated": "\n".join(lines[:-20]),
+        "bad merge": "\n".join(lines[:-3] + ["Ġ", lines[-2]]),
+        "bad bytes": "\n".join(line if not line.startswith("bytes") else "bytes 1 2 3" for line in lines),
+        "bad merge line": "\n".join(lines[:-2] + ["a b c 999", ""]),
+        "not the alphabet": "\n".join(lines[:-2] + ["a\x01 b 999", ""]),
+    }
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.bpe"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(SystemExit) as e:
+            bpe.Tokenizer.load(path)
+        one_line_error(e)
+    (tmp_path / "binary.bpe").write_bytes(bytes(range(256)))
+    with pytest.raises(SystemExit) as e:
+        bpe.Tokenizer.load(tmp_path / "binary.bpe")
+    one_line_error(e)
+    with pytest.raises(SystemExit) as e:
+        bpe.Tokenizer.load(tmp_path / "missing.bpe")
+    assert "not found" in one_line_error(e)
+    with pytest.raises(SystemExit) as e:
+        small.decode([10 ** 6])
+    one_line_error(e)

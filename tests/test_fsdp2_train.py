@@ -1,0 +1,337 @@
+"""fsdp2_train.py on CPU with gloo: 2 ranks (torchrun, this file as the worker) against 1 process.
+
+One torchrun launch runs every 2-rank scenario (a launch costs seconds of imports) while
+pytest runs the 1-process references in-process; each test then checks one property.
+Tolerance 1e-5 on losses in fp32: the 2-rank run sums the same numbers in another order
+(two half-batch means averaged by the reduce-scatter instead of one full-batch mean), which
+moves a ~4.0 loss by a few float32 ulps (~5e-7) per step; 1e-5 leaves room for 12 steps of
+AdamW without hiding a real difference (a wrong batch slice or a missed gradient sync
+moves the loss by > 1e-3 from the first step on).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
+        "--eval_iters", "1", "--log_interval", "1", "--warmup_iters", "2", "--device", "cpu"]
+
+
+def args(data_root, out_dir, *extra):
+    return TINY + ["--data_root", str(data_root), "--out_dir", str(out_dir), *map(str, extra)]
+
+
+def losses_of(result):
+    return [loss for _, loss in result["losses"]]
+
+
+# ----------------------------------------------------------------------------------------
+# The 2-rank worker: `torchrun --nproc_per_node=2 tests/test_fsdp2_train.py DATA_ROOT WORK`
+
+
+def _worker(data_root, work):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import fsdp2_train
+    import gpt
+
+    dist.init_process_group("gloo")  # made here, so main() reuses it across the scenarios
+    rank, world = dist.get_rank(), dist.get_world_size()
+    work = Path(work)
+    report = {}
+
+    def shards(model):
+        return {n: [list(p.to_local().shape), list(p.shape), p.dtype == torch.uint8]
+                for n, p in model.named_parameters() if isinstance(p, DTensor)}
+
+    @torch.no_grad()
+    def export_logit_diff(model, path):
+        idx = torch.randint(0, 60, (2, 32), generator=torch.Generator().manual_seed(0))
+        sharded, _ = model(idx)  # a collective forward on every rank
+        if rank != 0:
+            return None
+        exported, _ = gpt.load_checkpoint(path)
+        return (exported.eval()(idx)[0] - sharded).abs().max().item()
+
+    # full model: 12 steps, sharded checkpoint at iter 10, export at the end
+    res = fsdp2_train.main(args(data_root, work / "full", "--max_iters", 12, "--eval_interval", 10,
+                                "--export", work / "full" / "ckpt.pt"))
+    report["full"] = losses_of(res)
+    report["full_shards"] = shards(res["model"])
+    report["full_bytes"] = fsdp2_train.local_param_bytes(res["model"])
+    report["full_export_diff"] = export_logit_diff(res["model"], work / "full" / "ckpt.pt")
+
+    # resume the iter-10 checkpoint on 2 ranks
+    if rank == 0:
+        shutil.copytree(work / "full", work / "resumed")
+    dist.barrier()
+    res = fsdp2_train.main(args(data_root, work / "resumed", "--max_iters", 12, "--eval_interval", 10, "--resume", True))
+    report["resumed"] = res["losses"]
+
+    # qlora: snapshot the NF4 bytes of the freshly sharded model, train, compare
+    qargs = args(data_root, work / "qlora", "--mode", "qlora", "--max_iters", 10, "--eval_interval", 100,
+                 "--learning_rate", 1e-2, "--export", work / "qlora" / "ckpt.pt")
+    cfg, _ = fsdp2_train.parse_args(qargs)
+    vocab_size = gpt.read_meta(Path(data_root) / "shakespeare_char")["vocab_size"]
+    fresh, _ = fsdp2_train.build_model(cfg, vocab_size, "cpu", torch.float32)
+    from torch.distributed.device_mesh import init_device_mesh
+    fsdp2_train.shard_model(fresh, init_device_mesh("cpu", (world,)), cfg, None)
+    before = {n: p.to_local().clone() for n, p in fresh.named_parameters() if p.dtype == torch.uint8}
+    res = fsdp2_train.main(qargs)
+    model = res["model"]
+    after = {n: p.to_local() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    report["qlora"] = losses_of(res)
+    report["qlora_shards"] = shards(model)
+    report["nf4_unchanged"] = before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    report["nf4_tensors"] = len(after)
+    report["qlora_export_diff"] = export_logit_diff(model, work / "qlora" / "ckpt.pt")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 60, (4, 32), generator=g), torch.randint(0, 60, (4, 32), generator=g)
+    model(x, y)[1].backward()
+    report["adapter_grad_abs"] = {n: p.grad.to_local().abs().sum().item()
+                                  for n, p in model.named_parameters() if p.requires_grad}
+    report["frozen_grads"] = sum(p.grad is not None for p in model.parameters() if not p.requires_grad)
+
+    # HSDP (2 replicas x 1 shard) + activation checkpointing + 2 accumulation micro-steps
+    res = fsdp2_train.main(args(data_root, work / "hsdp", "--max_iters", 3, "--eval_interval", 100, "--hsdp", True,
+                                "--hsdp_shard_size", 1, "--activation_checkpointing", True,
+                                "--gradient_accumulation_steps", 2, "--batch_size", 4))
+    report["hsdp_ac_accum"] = losses_of(res)
+
+    # bad input: every rank leaves through SystemExit; rank 0 carries the message
+    def exit_message(argv):
+        try:
+            fsdp2_train.main(argv)
+        except SystemExit as e:
+            return str(e.code)
+        return None
+
+    report["bad_batch"] = exit_message(args(data_root, work / "bad", "--batch_size", 3))
+    report["bad_shape_option"] = exit_message(args(data_root, work / "resumed", "--resume", True, "--n_embd", 64))
+    if rank == 0:  # a checkpoint whose tensors do not fit the model its train_state.json describes
+        shutil.copytree(work / "full", work / "tampered")
+        state_file = work / "tampered" / "ckpt_dcp" / "train_state.json"
+        state = json.loads(state_file.read_text())
+        state["model_config"]["n_embd"] = 64
+        state_file.write_text(json.dumps(state))
+    dist.barrier()
+    shape_given = {"--n_layer", "--n_head", "--n_embd", "--block_size"}
+    no_shape = [a for i, a in enumerate(TINY) if a not in shape_given and TINY[i - 1] not in shape_given]
+    report["bad_shape_tensors"] = exit_message(no_shape + ["--data_root", str(data_root), "--out_dir",
+                                                           str(work / "tampered"), "--resume", "True"])
+    (work / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    _worker(*sys.argv[1:])
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------------------
+# pytest side
+
+
+def _torchrun(*argv, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *map(str, argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait(proc, timeout=120):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun hung (killed after {timeout}s):\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare_path_module):
+    """Start the 2-rank worker and the bad-CLI launch, run the 1-process references meanwhile."""
+    import fsdp2_train
+    import gpt
+
+    base = tmp_path_factory.mktemp("fsdp2")
+    src = base / "shakespeare_100k.txt"
+    src.write_text(shakespeare_path_module.read_text()[:100_000])
+    data_root = base / "data"
+    gpt.prepare_dataset("shakespeare_char", input=src, data_root=data_root)
+    work = base / "work"
+    work.mkdir()
+    worker = _torchrun(Path(__file__), data_root, work)
+    bad_cli = _torchrun(ROOT / "fsdp2_train.py", *args(data_root, base / "bad", "--batch_size", 3))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the worker's two ranks share the cores
+    try:
+        one = {}
+        res = fsdp2_train.main(args(data_root, base / "one_full", "--max_iters", 12, "--eval_interval", 10))
+        one["full"] = losses_of(res)
+        one["full_metrics"] = [json.loads(line) for line in open(base / "one_full" / "metrics.jsonl")]
+        res = fsdp2_train.main(args(data_root, base / "one_qlora", "--mode", "qlora", "--max_iters", 10,
+                                    "--eval_interval", 100, "--learning_rate", 1e-2))
+        one["qlora"] = losses_of(res)
+        res = fsdp2_train.main(args(data_root, base / "one_accum", "--max_iters", 3, "--eval_interval", 100,
+                                    "--gradient_accumulation_steps", 2, "--batch_size", 4))
+        one["accum"] = losses_of(res)
+        one["plain"] = plain_training(data_root, steps=12)
+        one["bad_cli"] = _wait(bad_cli)
+        rc, out, err = _wait(worker)
+        assert rc == 0, f"2-rank worker failed:\n{err[-4000:]}"
+        two = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
+        # the 2-rank checkpoint of iter 10, resumed by one process
+        shutil.copytree(work / "full", base / "one_resumed")
+        res = fsdp2_train.main(args(data_root, base / "one_resumed", "--max_iters", 12, "--eval_interval", 10,
+                                    "--resume", True))
+        one["resumed_from_2"] = res["losses"]
+    finally:
+        torch.set_num_threads(threads)
+    return one, two
+
+
+@pytest.fixture(scope="module")
+def shakespeare_path_module():
+    path = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.fail(f"{path} missing: the tests need ../shared/data beside the repository")
+    return path
+
+
+def plain_training(data_root, steps):
+    """The same run without FSDP or torch.distributed: GPT + AdamW + clipping on the global batch."""
+    import fsdp2_train
+    import gpt
+
+    cfg, _ = fsdp2_train.parse_args(args(data_root, "unused"))
+    data_dir = Path(data_root) / "shakespeare_char"
+    bins = gpt.TokenBins(data_dir, "train")
+    gpt.set_seed(cfg.seed)
+    model = gpt.GPT(gpt.GPTConfig(block_size=32, vocab_size=gpt.read_meta(data_dir)["vocab_size"],
+                                  n_layer=2, n_head=2, n_embd=32))
+    opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    for it in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = fsdp2_train.get_lr(it, cfg)
+        x, y = bins.get_batch(cfg.batch_size, cfg.block_size, g)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def close(a, b, tol=1e-5):
+    assert len(a) == len(b), (a, b)
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    assert diff <= tol, f"max |difference| {diff:.3g} > {tol}: {a} vs {b}"
+
+
+def test_one_process_equals_plain_training(runs):
+    one, _ = runs
+    close(one["full"], one["plain"], tol=1e-6)  # 1 rank: the same arithmetic as no FSDP at all
+    assert one["full"][-1] < one["full"][0] - 0.05  # it does train
+    rows = one["full_metrics"]
+    assert {"iter", "loss", "lr", "ms_per_step", "tokens_per_s", "mfu"} == set(rows[1])
+    assert {"iter", "train_loss", "val_loss"} == set(rows[0])
+
+
+def test_two_ranks_match_one_process_full_and_qlora(runs):
+    one, two = runs
+    for rank in (0, 1):  # every rank logs the same all-reduced loss
+        close(two[rank]["full"], one["full"])
+        close(two[rank]["qlora"], one["qlora"])
+    assert len(one["full"]) == 12 and len(one["qlora"]) == 10
+    assert one["qlora"][-1] < one["qlora"][0] - 0.05
+
+
+def test_hsdp_activation_checkpointing_and_accumulation_match(runs):
+    one, two = runs
+    close(two[0]["hsdp_ac_accum"], one["accum"])
+
+
+def test_each_rank_holds_its_shard(runs):
+    _, two = runs
+    for key in ("full_shards", "qlora_shards"):
+        for name in two[0][key]:
+            (local0, full, is_u8), (local1, _, _) = two[0][key][name], two[1][key][name]
+            rows = full[0]
+            assert local0[0] == (rows + 1) // 2 and local1[0] == rows // 2, (name, local0, local1, full)
+            assert local0[1:] == full[1:], name
+    # the NF4 bytes and absmax codes are sharded parameters, not replicated buffers
+    u8 = [n for n, (_, _, is_u8) in two[0]["qlora_shards"].items() if is_u8]
+    assert any(n.endswith("base.weight") for n in u8) and any(n.endswith("base.absmax") for n in u8)
+    local = [two[r]["full_bytes"][0] for r in (0, 1)]
+    full = two[0]["full_bytes"][1]
+    assert sum(local) == full  # nothing held twice
+    assert all(abs(b - full / 2) < 0.02 * full for b in local), (local, full)
+
+
+def test_nf4_frozen_and_adapters_learn(runs):
+    _, two = runs
+    for rank in (0, 1):
+        assert two[rank]["nf4_unchanged"] and two[rank]["nf4_tensors"] == 2 * 2 * 4  # weight + absmax, 4 Linears x 2 blocks
+        grads = two[rank]["adapter_grad_abs"]
+        assert len(grads) == 2 * 2 * 4 and all(".lora_" in n for n in grads)
+        assert all(g > 0 for g in grads.values()), grads
+        assert two[rank]["frozen_grads"] == 0
+
+
+def test_checkpoint_resumes_on_two_and_one_rank(runs):
+    one, two = runs
+    full = dict((i, loss) for i, loss in zip(range(1, 13), two[0]["full"]))
+    resumed2 = dict(two[0]["resumed"])
+    assert list(resumed2) == [11, 12]
+    assert all(resumed2[i] == full[i] for i in resumed2)  # same world size: bit-identical
+    resumed1 = dict(one["resumed_from_2"])
+    assert list(resumed1) == [11, 12]
+    close([resumed1[i] for i in (11, 12)], [full[i] for i in (11, 12)])
+
+
+def test_export_logits_equal_sharded_model(runs):
+    _, two = runs
+    assert two[0]["full_export_diff"] == 0.0  # the same fp32 weights, the same arithmetic
+    # merged QLoRA: dequantized W + scaling * B @ A in one matmul vs two; fp32 rounding only
+    assert two[0]["qlora_export_diff"] < 1e-5
+
+
+def test_bad_input_one_line_and_every_rank_exits(runs):
+    one, two = runs
+    assert "not divisible by the world size 2" in two[0]["bad_batch"] and two[1]["bad_batch"] == "1"
+    assert "saved with n_embd=32" in two[0]["bad_shape_option"] and two[1]["bad_shape_option"] == "1"
+    assert "of shape" in two[0]["bad_shape_tensors"] and two[1]["bad_shape_tensors"] == "1"
+    rc, out, err = one["bad_cli"]  # under torchrun for real: finished (no hang), one error line
+    assert rc != 0
+    errors = [line for line in (out + err).splitlines() if line.startswith("error:")]
+    assert errors == ["error: --batch_size 3 (the global batch) is not divisible by the world size 2 "
+                      "(pass a multiple of 2)"], err[-2000:]
+
+
+def test_qlora_on_cuda_needs_triton(monkeypatch):
+    import importlib.util
+
+    import fsdp2_train
+
+    cfg, _ = fsdp2_train.parse_args(["--mode", "qlora"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    ranks = fsdp2_train.Ranks(rank=0, world=1, local_world=1, device="cuda:0", created_group=False)
+    with pytest.raises(SystemExit, match="needs triton"):
+        fsdp2_train.validate(cfg, ranks)

@@ -1,0 +1,212 @@
+"""gpt.py against its references: HF GPT-2 logits, the naive loss, safetensors, compile."""
+
+import json
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt
+from gpt import GPT, GPTConfig
+
+# Conv1D projections: HF stores them (in, out), nn.Linear (out, in)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def to_hf_names(model):
+    """Our state dict written the way Hugging Face's GPT2LMHeadModel names and lays it out."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to wte
+        sd[k] = v.t().contiguous() if k.endswith(CONV1D) else v.clone()
+    return sd
+
+
+def test_hf_state_dict_round_trip(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    loaded = GPT.from_hf_state_dict(to_hf_names(model), tiny_config).eval()
+    assert loaded.config == tiny_config
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+    # without a config the shape is read off the tensors (64-dim heads assumed, as in GPT-2)
+    wide = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=128))
+    assert GPT.from_hf_state_dict(to_hf_names(wide)).config == wide.config
+
+
+def test_logits_match_transformers_gpt2():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed: HF parity not checked")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # HF's init leaves biases at zero: make them random so they are checked too
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    # the weights do not store n_head (GPT-2's sizes all have 64-dim heads): pass the config
+    model = GPT.from_hf_state_dict(hf.state_dict(), GPTConfig(block_size=48, vocab_size=101, n_layer=3, n_head=4, n_embd=64)).eval()
+    idx = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    # fp32, same operations in a different order (fused SDPA vs HF's eager attention): 1e-5
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2, 2).bfloat16(),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "x.safetensors"
+    gpt.write_safetensors(path, tensors)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert n % 8 == 0 and header["a"] == {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}
+    back = gpt.read_safetensors(path)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+
+
+def test_safetensors_matches_reference_package(tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="safetensors not installed: format parity not checked")
+    tensors = {"w": torch.randn(4, 6), "h": torch.randn(3).half(), "b": torch.randn(5).bfloat16()}
+    st.save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    for k, v in gpt.read_safetensors(tmp_path / "ref.safetensors").items():
+        assert torch.equal(v, tensors[k])
+    gpt.write_safetensors(tmp_path / "ours.safetensors", tensors)
+    for k, v in st.load_file(tmp_path / "ours.safetensors").items():
+        assert torch.equal(v, tensors[k])
+
+
+def test_bad_safetensors(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\xff" * 40)
+    with pytest.raises(SystemExit, match="not a safetensors file"):
+        gpt.read_safetensors(path)
+
+
+@pytest.mark.parametrize("n_rows,chunk", [(50, 16), (64, 64), (7, 1024)])
+def test_chunked_loss_equals_naive(n_rows, chunk):
+    torch.manual_seed(0)
+    V, C = 97, 24
+    x = torch.randn(n_rows, C, requires_grad=True)
+    w = torch.randn(V, C, requires_grad=True)
+    t = torch.randint(0, V, (n_rows,))
+    t[::5] = -1  # ignored positions
+    loss = gpt.chunked_cross_entropy(x, w, t, chunk_size=chunk)
+    gx, gw = torch.autograd.grad(loss * 3.0, (x, w))  # a non-unit upstream gradient
+    ref = F.cross_entropy(x @ w.t(), t, ignore_index=-1)
+    rgx, rgw = torch.autograd.grad(ref * 3.0, (x, w))
+    # fp32, same math chunked: differences are summation order only
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gx, rgx, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gw, rgw, rtol=0, atol=1e-5)
+
+
+def test_model_loss_equals_naive_path(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    model.loss_chunk_size = 20  # ragged: 2*32 = 64 rows -> 20, 20, 20, 4
+    idx = torch.randint(0, 65, (2, 32))
+    tgt = torch.randint(0, 65, (2, 32))
+    tgt[0, :3] = -1
+    logits, loss = model(idx, tgt)
+    assert logits is None
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model(idx)
+    F.cross_entropy(logits.view(-1, 65), tgt.view(-1), ignore_index=-1).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-5, msg=n)
+
+
+def test_compile_fullgraph_no_breaks_no_recompile(tiny_config):
+    torch._dynamo.reset()
+    model = GPT(tiny_config)
+    idx = torch.randint(0, 65, (2, 32))
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()  # counts frames compiled; no inductor codegen, so the test stays fast
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for _ in range(2):
+        _, loss = compiled(idx, idx)
+        loss.backward()
+    assert counter.frame_count == 1  # the second call with the same shapes reused the graph
+
+
+def test_configure_optimizers_decays_matrices_only(tiny_config):
+    model = GPT(tiny_config)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    assert model.estimate_mfu(1, 1.0, None) is None
+    assert 0 < model.estimate_mfu(4, 0.5, 1e12) < 1
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path, tiny_config):
+    model = GPT(tiny_config)
+    path = tmp_path / "ckpt.pt"
+    gpt.save_checkpoint(path, model, "char:abc", step=7)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temp file was renamed away
+    loaded, spec = gpt.load_checkpoint(path)
+    assert spec == "char:abc" and loaded.config == tiny_config
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+    with pytest.raises(SystemExit, match="not found"):
+        gpt.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        gpt.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a nanollm checkpoint"):
+        gpt.load_checkpoint(tmp_path / "other.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["n_embd"] = 64
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(SystemExit, match="does not match its config") as e:
+        gpt.load_checkpoint(tmp_path / "mismatch.pt")
+    assert "\n" not in str(e.value)
+
+
+def test_tokenizers():
+    char = gpt.load_tokenizer("char:abc ")
+    assert char.encode("ab c") == [0, 1, 3, 2] and char.decode([2, 1]) == "cb" and char.vocab_size == 4
+    tok = gpt.load_tokenizer("gpt2")
+    assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+    assert tok.eot_id == 50256 and tok.vocab_size == 50257
+    with pytest.raises(SystemExit, match="neither"):
+        gpt.load_tokenizer("no/such/tokenizer.bpe")
+
+
+def test_parse_config_booleans_and_errors():
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        compile: bool = True
+        lr: float = 1e-3
+        name: str = "x"
+
+    assert gpt.parse_config(C, ["--compile", "False"]).compile is False
+    assert gpt.parse_config(C, ["--compile=0", "--lr", "2e-4"]) == C(False, 2e-4, "x")
+    with pytest.raises(SystemExit):
+        gpt.parse_config(C, ["--compile", "maybe"])
+    with pytest.raises(SystemExit, match="divisible"):
+        GPTConfig(n_embd=10, n_head=4)
+
+
+def test_token_bins(tmp_path):
+    gpt.write_tokens(tmp_path / "train.bin", list(range(100)))
+    bins = gpt.TokenBins(tmp_path, "train")
+    x, y = bins.get_batch(4, 8, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 8) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # consecutive tokens: targets are the inputs shifted by one
+    x2, _ = bins.get_batch(4, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
