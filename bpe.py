@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from itertools import accumulate, repeat
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 import regex  # Python's `re` has no \p{L} / \p{N} (Unicode letter / number), which the split patterns need
@@ -58,7 +58,7 @@ CHUNK_BYTES = 16 << 20  # files are pre-tokenized in pieces of about this size (
 def get_stats(ids, counts=None, weight=1):
     """Count adjacent pairs in `ids` (added to `counts`, each occurrence counting `weight`)."""
     counts = {} if counts is None else counts
-    for pair in zip(ids, ids[1:]):
+    for pair in pairwise(ids):
         counts[pair] = counts.get(pair, 0) + weight
     return counts
 
@@ -175,7 +175,7 @@ def count_pretokens(text_or_path, special_tokens=(), pattern=GPT2_PATTERN, num_w
     if not os.path.isfile(path):
         raise SystemExit(f"error: training file {path} not found (check the path)")
     bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
-    jobs = [(path, a, b, tuple(special_tokens), pattern) for a, b in zip(bounds, bounds[1:])]
+    jobs = [(path, a, b, tuple(special_tokens), pattern) for a, b in pairwise(bounds)]
     num_workers = min(num_workers or os.cpu_count() or 1, len(jobs))
     if num_workers > 1:
         import multiprocessing
@@ -245,7 +245,7 @@ def learn_merges(pretoken_counts: dict[bytes, int], num_merges: int, verbose=Fal
     pair_words: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
     for w, (word, freq) in enumerate(zip(words, freqs)):
         get_stats(word, pair_counts, freq)
-        for pair in zip(word, word[1:]):
+        for pair in pairwise(word):
             pair_words[pair].add(w)
     heap = [(-c, order_key[a] + order_key[b], (a, b)) for (a, b), c in pair_counts.items()]
     heapq.heapify(heap)
@@ -422,7 +422,8 @@ class Tokenizer:
         token_id = {t: i for i, t in self.vocab.items() if i not in special_ids}
         missing = [b for b in range(256) if bytes([b]) not in token_id]
         if missing:
-            raise SystemExit(f"error: the vocabulary lacks byte token(s) {missing[:5]} (a byte-level BPE needs all 256)")
+            raise SystemExit(f"error: the vocabulary lacks byte token(s) {missing[:5]} "
+                             "(a byte-level BPE needs all 256)")
         self._byte_ids = [token_id[bytes([b])] for b in range(256)]
         self._ranks, self._merged_id = {}, {}  # (left id, right id) -> priority / id of left+right
         for rank, (left, right) in enumerate(self.merges):
@@ -454,14 +455,10 @@ class Tokenizer:
         ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
         rank_of, inf = self._ranks.get, float("inf")
         while len(ids) >= 2:
-            ranks = list(map(rank_of, zip(ids, ids[1:]), repeat(inf)))
-            best = min(ranks)
-            if best == inf:
+            pair = min(pairwise(ids), key=lambda p: rank_of(p, inf))
+            if pair not in self._ranks:
                 break  # no pair left that the merges know
-            # Merging only the leftmost occurrence is enough: the next round finds the
-            # same rank again at the next one (a merge with the new token ranks later).
-            i = ranks.index(best)
-            ids[i:i + 2] = [self._merged_id[ids[i], ids[i + 1]]]
+            ids = merge(ids, pair, self._merged_id[pair])
         return tuple(ids)
 
     def encode_ordinary(self, text: str) -> list[int]:
@@ -628,9 +625,9 @@ class Tokenizer:
                 import tiktoken
 
                 encoding = tiktoken.get_encoding(encoding)
-            except Exception as e:
-                raise SystemExit(f"error: tiktoken cannot load {encoding!r}: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]} (needs network or TIKTOKEN_CACHE_DIR)") from None
+            except Exception as e:  # noqa: BLE001 (no network, unknown name, no tiktoken: one message)
+                raise SystemExit(f"error: tiktoken cannot load {encoding!r} ({type(e).__name__}; it needs "
+                                 "network access or the encoding's files in TIKTOKEN_CACHE_DIR)") from None
         ranks = encoding._mergeable_ranks  # tiktoken exposes no public accessor
         merges = []
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -797,7 +794,7 @@ def _cmd_compare(args):
     text = Path(args.input).read_text(encoding="utf-8")[:args.max_chars] if args.input else SAMPLE_TEXT
     n_bytes = len(text.encode("utf-8"))
     tokenizers = []
-    for name in ("gpt2", "cl100k_base"):
+    for name in filter(None, args.reference.split(",")):
         try:
             tokenizers.append((name, Tokenizer.from_tiktoken(name)))
         except SystemExit as e:
@@ -806,7 +803,7 @@ def _cmd_compare(args):
         tokenizers += [(spec, Tokenizer.load(spec)) for spec in args.tokenizer]
     else:
         vocab, merges = train_bpe(text, args.vocab_size, (ENDOFTEXT,))
-        tokenizers.append((f"trained here (vocab {args.vocab_size}, on this same text)",
+        tokenizers.append((f"bpe.py trained on this very text (--vocab_size {args.vocab_size}; optimistic)",
                            Tokenizer(vocab, merges, (ENDOFTEXT,))))
     first_line = text.strip().split("\n")[0][:100]
     print(f"text: {n_bytes:,} bytes" + (f" from {args.input}" if args.input else " (built-in sample)"))
@@ -817,7 +814,8 @@ def _cmd_compare(args):
         print(f"\n{name}: vocab {tok.vocab_size:,}, {len(ids):,} tokens, {len(ids) / n_bytes:.3f} tokens/byte "
               f"({n_bytes / max(len(ids), 1):.2f} bytes/token)")
         print("  longest tokens: " + ", ".join(render_token(t) for t in longest))
-        print("  " + "|".join(tok.decode_bytes([i]).decode("utf-8", "replace") for i in tok.encode_ordinary(first_line)))
+        pieces = (tok.decode_bytes([i]).decode("utf-8", "replace") for i in tok.encode_ordinary(first_line))
+        print("  " + "|".join(pieces))
 
 
 def main(argv=None):
@@ -833,7 +831,8 @@ def main(argv=None):
     p.add_argument("--pattern", default="gpt2", help="split regex: gpt2, gpt4, or a regex")
     p.add_argument("--num_workers", type=int, default=0, help="processes counting pre-tokens (0: one per CPU)")
     p.set_defaults(run=_cmd_train)
-    p = sub.add_parser("encode", help="show the tokens of a text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("encode", help="show the tokens of a text",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tokenizer", default="gpt2", help="a bpe.py file, or a tiktoken name (gpt2, cl100k_base)")
     p.add_argument("--file", default=None, help="encode this file instead of the text argument")
     p.add_argument("--allowed_special", default="none_raise", choices=["none_raise", "all", "none"])
@@ -844,6 +843,7 @@ def main(argv=None):
     p.add_argument("--input", default=None, help="text file (default: a built-in sample)")
     p.add_argument("--max_chars", type=int, default=1_000_000, help="use at most this much of --input")
     p.add_argument("--tokenizer", action="append", default=None, help="bpe.py file(s) to compare (repeatable)")
+    p.add_argument("--reference", default="gpt2,cl100k_base", help="tiktoken encodings to compare with")
     p.add_argument("--vocab_size", type=int, default=1024, help="without --tokenizer: train one of this size")
     p.set_defaults(run=_cmd_compare)
     args = parser.parse_args(argv)

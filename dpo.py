@@ -13,7 +13,7 @@ sequence log-probabilities:
     h    = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)]
     loss = -log sigmoid(beta * h)                                          (paper, eq. 7)
 
-`dpo_loss` also has the variants of TRL's DPOTrainer.dpo_loss (checked against it):
+`dpo_loss` has the variants of TRL's DPOTrainer.dpo_loss too (bitwise equal to trl 0.19.1's):
 - label_smoothing eps (conservative DPO, Mitchell 2023: labels flipped with probability eps)
     -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
 - "ipo" (Azar et al. 2023, arXiv:2310.12036, eq. 17): (h - 1/(2 beta))^2, where, as in TRL,
@@ -36,10 +36,11 @@ must compute the same function at step 0, where the loss is then exactly log 2.
 
 Data: --data a .jsonl with one {"prompt": ..., "chosen": ..., "rejected": ...} per line
 (the shape of Anthropic HH / UltraFeedback after splitting off the prompt); each sequence
-is prompt + completion, and only completion tokens count. Truncation (the rule of the
-reference implementation and TRL): when prompt + the longer completion exceed max_length,
-the prompt keeps its LAST max_prompt_length tokens (the end is what the answer follows);
-if still too long, each completion keeps its FIRST max_length - len(prompt) tokens.
+is prompt + completion (+ end-of-text when the tokenizer has one, so the policy learns to
+stop), and only completion tokens count. Truncation, the rule of the authors' code and
+TRL's early DPOTrainer: when prompt + the longer completion exceed max_length, the prompt
+keeps its LAST max_prompt_length tokens (the end is what the answer follows); if still too
+long, each completion keeps its FIRST max_length - max_prompt_length tokens.
 Without --data a built-in task runs: a tiny char-level model is pretrained on lines
 "word>ANSWER." whose answer is half the time UPPERCASE, half lowercase; DPO is then shown
 pairs whose chosen answer is uppercase, and the policy learns to shout: rewards separate
@@ -58,7 +59,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -66,8 +66,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
+from torch.nn import functional as F
 
 import gpt
 import lora
@@ -124,19 +124,19 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length):
     """Keep the end of the prompt, then the start of the completions (module docstring)."""
-    if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length:
         prompt = prompt[-max_prompt_length:]
-    room = max_length - len(prompt)
-    return prompt, chosen[:room], rejected[:room]
+    if len(prompt) + longer > max_length:
+        keep = max_length - max_prompt_length
+        chosen, rejected = chosen[:keep], rejected[:keep]
+    return prompt, chosen, rejected
 
 
-def tokenize_pairs(rows, tok, max_length, max_prompt_length, where="row"):
-    """rows: dicts with prompt/chosen/rejected strings -> (pairs, stats). Bad rows stop here,
-    before any training: a missing or empty field is an error naming the row; a pair whose
-    chosen equals its rejected carries no preference and is skipped with a warning."""
-    pairs, stats = [], {"rows": 0, "identical_skipped": 0, "truncated": 0}
+def check_rows(rows, where="row"):
+    """A missing, non-string or empty field is an error naming the row, raised before
+    the model is even loaded."""
     for n, row in rows:
-        stats["rows"] += 1
         if not isinstance(row, dict):
             raise SystemExit(f"error: {where} {n}: expected a JSON object with prompt, chosen, rejected")
         for key in ("prompt", "chosen", "rejected"):
@@ -148,6 +148,14 @@ def tokenize_pairs(rows, tok, max_length, max_prompt_length, where="row"):
         for key in ("chosen", "rejected"):
             if not row[key]:
                 raise SystemExit(f"error: {where} {n}: empty {key!r} completion (drop the row or fill it in)")
+
+
+def tokenize_pairs(rows, tok, max_length, max_prompt_length, where="row"):
+    """Checked rows -> (pairs of token lists, stats). A pair whose chosen equals its
+    rejected carries no preference: skipped and counted (the caller warns)."""
+    pairs, stats = [], {"rows": 0, "identical_skipped": 0, "truncated": 0}
+    for n, row in rows:
+        stats["rows"] += 1
         if row["chosen"] == row["rejected"]:
             stats["identical_skipped"] += 1
             continue
@@ -160,6 +168,8 @@ def tokenize_pairs(rows, tok, max_length, max_prompt_length, where="row"):
                 raise SystemExit(f"error: {where} {n}: empty prompt (this tokenizer has no "
                                  "end-of-text token to start from; give every row a prompt)")
             p = [tok.eot_id]
+        if tok.eot_id is not None:  # answers end with end-of-text: the policy learns to stop
+            c, r = c + [tok.eot_id], r + [tok.eot_id]
         p2, c2, r2 = truncate_pair(p, c, r, max_length, max_prompt_length)
         stats["truncated"] += (len(p2), len(c2), len(r2)) != (len(p), len(c), len(r))
         if c2 == r2:  # truncation cut away everything that differed
@@ -214,8 +224,8 @@ def _word(rng):
 
 
 def synthetic_rows(n, rng):
-    return [(i + 1, {"prompt": f"\n{_word(rng)}>", "chosen": _word(rng).upper() + ".",
-                     "rejected": _word(rng) + "."}) for i in range(n)]
+    return [(i + 1, {"prompt": f"\n{_word(rng)}>", "chosen": _word(rng).upper() + ".\n",
+                     "rejected": _word(rng) + ".\n"}) for i in range(n)]
 
 
 def pretrain_synthetic(cfg, device, rng):
@@ -223,7 +233,7 @@ def pretrain_synthetic(cfg, device, rng):
     that DPO starts from (policy and reference alike)."""
     tok = gpt.load_tokenizer("char:" + SYNTH_ALPHABET)
     text = "".join(f"{_word(rng)}>{_word(rng).upper() if rng.random() < 0.5 else _word(rng)}.\n"
-                   for _ in range(20_000))
+                   for _ in range(5000 if cfg.pretrain_iters else 10))
     data = torch.tensor(tok.encode(text))
     config = gpt.GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
@@ -284,11 +294,17 @@ def disable_dropout(model):
 
 
 def concatenated_logps(model, batch, average, ctx):
-    """One forward over chosen and rejected together -> (chosen logps, rejected logps), (B,) each."""
+    """One forward over chosen and rejected together -> (chosen logps, rejected logps), (B,) each.
+
+    The lm_head (a third of GPT-2's forward FLOPs at V = 50k) and the (2B, T, V) logits are
+    only computed from the first column where some row has a completion token: prompt
+    positions score nothing (TRL's logits_to_keep)."""
     idx, labels, mask = batch
+    first = int(mask.any(0).float().argmax())  # leading columns that are prompt in every row
     with ctx:
-        logits, _ = model(idx)  # (2B, T, V)
-    return sequence_logps(logits, labels, mask, average).chunk(2)
+        hidden = model.hidden_states(idx)  # (2B, T, n_embd)
+        logits = model.lm_head(hidden[:, first:])  # (2B, T - first, V)
+    return sequence_logps(logits, labels[:, first:], mask[:, first:], average).chunk(2)
 
 
 @torch.no_grad()
@@ -347,7 +363,7 @@ class DPOConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
     eval_interval: int = 50
     log_interval: int = 10
-    n_pairs: int = field(default=2048, metadata={"help": "synthetic task: training pairs (plus 256 for eval)"})
+    n_pairs: int = field(default=2048, metadata={"help": "synthetic task: training pairs (plus 1/8 as many, at least 32, for eval)"})
     pretrain_iters: int = field(default=300, metadata={"help": "synthetic task: steps of pretraining the base model"})
     n_layer: int = field(default=2, metadata={"help": "synthetic task's model"})
     n_head: int = 4
@@ -394,6 +410,10 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.data:  # check every row before loading anything big
+        rows = read_jsonl(cfg.data)
+        check_rows(rows, where=f"{cfg.data} line")
+
     # ---- the starting model (policy = reference at step 0) and the tokenizer
     if cfg.init_from:
         model, spec, base = lora.load_base(cfg.init_from, device)
@@ -402,6 +422,9 @@ def main(argv=None):
         base = str(out_dir / "base.pt")
         gpt.save_checkpoint(base, model, spec)  # the adapter's base, and a reusable --init_from
     tok = gpt.load_tokenizer(spec)
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: tokenizer {spec!r} has {tok.vocab_size} tokens, the model only "
+                         f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
 
     # ---- data, all validated before any DPO step
     max_length = cfg.max_length or model.config.block_size
@@ -413,15 +436,15 @@ def main(argv=None):
         raise SystemExit(f"error: --max_prompt_length {max_prompt_length} leaves no room for the completion "
                          f"in max_length {max_length} (use a smaller one)")
     if cfg.data:
-        rows = read_jsonl(cfg.data)
         pairs, stats = tokenize_pairs(rows, tok, max_length, max_prompt_length, where=f"{cfg.data} line")
         rng.shuffle(pairs)
         n_val = int(len(pairs) * cfg.val_fraction)
         train_pairs, val_pairs = pairs[n_val:], pairs[:n_val]
     else:
-        rows = synthetic_rows(cfg.n_pairs + 256, rng)
+        n_val = max(32, cfg.n_pairs // 8)
+        rows = synthetic_rows(cfg.n_pairs + n_val, rng)
         pairs, stats = tokenize_pairs(rows, tok, max_length, max_prompt_length, where="synthetic row")
-        train_pairs, val_pairs = pairs[:-256], pairs[-256:]
+        train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
     if stats["identical_skipped"]:
         print(f"warning: skipped {stats['identical_skipped']} pair(s) whose chosen equals the rejected "
               "(after truncation): no preference to learn", file=sys.stderr)
@@ -536,7 +559,7 @@ def main(argv=None):
 
         if step % cfg.log_interval == 0 or step == max_iters:
             now = time.time()
-            row = {"step": step, "epoch": epoch + cursor / len(train_pairs), "lr": lr,
+            row = {"step": step, "epoch": epoch + min(cursor, len(train_pairs)) / len(train_pairs), "lr": lr,
                    **{k: v / n_interval for k, v in interval.items()},
                    "tokens_per_s": tokens / (now - t_log)}
             log(row)

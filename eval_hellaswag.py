@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,30 +66,8 @@ def download(split: str = "val", cache_dir: str = "~/.cache/nanollm/hellaswag") 
     path = Path(cache_dir).expanduser() / f"hellaswag_{split}.jsonl"
     if path.is_file():
         return path
-    import requests  # only the download needs it
-
-    url = DATA_URL.format(split=split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: ranks may race
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-    try:
-        # identity encoding, so Content-Length counts the bytes we write (not gzip's)
-        with requests.get(url, stream=True, timeout=60, headers={"Accept-Encoding": "identity"}) as r:
-            r.raise_for_status()
-            expected = int(r.headers.get("Content-Length", 0))
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-        got = tmp.stat().st_size
-        if expected and got != expected:  # a connection cut mid-file must not look complete
-            raise SystemExit(f"error: {url} arrived with {got} of {expected} bytes (run again)")
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise SystemExit(f"error: could not download {url} ({e.__class__.__name__}; check the "
-                         f"network or pass --data PATH to a local hellaswag_{split}.jsonl)") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return gpt.download(DATA_URL.format(split=split), path,
+                        hint=f"check the network or pass --data PATH to a local hellaswag_{split}.jsonl")
 
 
 def check_example(row, where: str) -> dict:
@@ -282,14 +259,14 @@ def evaluate(model, tokenizer, examples: list[dict], style: str = "completion", 
         correct_norm += ((scores / norms).argmax(1) == labels).sum().item()
         done += len(batch)
         step = start // batch_size + 1
-        if progress and rank == 0 and (step % log_every == 0 or done == len(shard)):
+        if progress and rank == 0 and (step == 1 or step % log_every == 0 or done == len(shard)):
             elapsed = time.time() - t0
             who = f"rank 0 of {world}: " if world > 1 else ""
             print(f"[{style}] {who}{done}/{len(shard)} acc {correct / done:.4f} acc_norm "
                   f"{correct_norm / done:.4f} | {done / elapsed:.1f} examples/s | "
                   f"ETA {_seconds(elapsed / done * (len(shard) - done))}", flush=True)
     model.train(was_training)
-    counts = torch.tensor([correct, correct_norm, done], dtype=torch.float64)
+    counts = torch.tensor([correct, correct_norm, done], dtype=torch.long)
     if world > 1:
         counts = counts.to(device)  # nccl reduces cuda tensors, gloo cpu ones
         dist.all_reduce(counts)
@@ -315,7 +292,7 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass (4 rows each)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="float32", metadata={
-        "help": "float32 reproduces the published numbers; bfloat16 is faster and moves them by ~0.1-0.3 points"})
+        "help": "float32 | bfloat16 | float16 | auto: float32 is what the published numbers used; bf16 is faster and shifts them slightly"})
     log_every: int = field(default=20, metadata={"help": "print progress every N batches"})
     out_json: Optional[str] = field(default=None, metadata={"help": "also write the results to this JSON file"})
 

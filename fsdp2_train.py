@@ -1,42 +1,54 @@
-"""FSDP2: train a GPT sharded across GPUs with fully_shard, the whole model or QLoRA.
+"""FSDP2: train a GPT sharded across GPUs with fully_shard, the whole model or (Q)LoRA.
 
 Fully Sharded Data Parallel (ZeRO stage 3: Rajbhandari et al. 2020, arXiv:1910.02054;
 PyTorch FSDP: Zhao et al. 2023, arXiv:2304.11277) is data parallelism in which no rank
 holds the whole model: every parameter, its gradient and its optimizer state are cut
 along dim 0 into world_size pieces and rank r keeps piece r. FSDP2 (`fully_shard`,
 torch.distributed.fsdp) represents each piece as a DTensor with placement Shard(0) and
-moves whole groups of parameters with one collective each. Here one group per
-transformer block, and the root group (embeddings, final LayerNorm, tied lm_head).
+moves a whole group of parameters with one collective. Here one group per transformer
+block, plus the root group (embeddings, final LayerNorm, the tied lm_head).
 
 What each rank holds around one block's forward (world size N, bf16 mixed precision):
-- before: its 1/N shard of every tensor of the block (fp32 for --mode full; for QLoRA
-  1/N of the packed NF4 bytes and of the uint8 absmax codes, plus 1/N of the fp32 LoRA
-  A/B matrices), its gradient shard, and the AdamW moments of that shard only.
-- during: a pre-forward hook all-gathers the block's shards into full, ordinary tensors
-  (float ones cast to bf16 on the way, MixedPrecisionPolicy; the uint8 NF4 bytes are not
-  floats and are gathered bit-exact) and the block's own forward runs on them. QLoRA
-  gathers 0.5 byte per base weight and dequantizes each matrix on the fly for its matmul.
-  The next block's all-gather is prefetched while this one computes.
-- after: a post-forward hook frees the gathered tensors (reshard_after_forward): only
-  the shard and the activations saved for backward (with --activation_checkpointing,
-  only the block's input) remain. In backward the block is gathered again, its gradients
-  computed, and reduce-scattered (averaged over ranks, in fp32) into the gradient shards;
-  frozen tensors (the NF4 base) get no gradient and no reduce-scatter at all.
-The root group stays gathered from its forward to the end of backward: its tied
+- before: its 1/N shard of every parameter of the block (fp32 for --mode full; for QLoRA
+  1/N of the packed NF4 bytes, 1/N of the uint8 absmax codes and 1/N of the fp32 LoRA A/B;
+  the fp32 double-quant scales, 4 bytes per 16384 weights, are replicated buffers), plus
+  the gradient shards and AdamW moments of its trainable shards only.
+- during: a pre-forward hook all-gathers the shards into full, ordinary tensors (floats
+  cast to bf16 on the way by MixedPrecisionPolicy; uint8 tensors are not floats, so the NF4
+  bytes arrive bit-exact) and the block's own forward runs on them. QLoRA gathers ~0.52
+  byte per base weight and dequantizes each matrix on the fly for its matmul. On GPUs the
+  next block's all-gather runs on its own stream while this one computes.
+- after: a post-forward hook frees the gathered tensors (reshard_after_forward): the shards
+  and the activations saved for backward remain (with --activation_checkpointing only the
+  block's input). In backward the block is gathered again, its gradients computed and
+  reduce-scattered (averaged over ranks, in fp32) into the gradient shards; frozen tensors
+  (the NF4 base) get no gradient and no reduce-scatter.
+The root group stays gathered from its forward to the end of backward: the tied
 embedding/lm_head weight is the first one the backward of the loss needs.
 
-Determinism across world sizes: every rank builds the same full model from the seed,
-then shards it; every rank draws the same *global* batch (--batch_size) with one
-generator seeded by --seed and keeps its slice of rows. Per-rank mean losses, averaged
-by the gradient reduce-scatter, equal the mean over the global batch, so the same command
-under 1 or 8 processes trains on the same samples in the same order and gives the same
-losses up to float rounding (dropout > 0 draws different masks per rank).
+--hsdp: a 2-D mesh (replicate x shard): shards within a node, copies across nodes, so the
+all-gathers stay on the fast intra-node links. Gradient accumulation syncs (reduce-scatters)
+only after the last micro-step; before that each rank sums unsharded gradients. Clipping
+takes the norm of the DTensor gradients, i.e. over all shards. --cpu_offload keeps
+shards, gradients and AdamW state in CPU memory (the optimizer step runs on the CPU).
+
+Determinism across world sizes: every rank builds the same full model from the seed
+(on CPU, then shards it: simple and exact; a model too big for N copies in host memory
+would be built on the meta device instead) and draws the same *global* batch
+(--batch_size) with one generator seeded by --seed, keeping its slice of rows. Per-rank
+mean losses, averaged by the reduce-scatter, equal the mean over the global batch, so the
+same command under 1 or 8 processes trains on the same samples in the same order and
+gives the same losses up to float rounding (dropout > 0 draws different masks per rank).
 
 Checkpoints: sharded, with torch.distributed.checkpoint (DCP): each rank writes its own
-shards of model + optimizer to out_dir/ckpt_dcp/, and --resume reads them back on any
-world size (DCP reshards). --export writes one full, unsharded checkpoint in nanollm's
-format (gpt.save_checkpoint) that sample.py and eval_hellaswag.py read; for lora and qlora
-it is the *merged* model (NF4 base dequantized + B @ A * scaling), a plain GPT.
+shards of model + optimizer to out_dir/ckpt_dcp/ (a filesystem all nodes share), and
+--resume reads them back on any world size (DCP reshards). --export writes one full,
+unsharded checkpoint in nanollm's format (gpt.save_checkpoint) that sample.py and
+eval_hellaswag.py read; for lora and qlora it is the *merged* model (the NF4 base
+dequantized to fp32, + scaling * B @ A), a plain GPT. Logs come from rank 0: the global
+loss, global tokens/s, MFU per GPU (6N FLOPs per token as nanoGPT counts, also for
+(Q)LoRA, whose frozen weights skip the weight-gradient matmuls), peak memory of every rank.
+Bad input: one line from rank 0 and every rank exits (torchrun then adds its own report).
 
 Run:
   python fsdp2_train.py --device cpu                              # one process
@@ -61,12 +73,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor
 
 import gpt
@@ -87,7 +109,7 @@ class FSDP2Config:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata={"help": "for models built from scratch"})
     bias: bool = True
     # what is trained
     mode: str = field(default="full", metadata={"help": "full (every weight) | lora (frozen base + adapters) | qlora (frozen NF4 base + adapters)"})
@@ -130,8 +152,9 @@ class FSDP2Config:
     seed: int = 1337
 
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
-RUN_KEYS = ("mode", "lora_r", "lora_alpha", "lora_targets", "nf4_blocksize")  # must match on resume
+# what a resumed run takes from the checkpoint; given on the command line, it must agree
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias")  # of the model (GPTConfig)
+RUN_KEYS = ("mode", "lora_r", "lora_alpha", "lora_targets", "nf4_blocksize")  # of the run
 CKPT_DIR = "ckpt_dcp"
 
 
@@ -163,19 +186,15 @@ class Ranks:
 def init_distributed(device_name: str) -> Ranks:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a 1-rank group, so the
     same code path (and the same sharded checkpoints) serve a single process."""
-    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu)")
-    if device_name not in ("auto", "cpu") and not device_name.startswith("cuda"):
-        raise SystemExit(f"error: --device {device_name} is not supported by FSDP2 here (auto, cpu or cuda)")
+    use_cuda = torch.cuda.is_available() and (device_name == "auto" or device_name.startswith("cuda"))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = f"cuda:{local_rank}" if want_cuda else "cpu"
-    if want_cuda:
+    device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    if use_cuda:
         torch.cuda.set_device(device)
     created = False
     if not dist.is_initialized():
         # cpu:gloo next to cuda:nccl lets small CPU-side collectives (DCP's planning) use gloo
-        backend = "cpu:gloo,cuda:nccl" if want_cuda else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:
@@ -186,51 +205,71 @@ def init_distributed(device_name: str) -> Ranks:
 
 
 def fail(ranks: Ranks, message: str):
-    """Every rank calls this on the same condition: rank 0 prints the one-line error, the
-    others exit quietly. No rank waits in a collective that another has left."""
-    raise SystemExit(message if ranks.rank == 0 else 1)
+    """Every rank calls this on the same condition (so the barrier below cannot hang): rank
+    0 prints the one-line error, the others exit quietly, all with status 1. torchrun stops
+    the remaining ranks as soon as one exits non-zero, so rank 0 prints *before* the
+    barrier that lets the others go; a single process raises SystemExit(message) as usual."""
+    if ranks.world == 1:
+        raise SystemExit(message)
+    if ranks.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    dist.barrier()
+    raise SystemExit(1)
 
 
 def agree(ranks: Ranks, fn):
-    """Run fn on rank 0 first (downloads, tokenizing), the others wait; if it raises
-    SystemExit, every rank exits with rank 0's message instead of hanging at a barrier."""
-    status = [None]
+    """Run fn on rank 0 first (downloads, tokenizing), the others wait, then run it too
+    (reusing what rank 0 wrote). If fn raises SystemExit on rank 0, every rank exits with
+    rank 0's message instead of hanging at a barrier. Returns this rank's fn()."""
+    status, result = [None], None
     if ranks.rank == 0:
         try:
-            fn()
+            result = fn()
         except SystemExit as e:
             status = [str(e.code)]
     dist.broadcast_object_list(status, src=0)
     if status[0] is not None:
         fail(ranks, status[0])
-    return fn()  # rank 0: cheap second call (reuses files); others: the real call
+    return result if ranks.rank == 0 else fn()
 
 
 # ----------------------------------------------------------------------------------------
 # Model: the same full model on every rank, then sharded
 
 
-def build_model(cfg: FSDP2Config, vocab_size: int, device: str, compute_dtype: torch.dtype):
+def load_base(cfg: FSDP2Config, vocab_size: int, resume_config: dict | None = None):
     """The full, unsharded model exactly as a 1-process run would build it (same seed, same
-    init, same quantization), so the sharded run is a function of the seed alone.
-    Returns (model, tokenizer spec of the init checkpoint or None)."""
+    init), so the sharded run is a function of the seed alone. Returns (model, tokenizer
+    spec of the checkpoint it came from, or None)."""
     gpt.set_seed(cfg.seed)
-    spec = None
-    if cfg.init_from == "scratch" or cfg.init_from == "resume":
-        config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-        model = gpt.GPT(config)
-    elif cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).is_file():
-        model, spec = gpt.GPT.from_pretrained(cfg.init_from), "gpt2"
-    else:
-        model, spec = gpt.load_checkpoint(cfg.init_from)
+    if resume_config is not None:  # the saved shape; DCP overwrites every tensor later
+        return gpt.GPT(gpt.GPTConfig(**resume_config)), None
+    if cfg.init_from == "scratch":
+        return gpt.GPT(gpt.GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                                     bias=cfg.bias)), None
+    if cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).is_file():
+        return gpt.GPT.from_pretrained(cfg.init_from), "gpt2"
+    return gpt.load_checkpoint(cfg.init_from)
+
+
+def adapt_model(model, cfg: FSDP2Config, device: str, compute_dtype: torch.dtype):
+    """--mode qlora: every Linear but lm_head to NF4; lora/qlora: adapters, base frozen."""
     if cfg.mode == "qlora":
-        model.to(device)  # quantize where the matmuls will run, then shard
-        qlora_nf4.quantize_model(model, blocksize=cfg.nf4_blocksize, compute_dtype=compute_dtype)
+        # block by block on the device (Triton's quantizer on CUDA): the full-precision
+        # model never sits whole on the GPU; lm_head (the tied embedding) stays as it is
+        for block in model.transformer.h:
+            qlora_nf4.quantize_model(block.to(device), blocksize=cfg.nf4_blocksize, compute_dtype=compute_dtype)
         shardable_nf4_stats(model)
     if cfg.mode in ("lora", "qlora"):
         lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg))
-    return model, spec
+    return model
+
+
+def build_model(cfg: FSDP2Config, vocab_size: int, device: str, compute_dtype: torch.dtype):
+    """load_base + adapt_model: the unsharded model of this configuration (tests, bench)."""
+    model, spec = load_base(cfg, vocab_size)
+    return adapt_model(model, cfg, device, compute_dtype), spec
 
 
 def lora_targets(cfg):
@@ -395,39 +434,28 @@ def load_dcp(ranks, path: Path, model, optimizer, train_rng):
 def export_checkpoint(ranks, path, model, cfg: FSDP2Config, model_config, spec, step):
     """Gather the full state dict onto rank 0's CPU and write it as a plain GPT checkpoint.
     lora: adapters merged into the base weights (lora.merge_lora). qlora: each NF4 base is
-    dequantized to fp32 first, then merged, so the file computes what the trained QLoRA
-    model computes (not a merge into the original full-precision weights, which FSDP2
-    never held). The adapter-only file is lora.save_lora's job."""
+    dequantized to fp32 first (qlora_nf4.dequantize), then merged, so the file computes
+    what the trained QLoRA model computes; it is not a merge into the original
+    full-precision weights, which this run never held. The adapter alone: lora.save_lora."""
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ranks.rank == 0:
-        config = gpt.GPTConfig(**model_config)
-        if cfg.mode == "qlora":  # the quantizer needs real values to build Linear4bit's buffers
-            replica = qlora_nf4.quantize_model(gpt.GPT(config), cfg.nf4_blocksize, torch.float32)
-            shardable_nf4_stats(replica)
-        else:
-            with torch.device("meta"):  # structure only: the gathered tensors are assigned below
-                replica = gpt.GPT(config)
-        if cfg.mode in ("lora", "qlora"):
-            lora.apply_lora(replica, cfg.lora_r, cfg.lora_alpha, 0.0, lora_targets(cfg))
+        with torch.device("meta"):  # structure only: the gathered tensors are assigned below
+            replica = gpt.GPT(gpt.GPTConfig(**model_config))
+            if cfg.mode in ("lora", "qlora"):
+                lora.apply_lora(replica, cfg.lora_r, cfg.lora_alpha, 0.0, lora_targets(cfg))
+        if cfg.mode == "qlora":  # packed bytes + statistics -> the fp32 weight they encode
+            for key in [k for k in full_sd if k.endswith(".absmax")]:
+                prefix = key.removesuffix("absmax")
+                state = qlora_nf4.QuantState(replica.get_parameter(prefix + "weight").shape, torch.float32,
+                                             cfg.nf4_blocksize, full_sd.pop(key), full_sd.pop(prefix + "nested_absmax", None),
+                                             full_sd.pop(prefix + "offset", None))
+                full_sd[prefix + "weight"] = qlora_nf4.dequantize(full_sd[prefix + "weight"], state, torch.float32)
         replica.load_state_dict(full_sd, assign=True)
         replica.transformer.wte.weight = replica.lm_head.weight  # assign=True loads the tied names separately
-        if cfg.mode == "qlora":
-            for parent in list(replica.modules()):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, qlora_nf4.Linear4bit):
-                        setattr(parent, name, dequantized_linear(child))
         if cfg.mode in ("lora", "qlora"):
             lora.merge_lora(replica)
         gpt.save_checkpoint(path, replica, spec, step=step, fsdp2_mode=cfg.mode)
     dist.barrier()
-
-
-def dequantized_linear(layer) -> nn.Linear:
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight = nn.Parameter(layer.dequantized_weight(torch.float32))
-    if layer.bias is not None:
-        linear.bias = nn.Parameter(layer.bias.detach().float())
-    return linear
 
 
 # ----------------------------------------------------------------------------------------
@@ -482,13 +510,14 @@ def resume_options(cfg: FSDP2Config, given: set, ranks: Ranks) -> dict:
     if not state_file.is_file():
         fail(ranks, f"error: no checkpoint to resume in {path} (train first, or check --out_dir)")
     state = json.loads(state_file.read_text())
-    for key in MODEL_KEYS + RUN_KEYS:
-        saved = state["model_config"][key] if key in MODEL_KEYS else state["run"][key]
-        if key in given and getattr(cfg, key) != saved and key != "dropout":
+    for key in SHAPE_KEYS + RUN_KEYS:
+        saved = state["model_config"][key] if key in SHAPE_KEYS else state["config"][key]
+        if key in given and getattr(cfg, key) != saved:
             fail(ranks, f"error: checkpoint {path} was saved with {key}={saved}, but --{key} {getattr(cfg, key)} "
                         f"was given (drop the option to resume, or use another --out_dir)")
-        if key not in given:
-            setattr(cfg, key, saved)
+        setattr(cfg, key, saved)
+    if "block_size" not in given:  # the training window (the model's own may be longer)
+        cfg.block_size = state["config"]["block_size"]
     return state
 
 
@@ -496,6 +525,10 @@ def main(argv=None):
     cfg, given = parse_args(argv)
     ranks = init_distributed(cfg.device)
     try:
+        if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+            fail(ranks, f"error: --device {cfg.device} is not supported by FSDP2 here (auto, cpu or cuda)")
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            fail(ranks, "error: --device cuda but CUDA is not available (use --device cpu)")
         return run(cfg, given, ranks)
     finally:
         if ranks.created_group and dist.is_initialized():
@@ -519,12 +552,18 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
     # --- model: the same full model on every rank, then cut into shards
     if resume_state is not None:
         vocab_size = resume_state["model_config"]["vocab_size"]
-        cfg.init_from = "resume"
+        if resume_state["tokenizer"] != meta["tokenizer"]:
+            fail(ranks, f"error: the checkpoint was trained on tokenizer {resume_state['tokenizer']!r}, "
+                        f"--dataset {cfg.dataset} uses {meta['tokenizer']!r}")
     else:
         vocab_size = meta["vocab_size"]
-        if cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).is_file():
-            agree(ranks, lambda: gpt.GPT.from_pretrained(cfg.init_from) and None)  # rank 0 downloads
-    model, init_spec = build_model(cfg, vocab_size, device, dtype)
+    for split, b in bins.items():
+        if (b.sizes - cfg.block_size - 1).clamp(min=0).sum() == 0:
+            fail(ranks, f"error: the {split} data is shorter than block_size + 1 = {cfg.block_size + 1} tokens "
+                        "(use a smaller --block_size or more text)")
+    resume_config = resume_state["model_config"] if resume_state is not None else None
+    base, init_spec = agree(ranks, lambda: load_base(cfg, vocab_size, resume_config))  # rank 0 first: it may download
+    model = adapt_model(base, cfg, device, dtype)
     model_config = asdict(model.config)
     tokenizer_spec = meta["tokenizer"]
     if init_spec is not None and init_spec != tokenizer_spec:
@@ -550,6 +589,8 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
 
     # only trainable shards reach the optimizer: for lora/qlora the adapters, never the base
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    for group in optimizer.param_groups:  # one multi-tensor op for all shards, not ~10 DTensor ops per shard
+        group["foreach"] = not group.get("fused")
     train_rng = torch.Generator().manual_seed(cfg.seed)  # its state is the data position
     iter_num, best_val_loss = 0, float("inf")
     if resume_state is not None:
@@ -590,7 +631,7 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
                 best_val_loss = min(best_val_loss, ev["val"])
                 save_dcp(ranks, out_dir, model, optimizer, train_rng, {
                     "iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": ranks.world,
-                    "model_config": model_config, "run": {k: getattr(cfg, k) for k in RUN_KEYS},
+                    "model_config": model_config,
                     "tokenizer": tokenizer_spec, "config": asdict(cfg)})
                 log(f"saved sharded checkpoint to {out_dir / CKPT_DIR}")
         if iter_num >= cfg.max_iters:
@@ -619,6 +660,9 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
             peaks = torch.tensor([peak_memory_mib(device)], device=device)
             all_peaks = [torch.zeros_like(peaks) for _ in range(ranks.world)]
             dist.all_gather(all_peaks, peaks)
+            all_peaks = [p.item() for p in all_peaks]
+            peak_text = ("/".join(f"{p:,.0f}" for p in all_peaks) if ranks.world <= 8
+                         else f"{min(all_peaks):,.0f}..{max(all_peaks):,.0f}")
             now = time.time()
             dt = (now - t_last) / iters_since_log
             t_last, iters_since_log = now, 0
@@ -629,7 +673,7 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
             losses.append((iter_num, lossf))
             log(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
                 f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else "")
-                + f", peak mem/rank {'/'.join(f'{p.item():,.0f}' for p in all_peaks)} MiB, eta {eta / 60:.1f} min")
+                + f", peak mem/rank {peak_text} MiB, eta {eta / 60:.1f} min")
             write_metrics({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_step": dt * 1000,
                            "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
 

@@ -316,17 +316,22 @@ class _ChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, targets = ctx.saved_tensors
         n_valid = (targets != -1).sum().clamp(min=1)
-        scale = grad_out / n_valid
+        scale = (grad_out / n_valid).to(torch.float32)
+        need_w = ctx.needs_input_grad[1]  # a frozen head (LoRA, QLoRA) skips the V x C gradient
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for start in range(0, x.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             t = targets[start:end]
-            _, vjp_fn = torch.func.vjp(lambda xc, w: ctx.loss_fn(xc @ w.t(), t), x[start:end], weight)
-            gx, gw = vjp_fn(scale.to(torch.float32))
+            if need_w:
+                _, vjp_fn = torch.func.vjp(lambda xc, w: ctx.loss_fn(xc @ w.t(), t), x[start:end], weight)
+                gx, gw = vjp_fn(scale)
+                grad_w += gw
+            else:
+                _, vjp_fn = torch.func.vjp(lambda xc: ctx.loss_fn(xc @ weight.t(), t), x[start:end])
+                (gx,) = vjp_fn(scale)
             grad_x[start:end] = gx
-            grad_w += gw
-        return grad_x, grad_w.to(weight.dtype), None, None, None
+        return grad_x, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 
 def cross_entropy_sum(logits, targets):
@@ -389,28 +394,33 @@ def write_safetensors(path, tensors: dict):
     os.replace(tmp, path)
 
 
-def download(url: str, dest: Path, expected_size: int | None = None):
-    """Stream url to dest through a temp file, so an interrupted download never looks complete."""
+def download(url: str, dest, expected_size: int | None = None, hint: str = "check the network") -> Path:
+    """Stream url to dest through a temp file, so an interrupted download never looks
+    complete; the size is checked against expected_size or the server's Content-Length."""
     dest = Path(dest)
-    if dest.exists() and (expected_size is None or dest.stat().st_size == expected_size):
+    if dest.is_file() and (expected_size is None or dest.stat().st_size == expected_size):
         return dest
     import requests  # imported here: only downloads need it
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")  # per process: DDP ranks may race
     print(f"downloading {url} -> {dest}", file=sys.stderr)
     try:
-        with requests.get(url, stream=True, timeout=60) as r:
+        # identity encoding, so Content-Length counts the bytes we write (not gzip's)
+        with requests.get(url, stream=True, timeout=60, headers={"Accept-Encoding": "identity"}) as r:
             r.raise_for_status()
+            expected = expected_size or int(r.headers.get("Content-Length", 0))
             with open(tmp, "wb") as f:
                 for chunk in r.iter_content(1 << 20):
                     f.write(chunk)
+        got = tmp.stat().st_size
+        if expected and got != expected:
+            raise SystemExit(f"error: {url} arrived with {got} of {expected} bytes (run again)")
+        os.replace(tmp, dest)
     except requests.RequestException as e:
-        raise SystemExit(f"error: could not download {url} ({e.__class__.__name__}; "
-                         "check the network or pass a local copy)") from None
-    if expected_size is not None and tmp.stat().st_size != expected_size:
-        raise SystemExit(f"error: {url} downloaded {tmp.stat().st_size} bytes, expected {expected_size}")
-    os.replace(tmp, dest)
+        raise SystemExit(f"error: could not download {url} ({e.__class__.__name__}; {hint})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -697,8 +707,7 @@ def _parse_bool(s: str) -> bool:
 def parse_config(config_cls, argv=None, description=None):
     """Turn a dataclass into an argparse CLI: every field is an option `--name` with its
     default shown in --help; booleans take a value (`--compile False`, `--compile=False`)."""
-    parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
@@ -710,7 +719,7 @@ def parse_config(config_cls, argv=None, description=None):
             convert = (lambda c: lambda s: None if s.lower() == "none" else c(s))(convert)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument(f"--{f.name}", type=convert, default=default, metavar=kind.__name__.upper(),
-                            help=f.metadata.get("help", " "))
+                            help=(f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)").lstrip())
     args = parser.parse_args(argv)
     return config_cls(**vars(args))
 

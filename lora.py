@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -146,6 +144,10 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     if lora_layers(model):
         raise ValueError("model already has LoRA adapters (apply_lora once per model)")
     targets = tuple(targets)
+    if "lm_head" in targets and isinstance(model, gpt.GPT):
+        # GPT's loss multiplies by lm_head.weight directly (and it is tied to wte): an adapter
+        # there would be skipped by the loss, so refuse rather than train nothing.
+        raise ValueError("lm_head cannot take a LoRA adapter (GPT's loss uses its weight directly)")
     found = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -271,11 +273,14 @@ def count_params(model: nn.Module):
 
 @dataclass
 class FinetuneConfig:
-    init_from: str = field(default="out/ckpt.pt", metadata={"help": "base: a checkpoint path, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl"})
-    data: str = field(default="", metadata={"help": "a text file (loss on every token) or a .jsonl with prompt/response per line (loss on the response)"})
-    out_dir: str = field(default="out-lora", metadata={"help": "adapter.pt, metrics.jsonl (and ckpt_merged.pt) go here"})
+    init_from: str = field(default="out/ckpt.pt", metadata={
+        "help": "base: a checkpoint path, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl"})
+    data: str = field(default="", metadata={
+        "help": "a text file (loss on every token) or a .jsonl of {prompt, response} (loss on the response)"})
+    out_dir: str = field(default="out-lora", metadata={
+        "help": "adapter.pt, metrics.jsonl (and ckpt_merged.pt) go here"})
     r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling = alpha / r (alpha / sqrt(r) with rsLoRA)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input"})
     targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated Linear names to adapt"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilized scaling alpha / sqrt(r)"})
@@ -375,6 +380,8 @@ def jsonl_batch(examples, batch_size, block_size, generator, device):
 def peak_memory_mb(device: str) -> float:
     if "cuda" in device:
         return torch.cuda.max_memory_allocated() / 2**20
+    import resource  # Unix only; imported here so the rest of the file runs anywhere
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS of this process
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 

@@ -46,9 +46,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -118,6 +117,11 @@ def dropless_moe(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj):
     y_sorted = torch.cat([expert_mlp(xs, *weights) for xs, weights in zip(x_sorted.split(counts.tolist()), experts)])
     y_sorted = y_sorted * topk_w.reshape(-1)[order, None]
     return x.new_zeros(N, x.shape[1]).index_add_(0, token_of, y_sorted.to(x.dtype))
+
+
+def expert_capacity(n_tokens, cfg: MoEConfig):
+    """ceil(k * capacity_factor * tokens / E) slots per expert, at most every token once."""
+    return min(n_tokens, math.ceil(cfg.top_k * cfg.capacity_factor * n_tokens / cfg.n_experts))
 
 
 def capacity_moe(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj, capacity):
@@ -216,8 +220,7 @@ class MoE(nn.Module):
         self.last_dropped = torch.zeros(())
 
     def capacity(self, n_tokens):
-        c = math.ceil(self.cfg.top_k * self.cfg.capacity_factor * n_tokens / self.cfg.n_experts)
-        return min(c, n_tokens)  # an expert can hold at most every token once
+        return expert_capacity(n_tokens, self.cfg)
 
     def forward(self, x):
         if x.shape[-1] != self.n_embd:
@@ -264,6 +267,9 @@ class MoEGPT(gpt.GPT):
         super().__init__(config)
         if moe_every < 1:
             raise SystemExit(f"error: moe_every must be >= 1 (got {moe_every})")
+        if moe_every > config.n_layer:
+            raise SystemExit(f"error: moe_every {moe_every} > n_layer {config.n_layer} leaves no MoE layer "
+                             "(lower --moe_every)")
         self.moe_config, self.moe_every = moe, moe_every
         for i, block in enumerate(self.transformer.h):
             if i % moe_every == moe_every - 1:
@@ -279,6 +285,16 @@ class MoEGPT(gpt.GPT):
     def update_expert_biases(self):
         for _, m in self.moe_layers():
             m.update_bias()
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        optimizer = super().configure_optimizers(weight_decay, learning_rate, betas, device_type)
+        # gpt.GPT decays every tensor of >= 2 dims; the stacked expert biases (E, h) are
+        # biases all the same, so they move to the no-decay group (no step taken yet)
+        biases = {id(m.b_fc) for _, m in self.moe_layers()} | {id(m.b_proj) for _, m in self.moe_layers()}
+        decay, no_decay = optimizer.param_groups
+        no_decay["params"] += [p for p in decay["params"] if id(p) in biases]
+        decay["params"] = [p for p in decay["params"] if id(p) not in biases]
+        return optimizer
 
     def num_active_params(self, non_embedding=True):
         """Parameters one token uses: the routed experts it is not sent to are left out."""
@@ -300,7 +316,11 @@ def load_moe_checkpoint(path, device="cpu"):
     if "moe" not in ckpt:
         raise SystemExit(f"error: {path} is a dense checkpoint (load it with gpt.load_checkpoint)")
     model = MoEGPT(gpt.GPTConfig(**ckpt["config"]), MoEConfig(**ckpt["moe"]), ckpt["moe_every"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise SystemExit(f"error: {path} does not match its config ({first})") from None
     return model.to(device), ckpt.get("tokenizer")
 
 
@@ -312,7 +332,7 @@ def load_moe_checkpoint(path, device="cpu"):
 class TrainConfig(MoEConfig):
     moe_every: int = field(default=1, metadata={"help": "every n-th block gets an MoE layer (1 = all)"})
     dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | text:<path>"})
-    input: Optional[str] = field(default=None, metadata={"help": "local copy of the raw text (no download)"})
+    input: str | None = field(default=None, metadata={"help": "local copy of the raw text (no download)"})
     data_root: str = "data"
     out_dir: str = "out/moe"
     n_layer: int = 4
@@ -359,17 +379,22 @@ def estimate_val_loss(model, bins, cfg: TrainConfig, device, dtype):
     return sum(losses) / len(losses)
 
 
-def load_bars(load, width=40):
-    """Text histogram of one layer's expert load: one bar per expert, share of the slots."""
+def load_bars(load, width=20):
+    """Text histogram of one layer's expert load: one bar per expert; `width` characters (up
+    to the '|') are the even share 1/E, so a balanced layer's bars all end at the '|'."""
     share = (load / load.sum().clamp(min=1)).tolist()
-    top = max(share) or 1.0
-    return "\n".join(f"    e{i:<3d}{'#' * round(width * s / top):<{width}s} {100 * s:5.1f}%" for i, s in enumerate(share))
+    lines = []
+    for i, s in enumerate(share):
+        n = min(3 * width, round(width * s * len(share)))
+        bar = ("#" * min(n, width)).ljust(width) + "|" + "#" * max(0, n - width)
+        lines.append(f"    e{i:<3d}{bar:<{3 * width + 1}s} {100 * s:5.1f}%")
+    return "\n".join(lines)
 
 
 def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
     """The short training loop (train.py's, minus DDP/resume). Returns a summary dict."""
     model.to(device).train()
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), device.split(":")[0])
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.99), device.split(":")[0])
     step_fn = torch.compile(model) if cfg.compile else model
     is_moe = isinstance(model, MoEGPT)
     layers = model.moe_layers() if is_moe else []
@@ -421,7 +446,8 @@ def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
                                       "tokens_per_s": tps}) + "\n")
     summary = {"val_loss": val_losses[cfg.max_iters], "val_losses": val_losses,
                "tokens_per_s": timed_tokens / timed_s if timed_s else float("nan"),
-               "params": model.num_params(), "active_params": model.num_active_params() if is_moe else model.num_params()}
+               "params": model.num_params(),
+               "active_params": model.num_active_params() if is_moe else model.num_params()}
     if is_moe:
         cv = [(w.std(unbiased=False) / w.mean()).item() for w in window_load.values()]
         summary.update(load={i: w.tolist() for i, w in window_load.items()}, load_cv=sum(cv) / len(cv),
@@ -435,13 +461,17 @@ def main(argv=None):
     moe_cfg = MoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(MoEConfig)})
     if cfg.moe_every < 1 or cfg.max_iters < 1 or cfg.eval_interval < 1 or cfg.eval_iters < 1 or cfg.log_interval < 1:
         raise SystemExit("error: moe_every, max_iters, eval_interval, eval_iters, log_interval must be >= 1")
+    # the model config is checked before the data is touched; the vocabulary comes from the data
+    config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=1, n_layer=cfg.n_layer,
+                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    if cfg.moe_every > cfg.n_layer:
+        raise SystemExit(f"error: moe_every {cfg.moe_every} > n_layer {cfg.n_layer} leaves no MoE layer")
     device = gpt.pick_device(cfg.device)
     dtype = gpt.pick_dtype(device, cfg.dtype)
     data_dir = gpt.prepare_dataset(cfg.dataset, input=cfg.input, data_root=cfg.data_root)
     meta = gpt.read_meta(data_dir)
     bins = {split: gpt.TokenBins(data_dir, split) for split in ("train", "val")}
-    config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    config = replace(config, vocab_size=meta["vocab_size"])
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}

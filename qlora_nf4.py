@@ -77,34 +77,25 @@ def nf4_from_normal_quantiles(offset: float = 0.9677083) -> torch.Tensor:
     return levels / levels.max()
 
 
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+def create_dynamic_map(signed: bool = True) -> torch.Tensor:
     """The 256 levels of the 8-bit dynamic data type (Dettmers 2015, arXiv:1511.04561) that
     double quantization uses for the absmax values, sorted ascending.
 
-    A code is sign, then a run of zero bits e (a decimal exponent: 10^-e), a 1 bit, then a
-    linear fraction in the bits left. So exponent i (0..6 below the top) gets 2^i fraction
-    steps: the midpoints of a linear grid on [0.1, 1] times 10^(i - 6), small magnitudes get
-    coarse steps, large ones fine steps. With the sign that is 2 * 127 values, plus 0 and 1.
-    (Computed in fp32 with the same operations as bitsandbytes, so the table is identical.)"""
-    non_sign_bits = total_bits - 1
+    A code is a sign bit, then a run of zero bits e (a decimal exponent: 10^-e), a 1 bit,
+    then a linear fraction in the bits left. So exponent i (0..6 counted up to the top)
+    gets 2^i fraction steps (2^(i+1) unsigned, the sign bit being free): the midpoints of a
+    linear grid on [0.1, 1] times 10^(i - 6); small magnitudes get coarse steps, large ones
+    fine steps. Signed: 2 * 127 values, plus 0 and 1. (The same fp32 operations as
+    bitsandbytes, so the table is bit-identical; a test checks it.)"""
     levels = []
-    for i in range(max_exponent_bits):
-        # unsigned: the sign bit becomes one more fraction bit
-        n_fraction = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
-        edges = torch.linspace(0.1, 1, n_fraction, dtype=torch.float32)
+    for i in range(7):
+        n_steps = 2 ** (i if signed else i + 1)
+        edges = torch.linspace(0.1, 1, n_steps + 1, dtype=torch.float32)
         means = (edges[:-1] + edges[1:]) / 2.0
-        levels += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        levels += ((10 ** (i - 6)) * means).tolist()
         if signed:
-            levels += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1  # codes whose exponent bits are all zero
-    if extra > 0:
-        edges = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
-        means = (edges[:-1] + edges[1:]) / 2.0
-        levels += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            levels += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+            levels += (-(10 ** (i - 6)) * means).tolist()
     levels += [0.0, 1.0]
-    levels += [0.0] * (2 ** total_bits - len(levels))
     return torch.tensor(sorted(levels), dtype=torch.float32)
 
 
@@ -147,11 +138,6 @@ class QuantState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.absmax, self.nested_absmax, self.offset)
                    if t is not None)
-
-    def to(self, device) -> QuantState:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantState(self.shape, self.dtype, self.blocksize, move(self.absmax),
-                          move(self.nested_absmax), move(self.offset))
 
     def to_bnb_state_dict(self, packed: torch.Tensor, prefix: str = "") -> dict:
         """The entries bitsandbytes' Linear4bit writes for its weight, in its order: the
@@ -197,7 +183,7 @@ class QuantState:
                 raise SystemExit(f"error: {p} uses a nested quantization other than bitsandbytes' default "
                                  "(8-bit dynamic map, blocksize 256)")
             state.nested_absmax = sd[f"{p}.nested_absmax"].float()
-            state.offset = torch.tensor(float(meta["nested_offset"]), device=packed.device)
+            state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
         return packed, state
 
 
@@ -249,12 +235,12 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise SystemExit(f"error: cannot quantize a {w.dtype} tensor (needs float32, float16 or bfloat16)")
     if w.numel() == 0:
         raise SystemExit("error: cannot quantize an empty tensor")
-    bad = (~torch.isfinite(w)).sum().item()
-    if bad:
-        raise SystemExit(f"error: the weight holds {bad} NaN/Inf values (4-bit codes cannot represent them; "
-                         "fix or reload the checkpoint)")
     nf4, dynamic, _ = _code_tables(w.device)
     scaled, absmax = _scale_blocks(w.detach().reshape(-1).float(), blocksize)
+    if not torch.isfinite(absmax).all():  # a NaN or Inf anywhere makes its block's absmax NaN or Inf
+        bad = (~torch.isfinite(w)).sum().item()
+        raise SystemExit(f"error: the weight holds {bad} NaN/Inf values (4-bit codes cannot represent them; "
+                         "fix or reload the checkpoint)")
     scaled = F.pad(scaled, (0, scaled.numel() % 2))  # odd count: a zero fills the last low nibble
     q = _nearest_code(scaled, nf4)
     packed = (q[0::2] << 4) | q[1::2]
@@ -285,10 +271,11 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState, dtype: torch.dtype |
     _, _, pairs = _code_tables(packed.device)
     n, blocksize = state.shape.numel(), state.blocksize
     absmax = dequantize_absmax(state)  # (n_blocks,)
-    levels = pairs[packed.reshape(-1).long()].view(-1)  # (2 * n_bytes,) in element order
-    levels = F.pad(levels, (0, absmax.numel() * blocksize - levels.numel()))
-    out = (levels.view(-1, blocksize) * absmax[:, None]).view(-1)[:n]  # (n_blocks, blocksize) -> (n,)
-    return out.to(dtype or state.dtype).view(state.shape)
+    levels = F.embedding(packed.reshape(-1).int(), pairs).view(-1)  # (2 * n_bytes,) in element order
+    if levels.numel() < absmax.numel() * blocksize:  # short last block: zeros up to a full one
+        levels = F.pad(levels, (0, absmax.numel() * blocksize - levels.numel()))
+    levels = levels.view(-1, blocksize).mul_(absmax[:, None])  # (n_blocks, blocksize); in place: a fresh tensor
+    return levels.view(-1)[:n].to(dtype or state.dtype).view(state.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -505,7 +492,7 @@ def nf4_bytes(model: nn.Module) -> int:
 
 @dataclass
 class QLoRAConfig(lora.FinetuneConfig):
-    out_dir: str = field(default="out-qlora", metadata={"help": "adapter.pt, metrics.jsonl (and ckpt_merged.pt) go here"})
+    out_dir: str = field(default="out-qlora", metadata={"help": "adapter.pt, metrics.jsonl (ckpt_merged.pt) go here"})
     blocksize: int = field(default=64, metadata={"help": "weights per NF4 block (power of two in [32, 4096])"})
     double_quant: bool = field(default=True, metadata={"help": "store the absmax values in 8 bits too"})
     merge: bool = field(default=False, metadata={"help": "also write out_dir/ckpt_merged.pt: the adapter merged "
@@ -538,7 +525,8 @@ def main(argv=None):
         raise SystemExit(f"error: --block_size {block_size} must be in 1..{model.config.block_size} (the model's)")
     tok = gpt.load_tokenizer(spec)
     instruct = data_path.suffix == ".jsonl"
-    train_data, val_data = (lora.load_jsonl if instruct else lora.load_text)(data_path, tok, cfg.val_fraction, block_size)
+    load = lora.load_jsonl if instruct else lora.load_text
+    train_data, val_data = load(data_path, tok, cfg.val_fraction, block_size)
     get_batch = lora.jsonl_batch if instruct else lora.text_batch
 
     # --- quantize, then put adapters on the 4-bit layers
@@ -553,7 +541,7 @@ def main(argv=None):
         lora.apply_lora(model, cfg.r, cfg.alpha, cfg.lora_dropout, targets, cfg.use_rslora)
     except ValueError as e:
         raise SystemExit(f"error: {e} (check --targets)") from None
-    trainable, total = lora.count_params(model)
+    trainable, _ = lora.count_params(model)
     print(f"LoRA r={cfg.r} on {', '.join(targets)}: {trainable:,} trainable params")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -562,7 +550,8 @@ def main(argv=None):
         if it < cfg.warmup_iters:
             return cfg.learning_rate * (it + 1) / cfg.warmup_iters
         progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-        return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
     @torch.no_grad()
     def val_loss():

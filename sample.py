@@ -45,13 +45,14 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import gpt
 
@@ -64,8 +65,10 @@ class KVCache(nn.Module):
 
     The model calls `update(input_pos, k, v)` with the T new tokens' k, v (B, n_head, T,
     head_dim); they are written into slots input_pos (T,) in place and the whole buffers
-    (B, n_head, max_len, head_dim) come back. Slots not yet written (or left over from a
-    rejected speculative draft) hold garbage that the attention mask never lets through."""
+    (B, n_head, max_len, head_dim) come back. The mask never lets through a slot not yet
+    written or left over from a rejected speculative draft, but such slots must still be
+    finite (a masked NaN key or value still turns the softmax or 0 * v into NaN): hence
+    zeros, not torch.empty."""
 
     def __init__(self, batch_size, n_head, max_len, head_dim, device=None, dtype=torch.float32):
         super().__init__()
@@ -122,20 +125,30 @@ def left_pad(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch
 # Logits of the last position only
 
 
+_transposed_heads = WeakIdKeyDictionary()  # lm_head weight -> (version, vocab, (C, V) copy)
+
+
 class LogitsHead:
     """The output projection applied to one position per row: a decode step needs (B, V)
     logits, not (B, T, V). Rows past the tokenizer's vocabulary (GPT-2 pads 50257 to
-    50304) are dropped, so they are never sampled. For a single row, a contiguous
-    (C, V) copy of the weight is about 2x faster on CPU than the (V, C) layout of
-    nn.Linear (measured: 5.8 vs 9.9 ms at V=50257, C=768); with several rows the (V, C)
-    layout is as fast or faster, so both are kept where it pays."""
+    50304) are dropped, so they are never sampled.
+
+    Batch-1 decode on CPU: a 1-row product with a contiguous (C, V) copy of the weight
+    took about half the time of nn.Linear's (V, C) layout (12.4 vs 6.2 ms at V=50257,
+    C=768); with several rows (V, C) is as fast, so the copy is made only for batch 1.
+    It is kept across calls (rebuilt if the weight changes in place), so a short
+    generation does not pay the 150 MB copy each time."""
 
     def __init__(self, model, vocab_size=None, batch_size=None):
-        weight = model.lm_head.weight.detach()
-        self.weight = weight[:vocab_size] if vocab_size else weight  # (V, C)
+        weight = model.lm_head.weight
+        self.weight = weight.detach()[:vocab_size] if vocab_size else weight.detach()  # (V, C)
         self.weight_t = None
-        if batch_size == 1 and self.weight.device.type == "cpu":
-            self.weight_t = self.weight.t().contiguous()  # (C, V), for batch-1 decode
+        if batch_size == 1 and weight.device.type == "cpu":
+            version, vocab, copy = _transposed_heads.get(weight, (None, None, None))
+            if (version, vocab) != (weight._version, self.weight.shape[0]):
+                copy = self.weight.t().contiguous()  # (C, V)
+                _transposed_heads[weight] = (weight._version, self.weight.shape[0], copy)
+            self.weight_t = copy
 
     def __call__(self, hidden):  # (B, C) -> (B, V) in fp32 for sampling
         if self.weight_t is not None and hidden.shape[0] == 1:
@@ -147,6 +160,7 @@ class LogitsHead:
 # Prefill and decode
 
 
+@torch.no_grad()
 def prefill(model, idx, cache, pad=None, head=None):
     """Run the (left-padded) prompts idx (B, T) through the model at slots 0..T-1, filling
     the cache; return the logits of the last position (B, V)."""
@@ -158,11 +172,17 @@ def prefill(model, idx, cache, pad=None, head=None):
     return head(hidden[:, -1])
 
 
-def decode_one_token(model, tok, pos, cache, pad, head):
+@torch.no_grad()
+def decode_one_token(model, tok, pos, cache, pad=None, head=None):
     """One decode step: the newest token tok (B, 1) goes into slot pos (a (1,) tensor, so a
-    compiled step sees the same shapes every call); returns the next logits (B, V)."""
-    hidden = model.hidden_states(tok, kv_cache=cache, input_pos=pos, position_ids=position_ids(pad, pos),
-                                 attn_mask=attention_mask(pad, pos, cache[0].k.shape[2]))
+    compiled step sees the same shapes every call); returns the next logits (B, V).
+    pad (B,): left padding of each row (None: none, the model's causal mask is enough)."""
+    head = head or LogitsHead(model)
+    if pad is None:
+        hidden = model.hidden_states(tok, kv_cache=cache, input_pos=pos)
+    else:
+        hidden = model.hidden_states(tok, kv_cache=cache, input_pos=pos, position_ids=position_ids(pad, pos),
+                                     attn_mask=attention_mask(pad, pos, cache[0].k.shape[2]))
     return head(hidden[:, -1])
 
 
@@ -260,9 +280,13 @@ def _generator(seed, device):
 
 
 def _token_rows(idx) -> list[list[int]]:
+    """(B, T) or (T,) tensor, a list of token lists, or one token list -> B token lists."""
     if isinstance(idx, torch.Tensor):
-        return [list(r) for r in idx.tolist()] if idx.dim() == 2 else [idx.tolist()]
-    return [list(r) for r in idx]
+        return idx.tolist() if idx.dim() == 2 else [idx.tolist()]
+    idx = list(idx)
+    if idx and not isinstance(idx[0], (list, tuple, torch.Tensor)):
+        return [[int(t) for t in idx]]
+    return [[int(t) for t in r] for r in idx]
 
 
 # ----------------------------------------------------------------------------------------
@@ -588,65 +612,71 @@ def main(argv=None):
                   repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, vocab_size=tok.vocab_size,
                   eos_id=tok.eot_id if cfg.stop_at_eot else None)
 
-    texts = []
     if draft is None:
-        decode_fn = compile_decode() if cfg.compile else None
-        outputs = [[] for _ in range(cfg.num_samples)]
-        stream = cfg.num_samples == 1
-        printed = ""
-        t0 = time.perf_counter()
-        t_first = None
-        steps = 0
-        for step_tokens in generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens,
-                                    use_cache=not cfg.no_cache, decode_fn=decode_fn, **common):
-            for out, t in zip(outputs, step_tokens.tolist()):  # .tolist() waits for the device
-                out.append(t)
-            steps += 1
-            if t_first is None:
-                t_first = time.perf_counter()  # prompt processed and first token sampled
-            if stream:  # print as it comes, holding back a half-decoded multi-byte character
-                text = tok.decode(outputs[0])
-                if not text.endswith("\ufffd"):
-                    print(text[len(printed):], end="", flush=True)
-                    printed = text
-        t_end = time.perf_counter()
-        for b, out in enumerate(outputs):
-            if common["eos_id"] is not None and common["eos_id"] in out:
-                out = out[:out.index(common["eos_id"])]
-            texts.append(prompt + tok.decode(out))
-            if stream:
-                print(texts[-1][len(prompt) + len(printed):])
-            else:
-                print(texts[-1])
-            print("---------------")
-        prefill_s, decode_s = t_first - t0, t_end - t_first
-        n = cfg.num_samples
-        print(f"prefill: {n * len(ids)} tokens in {prefill_s * 1e3:.1f} ms ({n * len(ids) / prefill_s:.0f} tok/s)"
-              + (f" | decode: {n * (steps - 1)} tokens in {decode_s:.2f} s ({n * (steps - 1) / decode_s:.1f} tok/s, "
-                 f"{decode_s / (steps - 1) * 1e3:.2f} ms/step)" if steps > 1 else "")
-              + (" [no cache]" if cfg.no_cache else "") + (" [compiled]" if cfg.compile else ""), file=sys.stderr)
-    else:
-        totals = {}
-        t0 = time.perf_counter()
-        n_new = 0
-        for i in range(cfg.num_samples):
-            stats = {}
-            out = []
-            for t in speculative_generate(model, draft, ids, cfg.max_new_tokens, cfg.num_draft_tokens,
-                                          stats=stats, **{**common, "seed": cfg.seed + i}):
-                out.append(int(t))
-            if common["eos_id"] is not None and common["eos_id"] in out:
-                out = out[:out.index(common["eos_id"])]
-            texts.append(prompt + tok.decode(out))
-            print(texts[-1])
-            print("---------------")
-            for key, v in stats.items():
-                totals[key] = totals.get(key, 0) + v
-            n_new += stats["new_tokens"]
-        dt = time.perf_counter() - t0
-        print(f"speculative: k={cfg.num_draft_tokens}, acceptance rate {totals['accepted'] / max(1, totals['proposed']):.2f}, "
-              f"{totals['new_tokens'] / max(1, totals['target_forwards']):.2f} tokens per target forward, "
-              f"{n_new / dt:.1f} tok/s", file=sys.stderr)
+        return sample_batch(model, tok, ids, prompt, cfg, common)
+    return sample_speculative(model, draft, tok, ids, prompt, cfg, common)
+
+
+def _until_eos(out, eos_id):
+    return out[:out.index(eos_id)] if eos_id is not None and eos_id in out else out
+
+
+def sample_batch(model, tok, ids, prompt, cfg, common):
+    """--num_samples copies of the prompt as one batch; one sample is streamed as it comes."""
+    decode_fn = compile_decode() if cfg.compile else None
+    outputs = [[] for _ in range(cfg.num_samples)]
+    stream, printed = cfg.num_samples == 1, ""
+    if stream:
+        print(prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    stamps = []  # when each step's tokens were out
+    for step_tokens in generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens,
+                                use_cache=not cfg.no_cache, decode_fn=decode_fn, **common):
+        for out, t in zip(outputs, step_tokens.tolist()):  # .tolist() waits for the device
+            out.append(t)
+        stamps.append(time.perf_counter())
+        if stream:  # hold back a half-decoded multi-byte character until it is complete
+            text = tok.decode(_until_eos(outputs[0], common["eos_id"]))
+            if not text.endswith("\ufffd"):
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+    texts = [prompt + tok.decode(_until_eos(out, common["eos_id"])) for out in outputs]
+    for text in texts:
+        print(text[len(prompt) + len(printed):] if stream else text)
+        print("---------------")
+    # prefill = prompt in, first token out; decode = every later step. With --compile the
+    # first decode step also compiles, so it is reported apart and left out of decode.
+    n, prefill_s = cfg.num_samples, stamps[0] - t0
+    line = f"prefill: {n * len(ids)} tokens in {prefill_s * 1e3:.1f} ms ({n * len(ids) / prefill_s:.0f} tok/s)"
+    if cfg.compile and len(stamps) > 1:
+        line += f" | compile + first decode step: {stamps[1] - stamps[0]:.1f} s"
+        stamps = stamps[1:]
+    steps, decode_s = len(stamps) - 1, stamps[-1] - stamps[0]
+    if steps > 0:
+        line += (f" | decode: {n * steps} tokens in {decode_s:.2f} s ({n * steps / decode_s:.1f} tok/s, "
+                 f"{decode_s / steps * 1e3:.2f} ms/step)")
+    print(line + (" [no cache]" if cfg.no_cache else ""), file=sys.stderr)
+    return texts
+
+
+def sample_speculative(model, draft, tok, ids, prompt, cfg, common):
+    """--num_samples samples one after the other, each by speculative decoding."""
+    texts, totals = [], {}
+    t0 = time.perf_counter()
+    for i in range(cfg.num_samples):
+        stats = {}
+        out = [int(t) for t in speculative_generate(model, draft, ids, cfg.max_new_tokens, cfg.num_draft_tokens,
+                                                    stats=stats, **{**common, "seed": cfg.seed + i})]
+        texts.append(prompt + tok.decode(_until_eos(out, common["eos_id"])))
+        print(texts[-1])
+        print("---------------")
+        for key, v in stats.items():
+            totals[key] = totals.get(key, 0) + v
+    dt = time.perf_counter() - t0
+    print(f"speculative: k={cfg.num_draft_tokens}, acceptance rate "
+          f"{totals['accepted'] / max(1, totals['proposed']):.2f}, "
+          f"{totals['new_tokens'] / max(1, totals['target_forwards']):.2f} tokens per target forward, "
+          f"{totals['new_tokens'] / dt:.1f} tok/s", file=sys.stderr)
     return texts
 
 

@@ -340,7 +340,7 @@ def main(argv=None):
             step_times.append(dt)
         if iter_num % cfg.log_interval == 0 and master:
             lossf = loss.item() * cfg.gradient_accumulation_steps
-            mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.gradient_accumulation_steps * world, dt, peak_flops)
+            mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.gradient_accumulation_steps, dt, peak_flops)  # per GPU
             recent = sorted(step_times[-50:]) or [dt]
             eta = recent[len(recent) // 2] * (cfg.max_iters - iter_num)
             log(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "

@@ -5,6 +5,7 @@ one-line errors on bad input."""
 import json
 import random
 import tracemalloc
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def tiktoken_gpt2():
     tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference for GPT-2 tokenization")
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no cached files and no network
+    except Exception as e:  # noqa: BLE001 (no cached files and no network)
         pytest.skip(f"tiktoken cannot load gpt2: {e}")
 
 
@@ -87,8 +88,15 @@ def test_ties_go_to_the_lexicographically_greater_pair():
     # a corpus of nothing but ties: every pair occurs once; the greatest pair goes first
     _, merges = bpe.train_bpe("ab ba zy yz", 256 + 1, pattern=r"\S+")
     assert merges == [(b"z", b"y")]
-    _, merges = bpe.train_bpe("xa xab", 256 + 2, pattern=r"\S+")  # (x,a) x2, then (xa,b) vs nothing
-    assert merges == [(b"x", b"a"), (b"xa", b"b")]
+    _, merges = bpe.train_bpe("ab ac", 256 + 1, pattern=r"\S+")
+    assert merges == [(b"a", b"c")]
+    # the heap orders ties by a key string that must sort pairs exactly in reverse bytes
+    # order, prefixes ("a" < "ab") and the extreme bytes 0x00 / 0xff included
+    rng = random.Random(0)
+    tokens = [bytes(rng.choice(b"ab\x00\xff") for _ in range(rng.randint(1, 4))) for _ in range(400)]
+    pairs = list(pairwise(tokens))
+    key = lambda p: bpe._reversed_order_key(p[0]) + bpe._reversed_order_key(p[1])
+    assert sorted(pairs, key=key) == sorted(pairs, reverse=True)
 
 
 def naive_train(pretoken_counts: dict[bytes, int], num_merges: int):
@@ -98,7 +106,7 @@ def naive_train(pretoken_counts: dict[bytes, int], num_merges: int):
     for _ in range(num_merges):
         stats = {}
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in pairwise(word):
                 stats[pair] = stats.get(pair, 0) + count
         if not stats:
             break
@@ -119,11 +127,11 @@ def naive_train(pretoken_counts: dict[bytes, int], num_merges: int):
     return merges
 
 
-@pytest.mark.parametrize("pattern", [bpe.GPT2_PATTERN, bpe.GPT4_PATTERN])
-def test_incremental_training_equals_naive_recount(pattern):
-    # runs of one letter make pairs that overlap themselves (a a a a), the tricky case
+def test_incremental_training_equals_naive_recount():
+    # runs of one letter make pairs that overlap themselves (a a a a), the tricky case;
+    # late merges (counts ~10) are full of ties
     text = shakespeare()[:20_000] + " aaaa aaaaa abab ababab xxxxxxx\n\n\n    " * 20
-    counts = {p.encode(): c for p, c in bpe.count_text_pretokens(text, (), pattern).items()}
+    counts = {p.encode(): c for p, c in bpe.count_text_pretokens(text).items()}
     fast = bpe.learn_merges(counts, 250)
     assert len(fast) == 250
     assert fast == naive_train(counts, 250)
@@ -208,7 +216,7 @@ def test_from_tiktoken_cl100k():
     tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference")
     try:
         enc = tiktoken.get_encoding("cl100k_base")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (no cached files and no network)
         pytest.skip(f"cl100k_base not available offline ({type(e).__name__})")
     tok = bpe.Tokenizer.from_tiktoken(enc)
     text = shakespeare()[:200_000]
@@ -335,9 +343,9 @@ def test_cli(tmp_path, capsys):
     bpe.main(["train", "--input", str(src), "--vocab_size", "300", "--out", str(out), "--num_workers", "1"])
     assert "trained 43 merges" in capsys.readouterr().out
     bpe.main(["encode", "--tokenizer", str(out), "First Citizen"])
-    ids_line, pieces, _ = capsys.readouterr().out.splitlines()
+    ids_line, _pieces, _ = capsys.readouterr().out.splitlines()
     assert bpe.Tokenizer.load(out).decode(json.loads(ids_line)) == "First Citizen"
-    bpe.main(["compare", "--input", str(src), "--tokenizer", str(out)])
+    bpe.main(["compare", "--input", str(src), "--tokenizer", str(out), "--reference", ""])
     report = capsys.readouterr().out
     assert "tokens/byte" in report and str(out) in report
 

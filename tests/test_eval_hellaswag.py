@@ -128,6 +128,9 @@ def test_lm_eval_preprocessing_matches_hand_written_strings():
     query, choices = hs.lm_eval_query_and_choices(ROWS[2])
     assert query == "Playing accordion: A woman in a café holds an accordion. She then plays"  # capitalize() lowers
     assert choices[1] == "the drums  with her feet."  # "   " -> "  ": one non-overlapping pass
+    # acc_norm divides by characters (str length), not UTF-8 bytes: "café." is 5, not 6
+    r = hs.render_example(ROWS[2], gpt.load_tokenizer("gpt2"), "lm_eval")
+    assert choices[3] == "nothing and leaves the café." and r.norms[3] == 28.0
     query, _ = hs.lm_eval_query_and_choices(ROWS[3])
     assert query == "Health: How to sleep better. Keep a schedule."
 
@@ -140,21 +143,23 @@ def test_encode_pair_moves_trailing_space_to_continuation(gpt2_tok):
 # ---- scoring -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("style,block_size", [("completion", 64), ("lm_eval", 64), ("lm_eval", 16)])
-def test_batched_equals_one_forward_per_ending(gpt2_tok, style, block_size):
-    model = tiny_gpt(50304, block_size)
-    rendered = [hs.render_example(r, gpt2_tok, style, block_size + 1) for r in ROWS]
+@pytest.mark.parametrize("tokenizer,style,block_size", [
+    ("gpt2", "lm_eval", 64), ("char", "completion", 160), ("char", "lm_eval", 40)])  # 40: rows get cut
+def test_batched_equals_one_forward_per_ending(gpt2_tok, tokenizer, style, block_size):
+    tok = gpt2_tok if tokenizer == "gpt2" else char_tokenizer()
+    model = tiny_gpt(50304 if tokenizer == "gpt2" else tok.vocab_size, block_size)
+    rendered = [hs.render_example(r, tok, style, block_size + 1) for r in ROWS]
     batched = hs.ending_logprobs(model, rendered, "cpu")  # all 20 rows in one padded forward
     naive = torch.stack([hs.ending_logprobs_naive(model, r, "cpu") for r in rendered])
-    # fp32 sums of ~10-40 log-probs near -10.8 each: padding changes the matmul shapes, so
-    # the two differ by rounding only (~1e-6 relative); 1e-4 absolute is far below the gaps
+    # fp32 sums of 5-110 log-probs: padding changes the matmul shapes, so the two differ
+    # by rounding only (~1e-6 relative); 1e-4 absolute is far below the gaps between endings
     torch.testing.assert_close(batched, naive, rtol=1e-5, atol=1e-4)
     assert (batched.max(1).values - batched.min(1).values).min() > 1e-2  # no near-ties to hide behind
 
     norms = torch.tensor([r.norms for r in rendered])
     labels = torch.tensor([r.label for r in rendered])
     model.train()
-    got = hs.evaluate(model, gpt2_tok, [hs.check_example(r, "row") for r in ROWS], style, batch_size=2)
+    got = hs.evaluate(model, tok, [hs.check_example(r, "row") for r in ROWS], style, batch_size=2)
     assert model.training  # evaluate() hands the model back in the mode it came in
     assert got == {"acc": (naive.argmax(1) == labels).sum().item() / 5,
                    "acc_norm": ((naive / norms).argmax(1) == labels).sum().item() / 5, "n": 5}
@@ -232,7 +237,8 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, data_path, random_ckpt):
     ddp = json.loads(out.read_text())  # written by rank 0 from the all-reduced counts
     for style in hs.STYLES:
         assert ddp[style] == single[style] and ddp[style]["n"] == 5
-    assert {single[s]["acc"] for s in hs.STYLES} - {0.0, 1.0}  # a count that DDP could get wrong
+    scores = {r[k] for r in single.values() for k in ("acc", "acc_norm")}
+    assert scores - {0.0, 1.0}  # some count strictly between none and all, that a wrong split would change
 
 
 @pytest.mark.slow
@@ -282,6 +288,37 @@ def test_bad_files(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         hs.load_examples(tmp_path / "missing.jsonl")
     assert hs.check_example({**ROWS[0], "label": "2"}, "row")["label"] == 2  # HF's string labels
+
+
+class FakeResponse:
+    def __init__(self, body, length):
+        self.body, self.headers = body, {"Content-Length": str(length)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        yield self.body
+
+
+def test_download_checks_size_and_renames(tmp_path, monkeypatch):
+    requests = pytest.importorskip("requests")
+    body = (json.dumps(ROWS[0]) + "\n").encode()
+    monkeypatch.setattr(requests, "get", lambda url, **kw: FakeResponse(body[:50], len(body)))
+    with pytest.raises(SystemExit, match=f"arrived with 50 of {len(body)} bytes"):
+        hs.download("val", tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no half file, no temp file left behind
+    monkeypatch.setattr(requests, "get", lambda url, **kw: FakeResponse(body, len(body)))
+    path = hs.download("val", tmp_path)
+    assert path == tmp_path / "hellaswag_val.jsonl" and hs.load_examples(path)[0]["ind"] == 24
+    monkeypatch.setattr(requests, "get", None)  # cached now: no second download
+    assert hs.download("val", tmp_path) == path
 
 
 def test_bad_checkpoint_tokenizer_and_cli(tmp_path, data_path):

@@ -5,16 +5,18 @@ pytest runs the 1-process references in-process; each test then checks one prope
 Tolerance 1e-5 on losses in fp32: the 2-rank run sums the same numbers in another order
 (two half-batch means averaged by the reduce-scatter instead of one full-batch mean), which
 moves a ~4.0 loss by a few float32 ulps (~5e-7) per step; 1e-5 leaves room for 12 steps of
-AdamW without hiding a real difference (a wrong batch slice or a missed gradient sync
-moves the loss by > 1e-3 from the first step on).
+AdamW without hiding a real difference (a skipped gradient sync moves the second loss by
+2e-2, a wrong batch slice the first one by about as much).
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,13 +41,16 @@ def losses_of(result):
 
 def _worker(data_root, work):
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     import fsdp2_train
     import gpt
 
-    dist.init_process_group("gloo")  # made here, so main() reuses it across the scenarios
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # the group main() would make from torchrun's environment, made once here so that every
+    # main() below reuses it (re-creating a default group under one torchrun is not reliable)
+    ranks = fsdp2_train.init_distributed("cpu")
+    rank, world = ranks.rank, ranks.world
     work = Path(work)
     report = {}
 
@@ -83,7 +88,6 @@ def _worker(data_root, work):
     cfg, _ = fsdp2_train.parse_args(qargs)
     vocab_size = gpt.read_meta(Path(data_root) / "shakespeare_char")["vocab_size"]
     fresh, _ = fsdp2_train.build_model(cfg, vocab_size, "cpu", torch.float32)
-    from torch.distributed.device_mesh import init_device_mesh
     fsdp2_train.shard_model(fresh, init_device_mesh("cpu", (world,)), cfg, None)
     before = {n: p.to_local().clone() for n, p in fresh.named_parameters() if p.dtype == torch.uint8}
     res = fsdp2_train.main(qargs)
@@ -101,18 +105,25 @@ def _worker(data_root, work):
                                   for n, p in model.named_parameters() if p.requires_grad}
     report["frozen_grads"] = sum(p.grad is not None for p in model.parameters() if not p.requires_grad)
 
+    # lora: frozen fp32 base + adapters, exported merged
+    res = fsdp2_train.main(args(data_root, work / "lora", "--mode", "lora", "--max_iters", 3, "--eval_interval", 100,
+                                "--learning_rate", 1e-2, "--export", work / "lora" / "ckpt.pt"))
+    report["lora_export_diff"] = export_logit_diff(res["model"], work / "lora" / "ckpt.pt")
+
     # HSDP (2 replicas x 1 shard) + activation checkpointing + 2 accumulation micro-steps
     res = fsdp2_train.main(args(data_root, work / "hsdp", "--max_iters", 3, "--eval_interval", 100, "--hsdp", True,
                                 "--hsdp_shard_size", 1, "--activation_checkpointing", True,
                                 "--gradient_accumulation_steps", 2, "--batch_size", 4))
     report["hsdp_ac_accum"] = losses_of(res)
 
-    # bad input: every rank leaves through SystemExit; rank 0 carries the message
+    # bad input: every rank leaves through SystemExit(1); rank 0 has printed the one line
     def exit_message(argv):
+        stderr = io.StringIO()
         try:
-            fsdp2_train.main(argv)
+            with contextlib.redirect_stderr(stderr):
+                fsdp2_train.main(argv)
         except SystemExit as e:
-            return str(e.code)
+            return e.code, stderr.getvalue()
         return None
 
     report["bad_batch"] = exit_message(args(data_root, work / "bad", "--batch_size", 3))
@@ -129,31 +140,36 @@ def _worker(data_root, work):
     report["bad_shape_tensors"] = exit_message(no_shape + ["--data_root", str(data_root), "--out_dir",
                                                            str(work / "tampered"), "--resume", "True"])
     (work / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    # last, the command-line path for real: rank 0 prints one line to stderr, every rank
+    # leaves with status 1, torchrun returns (the test fails on a hang)
+    try:
+        fsdp2_train.main(args(data_root, work / "bad", "--batch_size", 3))
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     _worker(*sys.argv[1:])
-    sys.exit(0)
 
 
 # ----------------------------------------------------------------------------------------
 # pytest side
 
 
-def _torchrun(*argv, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+def _torchrun(*argv):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # its own session: on a hang, the launcher and both ranks are killed together
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              *map(str, argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
 
 
-def _wait(proc, timeout=120):
+def _wait(proc, timeout=180):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"torchrun hung (killed after {timeout}s):\n{err[-3000:]}")
     return proc.returncode, out, err
@@ -173,7 +189,6 @@ def runs(tmp_path_factory, shakespeare_path_module):
     work = base / "work"
     work.mkdir()
     worker = _torchrun(Path(__file__), data_root, work)
-    bad_cli = _torchrun(ROOT / "fsdp2_train.py", *args(data_root, base / "bad", "--batch_size", 3))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the worker's two ranks share the cores
@@ -189,9 +204,9 @@ def runs(tmp_path_factory, shakespeare_path_module):
                                     "--gradient_accumulation_steps", 2, "--batch_size", 4))
         one["accum"] = losses_of(res)
         one["plain"] = plain_training(data_root, steps=12)
-        one["bad_cli"] = _wait(bad_cli)
-        rc, out, err = _wait(worker)
-        assert rc == 0, f"2-rank worker failed:\n{err[-4000:]}"
+        one["worker"] = rc, out, err = _wait(worker)  # ends with a bad --batch_size: rc 1 is expected
+        if not all((work / f"rank{r}.json").is_file() for r in range(2)):
+            pytest.fail(f"2-rank worker failed (rc {rc}):\n{err[-4000:]}")
         two = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
         # the 2-rank checkpoint of iter 10, resumed by one process
         shutil.copytree(work / "full", base / "one_resumed")
@@ -200,6 +215,9 @@ def runs(tmp_path_factory, shakespeare_path_module):
         one["resumed_from_2"] = res["losses"]
     finally:
         torch.set_num_threads(threads)
+        if worker.poll() is None:  # a 1-process run failed first: do not leave the ranks behind
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.communicate()
     return one, two
 
 
@@ -271,7 +289,7 @@ def test_each_rank_holds_its_shard(runs):
     _, two = runs
     for key in ("full_shards", "qlora_shards"):
         for name in two[0][key]:
-            (local0, full, is_u8), (local1, _, _) = two[0][key][name], two[1][key][name]
+            (local0, full, _), (local1, _, _) = two[0][key][name], two[1][key][name]
             rows = full[0]
             assert local0[0] == (rows + 1) // 2 and local1[0] == rows // 2, (name, local0, local1, full)
             assert local0[1:] == full[1:], name
@@ -308,17 +326,21 @@ def test_checkpoint_resumes_on_two_and_one_rank(runs):
 def test_export_logits_equal_sharded_model(runs):
     _, two = runs
     assert two[0]["full_export_diff"] == 0.0  # the same fp32 weights, the same arithmetic
-    # merged QLoRA: dequantized W + scaling * B @ A in one matmul vs two; fp32 rounding only
+    # merged LoRA / QLoRA: (W + scaling * B @ A) x in one matmul vs W x + scaling * B (A x),
+    # W the dequantized NF4 weight for QLoRA: the same function, fp32 rounding only
+    assert two[0]["lora_export_diff"] < 1e-5
     assert two[0]["qlora_export_diff"] < 1e-5
 
 
 def test_bad_input_one_line_and_every_rank_exits(runs):
     one, two = runs
-    assert "not divisible by the world size 2" in two[0]["bad_batch"] and two[1]["bad_batch"] == "1"
-    assert "saved with n_embd=32" in two[0]["bad_shape_option"] and two[1]["bad_shape_option"] == "1"
-    assert "of shape" in two[0]["bad_shape_tensors"] and two[1]["bad_shape_tensors"] == "1"
-    rc, out, err = one["bad_cli"]  # under torchrun for real: finished (no hang), one error line
-    assert rc != 0
+    for key, words in [("bad_batch", "not divisible by the world size 2"), ("bad_shape_option", "saved with n_embd=32"),
+                       ("bad_shape_tensors", "holds model.transformer.wte.weight of shape (")]:
+        (code0, err0), (code1, err1) = two[0][key], two[1][key]
+        assert code0 == code1 == 1 and err1 == ""
+        assert err0.startswith("error: ") and err0.count("\n") == 1 and words in err0, err0
+    rc, out, err = one["worker"]  # under torchrun for real: finished (no hang), one error line
+    assert rc == 1
     errors = [line for line in (out + err).splitlines() if line.startswith("error:")]
     assert errors == ["error: --batch_size 3 (the global batch) is not divisible by the world size 2 "
                       "(pass a multiple of 2)"], err[-2000:]

@@ -210,3 +210,14 @@ def test_token_bins(tmp_path):
     assert torch.equal(y, x + 1)  # consecutive tokens: targets are the inputs shifted by one
     x2, _ = bins.get_batch(4, 8, torch.Generator().manual_seed(0))
     assert torch.equal(x, x2)
+
+
+def test_chunked_loss_with_frozen_head():
+    # LoRA/QLoRA freeze lm_head: backward then differentiates the chunks w.r.t. x only
+    torch.manual_seed(1)
+    x = torch.randn(45, 16, requires_grad=True)
+    w = torch.randn(33, 16)
+    t = torch.randint(0, 33, (45,))
+    (gx,) = torch.autograd.grad(gpt.chunked_cross_entropy(x, w, t, chunk_size=8), x)
+    (ref,) = torch.autograd.grad(F.cross_entropy(x @ w.t(), t), x)
+    torch.testing.assert_close(gx, ref, rtol=0, atol=1e-5)

@@ -107,7 +107,7 @@ def test_merge_unmerge(tiny_config, idx):
     model = lora.apply_lora(tiny_gpt(tiny_config), r=4, alpha=8)
     randomize_adapters(model)
     unmerged = logits(model, idx)
-    weights = {n: l.base.weight.clone() for n, l in lora.lora_layers(model)}
+    weights = {n: layer.base.weight.clone() for n, layer in lora.lora_layers(model)}
     for _, layer in lora.lora_layers(model):
         layer.merge()
         layer.merge()  # idempotent: never double-counts
@@ -232,7 +232,13 @@ def tiny_ckpt(tmp_path, tiny_config, shakespeare_path):
     alphabet = "".join(sorted(set(text)))
     assert len(alphabet) == tiny_config.vocab_size
     path = tmp_path / "base" / "ckpt.pt"
-    gpt.save_checkpoint(path, tiny_gpt(tiny_config), "char:" + alphabet)
+    model = tiny_gpt(tiny_config)
+    with torch.no_grad():
+        # A 0.02-std random head caps every logit near +-0.1: adapters inside the blocks could
+        # barely move the output. Scaled by 4 the tied head can express a character
+        # distribution, as a pretrained one can (the base loss is then 4.3, not ln 65 = 4.17).
+        model.lm_head.weight.mul_(4)
+    gpt.save_checkpoint(path, model, "char:" + alphabet)
     return path, text
 
 
@@ -254,13 +260,13 @@ def test_cli_text(tmp_path, tiny_ckpt, capsys):
     assert "trainable" in printed and "peak memory" in printed and "tok/s" in printed and "ETA" in printed
     metrics = read_metrics(out)
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
-    assert val[-1] < val[0] - 0.3, val  # the random base sits near ln(65) = 4.17; LoRA learns characters
+    assert val[-1] < val[0] - 0.3 and val[-1] < math.log(65) - 0.2, val  # better than uniform: it learned
     adapter = out / "adapter.pt"
     assert adapter.stat().st_size < 0.5 * ckpt.stat().st_size  # the adapter alone, not the model
     sd = torch.load(adapter, weights_only=True)
     assert sd["base"] == str(ckpt) and sd["lora_config"]["r"] == 8
     model = lora.load_lora(gpt.load_checkpoint(ckpt)[0], adapter)
-    assert all(not torch.equal(l.lora_B.weight, torch.zeros_like(l.lora_B.weight)) for _, l in lora.lora_layers(model))
+    assert all(torch.count_nonzero(layer.lora_B.weight) > 0 for _, layer in lora.lora_layers(model))  # B trained
 
 
 def test_jsonl_masks_the_prompt(tiny_ckpt, tmp_path):
@@ -332,5 +338,7 @@ def test_bad_input(tmp_path, tiny_ckpt, tiny_config):
         lora.load_lora(tiny_gpt(tiny_config), tmp_path / "wide.pt")
     with pytest.raises(SystemExit, match="LoRA config"):
         lora.load_lora(lora.apply_lora(tiny_gpt(tiny_config), r=2), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match="lm_head"):
+        lora.apply_lora(tiny_gpt(tiny_config), targets=("c_attn", "lm_head"))
     with pytest.raises(ValueError, match="already has LoRA"):
         lora.apply_lora(lora.apply_lora(tiny_gpt(tiny_config)))

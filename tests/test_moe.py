@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 import gpt
 import moe
@@ -176,7 +175,10 @@ def test_bias_balancing_reduces_imbalance_on_skewed_inputs():
 
     biased, plain = max_over_mean("bias"), max_over_mean("none")
     assert biased[0] == plain[0] > 1.8  # same skewed start (the bias begins at 0)
-    last = lambda r: sum(r[-10:]) / 10  # noqa: E731
+
+    def last(r):
+        return sum(r[-10:]) / 10
+
     # measured: ~1.2 with the bias, ~1.85 without (a perfectly even split is 1.0)
     assert last(biased) < 1.35 and last(plain) > 1.6
 
@@ -223,6 +225,11 @@ def test_moe_every_and_active_params(tiny_config):
     d, E, k = tiny_config.n_embd, 4, 2
     assert model.num_active_params() - dense.num_params() == d * (E + k - 1)
     assert model.num_params() - model.num_active_params() == (E - k) * (2 * d * (4 * d // k) + 4 * d // k + d)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
+    layer = model.transformer.h[1].mlp
+    assert id(layer.b_fc) in no_decay and id(layer.b_proj) in no_decay and id(layer.w_fc) not in no_decay
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
 def test_main_tiny_run(tmp_path, char_data, capsys):
@@ -253,10 +260,12 @@ def test_main_tiny_run(tmp_path, char_data, capsys):
     (["--capacity_factor", "0"], "capacity_factor must be > 0"),
     (["--capacity_factor", "-1.5"], "capacity_factor must be > 0"),
     (["--balance", "loss"], "balance 'loss' unknown"),
+    (["--moe_every", "5", "--n_layer", "4"], "moe_every 5 > n_layer 4"),
+    (["--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
 ])
 def test_bad_config_one_line_errors(argv, message):
     with pytest.raises(SystemExit) as e:
-        moe.main(argv)  # fails at parse time, before any data work
+        moe.main(argv + ["--data_root", "/nonexistent"])  # fails before any data work
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 

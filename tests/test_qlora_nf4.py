@@ -6,6 +6,7 @@ Regenerate the golden file (only after a deliberate format change):
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import qlora_nf4 as q
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "nf4_golden.pt"
+BNB_REASON = "bitsandbytes (the reference for the NF4 format) is not installed"
 
 
 # ----------------------------------------------------------------------------------------
@@ -39,7 +41,8 @@ def hashed_weight(shape, seed=0):
     return (bell.float() * row_scale).view(shape)
 
 
-# (name, shape, blocksize, double_quant, store dequantized outputs)
+# (name, shape, blocksize, double_quant, store dequantized outputs); "big" keeps the
+# SHA-256 of its 4,899 packed bytes instead of the bytes, so the file stays a few KB
 GOLDEN_CASES = [
     ("big", (97, 101), 32, True, False),  # 307 blocks (> 256: two nested scales), odd numel, short last block
     ("small", (3, 43), 64, True, True),  # 129 values: odd, not a multiple of the blocksize
@@ -52,12 +55,16 @@ def golden_entries():
     out = {}
     for name, shape, blocksize, double_quant, with_outputs in GOLDEN_CASES:
         packed, state = q.quantize_nf4(hashed_weight(shape), blocksize, double_quant)
-        out[f"{name}.packed"], out[f"{name}.absmax"] = packed, state.absmax
+        if name == "big":
+            out[f"{name}.packed_sha256"] = torch.tensor(list(hashlib.sha256(packed.numpy().tobytes()).digest()),
+                                                        dtype=torch.uint8)
+        else:
+            out[f"{name}.packed"] = packed
+        out[f"{name}.absmax"] = state.absmax
         if double_quant:
             out[f"{name}.nested_absmax"], out[f"{name}.offset"] = state.nested_absmax, state.offset
-        if with_outputs:
-            for dtype in DTYPES:
-                out[f"{name}.out_{q._dtype_name(dtype)}"] = q.dequantize_nf4(packed, state, dtype)
+        if with_outputs:  # fp32 only: fp16/bf16 are torch's rounding of these (tested against bnb)
+            out[f"{name}.dequantized"] = q.dequantize_nf4(packed, state, torch.float32)
     return out
 
 
@@ -146,7 +153,7 @@ def bnb_reference_kernels():
     """Run bitsandbytes with its pure-PyTorch reference kernels (its default backend) in
     place of the native CPU build, whose 8-bit blockwise quantizer picks the farther code
     for ~0.15% of values (see test_native_bitsandbytes_differs_only_by_far_codes)."""
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference for the NF4 format")
+    pytest.importorskip("bitsandbytes", reason=BNB_REASON)
     reference = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
     def default_kernel(name):
@@ -159,6 +166,14 @@ def bnb_reference_kernels():
             lib.impl(name, default_kernel(name), "CPU")
         with torch._dynamo.config.patch(disable=True):  # its reference dequant is torch.compile'd: run eagerly
             yield
+
+
+def test_code_tables_match_bitsandbytes():
+    bnbF = pytest.importorskip("bitsandbytes.functional", reason=BNB_REASON)
+
+    assert torch.equal(q.NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"))
+    for signed in (True, False):
+        assert torch.equal(q.create_dynamic_map(signed), bnbF.create_dynamic_map(signed))
 
 
 CASES = [(shape, blocksize, dtype) for shape, blocksize, dtype in [
@@ -174,7 +189,7 @@ CASES = [(shape, blocksize, dtype) for shape, blocksize, dtype in [
 
 @pytest.mark.parametrize("shape,blocksize,dtype", CASES)
 def test_identical_to_bitsandbytes(shape, blocksize, dtype):
-    from bitsandbytes import functional as bnbF
+    bnbF = pytest.importorskip("bitsandbytes.functional", reason=BNB_REASON)
 
     torch.manual_seed(sum(shape))
     w = hashed_weight(shape) if shape in ((97, 101), (3, 43)) else (torch.randn(shape) * 0.02).to(dtype)
@@ -196,8 +211,7 @@ def test_native_bitsandbytes_differs_only_by_far_codes():
     """bitsandbytes' native CPU quantizer (its default here) agrees except on a few nested
     absmax codes, where it takes the neighbour of the nearest code. We measure that it is
     rare and that ours is the nearer one in every such case."""
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference for the NF4 format")
-    from bitsandbytes import functional as bnbF
+    bnbF = pytest.importorskip("bitsandbytes.functional", reason=BNB_REASON)
 
     torch.manual_seed(0)
     w = torch.randn(4096, 128) * 0.02
@@ -218,8 +232,7 @@ def test_native_bitsandbytes_differs_only_by_far_codes():
 def test_bnb_state_dicts_interchange():
     """bitsandbytes' Linear4bit state dict loads into ours and ours equals it key by key,
     tensor by tensor, JSON byte by byte; our state parses with bitsandbytes' QuantState."""
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference for the NF4 format")
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes", reason=BNB_REASON)
     from bitsandbytes import functional as bnbF
 
     torch.manual_seed(0)
@@ -263,7 +276,8 @@ for n, blocksize, double_quant in [(2, 64, True), (3001, 64, True), (32 * 300 + 
         truncated = ref.float() if dtype != torch.bfloat16 else (
             (q.dequantize_nf4(packed, state, torch.float32).view(torch.int32) >> 16 << 16).view(torch.float32))
         results.append(dict(n=n, dtype=str(dtype), shape_ok=out.shape == ref.shape and out.dtype == ref.dtype,
-                            mismatches=int((out != ref).sum()), truncation_differs=int((truncated != ref.float()).sum())))
+                            mismatches=int((out != ref).sum()),
+                            truncation_differs=int((truncated != ref.float()).sum())))
 print(json.dumps(results))
 """
 
@@ -349,12 +363,12 @@ def test_qlora_gpt_trains_only_adapters(tiny_config):
     assert sum(isinstance(m, q.Linear4bit) for m in model.modules()) == 4 * tiny_config.n_layer
     assert isinstance(model.lm_head, torch.nn.Linear)  # tied to the embedding: stays float
     frozen = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, tiny_config.vocab_size, (4, tiny_config.block_size), generator=g)
-    y = torch.randint(0, tiny_config.vocab_size, (4, tiny_config.block_size), generator=g)
+    x = torch.randint(0, tiny_config.vocab_size, (2, tiny_config.block_size), generator=g)
+    y = (7 * x + 3) % tiny_config.vocab_size  # a token-to-token map the adapters can learn
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         _, loss = model(x, targets=y)
         loss.backward()
         with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -362,7 +376,7 @@ def test_qlora_gpt_trains_only_adapters(tiny_config):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[-1] < losses[0] - 0.15, losses  # measured: 4.17 -> 3.85
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
 
 

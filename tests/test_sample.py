@@ -86,6 +86,17 @@ def test_cache_step_writes_in_place():
     assert k_all[:, :, :5].abs().sum() == 0
 
 
+def test_window_slides_by_half_a_block():
+    """window_start is the closed form of: when the window would exceed block_size,
+    keep its newest block_size // 2 tokens."""
+    for block_size in (1, 2, 5, 32):
+        start = 0
+        for length in range(1, 200):
+            if length - start > block_size:
+                start = length - max(1, block_size // 2)
+            assert sample.window_start(length, block_size) == start, (block_size, length)
+
+
 def test_generate_matches_plain_forward_greedy():
     """Up to block_size, cached greedy == nanoGPT's loop (full forward, argmax of the last logits)."""
     model = random_gpt(0)
@@ -153,8 +164,12 @@ def test_compiled_decode_does_not_recompile():
 def test_inductor_compiled_decode_matches_eager():
     model = random_gpt(0)
     prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     assert torch.equal(greedy(model, prompt, 40, decode_fn=sample.compile_decode()), greedy(model, prompt, 40))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     torch._dynamo.reset()
 
 
