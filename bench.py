@@ -189,10 +189,10 @@ def bench_loss(quick: bool):
             loss.backward()
             peaks[mode] = torch.cuda.max_memory_allocated() - base
             del x, w, t, loss
-        else:  # a fresh process per mode: peak RSS growth during loss + backward
-            out = subprocess.run([sys.executable, "-c", _LOSS_CHILD.format(root=str(ROOT)), mode, str(N), str(V), str(C)],
-                                 capture_output=True, text=True, check=True)
-            peaks[mode] = int(out.stdout.strip())
+        else:  # a fresh process per mode and run: peak RSS growth during loss + backward, median of 3
+            runs = [subprocess.run([sys.executable, "-c", _LOSS_CHILD.format(root=str(ROOT)), mode, str(N), str(V), str(C)],
+                                   capture_output=True, text=True, check=True) for _ in range(1 if quick else 3)]
+            peaks[mode] = statistics.median(int(out.stdout.strip()) for out in runs)
         row("loss", f"{mode} lm_head+CE+backward peak memory (N={N}, V={V}, C={C})", f"{peaks[mode] / 2**20:,.0f} MiB")
     row("loss", "chunked / naive peak memory (goal <= 0.50x)", f"{peaks['chunked'] / max(peaks['naive'], 1):.2f}x")
 

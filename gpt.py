@@ -190,11 +190,14 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # Decay matrices (Linear weights, embeddings); never biases or LayerNorm gains,
-        # whose scale carries meaning that decay would pull towards zero.
+        # whose scale carries meaning that decay would pull towards zero. A parameter of
+        # 2+ dims that is a bias all the same (e.g. MoE's stacked expert biases) says so
+        # with `p.no_weight_decay = True`.
         params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p.dim() >= 2 and not getattr(p, "no_weight_decay", False) for p in params]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p, d in zip(params, decay) if d], "weight_decay": weight_decay},
+            {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0},
         ]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))

@@ -202,6 +202,9 @@ class MoE(nn.Module):
         self.w_proj = nn.Parameter(torch.randn(E, d, h) * resid_std)
         self.b_fc = nn.Parameter(torch.zeros(E, h)) if config.bias else None
         self.b_proj = nn.Parameter(torch.zeros(E, d)) if config.bias else None
+        for bias in (self.b_fc, self.b_proj):
+            if bias is not None:  # stacked (E, h) biases are biases all the same: no weight decay
+                bias.no_weight_decay = True
         if cfg.n_shared_experts:
             # n shared experts of h hidden units = one MLP with n*h (the sum over experts is
             # a sum over hidden units), run on every token
@@ -285,16 +288,6 @@ class MoEGPT(gpt.GPT):
     def update_expert_biases(self):
         for _, m in self.moe_layers():
             m.update_bias()
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        optimizer = super().configure_optimizers(weight_decay, learning_rate, betas, device_type)
-        # gpt.GPT decays every tensor of >= 2 dims; the stacked expert biases (E, h) are
-        # biases all the same, so they move to the no-decay group (no step taken yet)
-        biases = {id(m.b_fc) for _, m in self.moe_layers()} | {id(m.b_proj) for _, m in self.moe_layers()}
-        decay, no_decay = optimizer.param_groups
-        no_decay["params"] += [p for p in decay["params"] if id(p) in biases]
-        decay["params"] = [p for p in decay["params"] if id(p) not in biases]
-        return optimizer
 
     def num_active_params(self, non_embedding=True):
         """Parameters one token uses: the routed experts it is not sent to are left out."""

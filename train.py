@@ -253,10 +253,15 @@ def main(argv=None):
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
 
     hellaswag = None
-    if cfg.eval_hellaswag_every and master:
+    if cfg.eval_hellaswag_every:
         import eval_hellaswag  # only this option needs it
 
-        hellaswag = eval_hellaswag.load_examples(cfg.hellaswag_data or None)[: cfg.hellaswag_limit]
+        if master and not cfg.hellaswag_data:
+            eval_hellaswag.download("val")
+        if ddp:
+            dist.barrier()  # rank 0 downloads, the others wait, then every rank scores its share
+        hellaswag = eval_hellaswag.load_examples(cfg.hellaswag_data or eval_hellaswag.download("val"), cfg.hellaswag_limit)
+        hellaswag_tok = gpt.load_tokenizer(tokenizer_spec)
     wandb_run = None
     if cfg.wandb and master:
         try:
@@ -306,11 +311,8 @@ def main(argv=None):
                                     cuda_rng=torch.cuda.get_rng_state() if device_type == "cuda" else None)
                 log(f"saved checkpoint to {ckpt_path}")
         if hellaswag is not None and iter_num % cfg.eval_hellaswag_every == 0:
-            import eval_hellaswag
-
-            tok = gpt.load_tokenizer(tokenizer_spec)
-            res = eval_hellaswag.evaluate(raw_model, tok, hellaswag, "completion", device=device)
-            log(f"iter {iter_num}: hellaswag acc_norm {res['acc_norm']:.4f} ({res['n']} examples)")
+            res = eval_hellaswag.evaluate(raw_model, hellaswag_tok, hellaswag, "completion", device=device, dtype=dtype)
+            log(f"iter {iter_num}: hellaswag acc {res['acc']:.4f}, acc_norm {res['acc_norm']:.4f} ({res['n']} examples)")
             write_metrics({"iter": iter_num, "hellaswag_acc": res["acc"], "hellaswag_acc_norm": res["acc_norm"]})
         if iter_num >= cfg.max_iters:
             break

@@ -85,3 +85,20 @@ def test_text_dataset_with_gpt2_tokens(tmp_path, shakespeare_path):
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
     assert spec == "gpt2" and model.config.vocab_size == 50257
+
+
+def test_eval_hellaswag_every(tmp_path, shakespeare_path):
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_path.read_text()[:20_000])
+    row = {"ind": 0, "activity_label": "Speech", "ctx_a": "First Citizen:", "ctx_b": "we", "ctx": "First Citizen: we",
+           "endings": ["are accounted poor citizens.", "go.", "know it.", "shall."], "label": 0,
+           "source_id": "x", "split": "val", "split_type": "indomain"}
+    data = tmp_path / "hellaswag_val.jsonl"
+    data.write_text("\n".join(json.dumps(dict(row, ind=i)) for i in range(3)) + "\n")
+    out = tmp_path / "out"
+    train.main(TINY + ["--input", str(src), "--data_root", str(tmp_path / "data"), "--out_dir", str(out),
+                       "--max_iters", "4", "--eval_interval", "4", "--eval_hellaswag_every", "2",
+                       "--hellaswag_data", str(data)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scores = [r for r in rows if "hellaswag_acc_norm" in r]
+    assert [r["iter"] for r in scores] == [0, 2, 4] and all(0 <= r["hellaswag_acc"] <= 1 for r in scores)
