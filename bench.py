@@ -162,7 +162,7 @@ def bench_train_quality(quick: bool):
 
 
 _LOSS_CHILD = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 import gpt
 mode, N, V, C = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -170,14 +170,22 @@ torch.manual_seed(0)
 x = torch.randn(N, C, requires_grad=True)
 w = torch.randn(V, C, requires_grad=True)
 t = torch.randint(0, V, (N,))
-# growth of the high-water mark over the current RSS (statm pages) once the inputs exist
-before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
+
+
+def status_kib(key):  # VmRSS: resident now; VmHWM: peak since the last reset
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+
+# getrusage's ru_maxrss would include the parent's size at fork time (Linux keeps it across
+# exec): reset this process's own high-water mark instead, once the inputs exist
+open("/proc/self/clear_refs", "w").write("5")
+before = status_kib("VmRSS")
 if mode == "naive":
     loss = torch.nn.functional.cross_entropy(x @ w.t(), t)
 else:
     loss = gpt.chunked_cross_entropy(x, w, t, chunk_size=1024)
 loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print((status_kib("VmHWM") - before) * 1024)
 """
 
 
