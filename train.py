@@ -285,9 +285,11 @@ def main(argv=None):
                 wandb_run.log(row, step=row["iter"])
 
     def train_batch(it, micro_step):
-        # Each micro-batch has its own seed, so the data position is just (iter, micro_step):
-        # a resumed run, on any number of ranks, draws exactly the batches it would have drawn.
-        g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + it) * 1009 + micro_step) * 1009 + rank)
+        # Each micro-batch has its own seed, from (iter, its index among all ranks' micro-batches),
+        # so the data position is just the iteration: a resume draws exactly the batches it would
+        # have drawn, and N ranks together draw the batches one process draws with N times the
+        # accumulation steps.
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + it) * 1009 + rank * cfg.gradient_accumulation_steps + micro_step)
         return bins["train"].get_batch(cfg.batch_size, cfg.block_size, g, device)
 
     # --- the loop
