@@ -623,10 +623,10 @@ def _tokenize_doc(args):
     return np.asarray([tok.eot_id] + tok.encode(text), dtype=np.uint16)  # documents are delimited by <|endoftext|>
 
 
-def prepare_fineweb(folder: Path, spec: str, n_files: int = 1) -> Path:
-    """FineWeb-Edu sample-10BT: parquet files downloaded with requests, read with pyarrow
-    (optional dependency), tokenized by a worker pool, written in 100M-token shards; the
-    first shard is the validation split (as in build-nanogpt)."""
+def prepare_fineweb(folder: Path, spec: str, n_files: int = 14) -> Path:
+    """FineWeb-Edu sample-10BT (its 14 parquet files, ~10B GPT-2 tokens): downloaded with
+    requests, read with pyarrow (optional dependency), tokenized by a worker pool, written in
+    100M-token shards; the first shard is the validation split (as in build-nanogpt)."""
     if (folder / "meta.json").exists():
         return folder
     try:

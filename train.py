@@ -145,7 +145,7 @@ def prepare_data(cfg: TrainConfig, master: bool):
             vocab, merges = bpe.train_bpe(src, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(tok_path)
-        tokenizer = str(tok_path)
+        tokenizer = str(tok_path.resolve())  # the checkpoint records it: a path that works from any folder
     if master:
         return gpt.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root)
     return None

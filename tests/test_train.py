@@ -1,7 +1,6 @@
 """train.py end to end on a tiny config: learns, checkpoints, resumes bit-exactly, fails cleanly."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -130,3 +129,17 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare
     for name, tensor in one.items():
         # fp32, the same sums in a different order (all-reduce): 1e-5
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_train_own_bpe_tokenizer(tmp_path, shakespeare_path):
+    src = tmp_path / "play.txt"
+    src.write_text(shakespeare_path.read_text()[:20_000])
+    out = tmp_path / "out"
+    train.main(["--dataset", f"text:{src}", "--train_tokenizer", "300", "--data_root", str(tmp_path / "data"),
+                "--out_dir", str(out), "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
+                "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
+                "--sample_tokens", "5", "--device", "cpu"])
+    model, spec = gpt.load_checkpoint(out / "ckpt.pt")
+    tok = gpt.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
+    assert spec.endswith(".bpe") and tok.vocab_size == model.config.vocab_size == 300
+    assert tok.decode(tok.encode("First Citizen:")) == "First Citizen:"
