@@ -5,7 +5,6 @@ import pytest
 import bench
 
 
-@pytest.mark.slow
 def test_every_section_runs_quick(capsys):
     bench.main(["--quick"])
     out = capsys.readouterr().out
