@@ -595,7 +595,8 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
         if spec is None or meta["tokenizer"] == spec:
             return folder
     if src is None:
-        src = download(SHAKESPEARE_URL, Path(data_root) / "tinyshakespeare.txt")
+        src = download(SHAKESPEARE_URL, Path(data_root) / "tinyshakespeare.txt",
+                       hint="check the network or pass --input PATH to a local copy")
     src = Path(src)
     if not src.is_file():
         raise SystemExit(f"error: input file {src} not found (check --input / the text: path)")
