@@ -117,9 +117,15 @@ def bench_train_quality(quick: bool):
     import gpt
     import train
 
-    # one run's final val loss moves by about +-0.01 with the seed (20 eval batches): three seeds
+    # One run's final val loss moves by about +-0.01 with the seed (20 eval batches): three
+    # seeds. After each run, 200 nanoGPT-style steps of the same model shape, so both timings
+    # see the same machine conditions (this machine's speed drifts by ~10% over minutes).
     seeds = (1337,) if quick else (1337, 1, 2)
-    vals, step_ms = {}, []
+    cfg = gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128)
+    model = gpt.GPT(cfg)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    g = torch.Generator().manual_seed(0)
+    vals, step_ms, base_ms = {}, [], []
     with tempfile.TemporaryDirectory() as tmp:
         src = SHARED_DATA / "tinyshakespeare.txt"
         for seed in seeds:
@@ -133,22 +139,18 @@ def bench_train_quality(quick: bool):
             rows = [json.loads(line) for line in open(Path(tmp) / f"out{seed}" / "metrics.jsonl")]
             vals[seed] = [r["val_loss"] for r in rows if "val_loss" in r][-1]
             step_ms += [r["ms_per_step"] for r in rows if "ms_per_step" in r]
-        ours = statistics.median(step_ms)
-        bins = gpt.TokenBins(Path(tmp) / "shakespeare_char", "train")
-    cfg = gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128)
-    model = gpt.GPT(cfg)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    g = torch.Generator().manual_seed(0)
+            bins = gpt.TokenBins(Path(tmp) / "shakespeare_char", "train")
 
-    def nanogpt_step():
-        x, y = bins.get_batch(12, 64, g)
-        logits, _ = model(x)
-        F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            def nanogpt_step():  # nanoGPT's forward: full logits, then F.cross_entropy
+                x, y = bins.get_batch(12, 64, g)
+                logits, _ = model(x)
+                F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-    base = median_ms(nanogpt_step, repeat=20 if quick else 200, warmup=5)
+            base_ms.append(median_ms(nanogpt_step, repeat=20 if quick else 200, warmup=5))
+    ours, base = statistics.median(step_ms), statistics.median(base_ms)
     per_seed = ", ".join(f"{v:.4f}" for v in vals.values())
     row("train", f"nanoGPT CPU config, {'20' if quick else '2000'} iters: final val loss, median of seeds "
         f"{'/'.join(map(str, seeds))} (goal <= 1.89)", f"{statistics.median(vals.values()):.4f} ({per_seed})")
