@@ -275,7 +275,8 @@ def main(argv=None):
     log(f"tokens per iteration: {tokens_per_iter:,}")
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(out_dir / "metrics.jsonl", "a") if master else None
+    # a resumed run continues the file, a new run starts it afresh
+    metrics = open(out_dir / "metrics.jsonl", "a" if cfg.init_from == "resume" else "w") if master else None
 
     def write_metrics(row):
         if metrics is not None:
@@ -289,7 +290,8 @@ def main(argv=None):
         # so the data position is just the iteration: a resume draws exactly the batches it would
         # have drawn, and N ranks together draw the batches one process draws with N times the
         # accumulation steps.
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + it) * 1009 + rank * cfg.gradient_accumulation_steps + micro_step)
+        global_micro_step = rank * cfg.gradient_accumulation_steps + micro_step
+        g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + it) * 1_000_003 + global_micro_step) % 2**63)
         return bins["train"].get_batch(cfg.batch_size, cfg.block_size, g, device)
 
     # --- the loop
