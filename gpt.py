@@ -590,9 +590,9 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
     else:
         raise SystemExit(f"error: unknown dataset {name!r} (shakespeare_char, shakespeare, fineweb_edu, text:<path>)")
     meta_path = folder / "meta.json"
-    if meta_path.exists():
+    if meta_path.exists():  # prepared before: reuse it unless the tokenizer or the source changed
         meta = json.loads(meta_path.read_text())
-        if spec is None or meta["tokenizer"] == spec:
+        if (spec is None or meta["tokenizer"] == spec) and (src is None or meta["source"] == str(src)):
             return folder
     if src is None:
         src = download(SHAKESPEARE_URL, Path(data_root) / "tinyshakespeare.txt",

@@ -241,9 +241,11 @@ def main(argv=None):
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
-        torch.set_rng_state(ckpt["torch_rng"])  # dropout's randomness (rank 0's under DDP)
+        # dropout's randomness (rank 0's under DDP); RNG states are CPU byte tensors, whatever
+        # device the checkpoint was mapped to
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
         if device_type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
         log(f"resumed from {ckpt_path} at iter {iter_num} (best val loss {best_val_loss:.4f})")
         ckpt = None  # free the memory
     raw_model = model
