@@ -758,6 +758,17 @@ def autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
+def cosine_lr(it, max_lr, min_lr, warmup_iters, decay_iters):
+    """nanoGPT's schedule: linear warmup to max_lr over warmup_iters, cosine decay to min_lr
+    at decay_iters, then flat. Warmup starts above zero so step 0 already learns."""
+    if it < warmup_iters:
+        return max_lr * (it + 1) / (warmup_iters + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
 def set_seed(seed: int):
     import random
 

@@ -19,7 +19,6 @@ Options keep nanoGPT's names (python train.py --help); booleans take a value: --
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -103,12 +102,7 @@ def get_lr(it, cfg: TrainConfig):
     """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then flat."""
     if not cfg.decay_lr:
         return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    return gpt.cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
 
 
 def parse_args(argv):
