@@ -226,10 +226,6 @@ def bench_sample(quick: bool) -> None:
     greedy. The uncached decode time is integrated from the measured cost of one uncached
     step at a few window lengths (the per-step cost grows ~linearly with the window), since
     running all 256 uncached steps of a 124M model would take minutes on a CPU."""
-    import time
-
-    import torch
-
     import gpt
     import sample
 
@@ -309,8 +305,9 @@ def hf_gpt2(model, transformers):
                                         n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                         attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    sd = {k: (v.t() if k.endswith(conv1d) else v) for k, v in model.state_dict().items()}
+    import gpt
+
+    sd = {k: (v.t() if k.endswith(gpt.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), (missing, unexpected)
     return hf

@@ -126,6 +126,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# Hugging Face's GPT-2 stores these projections as Conv1D, weight (in, out): transposed
+# relative to nn.Linear's (out, in) whenever weights cross between the two
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -256,8 +261,6 @@ class GPT(nn.Module):
                                bias="ln_f.bias" in sd)
         model = cls(config)
         ours = model.state_dict()
-        # HF's GPT-2 stores these projections as Conv1D, weight (in, out): transpose to Linear's (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         converted = {}
         for k, v in sd.items():
             if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
@@ -265,7 +268,7 @@ class GPT(nn.Module):
             key = "transformer." + k
             if key not in ours:
                 raise SystemExit(f"error: unexpected tensor {k!r} in the GPT-2 state dict")
-            converted[key] = v.t() if k.endswith(transposed) else v
+            converted[key] = v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v
         missing = set(ours) - set(converted) - {"lm_head.weight"}
         if missing:
             raise SystemExit(f"error: GPT-2 state dict lacks {sorted(missing)[:3]}...")
@@ -618,9 +621,16 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
     return folder
 
 
-def _tokenize_doc(args):
-    text, spec = args
-    tok = load_tokenizer(spec)
+_worker_tokenizer = None
+
+
+def _init_worker(spec):
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(spec)  # once per worker process, not once per document
+
+
+def _tokenize_doc(text):
+    tok = _worker_tokenizer
     return np.asarray([tok.eot_id] + tok.encode(text), dtype=np.uint16)  # documents are delimited by <|endoftext|>
 
 
@@ -645,11 +655,11 @@ def prepare_fineweb(folder: Path, spec: str, n_files: int = 14) -> Path:
         write_tokens(folder / f"{'val' if shard == 0 else 'train'}_{shard:06d}.bin", np.concatenate(buf))
         shard, buf, n_buf = shard + 1, [], 0
 
-    with mp.Pool(max(1, os.cpu_count() // 2)) as pool:
+    with mp.Pool(max(1, os.cpu_count() // 2), initializer=_init_worker, initargs=(spec,)) as pool:
         for i in range(n_files):
             path = download(FINEWEB_URL.format(i), folder / "raw" / f"{i:03d}.parquet")
             texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-            for ids in pool.imap(_tokenize_doc, ((t, spec) for t in texts), chunksize=16):
+            for ids in pool.imap(_tokenize_doc, texts, chunksize=16):
                 buf.append(ids)
                 n_buf += len(ids)
                 total += len(ids)

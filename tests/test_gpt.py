@@ -10,8 +10,6 @@ import torch.nn.functional as F
 import gpt
 from gpt import GPT, GPTConfig
 
-# Conv1D projections: HF stores them (in, out), nn.Linear (out, in)
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def to_hf_names(model):
@@ -20,7 +18,7 @@ def to_hf_names(model):
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":
             continue  # tied to wte
-        sd[k] = v.t().contiguous() if k.endswith(CONV1D) else v.clone()
+        sd[k] = v.t().contiguous() if k.endswith(gpt.HF_CONV1D_WEIGHTS) else v.clone()
     return sd
 
 
