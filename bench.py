@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies used when present (CI, tests)
+SHARED_DATA = ROOT / "assets"  # the shipped offline copies (Tiny Shakespeare, GPT-2's BPE files)
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
+
+from common import NanoError, cli  # noqa: E402
 
 
 def row(section: str, what: str, figure: str):
@@ -47,9 +49,11 @@ def median_ms(fn, repeat=5, warmup=1):
 def shakespeare_text() -> str:
     path = SHARED_DATA / "tinyshakespeare.txt"
     if not path.is_file():
+        import common
+        import data
         import gpt
 
-        path = gpt.download(gpt.SHAKESPEARE_URL, ROOT / "data" / "tinyshakespeare.txt")
+        path = data.download(data.SHAKESPEARE_URL, ROOT / "data" / "tinyshakespeare.txt")
     return path.read_text()
 
 
@@ -70,11 +74,13 @@ def bench_train(quick: bool):
 
 
 def bench_train_step(quick: bool):
+    import common
+    import data
     import gpt
 
-    device = gpt.pick_device("auto")
-    dtype = gpt.pick_dtype(device, "auto")
-    peak = gpt.device_peak_flops(device, dtype) or cpu_peak_flops()
+    device = common.pick_device("auto")
+    dtype = common.pick_dtype(device, "auto")
+    peak = common.device_peak_flops(device, dtype) or cpu_peak_flops()
     shapes = {"tiny (4L/4H/128, T=64, B=12)": (gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128), 12),
               "gpt2-124M (T=256, B=2)" if device == "cpu" else "gpt2-124M (T=1024, B=8)":
                   (gpt.GPTConfig(block_size=256 if device == "cpu" else 1024), 2 if device == "cpu" else 8)}
@@ -86,7 +92,7 @@ def bench_train_step(quick: bool):
         x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
 
         def step():
-            with gpt.autocast(device, dtype):
+            with common.autocast(device, dtype):
                 _, loss = model(x, x)
             loss.backward()
             opt.step()
@@ -114,6 +120,8 @@ def bench_train_quality(quick: bool):
 
     import torch.nn.functional as F
 
+    import common
+    import data
     import gpt
     import train
 
@@ -139,7 +147,7 @@ def bench_train_quality(quick: bool):
             rows = [json.loads(line) for line in open(Path(tmp) / f"out{seed}" / "metrics.jsonl")]
             vals[seed] = [r["val_loss"] for r in rows if "val_loss" in r][-1]
             step_ms += [r["ms_per_step"] for r in rows if "ms_per_step" in r]
-            bins = gpt.TokenBins(Path(tmp) / "shakespeare_char", "train")
+            bins = data.TokenBins(Path(tmp) / "shakespeare_char", "train")
 
             def nanogpt_step():  # nanoGPT's forward: full logits, then F.cross_entropy
                 x, y = bins.get_batch(12, 64, g)
@@ -196,6 +204,8 @@ def bench_loss(quick: bool):
     peaks = {}
     for mode in ("naive", "chunked"):
         if torch.cuda.is_available():
+            import common
+            import data
             import gpt
 
             x = torch.randn(N, C, device="cuda", requires_grad=True)
@@ -226,6 +236,8 @@ def bench_sample(quick: bool) -> None:
     greedy. The uncached decode time is integrated from the measured cost of one uncached
     step at a few window lengths (the per-step cost grows ~linearly with the window), since
     running all 256 uncached steps of a 124M model would take minutes on a CPU."""
+    import common
+    import data
     import gpt
     import sample
 
@@ -305,6 +317,8 @@ def hf_gpt2(model, transformers):
                                         n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                         attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    import common
+    import data
     import gpt
 
     sd = {k: (v.t() if k.endswith(gpt.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}
@@ -442,11 +456,13 @@ def bench_nf4(quick: bool) -> None:
 def bench_lora(quick: bool):
     import io
 
+    import common
+    import data
     import gpt
     import lora
 
-    device = gpt.pick_device("auto")
-    dtype = gpt.pick_dtype(device, "auto")
+    device = common.pick_device("auto")
+    dtype = common.pick_dtype(device, "auto")
     if quick:
         name, cfg, batch = "tiny (2L/2H/32, T=32, B=4)", gpt.GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32), 4
     elif device == "cpu":
@@ -466,7 +482,7 @@ def bench_lora(quick: bool):
         opt = torch.optim.AdamW(params, lr=1e-4)
 
         def step():
-            with gpt.autocast(device, dtype):
+            with common.autocast(device, dtype):
                 _, loss = model(x, targets=y)
             loss.backward()
             opt.step()
@@ -524,6 +540,8 @@ def bench_fsdp2(quick: bool) -> None:
     import torch
 
     import fsdp2_train
+    import common
+    import data
     import gpt
 
     shape = (["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"] if quick else
@@ -581,7 +599,7 @@ def bench_fsdp2(quick: bool) -> None:
         src.write_text(shakespeare_text()[:200_000])
         data_root = tmp / "data"
         with contextlib.redirect_stderr(open(os.devnull, "w")):
-            gpt.prepare_dataset("shakespeare_char", input=src, data_root=data_root)
+            data.prepare_dataset("shakespeare_char", input=src, data_root=data_root)
 
         def median_step_ms(out_dir):
             rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
@@ -603,10 +621,10 @@ def bench_fsdp2(quick: bool) -> None:
         row("fsdp2", "tiny 2L/32 B=8 CPU: 2-rank step time / 1-process", f"{two / one:.2f}x")
 
         # the same step without any torch.distributed: what FSDP2's hooks and DTensors cost here
-        model = gpt.GPT(gpt.GPTConfig(block_size=32, vocab_size=gpt.read_meta(data_root / "shakespeare_char")["vocab_size"],
+        model = gpt.GPT(gpt.GPTConfig(block_size=32, vocab_size=data.read_meta(data_root / "shakespeare_char")["vocab_size"],
                                       n_layer=2, n_head=2, n_embd=32))
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-        bins = gpt.TokenBins(data_root / "shakespeare_char", "train")
+        bins = data.TokenBins(data_root / "shakespeare_char", "train")
         g = torch.Generator().manual_seed(0)
 
         def plain_step():
@@ -629,12 +647,12 @@ def bench_fsdp2(quick: bool) -> None:
 _DPO_CHILD = """
 import copy, json, sys, torch
 sys.path.insert(0, {root!r})
-import dpo, gpt, lora
+import common, dpo, gpt, lora
 from bench import median_ms
 variant, (n_layer, n_head, n_embd, vocab, T, B, repeat) = sys.argv[1], map(int, sys.argv[2:])
-device = gpt.pick_device("auto")
-dtype = gpt.pick_dtype(device, "auto")
-ctx = gpt.autocast(device, dtype)
+device = common.pick_device("auto")
+dtype = common.pick_dtype(device, "auto")
+ctx = common.autocast(device, dtype)
 
 
 def vm_kib(key):  # VmRSS (now) or VmHWM (peak since the last reset) of this process
@@ -707,7 +725,7 @@ def bench_dpo(quick: bool):
         out = subprocess.run([sys.executable, "-c", _DPO_CHILD.format(root=str(ROOT)), variant, *map(str, shape)],
                              capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
-            raise SystemExit(f"error: dpo bench child {variant} failed: {out.stderr.strip().splitlines()[-1]}")
+            raise NanoError(f"dpo bench child {variant} failed: {out.stderr.strip().splitlines()[-1]}")
         r = res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         row("dpo", f"{name}, {label}", f"{r['peak'] / 2**20:,.0f} MiB peak, {r['ms']:.0f} ms/step")
     copy_, off = res["lora_copy"], res["lora_off"]
@@ -832,9 +850,11 @@ def bench_hellaswag(quick: bool) -> None:
     import torch
 
     import eval_hellaswag as hs
+    import common
+    import data
     import gpt
 
-    device = gpt.pick_device("auto")
+    device = common.pick_device("auto")
     torch.manual_seed(0)
     # GPT-2 124M as from_pretrained("gpt2") builds it; quick: a tiny model, same vocabulary
     config = gpt.GPTConfig(vocab_size=50257)
@@ -842,7 +862,7 @@ def bench_hellaswag(quick: bool) -> None:
         config = gpt.GPTConfig(vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
     model = gpt.GPT(config).to(device).eval()
     shape = "tiny 2L/64" if quick else "gpt2-124M"
-    tok = gpt.load_tokenizer("gpt2")
+    tok = data.load_tokenizer("gpt2")
 
     # synthetic rows shaped like HellaSwag val: a 15-70 word context, endings of 8-30 words
     # (quick: short ones), so padding costs what it costs on the real data
@@ -880,13 +900,14 @@ SECTIONS = {"train": bench_train, "loss": bench_loss, "sample": bench_sample, "b
             "lora": bench_lora, "fsdp2": bench_fsdp2, "dpo": bench_dpo, "moe": bench_moe, "hellaswag": bench_hellaswag}
 
 
+@cli
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
     names = [a for a in argv if not a.startswith("--")] or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        raise SystemExit(f"error: unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
+        raise NanoError(f"unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
     print(f"{'section':<10} {'what':<62} figure")
     for name in names:
         SECTIONS[name](quick)

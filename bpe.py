@@ -26,6 +26,8 @@ Run:
 from __future__ import annotations
 
 import argparse
+
+from common import NanoError, cli
 import functools
 import heapq
 import json
@@ -173,7 +175,7 @@ def count_pretokens(text_or_path, special_tokens=(), pattern=GPT2_PATTERN, num_w
         return count_text_pretokens(text, special_tokens, pattern)
     path = str(text_or_path)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: training file {path} not found (check the path)")
+        raise NanoError(f"training file {path} not found (check the path)")
     bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
     jobs = [(path, a, b, tuple(special_tokens), pattern) for a, b in pairwise(bounds)]
     num_workers = min(num_workers or os.cpu_count() or 1, len(jobs))
@@ -190,7 +192,7 @@ def _sum_counts(parts) -> Counter:
     total = Counter()
     for part in parts:
         if isinstance(part, str):
-            raise SystemExit(part)
+            raise NanoError(part.removeprefix("error: "))
         total.update(part)
     return total
 
@@ -316,12 +318,12 @@ def train_bpe(text_or_path, vocab_size: int, special_tokens=(), pattern=GPT2_PAT
     special_tokens = list(dict.fromkeys(special_tokens))
     num_merges = vocab_size - 256 - len(special_tokens)
     if num_merges < 0:
-        raise SystemExit(f"error: vocab_size {vocab_size} is too small (it counts 256 byte tokens and "
+        raise NanoError(f"vocab_size {vocab_size} is too small (it counts 256 byte tokens and "
                          f"{len(special_tokens)} special token(s): use at least {256 + len(special_tokens)})")
     t0 = time.perf_counter()
     counts = count_pretokens(text_or_path, special_tokens, pattern, num_workers)
     if not counts:
-        raise SystemExit("error: the training text is empty (nothing outside special tokens; give a non-empty text)")
+        raise NanoError("the training text is empty (nothing outside special tokens; give a non-empty text)")
     if verbose:
         print(f"{len(counts):,} distinct pre-tokens, {sum(counts.values()):,} in all, counted in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -414,7 +416,7 @@ class Tokenizer:
         try:
             self._split = regex.compile(pattern)
         except regex.error as e:
-            raise SystemExit(f"error: bad split pattern {pattern!r}: {e}") from None
+            raise NanoError(f"bad split pattern {pattern!r}: {e}") from None
         self._build_tables()
 
     def _build_tables(self):
@@ -422,7 +424,7 @@ class Tokenizer:
         token_id = {t: i for i, t in self.vocab.items() if i not in special_ids}
         missing = [b for b in range(256) if bytes([b]) not in token_id]
         if missing:
-            raise SystemExit(f"error: the vocabulary lacks byte token(s) {missing[:5]} "
+            raise NanoError(f"the vocabulary lacks byte token(s) {missing[:5]} "
                              "(a byte-level BPE needs all 256)")
         self._byte_ids = [token_id[bytes([b])] for b in range(256)]
         self._ranks, self._merged_id = {}, {}  # (left id, right id) -> priority / id of left+right
@@ -430,7 +432,7 @@ class Tokenizer:
             try:
                 pair, new_id = (token_id[left], token_id[right]), token_id[left + right]
             except KeyError:
-                raise SystemExit(f"error: merge {rank} ({render_token(left)} + {render_token(right)}) "
+                raise NanoError(f"merge {rank} ({render_token(left)} + {render_token(right)}) "
                                  "uses a token missing from the vocabulary (rebuild the tokenizer)") from None
             if pair not in self._ranks:
                 self._ranks[pair], self._merged_id[pair] = rank, new_id
@@ -487,16 +489,16 @@ class Tokenizer:
         if isinstance(allowed_special, (set, frozenset, list, tuple)):
             unknown = set(allowed_special) - every
             if unknown:
-                raise SystemExit(f"error: {sorted(unknown)} are not special tokens of this tokenizer "
+                raise NanoError(f"{sorted(unknown)} are not special tokens of this tokenizer "
                                  f"(it has {sorted(every)})")
             return frozenset(allowed_special), every - frozenset(allowed_special)
-        raise SystemExit(f"error: allowed_special={allowed_special!r} (use 'none_raise', 'all', 'none' or a set)")
+        raise NanoError(f"allowed_special={allowed_special!r} (use 'none_raise', 'all', 'none' or a set)")
 
     def _check_disallowed(self, text, disallowed):
         if disallowed:
             found = special_token_regex(disallowed).search(text)
             if found:
-                raise SystemExit(f"error: the text contains the special token {found.group()!r} (pass "
+                raise NanoError(f"the text contains the special token {found.group()!r} (pass "
                                  "allowed_special='all' to encode it as one token, or use encode_ordinary "
                                  "to encode it as plain text)")
 
@@ -586,7 +588,7 @@ class Tokenizer:
         try:
             return b"".join(map(self.vocab.__getitem__, ids))
         except KeyError as e:
-            raise SystemExit(f"error: token id {e.args[0]!r} is not in the vocabulary (ids go up to "
+            raise NanoError(f"token id {e.args[0]!r} is not in the vocabulary (ids go up to "
                              f"{self.vocab_size - 1})") from None
 
     def decode(self, ids) -> str:
@@ -609,7 +611,7 @@ class Tokenizer:
             if not all(len(m) == 2 for m in merges):
                 raise ValueError("a merge line is not two tokens")
         except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise SystemExit(f"error: cannot read GPT-2 files {vocab_bpe_path}, {encoder_json_path}: "
+            raise NanoError(f"cannot read GPT-2 files {vocab_bpe_path}, {encoder_json_path}: "
                              f"{type(e).__name__}: {e} (need OpenAI's vocab.bpe and encoder.json)") from None
         specials = {s: encoder[s] for s in special_tokens if s in encoder}
         return cls(vocab, merges, specials, GPT2_PATTERN)
@@ -626,7 +628,7 @@ class Tokenizer:
 
                 encoding = tiktoken.get_encoding(encoding)
             except Exception as e:  # noqa: BLE001 (no network, unknown name, no tiktoken: one message)
-                raise SystemExit(f"error: tiktoken cannot load {encoding!r} ({type(e).__name__}; it needs "
+                raise NanoError(f"tiktoken cannot load {encoding!r} ({type(e).__name__}; it needs "
                                  "network access or the encoding's files in TIKTOKEN_CACHE_DIR)") from None
         ranks = encoding._mergeable_ranks  # tiktoken exposes no public accessor
         merges = []
@@ -634,7 +636,7 @@ class Tokenizer:
             if len(token) > 1:
                 parts = _bpe_by_rank(ranks, token, max_rank=rank)
                 if len(parts) != 2:
-                    raise SystemExit(f"error: token {render_token(token)} (rank {rank}) is not a merge of "
+                    raise NanoError(f"token {render_token(token)} (rank {rank}) is not a merge of "
                                      "two lower-ranked tokens: not a BPE vocabulary")
                 merges.append((parts[0], parts[1]))
         vocab = {rank: token for token, rank in ranks.items()}
@@ -677,11 +679,11 @@ class Tokenizer:
         """Read a file written by save(); a clear one-line error if it is not one."""
         path = Path(path)
         if not path.is_file():
-            raise SystemExit(f"error: tokenizer file {path} not found (train one: python bpe.py train ...)")
+            raise NanoError(f"tokenizer file {path} not found (train one: python bpe.py train ...)")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: {path} is not a bpe.py tokenizer file ({type(e).__name__})") from None
+            raise NanoError(f"{path} is not a bpe.py tokenizer file ({type(e).__name__})") from None
         lines = text.split("\n")
         try:
             # comment lines ("# ...") are allowed in the header only: "#" is also a token
@@ -709,7 +711,7 @@ class Tokenizer:
             if len(merges) != n_merges or any(lines[at + 1 + n_merges:]):
                 raise ValueError(f"expected {n_merges} merges, found {len(lines) - at - 1} lines")
         except (ValueError, IndexError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {path} is not a valid bpe.py tokenizer file ({e}; re-create it "
+            raise NanoError(f"{path} is not a valid bpe.py tokenizer file ({e}; re-create it "
                              "with python bpe.py train)") from None
         return cls(vocab, merges, specials, pattern)
 
@@ -763,12 +765,12 @@ def load_any(spec: str) -> Tokenizer:
         return Tokenizer.load(spec)
     if spec in ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"):
         return Tokenizer.from_tiktoken(spec)
-    raise SystemExit(f"error: tokenizer {spec!r} is neither a file nor a tiktoken encoding name (e.g. gpt2)")
+    raise NanoError(f"tokenizer {spec!r} is neither a file nor a tiktoken encoding name (e.g. gpt2)")
 
 
 def _cmd_train(args):
     if not os.path.isfile(args.input):
-        raise SystemExit(f"error: input file {args.input} not found (check --input)")
+        raise NanoError(f"input file {args.input} not found (check --input)")
     pattern = PATTERNS.get(args.pattern, args.pattern)
     specials = [s for s in args.special_tokens.split(",") if s]
     t0 = time.perf_counter()
@@ -783,7 +785,7 @@ def _cmd_encode(args):
     tok = load_any(args.tokenizer)
     text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
     if text is None:
-        raise SystemExit("error: nothing to encode (give the text, or --file FILE)")
+        raise NanoError("nothing to encode (give the text, or --file FILE)")
     ids = tok.encode(text, allowed_special=args.allowed_special)
     print(ids)
     print("|".join(tok.decode_bytes([i]).decode("utf-8", "replace") for i in ids))
@@ -797,7 +799,7 @@ def _cmd_compare(args):
     for name in filter(None, args.reference.split(",")):
         try:
             tokenizers.append((name, Tokenizer.from_tiktoken(name)))
-        except SystemExit as e:
+        except NanoError as e:
             print(f"({name} skipped: {e})")
     if args.tokenizer:
         tokenizers += [(spec, Tokenizer.load(spec)) for spec in args.tokenizer]
@@ -818,6 +820,7 @@ def _cmd_compare(args):
         print("  " + "|".join(pieces))
 
 
+@cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bpe.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

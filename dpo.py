@@ -69,6 +69,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 import lora
 
@@ -138,16 +141,16 @@ def check_rows(rows, where="row"):
     the model is even loaded."""
     for n, row in rows:
         if not isinstance(row, dict):
-            raise SystemExit(f"error: {where} {n}: expected a JSON object with prompt, chosen, rejected")
+            raise NanoError(f"{where} {n}: expected a JSON object with prompt, chosen, rejected")
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
-                raise SystemExit(f"error: {where} {n}: missing field {key!r} "
+                raise NanoError(f"{where} {n}: missing field {key!r} "
                                  "(every row needs prompt, chosen and rejected)")
             if not isinstance(row[key], str):
-                raise SystemExit(f"error: {where} {n}: field {key!r} is a {type(row[key]).__name__}, not a string")
+                raise NanoError(f"{where} {n}: field {key!r} is a {type(row[key]).__name__}, not a string")
         for key in ("chosen", "rejected"):
             if not row[key]:
-                raise SystemExit(f"error: {where} {n}: empty {key!r} completion (drop the row or fill it in)")
+                raise NanoError(f"{where} {n}: empty {key!r} completion (drop the row or fill it in)")
 
 
 def tokenize_pairs(rows, tok, max_length, max_prompt_length, where="row"):
@@ -161,11 +164,11 @@ def tokenize_pairs(rows, tok, max_length, max_prompt_length, where="row"):
             continue
         try:
             p, c, r = (tok.encode(row[k]) for k in ("prompt", "chosen", "rejected"))
-        except SystemExit as e:  # e.g. a character outside a char model's alphabet
-            raise SystemExit(f"error: {where} {n}: {str(e).removeprefix('error: ')}") from None
+        except NanoError as e:  # e.g. a character outside a char model's alphabet
+            raise NanoError(f"{where} {n}: {str(e).removeprefix('error: ')}") from None
         if not p:  # the first completion token must be predicted from something
             if tok.eot_id is None:
-                raise SystemExit(f"error: {where} {n}: empty prompt (this tokenizer has no "
+                raise NanoError(f"{where} {n}: empty prompt (this tokenizer has no "
                                  "end-of-text token to start from; give every row a prompt)")
             p = [tok.eot_id]
         if tok.eot_id is not None:  # answers end with end-of-text: the policy learns to stop
@@ -183,7 +186,7 @@ def read_jsonl(path):
     """(line number, parsed object) per non-blank line; bad JSON is an error naming the line."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: data file {path} not found (pass a .jsonl with prompt/chosen/rejected)")
+        raise NanoError(f"data file {path} not found (pass a .jsonl with prompt/chosen/rejected)")
     rows = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -191,7 +194,7 @@ def read_jsonl(path):
                 try:
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path} line {n}: not valid JSON ({e.msg})") from None
+                    raise NanoError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -231,10 +234,10 @@ def synthetic_rows(n, rng):
 def pretrain_synthetic(cfg, device, rng):
     """A quick char-level GPT on the task's unpreferred-and-preferred mix: the SFT model
     that DPO starts from (policy and reference alike)."""
-    tok = gpt.load_tokenizer("char:" + SYNTH_ALPHABET)
+    tok = data.load_tokenizer("char:" + SYNTH_ALPHABET)
     text = "".join(f"{_word(rng)}>{_word(rng).upper() if rng.random() < 0.5 else _word(rng)}.\n"
                    for _ in range(5000 if cfg.pretrain_iters else 10))
-    data = torch.tensor(tok.encode(text))
+    tokens = torch.tensor(tok.encode(text))
     config = gpt.GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
     model = gpt.GPT(config).to(device)
@@ -242,9 +245,9 @@ def pretrain_synthetic(cfg, device, rng):
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
     for it in range(cfg.pretrain_iters):
-        ix = torch.randint(len(data) - config.block_size - 1, (32,), generator=g)
-        x = torch.stack([data[i:i + config.block_size] for i in ix]).to(device)
-        y = torch.stack([data[i + 1:i + 1 + config.block_size] for i in ix]).to(device)
+        ix = torch.randint(len(tokens) - config.block_size - 1, (32,), generator=g)
+        x = torch.stack([tokens[i:i + config.block_size] for i in ix]).to(device)
+        y = torch.stack([tokens[i + 1:i + 1 + config.block_size] for i in ix]).to(device)
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -375,7 +378,7 @@ class DPOConfig:
 
 def check_config(cfg):
     def fail(msg):
-        raise SystemExit(f"error: {msg}")
+        raise NanoError(f"{msg}")
 
     if cfg.loss_type not in LOSS_TYPES:
         fail(f"unknown --loss_type {cfg.loss_type!r} (one of {', '.join(LOSS_TYPES)})")
@@ -399,13 +402,14 @@ def check_config(cfg):
         fail(f"data file {cfg.data} not found (pass a .jsonl with prompt/chosen/rejected)")
 
 
+@cli
 def main(argv=None):
-    cfg = gpt.parse_config(DPOConfig, argv, description=__doc__)
+    cfg = common.parse_config(DPOConfig, argv, description=__doc__)
     check_config(cfg)
-    device = gpt.pick_device(cfg.device)
-    dtype = gpt.pick_dtype(device, cfg.dtype)
-    ctx = gpt.autocast(device, dtype)
-    gpt.set_seed(cfg.seed)
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    ctx = common.autocast(device, dtype)
+    common.set_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,19 +425,19 @@ def main(argv=None):
         model, spec = pretrain_synthetic(cfg, device, rng)
         base = str(out_dir / "base.pt")
         gpt.save_checkpoint(base, model, spec)  # the adapter's base, and a reusable --init_from
-    tok = gpt.load_tokenizer(spec)
+    tok = data.load_tokenizer(spec)
     if tok.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer {spec!r} has {tok.vocab_size} tokens, the model only "
+        raise NanoError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
 
     # ---- data, all validated before any DPO step
     max_length = cfg.max_length or model.config.block_size
     if max_length > model.config.block_size:
-        raise SystemExit(f"error: --max_length {max_length} exceeds the model's block_size "
+        raise NanoError(f"--max_length {max_length} exceeds the model's block_size "
                          f"{model.config.block_size} (lower it)")
     max_prompt_length = cfg.max_prompt_length or max_length // 2
     if max_prompt_length >= max_length:
-        raise SystemExit(f"error: --max_prompt_length {max_prompt_length} leaves no room for the completion "
+        raise NanoError(f"--max_prompt_length {max_prompt_length} leaves no room for the completion "
                          f"in max_length {max_length} (use a smaller one)")
     if cfg.data:
         pairs, stats = tokenize_pairs(rows, tok, max_length, max_prompt_length, where=f"{cfg.data} line")
@@ -449,7 +453,7 @@ def main(argv=None):
         print(f"warning: skipped {stats['identical_skipped']} pair(s) whose chosen equals the rejected "
               "(after truncation): no preference to learn", file=sys.stderr)
     if not train_pairs:
-        raise SystemExit(f"error: no usable preference pairs in {cfg.data or 'the synthetic task'} "
+        raise NanoError(f"no usable preference pairs in {cfg.data or 'the synthetic task'} "
                          f"({stats['rows']} rows read)")
     print(f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs, {stats['truncated']} truncated "
           f"(max_length {max_length}, prompts keep their last {max_prompt_length} tokens)")
@@ -462,7 +466,7 @@ def main(argv=None):
         try:
             lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets)
         except ValueError as e:
-            raise SystemExit(f"error: {e} (check --lora_targets)") from None
+            raise NanoError(f"{e} (check --lora_targets)") from None
         ref_model = None  # the base weights inside the LoRA model are the reference
     else:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)

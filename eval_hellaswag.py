@@ -46,6 +46,9 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -62,36 +65,36 @@ REQUIRED_FIELDS = ("activity_label", "ctx_a", "ctx_b", "ctx", "endings", "label"
 def download(split: str = "val", cache_dir: str = "~/.cache/nanollm/hellaswag") -> Path:
     """Fetch hellaswag_<split>.jsonl into cache_dir once; later calls find it there."""
     if split not in SPLITS:
-        raise SystemExit(f"error: unknown split {split!r} (choose one of {', '.join(SPLITS)})")
+        raise NanoError(f"unknown split {split!r} (choose one of {', '.join(SPLITS)})")
     path = Path(cache_dir).expanduser() / f"hellaswag_{split}.jsonl"
     if path.is_file():
         return path
-    return gpt.download(DATA_URL.format(split=split), path,
+    return data.download(DATA_URL.format(split=split), path,
                         hint=f"check the network or pass --data PATH to a local hellaswag_{split}.jsonl")
 
 
 def check_example(row, where: str) -> dict:
     """Validate one HellaSwag row; `where` names it in the one-line error."""
     if not isinstance(row, dict):
-        raise SystemExit(f"error: {where}: expected a JSON object, got {type(row).__name__}")
+        raise NanoError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for name in REQUIRED_FIELDS:
         if name not in row:
             hint = " (the test split is unlabelled: use the val split)" if name == "label" else \
                 f" (HellaSwag rows have {', '.join(REQUIRED_FIELDS)})"
-            raise SystemExit(f"error: {where}: missing field '{name}'{hint}")
+            raise NanoError(f"{where}: missing field '{name}'{hint}")
     for name in ("activity_label", "ctx_a", "ctx_b", "ctx"):
         if not isinstance(row[name], str):
-            raise SystemExit(f"error: {where}: field '{name}' must be a string")
+            raise NanoError(f"{where}: field '{name}' must be a string")
     if not row["ctx"]:
-        raise SystemExit(f"error: {where}: field 'ctx' is empty (an ending needs a context)")
+        raise NanoError(f"{where}: field 'ctx' is empty (an ending needs a context)")
     endings = row["endings"]
     if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-        raise SystemExit(f"error: {where}: 'endings' must be a list of 4 strings")
+        raise NanoError(f"{where}: 'endings' must be a list of 4 strings")
     label = row["label"]
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)  # the Hugging Face copy stores labels as strings
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
-        raise SystemExit(f"error: {where}: label {row['label']!r} is outside 0..3")
+        raise NanoError(f"{where}: label {row['label']!r} is outside 0..3")
     return {**row, "label": label}
 
 
@@ -99,7 +102,7 @@ def load_examples(path, limit: Optional[int] = None) -> list[dict]:
     """Read a HellaSwag jsonl file (one example per line), checking every row it keeps."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found (pass a HellaSwag .jsonl, or leave --data out to download)")
+        raise NanoError(f"{path} not found (pass a HellaSwag .jsonl, or leave --data out to download)")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -108,12 +111,12 @@ def load_examples(path, limit: Optional[int] = None) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path} line {lineno}: not valid JSON ({e.msg})") from None
+                raise NanoError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
             examples.append(check_example(row, f"{path} line {lineno}"))
             if limit and len(examples) >= limit:
                 break
     if not examples:
-        raise SystemExit(f"error: {path} is empty (expected one HellaSwag example per line)")
+        raise NanoError(f"{path} is empty (expected one HellaSwag example per line)")
     return examples
 
 
@@ -168,7 +171,7 @@ def render_example(example: dict, tokenizer, style: str, max_tokens: Optional[in
         query, choices = lm_eval_query_and_choices(example)
         pairs = [encode_pair(tokenizer, query, " " + choice) for choice in choices]
     else:
-        raise SystemExit(f"error: unknown style {style!r} (choose one of {', '.join(STYLES)})")
+        raise NanoError(f"unknown style {style!r} (choose one of {', '.join(STYLES)})")
     rows, masks = [], []
     for context, ending in pairs:
         row, mask = context + ending, [0] * len(context) + [1] * len(ending)
@@ -200,7 +203,7 @@ def ending_logprobs(model, rendered: list[Rendered], device, dtype=torch.float32
     targets = torch.tensor([row[1:] + [0] * (T + 1 - len(row)) for row in rows])
     scored = torch.tensor([mask[1:] + [0] * (T + 1 - len(mask)) for mask in masks], dtype=torch.bool)
     inputs, targets, scored = inputs.to(device), targets.to(device), scored.to(device)
-    with gpt.autocast(str(device), dtype):
+    with common.autocast(str(device), dtype):
         hidden = model.hidden_states(inputs)  # (4E, T, C)
         logits = model.lm_head(hidden[scored])  # (N, V): only the N ending positions
     token_logprobs = -F.cross_entropy(logits.float(), targets[scored], reduction="none")  # (N,)
@@ -234,7 +237,7 @@ def evaluate(model, tokenizer, examples: list[dict], style: str = "completion", 
     (examples[rank::world_size]) and the counts are summed, so every rank returns the
     totals; every rank must call it. Pass the bare model (not the DDP wrapper)."""
     if style not in STYLES:
-        raise SystemExit(f"error: unknown style {style!r} (choose one of {', '.join(STYLES)})")
+        raise NanoError(f"unknown style {style!r} (choose one of {', '.join(STYLES)})")
     device = device if device is not None else next(model.parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = examples[rank::world]
@@ -249,8 +252,8 @@ def evaluate(model, tokenizer, examples: list[dict], style: str = "completion", 
         for example in batch:
             try:
                 rendered.append(render_example(example, tokenizer, style, max_tokens))
-            except SystemExit as e:  # e.g. a character a char-level model has never seen
-                raise SystemExit(f"error: example ind={example.get('ind')}: {str(e).removeprefix('error: ')}") from None
+            except NanoError as e:  # e.g. a character a char-level model has never seen
+                raise NanoError(f"example ind={example.get('ind')}: {str(e).removeprefix('error: ')}") from None
         scores = ending_logprobs(model, rendered, device, dtype).cpu()  # (E, 4)
         norms = torch.tensor([r.norms for r in rendered])
         labels = torch.tensor([r.label for r in rendered])
@@ -302,28 +305,29 @@ def load_model(cfg: EvalConfig, device: str):
     if cfg.ckpt:
         model, spec = gpt.load_checkpoint(cfg.ckpt, device)
         try:
-            tokenizer = gpt.load_tokenizer(spec)
-        except (SystemExit, Exception) as e:
+            tokenizer = data.load_tokenizer(spec)
+        except Exception as e:
             reason = str(e).removeprefix("error: ") or e.__class__.__name__
-            raise SystemExit(f"error: checkpoint {cfg.ckpt}: its tokenizer {spec!r} cannot be loaded ({reason})") from None
+            raise NanoError(f"checkpoint {cfg.ckpt}: its tokenizer {spec!r} cannot be loaded ({reason})") from None
         return model, tokenizer
-    return gpt.GPT.from_pretrained(cfg.init_from or "gpt2").to(device), gpt.load_tokenizer("gpt2")
+    return gpt.GPT.from_pretrained(cfg.init_from or "gpt2").to(device), data.load_tokenizer("gpt2")
 
 
+@cli
 def main(argv=None) -> dict:
-    cfg = gpt.parse_config(EvalConfig, argv, __doc__)
+    cfg = common.parse_config(EvalConfig, argv, __doc__)
     # check the cheap things before any download or model load
     if cfg.ckpt and cfg.init_from:
-        raise SystemExit("error: pass either --init_from or --ckpt, not both")
+        raise NanoError("pass either --init_from or --ckpt, not both")
     styles = list(STYLES) if cfg.style == "both" else [cfg.style]
     if any(s not in STYLES for s in styles):
-        raise SystemExit(f"error: unknown --style {cfg.style!r} (completion, lm_eval or both)")
+        raise NanoError(f"unknown --style {cfg.style!r} (completion, lm_eval or both)")
     if cfg.batch_size < 1 or cfg.log_every < 1 or (cfg.limit is not None and cfg.limit < 1):
-        raise SystemExit("error: --batch_size, --log_every and --limit must be at least 1")
+        raise NanoError("--batch_size, --log_every and --limit must be at least 1")
     if cfg.data is None and cfg.split not in ("train", "val"):
-        raise SystemExit(f"error: --split {cfg.split!r} has no labels or does not exist (use val or train)")
-    device = gpt.pick_device(cfg.device)
-    dtype = gpt.pick_dtype(device, cfg.dtype)
+        raise NanoError(f"--split {cfg.split!r} has no labels or does not exist (use val or train)")
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
 
     # torchrun sets RANK/WORLD_SIZE: split the examples over the processes
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

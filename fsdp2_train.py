@@ -90,6 +90,9 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 import lora
 import qlora_nf4
@@ -161,7 +164,7 @@ def get_lr(it, cfg):
     """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then flat (train.py's)."""
     if not cfg.decay_lr:
         return cfg.learning_rate
-    return gpt.cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+    return common.cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,9 +205,9 @@ def fail(ranks: Ranks, message: str):
     """Every rank calls this on the same condition (so the barrier below cannot hang): rank
     0 prints the one-line error, the others exit quietly, all with status 1. torchrun stops
     the remaining ranks as soon as one exits non-zero, so rank 0 prints *before* the
-    barrier that lets the others go; a single process raises SystemExit(message) as usual."""
+    barrier that lets the others go; a single process raises NanoError(message) as usual."""
     if ranks.world == 1:
-        raise SystemExit(message)
+        raise NanoError(message.removeprefix("error: "))
     if ranks.rank == 0:
         print(message, file=sys.stderr, flush=True)
     dist.barrier()
@@ -213,14 +216,14 @@ def fail(ranks: Ranks, message: str):
 
 def agree(ranks: Ranks, fn):
     """Run fn on rank 0 first (downloads, tokenizing), the others wait, then run it too
-    (reusing what rank 0 wrote). If fn raises SystemExit on rank 0, every rank exits with
+    (reusing what rank 0 wrote). If fn raises NanoError on rank 0, every rank exits with
     rank 0's message instead of hanging at a barrier. Returns this rank's fn()."""
     status, result = [None], None
     if ranks.rank == 0:
         try:
             result = fn()
-        except SystemExit as e:
-            status = [str(e.code)]
+        except NanoError as e:
+            status = [f"error: {e}"]
     dist.broadcast_object_list(status, src=0)
     if status[0] is not None:
         fail(ranks, status[0])
@@ -235,7 +238,7 @@ def load_base(cfg: FSDP2Config, vocab_size: int, resume_config: dict | None = No
     """The full, unsharded model exactly as a 1-process run would build it (same seed, same
     init), so the sharded run is a function of the seed alone. Returns (model, tokenizer
     spec of the checkpoint it came from, or None)."""
-    gpt.set_seed(cfg.seed)
+    common.set_seed(cfg.seed)
     if resume_config is not None:  # the saved shape; DCP overwrites every tensor later
         return gpt.GPT(gpt.GPTConfig(**resume_config)), None
     if cfg.init_from == "scratch":
@@ -457,7 +460,7 @@ def export_checkpoint(ranks, path, model, cfg: FSDP2Config, model_config, spec, 
 
 
 def parse_args(argv):
-    cfg = gpt.parse_config(FSDP2Config, argv, __doc__)
+    cfg = common.parse_config(FSDP2Config, argv, __doc__)
     argv = sys.argv[1:] if argv is None else argv
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     if cfg.init_from == "resume":
@@ -515,6 +518,7 @@ def resume_options(cfg: FSDP2Config, given: set, ranks: Ranks) -> dict:
     return state
 
 
+@cli
 def main(argv=None):
     cfg, given = parse_args(argv)
     ranks = init_distributed(cfg.device)
@@ -534,14 +538,14 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     validate(cfg, ranks)
     device, device_type = ranks.device, ranks.device.split(":")[0]
-    dtype = gpt.pick_dtype(device, cfg.dtype)
+    dtype = common.pick_dtype(device, cfg.dtype)
     out_dir = Path(cfg.out_dir)
     resume_state = resume_options(cfg, given, ranks) if cfg.resume else None
 
     # --- data: rank 0 tokenizes, the others wait (and learn of its failure)
-    data_dir = agree(ranks, lambda: gpt.prepare_dataset(cfg.dataset, cfg.input or None, None, cfg.data_root))
-    meta = gpt.read_meta(data_dir)
-    bins = {"train": gpt.TokenBins(data_dir, "train"), "val": gpt.TokenBins(data_dir, "val")}
+    data_dir = agree(ranks, lambda: data.prepare_dataset(cfg.dataset, cfg.input or None, None, cfg.data_root))
+    meta = data.read_meta(data_dir)
+    bins = {"train": data.TokenBins(data_dir, "train"), "val": data.TokenBins(data_dir, "val")}
 
     # --- model: the same full model on every rank, then cut into shards
     if resume_state is not None:
@@ -596,7 +600,7 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
     # FLOPs are those of the dense model (6N per token, nanoGPT's count), whatever the mode
     with torch.device("meta"):
         flops_model = gpt.GPT(gpt.GPTConfig(**model_config))
-    peak_flops = gpt.device_peak_flops(device, dtype, cfg.peak_flops)
+    peak_flops = common.device_peak_flops(device, dtype, cfg.peak_flops)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     local_seqs_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size // ranks.world
     log(f"tokens per iteration: {tokens_per_iter:,} ({cfg.batch_size // ranks.world} sequences per rank per micro-step)")

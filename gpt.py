@@ -6,41 +6,35 @@ blocks (causal self-attention, then a GELU MLP), a final LayerNorm and a languag
 head that shares its weight with the token embedding. Module names are those of nanoGPT
 and of Hugging Face's GPT-2, so real GPT-2 weights load by name.
 
-Besides the model, this file holds the small contracts every other script shares:
-- a memory-efficient loss: lm_head + cross-entropy chunk by chunk, recomputed in backward,
-  so the (B*T, vocab) logits never exist at once (the trick of Liger-Kernel / Apple's
-  "Cut Your Losses in Large-Vocabulary Language Models", 2024, written in plain PyTorch);
-- loading GPT-2 weights from the Hugging Face hub with an own safetensors reader;
-- checkpoints (one format, written atomically), tokenizers (tiktoken gpt2, characters,
-  or a bpe.py file), token-bin datasets, and a dataclass -> argparse helper.
+After the model come three things every script shares:
+- a memory-efficient loss: lm_head + any per-chunk loss (cross-entropy, distillation)
+  chunk by chunk, recomputed in backward, so the (B*T, vocab) logits never exist at once
+  (the trick of Liger-Kernel / Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary
+  Language Models", arXiv:2411.09009, written in plain PyTorch);
+- Hugging Face GPT-2 weights both ways, read from the hub with an own safetensors reader;
+- checkpoints: one format, written atomically, read without running code.
 
-Run: python gpt.py --init_from gpt2 --prompt "Hello"  (a 20-token smoke test of the
-model; sample.py is the real generator).
+Use: `model, spec = gpt.load_checkpoint("out/ckpt.pt")` or `gpt.GPT.from_pretrained("gpt2")`;
+sample.py generates from either (`python sample.py --init_from gpt2`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import inspect
 import json
 import math
 import os
 import struct
-import sys
-import typing
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from common import NanoError
+from data import download
 
-# ----------------------------------------------------------------------------------------
-# Model
 
 
 @dataclass
@@ -52,18 +46,21 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
+    attn_impl: str = "sdpa"  # "flash": flash_attention.py's own Triton kernel where no KV cache is used
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
-                raise SystemExit(f"error: {name} must be positive (got {getattr(self, name)})")
+                raise NanoError(f"{name} must be positive (got {getattr(self, name)})")
         if self.n_embd % self.n_head:
-            raise SystemExit(
-                f"error: n_embd {self.n_embd} is not divisible by n_head {self.n_head} "
+            raise NanoError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head} "
                 "(pick n_embd = n_head * head_dim)"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise SystemExit(f"error: dropout must be in [0, 1) (got {self.dropout})")
+            raise NanoError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.attn_impl not in ("sdpa", "flash"):
+            raise NanoError(f"unknown attn_impl {self.attn_impl!r} (sdpa or flash)")
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,6 +69,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.attn_impl = config.attn_impl
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
@@ -91,7 +89,11 @@ class CausalSelfAttention(nn.Module):
                 slots = torch.arange(k.shape[2], device=x.device)
                 attn_mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, S)
         dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None and kv_cache is None:
+        if self.attn_impl == "flash" and attn_mask is None and kv_cache is None and dropout_p == 0.0:
+            from flash_attention import flash_attention  # imported only when asked for
+
+            y = flash_attention(q, k, v, causal=True)
+        elif attn_mask is None and kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
@@ -249,13 +251,13 @@ class GPT(nn.Module):
         """Build a GPT from a Hugging Face GPT-2 state dict (GPT2LMHeadModel or GPT2Model names)."""
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
         if "wte.weight" not in sd:
-            raise SystemExit("error: not a GPT-2 state dict (no wte.weight)")
+            raise NanoError("not a GPT-2 state dict (no wte.weight)")
         if config is None:
             vocab_size, n_embd = sd["wte.weight"].shape
             n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
             head_dim = 64  # the weights do not say how many heads; every released GPT-2 uses 64-dim heads
             if n_embd % head_dim:
-                raise SystemExit(f"error: n_embd {n_embd} is not a multiple of 64: pass a GPTConfig with n_head")
+                raise NanoError(f"n_embd {n_embd} is not a multiple of 64: pass a GPTConfig with n_head")
             config = GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size,
                                n_layer=n_layer, n_head=n_embd // head_dim, n_embd=n_embd,
                                bias="ln_f.bias" in sd)
@@ -267,18 +269,27 @@ class GPT(nn.Module):
                 continue  # causal-mask buffers of old HF versions; the head is tied to wte
             key = "transformer." + k
             if key not in ours:
-                raise SystemExit(f"error: unexpected tensor {k!r} in the GPT-2 state dict")
+                raise NanoError(f"unexpected tensor {k!r} in the GPT-2 state dict")
             converted[key] = v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v
         missing = set(ours) - set(converted) - {"lm_head.weight"}
         if missing:
-            raise SystemExit(f"error: GPT-2 state dict lacks {sorted(missing)[:3]}...")
+            raise NanoError(f"GPT-2 state dict lacks {sorted(missing)[:3]}...")
         for k, v in converted.items():
             if v.shape != ours[k].shape:
-                raise SystemExit(f"error: shape of {k} is {tuple(v.shape)}, the config wants {tuple(ours[k].shape)}")
+                raise NanoError(f"shape of {k} is {tuple(v.shape)}, the config wants {tuple(ours[k].shape)}")
         with torch.no_grad():
             for k, v in converted.items():
                 ours[k].copy_(v.to(ours[k].dtype))
         return model
+
+    def to_hf_state_dict(self) -> dict:
+        """The inverse of from_hf_state_dict: GPT2LMHeadModel's tensor names, Conv1D weights
+        transposed back to (in, out); the tied lm_head.weight is included, as HF saves it."""
+        sd = {}
+        for k, v in self.state_dict().items():
+            k = k.replace("_orig_mod.", "")
+            sd[k] = v.t().contiguous() if k.endswith(HF_CONV1D_WEIGHTS) else v
+        return sd
 
     @classmethod
     def from_pretrained(cls, name: str, cache_dir: str | None = None):
@@ -286,7 +297,7 @@ class GPT(nn.Module):
         sizes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
                  "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
         if name not in sizes:
-            raise SystemExit(f"error: unknown model {name!r} (choose one of {', '.join(sizes)})")
+            raise NanoError(f"unknown model {name!r} (choose one of {', '.join(sizes)})")
         n_layer, n_head, n_embd = sizes[name]
         config = GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         url = f"https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
@@ -300,27 +311,28 @@ class GPT(nn.Module):
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """sum_c loss_fn(x_c @ W.T, t_c) / n_valid without keeping any chunk's logits.
+    """sum_c loss_fn(x_c @ W.T, t_c, *rows_c) / n_valid without keeping any chunk's logits.
 
-    Forward keeps only x, W and the targets; backward re-runs each chunk's forward and
-    differentiates it (torch.func.vjp, the way torch.utils.checkpoint recomputes), so at
-    most one (chunk, V) block of logits and its gradient exist at any moment. Nothing is
-    derived by hand: any per-chunk loss function works."""
+    Forward keeps only x, W, the targets and the row tensors; backward re-runs each chunk's
+    forward and differentiates it (torch.func.vjp, the way torch.utils.checkpoint
+    recomputes), so at most one (chunk, V) block of logits and its gradient exist at any
+    moment. Nothing is derived by hand: any per-chunk loss function works. Row tensors
+    (N, ...) are cut into the same chunks and get no gradient (e.g. a teacher's hidden states)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size, loss_fn):
-        ctx.save_for_backward(x, weight, targets)
+    def forward(ctx, x, weight, targets, chunk_size, loss_fn, *rows):
+        ctx.save_for_backward(x, weight, targets, *rows)
         ctx.chunk_size, ctx.loss_fn = chunk_size, loss_fn
         n_valid = (targets != -1).sum().clamp(min=1)
         total = x.new_zeros((), dtype=torch.float32)
         for start in range(0, x.shape[0], chunk_size):
             end = start + chunk_size
-            total = total + loss_fn(x[start:end] @ weight.t(), targets[start:end])
+            total = total + loss_fn(x[start:end] @ weight.t(), targets[start:end], *(r[start:end] for r in rows))
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, targets = ctx.saved_tensors
+        x, weight, targets, *rows = ctx.saved_tensors
         n_valid = (targets != -1).sum().clamp(min=1)
         scale = (grad_out / n_valid).to(torch.float32)
         need_w = ctx.needs_input_grad[1]  # a frozen head (LoRA, QLoRA) skips the V x C gradient
@@ -328,16 +340,16 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for start in range(0, x.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            t = targets[start:end]
+            t, r = targets[start:end], [row[start:end] for row in rows]
             if need_w:
-                _, vjp_fn = torch.func.vjp(lambda xc, w: ctx.loss_fn(xc @ w.t(), t), x[start:end], weight)
+                _, vjp_fn = torch.func.vjp(lambda xc, w: ctx.loss_fn(xc @ w.t(), t, *r), x[start:end], weight)
                 gx, gw = vjp_fn(scale)
                 grad_w += gw
             else:
-                _, vjp_fn = torch.func.vjp(lambda xc: ctx.loss_fn(xc @ weight.t(), t), x[start:end])
+                _, vjp_fn = torch.func.vjp(lambda xc: ctx.loss_fn(xc @ weight.t(), t, *r), x[start:end])
                 (gx,) = vjp_fn(scale)
             grad_x[start:end] = gx
-        return grad_x, grad_w.to(weight.dtype) if need_w else None, None, None, None
+        return (grad_x, grad_w.to(weight.dtype) if need_w else None, None, None, None) + (None,) * len(rows)
 
 
 def cross_entropy_sum(logits, targets):
@@ -345,14 +357,20 @@ def cross_entropy_sum(logits, targets):
     return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
 
 
-def chunked_cross_entropy(x, weight, targets, chunk_size=1024, loss_fn=cross_entropy_sum):
-    """Mean cross-entropy of logits = x @ weight.T over targets != -1, computed chunk by chunk.
-    x: (N, C), weight: (V, C), targets: (N,)."""
+def chunked_loss(x, weight, targets, loss_fn, *rows, chunk_size=1024):
+    """sum over chunks of loss_fn(x_c @ weight.T, targets_c, *rows_c), divided by the number
+    of targets != -1. x: (N, C), weight: (V, C), targets: (N,), each row tensor (N, ...).
+    loss_fn returns the SUM of its chunk's losses over rows whose target is not -1."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return _ChunkedLoss.apply(x, weight, targets, chunk_size, loss_fn)
+        return _ChunkedLoss.apply(x, weight, targets, chunk_size, loss_fn, *rows)
+
+
+def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
+    """Mean cross-entropy of logits = x @ weight.T over targets != -1, computed chunk by chunk."""
+    return chunked_loss(x, weight, targets, cross_entropy_sum, chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------------------
@@ -369,14 +387,14 @@ def read_safetensors(path) -> dict:
         (header_len,) = struct.unpack("<Q", raw[:8])
         header = json.loads(raw[8:8 + header_len])
     except (struct.error, ValueError, UnicodeDecodeError):
-        raise SystemExit(f"error: {path} is not a safetensors file (bad header)") from None
+        raise NanoError(f"{path} is not a safetensors file (bad header)") from None
     data = memoryview(raw)[8 + header_len:]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in _ST_DTYPES:
-            raise SystemExit(f"error: {path}: tensor {name} has unsupported dtype {info['dtype']}")
+            raise NanoError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         flat = torch.frombuffer(bytearray(data[start:end]), dtype=_ST_DTYPES[info["dtype"]]) \
             if end > start else torch.empty(0, dtype=_ST_DTYPES[info["dtype"]])
@@ -400,37 +418,6 @@ def write_safetensors(path, tensors: dict):
     os.replace(tmp, path)
 
 
-def download(url: str, dest, expected_size: int | None = None, hint: str = "check the network") -> Path:
-    """Stream url to dest through a temp file, so an interrupted download never looks
-    complete; the size is checked against expected_size or the server's Content-Length."""
-    dest = Path(dest)
-    if dest.is_file() and (expected_size is None or dest.stat().st_size == expected_size):
-        return dest
-    import requests  # imported here: only downloads need it
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")  # per process: DDP ranks may race
-    print(f"downloading {url} -> {dest}", file=sys.stderr)
-    try:
-        # identity encoding, so Content-Length counts the bytes we write (not gzip's)
-        with requests.get(url, stream=True, timeout=60, headers={"Accept-Encoding": "identity"}) as r:
-            r.raise_for_status()
-            expected = expected_size or int(r.headers.get("Content-Length", 0))
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-        got = tmp.stat().st_size
-        if expected and got != expected:
-            raise SystemExit(f"error: {url} arrived with {got} of {expected} bytes (run again)")
-        os.replace(tmp, dest)
-    except requests.RequestException as e:
-        raise SystemExit(f"error: could not download {url} ({e.__class__.__name__}; {hint})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-# ----------------------------------------------------------------------------------------
 # Checkpoints: {"model", "config", "tokenizer", "step", ...}, written atomically
 
 
@@ -458,14 +445,14 @@ def save_checkpoint(path, model, tokenizer_spec, step=0, **extra):
 def read_checkpoint(path, device="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} not found (train one with train.py or check the path)")
+        raise NanoError(f"checkpoint {path} not found (train one with train.py or check the path)")
     try:
         # weights_only: a downloaded checkpoint is data, it must not be able to run code
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a truncated or foreign file: pickle, zip or unpickler errors
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({e.__class__.__name__})") from None
+        raise NanoError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
-        raise SystemExit(f"error: {path} is not a nanollm checkpoint (needs 'model' and 'config')")
+        raise NanoError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config')")
     return ckpt
 
 
@@ -473,13 +460,13 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GPT:
     try:
         config = GPTConfig(**ckpt["config"])
     except TypeError as e:
-        raise SystemExit(f"error: {path} has a config this GPT does not know ({e})") from None
+        raise NanoError(f"{path} has a config this GPT does not know ({e})") from None
     model = GPT(config)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
-        raise SystemExit(f"error: {path} does not match its config ({first})") from None
+        raise NanoError(f"{path} does not match its config ({first})") from None
     return model
 
 
@@ -487,341 +474,3 @@ def load_checkpoint(path, device="cpu"):
     """Returns (model, tokenizer_spec) from a checkpoint written by save_checkpoint."""
     ckpt = read_checkpoint(path, device)
     return model_from_checkpoint(ckpt, path).to(device), ckpt.get("tokenizer")
-
-
-# ----------------------------------------------------------------------------------------
-# Tokenizers: "gpt2" (tiktoken), "char:<alphabet>", or a path to a bpe.py file
-
-
-class CharTokenizer:
-    def __init__(self, alphabet: str):
-        self.alphabet = alphabet
-        self.stoi = {ch: i for i, ch in enumerate(alphabet)}
-        self.vocab_size = len(alphabet)
-        self.eot_id = None
-        self.spec = "char:" + alphabet
-
-    def encode(self, text):
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise SystemExit(f"error: character {e.args[0]!r} is not in the model's alphabet") from None
-
-    def decode(self, ids):
-        return "".join(self.alphabet[i] for i in ids)
-
-
-class TiktokenTokenizer:
-    def __init__(self, name="gpt2"):
-        import tiktoken
-
-        self.enc = tiktoken.get_encoding(name)
-        self.vocab_size = self.enc.n_vocab
-        self.eot_id = self.enc.eot_token
-        self.spec = name
-
-    def encode(self, text):
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
-
-    def decode(self, ids):
-        return self.enc.decode(list(ids))
-
-
-class BPEFileTokenizer:
-    """A tokenizer trained and saved by bpe.py (imported lazily: gpt.py imports nothing of ours)."""
-
-    def __init__(self, path):
-        import bpe
-
-        self.tok = bpe.Tokenizer.load(path)
-        self.vocab_size, self.eot_id = self.tok.vocab_size, self.tok.eot_id
-        self.spec = str(path)
-
-    def encode(self, text):
-        return self.tok.encode(text, allowed_special="all")
-
-    def decode(self, ids):
-        return self.tok.decode(list(ids))
-
-
-def load_tokenizer(spec: str):
-    if spec is None:
-        raise SystemExit("error: no tokenizer recorded (pass one, e.g. 'gpt2' or 'char:abc')")
-    if spec.startswith("char:"):
-        return CharTokenizer(spec[len("char:"):])
-    if spec in ("gpt2", "r50k_base", "cl100k_base", "o200k_base"):
-        return TiktokenTokenizer(spec)
-    if Path(spec).is_file():
-        return BPEFileTokenizer(spec)
-    raise SystemExit(f"error: tokenizer {spec!r} is neither 'gpt2', 'char:<alphabet>' nor a bpe.py file")
-
-
-# ----------------------------------------------------------------------------------------
-# Data: token bins shared by train.py, fsdp2_train.py, moe.py, lora.py
-
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-FINEWEB_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/{:03d}_00000.parquet"
-FINEWEB_SHARD_TOKENS = 100_000_000
-
-
-def write_tokens(path, ids):
-    """Tokens go to disk as uint16 (every vocabulary here is < 65536)."""
-    arr = np.asarray(ids, dtype=np.int64)
-    if arr.size and arr.max() >= 2**16:
-        raise SystemExit(f"error: token id {arr.max()} does not fit uint16 bins (vocab must be < 65536)")
-    tmp = Path(f"{path}.tmp")
-    arr.astype(np.uint16).tofile(tmp)
-    os.replace(tmp, path)
-
-
-def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val_fraction=0.1) -> Path:
-    """Tokenize a dataset once into data_root/<name>/{train,val}.bin + meta.json; returns the folder.
-
-    name: "shakespeare_char" (characters), "shakespeare" (GPT-2 BPE), "fineweb_edu"
-    (FineWeb-Edu sample-10BT, 100M-token shards), or "text:<path>" (any local text file,
-    tokenizer spec from `tokenizer`, default gpt2). input: a local copy of the raw text
-    instead of the download."""
-    if name.startswith("text:"):
-        src = Path(name[len("text:"):])
-        folder = Path(data_root) / ("text_" + src.stem)
-        spec = tokenizer or "gpt2"
-    elif name in ("shakespeare_char", "shakespeare"):
-        folder, src = Path(data_root) / name, input
-        spec = tokenizer or ("gpt2" if name == "shakespeare" else None)
-    elif name == "fineweb_edu":
-        return prepare_fineweb(Path(data_root) / name, tokenizer or "gpt2")
-    else:
-        raise SystemExit(f"error: unknown dataset {name!r} (shakespeare_char, shakespeare, fineweb_edu, text:<path>)")
-    meta_path = folder / "meta.json"
-    if meta_path.exists():  # prepared before: reuse it unless the tokenizer or the source changed
-        meta = json.loads(meta_path.read_text())
-        if (spec is None or meta["tokenizer"] == spec) and (src is None or meta["source"] == str(src)):
-            return folder
-    if src is None:
-        src = download(SHAKESPEARE_URL, Path(data_root) / "tinyshakespeare.txt",
-                       hint="check the network or pass --input PATH to a local copy")
-    src = Path(src)
-    if not src.is_file():
-        raise SystemExit(f"error: input file {src} not found (check --input / the text: path)")
-    text = src.read_text(encoding="utf-8")
-    if not text:
-        raise SystemExit(f"error: input file {src} is empty")
-    if spec is None:  # character level: the alphabet is the set of characters in the text
-        spec = "char:" + "".join(sorted(set(text)))
-    tok = load_tokenizer(spec)
-    split = int(len(text) * (1 - val_fraction))
-    folder.mkdir(parents=True, exist_ok=True)
-    train_ids, val_ids = tok.encode(text[:split]), tok.encode(text[split:])
-    write_tokens(folder / "train.bin", train_ids)
-    write_tokens(folder / "val.bin", val_ids)
-    meta = {"tokenizer": spec, "vocab_size": tok.vocab_size, "source": str(src),
-            "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
-    meta_path.write_text(json.dumps(meta, indent=1))
-    print(f"prepared {folder}: {len(train_ids):,} train and {len(val_ids):,} val tokens", file=sys.stderr)
-    return folder
-
-
-_worker_tokenizer = None
-
-
-def _init_worker(spec):
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(spec)  # once per worker process, not once per document
-
-
-def _tokenize_doc(text):
-    tok = _worker_tokenizer
-    return np.asarray([tok.eot_id] + tok.encode(text), dtype=np.uint16)  # documents are delimited by <|endoftext|>
-
-
-def prepare_fineweb(folder: Path, spec: str, n_files: int = 14) -> Path:
-    """FineWeb-Edu sample-10BT (its 14 parquet files, ~10B GPT-2 tokens): downloaded with
-    requests, read with pyarrow (optional dependency), tokenized by a worker pool, written in
-    100M-token shards; the first shard is the validation split (as in build-nanogpt)."""
-    if (folder / "meta.json").exists():
-        return folder
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SystemExit("error: fineweb_edu needs pyarrow (pip install pyarrow)") from None
-    import multiprocessing as mp
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(spec)
-    shard, buf, n_buf, total = 0, [], 0, 0
-
-    def flush():
-        nonlocal shard, buf, n_buf
-        write_tokens(folder / f"{'val' if shard == 0 else 'train'}_{shard:06d}.bin", np.concatenate(buf))
-        shard, buf, n_buf = shard + 1, [], 0
-
-    with mp.Pool(max(1, os.cpu_count() // 2), initializer=_init_worker, initargs=(spec,)) as pool:
-        for i in range(n_files):
-            path = download(FINEWEB_URL.format(i), folder / "raw" / f"{i:03d}.parquet")
-            texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-            for ids in pool.imap(_tokenize_doc, texts, chunksize=16):
-                buf.append(ids)
-                n_buf += len(ids)
-                total += len(ids)
-                if n_buf >= FINEWEB_SHARD_TOKENS:
-                    flush()
-                    print(f"fineweb_edu: {total:,} tokens", file=sys.stderr)
-    if buf:
-        flush()
-    (folder / "meta.json").write_text(json.dumps({"tokenizer": spec, "vocab_size": tok.vocab_size,
-                                                  "shards": shard, "tokens": total}, indent=1))
-    return folder
-
-
-def read_meta(data_dir) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found (prepare the dataset first)")
-    return json.loads(path.read_text())
-
-
-class TokenBins:
-    """Every `<split>*.bin` shard in a folder, memory-mapped, sampled as random windows."""
-
-    def __init__(self, data_dir, split):
-        paths = sorted(Path(data_dir).glob(f"{split}*.bin"))
-        if not paths:
-            raise SystemExit(f"error: no {split}*.bin in {data_dir} (prepare the dataset first)")
-        self.shards = [np.memmap(p, dtype=np.uint16, mode="r") for p in paths]
-        self.sizes = torch.tensor([len(s) for s in self.shards], dtype=torch.float64)
-
-    def get_batch(self, batch_size, block_size, generator, device="cpu"):
-        """x, y: int64 (B, T), y shifted by one. The generator's state is the data position."""
-        usable = (self.sizes - block_size - 1).clamp(min=0)
-        if usable.sum() == 0:
-            raise SystemExit(f"error: the data is shorter than block_size + 1 = {block_size + 1} tokens")
-        shard_ids = torch.multinomial(usable, batch_size, replacement=True, generator=generator)
-        offsets = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * usable[shard_ids]).long()
-        rows = [torch.from_numpy(self.shards[s][o:o + block_size + 1].astype(np.int64))
-                for s, o in zip(shard_ids.tolist(), offsets.tolist())]
-        xy = torch.stack(rows)
-        x, y = xy[:, :-1], xy[:, 1:]
-        if "cuda" in str(device):
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-
-# ----------------------------------------------------------------------------------------
-# Small shared helpers: CLI from a dataclass, device and precision
-
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-
-
-def parse_config(config_cls, argv=None, description=None):
-    """Turn a dataclass into an argparse CLI: every field is an option `--name` with its
-    default shown in --help; booleans take a value (`--compile False`, `--compile=False`)."""
-    parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        kind = hints[f.name]
-        optional = type(None) in typing.get_args(kind)
-        if optional:
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        convert = _parse_bool if kind is bool else kind
-        if optional:
-            convert = (lambda c: lambda s: None if s.lower() == "none" else c(s))(convert)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(f"--{f.name}", type=convert, default=default, metavar=kind.__name__.upper(),
-                            help=(f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)").lstrip())
-    args = parser.parse_args(argv)
-    return config_cls(**vars(args))
-
-
-def pick_device(name="auto") -> str:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu or auto)")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(device: str, name="auto") -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name == "auto":
-        if "cuda" in device:
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in table:
-        raise SystemExit(f"error: unknown dtype {name!r} (auto, float32, bfloat16, float16)")
-    return table[name]
-
-
-def autocast(device: str, dtype: torch.dtype):
-    """Mixed precision: matmuls in bf16/fp16, weights and optimizer state stay fp32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
-def cosine_lr(it, max_lr, min_lr, warmup_iters, decay_iters):
-    """nanoGPT's schedule: linear warmup to max_lr over warmup_iters, cosine decay to min_lr
-    at decay_iters, then flat. Warmup starts above zero so step 0 already learns."""
-    if it < warmup_iters:
-        return max_lr * (it + 1) / (warmup_iters + 1)
-    if it > decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
-
-
-def set_seed(seed: int):
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
-def device_peak_flops(device: str, dtype=torch.bfloat16, override=None):
-    """The device's peak FLOP/s for MFU: --peak_flops if given, else the datasheet figure
-    of a known GPU, else None (MFU is then not reported)."""
-    if override:
-        return float(override)
-    if "cuda" in device and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half rate
-    return None
-
-
-@dataclass
-class SmokeConfig:
-    init_from: str = "gpt2"
-    prompt: str = "Hello, I'm a language model,"
-    max_new_tokens: int = 20
-
-
-def main(argv=None):
-    cfg = parse_config(SmokeConfig, argv, __doc__)
-    if cfg.init_from.endswith(".pt"):
-        model, spec = load_checkpoint(cfg.init_from)
-    else:
-        model, spec = GPT.from_pretrained(cfg.init_from), "gpt2"
-    tok = load_tokenizer(spec)
-    model.eval()
-    idx = model.generate(torch.tensor([tok.encode(cfg.prompt)]), cfg.max_new_tokens, temperature=0)
-    print(tok.decode(idx[0].tolist()))
-
-
-if __name__ == "__main__":
-    main()

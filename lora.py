@@ -43,6 +43,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 
 # ----------------------------------------------------------------------------------------
@@ -204,35 +207,35 @@ def load_lora(model: nn.Module, path) -> nn.Module:
     LoRA config; a model that already has adapters must have the same config."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: adapter file {path} not found (train one with lora.py or check the path)")
+        raise NanoError(f"adapter file {path} not found (train one with lora.py or check the path)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable adapter file ({e.__class__.__name__})") from None
+        raise NanoError(f"{path} is not a readable adapter file ({e.__class__.__name__})") from None
     if not isinstance(sd, dict) or "lora_config" not in sd:
-        raise SystemExit(f"error: {path} is not a LoRA adapter (no 'lora_config'; a full checkpoint "
+        raise NanoError(f"{path} is not a LoRA adapter (no 'lora_config'; a full checkpoint "
                          "loads with gpt.load_checkpoint)")
     config = sd["lora_config"]
     if lora_layers(model):
         ours = {k: model.lora_config.get(k) for k in ("r", "alpha", "use_rslora", "targets")}
         theirs = {k: config.get(k) for k in ours}
         if ours != theirs:
-            raise SystemExit(f"error: adapter {path} has LoRA config {theirs} but the model has {ours} "
+            raise NanoError(f"adapter {path} has LoRA config {theirs} but the model has {ours} "
                              "(load it into a model without adapters)")
     else:
         try:
             apply_lora(model, **config)
         except (TypeError, ValueError) as e:
-            raise SystemExit(f"error: cannot apply the LoRA config of {path} ({e})") from None
+            raise NanoError(f"cannot apply the LoRA config of {path} ({e})") from None
     tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     params = {k: v for k, v in gpt.clean_state_dict(model).items() if ".lora_" in k}
     missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
     if missing or unexpected:
-        raise SystemExit(f"error: adapter {path} does not fit this model (missing {sorted(missing)[:3]}, "
+        raise NanoError(f"adapter {path} does not fit this model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}; was it trained on another architecture?)")
     for k, p in params.items():
         if tensors[k].shape != p.shape:
-            raise SystemExit(f"error: adapter tensor {k} has shape {tuple(tensors[k].shape)} but the model "
+            raise NanoError(f"adapter tensor {k} has shape {tuple(tensors[k].shape)} but the model "
                              f"expects {tuple(p.shape)} (the adapter was trained on a different base)")
     with torch.no_grad():
         for k, p in params.items():
@@ -307,7 +310,7 @@ def load_base(init_from: str, device: str):
     """(model, tokenizer spec, what to record as the adapter's base)."""
     if init_from.startswith("gpt2") and not Path(init_from).is_file():
         if init_from not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-            raise SystemExit(f"error: unknown pretrained model {init_from!r} (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+            raise NanoError(f"unknown pretrained model {init_from!r} (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
         return gpt.GPT.from_pretrained(init_from).to(device), "gpt2", init_from
     model, spec = gpt.load_checkpoint(init_from, device)
     return model, spec, init_from
@@ -319,7 +322,7 @@ def load_text(path: Path, tok, val_fraction: float, block_size: int):
     n_val = int(len(ids) * val_fraction)
     train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
     if len(train) < block_size + 1:
-        raise SystemExit(f"error: {path} has {len(train)} training tokens, fewer than block_size + 1 = "
+        raise NanoError(f"{path} has {len(train)} training tokens, fewer than block_size + 1 = "
                          f"{block_size + 1} (use a longer text or a smaller --block_size)")
     if len(val) < block_size + 1:
         val = train  # too little to hold out: report the training loss as val
@@ -336,9 +339,9 @@ def load_jsonl(path: Path, tok, val_fraction: float, block_size: int):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path} line {lineno} is not JSON ({e.msg})") from None
+            raise NanoError(f"{path} line {lineno} is not JSON ({e.msg})") from None
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
-            raise SystemExit(f"error: {path} line {lineno} needs string fields 'prompt' and 'response'")
+            raise NanoError(f"{path} line {lineno} needs string fields 'prompt' and 'response'")
         prompt, response = tok.encode(row["prompt"]), tok.encode(row["response"])
         if tok.eot_id is not None:
             response = response + [tok.eot_id]  # learn to stop after the response
@@ -351,7 +354,7 @@ def load_jsonl(path: Path, tok, val_fraction: float, block_size: int):
             continue  # the prompt alone fills the block: nothing to learn from this example
         examples.append((ids[:-1], targets))
     if not examples:
-        raise SystemExit(f"error: {path} has no usable prompt/response example (empty, or prompts longer "
+        raise NanoError(f"{path} has no usable prompt/response example (empty, or prompts longer "
                          f"than block_size {block_size})")
     if truncated:
         print(f"note: {truncated} examples truncated to block_size + 1 = {block_size + 1} tokens")
@@ -386,31 +389,32 @@ def peak_memory_mb(device: str) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+@cli
 def main(argv=None):
-    cfg = gpt.parse_config(FinetuneConfig, argv, __doc__)
+    cfg = common.parse_config(FinetuneConfig, argv, __doc__)
     # --- check the input before any long work
     data_path = Path(cfg.data)
     if not cfg.data or not data_path.is_file():
-        raise SystemExit(f"error: --data {cfg.data!r} not found (a text file or a prompt/response .jsonl)")
+        raise NanoError(f"--data {cfg.data!r} not found (a text file or a prompt/response .jsonl)")
     for name in ("r", "batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
         if getattr(cfg, name) <= 0:
-            raise SystemExit(f"error: --{name} must be positive (got {getattr(cfg, name)})")
+            raise NanoError(f"--{name} must be positive (got {getattr(cfg, name)})")
     if not 0.0 <= cfg.lora_dropout < 1.0 or not 0.0 <= cfg.val_fraction < 1.0:
-        raise SystemExit("error: --lora_dropout and --val_fraction must be in [0, 1)")
+        raise NanoError("--lora_dropout and --val_fraction must be in [0, 1)")
     targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
     out_dir = Path(cfg.out_dir)
     merged_path = out_dir / "ckpt_merged.pt"
     if cfg.merge and merged_path.resolve() == Path(cfg.init_from).resolve():
-        raise SystemExit(f"error: --merge would overwrite the base {cfg.init_from} (choose another --out_dir)")
-    device = gpt.pick_device(cfg.device)
-    dtype = gpt.pick_dtype(device, cfg.dtype)
-    gpt.set_seed(cfg.seed)
+        raise NanoError(f"--merge would overwrite the base {cfg.init_from} (choose another --out_dir)")
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    common.set_seed(cfg.seed)
 
     model, spec, base = load_base(cfg.init_from, device)
     block_size = cfg.block_size or model.config.block_size
     if not 0 < block_size <= model.config.block_size:
-        raise SystemExit(f"error: --block_size {block_size} must be in 1..{model.config.block_size} (the model's)")
-    tok = gpt.load_tokenizer(spec)
+        raise NanoError(f"--block_size {block_size} must be in 1..{model.config.block_size} (the model's)")
+    tok = data.load_tokenizer(spec)
     instruct = data_path.suffix == ".jsonl"
     load = load_jsonl if instruct else load_text
     train_data, val_data = load(data_path, tok, cfg.val_fraction, block_size)
@@ -419,7 +423,7 @@ def main(argv=None):
     try:
         apply_lora(model, cfg.r, cfg.alpha, cfg.lora_dropout, targets, cfg.use_rslora)
     except ValueError as e:
-        raise SystemExit(f"error: {e} (check --targets)") from None
+        raise NanoError(f"{e} (check --targets)") from None
     trainable, total = count_params(model)
     print(f"base {base}: {total - trainable:,} frozen params; LoRA r={cfg.r} on {', '.join(targets)}: "
           f"{trainable:,} trainable ({100 * trainable / total:.3f}% of {total:,})")
@@ -442,7 +446,7 @@ def main(argv=None):
         losses = []
         for _ in range(cfg.eval_iters):
             x, y = get_batch(val_data, cfg.batch_size, block_size, gen_val, device)
-            with gpt.autocast(device, dtype):
+            with common.autocast(device, dtype):
                 losses.append(model(x, targets=y)[1].item())
         model.train()
         return sum(losses) / len(losses)
@@ -463,7 +467,7 @@ def main(argv=None):
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
             x, y = get_batch(train_data, cfg.batch_size, block_size, gen_train, device)
-            with gpt.autocast(device, dtype):
+            with common.autocast(device, dtype):
                 _, loss = model(x, targets=y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()

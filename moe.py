@@ -53,6 +53,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 
 BALANCE_METHODS = ("aux", "bias", "none")
@@ -79,17 +82,17 @@ class MoEConfig:
 
     def __post_init__(self):
         if self.n_experts < 1:
-            raise SystemExit(f"error: n_experts must be >= 1 (got {self.n_experts})")
+            raise NanoError(f"n_experts must be >= 1 (got {self.n_experts})")
         if not 1 <= self.top_k <= self.n_experts:
-            raise SystemExit(f"error: top_k {self.top_k} must be in 1..n_experts={self.n_experts} "
+            raise NanoError(f"top_k {self.top_k} must be in 1..n_experts={self.n_experts} "
                              "(lower --top_k or raise --n_experts)")
         if not self.capacity_factor > 0:
-            raise SystemExit(f"error: capacity_factor must be > 0 (got {self.capacity_factor}; 1.0-2.0 is usual)")
+            raise NanoError(f"capacity_factor must be > 0 (got {self.capacity_factor}; 1.0-2.0 is usual)")
         if self.balance not in BALANCE_METHODS:
-            raise SystemExit(f"error: balance {self.balance!r} unknown (one of {', '.join(BALANCE_METHODS)})")
+            raise NanoError(f"balance {self.balance!r} unknown (one of {', '.join(BALANCE_METHODS)})")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "n_shared_experts", "expert_hidden"):
             if getattr(self, name) < 0:
-                raise SystemExit(f"error: {name} must be >= 0 (got {getattr(self, name)})")
+                raise NanoError(f"{name} must be >= 0 (got {getattr(self, name)})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ class MoE(nn.Module):
 
     def forward(self, x):
         if x.shape[-1] != self.n_embd:
-            raise SystemExit(f"error: MoE input has n_embd={x.shape[-1]} but the layer was built for "
+            raise NanoError(f"MoE input has n_embd={x.shape[-1]} but the layer was built for "
                              f"{self.n_embd} (build it with the model's GPTConfig)")
         cfg = self.cfg
         x2 = x.reshape(-1, self.n_embd)  # (N, d), N = B*T tokens routed independently
@@ -269,9 +272,9 @@ class MoEGPT(gpt.GPT):
     def __init__(self, config: gpt.GPTConfig, moe: MoEConfig, moe_every: int = 1):
         super().__init__(config)
         if moe_every < 1:
-            raise SystemExit(f"error: moe_every must be >= 1 (got {moe_every})")
+            raise NanoError(f"moe_every must be >= 1 (got {moe_every})")
         if moe_every > config.n_layer:
-            raise SystemExit(f"error: moe_every {moe_every} > n_layer {config.n_layer} leaves no MoE layer "
+            raise NanoError(f"moe_every {moe_every} > n_layer {config.n_layer} leaves no MoE layer "
                              "(lower --moe_every)")
         self.moe_config, self.moe_every = moe, moe_every
         for i, block in enumerate(self.transformer.h):
@@ -307,13 +310,13 @@ def load_moe_checkpoint(path, device="cpu"):
     """(model, tokenizer_spec) from a checkpoint written by save_moe_checkpoint."""
     ckpt = gpt.read_checkpoint(path, device)
     if "moe" not in ckpt:
-        raise SystemExit(f"error: {path} is a dense checkpoint (load it with gpt.load_checkpoint)")
+        raise NanoError(f"{path} is a dense checkpoint (load it with gpt.load_checkpoint)")
     model = MoEGPT(gpt.GPTConfig(**ckpt["config"]), MoEConfig(**ckpt["moe"]), ckpt["moe_every"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
-        raise SystemExit(f"error: {path} does not match its config ({first})") from None
+        raise NanoError(f"{path} does not match its config ({first})") from None
     return model.to(device), ckpt.get("tokenizer")
 
 
@@ -366,7 +369,7 @@ def estimate_val_loss(model, bins, cfg: TrainConfig, device, dtype):
     losses = []
     for _ in range(cfg.eval_iters):
         x, y = bins.get_batch(cfg.batch_size, cfg.block_size, gen, device)
-        with gpt.autocast(device, dtype):
+        with common.autocast(device, dtype):
             losses.append(model(x, y)[1].item())
     model.train()
     return sum(losses) / len(losses)
@@ -410,7 +413,7 @@ def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
             group["lr"] = lr_at(step, cfg)
         t0 = time.time()
         x, y = bins["train"].get_batch(cfg.batch_size, cfg.block_size, gen, device)
-        with gpt.autocast(device, dtype):
+        with common.autocast(device, dtype):
             _, lm_loss = step_fn(x, y)
             aux = model.aux_loss() if is_moe else torch.zeros((), device=device)
         (lm_loss + aux).backward()
@@ -449,27 +452,28 @@ def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
     return summary
 
 
+@cli
 def main(argv=None):
-    cfg = gpt.parse_config(TrainConfig, argv, __doc__)
+    cfg = common.parse_config(TrainConfig, argv, __doc__)
     moe_cfg = MoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(MoEConfig)})
     if cfg.moe_every < 1 or cfg.max_iters < 1 or cfg.eval_interval < 1 or cfg.eval_iters < 1 or cfg.log_interval < 1:
-        raise SystemExit("error: moe_every, max_iters, eval_interval, eval_iters, log_interval must be >= 1")
+        raise NanoError("moe_every, max_iters, eval_interval, eval_iters, log_interval must be >= 1")
     # the model config is checked before the data is touched; the vocabulary comes from the data
     config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=1, n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     if cfg.moe_every > cfg.n_layer:
-        raise SystemExit(f"error: moe_every {cfg.moe_every} > n_layer {cfg.n_layer} leaves no MoE layer")
-    device = gpt.pick_device(cfg.device)
-    dtype = gpt.pick_dtype(device, cfg.dtype)
-    data_dir = gpt.prepare_dataset(cfg.dataset, input=cfg.input, data_root=cfg.data_root)
-    meta = gpt.read_meta(data_dir)
-    bins = {split: gpt.TokenBins(data_dir, split) for split in ("train", "val")}
+        raise NanoError(f"moe_every {cfg.moe_every} > n_layer {cfg.n_layer} leaves no MoE layer")
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    data_dir = data.prepare_dataset(cfg.dataset, input=cfg.input, data_root=cfg.data_root)
+    meta = data.read_meta(data_dir)
+    bins = {split: data.TokenBins(data_dir, split) for split in ("train", "val")}
     config = replace(config, vocab_size=meta["vocab_size"])
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     with open(out_dir / "metrics.jsonl", "a") as metrics:
-        gpt.set_seed(cfg.seed)
+        common.set_seed(cfg.seed)
         moe_model = MoEGPT(config, moe_cfg, cfg.moe_every)
         print(f"MoE GPT: {moe_model.num_params() / 1e6:.2f}M params, {moe_model.num_active_params() / 1e6:.2f}M "
               f"active per token ({len(moe_model.moe_layers())} MoE layers, E={cfg.n_experts}, k={cfg.top_k}, "
@@ -477,7 +481,7 @@ def main(argv=None):
         results["moe"] = train(moe_model, "moe", cfg, bins, device, dtype, metrics)
         save_moe_checkpoint(out_dir / "ckpt.pt", moe_model, meta["tokenizer"], step=cfg.max_iters)
         if cfg.compare_dense:
-            gpt.set_seed(cfg.seed)
+            common.set_seed(cfg.seed)
             dense = gpt.GPT(config)
             print(f"dense GPT: {dense.num_params() / 1e6:.2f}M params")
             results["dense"] = train(dense, "dense", cfg, bins, device, dtype, metrics)

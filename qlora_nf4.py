@@ -39,6 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 import lora
 
@@ -160,27 +163,27 @@ class QuantState:
         p = prefix + "weight"
         packed_keys = [k for k in sd if k.startswith(f"{p}.quant_state.bitsandbytes__")]
         if len(packed_keys) != 1 or p not in sd:
-            raise SystemExit(f"error: no bitsandbytes 4-bit weight under {p!r} (expected {p} and "
+            raise NanoError(f"no bitsandbytes 4-bit weight under {p!r} (expected {p} and "
                              f"{p}.quant_state.bitsandbytes__nf4)")
         meta = json.loads(bytes(sd[packed_keys[0]].cpu().tolist()).decode())
         quant_type = meta.get("quant_type", packed_keys[0].rsplit("__", 1)[1])
         if quant_type != "nf4":
-            raise SystemExit(f"error: {p} is quantized as {quant_type!r}, not 'nf4' (only NF4 loads here; "
+            raise NanoError(f"{p} is quantized as {quant_type!r}, not 'nf4' (only NF4 loads here; "
                              "re-quantize the model with quant_type='nf4')")
         shape, blocksize = torch.Size(meta["shape"]), meta["blocksize"]
         check_blocksize(blocksize)
         packed = sd[p].contiguous().view(torch.uint8).reshape(-1)  # other quant_storage dtypes: same bytes
         n_blocks = math.ceil(shape.numel() / blocksize)
         if packed.numel() != (shape.numel() + 1) // 2 or sd[f"{p}.absmax"].numel() != n_blocks:
-            raise SystemExit(f"error: {p} holds {packed.numel()} bytes and {sd[f'{p}.absmax'].numel()} absmax "
+            raise NanoError(f"{p} holds {packed.numel()} bytes and {sd[f'{p}.absmax'].numel()} absmax "
                              f"values, not those of shape {tuple(shape)} with blocksize {blocksize}")
         if not torch.equal(sd[f"{p}.quant_map"].float().cpu(), NF4_CODE):
-            raise SystemExit(f"error: {p}.quant_map is not the standard NF4 table (custom maps are not supported)")
+            raise NanoError(f"{p}.quant_map is not the standard NF4 table (custom maps are not supported)")
         state = cls(shape, getattr(torch, meta["dtype"]), blocksize, sd[f"{p}.absmax"])
         if f"{p}.nested_absmax" in sd:
             if not torch.equal(sd[f"{p}.nested_quant_map"].float().cpu(), DYNAMIC_CODE) or \
                     meta["nested_blocksize"] != NESTED_BLOCKSIZE:
-                raise SystemExit(f"error: {p} uses a nested quantization other than bitsandbytes' default "
+                raise NanoError(f"{p} uses a nested quantization other than bitsandbytes' default "
                                  "(8-bit dynamic map, blocksize 256)")
             state.nested_absmax = sd[f"{p}.nested_absmax"].float()
             state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
@@ -197,7 +200,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def check_blocksize(blocksize: int):
     if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
-        raise SystemExit(f"error: blocksize {blocksize} is not a power of two in [32, 4096] "
+        raise NanoError(f"blocksize {blocksize} is not a power of two in [32, 4096] "
                          "(64 is QLoRA's choice)")
 
 
@@ -232,14 +235,14 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     Element 2i goes to the high nibble of byte i, element 2i+1 to the low nibble."""
     check_blocksize(blocksize)
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise SystemExit(f"error: cannot quantize a {w.dtype} tensor (needs float32, float16 or bfloat16)")
+        raise NanoError(f"cannot quantize a {w.dtype} tensor (needs float32, float16 or bfloat16)")
     if w.numel() == 0:
-        raise SystemExit("error: cannot quantize an empty tensor")
+        raise NanoError("cannot quantize an empty tensor")
     nf4, dynamic, _ = _code_tables(w.device)
     scaled, absmax = _scale_blocks(w.detach().reshape(-1).float(), blocksize)
     if not torch.isfinite(absmax).all():  # a NaN or Inf anywhere makes its block's absmax NaN or Inf
         bad = (~torch.isfinite(w)).sum().item()
-        raise SystemExit(f"error: the weight holds {bad} NaN/Inf values (4-bit codes cannot represent them; "
+        raise NanoError(f"the weight holds {bad} NaN/Inf values (4-bit codes cannot represent them; "
                          "fix or reload the checkpoint)")
     scaled = F.pad(scaled, (0, scaled.numel() % 2))  # odd count: a zero fills the last low nibble
     q = _nearest_code(scaled, nf4)
@@ -322,12 +325,12 @@ _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def _dequantize_triton(packed, absmax, nested_absmax, offset, blocksize, shape, dtype):
     if triton is None:
-        raise SystemExit("error: Triton is not installed (pip install triton, or use dequantize_nf4)")
+        raise NanoError("Triton is not installed (pip install triton, or use dequantize_nf4)")
     if not packed.is_cuda and not TRITON_INTERPRET:
-        raise SystemExit("error: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+        raise NanoError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "importing qlora_nf4, to run it on CPU in Triton's interpreter)")
     if dtype not in _OUT_KIND:
-        raise SystemExit(f"error: cannot dequantize to {dtype} (float32, float16 or bfloat16)")
+        raise NanoError(f"cannot dequantize to {dtype} (float32, float16 or bfloat16)")
     nf4, dynamic, _ = _code_tables(packed.device)
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
@@ -499,31 +502,32 @@ class QLoRAConfig(lora.FinetuneConfig):
                                                          "into the full-precision base"})
 
 
+@cli
 def main(argv=None):
-    cfg = gpt.parse_config(QLoRAConfig, argv, __doc__)
+    cfg = common.parse_config(QLoRAConfig, argv, __doc__)
     # --- check the input before any long work
     data_path = Path(cfg.data)
     if not cfg.data or not data_path.is_file():
-        raise SystemExit(f"error: --data {cfg.data!r} not found (a text file or a prompt/response .jsonl)")
+        raise NanoError(f"--data {cfg.data!r} not found (a text file or a prompt/response .jsonl)")
     for name in ("r", "batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
         if getattr(cfg, name) <= 0:
-            raise SystemExit(f"error: --{name} must be positive (got {getattr(cfg, name)})")
+            raise NanoError(f"--{name} must be positive (got {getattr(cfg, name)})")
     if not 0.0 <= cfg.lora_dropout < 1.0 or not 0.0 <= cfg.val_fraction < 1.0:
-        raise SystemExit("error: --lora_dropout and --val_fraction must be in [0, 1)")
+        raise NanoError("--lora_dropout and --val_fraction must be in [0, 1)")
     check_blocksize(cfg.blocksize)
     targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
     out_dir = Path(cfg.out_dir)
     if cfg.merge and (out_dir / "ckpt_merged.pt").resolve() == Path(cfg.init_from).resolve():
-        raise SystemExit(f"error: --merge would overwrite the base {cfg.init_from} (choose another --out_dir)")
-    device = gpt.pick_device(cfg.device)
-    dtype = gpt.pick_dtype(device, cfg.dtype)
-    gpt.set_seed(cfg.seed)
+        raise NanoError(f"--merge would overwrite the base {cfg.init_from} (choose another --out_dir)")
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    common.set_seed(cfg.seed)
 
     model, spec, base = lora.load_base(cfg.init_from, device)
     block_size = cfg.block_size or model.config.block_size
     if not 0 < block_size <= model.config.block_size:
-        raise SystemExit(f"error: --block_size {block_size} must be in 1..{model.config.block_size} (the model's)")
-    tok = gpt.load_tokenizer(spec)
+        raise NanoError(f"--block_size {block_size} must be in 1..{model.config.block_size} (the model's)")
+    tok = data.load_tokenizer(spec)
     instruct = data_path.suffix == ".jsonl"
     load = lora.load_jsonl if instruct else lora.load_text
     train_data, val_data = load(data_path, tok, cfg.val_fraction, block_size)
@@ -540,7 +544,7 @@ def main(argv=None):
     try:
         lora.apply_lora(model, cfg.r, cfg.alpha, cfg.lora_dropout, targets, cfg.use_rslora)
     except ValueError as e:
-        raise SystemExit(f"error: {e} (check --targets)") from None
+        raise NanoError(f"{e} (check --targets)") from None
     trainable, _ = lora.count_params(model)
     print(f"LoRA r={cfg.r} on {', '.join(targets)}: {trainable:,} trainable params")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -560,7 +564,7 @@ def main(argv=None):
         losses = []
         for _ in range(cfg.eval_iters):
             x, y = get_batch(val_data, cfg.batch_size, block_size, gen, device)
-            with gpt.autocast(device, dtype):
+            with common.autocast(device, dtype):
                 losses.append(model(x, targets=y)[1].item())
         model.train()
         return sum(losses) / len(losses)
@@ -581,7 +585,7 @@ def main(argv=None):
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
                 x, y = get_batch(train_data, cfg.batch_size, block_size, gen_train, device)
-                with gpt.autocast(device, dtype):
+                with common.autocast(device, dtype):
                     _, loss = model(x, targets=y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()

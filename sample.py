@@ -54,6 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 
 # ----------------------------------------------------------------------------------------
@@ -551,7 +554,7 @@ class SampleConfig:
 
 def check_config(cfg: SampleConfig):
     def fail(msg):
-        raise SystemExit(f"error: {msg}")
+        raise NanoError(f"{msg}")
 
     error = check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     if error:
@@ -581,21 +584,22 @@ def load_model(cfg: SampleConfig, device, dtype):
     return model.to(device=device, dtype=dtype).eval(), spec
 
 
+@cli
 def main(argv=None):
-    cfg = gpt.parse_config(SampleConfig, argv, description=__doc__)
+    cfg = common.parse_config(SampleConfig, argv, description=__doc__)
     check_config(cfg)
-    device = gpt.pick_device(cfg.device)
-    dtype = gpt.pick_dtype(device, cfg.dtype)
-    gpt.set_seed(cfg.seed)
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    common.set_seed(cfg.seed)
     prompt = Path(cfg.prompt_file).read_text(encoding="utf-8") if cfg.prompt_file else cfg.prompt
     model, spec = load_model(cfg, device, dtype)
-    tok = gpt.load_tokenizer(spec)
+    tok = data.load_tokenizer(spec)
     if tok.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+        raise NanoError(f"tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
     ids = tok.encode(prompt)
     if not ids:
         if tok.eot_id is None:
-            raise SystemExit("error: the prompt is empty (pass --prompt with at least one character)")
+            raise NanoError("the prompt is empty (pass --prompt with at least one character)")
         ids = [tok.eot_id]  # an empty prompt starts a fresh document, as GPT-2 was trained
     block_size = model.config.block_size
     draft = None
@@ -603,25 +607,25 @@ def main(argv=None):
         draft, draft_spec = gpt.load_checkpoint(cfg.draft, device="cpu")
         draft = draft.to(device=device, dtype=dtype).eval()
         if draft_spec != spec or draft.config.vocab_size < tok.vocab_size:
-            raise SystemExit(f"error: the draft's vocabulary ({str(draft_spec)[:40]!r}, {draft.config.vocab_size} ids) "
+            raise NanoError(f"the draft's vocabulary ({str(draft_spec)[:40]!r}, {draft.config.vocab_size} ids) "
                              f"differs from the target's ({str(spec)[:40]!r}) (train the draft with the same tokenizer)")
     if len(ids) > block_size:
-        raise SystemExit(f"error: the prompt is {len(ids)} tokens, the model takes at most {block_size} "
+        raise NanoError(f"the prompt is {len(ids)} tokens, the model takes at most {block_size} "
                          "(shorten --prompt)")
-    common = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                   repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, vocab_size=tok.vocab_size,
                   eos_id=tok.eot_id if cfg.stop_at_eot else None)
 
     if draft is None:
-        return sample_batch(model, tok, ids, prompt, cfg, common)
-    return sample_speculative(model, draft, tok, ids, prompt, cfg, common)
+        return sample_batch(model, tok, ids, prompt, cfg, sampling)
+    return sample_speculative(model, draft, tok, ids, prompt, cfg, sampling)
 
 
 def _until_eos(out, eos_id):
     return out[:out.index(eos_id)] if eos_id is not None and eos_id in out else out
 
 
-def sample_batch(model, tok, ids, prompt, cfg, common):
+def sample_batch(model, tok, ids, prompt, cfg, sampling):
     """--num_samples copies of the prompt as one batch; one sample is streamed as it comes."""
     decode_fn = compile_decode() if cfg.compile else None
     outputs = [[] for _ in range(cfg.num_samples)]
@@ -631,16 +635,16 @@ def sample_batch(model, tok, ids, prompt, cfg, common):
     t0 = time.perf_counter()
     stamps = []  # when each step's tokens were out
     for step_tokens in generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens,
-                                use_cache=not cfg.no_cache, decode_fn=decode_fn, **common):
+                                use_cache=not cfg.no_cache, decode_fn=decode_fn, **sampling):
         for out, t in zip(outputs, step_tokens.tolist()):  # .tolist() waits for the device
             out.append(t)
         stamps.append(time.perf_counter())
         if stream:  # hold back a half-decoded multi-byte character until it is complete
-            text = tok.decode(_until_eos(outputs[0], common["eos_id"]))
+            text = tok.decode(_until_eos(outputs[0], sampling["eos_id"]))
             if not text.endswith("\ufffd"):
                 print(text[len(printed):], end="", flush=True)
                 printed = text
-    texts = [prompt + tok.decode(_until_eos(out, common["eos_id"])) for out in outputs]
+    texts = [prompt + tok.decode(_until_eos(out, sampling["eos_id"])) for out in outputs]
     for text in texts:
         print(text[len(prompt) + len(printed):] if stream else text)
         print("---------------")
@@ -659,15 +663,15 @@ def sample_batch(model, tok, ids, prompt, cfg, common):
     return texts
 
 
-def sample_speculative(model, draft, tok, ids, prompt, cfg, common):
+def sample_speculative(model, draft, tok, ids, prompt, cfg, sampling):
     """--num_samples samples one after the other, each by speculative decoding."""
     texts, totals = [], {}
     t0 = time.perf_counter()
     for i in range(cfg.num_samples):
         stats = {}
         out = [int(t) for t in speculative_generate(model, draft, ids, cfg.max_new_tokens, cfg.num_draft_tokens,
-                                                    stats=stats, **{**common, "seed": cfg.seed + i})]
-        texts.append(prompt + tok.decode(_until_eos(out, common["eos_id"])))
+                                                    stats=stats, **{**sampling, "seed": cfg.seed + i})]
+        texts.append(prompt + tok.decode(_until_eos(out, sampling["eos_id"])))
         print(texts[-1])
         print("---------------")
         for key, v in stats.items():

@@ -29,6 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
+from common import NanoError, cli
+import data
 import gpt
 
 
@@ -102,11 +105,11 @@ def get_lr(it, cfg: TrainConfig):
     """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then flat."""
     if not cfg.decay_lr:
         return cfg.learning_rate
-    return gpt.cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+    return common.cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
 
 
 def parse_args(argv):
-    cfg = gpt.parse_config(TrainConfig, argv, __doc__)
+    cfg = common.parse_config(TrainConfig, argv, __doc__)
     argv = sys.argv[1:] if argv is None else argv
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     preset = cfg.preset
@@ -114,7 +117,7 @@ def parse_args(argv):
         preset = "gpu" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
     if preset != "none":
         if preset not in PRESETS:
-            raise SystemExit(f"error: unknown preset {preset!r} (auto, cpu, gpu, gpt2_124m, none)")
+            raise NanoError(f"unknown preset {preset!r} (auto, cpu, gpu, gpt2_124m, none)")
         for name, value in PRESETS[preset].items():
             if name not in given:
                 setattr(cfg, name, value)
@@ -127,10 +130,10 @@ def prepare_data(cfg: TrainConfig, master: bool):
     """Tokenize the dataset once (rank 0) and return its folder."""
     tokenizer = cfg.tokenizer or None
     if cfg.init_from.startswith("gpt2") and cfg.dataset == "shakespeare_char":
-        raise SystemExit("error: GPT-2 weights need GPT-2 tokens (use --dataset shakespeare or text:<path>)")
+        raise NanoError("GPT-2 weights need GPT-2 tokens (use --dataset shakespeare or text:<path>)")
     if cfg.train_tokenizer:
         if not cfg.dataset.startswith("text:"):
-            raise SystemExit("error: --train_tokenizer needs --dataset text:<path>")
+            raise NanoError("--train_tokenizer needs --dataset text:<path>")
         import bpe  # only this option needs the tokenizer trainer
 
         src = cfg.dataset[len("text:"):]
@@ -141,7 +144,7 @@ def prepare_data(cfg: TrainConfig, master: bool):
             bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(tok_path)
         tokenizer = str(tok_path.resolve())  # the checkpoint records it: a path that works from any folder
     if master:
-        return gpt.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root)
+        return data.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root)
     return None
 
 
@@ -164,6 +167,7 @@ def estimate_loss(model, bins, cfg, device, ctx):
     return out
 
 
+@cli
 def main(argv=None):
     cfg = parse_args(argv)
     # --- distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
@@ -175,16 +179,16 @@ def main(argv=None):
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
         if cfg.gradient_accumulation_steps % world:
-            raise SystemExit(f"error: gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
+            raise NanoError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
                              f"is not divisible by the world size {world}")
         cfg.gradient_accumulation_steps //= world  # each rank does its share of the micro-steps
     else:
-        rank, world, device = 0, 1, gpt.pick_device(cfg.device)
+        rank, world, device = 0, 1, common.pick_device(cfg.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device_type = device.split(":")[0]
-    dtype = gpt.pick_dtype(device, cfg.dtype)
-    ctx = gpt.autocast(device, dtype)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    ctx = common.autocast(device, dtype)
     torch.manual_seed(cfg.seed + rank)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
@@ -193,7 +197,7 @@ def main(argv=None):
     ckpt = gpt.read_checkpoint(ckpt_path, device) if cfg.init_from == "resume" else None
     if ckpt is not None:
         if "optimizer" not in ckpt:
-            raise SystemExit(f"error: {ckpt_path} has no optimizer state (not a train.py checkpoint)")
+            raise NanoError(f"{ckpt_path} has no optimizer state (not a train.py checkpoint)")
         cfg.block_size = ckpt["config"]["block_size"]  # the model's shape comes from the checkpoint
 
     # --- data
@@ -201,8 +205,8 @@ def main(argv=None):
     if ddp:
         dist.barrier()  # the others wait while rank 0 tokenizes
         data_dir = prepare_data(cfg, True) if not master else data_dir
-    meta = gpt.read_meta(data_dir)
-    bins = {"train": gpt.TokenBins(data_dir, "train"), "val": gpt.TokenBins(data_dir, "val")}
+    meta = data.read_meta(data_dir)
+    bins = {"train": data.TokenBins(data_dir, "train"), "val": data.TokenBins(data_dir, "val")}
 
     # --- model
     if cfg.init_from.startswith("gpt2"):
@@ -217,13 +221,13 @@ def main(argv=None):
                                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
         tokenizer_spec = meta["tokenizer"]
     if tokenizer_spec != meta["tokenizer"]:
-        raise SystemExit(f"error: the model uses tokenizer {tokenizer_spec!r}, the data {meta['tokenizer']!r} "
+        raise NanoError(f"the model uses tokenizer {tokenizer_spec!r}, the data {meta['tokenizer']!r} "
                          "(prepare the data with the model's tokenizer)")
     if meta["vocab_size"] > model.config.vocab_size:
-        raise SystemExit(f"error: the data has {meta['vocab_size']} token ids, the model only "
+        raise NanoError(f"the data has {meta['vocab_size']} token ids, the model only "
                          f"{model.config.vocab_size} (use a matching dataset or tokenizer)")
     if cfg.block_size > model.config.block_size:
-        raise SystemExit(f"error: block_size {cfg.block_size} exceeds the model's {model.config.block_size}")
+        raise NanoError(f"block_size {cfg.block_size} exceeds the model's {model.config.block_size}")
     model.to(device)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
         f"device {device}, dtype {str(dtype).removeprefix('torch.')}, world size {world}")
@@ -257,7 +261,7 @@ def main(argv=None):
         if ddp:
             dist.barrier()  # rank 0 downloads, the others wait, then every rank scores its share
         hellaswag = eval_hellaswag.load_examples(cfg.hellaswag_data or eval_hellaswag.download("val"), cfg.hellaswag_limit)
-        hellaswag_tok = gpt.load_tokenizer(tokenizer_spec)
+        hellaswag_tok = data.load_tokenizer(tokenizer_spec)
     wandb_run = None
     if cfg.wandb and master:
         try:
@@ -266,7 +270,7 @@ def main(argv=None):
             wandb_run = wandb.init(project="nanollm", config=asdict(cfg))
         except ImportError:
             log("wandb is not installed; logging to metrics.jsonl only")
-    peak_flops = gpt.device_peak_flops(device, dtype, cfg.peak_flops)
+    peak_flops = common.device_peak_flops(device, dtype, cfg.peak_flops)
     tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * cfg.block_size
     log(f"tokens per iteration: {tokens_per_iter:,}")
     if master:
@@ -355,7 +359,7 @@ def main(argv=None):
         med = sorted(step_times)[len(step_times) // 2]
         log(f"done: {iter_num} iters, median {med * 1000:.1f} ms/iter, {tokens_per_iter / med:,.0f} tok/s")
     if master and cfg.sample_tokens:
-        tok = gpt.load_tokenizer(tokenizer_spec)
+        tok = data.load_tokenizer(tokenizer_spec)
         start = torch.full((1, 1), tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0], device=device)
         raw_model.eval()
         with ctx:

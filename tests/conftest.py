@@ -1,4 +1,4 @@
-"""Shared test setup: offline data from ../shared/data, tiny configs, the `slow` marker."""
+"""Shared test setup: the shipped offline data (assets/), tiny configs, the `slow` marker."""
 
 import os
 import sys
@@ -7,23 +7,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
-# tiktoken reads its cache folder when an encoding is first loaded: point it at the copy of
-# GPT-2's BPE files before any test touches tiktoken (no network here).
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
+# tiktoken reads its cache folder when an encoding is first loaded: point it at the shipped
+# copy of GPT-2's BPE files before any test touches tiktoken (no network here).
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "assets" / "tiktoken_cache"))
+SHAKESPEARE = ROOT / "assets" / "tinyshakespeare.txt"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s; excluded from the default run")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by `bench.py gpu`)")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shakespeare_path():
-    path = SHARED_DATA / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.fail(f"{path} missing: the tests need ../shared/data beside the repository")
-    return path
+    return SHAKESPEARE
 
 
 @pytest.fixture
@@ -36,7 +34,7 @@ def tiny_config():
 @pytest.fixture
 def char_data(tmp_path, shakespeare_path):
     """shakespeare_char prepared from the first 100 KB of Tiny Shakespeare."""
-    from gpt import prepare_dataset
+    from data import prepare_dataset
 
     src = tmp_path / "shakespeare_100k.txt"
     src.write_text(shakespeare_path.read_text()[:100_000])

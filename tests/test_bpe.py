@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from common import NanoError
+
 import bpe
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-VOCAB_BPE = SHARED / "tiktoken_cache" / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"  # GPT-2 vocab.bpe
-ENCODER_JSON = SHARED / "tiktoken_cache" / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6"  # GPT-2 encoder.json
+import data
+from data import GPT2_ENCODER_JSON as ENCODER_JSON, GPT2_VOCAB_BPE as VOCAB_BPE, SHAKESPEARE_PATH
 EOT = "<|endoftext|>"
 
 TRICKY = [
@@ -32,12 +33,12 @@ ROUND_TRIP = [
 
 
 def shakespeare() -> str:
-    return (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    return SHAKESPEARE_PATH.read_text(encoding="utf-8")
 
 
 def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
+    msg = str(excinfo.value)  # a NanoError's message; a main() adds the "error: " in front
+    assert "\n" not in msg and (msg.startswith("error: ") or not isinstance(excinfo.value, SystemExit)), msg
     return msg
 
 
@@ -247,7 +248,7 @@ def test_special_tokens_longest_wins_and_allowed_sets(small):
     ids = tok.encode("x<|a|><|b|>y<|a|>", allowed_special="all")
     assert ab in ids and ids[-1] == a and tok.decode(ids) == "x<|a|><|b|>y<|a|>"
     assert tok.encode("x<|a|>", allowed_special={"<|a|>"})[-1] == a
-    with pytest.raises(SystemExit) as e:  # allowed {"<|a|>"}: EOT is still disallowed
+    with pytest.raises(NanoError) as e:  # allowed {"<|a|>"}: EOT is still disallowed
         tok.encode(f"x<|a|>{EOT}", allowed_special={"<|a|>"})
     assert EOT in one_line_error(e)
     plain = tok.encode("x<|a|>", allowed_special="none")
@@ -317,7 +318,7 @@ def test_save_load(tmp_path, gpt2, small):
 
 
 def test_the_train_py_and_gpt_py_contract(tmp_path):
-    """train.py trains and saves with these calls; gpt.load_tokenizer reads the file."""
+    """train.py trains and saves with these calls; data.load_tokenizer reads the file."""
     src = tmp_path / "input.txt"
     src.write_text(shakespeare()[:50_000], encoding="utf-8")
     vocab, merges = bpe.train_bpe(src, 400, special_tokens=(EOT,))
@@ -327,7 +328,7 @@ def test_the_train_py_and_gpt_py_contract(tmp_path):
     assert tok.vocab_size == 400 and tok.eot_id == 399
     assert tok.encode("to be" + EOT, allowed_special="all")[-1] == 399
     gpt = pytest.importorskip("gpt", reason="gpt.py (lead) loads bpe.py files")
-    wrapped = gpt.load_tokenizer(str(tmp_path / "tok.bpe"))
+    wrapped = data.load_tokenizer(str(tmp_path / "tok.bpe"))
     assert wrapped.vocab_size == 400 and wrapped.eot_id == 399
     ids = wrapped.encode("To be, or not" + EOT)
     assert ids[-1] == 399 and wrapped.decode(ids) == "To be, or not" + EOT
@@ -351,21 +352,21 @@ def test_cli(tmp_path, capsys):
 
 
 def test_bad_vocab_size():
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanoError) as e:
         bpe.train_bpe("hello", 256, special_tokens=(EOT,))
     assert "257" in one_line_error(e)
 
 
 def test_empty_training_text(tmp_path):
     for empty in ("", EOT * 3):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(NanoError) as e:
             bpe.train_bpe(empty, 300, special_tokens=(EOT,))
         assert "empty" in one_line_error(e)
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanoError) as e:
         bpe.train_bpe(tmp_path / "empty.txt", 300)
     one_line_error(e)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanoError) as e:
         bpe.train_bpe(tmp_path / "missing.txt", 300)
     assert "not found" in one_line_error(e)
 
@@ -373,7 +374,7 @@ def test_empty_training_text(tmp_path):
 def test_special_token_with_none_raise(small):
     for call in (lambda: small.encode(f"a{EOT}b"),
                  lambda: list(small.encode_iterable(["a<|endof", "text|>b"], min_chars=1))):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(NanoError) as e:
             call()
         assert EOT in one_line_error(e)
     assert small.encode_ordinary(EOT) == small.encode(EOT, allowed_special="none") != [small.eot_id]
@@ -395,16 +396,16 @@ def test_corrupt_tokenizer_file(tmp_path, small):
     for name, text in cases.items():
         path = tmp_path / f"{name}.bpe"
         path.write_text(text, encoding="utf-8")
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(NanoError) as e:
             bpe.Tokenizer.load(path)
         one_line_error(e)
     (tmp_path / "binary.bpe").write_bytes(bytes(range(256)))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanoError) as e:
         bpe.Tokenizer.load(tmp_path / "binary.bpe")
     one_line_error(e)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanoError) as e:
         bpe.Tokenizer.load(tmp_path / "missing.bpe")
     assert "not found" in one_line_error(e)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanoError) as e:
         small.decode([10 ** 6])
     one_line_error(e)

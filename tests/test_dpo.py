@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import dpo
+import common
+import data
 import gpt
 import lora
 
@@ -103,7 +105,7 @@ def tiny_model(seed=0):
 
 def tiny_batch(n=6, seed=0):
     import random
-    tok = gpt.load_tokenizer("char:" + dpo.SYNTH_ALPHABET)
+    tok = data.load_tokenizer("char:" + dpo.SYNTH_ALPHABET)
     rows = dpo.synthetic_rows(n, random.Random(seed))
     pairs, _ = dpo.tokenize_pairs(rows, tok, 32, 16)
     return dpo.collate(pairs, "cpu")
@@ -127,7 +129,7 @@ def test_concatenated_logps_equals_full_logits():
     assert not mask[:, :4].any()  # prompts are >= 5 characters: some columns are skipped
     full = dpo.sequence_logps(model(idx)[0], labels, mask).chunk(2)
     for avg in (False, True):
-        got = dpo.concatenated_logps(model, batch, avg, gpt.autocast("cpu", torch.float32))
+        got = dpo.concatenated_logps(model, batch, avg, common.autocast("cpu", torch.float32))
         want = full if not avg else dpo.sequence_logps(model(idx)[0], labels, mask, True).chunk(2)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)  # same math, other matmul shapes
@@ -137,7 +139,7 @@ def test_step0_policy_equals_reference_loss_is_log2():
     model = tiny_model()
     ref = copy.deepcopy(model).eval()
     batch = tiny_batch()
-    ctx = gpt.autocast("cpu", torch.float32)
+    ctx = common.autocast("cpu", torch.float32)
     c, r = dpo.concatenated_logps(model, batch, False, ctx)
     rc, rr = dpo.reference_logps(model, ref, batch, False, ctx)
     for loss_type, at_zero in [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2), ("hinge", 1.0)]:
@@ -182,7 +184,7 @@ def test_lora_reference_equals_a_frozen_copy():
         for _, layer in lora.lora_layers(model):
             layer.lora_B.weight.normal_(0, 0.1)
     batch = tiny_batch()
-    ctx = gpt.autocast("cpu", torch.float32)
+    ctx = common.autocast("cpu", torch.float32)
     via_disabled = dpo.reference_logps(model, None, batch, False, ctx)
     via_copy = dpo.reference_logps(frozen, frozen, batch, False, ctx)
     for a, b in zip(via_disabled, via_copy):
@@ -237,17 +239,17 @@ GOOD = {"prompt": "\nabc>", "chosen": "XYZ.", "rejected": "xyz."}
     ({"prompt": "", "chosen": "X.", "rejected": "x."}, "line 2: empty prompt"),
 ])
 def test_bad_rows_fail_before_training_naming_the_row(tmp_path, char_ckpt, bad, message):
-    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, bad, GOOD])
+    jsonl_path = write_jsonl(tmp_path / "d.jsonl", [GOOD, bad, GOOD])
     with pytest.raises(SystemExit) as e:
-        dpo.main(["--init_from", str(char_ckpt), "--data", str(data), "--out_dir", str(tmp_path / "o")])
+        dpo.main(["--init_from", str(char_ckpt), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o")])
     assert str(e.value).startswith("error: ") and message in str(e.value), str(e.value)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
 def test_identical_pairs_are_skipped_and_counted(tmp_path, char_ckpt, capsys):
     rows = [GOOD] * 6 + [{"prompt": "\nab>", "chosen": "same.", "rejected": "same."}] * 2
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    out = dpo.main(["--init_from", str(char_ckpt), "--data", str(data), "--out_dir", str(tmp_path / "o"),
+    jsonl_path = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = dpo.main(["--init_from", str(char_ckpt), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o"),
                     "--max_iters", "1", "--val_fraction", "0", "--device", "cpu"])
     assert out["stats"]["identical_skipped"] == 2
     assert "skipped 2 pair(s)" in capsys.readouterr().err
@@ -261,18 +263,18 @@ def test_identical_pairs_are_skipped_and_counted(tmp_path, char_ckpt, capsys):
     (["--lora", "True", "--lora_targets", "nope"], "check --lora_targets"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, char_ckpt, args, message):
-    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4)
+    jsonl_path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4)
     with pytest.raises(SystemExit) as e:
-        dpo.main(["--init_from", str(char_ckpt), "--data", str(data), "--out_dir", str(tmp_path / "o")] + args)
+        dpo.main(["--init_from", str(char_ckpt), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o")] + args)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_data_file_and_no_usable_pairs(tmp_path, char_ckpt):
     with pytest.raises(SystemExit, match="not found"):
         dpo.main(["--init_from", str(char_ckpt), "--data", str(tmp_path / "nope.jsonl")])
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "\na>", "chosen": "b.", "rejected": "b."}])
+    jsonl_path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "\na>", "chosen": "b.", "rejected": "b."}])
     with pytest.raises(SystemExit, match="no usable preference pairs"):
-        dpo.main(["--init_from", str(char_ckpt), "--data", str(data), "--out_dir", str(tmp_path / "o")])
+        dpo.main(["--init_from", str(char_ckpt), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o")])
 
 
 def test_gpt2_tokenized_jsonl_truncates_long_prompts(tmp_path):
@@ -284,11 +286,11 @@ def test_gpt2_tokenized_jsonl_truncates_long_prompts(tmp_path):
     rows = [{"prompt": long_prompt, "chosen": " Once upon a time there was a kind dragon who loved reading.",
              "rejected": " No."},
             {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}] * 4
-    data = write_jsonl(tmp_path / "hh.jsonl", rows)
-    out = dpo.main(["--init_from", str(path), "--data", str(data), "--out_dir", str(tmp_path / "o"),
+    jsonl_path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    out = dpo.main(["--init_from", str(path), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o"),
                     "--max_iters", "2", "--batch_size", "4", "--val_fraction", "0", "--device", "cpu"])
     assert out["stats"]["truncated"] == 4 and out["stats"]["rows"] == 8
-    tok = gpt.load_tokenizer("gpt2")
+    tok = data.load_tokenizer("gpt2")
     p, c, _ = dpo.truncate_pair(tok.encode(long_prompt), tok.encode(rows[0]["chosen"]), tok.encode(" No."), 24, 12)
     assert tok.decode(p).endswith("\n\nAssistant:") and len(p) == 12  # the end of the prompt survives
     assert tok.decode(c).startswith(" Once upon") and len(c) == 24 - 12  # the start of the answer

@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from common import NanoError
 import torch
 import torch.multiprocessing as mp
 
 import eval_hellaswag as hs
+import data
 import gpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +68,7 @@ def data_path(tmp_path):
 
 @pytest.fixture
 def gpt2_tok():
-    return gpt.load_tokenizer("gpt2")
+    return data.load_tokenizer("gpt2")
 
 
 def char_tokenizer():
@@ -73,7 +76,7 @@ def char_tokenizer():
     for row in ROWS:
         query, choices = hs.lm_eval_query_and_choices(row)
         texts += [row["ctx"], query] + row["endings"] + choices
-    return gpt.load_tokenizer("char:" + "".join(sorted(set(" ".join(texts)))))
+    return data.load_tokenizer("char:" + "".join(sorted(set(" ".join(texts)))))
 
 
 def tiny_gpt(vocab_size, block_size=64, seed=0):
@@ -129,7 +132,7 @@ def test_lm_eval_preprocessing_matches_hand_written_strings():
     assert query == "Playing accordion: A woman in a café holds an accordion. She then plays"  # capitalize() lowers
     assert choices[1] == "the drums  with her feet."  # "   " -> "  ": one non-overlapping pass
     # acc_norm divides by characters (str length), not UTF-8 bytes: "café." is 5, not 6
-    r = hs.render_example(ROWS[2], gpt.load_tokenizer("gpt2"), "lm_eval")
+    r = hs.render_example(ROWS[2], data.load_tokenizer("gpt2"), "lm_eval")
     assert choices[3] == "nothing and leaves the café." and r.norms[3] == 28.0
     query, _ = hs.lm_eval_query_and_choices(ROWS[3])
     assert query == "Health: How to sleep better. Keep a schedule."
@@ -271,7 +274,7 @@ def test_bad_rows_name_the_line(tmp_path, change, message):
     rows = [dict(r) for r in ROWS[:3]]
     change(rows[1])
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(SystemExit, match="^error: ") as e:
+    with pytest.raises(NanoError, match="^") as e:
         hs.load_examples(path)
     assert f"{path} {message}" in str(e.value) and "\n" not in str(e.value)
 
@@ -279,13 +282,13 @@ def test_bad_rows_name_the_line(tmp_path, change, message):
 def test_bad_files(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(SystemExit, match=f"error: {empty} is empty"):
+    with pytest.raises(NanoError, match=f"{empty} is empty"):
         hs.load_examples(empty)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(SystemExit, match=f"error: {broken} line 2: not valid JSON"):
+    with pytest.raises(NanoError, match=f"{broken} line 2: not valid JSON"):
         hs.load_examples(broken)
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(NanoError, match="not found"):
         hs.load_examples(tmp_path / "missing.jsonl")
     assert hs.check_example({**ROWS[0], "label": "2"}, "row")["label"] == 2  # HF's string labels
 
@@ -311,7 +314,7 @@ def test_download_checks_size_and_renames(tmp_path, monkeypatch):
     requests = pytest.importorskip("requests")
     body = (json.dumps(ROWS[0]) + "\n").encode()
     monkeypatch.setattr(requests, "get", lambda url, **kw: FakeResponse(body[:50], len(body)))
-    with pytest.raises(SystemExit, match=f"arrived with 50 of {len(body)} bytes"):
+    with pytest.raises(NanoError, match=f"arrived with 50 of {len(body)} bytes"):
         hs.download("val", tmp_path)
     assert list(tmp_path.iterdir()) == []  # no half file, no temp file left behind
     monkeypatch.setattr(requests, "get", lambda url, **kw: FakeResponse(body, len(body)))

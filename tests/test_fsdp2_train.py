@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from common import NanoError
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,8 @@ def _worker(data_root, work):
     from torch.distributed.tensor import DTensor
 
     import fsdp2_train
+    import common
+    import data
     import gpt
 
     # the group main() would make from torchrun's environment, made once here so that every
@@ -86,7 +90,7 @@ def _worker(data_root, work):
     qargs = args(data_root, work / "qlora", "--mode", "qlora", "--max_iters", 10, "--eval_interval", 100,
                  "--learning_rate", 1e-2, "--export", work / "qlora" / "ckpt.pt")
     cfg, _ = fsdp2_train.parse_args(qargs)
-    vocab_size = gpt.read_meta(Path(data_root) / "shakespeare_char")["vocab_size"]
+    vocab_size = data.read_meta(Path(data_root) / "shakespeare_char")["vocab_size"]
     fresh, _ = fsdp2_train.build_model(cfg, vocab_size, "cpu", torch.float32)
     fsdp2_train.shard_model(fresh, init_device_mesh("cpu", (world,)), cfg, None)
     before = {n: p.to_local().clone() for n, p in fresh.named_parameters() if p.dtype == torch.uint8}
@@ -176,16 +180,18 @@ def _wait(proc, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shakespeare_path_module):
+def runs(tmp_path_factory, shakespeare_path):
     """Start the 2-rank worker and the bad-CLI launch, run the 1-process references meanwhile."""
     import fsdp2_train
+    import common
+    import data
     import gpt
 
     base = tmp_path_factory.mktemp("fsdp2")
     src = base / "shakespeare_100k.txt"
-    src.write_text(shakespeare_path_module.read_text()[:100_000])
+    src.write_text(shakespeare_path.read_text()[:100_000])
     data_root = base / "data"
-    gpt.prepare_dataset("shakespeare_char", input=src, data_root=data_root)
+    data.prepare_dataset("shakespeare_char", input=src, data_root=data_root)
     work = base / "work"
     work.mkdir()
     worker = _torchrun(Path(__file__), data_root, work)
@@ -221,24 +227,18 @@ def runs(tmp_path_factory, shakespeare_path_module):
     return one, two
 
 
-@pytest.fixture(scope="module")
-def shakespeare_path_module():
-    path = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.fail(f"{path} missing: the tests need ../shared/data beside the repository")
-    return path
-
-
 def plain_training(data_root, steps):
     """The same run without FSDP or torch.distributed: GPT + AdamW + clipping on the global batch."""
     import fsdp2_train
+    import common
+    import data
     import gpt
 
     cfg, _ = fsdp2_train.parse_args(args(data_root, "unused"))
     data_dir = Path(data_root) / "shakespeare_char"
-    bins = gpt.TokenBins(data_dir, "train")
-    gpt.set_seed(cfg.seed)
-    model = gpt.GPT(gpt.GPTConfig(block_size=32, vocab_size=gpt.read_meta(data_dir)["vocab_size"],
+    bins = data.TokenBins(data_dir, "train")
+    common.set_seed(cfg.seed)
+    model = gpt.GPT(gpt.GPTConfig(block_size=32, vocab_size=data.read_meta(data_dir)["vocab_size"],
                                   n_layer=2, n_head=2, n_embd=32))
     opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
     g = torch.Generator().manual_seed(cfg.seed)
@@ -355,5 +355,5 @@ def test_qlora_on_cuda_needs_triton(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     ranks = fsdp2_train.Ranks(rank=0, world=1, local_world=1, device="cuda:0", created_group=False)
-    with pytest.raises(SystemExit, match="needs triton"):
+    with pytest.raises(NanoError, match="needs triton"):
         fsdp2_train.validate(cfg, ranks)

@@ -7,10 +7,13 @@ import json
 import math
 
 import pytest
+
+from common import NanoError
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import gpt
 import lora
 
@@ -252,10 +255,10 @@ CLI = ["--r", "8", "--alpha", "16", "--batch_size", "8", "--learning_rate", "3e-
 
 def test_cli_text(tmp_path, tiny_ckpt, capsys):
     ckpt, text = tiny_ckpt
-    data = tmp_path / "input.txt"
-    data.write_text(text[:20_000])
+    jsonl_path = tmp_path / "input.txt"
+    jsonl_path.write_text(text[:20_000])
     out = tmp_path / "out"
-    lora.main(["--init_from", str(ckpt), "--data", str(data), "--out_dir", str(out), "--max_iters", "30", *CLI])
+    lora.main(["--init_from", str(ckpt), "--data", str(jsonl_path), "--out_dir", str(out), "--max_iters", "30", *CLI])
     printed = capsys.readouterr().out
     assert "trainable" in printed and "peak memory" in printed and "tok/s" in printed and "ETA" in printed
     metrics = read_metrics(out)
@@ -271,10 +274,10 @@ def test_cli_text(tmp_path, tiny_ckpt, capsys):
 
 def test_jsonl_masks_the_prompt(tiny_ckpt, tmp_path):
     _, text = tiny_ckpt
-    tok = gpt.load_tokenizer("char:" + "".join(sorted(set(text))))
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"prompt": "Q: who?", "response": "A: me"}) + "\n\n")
-    (ids, targets), = lora.load_jsonl(data, tok, 0.0, block_size=32)[0]
+    tok = data.load_tokenizer("char:" + "".join(sorted(set(text))))
+    jsonl_path = tmp_path / "d.jsonl"
+    jsonl_path.write_text(json.dumps({"prompt": "Q: who?", "response": "A: me"}) + "\n\n")
+    (ids, targets), = lora.load_jsonl(jsonl_path, tok, 0.0, block_size=32)[0]
     prompt, response = tok.encode("Q: who?"), tok.encode("A: me")
     assert ids == (prompt + response)[:-1]
     # position t predicts token t+1: the last prompt position predicts the first response token
@@ -285,10 +288,10 @@ def test_cli_jsonl_and_merge(tmp_path, tiny_ckpt, idx):
     ckpt, _ = tiny_ckpt
     rows = [{"prompt": f"Say {w}:", "response": f" {w.upper()}!"} for w in
             ["hello", "world", "lord", "king", "queen", "sir", "madam", "good", "night", "day"]]
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    jsonl_path = tmp_path / "chat.jsonl"
+    jsonl_path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
-    lora.main(["--init_from", str(ckpt), "--data", str(data), "--out_dir", str(out), "--max_iters", "30",
+    lora.main(["--init_from", str(ckpt), "--data", str(jsonl_path), "--out_dir", str(out), "--max_iters", "30",
                "--val_fraction", "0", "--merge", "True", *CLI])
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
     assert val[-1] < val[0] - 0.5, val
@@ -325,18 +328,18 @@ def test_bad_input(tmp_path, tiny_ckpt, tiny_config):
         lora.main([*base, "--data", str(short), "--merge", "maybe"])
     # adapter files
     model = tiny_gpt(tiny_config)
-    with pytest.raises(SystemExit, match="adapter file .* not found"):
+    with pytest.raises(NanoError, match="adapter file .* not found"):
         lora.load_lora(model, tmp_path / "none.pt")
-    with pytest.raises(SystemExit, match="not a LoRA adapter"):
+    with pytest.raises(NanoError, match="not a LoRA adapter"):
         lora.load_lora(model, ckpt)
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(SystemExit, match="not a readable adapter"):
+    with pytest.raises(NanoError, match="not a readable adapter"):
         lora.load_lora(model, tmp_path / "junk.pt")
     wide = gpt.GPT(gpt.GPTConfig(**{**tiny_config.__dict__, "n_embd": 64}))
     lora.save_lora(tmp_path / "wide.pt", lora.apply_lora(wide, r=4), base="wide")
-    with pytest.raises(SystemExit, match="has shape"):
+    with pytest.raises(NanoError, match="has shape"):
         lora.load_lora(tiny_gpt(tiny_config), tmp_path / "wide.pt")
-    with pytest.raises(SystemExit, match="LoRA config"):
+    with pytest.raises(NanoError, match="LoRA config"):
         lora.load_lora(lora.apply_lora(tiny_gpt(tiny_config), r=2), tmp_path / "wide.pt")
     with pytest.raises(ValueError, match="lm_head"):
         lora.apply_lora(tiny_gpt(tiny_config), targets=("c_attn", "lm_head"))

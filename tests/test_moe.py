@@ -10,6 +10,8 @@ import json
 import math
 
 import pytest
+
+from common import NanoError
 import torch
 
 import gpt
@@ -271,6 +273,6 @@ def test_bad_config_one_line_errors(argv, message):
 
 def test_n_embd_mismatch_one_line_error(tiny_config):
     layer = moe.MoE(tiny_config, moe.MoEConfig(n_experts=2, top_k=1))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NanoError) as e:
         layer(torch.randn(1, 4, tiny_config.n_embd + 1))
     assert "n_embd=33 but the layer was built for 32" in str(e.value) and "\n" not in str(e.value)

@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from common import NanoError
 import torch
 import torch.nn.functional as F
 
@@ -291,7 +293,7 @@ assert torch.equal(q.dequantize(packed, state), q.dequantize_nf4(packed, state))
 layer(torch.randn(2, 64))
 try:
     q.dequantize_nf4_triton(packed, state)
-except SystemExit as e:
+except q.NanoError as e:
     print("refused:", e)
 """
 
@@ -326,7 +328,7 @@ def test_triton_kernel_bit_exact_in_interpreter(subprocess_checks):
 
 
 def test_import_without_triton(subprocess_checks):
-    assert "refused: error: Triton is not installed" in subprocess_checks["no_triton"]
+    assert "refused: Triton is not installed" in subprocess_checks["no_triton"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -446,7 +448,7 @@ def test_finetune_cli(tmp_path, tiny_config, shakespeare_path, capsys):
 
 @pytest.mark.parametrize("blocksize", [16, 48, 8192])
 def test_bad_blocksize(blocksize):
-    with pytest.raises(SystemExit, match=f"error: blocksize {blocksize} is not a power of two in \\[32, 4096\\]"):
+    with pytest.raises(NanoError, match=f"blocksize {blocksize} is not a power of two in \\[32, 4096\\]"):
         q.quantize_nf4(torch.randn(256), blocksize)
 
 
@@ -454,7 +456,7 @@ def test_bad_blocksize(blocksize):
 def test_non_finite_weight(bad):
     w = torch.randn(4, 64)
     w[1, 3] = bad
-    with pytest.raises(SystemExit, match="error: the weight holds 1 NaN/Inf"):
+    with pytest.raises(NanoError, match="the weight holds 1 NaN/Inf"):
         q.Linear4bit(w)
 
 
@@ -463,7 +465,7 @@ def test_other_quant_type_refused():
     meta = json.loads(bytes(sd.pop("weight.quant_state.bitsandbytes__nf4").tolist()))
     sd["weight.quant_state.bitsandbytes__fp4"] = torch.tensor(list(json.dumps({**meta, "quant_type": "fp4"}).encode()),
                                                               dtype=torch.uint8)
-    with pytest.raises(SystemExit, match="error: weight is quantized as 'fp4', not 'nf4'"):
+    with pytest.raises(NanoError, match="weight is quantized as 'fp4', not 'nf4'"):
         q.QuantState.from_bnb_state_dict(sd)
 
 

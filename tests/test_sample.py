@@ -3,6 +3,8 @@
 import math
 
 import pytest
+
+from common import NanoError
 import torch
 
 import gpt

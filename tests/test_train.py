@@ -3,8 +3,11 @@
 import json
 
 import pytest
+
+from common import NanoError
 import torch
 
+import data
 import gpt
 import train
 
@@ -43,7 +46,7 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
 
     model, spec = gpt.load_checkpoint(full / "ckpt.pt")
     assert spec.startswith("char:") and model.config.n_layer == 2
-    tok = gpt.load_tokenizer(spec)
+    tok = data.load_tokenizer(spec)
     assert tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
 
 
@@ -80,7 +83,7 @@ def test_text_dataset_with_gpt2_tokens(tmp_path, shakespeare_path):
                 "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
                 "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--sample_tokens", "5",
                 "--device", "cpu"])
-    meta = gpt.read_meta(tmp_path / "data" / "text_play")
+    meta = data.read_meta(tmp_path / "data" / "text_play")
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
     assert spec == "gpt2" and model.config.vocab_size == 50257
@@ -140,6 +143,6 @@ def test_train_own_bpe_tokenizer(tmp_path, shakespeare_path):
                 "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
                 "--sample_tokens", "5", "--device", "cpu"])
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
-    tok = gpt.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
+    tok = data.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
     assert spec.endswith(".bpe") and tok.vocab_size == model.config.vocab_size == 300
     assert tok.decode(tok.encode("First Citizen:")) == "First Citizen:"

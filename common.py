@@ -1,0 +1,208 @@
+"""Plumbing every nanollm script shares, none of it an idea of its own.
+
+- the one error type (`NanoError`) and the `cli` wrapper that turns it into `error: ...`;
+- a dataclass config turned into an argparse CLI (`parse_config`);
+- device, dtype and autocast choice; seeds;
+- the warmup + cosine learning-rate schedule every trainer uses;
+- peak FLOP/s (for MFU) and peak memory;
+- rank-0-first for work that one rank of a torchrun job must do before the others.
+
+This file imports nothing of nanollm's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+import typing
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+
+class NanoError(ValueError):
+    """Bad input: a one-line message `<what> (<how to fix>)`. Library code raises it, checked
+    before any long work starts; only a script's `main()` (through `cli`) turns it into
+    `error: <message>` on stderr and exit status 2, so a notebook that imports a file never exits."""
+
+
+class CLIError(SystemExit):
+    """How `cli` leaves: exit status 2; str() is the line printed, so tests can match on it."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def cli(main):
+    """Decorate a script's `main(argv=None)`: a NanoError becomes one `error:` line and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except NanoError as e:
+            line = f"error: {e}"
+            print(line, file=sys.stderr, flush=True)
+            raise CLIError(line) from None
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------
+# A CLI from a dataclass
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+
+
+def parse_config(config_cls, argv=None, description=None):
+    """Turn a dataclass into an argparse CLI: every field is an option `--name` with its
+    default shown in --help; booleans take a value (`--compile False`, `--compile=False`)."""
+    parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        optional = type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        convert = _parse_bool if kind is bool else kind
+        if optional:
+            convert = (lambda c: lambda s: None if s.lower() == "none" else c(s))(convert)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name}", type=convert, default=default, metavar=kind.__name__.upper(),
+                            help=(f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)").lstrip())
+    args = parser.parse_args(argv)
+    return config_cls(**vars(args))
+
+
+# ----------------------------------------------------------------------------------------
+# Device, precision, seeds
+
+
+def pick_device(name="auto") -> str:
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise NanoError("--device cuda but CUDA is not available (use --device cpu or auto)")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, name="auto") -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        if "cuda" in device:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in table:
+        raise NanoError(f"unknown dtype {name!r} (auto, float32, bfloat16, float16)")
+    return table[name]
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """Mixed precision: matmuls in bf16/fp16, weights and optimizer state stay fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def set_seed(seed: int):
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# Learning-rate schedule, FLOPs, memory
+
+
+def cosine_lr(it, max_lr, min_lr, warmup_iters, decay_iters):
+    """nanoGPT's schedule: linear warmup to max_lr over warmup_iters, cosine decay to min_lr
+    at decay_iters, then flat. Warmup starts above zero so step 0 already learns."""
+    if it < warmup_iters:
+        return max_lr * (it + 1) / (warmup_iters + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+# dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def device_peak_flops(device: str, dtype=torch.bfloat16, override=None):
+    """The device's peak FLOP/s for MFU: --peak_flops if given, else the datasheet figure
+    of a known GPU, else None (MFU is then not reported)."""
+    if override:
+        return float(override)
+    if "cuda" in device and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half rate
+    return None
+
+
+def peak_memory_mib(device: str) -> float:
+    """Peak memory of this process so far: CUDA's allocator peak on a GPU, else peak RSS."""
+    if "cuda" in device:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed: one rank does a job first (a download, a dataset), the others then reuse it
+
+
+@contextmanager
+def rank0_first():
+    """`with rank0_first(): prepare()` under torchrun: rank 0 runs the block while the other
+    ranks wait at a barrier, then they run it (finding rank 0's files) while rank 0 waits.
+    An error on rank 0 still releases the others, who then fail on their own copy of it.
+    Outside a process group it is a plain block."""
+    dist = torch.distributed
+    active = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if active else 0
+    if active and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if active and rank == 0:
+            dist.barrier()
+
+
+def check_options(cfg, positive=(), non_negative=(), ranges=None):
+    """Validate a script's numeric options in one place, before any work: a bad value is one
+    NanoError line naming the option (e.g. `--grad_clip -1` must not silently ascend)."""
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise NanoError(f"--{name} must be positive (got {getattr(cfg, name)})")
+    for name in non_negative:
+        if not getattr(cfg, name) >= 0:
+            raise NanoError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    for name, (lo, hi) in (ranges or {}).items():
+        if not lo <= getattr(cfg, name) <= hi:
+            raise NanoError(f"--{name} must be in [{lo}, {hi}] (got {getattr(cfg, name)})")
