@@ -6,7 +6,9 @@ Every figure is a median of repeated runs (the machine is noisy). Ratios are pri
 Run: python bench.py                 # every section
      python bench.py train loss      # only these sections
      python bench.py --quick         # tiny sizes: a smoke test of the benchmark code itself
-Sections: train, loss, sample, bpe, nf4, fsdp2, dpo, moe, hellaswag.
+     python bench.py gpu             # the CUDA check on a GPU machine (exits non-zero on a failure)
+     python bench.py gpu --dry-run   # the same code paths on CPU, as the test suite runs it
+`python bench.py --help` lists the sections.
 """
 
 from __future__ import annotations
@@ -900,17 +902,61 @@ SECTIONS = {"train": bench_train, "loss": bench_loss, "sample": bench_sample, "b
             "lora": bench_lora, "fsdp2": bench_fsdp2, "dpo": bench_dpo, "moe": bench_moe, "hellaswag": bench_hellaswag}
 
 
+# ----------------------------------------------------------------------------------------
+# gpu: the CUDA check, one short go on a GPU machine (`--dry-run` proves its code paths on CPU)
+
+GPU_SECTIONS = ("nf4", "train", "sample", "loss", "fsdp2")
+
+
+def bench_gpu(quick: bool, dry_run: bool = False) -> None:
+    """Every CUDA figure in one table, then `pytest -m gpu` (the CUDA-only tests); a failing
+    part is reported and makes the run exit non-zero, the other parts still run."""
+    if not dry_run and not torch.cuda.is_available():
+        raise NanoError("bench.py gpu needs a CUDA GPU (use --dry-run to check its code paths on CPU)")
+    failures = []
+    parts = [(name, SECTIONS[name]) for name in GPU_SECTIONS if name in SECTIONS] + GPU_EXTRAS
+    for name, fn in parts:
+        try:
+            fn(quick or dry_run)
+        except Exception as e:  # one failing part must not hide the others' figures
+            row("gpu", f"{name} FAILED", f"{e.__class__.__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
+            failures.append(name)
+    pytest_args = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+    if dry_run:
+        pytest_args.append("--collect-only")
+    done = subprocess.run(pytest_args, cwd=ROOT, capture_output=True, text=True)
+    last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    row("gpu", "pytest -m gpu" + (" --collect-only" if dry_run else ""), last)
+    if done.returncode not in (0, 5):  # 5: no test collected (no CUDA-only test selected)
+        failures.append("pytest -m gpu")
+    if failures:
+        raise NanoError(f"gpu check failed in: {', '.join(failures)}")
+
+
+GPU_EXTRAS: list = []  # (name, fn(quick)) of GPU parts that are not plain sections
+
+
 @cli
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    quick = "--quick" in argv
-    names = [a for a in argv if not a.startswith("--")] or list(SECTIONS)
-    unknown = [n for n in names if n not in SECTIONS]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="sections: " + ", ".join(SECTIONS) + ", gpu")
+    parser.add_argument("sections", nargs="*", help="sections to run (default: every section but gpu)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark code itself")
+    parser.add_argument("--dry-run", action="store_true", help="with gpu: check every import and path on CPU")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    names = args.sections or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS and n != "gpu"]
     if unknown:
-        raise NanoError(f"unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)})")
+        raise NanoError(f"unknown section {unknown[0]!r} (choose from {', '.join(SECTIONS)}, gpu)")
     print(f"{'section':<10} {'what':<62} figure")
     for name in names:
-        SECTIONS[name](quick)
+        if name == "gpu":
+            bench_gpu(args.quick, args.dry_run)
+        else:
+            SECTIONS[name](args.quick)
 
 
 if __name__ == "__main__":

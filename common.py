@@ -93,6 +93,8 @@ def parse_config(config_cls, argv=None, description=None):
 
 def pick_device(name="auto") -> str:
     if name != "auto":
+        if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise NanoError(f"unknown --device {name!r} (auto, cpu, cuda, cuda:N or mps)")
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise NanoError("--device cuda but CUDA is not available (use --device cpu or auto)")
         return name

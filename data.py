@@ -201,11 +201,14 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
     meta_path = folder / "meta.json"
     if meta_path.exists():  # prepared before: reuse it unless the tokenizer or the source changed
         meta = json.loads(meta_path.read_text())
-        if (spec is None or meta["tokenizer"] == spec) and meta["source"] == str(src):
+        if (spec is None or meta["tokenizer"] == spec) and meta["source"] == str(src) and "val_bytes" in meta:
             return folder
     if not src.is_file():
         raise NanoError(f"input file {src} not found (check --input / the text: path)")
-    text = src.read_text(encoding="utf-8")
+    try:
+        text = src.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoError(f"{src} is not UTF-8 text (bad byte at offset {e.start}; convert it to UTF-8)") from None
     if not text:
         raise NanoError(f"input file {src} is empty")
     if spec is None:  # character level: the alphabet is the set of characters in the text
@@ -217,8 +220,11 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
     write_tokens(folder / "train.bin", train_ids)
     write_tokens(folder / "val.bin", val_ids)
     meta = {"tokenizer": spec, "vocab_size": tok.vocab_size, "source": str(src),
-            "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
-    meta_path.write_text(json.dumps(meta, indent=1))
+            "train_tokens": len(train_ids), "val_tokens": len(val_ids),  # bytes: for bits per byte
+            "train_bytes": len(text[:split].encode("utf-8")), "val_bytes": len(text[split:].encode("utf-8"))}
+    tmp = meta_path.with_name("meta.json.tmp")  # meta.json is what says "prepared": written last, atomically
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
     print(f"prepared {folder}: {len(train_ids):,} train and {len(val_ids):,} val tokens", file=sys.stderr)
     return folder
 

@@ -18,7 +18,9 @@ Options keep nanoGPT's names (python train.py --help); booleans take a value: --
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -46,7 +48,7 @@ class TrainConfig:
     # model
     preset: str = field(default="auto", metadata={"help": "auto (cpu on CPU, gpu on CUDA) | cpu | gpu | gpt2_124m | none: "
                                                           "defaults for the options not given on the command line"})
-    init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"})
+    init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a checkpoint file (weights only)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt (same as --init_from resume)"})
     n_layer: int = 4
     n_head: int = 4
@@ -109,6 +111,7 @@ def get_lr(it, cfg: TrainConfig):
 
 
 def parse_args(argv):
+    """The config, with the preset's defaults for the options not given; returns (cfg, given)."""
     cfg = common.parse_config(TrainConfig, argv, __doc__)
     argv = sys.argv[1:] if argv is None else argv
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
@@ -123,29 +126,43 @@ def parse_args(argv):
                 setattr(cfg, name, value)
     if cfg.resume:
         cfg.init_from = "resume"
-    return cfg
+    common.check_options(
+        cfg, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                       "learning_rate", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval"),
+        non_negative=("max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "eval_hellaswag_every",
+                      "hellaswag_limit", "sample_tokens", "train_tokenizer", "peak_flops"),
+        ranges={"dropout": (0.0, 0.99), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999)})
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in gpt.GPT2_SIZES
+            or Path(cfg.init_from).exists()):
+        raise NanoError(f"unknown --init_from {cfg.init_from!r} (scratch, resume, "
+                        f"{', '.join(gpt.GPT2_SIZES)}, or a checkpoint file)")
+    return cfg, given
 
 
-def prepare_data(cfg: TrainConfig, master: bool):
-    """Tokenize the dataset once (rank 0) and return its folder."""
+def prepare_data(cfg: TrainConfig):
+    """Tokenize the dataset once (under torchrun: rank 0 first, the others reuse it); its folder."""
     tokenizer = cfg.tokenizer or None
-    if cfg.init_from.startswith("gpt2") and cfg.dataset == "shakespeare_char":
+    if cfg.init_from in gpt.GPT2_SIZES and cfg.dataset == "shakespeare_char":
         raise NanoError("GPT-2 weights need GPT-2 tokens (use --dataset shakespeare or text:<path>)")
     if cfg.train_tokenizer:
         if not cfg.dataset.startswith("text:"):
             raise NanoError("--train_tokenizer needs --dataset text:<path>")
+        import hashlib
+
         import bpe  # only this option needs the tokenizer trainer
 
-        src = cfg.dataset[len("text:"):]
-        tok_path = Path(cfg.data_root) / f"bpe_{Path(src).stem}_{cfg.train_tokenizer}.bpe"
-        if master and not tok_path.exists():
-            vocab, merges = bpe.train_bpe(src, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
+        src = Path(cfg.dataset[len("text:"):])
+        if not src.is_file():
+            raise NanoError(f"input file {src} not found (check the text: path)")
+        # keyed by the text's content: another corpus of the same file name gets its own merges
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+        tok_path = Path(cfg.data_root) / f"bpe_{src.stem}_{cfg.train_tokenizer}_{digest}.bpe"
+        if not tok_path.exists():
+            vocab, merges = bpe.train_bpe_file(src, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(tok_path)
         tokenizer = str(tok_path.resolve())  # the checkpoint records it: a path that works from any folder
-    if master:
-        return data.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root)
-    return None
+    return data.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root)
 
 
 @torch.no_grad()
@@ -154,11 +171,11 @@ def estimate_loss(model, bins, cfg, device, ctx):
     generator seeded by the step, so evaluation never moves the training data position."""
     model.eval()
     out = {}
-    for split, data in bins.items():
+    for split, split_bins in bins.items():
         g = torch.Generator().manual_seed(cfg.seed + 1)  # the same eval batches every time: comparable numbers
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            x, y = data.get_batch(cfg.batch_size, cfg.block_size, g, device)
+            x, y = split_bins.get_batch(cfg.batch_size, cfg.block_size, g, device)
             with ctx:
                 _, loss = model(x, y)
             losses[k] = loss.item()
@@ -167,172 +184,40 @@ def estimate_loss(model, bins, cfg, device, ctx):
     return out
 
 
-@cli
-def main(argv=None):
-    cfg = parse_args(argv)
-    # --- distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        if cfg.gradient_accumulation_steps % world:
-            raise NanoError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
-                             f"is not divisible by the world size {world}")
-        cfg.gradient_accumulation_steps //= world  # each rank does its share of the micro-steps
-    else:
-        rank, world, device = 0, 1, common.pick_device(cfg.device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device_type = device.split(":")[0]
-    dtype = common.pick_dtype(device, cfg.dtype)
-    ctx = common.autocast(device, dtype)
-    torch.manual_seed(cfg.seed + rank)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
+# ----------------------------------------------------------------------------------------
+# The loop: ~50 lines, as nanoGPT's
 
-    # --- checkpoint to resume from: read first, so a bad path fails before any work
-    ckpt = gpt.read_checkpoint(ckpt_path, device) if cfg.init_from == "resume" else None
-    if ckpt is not None:
-        if "optimizer" not in ckpt:
-            raise NanoError(f"{ckpt_path} has no optimizer state (not a train.py checkpoint)")
-        cfg.block_size = ckpt["config"]["block_size"]  # the model's shape comes from the checkpoint
 
-    # --- data
-    data_dir = prepare_data(cfg, master)
-    if ddp:
-        dist.barrier()  # the others wait while rank 0 tokenizes
-        data_dir = prepare_data(cfg, True) if not master else data_dir
-    meta = data.read_meta(data_dir)
-    bins = {"train": data.TokenBins(data_dir, "train"), "val": data.TokenBins(data_dir, "val")}
-
-    # --- model
-    if cfg.init_from.startswith("gpt2"):
-        model = gpt.GPT.from_pretrained(cfg.init_from)
-        model.crop_block_size(min(cfg.block_size, model.config.block_size))
-        tokenizer_spec = "gpt2"
-    elif ckpt is not None:
-        model = gpt.model_from_checkpoint(ckpt, ckpt_path)
-        tokenizer_spec = ckpt.get("tokenizer")
-    else:
-        model = gpt.GPT(gpt.GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-        tokenizer_spec = meta["tokenizer"]
-    if tokenizer_spec != meta["tokenizer"]:
-        raise NanoError(f"the model uses tokenizer {tokenizer_spec!r}, the data {meta['tokenizer']!r} "
-                         "(prepare the data with the model's tokenizer)")
-    if meta["vocab_size"] > model.config.vocab_size:
-        raise NanoError(f"the data has {meta['vocab_size']} token ids, the model only "
-                         f"{model.config.vocab_size} (use a matching dataset or tokenizer)")
-    if cfg.block_size > model.config.block_size:
-        raise NanoError(f"block_size {cfg.block_size} exceeds the model's {model.config.block_size}")
-    model.to(device)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-        f"device {device}, dtype {str(dtype).removeprefix('torch.')}, world size {world}")
-
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
-    iter_num, best_val_loss = 0, float("inf")
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["step"], ckpt["best_val_loss"]
-        # dropout's randomness (rank 0's under DDP); RNG states are CPU byte tensors, whatever
-        # device the checkpoint was mapped to
-        torch.set_rng_state(ckpt["torch_rng"].cpu())
-        if device_type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
-        log(f"resumed from {ckpt_path} at iter {iter_num} (best val loss {best_val_loss:.4f})")
-        ckpt = None  # free the memory
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
-
-    hellaswag = None
-    if cfg.eval_hellaswag_every:
-        import eval_hellaswag  # only this option needs it
-
-        if master and not cfg.hellaswag_data:
-            eval_hellaswag.download("val")
-        if ddp:
-            dist.barrier()  # rank 0 downloads, the others wait, then every rank scores its share
-        hellaswag = eval_hellaswag.load_examples(cfg.hellaswag_data or eval_hellaswag.download("val"), cfg.hellaswag_limit)
-        hellaswag_tok = data.load_tokenizer(tokenizer_spec)
-    wandb_run = None
-    if cfg.wandb and master:
-        try:
-            import wandb
-
-            wandb_run = wandb.init(project="nanollm", config=asdict(cfg))
-        except ImportError:
-            log("wandb is not installed; logging to metrics.jsonl only")
-    peak_flops = common.device_peak_flops(device, dtype, cfg.peak_flops)
-    tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * cfg.block_size
-    log(f"tokens per iteration: {tokens_per_iter:,}")
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    # a resumed run continues the file, a new run starts it afresh
-    metrics = open(out_dir / "metrics.jsonl", "a" if cfg.init_from == "resume" else "w") if master else None
-
-    def write_metrics(row):
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if wandb_run is not None:
-                wandb_run.log(row, step=row["iter"])
-
-    def train_batch(it, micro_step):
-        # Each micro-batch has its own seed, from (iter, its index among all ranks' micro-batches),
-        # so the data position is just the iteration: a resume draws exactly the batches it would
-        # have drawn, and N ranks together draw the batches one process draws with N times the
-        # accumulation steps.
-        global_micro_step = rank * cfg.gradient_accumulation_steps + micro_step
-        g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + it) * 1_000_003 + global_micro_step) % 2**63)
-        return bins["train"].get_batch(cfg.batch_size, cfg.block_size, g, device)
-
-    # --- the loop
-    start_iter = iter_num
-    x, y = train_batch(iter_num, 0)
+def train_loop(cfg, run, model, raw_model, optimizer, scaler, bins, state, write_metrics, hellaswag=None):
+    """Train from state["iter"] to cfg.max_iters: evaluate and checkpoint every eval_interval,
+    log every log_interval. state: {"iter", "best_val_loss"}, updated in place."""
+    start_iter = iter_num = state["iter"]
+    step_times, tokens_per_iter = [], cfg.gradient_accumulation_steps * run.world * cfg.batch_size * cfg.block_size
+    x, y = train_batch(cfg, run, bins, iter_num, 0)
     t0 = time.time()
-    step_times = []
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if iter_num % cfg.eval_interval == 0 and master and (iter_num != start_iter or start_iter == 0):
-            losses = estimate_loss(raw_model, bins, cfg, device, ctx)
-            log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            write_metrics({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
-            if iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
-                best_val_loss = min(best_val_loss, losses["val"])
-                gpt.save_checkpoint(ckpt_path, raw_model, tokenizer_spec, step=iter_num,
-                                    optimizer=optimizer.state_dict(), best_val_loss=best_val_loss,
-                                    train_config=asdict(cfg), torch_rng=torch.get_rng_state(),
-                                    cuda_rng=torch.cuda.get_rng_state() if device_type == "cuda" else None)
-                log(f"saved checkpoint to {ckpt_path}")
+        if iter_num % cfg.eval_interval == 0 and run.master and (iter_num != start_iter or start_iter == 0):
+            evaluate_and_save(cfg, run, raw_model, optimizer, bins, state, iter_num, write_metrics)
         if hellaswag is not None and iter_num % cfg.eval_hellaswag_every == 0:
-            res = eval_hellaswag.evaluate(raw_model, hellaswag_tok, hellaswag, "completion", device=device, dtype=dtype)
-            log(f"iter {iter_num}: hellaswag acc {res['acc']:.4f}, acc_norm {res['acc_norm']:.4f} ({res['n']} examples)")
-            write_metrics({"iter": iter_num, "hellaswag_acc": res["acc"], "hellaswag_acc_norm": res["acc_norm"]})
-        if iter_num >= cfg.max_iters:
+            hellaswag(iter_num)
+        if iter_num >= cfg.max_iters:  # the same on every rank: no rank leaves the collectives early
             break
 
         # gradient accumulation: micro-batches add their gradients, DDP syncs only on the last one
         for micro_step in range(cfg.gradient_accumulation_steps):
-            if ddp:
-                model.require_backward_grad_sync = micro_step == cfg.gradient_accumulation_steps - 1
-            with ctx:
+            last = micro_step == cfg.gradient_accumulation_steps - 1
+            if run.ddp:
+                model.require_backward_grad_sync = last
+            with run.ctx:
                 _, loss = model(x, y)
                 loss = loss / cfg.gradient_accumulation_steps
             # draw the next micro-batch while the device still works on this one (async on CUDA)
-            last = micro_step == cfg.gradient_accumulation_steps - 1
-            x, y = train_batch(iter_num + last, 0 if last else micro_step + 1)
+            x, y = train_batch(cfg, run, bins, iter_num + last, 0 if last else micro_step + 1)
             scaler.scale(loss).backward()
-        if cfg.grad_clip:
+        if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
@@ -344,32 +229,261 @@ def main(argv=None):
         iter_num += 1
         if iter_num - start_iter > 1:  # the first step includes compilation and warm-up
             step_times.append(dt)
-        if iter_num % cfg.log_interval == 0 and master:
+        if iter_num % cfg.log_interval == 0 and run.master:
             lossf = loss.item() * cfg.gradient_accumulation_steps
-            mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.gradient_accumulation_steps, dt, peak_flops)  # per GPU
+            mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.gradient_accumulation_steps, dt, run.peak_flops)
             recent = sorted(step_times[-50:]) or [dt]
             eta = recent[len(recent) // 2] * (cfg.max_iters - iter_num)
-            log(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
-                f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else "")
-                + f", eta {eta / 60:.1f} min")
+            run.log(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+                    f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else "")
+                    + f", eta {eta / 60:.1f} min")
             write_metrics({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_step": dt * 1000,
-                           "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
-
-    if master and step_times:
+                           "tokens": iter_num * tokens_per_iter, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
+    state["iter"] = iter_num
+    if run.master and step_times:
         med = sorted(step_times)[len(step_times) // 2]
-        log(f"done: {iter_num} iters, median {med * 1000:.1f} ms/iter, {tokens_per_iter / med:,.0f} tok/s")
-    if master and cfg.sample_tokens:
-        tok = data.load_tokenizer(tokenizer_spec)
-        start = torch.full((1, 1), tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0], device=device)
-        raw_model.eval()
-        with ctx:
-            out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200)
-        log("--- sample ---\n" + tok.decode(out[0, 1:].tolist()))
-    if metrics is not None:
-        metrics.close()
+        run.log(f"done: {iter_num} iters, median {med * 1000:.1f} ms/iter, {tokens_per_iter / med:,.0f} tok/s")
+
+
+def train_batch(cfg, run, bins, it, micro_step):
+    # Each micro-batch has its own seed, from (iter, its index among all ranks' micro-batches),
+    # so the data position is just the iteration: a resume draws exactly the batches it would
+    # have drawn, and N ranks together draw the batches one process draws with N times the
+    # accumulation steps.
+    global_micro_step = run.rank * cfg.gradient_accumulation_steps + micro_step
+    g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + it) * 1_000_003 + global_micro_step) % 2**63)
+    return bins["train"].get_batch(cfg.batch_size, cfg.block_size, g, run.device)
+
+
+def evaluate_and_save(cfg, run, raw_model, optimizer, bins, state, iter_num, write_metrics):
+    """Train and val loss (and val bits per byte); a checkpoint when val improves."""
+    losses = estimate_loss(raw_model, bins, cfg, run.device, run.ctx)
+    # bits per UTF-8 byte: nats per token / ln 2 x tokens per byte of the held-out text, so
+    # models with different tokenizers compare
+    bpb = losses["val"] / math.log(2) * run.val_tokens_per_byte if run.val_tokens_per_byte else None
+    run.log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            + (f", val bpb {bpb:.4f}" if bpb else ""))
+    write_metrics({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb})
+    if iter_num > 0 and (losses["val"] < state["best_val_loss"] or cfg.always_save_checkpoint):
+        state["best_val_loss"] = min(state["best_val_loss"], losses["val"])
+        gpt.save_checkpoint(run.ckpt_path, raw_model, run.tokenizer_spec, step=iter_num,
+                            optimizer=optimizer.state_dict(), best_val_loss=state["best_val_loss"],
+                            train_config=asdict(cfg), torch_rng=torch.get_rng_state(),
+                            cuda_rng=torch.cuda.get_rng_state() if run.device_type == "cuda" else None)
+        run.log(f"saved checkpoint to {run.ckpt_path}")
+
+
+# ----------------------------------------------------------------------------------------
+# Setup: processes and device, checkpoint to resume, data, model, optimizer, logs
+
+
+@dataclass
+class Run:
+    """What the stages share about this process."""
+    ddp: bool
+    rank: int
+    world: int
+    device: str
+    dtype: torch.dtype
+    ctx: object
+    out_dir: Path
+    log: object = print
+    peak_flops: float | None = None
+    tokenizer_spec: str | None = None
+    val_tokens_per_byte: float | None = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def ckpt_path(self):
+        return self.out_dir / "ckpt.pt"
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Processes (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE), device, precision, out_dir."""
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
+        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
+    ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+        if cfg.gradient_accumulation_steps % world:
+            raise NanoError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
+                            f"is not divisible by the world size {world}")
+        # gloo (CPU) waits a bounded time, so a rank that dies cannot hang the others for 30 min
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=None if device.startswith("cuda") else datetime.timedelta(minutes=5))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        cfg.gradient_accumulation_steps //= world  # each rank does its share of the micro-steps
+    else:
+        rank, world, device = 0, 1, common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    torch.manual_seed(cfg.seed + rank)
+    return Run(ddp, rank, world, device, dtype, common.autocast(device, dtype), out_dir,
+               log=print if rank == 0 else (lambda *a, **k: None),
+               peak_flops=common.device_peak_flops(device, dtype, cfg.peak_flops))
+
+
+def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
+    """The checkpoint to resume from, read first so a bad path fails before any work; the
+    model's shape comes from it, so a conflicting shape option is refused, not ignored."""
+    if cfg.init_from != "resume":
+        return None
+    ckpt = gpt.read_checkpoint(run.ckpt_path, run.device)
+    if "optimizer" not in ckpt:
+        raise NanoError(f"{run.ckpt_path} has no optimizer state (not a train.py checkpoint)")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout"):
+        saved = ckpt["config"].get(name)
+        if name in given and saved is not None and getattr(cfg, name) != saved:
+            raise NanoError(f"--{name} {getattr(cfg, name)} differs from the checkpoint's {saved} "
+                            "(a resumed run keeps the checkpoint's model: drop the option)")
+    cfg.block_size = ckpt["config"]["block_size"]
+    return ckpt
+
+
+def build_model(cfg: TrainConfig, run: Run, meta: dict, ckpt):
+    """From scratch, from GPT-2 weights, from a checkpoint file, or resumed; checked against the data."""
+    if cfg.init_from in gpt.GPT2_SIZES:
+        model = gpt.GPT.from_pretrained(cfg.init_from)
+        model.crop_block_size(min(cfg.block_size, model.config.block_size))
+        tokenizer_spec = "gpt2"
+    elif cfg.init_from == "scratch":
+        model = gpt.GPT(gpt.GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+        tokenizer_spec = meta["tokenizer"]
+    else:  # resumed, or the weights of a checkpoint file (a fresh optimizer and step 0)
+        source = run.ckpt_path if ckpt is not None else cfg.init_from
+        weights = ckpt if ckpt is not None else gpt.read_checkpoint(source, run.device)
+        model, tokenizer_spec = gpt.model_from_checkpoint(weights, source), weights.get("tokenizer")
+        if ckpt is None:
+            model.crop_block_size(min(cfg.block_size, model.config.block_size))
+    if tokenizer_spec != meta["tokenizer"]:
+        raise NanoError(f"the model uses tokenizer {tokenizer_spec!r}, the data {meta['tokenizer']!r} "
+                        "(prepare the data with the model's tokenizer)")
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise NanoError(f"the data has {meta['vocab_size']} token ids, the model only "
+                        f"{model.config.vocab_size} (use a matching dataset or tokenizer)")
+    if cfg.block_size > model.config.block_size:
+        raise NanoError(f"block_size {cfg.block_size} exceeds the model's {model.config.block_size}")
+    run.tokenizer_spec = tokenizer_spec
+    model.to(run.device)
+    run.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
+            f"device {run.device}, dtype {str(run.dtype).removeprefix('torch.')}, world size {run.world}")
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, run: Run, model, ckpt):
+    """AdamW (and the fp16 loss scaler); a resumed run gets its moments, step and RNG state back."""
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type)
+    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not
+    scaler = torch.amp.GradScaler(run.device_type, enabled=(run.dtype == torch.float16))
+    state = {"iter": 0, "best_val_loss": float("inf")}
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {"iter": ckpt["step"], "best_val_loss": ckpt["best_val_loss"]}
+        # dropout's randomness (rank 0's under DDP); RNG states are CPU byte tensors, whatever
+        # device the checkpoint was mapped to
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        if run.device_type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
+        run.log(f"resumed from {run.ckpt_path} at iter {state['iter']} (best val loss {state['best_val_loss']:.4f})")
+    return optimizer, scaler, state
+
+
+def open_metrics(cfg: TrainConfig, run: Run, resumed_iter: int | None):
+    """metrics.jsonl: a new run starts it afresh; a resumed one keeps the rows up to its step
+    (a killed run may have logged past its last checkpoint) and appends. Stale temp files of
+    a killed save are removed. Returns write(row)."""
+    if not run.master:
+        return lambda row: None
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in run.out_dir.glob(".ckpt.pt.tmp*"):
+        tmp.unlink(missing_ok=True)
+    path = run.out_dir / "metrics.jsonl"
+    if resumed_iter is not None and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iter"] <= resumed_iter]
+        path.write_text("".join(line + "\n" for line in kept))
+    metrics = open(path, "a" if resumed_iter is not None else "w")
+    wandb_run = None
+    if cfg.wandb:
+        try:
+            import wandb
+
+            wandb_run = wandb.init(project="nanollm", config=asdict(cfg))
+        except ImportError:
+            run.log("wandb is not installed; logging to metrics.jsonl only")
+
+    def write(row):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if wandb_run is not None:
+            wandb_run.log(row, step=row["iter"])
+
+    return write
+
+
+def hellaswag_hook(cfg: TrainConfig, run: Run, raw_model, write_metrics):
+    """--eval_hellaswag_every: every rank scores its share of the examples."""
+    import eval_hellaswag  # only this option needs it
+
+    with common.rank0_first():  # rank 0 downloads, the others then find the file
+        examples = eval_hellaswag.load_examples(cfg.hellaswag_data or eval_hellaswag.download("val"), cfg.hellaswag_limit)
+    tok = data.load_tokenizer(run.tokenizer_spec)
+
+    def evaluate(iter_num):
+        res = eval_hellaswag.evaluate(raw_model, tok, examples, "completion", device=run.device, dtype=run.dtype)
+        run.log(f"iter {iter_num}: hellaswag acc {res['acc']:.4f}, acc_norm {res['acc_norm']:.4f} ({res['n']} examples)")
+        write_metrics({"iter": iter_num, "hellaswag_acc": res["acc"], "hellaswag_acc_norm": res["acc_norm"]})
+
+    return evaluate
+
+
+def sample_text(cfg: TrainConfig, run: Run, raw_model):
+    tok = data.load_tokenizer(run.tokenizer_spec)
+    start = torch.full((1, 1), tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0], device=run.device)
+    raw_model.eval()
+    with run.ctx:
+        out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200)
+    run.log("--- sample ---\n" + tok.decode(out[0, 1:].tolist()))
+
+
+@cli
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    run = setup(cfg)
+    ckpt = read_resume_checkpoint(cfg, run, given)
+    with common.rank0_first():
+        data_dir = prepare_data(cfg)
+    meta = data.read_meta(data_dir)
+    bins = {"train": data.TokenBins(data_dir, "train"), "val": data.TokenBins(data_dir, "val")}
+    if meta.get("val_bytes"):
+        run.val_tokens_per_byte = meta["val_tokens"] / meta["val_bytes"]
+    raw_model = build_model(cfg, run, meta, ckpt)
+    optimizer, scaler, state = build_optimizer(cfg, run, raw_model, ckpt)
+    ckpt = None  # free the memory
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if run.ddp:
+        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if run.device_type == "cuda" else None)
+    write_metrics = open_metrics(cfg, run, state["iter"] if cfg.init_from == "resume" else None)
+    hellaswag = hellaswag_hook(cfg, run, raw_model, write_metrics) if cfg.eval_hellaswag_every else None
+    run.log(f"tokens per iteration: {cfg.gradient_accumulation_steps * run.world * cfg.batch_size * cfg.block_size:,}")
+
+    train_loop(cfg, run, model, raw_model, optimizer, scaler, bins, state, write_metrics, hellaswag)
+
+    if run.master and cfg.sample_tokens:
+        sample_text(cfg, run, raw_model)
+    run.log(f"plot: python plot.py {run.out_dir / 'metrics.jsonl'}")
+    if run.ddp:
         dist.destroy_process_group()
-    return {"iter": iter_num, "best_val_loss": best_val_loss}
+    return {"iter": state["iter"], "best_val_loss": state["best_val_loss"]}
 
 
 if __name__ == "__main__":

@@ -32,17 +32,34 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     assert sorted(losses) == list(range(1, 21))
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3  # from ~4.2 (uniform over 65) downwards
     assert set(json.loads((full / "metrics.jsonl").read_text().splitlines()[1])) == \
-        {"iter", "loss", "lr", "ms_per_step", "tokens_per_s", "mfu"}
+        {"iter", "loss", "lr", "ms_per_step", "tokens", "tokens_per_s", "mfu"}
+    assert all(r["val_bpb"] > 0 for r in evals)  # Tiny Shakespeare is ASCII: bpb = nats / ln 2 per char
 
     # the same run cut at iter 10, then resumed: identical losses afterwards
     part = tmp_path / "part"
     train.main(common + ["--max_iters", "10", "--out_dir", str(part)])
     ckpt = gpt.read_checkpoint(part / "ckpt.pt")
     assert ckpt["step"] == 10 and {"optimizer", "torch_rng", "best_val_loss"} <= ckpt.keys()
+    # a killed run may have logged past its checkpoint: those rows go, none is doubled
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iter": 11, "loss": 99.0}) + "\n")
+    (part / ".ckpt.pt.tmp12345").write_bytes(b"half a checkpoint")  # what a kill mid-save leaves
     train.main(common + ["--max_iters", "20", "--out_dir", str(part), "--resume", "True"])
     resumed, _ = losses_by_iter(part)
     for it in range(11, 21):
         assert resumed[it] == losses[it], f"iter {it}: {resumed[it]} != {losses[it]}"
+    iters = [json.loads(line)["iter"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(i for i in iters if iters.count(i) > 1)) == [10, 20]  # one loss row + one eval row each
+    assert not list(part.glob(".ckpt.pt.tmp*"))
+    one_line_error(common + ["--max_iters", "30", "--out_dir", str(part), "--resume", "True", "--n_layer", "3"],
+                   "--n_layer 3 differs from the checkpoint's 2")
+
+    # --init_from a checkpoint file: its weights, a fresh optimizer, step 0
+    init = tmp_path / "init"
+    train.main(common + ["--max_iters", "2", "--out_dir", str(init), "--init_from", str(full / "ckpt.pt"),
+                         "--eval_interval", "2"])
+    first, _ = losses_by_iter(init)
+    assert first[1] < losses[1] - 0.5  # starts from the trained weights, not from scratch
 
     model, spec = gpt.load_checkpoint(full / "ckpt.pt")
     assert spec.startswith("char:") and model.config.n_layer == 2
@@ -73,6 +90,32 @@ def test_bad_inputs(tmp_path, shakespeare_path):
     one_line_error(ok + ["--dataset", "nope"], "unknown dataset")
     with pytest.raises(SystemExit):  # argparse: a boolean that is not one
         train.main(ok + ["--compile", "perhaps"])
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"ok \xff\xfe not utf-8")
+    one_line_error(base + ["--input", str(binary)], "is not UTF-8 text")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    one_line_error(ok + ["--out_dir", str(a_file)], "is a file or below one")
+    one_line_error(ok + ["--out_dir", str(a_file / "sub")], "is a file or below one")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--grad_clip", "-1", "--grad_clip must be >= 0"),  # -1 used to ascend the gradient
+    ("--eval_iters", "0", "--eval_iters must be positive"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be positive"),
+    ("--max_iters", "-1", "--max_iters must be >= 0"),
+    ("--batch_size", "0", "--batch_size must be positive"),
+    ("--eval_interval", "0", "--eval_interval must be positive"),
+    ("--log_interval", "0", "--log_interval must be positive"),
+    ("--learning_rate", "-1", "--learning_rate must be positive"),
+    ("--dropout", "1.5", "--dropout must be in [0.0, 0.99]"),
+    ("--device", "tpu", "unknown --device 'tpu'"),
+    ("--init_from", "gpt5", "unknown --init_from 'gpt5'"),
+])
+def test_bad_options(tmp_path, option, value, message):
+    one_line_error(TINY + ["--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "o"), option, value],
+                   message)
+    assert not (tmp_path / "data").exists()  # refused before any work
 
 
 def test_text_dataset_with_gpt2_tokens(tmp_path, shakespeare_path):
@@ -95,15 +138,22 @@ def test_eval_hellaswag_every(tmp_path, shakespeare_path):
     row = {"ind": 0, "activity_label": "Speech", "ctx_a": "First Citizen:", "ctx_b": "we", "ctx": "First Citizen: we",
            "endings": ["are accounted poor citizens.", "go.", "know it.", "shall."], "label": 0,
            "source_id": "x", "split": "val", "split_type": "indomain"}
-    data = tmp_path / "hellaswag_val.jsonl"
-    data.write_text("\n".join(json.dumps(dict(row, ind=i)) for i in range(3)) + "\n")
+    rows_path = tmp_path / "hellaswag_val.jsonl"
+    rows_path.write_text("\n".join(json.dumps(dict(row, ind=i)) for i in range(3)) + "\n")
     out = tmp_path / "out"
     train.main(TINY + ["--input", str(src), "--data_root", str(tmp_path / "data"), "--out_dir", str(out),
                        "--max_iters", "4", "--eval_interval", "4", "--eval_hellaswag_every", "2",
-                       "--hellaswag_data", str(data)])
+                       "--hellaswag_data", str(rows_path)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scores = [r for r in rows if "hellaswag_acc_norm" in r]
-    assert [r["iter"] for r in scores] == [0, 2, 4] and all(0 <= r["hellaswag_acc"] <= 1 for r in scores)
+    assert [r["iter"] for r in scores] == [0, 2, 4]
+    # the last score is eval_hellaswag.py's own on the checkpoint saved at that step
+    import eval_hellaswag
+
+    model, spec = gpt.load_checkpoint(out / "ckpt.pt")
+    ref = eval_hellaswag.evaluate(model, data.load_tokenizer(spec), eval_hellaswag.load_examples(rows_path),
+                                  "completion", device="cpu")
+    assert (scores[-1]["hellaswag_acc"], scores[-1]["hellaswag_acc_norm"]) == (ref["acc"], ref["acc_norm"])
 
 
 def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare_path):
