@@ -69,7 +69,11 @@ class MoEConfig:
         "help": "capacity path: each expert holds ceil(k * factor * tokens / E) slots"})
     dropless: bool = field(default=True, metadata={
         "help": "True: sort-by-expert path, no token dropped; False: fixed-capacity path"})
-    aux_loss_coef: float = field(default=1e-2, metadata={"help": "alpha of the Switch load-balancing loss"})
+    # Our loss counts the N*k routing slots, Hugging Face Mixtral's load_balancing_loss_func the
+    # N tokens: ours is exactly 1/k of theirs, so a router_aux_loss_coef copied from a Mixtral
+    # config must be multiplied by k here to pull as hard.
+    aux_loss_coef: float = field(default=1e-2, metadata={
+        "help": "alpha of the Switch load-balancing loss (= HF Mixtral's router_aux_loss_coef times top_k)"})
     z_loss_coef: float = field(default=1e-3, metadata={"help": "coefficient of the router z-loss"})
     n_shared_experts: int = field(default=0, metadata={"help": "experts every token uses (DeepSeekMoE)"})
     balance: str = field(default="aux", metadata={
@@ -154,7 +158,8 @@ def capacity_moe(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj, capacity):
 
 def load_balancing_loss(probs, topk_idx):
     """Switch Transformer: E * sum_i f_i * P_i; f_i = fraction of the N*k slots sent to expert
-    i (not differentiable), P_i = mean router probability of i (carries the gradient)."""
+    i (not differentiable), P_i = mean router probability of i (carries the gradient).
+    Normalised by slots, it is 1/k of HF Mixtral's load_balancing_loss_func (normalised by tokens)."""
     E = probs.shape[1]
     f = F.one_hot(topk_idx.reshape(-1), E).sum(0).float() / topk_idx.numel()
     return E * (f * probs.mean(0)).sum()
@@ -355,11 +360,8 @@ class TrainConfig(MoEConfig):
 
 
 def lr_at(step, cfg: TrainConfig):
-    """Linear warmup, then cosine decay to min_lr (as train.py)."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.learning_rate - cfg.min_lr)
+    """train.py's schedule (common.cosine_lr): linear warmup, cosine decay to min_lr at max_iters."""
+    return common.cosine_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
 
 
 @torch.no_grad()
@@ -417,7 +419,7 @@ def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
             _, lm_loss = step_fn(x, y)
             aux = model.aux_loss() if is_moe else torch.zeros((), device=device)
         (lm_loss + aux).backward()
-        if cfg.grad_clip:
+        if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -456,8 +458,12 @@ def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
 def main(argv=None):
     cfg = common.parse_config(TrainConfig, argv, __doc__)
     moe_cfg = MoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(MoEConfig)})
-    if cfg.moe_every < 1 or cfg.max_iters < 1 or cfg.eval_interval < 1 or cfg.eval_iters < 1 or cfg.log_interval < 1:
-        raise NanoError("moe_every, max_iters, eval_interval, eval_iters, log_interval must be >= 1")
+    common.check_options(cfg, positive=("moe_every", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                                        "batch_size", "learning_rate", "block_size"),
+                         non_negative=("min_lr", "warmup_iters", "weight_decay", "grad_clip"))
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
+        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
     # the model config is checked before the data is touched; the vocabulary comes from the data
     config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=1, n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
@@ -469,7 +475,6 @@ def main(argv=None):
     meta = data.read_meta(data_dir)
     bins = {split: data.TokenBins(data_dir, split) for split in ("train", "val")}
     config = replace(config, vocab_size=meta["vocab_size"])
-    out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     with open(out_dir / "metrics.jsonl", "a") as metrics:
@@ -480,6 +485,7 @@ def main(argv=None):
               f"{'dropless' if cfg.dropless else f'capacity factor {cfg.capacity_factor}'}, balance={cfg.balance})")
         results["moe"] = train(moe_model, "moe", cfg, bins, device, dtype, metrics)
         save_moe_checkpoint(out_dir / "ckpt.pt", moe_model, meta["tokenizer"], step=cfg.max_iters)
+        print(f"saved the MoE checkpoint to {out_dir / 'ckpt.pt'} (load it with moe.load_moe_checkpoint)")
         if cfg.compare_dense:
             common.set_seed(cfg.seed)
             dense = gpt.GPT(config)
@@ -497,6 +503,7 @@ def main(argv=None):
     for label, r in results.items():
         print(f"{label:<7}{r['params'] / 1e6:>9.2f}M{r['active_params'] / 1e6:>9.2f}M{r['val_loss']:>10.4f}"
               f"{r['tokens_per_s']:>10,.0f}")
+    print(f"plot: python plot.py {out_dir / 'metrics.jsonl'}")
     return results
 
 

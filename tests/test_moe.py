@@ -264,6 +264,11 @@ def test_main_tiny_run(tmp_path, char_data, capsys):
     (["--balance", "loss"], "balance 'loss' unknown"),
     (["--moe_every", "5", "--n_layer", "4"], "moe_every 5 > n_layer 4"),
     (["--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
+    (["--grad_clip", "-1"], "--grad_clip must be >= 0"),  # -1 used to ascend the gradient
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--max_iters", "0"], "--max_iters must be positive"),
+    (["--learning_rate", "-1"], "--learning_rate must be positive"),
+    (["--out_dir", __file__], "is a file or below one"),
 ])
 def test_bad_config_one_line_errors(argv, message):
     with pytest.raises(SystemExit) as e:
