@@ -13,7 +13,8 @@ sequence log-probabilities:
     h    = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)]
     loss = -log sigmoid(beta * h)                                          (paper, eq. 7)
 
-`dpo_loss` has the variants of TRL's DPOTrainer.dpo_loss too (bitwise equal to trl 0.19.1's):
+`dpo_loss` has the variants of TRL 0.19.1's DPOTrainer.dpo_loss too (bitwise equal to that version;
+current TRL 1.x no longer applies label_smoothing to the sigmoid loss and logs IPO rewards as token sums):
 - label_smoothing eps (conservative DPO, Mitchell 2023: labels flipped with probability eps)
     -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
 - "ipo" (Azar et al. 2023, arXiv:2310.12036, eq. 17): (h - 1/(2 beta))^2, where, as in TRL,
@@ -402,43 +403,16 @@ def check_config(cfg):
         fail(f"data file {cfg.data} not found (pass a .jsonl with prompt/chosen/rejected)")
 
 
-@cli
-def main(argv=None):
-    cfg = common.parse_config(DPOConfig, argv, description=__doc__)
-    check_config(cfg)
-    device = common.pick_device(cfg.device)
-    dtype = common.pick_dtype(device, cfg.dtype)
-    ctx = common.autocast(device, dtype)
-    common.set_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    if cfg.data:  # check every row before loading anything big
-        rows = read_jsonl(cfg.data)
-        check_rows(rows, where=f"{cfg.data} line")
-
-    # ---- the starting model (policy = reference at step 0) and the tokenizer
-    if cfg.init_from:
-        model, spec, base = lora.load_base(cfg.init_from, device)
-    else:
-        model, spec = pretrain_synthetic(cfg, device, rng)
-        base = str(out_dir / "base.pt")
-        gpt.save_checkpoint(base, model, spec)  # the adapter's base, and a reusable --init_from
-    tok = data.load_tokenizer(spec)
-    if tok.vocab_size > model.config.vocab_size:
-        raise NanoError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, the model only "
-                         f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
-
-    # ---- data, all validated before any DPO step
+def prepare_pairs(cfg: DPOConfig, tok, model, rng, rows=None):
+    """Token pairs (train, val) and their stats, all validated before any DPO step."""
     max_length = cfg.max_length or model.config.block_size
     if max_length > model.config.block_size:
         raise NanoError(f"--max_length {max_length} exceeds the model's block_size "
-                         f"{model.config.block_size} (lower it)")
+                        f"{model.config.block_size} (lower it)")
     max_prompt_length = cfg.max_prompt_length or max_length // 2
     if max_prompt_length >= max_length:
         raise NanoError(f"--max_prompt_length {max_prompt_length} leaves no room for the completion "
-                         f"in max_length {max_length} (use a smaller one)")
+                        f"in max_length {max_length} (use a smaller one)")
     if cfg.data:
         pairs, stats = tokenize_pairs(rows, tok, max_length, max_prompt_length, where=f"{cfg.data} line")
         rng.shuffle(pairs)
@@ -454,9 +428,125 @@ def main(argv=None):
               "(after truncation): no preference to learn", file=sys.stderr)
     if not train_pairs:
         raise NanoError(f"no usable preference pairs in {cfg.data or 'the synthetic task'} "
-                         f"({stats['rows']} rows read)")
+                        f"({stats['rows']} rows read)")
     print(f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs, {stats['truncated']} truncated "
           f"(max_length {max_length}, prompts keep their last {max_prompt_length} tokens)")
+    return train_pairs, val_pairs, stats
+
+
+class Reference:
+    """The reference policy's log-probs of a batch: a frozen copy, the same LoRA model with its
+    adapters off, or (--precompute_ref) a table computed once for every pair."""
+
+    def __init__(self, cfg, model, ref_model, train_pairs, val_pairs, average, ctx, device):
+        self.model, self.ref_model, self.average, self.ctx = model, ref_model, average, ctx
+        self.tables = {"train": None, "val": None}
+        if cfg.precompute_ref:
+            t0 = time.time()
+            self.tables = {"train": self.precompute(train_pairs, 4 * cfg.batch_size, device),
+                           "val": self.precompute(val_pairs, 4 * cfg.batch_size, device) if val_pairs else None}
+            self.ref_model = None  # a frozen copy is no longer needed: free it (LoRA had none)
+            print(f"precomputed reference log-probs of {len(train_pairs) + len(val_pairs)} pairs "
+                  f"in {time.time() - t0:.1f}s")
+
+    def precompute(self, pairs, size, device):
+        parts = [reference_logps(self.model, self.ref_model, b, self.average, self.ctx)
+                 for _, b in batches(pairs, size, device)]
+        return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+
+    def logps(self, batch, ids, split):
+        table = self.tables[split]
+        if table is not None:
+            return table[0][ids], table[1][ids]
+        return reference_logps(self.model, self.ref_model, batch, self.average, self.ctx)
+
+
+def batches(pairs, size, device):
+    for i in range(0, len(pairs), size):
+        yield i, collate(pairs[i:i + size], device)
+
+
+def train_dpo(cfg, model, reference, train_pairs, evaluate, log, device, ctx):
+    """The loop: one concatenated (chosen; rejected) forward per micro-batch, the DPO loss
+    against the reference's log-probs, linear warmup then a constant learning rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.999), device.split(":")[0])
+    max_iters = cfg.max_iters or cfg.epochs * math.ceil(len(train_pairs) / (cfg.batch_size * cfg.grad_accum))
+    print(f"DPO ({cfg.loss_type}, beta {cfg.beta}) for {max_iters} steps, {sum(p.numel() for p in params):,} "
+          f"trainable parameters, reference: "
+          f"{'precomputed' if cfg.precompute_ref else 'adapters disabled' if cfg.lora else 'frozen copy'}")
+    last = evaluate(0)
+    order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    cursor, epoch, interval, n_interval, tokens = 0, 0, {}, 0, 0
+    t0 = t_log = time.time()
+    for step in range(1, max_iters + 1):
+        lr = cfg.learning_rate * min(1.0, step / max(1, cfg.warmup_iters))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            if cursor >= len(order):  # next epoch, new order
+                epoch += 1
+                order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+                cursor = 0
+            ids = order[cursor:cursor + cfg.batch_size]
+            cursor += cfg.batch_size
+            batch = collate([train_pairs[i] for i in ids], device)
+            chosen, rejected = concatenated_logps(model, batch, reference.average, ctx)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, *reference.logps(batch, ids, "train"), cfg.beta, cfg.label_smoothing,
+                cfg.loss_type, cfg.reference_free)
+            (losses.mean() / cfg.grad_accum).backward()
+            add_into(interval, pair_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected))
+            n_interval += len(ids)
+            tokens += batch[0].numel()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % cfg.log_interval == 0 or step == max_iters:
+            now = time.time()
+            row = {"step": step, "epoch": epoch + min(cursor, len(train_pairs)) / len(train_pairs), "lr": lr,
+                   **{k: v / n_interval for k, v in interval.items()}, "tokens_per_s": tokens / (now - t_log)}
+            log(row)
+            eta = (now - t0) / step * (max_iters - step)
+            print(f"step {step}/{max_iters} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} | "
+                  f"margin {row['rewards/margins']:.3f} (chosen {row['rewards/chosen']:.3f}, rejected "
+                  f"{row['rewards/rejected']:.3f}) | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+            interval, n_interval, tokens, t_log = {}, 0, 0, time.time()
+        if step % cfg.eval_interval == 0 or step == max_iters:
+            last = evaluate(step) or last
+    return max_iters, last
+
+
+@cli
+def main(argv=None):
+    cfg = common.parse_config(DPOConfig, argv, description=__doc__)
+    check_config(cfg)
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(device, cfg.dtype)
+    ctx = common.autocast(device, dtype)
+    common.set_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = None
+    if cfg.data:  # check every row before loading anything big
+        rows = read_jsonl(cfg.data)
+        check_rows(rows, where=f"{cfg.data} line")
+
+    # ---- the starting model (policy = reference at step 0) and the tokenizer
+    if cfg.init_from:
+        model, spec, base = lora.load_base(cfg.init_from, device)
+    else:
+        model, spec = pretrain_synthetic(cfg, device, rng)
+        base = str(out_dir / "base.pt")
+        gpt.save_checkpoint(base, model, spec)  # the adapter's base, and a reusable --init_from
+    tok = data.load_tokenizer(spec)
+    if tok.vocab_size > model.config.vocab_size:
+        raise NanoError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, the model only "
+                        f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
+    train_pairs, val_pairs, stats = prepare_pairs(cfg, tok, model, rng, rows)
 
     # ---- policy and reference
     disable_dropout(model)
@@ -471,123 +561,45 @@ def main(argv=None):
     else:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     average = cfg.loss_type == "ipo"  # TRL: IPO on per-token average log-probs
+    reference = Reference(cfg, model, ref_model, train_pairs, val_pairs, average, ctx, device)
 
-    def batches(pairs, size):
-        for i in range(0, len(pairs), size):
-            yield i, collate(pairs[i:i + size], device)
-
-    def precompute(pairs):
-        parts = [reference_logps(model, ref_model, b, average, ctx) for _, b in batches(pairs, 4 * cfg.batch_size)]
-        return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
-
-    ref_train = ref_val = None  # (chosen, rejected) reference logps of every pair, when precomputed
-    if cfg.precompute_ref:
-        t0 = time.time()
-        ref_train = precompute(train_pairs)
-        ref_val = precompute(val_pairs) if val_pairs else None
-        ref_model = None  # a frozen copy is no longer needed: free it (LoRA had none)
-        print(f"precomputed reference log-probs of {len(train_pairs) + len(val_pairs)} pairs in {time.time() - t0:.1f}s")
-
-    def batch_ref_logps(batch, ids, cache):
-        if cache is not None:
-            return cache[0][ids], cache[1][ids]
-        return reference_logps(model, ref_model, batch, average, ctx)
-
-    def loss_of(chosen, rejected, ref_c, ref_r):
-        return dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.label_smoothing,
-                        cfg.loss_type, cfg.reference_free)
-
-    @torch.no_grad()
-    def evaluate():
-        if not val_pairs:
-            return {}
-        total = {}
-        for start, batch in batches(val_pairs, 4 * cfg.batch_size):
-            c, r = concatenated_logps(model, batch, average, ctx)
-            rc, rr = batch_ref_logps(batch, slice(start, start + len(c)), ref_val)
-            add_into(total, pair_metrics(*loss_of(c, r, rc, rr), c, r))
-        out = {f"eval/{k}": v / len(val_pairs) for k, v in total.items()}
-        if not cfg.data:
-            prompts = [tok.decode(p) for p, _, _ in val_pairs[:128]]
-            out["eval/uppercase_rate"] = uppercase_rate(model, tok, prompts, cfg.seed)
-        return out
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.999), device.split(":")[0])
-    steps_per_epoch = math.ceil(len(train_pairs) / (cfg.batch_size * cfg.grad_accum))
-    max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
-    n_trainable = sum(p.numel() for p in params)
-    print(f"DPO ({cfg.loss_type}, beta {cfg.beta}) for {max_iters} steps, {n_trainable:,} trainable parameters, "
-          f"reference: {'precomputed' if cfg.precompute_ref else 'adapters disabled' if cfg.lora else 'frozen copy'}")
-
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_file = metrics_path.open("w")
+    metrics_file = (out_dir / "metrics.jsonl").open("w")
 
     def log(row):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
 
-    first = evaluate()
-    if first:
-        log({"step": 0, **first})
-        print("step 0 | " + " | ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in first.items()))
+    @torch.no_grad()
+    def evaluate(step):
+        if not val_pairs:
+            return {}
+        total = {}
+        for start, batch in batches(val_pairs, 4 * cfg.batch_size, device):
+            c, r = concatenated_logps(model, batch, average, ctx)
+            rc, rr = reference.logps(batch, slice(start, start + len(c)), "val")
+            add_into(total, pair_metrics(*dpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing,
+                                                   cfg.loss_type, cfg.reference_free), c, r))
+        out = {f"eval/{k}": v / len(val_pairs) for k, v in total.items()}
+        if not cfg.data:
+            prompts = [tok.decode(p) for p, _, _ in val_pairs[:128]]
+            out["eval/uppercase_rate"] = uppercase_rate(model, tok, prompts, cfg.seed)
+        log({"step": step, **out})
+        print(f"{'eval ' if step else ''}step {step} | " + " | ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in out.items()))
+        return out
 
-    order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    cursor, epoch = 0, 0
-    interval, n_interval, tokens = {}, 0, 0
-    last = dict(first)
-    t0 = t_log = time.time()
-    for step in range(1, max_iters + 1):
-        lr = cfg.learning_rate * min(1.0, step / max(1, cfg.warmup_iters))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(cfg.grad_accum):
-            if cursor >= len(order):  # next epoch, new order
-                epoch += 1
-                order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-                cursor = 0
-            ids = order[cursor:cursor + cfg.batch_size]
-            cursor += cfg.batch_size
-            batch = collate([train_pairs[i] for i in ids], device)
-            chosen, rejected = concatenated_logps(model, batch, average, ctx)
-            ref_c, ref_r = batch_ref_logps(batch, ids, ref_train)
-            losses, chosen_rewards, rejected_rewards = loss_of(chosen, rejected, ref_c, ref_r)
-            (losses.mean() / cfg.grad_accum).backward()
-            add_into(interval, pair_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected))
-            n_interval += len(ids)
-            tokens += batch[0].numel()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        if step % cfg.log_interval == 0 or step == max_iters:
-            now = time.time()
-            row = {"step": step, "epoch": epoch + min(cursor, len(train_pairs)) / len(train_pairs), "lr": lr,
-                   **{k: v / n_interval for k, v in interval.items()},
-                   "tokens_per_s": tokens / (now - t_log)}
-            log(row)
-            eta = (now - t0) / step * (max_iters - step)
-            print(f"step {step}/{max_iters} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} | "
-                  f"margin {row['rewards/margins']:.3f} (chosen {row['rewards/chosen']:.3f}, rejected "
-                  f"{row['rewards/rejected']:.3f}) | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
-            interval, n_interval, tokens, t_log = {}, 0, 0, time.time()
-        if step % cfg.eval_interval == 0 or step == max_iters:
-            ev = evaluate()
-            if ev:
-                last = ev
-                log({"step": step, **ev})
-                print(f"eval step {step} | " + " | ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in ev.items()))
+    first = evaluate(0)
+    steps, last = train_dpo(cfg, model, reference, train_pairs, lambda step: evaluate(step) if step else first,
+                            log, device, ctx)
     metrics_file.close()
 
     # ---- save: a plain checkpoint sample.py reads (+ the adapter alone with --lora)
     if cfg.lora:
         lora.save_lora(out_dir / "adapter.pt", model, base)
         lora.merge_lora(model)
-    gpt.save_checkpoint(out_dir / "ckpt.pt", model, spec, step=max_iters, dpo=asdict(cfg))
+    gpt.save_checkpoint(out_dir / "ckpt.pt", model, spec, step=steps, dpo=asdict(cfg))
     print(f"saved {out_dir / 'ckpt.pt'}" + (f" and {out_dir / 'adapter.pt'}" if cfg.lora else ""))
+    print(f"plot: python plot.py {out_dir / 'metrics.jsonl'}")
     return {"first": first, "last": last, "stats": stats}
-
 
 if __name__ == "__main__":
     main()
