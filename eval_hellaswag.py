@@ -307,10 +307,14 @@ def load_model(cfg: EvalConfig, device: str):
         try:
             tokenizer = data.load_tokenizer(spec)
         except Exception as e:
-            reason = str(e).removeprefix("error: ") or e.__class__.__name__
+            reason = str(e) or e.__class__.__name__
             raise NanoError(f"checkpoint {cfg.ckpt}: its tokenizer {spec!r} cannot be loaded ({reason})") from None
-        return model, tokenizer
-    return gpt.GPT.from_pretrained(cfg.init_from or "gpt2").to(device), data.load_tokenizer("gpt2")
+    else:
+        model, tokenizer = gpt.GPT.from_pretrained(cfg.init_from or "gpt2").to(device), data.load_tokenizer("gpt2")
+    if tokenizer.vocab_size > model.config.vocab_size:  # ids past the embedding would index out of range
+        raise NanoError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                        f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
+    return model, tokenizer
 
 
 @cli
@@ -326,6 +330,12 @@ def main(argv=None) -> dict:
         raise NanoError("--batch_size, --log_every and --limit must be at least 1")
     if cfg.data is None and cfg.split not in ("train", "val"):
         raise NanoError(f"--split {cfg.split!r} has no labels or does not exist (use val or train)")
+    known = cfg.init_from in gpt.GPT2_SIZES or Path(cfg.init_from or ".").is_dir() or "/" in (cfg.init_from or "")
+    if cfg.init_from and not known:  # checked before the download, not after it
+        raise NanoError(f"unknown model {cfg.init_from!r} ({', '.join(gpt.GPT2_SIZES)}, a Hugging Face folder "
+                        "or a hub name like org/name)")
+    if cfg.out_json and (Path(cfg.out_json).is_dir() or not Path(cfg.out_json).parent.is_dir()):
+        raise NanoError(f"--out_json {cfg.out_json} is a folder or its folder does not exist (give a file path)")
     device = common.pick_device(cfg.device)
     dtype = common.pick_dtype(device, cfg.dtype)
 
@@ -337,19 +347,11 @@ def main(argv=None) -> dict:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if ddp else 0
-
-    def rank0_first(fn):  # rank 0 downloads, the others then find the file in the cache
-        if ddp and rank != 0:
-            dist.barrier()
-        out = fn()
-        if ddp and rank == 0:
-            dist.barrier()
-        return out
-
     try:
-        path = Path(cfg.data) if cfg.data else rank0_first(lambda: download(cfg.split, cfg.cache_dir))
+        with common.rank0_first():  # rank 0 downloads, the others then find the files in the cache
+            path = Path(cfg.data) if cfg.data else download(cfg.split, cfg.cache_dir)
+            model, tokenizer = load_model(cfg, device)
         examples = load_examples(path, cfg.limit)
-        model, tokenizer = rank0_first(lambda: load_model(cfg, device))
         if rank == 0:
             name = cfg.ckpt or cfg.init_from or "gpt2"
             print(f"hellaswag: {len(examples)} examples from {path}, model {name}, "

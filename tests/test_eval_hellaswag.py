@@ -333,8 +333,17 @@ def test_bad_checkpoint_tokenizer_and_cli(tmp_path, data_path):
         hs.main(["--ckpt", str(ckpt), "--init_from", "gpt2"])
     with pytest.raises(SystemExit, match="unknown --style"):
         hs.main(["--style", "mmlu"])
+    with pytest.raises(SystemExit, match="^error: unknown model 'gpt5'"):  # refused before any download
+        hs.main(["--init_from", "gpt5", "--cache_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit, match="^error: --out_json .* is a folder"):
+        hs.main(["--init_from", "gpt2", "--out_json", str(tmp_path)])
     with pytest.raises(SystemExit, match="--split 'test' has no labels"):
         hs.main(["--split", "test"])
+    # a tokenizer larger than the model's vocabulary: one line, not an IndexError mid-run
+    gpt.save_checkpoint(ckpt, tiny_gpt(4, 32), "char:abcdefgh")
+    with pytest.raises(SystemExit, match="^error: the tokenizer has 8 tokens, the model only 4"):
+        hs.main(["--ckpt", str(ckpt), "--data", str(data_path), "--device", "cpu"])
     # a char model meeting a character it has never seen: the example is named
     gpt.save_checkpoint(ckpt, tiny_gpt(4, 32), "char:abcd")
     with pytest.raises(SystemExit, match="error: example ind=24: character 'A' is not in the model's alphabet"):
