@@ -59,68 +59,6 @@ REQUIRED_FIELDS = ("activity_label", "ctx_a", "ctx_b", "ctx", "endings", "label"
 
 
 # ----------------------------------------------------------------------------------------
-# Data: download, read, check
-
-
-def download(split: str = "val", cache_dir: str = "~/.cache/nanollm/hellaswag") -> Path:
-    """Fetch hellaswag_<split>.jsonl into cache_dir once; later calls find it there."""
-    if split not in SPLITS:
-        raise NanoError(f"unknown split {split!r} (choose one of {', '.join(SPLITS)})")
-    path = Path(cache_dir).expanduser() / f"hellaswag_{split}.jsonl"
-    if path.is_file():
-        return path
-    return data.download(DATA_URL.format(split=split), path,
-                        hint=f"check the network or pass --data PATH to a local hellaswag_{split}.jsonl")
-
-
-def check_example(row, where: str) -> dict:
-    """Validate one HellaSwag row; `where` names it in the one-line error."""
-    if not isinstance(row, dict):
-        raise NanoError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for name in REQUIRED_FIELDS:
-        if name not in row:
-            hint = " (the test split is unlabelled: use the val split)" if name == "label" else \
-                f" (HellaSwag rows have {', '.join(REQUIRED_FIELDS)})"
-            raise NanoError(f"{where}: missing field '{name}'{hint}")
-    for name in ("activity_label", "ctx_a", "ctx_b", "ctx"):
-        if not isinstance(row[name], str):
-            raise NanoError(f"{where}: field '{name}' must be a string")
-    if not row["ctx"]:
-        raise NanoError(f"{where}: field 'ctx' is empty (an ending needs a context)")
-    endings = row["endings"]
-    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-        raise NanoError(f"{where}: 'endings' must be a list of 4 strings")
-    label = row["label"]
-    if isinstance(label, str) and label.strip().isdigit():
-        label = int(label)  # the Hugging Face copy stores labels as strings
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
-        raise NanoError(f"{where}: label {row['label']!r} is outside 0..3")
-    return {**row, "label": label}
-
-
-def load_examples(path, limit: Optional[int] = None) -> list[dict]:
-    """Read a HellaSwag jsonl file (one example per line), checking every row it keeps."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanoError(f"{path} not found (pass a HellaSwag .jsonl, or leave --data out to download)")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanoError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            examples.append(check_example(row, f"{path} line {lineno}"))
-            if limit and len(examples) >= limit:
-                break
-    if not examples:
-        raise NanoError(f"{path} is empty (expected one HellaSwag example per line)")
-    return examples
-
-
-# ----------------------------------------------------------------------------------------
 # Rendering: text -> 4 token rows and masks per example
 
 
@@ -276,6 +214,68 @@ def evaluate(model, tokenizer, examples: list[dict], style: str = "completion", 
         counts = counts.cpu()
     correct, correct_norm, n = (int(c) for c in counts.tolist())
     return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n}
+
+
+# ----------------------------------------------------------------------------------------
+# Data: download, read, check
+
+
+def download(split: str = "val", cache_dir: str = "~/.cache/nanollm/hellaswag") -> Path:
+    """Fetch hellaswag_<split>.jsonl into cache_dir once; later calls find it there."""
+    if split not in SPLITS:
+        raise NanoError(f"unknown split {split!r} (choose one of {', '.join(SPLITS)})")
+    path = Path(cache_dir).expanduser() / f"hellaswag_{split}.jsonl"
+    if path.is_file():
+        return path
+    return data.download(DATA_URL.format(split=split), path,
+                        hint=f"check the network or pass --data PATH to a local hellaswag_{split}.jsonl")
+
+
+def check_example(row, where: str) -> dict:
+    """Validate one HellaSwag row; `where` names it in the one-line error."""
+    if not isinstance(row, dict):
+        raise NanoError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for name in REQUIRED_FIELDS:
+        if name not in row:
+            hint = " (the test split is unlabelled: use the val split)" if name == "label" else \
+                f" (HellaSwag rows have {', '.join(REQUIRED_FIELDS)})"
+            raise NanoError(f"{where}: missing field '{name}'{hint}")
+    for name in ("activity_label", "ctx_a", "ctx_b", "ctx"):
+        if not isinstance(row[name], str):
+            raise NanoError(f"{where}: field '{name}' must be a string")
+    if not row["ctx"]:
+        raise NanoError(f"{where}: field 'ctx' is empty (an ending needs a context)")
+    endings = row["endings"]
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        raise NanoError(f"{where}: 'endings' must be a list of 4 strings")
+    label = row["label"]
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)  # the Hugging Face copy stores labels as strings
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+        raise NanoError(f"{where}: label {row['label']!r} is outside 0..3")
+    return {**row, "label": label}
+
+
+def load_examples(path, limit: Optional[int] = None) -> list[dict]:
+    """Read a HellaSwag jsonl file (one example per line), checking every row it keeps."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"{path} not found (pass a HellaSwag .jsonl, or leave --data out to download)")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanoError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            examples.append(check_example(row, f"{path} line {lineno}"))
+            if limit and len(examples) >= limit:
+                break
+    if not examples:
+        raise NanoError(f"{path} is empty (expected one HellaSwag example per line)")
+    return examples
 
 
 # ----------------------------------------------------------------------------------------
