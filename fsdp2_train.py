@@ -42,7 +42,9 @@ gives the same losses up to float rounding (dropout > 0 draws different masks pe
 
 Checkpoints: sharded, with torch.distributed.checkpoint (DCP): each rank writes its own
 shards of model + optimizer to out_dir/ckpt_dcp/ (a filesystem all nodes share), and
---resume reads them back on any world size (DCP reshards). --export writes one full,
+--resume reads them back on any world size (DCP reshards); its .metadata is unpickled
+admitting only DCP's own metadata classes (no code runs from a planted file), and a save
+killed at any moment leaves the newest complete checkpoint for --resume to find. --export writes one full,
 unsharded checkpoint in nanollm's format (gpt.save_checkpoint) that sample.py and
 eval_hellaswag.py read; for lora and qlora it is the *merged* model (the NF4 base
 dequantized to fp32, + scaling * B @ A), a plain GPT. Logs come from rank 0: the global
@@ -61,9 +63,10 @@ Run:
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
-import resource
+import pickle
 import shutil
 import sys
 import time
@@ -75,6 +78,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -96,6 +101,42 @@ import data
 import gpt
 import lora
 import qlora_nf4
+
+
+# ----------------------------------------------------------------------------------------
+# The idea: one fully_shard group per transformer block, then the root
+
+
+def shard_model(model, mesh, cfg: FSDP2Config, param_dtype):
+    """fully_shard each block (one all-gather / reduce-scatter group per block), then the
+    root, which takes every parameter not yet in a group (embeddings, ln_f, tied head)."""
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    for block in model.transformer.h:
+        wrap_block_forward(block, cfg.activation_checkpointing, cfg.compile)
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,
+                    reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False)
+    return model
+
+
+def wrap_block_forward(block, checkpointing: bool, compile: bool):
+    """Activation checkpointing and torch.compile go *inside* the block's forward; FSDP2's
+    all-gather/free hooks stay outside on the module call. Module and parameter names are
+    untouched, so checkpoints do not change with these options."""
+    forward = block.forward
+    if checkpointing:
+        inner = forward
+
+        def forward(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    if compile:
+        forward = torch.compile(forward)
+    block.forward = forward
+
+
+# ----------------------------------------------------------------------------------------
+# Options
 
 
 @dataclass
@@ -192,10 +233,12 @@ def init_distributed(device_name: str) -> Ranks:
     if not dist.is_initialized():
         # cpu:gloo next to cuda:nccl lets small CPU-side collectives (DCP's planning) use gloo
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        # gloo: a rank that died or left early stops the others after 5 minutes, not 30
+        timeout = None if use_cuda else datetime.timedelta(minutes=5)
         if "RANK" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         created = True
     world = dist.get_world_size()
     return Ranks(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device, created)
@@ -245,7 +288,7 @@ def load_base(cfg: FSDP2Config, vocab_size: int, resume_config: dict | None = No
         return gpt.GPT(gpt.GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
                                      bias=cfg.bias)), None
-    if cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).is_file():
+    if cfg.init_from in gpt.GPT2_SIZES and not Path(cfg.init_from).is_file():
         return gpt.GPT.from_pretrained(cfg.init_from), "gpt2"
     return gpt.load_checkpoint(cfg.init_from)
 
@@ -283,34 +326,6 @@ def shardable_nf4_stats(model):
     for m in model.modules():
         if isinstance(m, qlora_nf4.Linear4bit) and m.absmax.dtype == torch.uint8 and "absmax" in m._buffers:
             m.absmax = nn.Parameter(m._buffers.pop("absmax"), requires_grad=False)
-
-
-def wrap_block_forward(block, checkpointing: bool, compile: bool):
-    """Activation checkpointing and torch.compile go *inside* the block's forward; FSDP2's
-    all-gather/free hooks stay outside on the module call. Module and parameter names are
-    untouched, so checkpoints do not change with these options."""
-    forward = block.forward
-    if checkpointing:
-        inner = forward
-
-        def forward(*args, **kwargs):
-            return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
-    if compile:
-        forward = torch.compile(forward)
-    block.forward = forward
-
-
-def shard_model(model, mesh, cfg: FSDP2Config, param_dtype):
-    """fully_shard each block (one all-gather / reduce-scatter group per block), then the
-    root, which takes every parameter not yet in a group (embeddings, ln_f, tied head)."""
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
-    for block in model.transformer.h:
-        wrap_block_forward(block, cfg.activation_checkpointing, cfg.compile)
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,
-                    reshard_after_forward=cfg.reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=False)
-    return model
 
 
 def local_param_bytes(model) -> tuple[int, int]:
@@ -361,13 +376,6 @@ def estimate_loss(model, bins, cfg, ranks):
     return out
 
 
-def peak_memory_mib(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS of this process
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-
-
 # ----------------------------------------------------------------------------------------
 # Checkpoints: sharded DCP for resuming, one full file for everything else
 
@@ -375,7 +383,7 @@ def peak_memory_mib(device: str) -> float:
 def check_checkpoint_fits(ranks, path: Path, state: dict):
     """Compare the checkpoint's tensor names and global shapes with this run's before any
     rank starts loading, so a mismatch is one line, not a hang inside DCP."""
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = SafeReader(str(path)).read_metadata().state_dict_metadata
     for prefix in ("model", "optim"):
         for name, value in _flat(state[prefix], prefix):
             if not torch.is_tensor(value):
@@ -401,29 +409,116 @@ def _flat(tree, prefix):
         yield prefix, tree
 
 
+# What a DCP .metadata file may name. DCP reads it with plain pickle.load, which runs any
+# callable the file names (a planted `os.system` would run on --resume): this unpickler
+# admits only the classes DCP itself writes there, and torch dtypes and Size.
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # layout by name (torch.strided), as torch.load allows
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _DCP_METADATA_CLASSES.get(module, ()) or (
+                module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata class")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose .metadata is read by _MetadataUnpickler (tensor shards are raw
+    bytes, and DCP already reads the other objects with torch.load(weights_only=True))."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# save_dcp writes CKPT_DIR.tmp, renames CKPT_DIR to CKPT_DIR.old, CKPT_DIR.tmp to CKPT_DIR,
+# then deletes CKPT_DIR.old. A folder is complete once its train_state.json exists (written
+# last, atomically; deleted first when a folder is removed), so a kill at any moment leaves
+# at least the newest complete checkpoint under one of the three names.
+CKPT_NAMES = (CKPT_DIR, CKPT_DIR + ".tmp", CKPT_DIR + ".old")
+
+
+def read_train_state(folder: Path) -> dict | None:
+    """The train_state.json of a complete checkpoint folder, None if the folder is incomplete."""
+    state_file = folder / "train_state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        state["iter_num"], state["model_config"], state["config"]  # the keys resume needs
+    except (ValueError, KeyError, TypeError) as e:
+        raise NanoError(f"checkpoint {folder}: train_state.json is damaged ({type(e).__name__}: {e}; "
+                        "restore it or train afresh in another --out_dir)") from None
+    return state
+
+
+def remove_checkpoint(folder: Path):
+    (folder / "train_state.json").unlink(missing_ok=True)  # first: the folder is now incomplete
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def finish_interrupted_save(out_dir: Path):
+    """Rank 0, before resuming: keep the newest complete checkpoint, as out_dir/CKPT_DIR."""
+    found = [(state["iter_num"], folder) for folder in (out_dir / n for n in CKPT_NAMES)
+             if (state := read_train_state(folder)) is not None]
+    final = out_dir / CKPT_DIR
+    if found:
+        newest = max(found, key=lambda f: f[0])[1]
+        if newest != final:
+            remove_checkpoint(final)
+            os.replace(newest, final)
+    for name in CKPT_NAMES[1:]:
+        remove_checkpoint(out_dir / name)
+
+
 def save_dcp(ranks, out_dir: Path, model, optimizer, train_rng, train_state: dict):
     """Each rank writes its shards; the folder replaces the previous one only when complete."""
-    final, tmp = out_dir / CKPT_DIR, out_dir / (CKPT_DIR + ".tmp")
-    if ranks.rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+    final, tmp, old = (out_dir / n for n in CKPT_NAMES)
+    if ranks.rank == 0:
+        remove_checkpoint(tmp)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd, "train_rng": train_rng.get_state()}, checkpoint_id=str(tmp))
-    if ranks.rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
-        old = out_dir / (CKPT_DIR + ".old")
+    if ranks.rank == 0:  # dcp.save has returned: every rank's shards and .metadata are written
+        (tmp / "train_state.json.part").write_text(json.dumps(train_state, indent=1))
+        os.replace(tmp / "train_state.json.part", tmp / "train_state.json")
+        remove_checkpoint(old)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     dist.barrier()
 
 
 def load_dcp(ranks, path: Path, model, optimizer, train_rng):
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "train_rng": train_rng.get_state()}
-    check_checkpoint_fits(ranks, path, state)
-    dcp.load(state, checkpoint_id=str(path))
+    try:  # a damaged file fails on every rank alike (DCP gathers the readers' errors to all)
+        check_checkpoint_fits(ranks, path, state)
+        dcp.load(state, storage_reader=SafeReader(str(path)))
+    except (CheckpointException, pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, NanoError):
+            raise
+        if isinstance(e, CheckpointException):  # the first failing rank's own error
+            e = next(iter(e.failures.values()))[0]
+        what = ": ".join([type(e).__name__] + str(e).strip().splitlines()[:1])[:200]
+        fail(ranks, f"error: checkpoint {path} is damaged ({what}; "
+                    "restore it or train afresh in another --out_dir)")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_rng.set_state(state["train_rng"])
 
@@ -468,14 +563,37 @@ def parse_args(argv):
     return cfg, given
 
 
+def check_outputs(cfg: FSDP2Config):
+    """out_dir must be a folder and --export a file, both writable where they are: checked
+    before training, not found out at the first save or after the last step."""
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
+        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
+    if cfg.export:
+        export = Path(cfg.export)
+        if export.is_dir() or cfg.export.endswith(os.sep):
+            raise NanoError(f"--export {export} is a folder (give a file name, e.g. {export / 'ckpt.pt'})")
+        if any(p.is_file() for p in export.parents):
+            raise NanoError(f"--export {export} is below a file (pick a path in a folder)")
+
+
 def validate(cfg: FSDP2Config, ranks: Ranks):
     """Bad input: one line from rank 0, every rank exits, before any long work."""
     if cfg.mode not in ("full", "lora", "qlora"):
         fail(ranks, f"error: unknown --mode {cfg.mode!r} (full, lora or qlora)")
-    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
-                 "log_interval", "lora_r", "nf4_blocksize"):
-        if getattr(cfg, name) <= 0:
-            fail(ranks, f"error: --{name} must be positive (got {getattr(cfg, name)})")
+    try:
+        common.check_options(
+            cfg, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                           "max_iters", "learning_rate", "lr_decay_iters", "eval_interval", "eval_iters",
+                           "log_interval", "lora_r", "nf4_blocksize"),
+            non_negative=("min_lr", "warmup_iters", "weight_decay", "grad_clip", "hsdp_shard_size", "peak_flops"),
+            ranges={"dropout": (0.0, 0.99), "lora_dropout": (0.0, 0.99), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999)})
+        check_outputs(cfg)
+    except NanoError as e:
+        fail(ranks, f"error: {e}")
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in gpt.GPT2_SIZES or Path(cfg.init_from).is_file()):
+        fail(ranks, f"error: unknown --init_from {cfg.init_from!r} (scratch, resume, {', '.join(gpt.GPT2_SIZES)}, "
+                    "or a checkpoint file)")
     if cfg.batch_size % ranks.world:
         fail(ranks, f"error: --batch_size {cfg.batch_size} (the global batch) is not divisible by the world "
                     f"size {ranks.world} (pass a multiple of {ranks.world})")
@@ -503,10 +621,15 @@ def resume_options(cfg: FSDP2Config, given: set, ranks: Ranks) -> dict:
     """nanoGPT-style resume: the model shape and LoRA/QLoRA settings come from the checkpoint;
     an option given on the command line must agree with it."""
     path = Path(cfg.out_dir) / CKPT_DIR
-    state_file = path / "train_state.json"
-    if not state_file.is_file():
+    try:
+        with common.rank0_first():  # the others read what rank 0 left
+            if ranks.rank == 0:
+                finish_interrupted_save(Path(cfg.out_dir))
+            state = read_train_state(path)
+    except NanoError as e:  # every rank reads the same damaged file
+        fail(ranks, f"error: {e}")
+    if state is None:
         fail(ranks, f"error: no checkpoint to resume in {path} (train first, or check --out_dir)")
-    state = json.loads(state_file.read_text())
     for key in SHAPE_KEYS + RUN_KEYS:
         saved = state["model_config"][key] if key in SHAPE_KEYS else state["config"][key]
         if key in given and getattr(cfg, key) != saved:
@@ -534,44 +657,81 @@ def main(argv=None):
 
 
 def run(cfg: FSDP2Config, given: set, ranks: Ranks):
-    master = ranks.rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    """The stages: check the options, read the data, build and shard the model, the
+    optimizer (and the resumed state), train, export."""
+    log = (lambda *a: print(*a, flush=True)) if ranks.rank == 0 else (lambda *a: None)
     validate(cfg, ranks)
-    device, device_type = ranks.device, ranks.device.split(":")[0]
-    dtype = common.pick_dtype(device, cfg.dtype)
-    out_dir = Path(cfg.out_dir)
+    dtype = common.pick_dtype(ranks.device, cfg.dtype)
     resume_state = resume_options(cfg, given, ranks) if cfg.resume else None
+    bins, meta = prepare_data(cfg, ranks, resume_state)
+    tokenizer_spec = meta["tokenizer"]
+    model, mesh = build_sharded_model(cfg, given, ranks, dtype, meta, resume_state, log)
+    model_config = asdict(model.config)
 
-    # --- data: rank 0 tokenizes, the others wait (and learn of its failure)
+    # only trainable shards reach the optimizer: for lora/qlora the adapters, never the base
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           ranks.device.split(":")[0])
+    for group in optimizer.param_groups:  # one multi-tensor op for all shards, not ~10 DTensor ops per shard
+        group["foreach"] = not group.get("fused")
+    train_rng = torch.Generator().manual_seed(cfg.seed)  # its state is the data position
+    iter_num, best_val_loss = 0, float("inf")
+    ckpt = Path(cfg.out_dir) / CKPT_DIR
+    if resume_state is not None:
+        load_dcp(ranks, ckpt, model, optimizer, train_rng)
+        iter_num, best_val_loss = resume_state["iter_num"], resume_state["best_val_loss"]
+        log(f"resumed from {ckpt} at iter {iter_num} (saved by {resume_state['world_size']} ranks)")
+    torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks: independent per rank
+
+    def save(iter_num, best_val_loss):
+        save_dcp(ranks, Path(cfg.out_dir), model, optimizer, train_rng, {
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": ranks.world,
+            "model_config": model_config, "tokenizer": tokenizer_spec, "config": asdict(cfg)})
+        log(f"saved sharded checkpoint to {ckpt}")
+
+    iter_num, losses, best_val_loss = train(model, optimizer, bins, train_rng, cfg, ranks, dtype, model_config,
+                                            iter_num, best_val_loss, save, log)
+    if cfg.export:
+        export_checkpoint(ranks, cfg.export, model, cfg, model_config, tokenizer_spec, iter_num)
+        log(f"exported full checkpoint ({'merged ' + cfg.mode if cfg.mode != 'full' else 'full model'}) to {cfg.export}")
+    return {"iter": iter_num, "losses": losses, "best_val_loss": best_val_loss, "model": model,
+            "optimizer": optimizer, "mesh": mesh}
+
+
+def prepare_data(cfg: FSDP2Config, ranks: Ranks, resume_state):
+    """Rank 0 tokenizes, the others wait (and learn of its failure). Returns the train/val
+    token bins and the dataset's meta.json (tokenizer spec, vocabulary size)."""
     data_dir = agree(ranks, lambda: data.prepare_dataset(cfg.dataset, cfg.input or None, None, cfg.data_root))
     meta = data.read_meta(data_dir)
     bins = {"train": data.TokenBins(data_dir, "train"), "val": data.TokenBins(data_dir, "val")}
-
-    # --- model: the same full model on every rank, then cut into shards
-    if resume_state is not None:
-        vocab_size = resume_state["model_config"]["vocab_size"]
-        if resume_state["tokenizer"] != meta["tokenizer"]:
-            fail(ranks, f"error: the checkpoint was trained on tokenizer {resume_state['tokenizer']!r}, "
-                        f"--dataset {cfg.dataset} uses {meta['tokenizer']!r}")
-    else:
-        vocab_size = meta["vocab_size"]
+    if resume_state is not None and resume_state["tokenizer"] != meta["tokenizer"]:
+        fail(ranks, f"error: the checkpoint was trained on tokenizer {resume_state['tokenizer']!r}, "
+                    f"--dataset {cfg.dataset} uses {meta['tokenizer']!r}")
     for split, b in bins.items():
         if (b.sizes - cfg.block_size - 1).clamp(min=0).sum() == 0:
             fail(ranks, f"error: the {split} data is shorter than block_size + 1 = {cfg.block_size + 1} tokens "
                         "(use a smaller --block_size or more text)")
+    return bins, meta
+
+
+def build_sharded_model(cfg, given: set, ranks: Ranks, dtype, meta: dict, resume_state, log):
+    """The same full model on every rank (rank 0 first: it may download), adapted for the
+    mode, checked against the data, then cut into shards on a 1-D (FSDP) or 2-D (HSDP) mesh."""
     resume_config = resume_state["model_config"] if resume_state is not None else None
-    base, init_spec = agree(ranks, lambda: load_base(cfg, vocab_size, resume_config))  # rank 0 first: it may download
-    model = adapt_model(base, cfg, device, dtype)
-    model_config = asdict(model.config)
-    tokenizer_spec = meta["tokenizer"]
-    if init_spec is not None and init_spec != tokenizer_spec:
-        fail(ranks, f"error: {cfg.init_from} uses tokenizer {init_spec!r}, the data {tokenizer_spec!r} "
+    base, init_spec = agree(ranks, lambda: load_base(cfg, meta["vocab_size"], resume_config))
+    model = adapt_model(base, cfg, ranks.device, dtype)
+    for key in SHAPE_KEYS if resume_state is None and cfg.init_from != "scratch" else ():
+        if key in given and getattr(cfg, key) != getattr(model.config, key):
+            fail(ranks, f"error: --init_from {cfg.init_from} has {key}={getattr(model.config, key)}, but --{key} "
+                        f"{getattr(cfg, key)} was given (the model's shape wins: drop the option)")
+    if init_spec is not None and init_spec != meta["tokenizer"]:
+        fail(ranks, f"error: {cfg.init_from} uses tokenizer {init_spec!r}, the data {meta['tokenizer']!r} "
                     "(prepare the dataset with the model's tokenizer, e.g. --dataset shakespeare for gpt2)")
     if meta["vocab_size"] > model.config.vocab_size:
         fail(ranks, f"error: the data has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     if cfg.block_size > model.config.block_size:
         fail(ranks, f"error: --block_size {cfg.block_size} exceeds the model's {model.config.block_size}")
 
+    device_type = ranks.device.split(":")[0]
     if cfg.hsdp:
         shard = cfg.hsdp_shard_size or ranks.local_world
         mesh = init_device_mesh(device_type, (ranks.world // shard, shard), mesh_dim_names=("replicate", "shard"))
@@ -583,38 +743,23 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
     log(f"{cfg.mode}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameter elements, "
         f"{trainable / 1e6:.3f}M trainable; {ranks.world} ranks ({'HSDP ' + 'x'.join(map(str, mesh.shape)) if cfg.hsdp else 'FSDP'}), "
         f"rank 0 holds {local_bytes / 2**20:.2f} of {full_bytes / 2**20:.2f} MiB of parameters; "
-        f"device {device}, param dtype {str(dtype).removeprefix('torch.')}")
+        f"device {ranks.device}, param dtype {str(dtype).removeprefix('torch.')}")
+    return model, mesh
 
-    # only trainable shards reach the optimizer: for lora/qlora the adapters, never the base
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    for group in optimizer.param_groups:  # one multi-tensor op for all shards, not ~10 DTensor ops per shard
-        group["foreach"] = not group.get("fused")
-    train_rng = torch.Generator().manual_seed(cfg.seed)  # its state is the data position
-    iter_num, best_val_loss = 0, float("inf")
-    if resume_state is not None:
-        load_dcp(ranks, out_dir / CKPT_DIR, model, optimizer, train_rng)
-        iter_num, best_val_loss = resume_state["iter_num"], resume_state["best_val_loss"]
-        log(f"resumed from {out_dir / CKPT_DIR} at iter {iter_num} (saved by {resume_state['world_size']} ranks)")
-    torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks: independent per rank
 
-    # FLOPs are those of the dense model (6N per token, nanoGPT's count), whatever the mode
-    with torch.device("meta"):
+def train(model, optimizer, bins, train_rng, cfg, ranks, dtype, model_config, iter_num, best_val_loss, save, log):
+    """The loop: evaluate (and save) every eval_interval, one optimizer step per iteration
+    over gradient_accumulation_steps micro-batches, log every log_interval. Returns
+    (last iter, [(iter, global loss)] of the logged iterations, best val loss)."""
+    device = ranks.device
+    with torch.device("meta"):  # FLOPs are the dense model's (6N per token, nanoGPT's count), whatever the mode
         flops_model = gpt.GPT(gpt.GPTConfig(**model_config))
     peak_flops = common.device_peak_flops(device, dtype, cfg.peak_flops)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     local_seqs_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size // ranks.world
     log(f"tokens per iteration: {tokens_per_iter:,} ({cfg.batch_size // ranks.world} sequences per rank per micro-step)")
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(out_dir / "metrics.jsonl", "a" if cfg.resume else "w") if master else None
-
-    def write_metrics(row):
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-
-    losses = []  # (iter, global loss) of every logged iteration, for callers such as the tests
-    start_iter = iter_num
+    metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", iter_num if cfg.resume else None) if ranks.rank == 0 else None
+    losses, start_iter = [], iter_num
     t_last, iters_since_log, step_times = time.time(), 0, []
     model.train()
     while True:
@@ -624,15 +769,11 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
         if iter_num % cfg.eval_interval == 0 and (iter_num != start_iter or start_iter == 0):
             ev = estimate_loss(model, bins, cfg, ranks)
             log(f"iter {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
-            write_metrics({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
+            metrics and metrics.write({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
             if iter_num > 0 and (ev["val"] < best_val_loss or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, ev["val"])
-                save_dcp(ranks, out_dir, model, optimizer, train_rng, {
-                    "iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": ranks.world,
-                    "model_config": model_config,
-                    "tokenizer": tokenizer_spec, "config": asdict(cfg)})
-                log(f"saved sharded checkpoint to {out_dir / CKPT_DIR}")
-        if iter_num >= cfg.max_iters:
+                save(iter_num, best_val_loss)
+        if iter_num >= cfg.max_iters:  # every stop/save decision uses values equal on all ranks
             break
 
         # gradient accumulation: reduce-scatter only after the last micro-step's backward;
@@ -645,7 +786,7 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
             loss = loss / cfg.gradient_accumulation_steps
             loss.backward()
             loss_sum += loss.detach()
-        if cfg.grad_clip:
+        if cfg.grad_clip > 0:
             # the gradients are DTensors: the norm is reduced over all shards (and replicas)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
@@ -655,36 +796,64 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             lossf = all_mean(loss_sum, ranks).item()  # the global batch's mean loss
-            peaks = torch.tensor([peak_memory_mib(device)], device=device)
-            all_peaks = [torch.zeros_like(peaks) for _ in range(ranks.world)]
-            dist.all_gather(all_peaks, peaks)
-            all_peaks = [p.item() for p in all_peaks]
-            peak_text = ("/".join(f"{p:,.0f}" for p in all_peaks) if ranks.world <= 8
-                         else f"{min(all_peaks):,.0f}..{max(all_peaks):,.0f}")
             now = time.time()
             dt = (now - t_last) / iters_since_log
             t_last, iters_since_log = now, 0
             if iter_num - start_iter > 1:  # the first step includes warm-up (and compilation)
                 step_times.append(dt)
             mfu = flops_model.estimate_mfu(local_seqs_per_iter, dt, peak_flops)  # per GPU
-            eta = dt * (cfg.max_iters - iter_num)
             losses.append((iter_num, lossf))
             log(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
                 f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else "")
-                + f", peak mem/rank {peak_text} MiB, eta {eta / 60:.1f} min")
-            write_metrics({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_step": dt * 1000,
-                           "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
-
+                + f", peak mem/rank {peak_memory_text(ranks)} MiB, eta {dt * (cfg.max_iters - iter_num) / 60:.1f} min")
+            metrics and metrics.write({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_step": dt * 1000,
+                                       "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
     if step_times:
         med = sorted(step_times)[len(step_times) // 2]
         log(f"done: {iter_num} iters, median {med * 1000:.1f} ms/iter, {tokens_per_iter / med:,.0f} tok/s")
-    if cfg.export:
-        export_checkpoint(ranks, cfg.export, model, cfg, model_config, tokenizer_spec, iter_num)
-        log(f"exported full checkpoint ({'merged ' + cfg.mode if cfg.mode != 'full' else 'full model'}) to {cfg.export}")
-    if metrics is not None:
+    if metrics:
         metrics.close()
-    return {"iter": iter_num, "losses": losses, "best_val_loss": best_val_loss, "model": model,
-            "optimizer": optimizer, "mesh": mesh}
+    return iter_num, losses, best_val_loss
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON row per line (rank 0). A resumed run keeps the rows up to the
+    checkpoint's iteration (a killed run may have logged past it) and appends; else new."""
+
+    def __init__(self, path: Path, resume_iter: int | None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_iter is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if (it := _row_iter(line)) is not None and it <= resume_iter]
+        self.file = open(path, "w")
+        self.file.write("".join(line + "\n" for line in kept))
+
+    def write(self, row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def _row_iter(line: str) -> int | None:
+    """The iteration of one metrics.jsonl row, None for a torn or foreign line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("iter") if isinstance(row, dict) and isinstance(row.get("iter"), int) else None
+
+
+def peak_memory_text(ranks: Ranks) -> str:
+    """Every rank's peak memory (MiB), gathered: "a/b/..." for up to 8 ranks, else "min..max"."""
+    peaks = torch.tensor([common.peak_memory_mib(ranks.device)], device=ranks.device)
+    all_peaks = [torch.zeros_like(peaks) for _ in range(ranks.world)]
+    dist.all_gather(all_peaks, peaks)
+    all_peaks = [p.item() for p in all_peaks]
+    return ("/".join(f"{p:,.0f}" for p in all_peaks) if ranks.world <= 8
+            else f"{min(all_peaks):,.0f}..{max(all_peaks):,.0f}")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,11 @@ def _worker(data_root, work):
     no_shape = [a for i, a in enumerate(TINY) if a not in shape_given and TINY[i - 1] not in shape_given]
     report["bad_shape_tensors"] = exit_message(no_shape + ["--data_root", str(data_root), "--out_dir",
                                                            str(work / "tampered"), "--resume", "True"])
+    if rank == 0:  # rank 1's shard file gone: its read fails, DCP tells every rank
+        shutil.copytree(work / "full", work / "no_shard")
+        (work / "no_shard" / "ckpt_dcp" / "__1_0.distcp").unlink()
+    dist.barrier()
+    report["missing_shard"] = exit_message(args(data_root, work / "no_shard", "--max_iters", 12, "--resume", True))
     (work / f"rank{rank}.json").write_text(json.dumps(report))
     # last, the command-line path for real: rank 0 prints one line to stderr, every rank
     # leaves with status 1, torchrun returns (the test fails on a hang)
@@ -335,7 +340,8 @@ def test_export_logits_equal_sharded_model(runs):
 def test_bad_input_one_line_and_every_rank_exits(runs):
     one, two = runs
     for key, words in [("bad_batch", "not divisible by the world size 2"), ("bad_shape_option", "saved with n_embd=32"),
-                       ("bad_shape_tensors", "holds model.transformer.wte.weight of shape (")]:
+                       ("bad_shape_tensors", "holds model.transformer.wte.weight of shape ("),
+                       ("missing_shard", "is damaged (FileNotFoundError: [Errno 2] No such file or directory: ")]:
         (code0, err0), (code1, err1) = two[0][key], two[1][key]
         assert code0 == code1 == 1 and err1 == ""
         assert err0.startswith("error: ") and err0.count("\n") == 1 and words in err0, err0
@@ -357,3 +363,182 @@ def test_qlora_on_cuda_needs_triton(monkeypatch):
     ranks = fsdp2_train.Ranks(rank=0, world=1, local_world=1, device="cuda:0", created_group=False)
     with pytest.raises(NanoError, match="needs triton"):
         fsdp2_train.validate(cfg, ranks)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint safety, in one process: no code from .metadata, no save state that loses a
+# checkpoint, one line for a damaged one
+
+
+class _Evil:
+    """A pickle that runs a shell command when loaded (what a planted .metadata would do)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+class _Killed(BaseException):
+    """Stands for kill -9: nothing after it runs (not caught as an Exception)."""
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, shakespeare_path):
+    """A 1-process run with sharded checkpoints at iters 2 and 4; returns (data_root, out_dir)."""
+    import data
+    import fsdp2_train
+
+    base = tmp_path_factory.mktemp("fsdp2_ckpt")
+    src = base / "shakespeare_20k.txt"
+    src.write_text(shakespeare_path.read_text()[:20_000])
+    data.prepare_dataset("shakespeare_char", input=src, data_root=base / "data")
+    fsdp2_train.main(args(base / "data", base / "run", "--max_iters", 4, "--eval_interval", 2,
+                          "--always_save_checkpoint", True, "--export", base / "run" / "ckpt.pt"))
+    return base / "data", base / "run"
+
+
+def _resume(data_root, out_dir, max_iters=5):
+    import fsdp2_train
+
+    return fsdp2_train.main(args(data_root, out_dir, "--max_iters", max_iters, "--eval_interval", 2,
+                                 "--always_save_checkpoint", True, "--resume", True))
+
+
+def test_malicious_dcp_metadata_runs_no_code(saved, tmp_path):
+    import pickle
+
+    data_root, run = saved
+    out = tmp_path / "evil"
+    shutil.copytree(run, out)
+    pwned = tmp_path / "PWNED"
+    (out / "ckpt_dcp" / ".metadata").write_bytes(pickle.dumps(_Evil(pwned)))
+    with pytest.raises(SystemExit, match=r"error: checkpoint .* is damaged \(UnpicklingError: posix.system is not"):
+        _resume(data_root, out)
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("kill, resumes_at", [
+    ((1, "before"), 1),  # shards written, train_state.json not yet: the iter-2 folder is incomplete
+    ((2, "before"), 2),  # ckpt_dcp (iter 1) and a complete ckpt_dcp.tmp (iter 2)
+    ((3, "before"), 2),  # ckpt_dcp.old (iter 1) and ckpt_dcp.tmp (iter 2), no ckpt_dcp
+    ((3, "after"), 2),   # ckpt_dcp (iter 2) and ckpt_dcp.old (iter 1) not yet removed
+])
+def test_every_interrupted_save_resumes_from_the_newest_checkpoint(saved, tmp_path, monkeypatch, kill, resumes_at):
+    """Kill the iter-2 save at each of its os.replace calls (json in place, old out, new in)."""
+    from unittest import mock
+
+    import fsdp2_train
+
+    data_root, _ = saved
+    out = tmp_path / "run"
+    real_save, real_replace = fsdp2_train.save_dcp, os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == kill[0] and kill[1] == "before":
+            raise _Killed
+        real_replace(src, dst)
+        if len(calls) == kill[0]:
+            raise _Killed
+
+    def save(ranks, out_dir, model, optimizer, rng, train_state):
+        if train_state["iter_num"] < 2:
+            return real_save(ranks, out_dir, model, optimizer, rng, train_state)
+        with mock.patch.object(os, "replace", replace):
+            real_save(ranks, out_dir, model, optimizer, rng, train_state)
+
+    run = args(data_root, out, "--max_iters", 2, "--eval_interval", 1, "--always_save_checkpoint", True)
+    monkeypatch.setattr(fsdp2_train, "save_dcp", save)
+    with pytest.raises(_Killed):
+        fsdp2_train.main(run)
+    monkeypatch.setattr(fsdp2_train, "save_dcp", real_save)
+    res = fsdp2_train.main(run[:-6] + ["--max_iters", "3", "--eval_interval", "1", "--resume", "True"])
+    assert res["losses"][0][0] == resumes_at + 1
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt_dcp")) == ["ckpt_dcp"]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # rows past the checkpoint dropped
+    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 1, 2, 3]
+    if kill == (3, "before"):  # the same step 3 as an uninterrupted run of 3 iterations
+        clean = fsdp2_train.main(args(data_root, tmp_path / "clean", "--max_iters", 3, "--eval_interval", 1))
+        assert clean["losses"][-1] == res["losses"][0]
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated_metadata", "is damaged (UnpicklingError"),
+    ("missing_shard", "is damaged (FileNotFoundError: [Errno 2] No such file or directory: "),
+    ("garbage_shard", "is damaged (EOFError; "),  # shorter than the tensors it should hold
+    ("bad_train_state", "train_state.json is damaged (JSONDecodeError"),
+    ("train_state_without_keys", "train_state.json is damaged (KeyError"),
+])
+def test_damaged_checkpoint_is_one_line(saved, tmp_path, capsys, damage, words):
+    data_root, run = saved
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    ckpt = out / "ckpt_dcp"
+    if damage == "truncated_metadata":
+        raw = (ckpt / ".metadata").read_bytes()
+        (ckpt / ".metadata").write_bytes(raw[: len(raw) // 2])
+    elif damage == "missing_shard":
+        next(ckpt.glob("*.distcp")).unlink()
+    elif damage == "garbage_shard":
+        next(ckpt.glob("*.distcp")).write_bytes(b"not a tensor shard")
+    elif damage == "bad_train_state":
+        (ckpt / "train_state.json").write_text('{"iter_num": 4, "mod')
+    else:
+        (ckpt / "train_state.json").write_text('{"iter_num": 4}')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _resume(data_root, out)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: checkpoint ") and words in err, err
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("grad_clip", -1, "--grad_clip must be >= 0 (got -1.0)"),  # clip_grad_norm_ to -1 would ascend
+    ("learning_rate", -1e-3, "--learning_rate must be positive"),
+    ("max_iters", 0, "--max_iters must be positive"),
+    ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be positive"),
+    ("eval_iters", 0, "--eval_iters must be positive"),
+    ("n_layer", 0, "--n_layer must be positive"),
+    ("warmup_iters", -5, "--warmup_iters must be >= 0"),
+    ("dropout", 1.5, "--dropout must be in [0.0, 0.99]"),
+    ("beta2", 1.0, "--beta2 must be in [0.0, 0.9999]"),
+    ("lora_r", 0, "--lora_r must be positive"),
+])
+def test_bad_numeric_option_is_one_line(tmp_path, capsys, option, value, words):
+    import fsdp2_train
+
+    with pytest.raises(SystemExit, match="error: " + words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        fsdp2_train.main(args(tmp_path / "no_data", tmp_path / "out", f"--{option}", value))
+    assert not (tmp_path / "no_data").exists() and capsys.readouterr().err.count("\n") == 1  # refused before work
+
+
+def test_outputs_checked_before_training(tmp_path):
+    import fsdp2_train
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for extra, words in [(["--out_dir", a_file], "--out_dir .* is a file or below one"),
+                         (["--out_dir", a_file / "sub"], "--out_dir .* is a file or below one"),
+                         (["--export", tmp_path], "--export .* is a folder"),
+                         (["--export", a_file / "ckpt.pt"], "--export .* is below a file")]:
+        argv = args(tmp_path / "no_data", tmp_path / "out", *extra)
+        with pytest.raises(SystemExit, match="error: " + words):
+            fsdp2_train.main(argv)
+    assert not (tmp_path / "no_data").exists()  # nothing was prepared or trained
+
+
+def test_init_from_conflicting_or_unknown_is_refused(saved, tmp_path):
+    import fsdp2_train
+
+    data_root, run = saved
+    with pytest.raises(SystemExit, match=r"error: --init_from .*ckpt.pt has n_layer=2, but --n_layer 3 was given"):
+        fsdp2_train.main(args(data_root, tmp_path / "a", "--init_from", run / "ckpt.pt", "--n_layer", 3))
+    with pytest.raises(SystemExit, match=r"error: unknown --init_from 'gpt5' \(scratch, resume, gpt2, "):
+        fsdp2_train.main(args(data_root, tmp_path / "b", "--init_from", "gpt5"))
+    res = fsdp2_train.main(args(data_root, tmp_path / "c", "--init_from", run / "ckpt.pt", "--max_iters", 1,
+                                "--eval_interval", 100))  # the same shape given (TINY): accepted
+    assert res["iter"] == 1
