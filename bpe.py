@@ -10,35 +10,39 @@ leading space, runs of digits, punctuation, whitespace) so merges never cross a 
     text --split at special tokens--> segments --regex--> pre-tokens --UTF-8--> bytes
          --apply merges in the order they were learned--> token ids
 
-Training (`train_bpe`) counts each distinct pre-token once, then learns merges
-incrementally: pair counts, an index pair -> words that hold it, and a heap to find the
-best pair (see `learn_merges`). Ties between equally frequent pairs go to the
-lexicographically greater pair of bytes, the convention of Stanford CS336, so a run is
-deterministic and comparable. `Tokenizer` encodes, decodes, streams, saves and loads, and
-loads OpenAI's GPT-2 files or any tiktoken encoding, so its ids equal tiktoken's.
+Training: `learn_merges_naive` is minbpe's loop (count pairs, merge the most frequent,
+repeat); `learn_merges` learns the same merges incrementally, fast, and is what
+`train_bpe(text)` and `train_bpe_file(path)` use. Ties between equally frequent pairs go to
+the lexicographically greater pair of bytes (Stanford CS336's rule), so runs are
+deterministic and comparable. `Tokenizer` encodes (also in a process pool, and streamed),
+decodes, saves and loads; it reads OpenAI's GPT-2 files, any tiktoken encoding and Hugging
+Face tokenizer.json files of byte-level BPE models (GPT-2, Llama 3, Qwen2/3, SmolLM), with
+the ids of tiktoken and of `tokenizers`, and writes tokenizer.json.
 
 Run:
     python bpe.py train --input input.txt --vocab_size 4096 --out tok.bpe
-    python bpe.py encode --tokenizer tok.bpe "Hello world"      (or --tokenizer gpt2)
+    python bpe.py encode --tokenizer tok.bpe "Hello world"      (or gpt2, or a tokenizer.json)
     python bpe.py compare --input input.txt --tokenizer tok.bpe   (GPT-2, cl100k, yours)
 """
 
 from __future__ import annotations
 
 import argparse
-
-from common import NanoError, cli
 import functools
 import heapq
 import json
 import os
+import re
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict
-from itertools import accumulate, pairwise
+from itertools import chain, pairwise, repeat
 from pathlib import Path
 
 import regex  # Python's `re` has no \p{L} / \p{N} (Unicode letter / number), which the split patterns need
+
+from common import NanoError, cli
 
 # GPT-2's split pattern as tiktoken writes it. The release's original
 # r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""" cuts
@@ -58,7 +62,8 @@ CHUNK_BYTES = 16 << 20  # files are pre-tokenized in pieces of about this size (
 
 
 def get_stats(ids, counts=None, weight=1):
-    """Count adjacent pairs in `ids` (added to `counts`, each occurrence counting `weight`)."""
+    """Count adjacent pairs: get_stats([1, 2, 3, 1, 2]) -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
+    Adds to `counts` if given, each occurrence counting `weight` (how often a pre-token occurs)."""
     counts = {} if counts is None else counts
     for pair in pairwise(ids):
         counts[pair] = counts.get(pair, 0) + weight
@@ -66,8 +71,9 @@ def get_stats(ids, counts=None, weight=1):
 
 
 def merge(ids, pair, new_id):
-    """Replace each occurrence of `pair` in `ids`, scanning left to right, by `new_id`.
-    Left to right matters when the pair overlaps itself: (a, a) in a a a -> aa a."""
+    """Replace each occurrence of `pair` in `ids` by `new_id`, scanning left to right:
+    merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]. Left to right matters when the pair
+    overlaps itself: merge([5, 5, 5], (5, 5), 6) -> [6, 5]."""
     a, b = pair
     out, i, n = [], 0, len(ids)
     while i < n:
@@ -81,131 +87,35 @@ def merge(ids, pair, new_id):
 
 
 # ----------------------------------------------------------------------------------------
-# Pre-tokenization: special tokens first, then the split regex
+# The simple trainer (minbpe's loop): the baseline
 
 
-@functools.lru_cache(maxsize=64)
-def special_token_regex(special_tokens: frozenset):
-    """Regex matching any of the special tokens; longer ones first, so when two overlap
-    (e.g. "<|a|>" and "<|a|><|b|>") the longest wins."""
-    ordered = sorted(special_tokens, key=lambda s: (-len(s), s))
-    return regex.compile("|".join(regex.escape(s) for s in ordered))
-
-
-def split_on_special_tokens(text: str, special_tokens) -> list[str]:
-    """The text between special tokens (they delimit documents and never take part in merges)."""
-    if not special_tokens:
-        return [text]
-    return special_token_regex(frozenset(special_tokens)).split(text)
-
-
-def _replace_lone_surrogates(text: str) -> str:
-    """A str may hold lone surrogates ("\\ud800") that UTF-8 cannot encode; like tiktoken,
-    replace them by U+FFFD."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def count_text_pretokens(text: str, special_tokens=(), pattern=GPT2_PATTERN) -> Counter:
-    """How often each distinct pre-token occurs in `text` (special tokens removed)."""
-    split = regex.compile(pattern)
-    counts = Counter()
-    for segment in split_on_special_tokens(text, special_tokens):
-        counts.update(split.findall(segment))
-    return counts
-
-
-def find_chunk_boundaries(path, special_tokens, chunk_bytes=CHUNK_BYTES) -> list[int]:
-    """Byte offsets that cut the file into pieces of about `chunk_bytes`, each cut at the
-    start of a special token. Cutting there changes nothing: the text is split at special
-    tokens before the regex runs anyway. Without special tokens the file stays whole."""
-    size = os.path.getsize(path)
-    if not special_tokens or size <= chunk_bytes:
-        return [0, size]
-    specials = sorted((s.encode("utf-8") for s in special_tokens), key=len, reverse=True)
-    find = regex.compile(b"|".join(regex.escape(s) for s in specials))
-    overlap = max(map(len, specials)) - 1  # so a token straddling two reads is still seen
-    block = 1 << 20
-    bounds = [0]
-    with open(path, "rb") as f:
-        pos = chunk_bytes
-        while pos < size:
-            found = None
-            while found is None:  # scan forward from pos for the next special token
-                f.seek(pos)
-                data = f.read(block)
-                match = find.search(data)
-                if match:
-                    found = pos + match.start()
-                elif len(data) < block:
-                    break
-                else:
-                    pos += block - overlap
-            if found is None or found >= size:
-                break
-            if found > bounds[-1]:
-                bounds.append(found)
-            pos = found + chunk_bytes
-    bounds.append(size)
-    return bounds
-
-
-def _count_file_chunk(args):
-    """Worker: pre-token counts of bytes [start, end) of a file (an error string if not UTF-8)."""
-    path, start, end, special_tokens, pattern = args
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"error: {path} is not UTF-8 text (bad byte at offset {start + e.start}; convert it to UTF-8)"
-    return count_text_pretokens(text, special_tokens, pattern)
-
-
-def count_pretokens(text_or_path, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
-                    chunk_bytes=CHUNK_BYTES) -> Counter:
-    """Counts of distinct pre-tokens in a string, or in a file read chunk by chunk (cut at
-    special tokens) and counted by `num_workers` processes (default: one per CPU)."""
-    if not _is_path(text_or_path):
-        text = text_or_path
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = _replace_lone_surrogates(text)
-        return count_text_pretokens(text, special_tokens, pattern)
-    path = str(text_or_path)
-    if not os.path.isfile(path):
-        raise NanoError(f"training file {path} not found (check the path)")
-    bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
-    jobs = [(path, a, b, tuple(special_tokens), pattern) for a, b in pairwise(bounds)]
-    num_workers = min(num_workers or os.cpu_count() or 1, len(jobs))
-    if num_workers > 1:
-        import multiprocessing
-
-        with multiprocessing.Pool(num_workers) as pool:
-            parts = pool.imap_unordered(_count_file_chunk, jobs)
-            return _sum_counts(parts)
-    return _sum_counts(map(_count_file_chunk, jobs))
-
-
-def _sum_counts(parts) -> Counter:
-    total = Counter()
-    for part in parts:
-        if isinstance(part, str):
-            raise NanoError(part.removeprefix("error: "))
-        total.update(part)
-    return total
-
-
-def _is_path(x) -> bool:
-    """A Path is a file; a str is a file name if such a file exists, else it is the text."""
-    if isinstance(x, os.PathLike):
-        return True
-    return isinstance(x, str) and 0 < len(x) < 4096 and "\n" not in x and os.path.isfile(x)
+def learn_merges_naive(pretoken_counts: dict[bytes, int], num_merges: int) -> list[tuple[bytes, bytes]]:
+    """minbpe's training loop: count every adjacent pair (get_stats), merge the most frequent
+    one into a new token (merge), repeat. It runs on pre-tokens ({pre-token bytes: how often
+    it occurs}, see count_text_pretokens), so merges never cross a word and each distinct
+    word is counted once. Ties go to the greater pair of bytes (CS336). Every step re-counts
+    everything: O(merges x distinct text). Returns [(left bytes, right bytes), ...] in the
+    order learned (fewer if no pair is left)."""
+    token_bytes = [bytes([i]) for i in range(256)]
+    words, freqs = [list(w) for w in pretoken_counts], list(pretoken_counts.values())
+    merges = []
+    while len(merges) < num_merges:
+        stats = {}
+        for word, freq in zip(words, freqs):
+            get_stats(word, stats, freq)
+        if not stats:
+            break  # every pre-token is a single token
+        pair = max(stats, key=lambda p: (stats[p], token_bytes[p[0]], token_bytes[p[1]]))
+        new_id = len(token_bytes)
+        token_bytes.append(token_bytes[pair[0]] + token_bytes[pair[1]])
+        merges.append((token_bytes[pair[0]], token_bytes[pair[1]]))
+        words = [merge(word, pair, new_id) for word in words]
+    return merges
 
 
 # ----------------------------------------------------------------------------------------
-# Training
+# The incremental trainer: the same merges without re-counting
 
 
 def _reversed_order_key(token: bytes) -> str:
@@ -220,10 +130,9 @@ _INVERT_BYTES = bytes(range(255, -1, -1))
 
 
 def learn_merges(pretoken_counts: dict[bytes, int], num_merges: int, verbose=False):
-    """Learn up to `num_merges` merges from pre-token counts; returns [(left, right), ...]
-    as byte strings, in the order learned (fewer if the text runs out of pairs).
+    """The merges of learn_merges_naive, learned incrementally; same arguments and result.
 
-    Re-counting every pair after every merge (minbpe) costs O(merges x text). Instead:
+    Re-counting every pair after every merge costs O(merges x text). Instead:
       - each distinct pre-token ("word") is a list of token ids with its count, so work
         and memory scale with the number of distinct pre-tokens, not the text size;
       - pair_counts holds the current count of every adjacent pair (weighted by word
@@ -307,21 +216,218 @@ def learn_merges(pretoken_counts: dict[bytes, int], num_merges: int, verbose=Fal
     return merges
 
 
-def train_bpe(text_or_path, vocab_size: int, special_tokens=(), pattern=GPT2_PATTERN,
-              num_workers=None, verbose=False):
-    """Train a byte-level BPE tokenizer.
+# ----------------------------------------------------------------------------------------
+# Pre-tokenization: special tokens first, then the split regex
 
-    text_or_path: the training text, or a file (a Path, or a str naming an existing file).
-    vocab_size: 256 byte tokens + merges + special tokens.
-    Returns (vocab, merges): vocab {id: bytes} with ids 0-255 the bytes, 256... the merges
-    in order, then the special tokens; merges [(left bytes, right bytes), ...]."""
+
+def compile_pattern(pattern: str):
+    """The split regex, or a one-line error saying what is wrong with it."""
+    try:
+        split = regex.compile(pattern)
+    except regex.error as e:
+        raise NanoError(f"bad split pattern {pattern!r}: {e} (give a valid regex, or gpt2 / gpt4)") from None
+    if split.groups:  # findall would return the groups, not the pre-tokens
+        raise NanoError(f"split pattern {pattern!r} has capturing groups (write (?:...) instead of (...))")
+    return split
+
+
+def split_isolated(split, text: str) -> list[str]:
+    """The pre-tokens of `text`: the matches of `split`, and the text between two matches as
+    a piece of its own (Hugging Face's Split "Isolated"), so no text is ever dropped. The
+    patterns here match every character: the slow path is only for a custom one."""
+    pieces = split.findall(text)
+    if sum(map(len, pieces)) == len(text):
+        return pieces
+    pieces, at = [], 0
+    for m in split.finditer(text):
+        if m.start() > at:
+            pieces.append(text[at:m.start()])
+        if m.end() > m.start():
+            pieces.append(m.group())
+        at = m.end()
+    return pieces + [text[at:]] if at < len(text) else pieces
+
+
+@functools.lru_cache(maxsize=64)
+def ascii_pattern(pattern: str):
+    """The split pattern for ASCII text, compiled by Python's own `re`, which splits it 2-3x
+    faster than `regex`: on ASCII, \\p{L} is [A-Za-z] and \\p{N} is [0-9]. None if the pattern
+    uses anything else `re` lacks, or if the two disagree on a probe of every ASCII character."""
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        prop = {r"\p{L}": "A-Za-z", r"\p{N}": "0-9"}.get(pattern[i:i + 5])
+        if prop:
+            out.append(prop if in_class else f"[{prop}]")
+            i += 5
+            continue
+        step = pattern[i:i + 2] if pattern[i] == "\\" else pattern[i]
+        in_class = (in_class or step == "[") and step != "]"
+        out.append(step)
+        i += len(step)
+    try:
+        fast = re.compile("".join(out), re.ASCII)
+    except re.error:
+        return None
+    probe = "".join(map(chr, range(128))) + " ab  12 345'll 'S x\n\n  y\t\r\n z.. ,\x0b; 6 " * 2
+    return fast if fast.findall(probe) == compile_pattern(pattern).findall(probe) else None
+
+
+@functools.lru_cache(maxsize=64)
+def special_token_regex(special_tokens: frozenset):
+    """Regex matching any of the special tokens; longer ones first, so when two overlap
+    (e.g. "<|a|>" and "<|a|><|b|>") the longest wins."""
+    ordered = sorted(special_tokens, key=lambda s: (-len(s), s))
+    return regex.compile("|".join(regex.escape(s) for s in ordered))
+
+
+def split_on_special_tokens(text: str, special_tokens) -> list[str]:
+    """The text between special tokens (they delimit documents and never take part in merges)."""
+    if not special_tokens:
+        return [text]
+    return special_token_regex(frozenset(special_tokens)).split(text)
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    """A str may hold lone surrogates ("\\ud800") that UTF-8 cannot encode; like tiktoken,
+    replace them by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def count_text_pretokens(text: str, special_tokens=(), pattern=GPT2_PATTERN) -> Counter:
+    """How often each distinct pre-token occurs in `text` (special tokens removed). The
+    pattern must match every character: merges learned where it skips text would be learned
+    on pieces that encoding then cuts differently."""
+    split, ascii_split = compile_pattern(pattern), ascii_pattern(pattern)
+    counts = Counter()
+    for segment in split_on_special_tokens(text, special_tokens):
+        pieces = (ascii_split if ascii_split and segment.isascii() else split).findall(segment)
+        if sum(map(len, pieces)) != len(segment):
+            at = 0  # the first character no match covers
+            for m in split.finditer(segment):
+                if m.start() > at:
+                    break
+                at = m.end()
+            raise NanoError(f"split pattern {pattern!r} skips {segment[at]!r} of the training text (in "
+                            f"{segment[max(0, at - 20):at + 20]!r}; a pattern must match every character, "
+                            "e.g. end it with |\\s+|\\S)")
+        counts.update(pieces)
+    return counts
+
+
+def find_chunk_boundaries(path, special_tokens, chunk_bytes=CHUNK_BYTES) -> list[int]:
+    """Byte offsets that cut the file into pieces of about `chunk_bytes`, each cut at the
+    start of a special token. Cutting there changes nothing: the text is split at special
+    tokens before the regex runs anyway. Without special tokens the file stays whole."""
+    size = os.path.getsize(path)
+    if not special_tokens or size <= chunk_bytes:
+        return [0, size]
+    specials = sorted((s.encode("utf-8") for s in special_tokens), key=len, reverse=True)
+    find = regex.compile(b"|".join(regex.escape(s) for s in specials))
+    overlap = max(map(len, specials)) - 1  # so a token straddling two reads is still seen
+    block = 1 << 20
+    bounds = [0]
+    with open(path, "rb") as f:
+        pos = chunk_bytes
+        while pos < size:
+            found = None
+            while found is None:  # scan forward from pos for the next special token
+                f.seek(pos)
+                data = f.read(block)
+                match = find.search(data)
+                if match:
+                    found = pos + match.start()
+                elif len(data) < block:
+                    break
+                else:
+                    pos += block - overlap
+            if found is None or found >= size:
+                break
+            if found > bounds[-1]:
+                bounds.append(found)
+            pos = found + chunk_bytes
+    bounds.append(size)
+    return bounds
+
+
+def _count_file_chunk(args):
+    """Worker: pre-token counts of bytes [start, end) of a file."""
+    path, start, end, special_tokens, pattern = args
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoError(f"{path} is not UTF-8 text (bad byte at offset {start + e.start}; convert it to UTF-8)") from None
+    return count_text_pretokens(text, special_tokens, pattern)
+
+
+def count_file_pretokens(path, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
+                         chunk_bytes=CHUNK_BYTES) -> Counter:
+    """count_text_pretokens of a UTF-8 file, read in pieces cut at special tokens, counted by
+    `num_workers` processes (default: one per CPU)."""
+    if not os.path.isfile(path):
+        raise NanoError(f"training file {path} not found (check the path)")
+    compile_pattern(pattern)  # a bad pattern is one error here, not one per worker
+    bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
+    jobs = [(str(path), a, b, tuple(special_tokens), pattern) for a, b in pairwise(bounds)]
+    num_workers = min(num_workers or os.cpu_count() or 1, len(jobs))
+    total = Counter()
+    if num_workers > 1:
+        import multiprocessing
+
+        with multiprocessing.Pool(num_workers) as pool:
+            for part in pool.imap_unordered(_count_file_chunk, jobs):
+                total.update(part)
+    else:
+        for part in map(_count_file_chunk, jobs):
+            total.update(part)
+    return total
+
+
+# ----------------------------------------------------------------------------------------
+# Training: a text or a file -> (vocab, merges)
+
+
+def train_bpe(text: str, vocab_size: int, special_tokens=(), pattern=GPT2_PATTERN, verbose=False):
+    """Train a byte-level BPE tokenizer on the string `text`.
+
+    vocab_size: 256 byte tokens + merges + special tokens. Returns (vocab, merges): vocab
+    {id: bytes} with ids 0-255 the bytes, 256... the merges in order, then the special
+    tokens; merges [(left bytes, right bytes), ...]."""
+    if not isinstance(text, str):
+        raise NanoError(f"train_bpe takes the text itself, not a {type(text).__name__} (for a file "
+                        "use train_bpe_file)")
+    special_tokens, num_merges = _check_vocab_size(vocab_size, special_tokens)
+    t0 = time.perf_counter()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _replace_lone_surrogates(text)
+    counts = count_text_pretokens(text, special_tokens, pattern)
+    return _train(counts, num_merges, special_tokens, verbose, t0)
+
+
+def train_bpe_file(path, vocab_size: int, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
+                   verbose=False):
+    """train_bpe on a UTF-8 file of any size: read chunk by chunk (cut at special tokens),
+    pre-tokens counted by `num_workers` processes (default: one per CPU)."""
+    special_tokens, num_merges = _check_vocab_size(vocab_size, special_tokens)
+    t0 = time.perf_counter()
+    counts = count_file_pretokens(path, special_tokens, pattern, num_workers)
+    return _train(counts, num_merges, special_tokens, verbose, t0)
+
+
+def _check_vocab_size(vocab_size, special_tokens):
     special_tokens = list(dict.fromkeys(special_tokens))
     num_merges = vocab_size - 256 - len(special_tokens)
     if num_merges < 0:
         raise NanoError(f"vocab_size {vocab_size} is too small (it counts 256 byte tokens and "
-                         f"{len(special_tokens)} special token(s): use at least {256 + len(special_tokens)})")
-    t0 = time.perf_counter()
-    counts = count_pretokens(text_or_path, special_tokens, pattern, num_workers)
+                        f"{len(special_tokens)} special token(s): use at least {256 + len(special_tokens)})")
+    return special_tokens, num_merges
+
+
+def _train(counts, num_merges, special_tokens, verbose, t0):
     if not counts:
         raise NanoError("the training text is empty (nothing outside special tokens; give a non-empty text)")
     if verbose:
@@ -384,6 +490,8 @@ def render_token(token: bytes) -> str:
 # ----------------------------------------------------------------------------------------
 # Tokenizer
 
+PREFIX_SPACE = " "  # a pre_tokenizer step: prepend a space to a piece that lacks one (HF ByteLevel's add_prefix_space)
+
 
 class Tokenizer:
     """Encode text with learned merges, decode ids, stream, save, load.
@@ -391,9 +499,17 @@ class Tokenizer:
     vocab: {id: bytes}; merges: [(left, right), ...] in priority order (each left + right
     must be in vocab); special_tokens: strings (found in vocab by their bytes, appended if
     absent) or {string: id}; pattern: the split regex. cache_size bounds the cache of
-    encoded pre-tokens (natural text repeats a few thousand words most of the time)."""
+    encoded pre-tokens (natural text repeats a few thousand words most of the time).
+    ignore_merges: a pre-token that is itself a token is that token, merges or not, as in
+    tiktoken; for vocabularies made by merges (GPT-2's, trained ones) that only skips work,
+    as a test checks, and the half of Shakespeare's distinct words that are tokens need no
+    merging. The other keyword options hold what a Hugging Face tokenizer.json may add (see
+    from_tokenizer_json): added_tokens {string: id}, non-special tokens matched in any text;
+    normalizer: Unicode forms applied first ("NFC", ...); pre_tokenizer: steps applied in turn
+    to every piece instead of `pattern` (a regex: split_isolated; PREFIX_SPACE)."""
 
-    def __init__(self, vocab, merges, special_tokens=(), pattern=GPT2_PATTERN, cache_size=1 << 16):
+    def __init__(self, vocab, merges, special_tokens=(), pattern=GPT2_PATTERN, cache_size=1 << 16, *,
+                 added_tokens=None, normalizer=(), pre_tokenizer=None, ignore_merges=True):
         self.vocab = {int(i): bytes(t) for i, t in vocab.items()}
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
         self.pattern = pattern
@@ -411,39 +527,46 @@ class Tokenizer:
                     i = max(self.vocab, default=-1) + 1
                     self.vocab[i] = s.encode("utf-8")
                 self.special_tokens[s] = i
+        self.added_tokens = {s: int(i) for s, i in (added_tokens or {}).items()}
+        for s, i in self.added_tokens.items():
+            self.vocab[i] = s.encode("utf-8")
+        self.normalizer = tuple(normalizer)
+        self.pre_tokenizer = None if pre_tokenizer is None else tuple(pre_tokenizer)
+        self.ignore_merges = ignore_merges
         self.eot_id = self.special_tokens.get(ENDOFTEXT)
         self.vocab_size = max(self.vocab) + 1  # rows of an embedding table indexed by these ids
-        try:
-            self._split = regex.compile(pattern)
-        except regex.error as e:
-            raise NanoError(f"bad split pattern {pattern!r}: {e}") from None
         self._build_tables()
 
     def _build_tables(self):
-        special_ids = set(self.special_tokens.values())
-        token_id = {t: i for i, t in self.vocab.items() if i not in special_ids}
+        steps = self.pre_tokenizer if self.pre_tokenizer is not None else (self.pattern,)
+        self._steps = [s if s == PREFIX_SPACE else compile_pattern(s) for s in steps]
+        self._ascii_steps = [s if s == PREFIX_SPACE else ascii_pattern(s) or compile_pattern(s) for s in steps]
+        added_ids = set(self.special_tokens.values()) | set(self.added_tokens.values())
+        token_id = {t: i for i, t in self.vocab.items() if i not in added_ids}
         missing = [b for b in range(256) if bytes([b]) not in token_id]
         if missing:
             raise NanoError(f"the vocabulary lacks byte token(s) {missing[:5]} "
-                             "(a byte-level BPE needs all 256)")
+                            "(a byte-level BPE needs all 256)")
         self._byte_ids = [token_id[bytes([b])] for b in range(256)]
-        self._ranks, self._merged_id = {}, {}  # (left id, right id) -> priority / id of left+right
+        self._ranks, self._merged_id = {}, []  # (left id, right id) -> priority; priority -> id of left+right
         for rank, (left, right) in enumerate(self.merges):
             try:
                 pair, new_id = (token_id[left], token_id[right]), token_id[left + right]
             except KeyError:
                 raise NanoError(f"merge {rank} ({render_token(left)} + {render_token(right)}) "
-                                 "uses a token missing from the vocabulary (rebuild the tokenizer)") from None
-            if pair not in self._ranks:
-                self._ranks[pair], self._merged_id[pair] = rank, new_id
-        self._encode_piece = functools.lru_cache(maxsize=self.cache_size)(self._bpe)
+                                "uses a token missing from the vocabulary (rebuild the tokenizer)") from None
+            self._ranks.setdefault(pair, rank)  # a repeated merge keeps its first priority
+            self._merged_id.append(new_id)
+        self._whole_ids = token_id if self.ignore_merges else {}
+        self._matched_ids = self.special_tokens | self.added_tokens
+        self._cache = {}  # pre-token -> ids; a plain dict: map() looks pieces up in C
 
-    def __getstate__(self):  # the cache holds a bound method: leave it out of pickles
-        return {k: v for k, v in self.__dict__.items() if k != "_encode_piece"}
+    def __getstate__(self):  # tables, compiled regexes and the cache are rebuilt
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._encode_piece = functools.lru_cache(maxsize=self.cache_size)(self._bpe)
+        self._build_tables()
 
     def __repr__(self):
         return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
@@ -452,27 +575,101 @@ class Tokenizer:
     # --- encoding ---
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
-        """Token ids of one pre-token: start from its bytes, then apply the earliest learned
-        merge present, again and again (the order of training, as in GPT-2's encoder.py)."""
-        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
-        rank_of, inf = self._ranks.get, float("inf")
-        while len(ids) >= 2:
-            pair = min(pairwise(ids), key=lambda p: rank_of(p, inf))
-            if pair not in self._ranks:
+        """Token ids of one pre-token (what the cache holds)."""
+        try:
+            data = piece.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates ("\ud800") become U+FFFD, as in tiktoken
+            data = _replace_lone_surrogates(piece).encode("utf-8")
+        whole = self._whole_ids.get(data)  # ignore_merges: a pre-token that is a token is that token
+        return (whole,) if whole is not None else self.merge_bytes(data)
+
+    def merge_bytes(self, data: bytes) -> tuple[int, ...]:
+        """Token ids of `data` by the merges: start from its bytes, then merge the adjacent
+        pair of the earliest learned merge, the leftmost if it occurs twice, until no pair is
+        a merge (what GPT-2's encoder.py, tiktoken and HF `tokenizers` do). ranks[i] is the
+        priority of the pair (ids[i], ids[i + 1]): a merge changes only its neighbours'."""
+        ids = list(map(self._byte_ids.__getitem__, data))
+        # _merge_short is O(n^2): a long piece (a page of CJK text, a blob) takes the heap
+        return self._merge_short(ids) if len(ids) <= 128 else self._merge_long(ids)
+
+    def _merge_short(self, ids: list[int]) -> tuple[int, ...]:
+        rank_of, none, merged_id = self._ranks.get, len(self.merges), self._merged_id
+        ranks = list(map(rank_of, pairwise(ids), repeat(none)))
+        while ranks:
+            best = min(ranks)
+            if best == none:
                 break  # no pair left that the merges know
-            ids = merge(ids, pair, self._merged_id[pair])
+            i = ranks.index(best)
+            ids[i] = merged_id[best]
+            del ids[i + 1], ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_of((ids[i - 1], ids[i]), none)
+            if i < len(ranks):
+                ranks[i] = rank_of((ids[i], ids[i + 1]), none)
         return tuple(ids)
+
+    def _merge_long(self, ids: list[int]) -> tuple[int, ...]:
+        """merge_bytes in O(n log n): a heap of (priority, position) over a linked list of the
+        tokens, so the earliest merge, then the leftmost, pops first. An entry is stale when
+        the pair at its position changed since it was pushed (a pair's priority is its own)."""
+        rank_of, none, merged_id = self._ranks.get, len(self.merges), self._merged_id
+        n = len(ids)
+        after, before, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
+        heap = [(r, i) for i, r in enumerate(map(rank_of, pairwise(ids), repeat(none))) if r != none]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = after[i]
+            if not alive[i] or j == n or rank_of((ids[i], ids[j])) != rank:
+                continue
+            ids[i], alive[j] = merged_id[rank], False
+            after[i] = after[j]
+            for left in (before[i], i) if after[i] < n else (before[i],):
+                if left >= 0 and (r := rank_of((ids[left], ids[after[left]]), none)) != none:
+                    heapq.heappush(heap, (r, left))
+            if after[i] < n:
+                before[after[i]] = i
+        return tuple(t for t, keep in zip(ids, alive) if keep)
+
+    def _pretokenize(self, text: str) -> list[str]:
+        steps = self._ascii_steps if text.isascii() else self._steps
+        if len(steps) == 1 and steps[0] != PREFIX_SPACE:  # one split regex: the usual case
+            return split_isolated(steps[0], text)
+        pieces = [text]
+        for step in steps:
+            if step == PREFIX_SPACE:
+                pieces = [p if p.startswith(" ") else " " + p for p in pieces]
+            else:
+                pieces = [q for p in pieces for q in split_isolated(step, p)]
+        return pieces
+
+    def _normalize(self, text: str) -> str:
+        for form in self.normalizer:
+            text = unicodedata.normalize(form, text)
+        return text
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Ids of a text with no special or added token in it. Natural text repeats a few
+        thousand pre-tokens most of the time, so each distinct one is merged once and its
+        ids cached; the loop over pieces is then map, chain and list, all in C."""
+        pieces = self._pretokenize(self._normalize(text) if self.normalizer else text)
+        try:
+            return list(chain.from_iterable(map(self._cache.__getitem__, pieces)))
+        except KeyError:  # pieces not seen before
+            return list(chain.from_iterable(map(self._cache_with(pieces).__getitem__, pieces)))
+
+    def _cache_with(self, pieces) -> dict:
+        """The pre-token cache, holding all of `pieces` (each new one merged once)."""
+        cache = self._cache
+        if len(cache) > self.cache_size:  # bounded memory; natural text refills it quickly
+            self._cache = cache = {}  # a new dict: another thread may still be reading the old one
+        for piece in set(pieces).difference(cache):
+            cache[piece] = self._bpe(piece)
+        return cache
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode, treating special tokens as plain text."""
-        ids = []
-        extend, encode_piece = ids.extend, self._encode_piece
-        try:
-            for piece in self._split.findall(text):
-                extend(encode_piece(piece))
-        except UnicodeEncodeError:
-            return self.encode_ordinary(_replace_lone_surrogates(text))
-        return ids
+        return self.encode(text, allowed_special="none")
 
     def _special_sets(self, allowed_special):
         """(allowed, disallowed) special tokens for an `allowed_special` argument:
@@ -490,7 +687,7 @@ class Tokenizer:
             unknown = set(allowed_special) - every
             if unknown:
                 raise NanoError(f"{sorted(unknown)} are not special tokens of this tokenizer "
-                                 f"(it has {sorted(every)})")
+                                f"(it has {sorted(every)})")
             return frozenset(allowed_special), every - frozenset(allowed_special)
         raise NanoError(f"allowed_special={allowed_special!r} (use 'none_raise', 'all', 'none' or a set)")
 
@@ -499,53 +696,58 @@ class Tokenizer:
             found = special_token_regex(disallowed).search(text)
             if found:
                 raise NanoError(f"the text contains the special token {found.group()!r} (pass "
-                                 "allowed_special='all' to encode it as one token, or use encode_ordinary "
-                                 "to encode it as plain text)")
+                                "allowed_special='all' to encode it as one token, or use encode_ordinary "
+                                "to encode it as plain text)")
 
     def encode(self, text: str, allowed_special="none_raise") -> list[int]:
-        """Encode text; special tokens in `allowed_special` become their single id."""
+        """Encode text; special tokens in `allowed_special` become their single id (and so
+        do a tokenizer.json's non-special added tokens, always, as in `tokenizers`)."""
         allowed, disallowed = self._special_sets(allowed_special)
         self._check_disallowed(text, disallowed)
-        if not allowed:
-            return self.encode_ordinary(text)
+        matched = allowed | frozenset(self.added_tokens)
+        if not matched:
+            return self._encode_text(text)
         ids, start = [], 0
-        for match in special_token_regex(allowed).finditer(text):
-            ids += self.encode_ordinary(text[start:match.start()])
-            ids.append(self.special_tokens[match.group()])
+        for match in special_token_regex(matched).finditer(text):
+            ids += self._encode_text(text[start:match.start()])
+            ids.append(self._matched_ids[match.group()])
             start = match.end()
-        ids += self.encode_ordinary(text[start:])
+        ids += self._encode_text(text[start:])
         return ids
 
-    def _units(self, text, allowed):
-        """The pre-tokens (str) and allowed special tokens (int id) of `text` in order, and
-        where each one ends (the split patterns match every character; if a custom one
-        skips some, a skipped run counts as part of the unit after it)."""
-        units, lengths, start = [], [], 0
-        specials = list(special_token_regex(allowed).finditer(text)) if allowed else []
-        for special in specials + [None]:
-            stop = special.start() if special else len(text)
-            segment = text[start:stop]
-            pieces = self._split.findall(segment)
-            sizes = list(map(len, pieces))
-            if sum(sizes) != len(segment):  # the pattern skipped characters: use positions
-                ends = [m.end() for m in self._split.finditer(segment)]
-                sizes = [end - begin for begin, end in zip([0, *ends], ends)]
-            units += pieces
-            lengths += sizes
+    def encode_batch(self, texts, allowed_special="none_raise", num_workers=None) -> list[list[int]]:
+        """encode() of each text, in `num_workers` processes (default: one per CPU). Processes,
+        not threads: this is Python, and the GIL lets one thread run at a time."""
+        texts = list(texts)
+        self._special_sets(allowed_special)  # a bad argument fails here, not in every worker
+        num_workers = min(num_workers or os.cpu_count() or 1, len(texts))
+        if num_workers <= 1:
+            return [self.encode(text, allowed_special) for text in texts]
+        import multiprocessing
+
+        with multiprocessing.Pool(num_workers, _set_worker_tokenizer, (self,)) as pool:
+            return pool.starmap(_encode_in_worker, [(text, allowed_special) for text in texts],
+                                chunksize=max(1, len(texts) // (4 * num_workers)))
+
+    def _units(self, text, matched):
+        """The pre-tokens (str) and matched special / added tokens (int id) of `text` in
+        order, and where each one ends."""
+        units, ends, start = [], [], 0
+        found = list(special_token_regex(matched).finditer(text)) if matched else []
+        for special in found + [None]:
+            for piece in self._pretokenize(text[start:special.start() if special else len(text)]):
+                units.append(piece)
+                start += len(piece)
+                ends.append(start)
             if special:
-                units.append(self.special_tokens[special.group()])
-                lengths.append(special.end() - start - sum(sizes))
+                units.append(self._matched_ids[special.group()])
                 start = special.end()
-        return units, list(accumulate(lengths))
+                ends.append(start)
+        return units, ends
 
     def _ids_of_units(self, units):
-        ids = []
-        for unit in units:
-            if type(unit) is int:
-                ids.append(unit)
-            else:
-                ids += self._encode_piece(unit)
-        return ids
+        cache = self._cache_with([unit for unit in units if type(unit) is str])
+        return [i for unit in units for i in ((unit,) if type(unit) is int else cache[unit])]
 
     def encode_iterable(self, chunks, allowed_special="none_raise", min_chars=1 << 14):
         """Yield the ids of a stream of strings (e.g. an open file's lines) in constant
@@ -558,29 +760,36 @@ class Tokenizer:
         most 2 characters past a pre-token's start or 1 past its end, so the units before
         them are final. A suffix that could begin a special token is held back too.
         Memory: the buffer (min_chars plus one chunk) and the bounded pre-token cache."""
+        if PREFIX_SPACE in self._steps:
+            raise NanoError("encode_iterable cannot stream a tokenizer that prefixes each text with a "
+                            "space (add_prefix_space): use encode")
         allowed, disallowed = self._special_sets(allowed_special)
-        specials = list(self.special_tokens) if (allowed or disallowed) else []
+        matched = allowed | frozenset(self.added_tokens)
+        held = list(self.special_tokens) + list(self.added_tokens) if (matched or disallowed) else []
         buffer = ""
         for chunk in chunks:
             buffer += chunk
             if len(buffer) < min_chars:
                 continue  # work on sizeable pieces: per-call overhead would dominate on lines
+            if self.normalizer:  # normalize(normalize(a) + b) == normalize(a + b)
+                buffer = self._normalize(buffer)
             self._check_disallowed(buffer, disallowed)
             hold = len(buffer)
-            for s in specials:  # longest suffix that is a proper prefix of a special token
+            for s in held:  # longest suffix that is a proper prefix of a special token
                 for k in range(min(len(s) - 1, len(buffer)), 0, -1):
                     if len(buffer) - k < hold and buffer.endswith(s[:k]):
                         hold = len(buffer) - k
                         break
-            units, ends = self._units(buffer, allowed)
+            units, ends = self._units(buffer, matched)
             n_final = len(units) - 2
             while n_final > 0 and ends[n_final - 1] > hold:
                 n_final -= 1
             if n_final > 0:
                 yield from self._ids_of_units(units[:n_final])
                 buffer = buffer[ends[n_final - 1]:]
+        buffer = self._normalize(buffer)
         self._check_disallowed(buffer, disallowed)
-        yield from self._ids_of_units(self._units(buffer, allowed)[0])
+        yield from self._ids_of_units(self._units(buffer, matched)[0])
 
     # --- decoding ---
 
@@ -647,6 +856,9 @@ class Tokenizer:
     def save(self, path):
         """Write `path` (the tokenizer, human-readable) and a .vocab listing beside it.
         Both go to a temp file first, then are renamed: never a half-written file."""
+        if self.added_tokens or self.normalizer or self.pre_tokenizer is not None or not self.ignore_merges:
+            raise NanoError("this tokenizer's pipeline (from a tokenizer.json) does not fit a .bpe file "
+                            "(write it with save_tokenizer_json)")
         path = Path(path)
         special_ids = set(self.special_tokens.values())
         lines = [FILE_VERSION,
@@ -715,6 +927,164 @@ class Tokenizer:
                              "with python bpe.py train)") from None
         return cls(vocab, merges, specials, pattern)
 
+    # --- Hugging Face tokenizer.json ---
+
+    @classmethod
+    def from_tokenizer_json(cls, path):
+        """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2, Llama 3, Qwen2/3, SmolLM):
+        its normalizer, pre-tokenizer (Split regexes, Digits, ByteLevel), merges and added
+        tokens, so that encode(text, allowed_special="all") gives the ids of `tokenizers`'
+        encode(text, add_special_tokens=False), and "none" those with encode_special_tokens
+        on. The post-processor (e.g. Llama 3's <|begin_of_text|> in front) is not applied.
+        Other kinds (SentencePiece-style, WordPiece, Unigram): a one-line error naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise NanoError(f"tokenizer file {path} not found (check the path)")
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise NanoError(f"{path} is not a tokenizer.json ({type(e).__name__}: {e})") from None
+        if not isinstance(spec, dict):
+            raise NanoError(f"{path} is not a tokenizer.json (a JSON object with a 'model')")
+        tok = cls(**_read_tokenizer_json(spec, path))
+        ends = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>")  # the document separators of those models
+        tok.eot_id = next((tok.special_tokens[s] for s in ends if s in tok.special_tokens), None)
+        return tok
+
+    def to_tokenizer_json(self) -> dict:
+        """This tokenizer as a Hugging Face tokenizer.json (a dict), which `tokenizers` and
+        transformers' PreTrainedTokenizerFast encode as encode(text, allowed_special="all")."""
+        steps = list(self.pre_tokenizer if self.pre_tokenizer is not None else [self.pattern])
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+        if steps[-1:] == [GPT2_PATTERN]:  # ByteLevel's own regex is GPT-2's
+            byte_level["use_regex"] = bool(steps.pop())
+        if steps[-1:] == [PREFIX_SPACE]:
+            byte_level["add_prefix_space"] = bool(steps.pop())
+        if PREFIX_SPACE in steps:
+            raise NanoError("a space prefix before other split steps has no tokenizer.json form")
+        pre = [{"type": "Split", "pattern": {"Regex": _to_onig(s)}, "behavior": "Isolated", "invert": False}
+               for s in steps] + [byte_level]
+        norms = [{"type": form} for form in self.normalizer]
+        added_ids = {i: s for s, i in self._matched_ids.items()}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": s in self.special_tokens}
+                             for i, s in sorted(added_ids.items())],
+            "normalizer": norms[0] if len(norms) == 1 else {"type": "Sequence", "normalizers": norms} if norms else None,
+            "pre_tokenizer": pre[0] if len(pre) == 1 else {"type": "Sequence", "pretokenizers": pre},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": self.ignore_merges,
+                      "vocab": {_to_alphabet(t): i for i, t in sorted(self.vocab.items()) if i not in added_ids},
+                      "merges": [f"{_to_alphabet(a)} {_to_alphabet(b)}" for a, b in self.merges]}}
+
+    def save_tokenizer_json(self, path):
+        """Write to_tokenizer_json() to `path` (a temp file first, then renamed)."""
+        _atomic_write(Path(path), json.dumps(self.to_tokenizer_json(), ensure_ascii=False))
+
+
+def _set_worker_tokenizer(tok):
+    global _worker_tokenizer
+    _worker_tokenizer = tok
+
+
+def _encode_in_worker(text, allowed_special):
+    return _worker_tokenizer.encode(text, allowed_special)
+
+
+_worker_tokenizer = None  # encode_batch's processes: set once per process by the pool's initializer
+
+
+# ----------------------------------------------------------------------------------------
+# Reading Hugging Face tokenizer.json
+
+SUPPORTED = "bpe.py reads the byte-level BPE of GPT-2, Llama 3, Qwen2/3, SmolLM"
+# Oniguruma, the regex engine of `tokenizers`, reads "X{1,3}+" as (X{1,3})+, not as a
+# possessive X{1,3} (Python's regex and tiktoken's): rewrite one as the other both ways.
+_BOUNDED_PLUS = regex.compile(r"(\\p\{\w+\}|\\.|\[(?:\\.|[^\]\\])*\]|[^\\()\[\]{}|])(\{\d+(?:,\d*)?\})\+")
+
+
+def _to_onig(pattern: str) -> str:
+    return _BOUNDED_PLUS.sub(r"(?>\1\2)", pattern)
+
+
+def _from_onig(pattern: str) -> str:
+    return _BOUNDED_PLUS.sub(r"(?:\1\2)+", pattern)
+
+
+def _members(node, key) -> list[dict]:
+    """The steps of a normalizer or pre_tokenizer, a Sequence of them flattened."""
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [step for member in node.get(key, []) for step in _members(member, key)]
+    return [node]
+
+
+def _read_tokenizer_json(spec: dict, where) -> dict:
+    """Tokenizer(...) arguments from a parsed tokenizer.json, or a one-line error."""
+    model = spec.get("model") or {}
+    pre = _members(spec.get("pre_tokenizer"), "pretokenizers")
+    norms = _members(spec.get("normalizer"), "normalizers")
+    kinds = {step.get("type") for step in pre + norms}
+    if model.get("type") != "BPE":
+        raise NanoError(f"{where}: a {model.get('type')} tokenizer model is not supported ({SUPPORTED})")
+    if model.get("byte_fallback") or kinds & {"Metaspace", "Prepend"}:
+        raise NanoError(f"{where}: a SentencePiece-style BPE (Metaspace, byte fallback: Llama 2, Mistral "
+                        f"v0.1) is not supported ({SUPPORTED})")
+    if not pre or pre[-1].get("type") != "ByteLevel":
+        raise NanoError(f"{where}: not a byte-level BPE (its pre_tokenizer does not end in ByteLevel; {SUPPORTED})")
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise NanoError(f"{where}: BPE dropout, continuing_subword_prefix and end_of_word_suffix are not "
+                        f"supported ({SUPPORTED})")
+    steps = []
+    for step in pre:
+        kind = step.get("type")
+        if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            pattern = step.get("pattern", {})
+            steps.append(_from_onig(pattern["Regex"]) if "Regex" in pattern else regex.escape(pattern.get("String", "")))
+        elif kind == "Digits":  # is_numeric(): \p{N}; runs of digits are one piece unless individual_digits
+            steps.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel" and step is pre[-1]:
+            steps += [PREFIX_SPACE] * bool(step.get("add_prefix_space")) + [GPT2_PATTERN] * step.get("use_regex", True)
+        else:
+            raise NanoError(f"{where}: the pre-tokenizer {json.dumps(step)[:100]} is not supported ({SUPPORTED})")
+    for step in norms:
+        if step.get("type") not in ("NFC", "NFD", "NFKC", "NFKD"):
+            raise NanoError(f"{where}: the normalizer {step.get('type')} is not supported (NFC, NFD, NFKC, NFKD are)")
+    specials, added = {}, {}
+    try:
+        for token in spec.get("added_tokens") or []:
+            if token.get("single_word") or token.get("lstrip") or token.get("rstrip"):
+                raise NanoError(f"{where}: added token {token.get('content')!r} sets single_word, lstrip or "
+                                "rstrip, which bpe.py does not support")
+            (specials if token.get("special") else added)[token["content"]] = int(token["id"])
+        added_ids = set(specials.values()) | set(added.values())
+        vocab = {i: _hf_bytes(t, where) for t, i in model["vocab"].items() if i not in added_ids}
+        merges = [tuple(_hf_bytes(t, where) for t in (m.split(" ") if isinstance(m, str) else m))
+                  for m in model["merges"]]
+        if any(len(m) != 2 for m in merges):
+            raise ValueError("a merge is not two tokens")
+    except NanoError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise NanoError(f"{where}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+    one_regex = len(steps) == 1 and steps[0] != PREFIX_SPACE
+    return {"vocab": vocab, "merges": merges, "special_tokens": specials, "added_tokens": added,
+            "pattern": steps[0] if one_regex else None, "pre_tokenizer": None if one_regex else steps,
+            "normalizer": [step["type"] for step in norms], "ignore_merges": bool(model.get("ignore_merges"))}
+
+
+def _hf_bytes(token: str, where) -> bytes:
+    try:
+        return _from_alphabet(token)
+    except UnicodeEncodeError:
+        raise NanoError(f"{where}: token {token!r} is not written in GPT-2's byte alphabet (not a "
+                        f"byte-level BPE; {SUPPORTED})") from None
+
 
 def _field(line: str, name: str) -> str:
     key, _, value = line.partition(" ")
@@ -760,7 +1130,10 @@ Tokenizers split "ﬁne" ligatures, émigré accents, 日本語のテキスト a
 
 
 def load_any(spec: str) -> Tokenizer:
-    """A saved bpe.py file, or a tiktoken encoding name (gpt2, cl100k_base, ...)."""
+    """A saved bpe.py file, a Hugging Face tokenizer.json (a path ending in .json), or a
+    tiktoken encoding name (gpt2, cl100k_base, ...)."""
+    if spec.endswith(".json"):
+        return Tokenizer.from_tokenizer_json(spec)
     if Path(spec).is_file():
         return Tokenizer.load(spec)
     if spec in ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"):
@@ -771,10 +1144,13 @@ def load_any(spec: str) -> Tokenizer:
 def _cmd_train(args):
     if not os.path.isfile(args.input):
         raise NanoError(f"input file {args.input} not found (check --input)")
+    if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():
+        raise NanoError(f"--out {args.out} is a folder or lies in no folder (give a file name in an existing folder)")
     pattern = PATTERNS.get(args.pattern, args.pattern)
+    compile_pattern(pattern)
     specials = [s for s in args.special_tokens.split(",") if s]
     t0 = time.perf_counter()
-    vocab, merges = train_bpe(Path(args.input), args.vocab_size, specials, pattern, args.num_workers, verbose=True)
+    vocab, merges = train_bpe_file(args.input, args.vocab_size, specials, pattern, args.num_workers, verbose=True)
     tok = Tokenizer(vocab, merges, specials, pattern)
     tok.save(args.out)
     print(f"trained {len(merges):,} merges (vocab {tok.vocab_size:,}) in {time.perf_counter() - t0:.2f} s; "
@@ -783,7 +1159,10 @@ def _cmd_train(args):
 
 def _cmd_encode(args):
     tok = load_any(args.tokenizer)
-    text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
+    try:
+        text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanoError(f"cannot read {args.file} as UTF-8 text ({type(e).__name__})") from None
     if text is None:
         raise NanoError("nothing to encode (give the text, or --file FILE)")
     ids = tok.encode(text, allowed_special=args.allowed_special)
@@ -802,7 +1181,7 @@ def _cmd_compare(args):
         except NanoError as e:
             print(f"({name} skipped: {e})")
     if args.tokenizer:
-        tokenizers += [(spec, Tokenizer.load(spec)) for spec in args.tokenizer]
+        tokenizers += [(spec, load_any(spec)) for spec in args.tokenizer]
     else:
         vocab, merges = train_bpe(text, args.vocab_size, (ENDOFTEXT,))
         tokenizers.append((f"bpe.py trained on this very text (--vocab_size {args.vocab_size}; optimistic)",
@@ -836,7 +1215,7 @@ def main(argv=None):
     p.set_defaults(run=_cmd_train)
     p = sub.add_parser("encode", help="show the tokens of a text",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tokenizer", default="gpt2", help="a bpe.py file, or a tiktoken name (gpt2, cl100k_base)")
+    p.add_argument("--tokenizer", default="gpt2", help="a bpe.py file, a tokenizer.json, or a tiktoken name (gpt2, cl100k_base)")
     p.add_argument("--file", default=None, help="encode this file instead of the text argument")
     p.add_argument("--allowed_special", default="none_raise", choices=["none_raise", "all", "none"])
     p.add_argument("text", nargs="?", default=None)

@@ -4,7 +4,8 @@ Tokenizer specs (what a checkpoint records and `load_tokenizer` reads):
 - "gpt2" (also r50k_base, cl100k_base, o200k_base): tiktoken; GPT-2's files ship in assets/,
   so "gpt2" works offline;
 - "char:<alphabet>": one id per character of the alphabet;
-- a path to a tokenizer saved by bpe.py.
+- a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json (Llama 3,
+  Qwen, SmolLM, ...: byte-level BPE, read by bpe.py).
 
 Datasets are tokenized once into `data/<name>/{train,val}.bin` (uint16 token ids) plus
 `meta.json`, then sampled as random windows by `TokenBins`. Tiny Shakespeare ships in
@@ -98,12 +99,13 @@ class TiktokenTokenizer:
 
 
 class BPEFileTokenizer:
-    """A tokenizer trained and saved by bpe.py (imported lazily: only this spec needs it)."""
+    """A tokenizer saved by bpe.py, or a Hugging Face tokenizer.json (a path ending in .json)
+    that bpe.py reads; bpe is imported lazily: only these specs need it."""
 
     def __init__(self, path):
         import bpe
 
-        self.tok = bpe.Tokenizer.load(path)
+        self.tok = bpe.Tokenizer.from_tokenizer_json(path) if str(path).endswith(".json") else bpe.Tokenizer.load(path)
         self.vocab_size, self.eot_id = self.tok.vocab_size, self.tok.eot_id
         self.spec = str(path)
 
@@ -123,7 +125,7 @@ def load_tokenizer(spec: str):
         return TiktokenTokenizer(spec)
     if Path(spec).is_file():
         return BPEFileTokenizer(spec)
-    raise NanoError(f"tokenizer {spec!r} is neither 'gpt2', 'char:<alphabet>' nor a bpe.py file")
+    raise NanoError(f"tokenizer {spec!r} is neither 'gpt2', 'char:<alphabet>', a bpe.py file nor a tokenizer.json")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,21 +1,23 @@
-"""bpe.py: training (Wikipedia example, CS336 ties, incremental == naive re-count), round
-trips, GPT-2 files == tiktoken token for token, save/load, streaming in bounded memory,
-one-line errors on bad input."""
+"""bpe.py: training (worked examples, CS336 ties, incremental == minbpe's naive loop), split
+patterns checked, round trips, GPT-2 files == tiktoken token for token, the ASCII fast path
+== `regex`, encode_batch, Hugging Face tokenizer.json read and written == `tokenizers` token
+for token, save/load, streaming in bounded memory, one-line errors on bad input."""
 
 import json
+import pickle
 import random
 import tracemalloc
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 
-from common import NanoError
-
 import bpe
-
 import data
-from data import GPT2_ENCODER_JSON as ENCODER_JSON, GPT2_VOCAB_BPE as VOCAB_BPE, SHAKESPEARE_PATH
+from common import NanoError
+from data import GPT2_ENCODER_JSON as ENCODER_JSON
+from data import GPT2_VOCAB_BPE as VOCAB_BPE
+from data import SHAKESPEARE_PATH
+
 EOT = "<|endoftext|>"
 
 TRICKY = [
@@ -45,10 +47,7 @@ def one_line_error(excinfo) -> str:
 @pytest.fixture(scope="module")
 def tiktoken_gpt2():
     tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference for GPT-2 tokenization")
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # noqa: BLE001 (no cached files and no network)
-        pytest.skip(f"tiktoken cannot load gpt2: {e}")
+    return tiktoken.get_encoding("gpt2")  # offline: conftest points TIKTOKEN_CACHE_DIR at assets/
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +65,13 @@ def small():
 # ---- training ------------------------------------------------------------------------
 
 
+def test_primitives_worked_examples():
+    assert bpe.get_stats([1, 2, 3, 1, 2]) == {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    assert bpe.merge([1, 2, 3, 1, 2], (1, 2), 4) == [4, 3, 4]
+    assert bpe.merge([5, 5, 5], (5, 5), 6) == [6, 5]  # left to right: a pair overlapping itself
+    assert bpe.merge([5, 5, 5, 5], (5, 5), 6) == [6, 6]
+
+
 def test_wikipedia_example():
     # Wikipedia: aaabdaaabac -> ZabdZabac (Z=aa) -> ZYdZYac (Y=ab) -> XdXac (X=ZY=aaab).
     # After aa, "aa a" and "a b" both occur twice; the CS336 rule takes the greater pair
@@ -73,6 +79,7 @@ def test_wikipedia_example():
     # the third merge reaches Wikipedia's X = "aaab" all the same.
     vocab, merges = bpe.train_bpe("aaabdaaabac", 256 + 3)
     assert merges == [(b"a", b"a"), (b"aa", b"a"), (b"aaa", b"b")]
+    assert bpe.learn_merges_naive({b"aaabdaaabac": 1}, 3) == merges
     assert [vocab[256], vocab[257], vocab[258]] == [b"aa", b"aaa", b"aaab"]
     tok = bpe.Tokenizer(vocab, merges)
     ids = tok.encode("aaabdaaabac")
@@ -80,16 +87,19 @@ def test_wikipedia_example():
 
 
 def test_ties_go_to_the_lexicographically_greater_pair():
-    # The worked example of Stanford CS336 assignment 1 (pre-tokens split on whitespace):
+    # The worked example of Stanford CS336 assignment 1 (pre-tokens split on whitespace;
+    # the whitespace pieces are single bytes, so they hold no pair):
     # "es" and "st" tie at 9 and "st" wins; "lo" and "ow" tie at 7 and "ow" wins; ...
     text = "low low low low low lower lower widest widest widest newest newest newest newest newest newest"
-    _, merges = bpe.train_bpe(text, 256 + 12, pattern=r"\S+")
-    assert [f"{a.decode()} {b.decode()}" for a, b in merges] == [
-        "s t", "e st", "o w", "l ow", "w est", "n e", "ne west", "w i", "wi d", "wid est", "low e", "lowe r"]
+    expected = ["s t", "e st", "o w", "l ow", "w est", "n e", "ne west", "w i", "wi d", "wid est", "low e", "lowe r"]
+    _, merges = bpe.train_bpe(text, 256 + 12, pattern=r"\S+|\s+")
+    assert [f"{a.decode()} {b.decode()}" for a, b in merges] == expected
+    counts = {p.encode(): c for p, c in bpe.count_text_pretokens(text, pattern=r"\S+|\s+").items()}
+    assert bpe.learn_merges_naive(counts, 12) == merges
     # a corpus of nothing but ties: every pair occurs once; the greatest pair goes first
-    _, merges = bpe.train_bpe("ab ba zy yz", 256 + 1, pattern=r"\S+")
+    _, merges = bpe.train_bpe("ab ba zy yz", 256 + 1, pattern=r"\S+|\s")
     assert merges == [(b"z", b"y")]
-    _, merges = bpe.train_bpe("ab ac", 256 + 1, pattern=r"\S+")
+    _, merges = bpe.train_bpe("ab ac", 256 + 1, pattern=r"\S+|\s")
     assert merges == [(b"a", b"c")]
     # the heap orders ties by a key string that must sort pairs exactly in reverse bytes
     # order, prefixes ("a" < "ab") and the extreme bytes 0x00 / 0xff included
@@ -100,42 +110,14 @@ def test_ties_go_to_the_lexicographically_greater_pair():
     assert sorted(pairs, key=key) == sorted(pairs, reverse=True)
 
 
-def naive_train(pretoken_counts: dict[bytes, int], num_merges: int):
-    """Reference: re-count every pair after every merge (minbpe's loop, CS336's ties)."""
-    words = {tuple(bytes([b]) for b in w): c for w, c in pretoken_counts.items()}
-    merges = []
-    for _ in range(num_merges):
-        stats = {}
-        for word, count in words.items():
-            for pair in pairwise(word):
-                stats[pair] = stats.get(pair, 0) + count
-        if not stats:
-            break
-        best = max(stats, key=lambda p: (stats[p], p))
-        merges.append(best)
-        new_words = {}
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            new_words[tuple(out)] = new_words.get(tuple(out), 0) + count
-        words = new_words
-    return merges
-
-
-def test_incremental_training_equals_naive_recount():
+def test_incremental_training_equals_naive_loop():
     # runs of one letter make pairs that overlap themselves (a a a a), the tricky case;
     # late merges (counts ~10) are full of ties
     text = shakespeare()[:20_000] + " aaaa aaaaa abab ababab xxxxxxx\n\n\n    " * 20
     counts = {p.encode(): c for p, c in bpe.count_text_pretokens(text).items()}
     fast = bpe.learn_merges(counts, 250)
     assert len(fast) == 250
-    assert fast == naive_train(counts, 250)
+    assert fast == bpe.learn_merges_naive(counts, 250)
 
 
 def test_special_tokens_never_merge():
@@ -150,19 +132,55 @@ def test_training_stops_when_pairs_run_out():
     assert merges == [(b"a", b"b")] and vocab[257] == EOT.encode()
 
 
-def test_parallel_counting_equals_serial(tmp_path):
+def test_file_training_equals_text_training(tmp_path):
     docs = shakespeare()[:300_000].split("\n\n")
     text = EOT.join(docs)
     path = tmp_path / "docs.txt"
     path.write_text(text, encoding="utf-8")
     bounds = bpe.find_chunk_boundaries(path, [EOT], chunk_bytes=40_000)
-    data = path.read_bytes()
-    assert len(bounds) > 4 and bounds[0] == 0 and bounds[-1] == len(data)
-    assert all(data[b:b + len(EOT)] == EOT.encode() for b in bounds[1:-1])
-    serial = bpe.count_pretokens(text, [EOT])
-    assert bpe.count_pretokens(path, [EOT], num_workers=2, chunk_bytes=40_000) == serial
-    assert bpe.count_pretokens(str(path), [EOT], num_workers=1, chunk_bytes=40_000) == serial
+    raw = path.read_bytes()
+    assert len(bounds) > 4 and bounds[0] == 0 and bounds[-1] == len(raw)
+    assert all(raw[b:b + len(EOT)] == EOT.encode() for b in bounds[1:-1])
+    serial = bpe.count_text_pretokens(text, [EOT])
+    assert bpe.count_file_pretokens(path, [EOT], num_workers=2, chunk_bytes=40_000) == serial
+    assert bpe.count_file_pretokens(str(path), [EOT], num_workers=1, chunk_bytes=40_000) == serial
     assert EOT not in serial and "<|" not in serial
+    assert bpe.train_bpe_file(path, 400, [EOT], num_workers=1) == bpe.train_bpe(text, 400, [EOT])
+
+
+def test_train_bpe_never_guesses_a_file_name(tmp_path):
+    """A string is the text, even when a file of that name exists; a path is refused."""
+    name = tmp_path / "corpus.txt"
+    name.write_text("zzzz zzzz zzzz", encoding="utf-8")
+    _, merges = bpe.train_bpe(str(name), 256 + 1)
+    assert merges != [(b"z", b"z")]  # learned from the characters of the name, not from the file
+    with pytest.raises(NanoError) as e:
+        bpe.train_bpe(name, 300)
+    assert "train_bpe_file" in one_line_error(e)
+
+
+@pytest.mark.parametrize("pattern, says", [("(", "bad split pattern"), ("(a)|.", "capturing groups"),
+                                           ("foo", "skips 'h'"), (r"\S+", "skips ' '")])
+def test_bad_split_patterns_are_refused(tmp_path, pattern, says):
+    src = tmp_path / "input.txt"
+    src.write_text("hello foo world\n" * 50, encoding="utf-8")
+    out = tmp_path / "tok.bpe"
+    with pytest.raises(SystemExit, match=f"^error: .*{regex_escape(says)}") as e:
+        bpe.main(["train", "--input", str(src), "--out", str(out), "--pattern", pattern, "--num_workers", "1"])
+    one_line_error(e)
+    assert not out.exists()
+    with pytest.raises(NanoError) as e:
+        bpe.train_bpe("hello foo world", 300, pattern=pattern)
+    assert says in one_line_error(e)
+    if says.startswith(("bad", "capturing")):
+        with pytest.raises(NanoError):
+            bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], pattern=pattern)
+
+
+def regex_escape(s):
+    import re
+
+    return re.escape(s)
 
 
 # ---- encoding and decoding -------------------------------------------------------------
@@ -270,6 +288,7 @@ def test_encode_iterable_equals_encode(gpt2, small):
         assert list(tok.encode_iterable(chunks, allowed_special="all", min_chars=100)) == expected
         lines = text.splitlines(keepends=True)
         assert list(tok.encode_iterable(lines, allowed_special="none")) == tok.encode_ordinary(text)
+        assert tok.decode(expected) == text  # a pattern that skips text: the gaps are pieces too
 
 
 def test_encode_iterable_memory_is_bounded(gpt2):
@@ -297,6 +316,225 @@ def test_encode_iterable_memory_is_bounded(gpt2):
     assert big_peak < small_peak + 64 * 1024 and big_peak < 1024 * 1024, (small_peak, big_peak)
 
 
+def test_ascii_fast_path_splits_as_regex():
+    """ASCII text is split by Python's `re` with [A-Za-z] / [0-9] for \\p{L} / \\p{N}: the
+    same pieces as `regex` on Shakespeare and on random ASCII (controls included)."""
+    rng = random.Random(0)
+    alphabet = "".join(map(chr, range(128))) + "   \n\n\t'sdmtlvreSLDaz09"
+    texts = [shakespeare()[:300_000], *(s for s in TRICKY if s.isascii())]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
+    for pattern in (bpe.GPT2_PATTERN, bpe.GPT4_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN):
+        fast, reference = bpe.ascii_pattern(pattern), bpe.compile_pattern(pattern)
+        assert fast is not None and type(fast) is not type(reference)
+        for text in texts:
+            assert fast.findall(text) == reference.findall(text), (pattern, text)
+    assert bpe.ascii_pattern(r"\p{Lu}+|\s") is None  # another Unicode property: regex only
+
+
+def test_whole_token_shortcut_changes_nothing(gpt2, small):
+    """encode takes a pre-token that is itself a token as that token (tiktoken does; HF's
+    `ignore_merges`): for GPT-2's merges and trained ones, merging its bytes gives that token."""
+    for tok in (gpt2, small):
+        special = set(tok.special_tokens.values())
+        assert all(tok.merge_bytes(t) == (i,) for i, t in tok.vocab.items() if i not in special)
+
+
+def test_long_pieces_take_the_heap(gpt2, small, tiktoken_gpt2):
+    """Pieces over 128 bytes are merged with a heap in O(n log n): the same ids as the
+    short path, and as tiktoken on pieces of 10-40 KB (the short path would take seconds)."""
+    rng = random.Random(0)
+    words = shakespeare().split()
+    for _ in range(100):
+        piece = "".join(rng.choice(words) for _ in range(rng.randint(1, 60))).encode()
+        for tok in (gpt2, small):
+            ids = list(map(tok._byte_ids.__getitem__, piece))
+            assert tok._merge_long(list(ids)) == tok._merge_short(list(ids)), piece
+    for text in ("é" * 20_000, "日本語のテキスト" * 1000, "".join(rng.choice("abcé日 ") for _ in range(20_000))):
+        assert gpt2.encode(text) == tiktoken_gpt2.encode(text)
+
+
+def test_encode_batch_equals_encode(gpt2, small):
+    texts = [shakespeare()[i:i + n] for i, n in ((0, 5000), (9000, 1), (20_000, 0), (30_000, 12_345))]
+    texts += TRICKY[:-1]
+    for tok in (gpt2, small):
+        expected = [tok.encode(t, allowed_special="all") for t in texts]
+        assert tok.encode_batch(texts, allowed_special="all", num_workers=2) == expected
+        assert tok.encode_batch(texts, allowed_special="all", num_workers=1) == expected
+        copy = pickle.loads(pickle.dumps(tok))  # what a spawned worker receives
+        assert [copy.encode(t, allowed_special="all") for t in texts] == expected
+    with pytest.raises(NanoError) as e:  # a worker's error reaches the caller as itself
+        small.encode_batch(["fine", f"a{EOT}b", "fine"], num_workers=2)
+    assert EOT in one_line_error(e)
+
+
+# ---- Hugging Face tokenizer.json -------------------------------------------------------
+
+# The split patterns of Llama 3 and Qwen2 / Qwen3 as their tokenizer.json files write them
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+SPECIALS = [EOT, "<|im_start|>", "<|im_end|>", "<|reserved_special_token_0|>"]
+HARD = [
+    ("  Hello,  wörld!!  It's we've THEY'LL they'Re 1234567 3.14159 ٣٤٥ ²³ 0x1F\n\n\tdef f(x):\n"
+     "        return x**2  # café\u0301 vs caf\u00e9\r\n"),
+    "日本語のテキスト، مرحبا بالعالم Καλημέρα привет 👋🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ﬁne",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>ok</think>The   end.   \n \n",
+    "<|endoftext|><|endoftext|> <|endoftext <|im_start|x a<|endoftext|>b   \u3000\u00a0\u2028 \x1c\x00\x7f\t\t",
+    "       ", "\n", "x", "",
+]
+
+
+def hf_tokenizer(tmp_path, name, pre_tokenizer, normalizer=None, vocab_size=700, ignore_merges=False):
+    """A byte-level BPE trained by `tokenizers` on Shakespeare + the hard texts, with special
+    tokens and one non-special added token (Qwen3's <think>), saved as tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.normalizer = normalizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([shakespeare()[:200_000], *HARD * 5], trainer)
+    tok.add_tokens(["<think>", "</think>"])
+    spec = json.loads(tok.to_str())
+    spec["model"]["ignore_merges"] = ignore_merges
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return tokenizers.Tokenizer.from_file(str(path)), path
+
+
+def hf_pipelines():
+    pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    from tokenizers import Regex, normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    def split_then_bytes(pattern):
+        return pt.Sequence([pt.Split(Regex(pattern), behavior="isolated"), pt.ByteLevel(add_prefix_space=False,
+                                                                                          use_regex=False)])
+    return {  # the pipelines of those models' tokenizer.json files; the last one exercises add_prefix_space
+        "gpt2": {"pre_tokenizer": pt.ByteLevel(add_prefix_space=False)},
+        "llama3": {"pre_tokenizer": split_then_bytes(LLAMA3_PATTERN), "ignore_merges": True},
+        "qwen2": {"pre_tokenizer": split_then_bytes(QWEN2_PATTERN), "normalizer": normalizers.NFC()},
+        "smollm": {"pre_tokenizer": pt.Sequence([pt.Digits(individual_digits=True),
+                                                 pt.ByteLevel(add_prefix_space=False)])},
+        "prefix_space": {"pre_tokenizer": pt.Sequence([pt.Digits(individual_digits=False),
+                                                       pt.ByteLevel(add_prefix_space=True)])},
+    }
+
+
+def assert_same_as_hf(ours, hf, texts):
+    for text in texts:
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == expected, text
+        assert ours.decode(expected) == hf.decode(expected, skip_special_tokens=False), text
+    hf.encode_special_tokens = True  # special tokens as plain text; added ones still match
+    try:
+        for text in texts:
+            assert ours.encode(text, allowed_special="none") == hf.encode(text, add_special_tokens=False).ids, text
+    finally:
+        hf.encode_special_tokens = False
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3", "qwen2", "smollm", "prefix_space"])
+def test_tokenizer_json_gives_the_ids_of_hf_tokenizers(tmp_path, kind):
+    hf, path = hf_tokenizer(tmp_path, kind, **hf_pipelines()[kind])
+    ours = bpe.Tokenizer.from_tokenizer_json(path)
+    assert ours.vocab_size == hf.get_vocab_size() and ours.eot_id == hf.token_to_id(EOT)
+    assert set(ours.special_tokens) == set(SPECIALS) and set(ours.added_tokens) == {"<think>", "</think>"}
+    assert_same_as_hf(ours, hf, HARD + TRICKY[:-1] + [shakespeare()[-30_000:]])
+    if kind != "prefix_space":  # streaming cannot know where a text begins
+        text = "".join(HARD) * 3
+        chunks = [text[i:i + 7] for i in range(0, len(text), 7)]
+        assert list(ours.encode_iterable(chunks, allowed_special="all", min_chars=50)) == \
+            hf.encode(text, add_special_tokens=False).ids
+
+
+def test_gpt2_tokenizer_json_from_openai_files_equals_tiktoken(tmp_path, tiktoken_gpt2, gpt2):
+    """GPT-2's tokenizer.json as `tokenizers` builds it from OpenAI's files (as HF's gpt2
+    repository ships it): read by bpe.py, the same ids as tiktoken and as `tokenizers`."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    encoder = json.loads(ENCODER_JSON.read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in VOCAB_BPE.read_text(encoding="utf-8").splitlines()[1:] if line]
+    hf = tokenizers.Tokenizer(models.BPE(encoder, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([EOT])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = bpe.load_any(str(tmp_path / "tokenizer.json"))
+    assert ours.vocab == gpt2.vocab and ours.merges == gpt2.merges and ours.eot_id == 50256
+    assert ours.pattern == bpe.GPT2_PATTERN and not ours.ignore_merges
+    text = shakespeare()[:100_000]
+    assert ours.encode(text) == tiktoken_gpt2.encode(text) == hf.encode(text).ids
+    assert_same_as_hf(ours, hf, HARD + TRICKY[:-1])
+
+
+def test_written_tokenizer_json_loads_in_hf_tokenizers(tmp_path, gpt2, small):
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    text = shakespeare()[:30_000] + "".join(TRICKY[:-1]) * 5 + "".join(HARD)
+    vocab, merges = bpe.train_bpe(text, 600, special_tokens=SPECIALS, pattern=bpe.GPT4_PATTERN)
+    gpt4 = bpe.Tokenizer(vocab, merges, SPECIALS, bpe.GPT4_PATTERN)
+    for name, tok in (("gpt2", gpt2), ("small", small), ("gpt4", gpt4)):
+        path = tmp_path / f"{name}.json"
+        tok.save_tokenizer_json(path)
+        hf = tokenizers.Tokenizer.from_file(str(path))
+        assert_same_as_hf(tok, hf, HARD + TRICKY[:-1] + ["1234567890 12345", text])
+        again = bpe.Tokenizer.from_tokenizer_json(path)  # and back: the same tokenizer
+        assert (again.vocab, again.merges, again.special_tokens) == (tok.vocab, tok.merges, tok.special_tokens)
+        assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    # Oniguruma reads GPT-4's possessive \p{N}{1,3}+ as (\p{N}{1,3})+, any run of digits: written
+    # as an atomic group; a file that has it raw is read as Oniguruma reads it
+    assert bpe._to_onig(bpe.GPT4_PATTERN).count(r"(?>\p{N}{1,3})") == 1
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = bpe.GPT4_PATTERN
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    hf, raw = tokenizers.Tokenizer.from_file(str(path)), bpe.Tokenizer.from_tokenizer_json(path)
+    assert raw.pattern.count(r"(?:\p{N}{1,3})+") == 1
+    assert_same_as_hf(raw, hf, ["1234567890 12345", *HARD])
+    assert raw._pretokenize("1234567") == ["1234567"] and gpt4._pretokenize("1234567") == ["123", "456", "7"]
+
+
+def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
+    base = {"version": "1.0", "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(bpe.bytes_to_unicode().values())},
+                      "merges": []}}
+    sentencepiece = {**base, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
+                     "model": {**base["model"], "byte_fallback": True}}
+    cases = {
+        "SentencePiece-style": sentencepiece,
+        "WordPiece tokenizer": {**base, "model": {"type": "WordPiece", "vocab": {}}},
+        "Whitespace": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Whitespace"}, base["pre_tokenizer"]]}},
+        "not a byte-level BPE": {**base, "pre_tokenizer": None},
+        "normalizer Lowercase": {**base, "normalizer": {"type": "Lowercase"}},
+        "lstrip": {**base, "added_tokens": [{"id": 256, "content": "<mask>", "lstrip": True, "special": True}]},
+        "byte alphabet": {**base, "model": {**base["model"], "vocab": {**base["model"]["vocab"], "a b": 256}}},
+        "malformed": {**base, "model": {**base["model"], "merges": ["Ġ"]}},
+        "malformed tokenizer.json": {**base, "added_tokens": [{"content": "<|x|>", "special": True}]},
+    }
+    for says, spec in cases.items():
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(spec), encoding="utf-8")
+        with pytest.raises(NanoError) as e:
+            bpe.Tokenizer.from_tokenizer_json(path)
+        assert says in one_line_error(e), says
+    path.write_text("{not json", encoding="utf-8")
+    for bad in (path, tmp_path / "missing.json"):
+        with pytest.raises(NanoError) as e:
+            bpe.Tokenizer.from_tokenizer_json(bad)
+        one_line_error(e)
+    path.write_text(json.dumps(base), encoding="utf-8")
+    tok = bpe.Tokenizer.from_tokenizer_json(path)  # the minimal byte-level file is fine
+    assert tok.decode(tok.encode("hi ü")) == "hi ü" and len(tok.encode("hi ü")) == 5
+    with pytest.raises(NanoError) as e:  # a pipeline the .bpe format cannot hold
+        bpe.Tokenizer.from_tokenizer_json(path).save(tmp_path / "x.bpe")
+    assert "save_tokenizer_json" in one_line_error(e)
+
+
 # ---- save / load -----------------------------------------------------------------------
 
 
@@ -317,21 +555,23 @@ def test_save_load(tmp_path, gpt2, small):
         assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_the_train_py_and_gpt_py_contract(tmp_path):
+def test_the_train_py_and_data_py_contract(tmp_path):
     """train.py trains and saves with these calls; data.load_tokenizer reads the file."""
     src = tmp_path / "input.txt"
     src.write_text(shakespeare()[:50_000], encoding="utf-8")
-    vocab, merges = bpe.train_bpe(src, 400, special_tokens=(EOT,))
+    vocab, merges = bpe.train_bpe_file(src, 400, special_tokens=(EOT,))
     assert len(vocab) == 400 and len(merges) == 400 - 256 - 1
     bpe.Tokenizer(vocab, merges, (EOT,)).save(tmp_path / "tok.bpe")
     tok = bpe.Tokenizer.load(tmp_path / "tok.bpe")
     assert tok.vocab_size == 400 and tok.eot_id == 399
     assert tok.encode("to be" + EOT, allowed_special="all")[-1] == 399
-    gpt = pytest.importorskip("gpt", reason="gpt.py (lead) loads bpe.py files")
     wrapped = data.load_tokenizer(str(tmp_path / "tok.bpe"))
     assert wrapped.vocab_size == 400 and wrapped.eot_id == 399
     ids = wrapped.encode("To be, or not" + EOT)
     assert ids[-1] == 399 and wrapped.decode(ids) == "To be, or not" + EOT
+    tok.save_tokenizer_json(tmp_path / "tokenizer.json")  # data.py reads a .json path with bpe.py
+    from_json = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert (from_json.vocab_size, from_json.eot_id) == (400, 399) and from_json.encode("To be, or not" + EOT) == ids
 
 
 # ---- CLI and bad input ---------------------------------------------------------------
@@ -349,6 +589,17 @@ def test_cli(tmp_path, capsys):
     bpe.main(["compare", "--input", str(src), "--tokenizer", str(out), "--reference", ""])
     report = capsys.readouterr().out
     assert "tokens/byte" in report and str(out) in report
+    bpe.Tokenizer.load(out).save_tokenizer_json(tmp_path / "tokenizer.json")  # a .json is a tokenizer.json
+    bpe.main(["encode", "--tokenizer", str(tmp_path / "tokenizer.json"), "First Citizen"])
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == json.loads(ids_line)
+    for out_dir in (tmp_path, tmp_path / "no" / "tok.bpe"):  # checked before training
+        with pytest.raises(SystemExit, match="^error: --out") as e:
+            bpe.main(["train", "--input", str(src), "--out", str(out_dir)])
+        one_line_error(e)
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(SystemExit, match="^error: cannot read .* as UTF-8") as e:
+        bpe.main(["encode", "--file", str(tmp_path / "latin1.txt")])
+    one_line_error(e)
 
 
 def test_bad_vocab_size():
@@ -364,10 +615,10 @@ def test_empty_training_text(tmp_path):
         assert "empty" in one_line_error(e)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(NanoError) as e:
-        bpe.train_bpe(tmp_path / "empty.txt", 300)
+        bpe.train_bpe_file(tmp_path / "empty.txt", 300)
     one_line_error(e)
     with pytest.raises(NanoError) as e:
-        bpe.train_bpe(tmp_path / "missing.txt", 300)
+        bpe.train_bpe_file(tmp_path / "missing.txt", 300)
     assert "not found" in one_line_error(e)
 
 
