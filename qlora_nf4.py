@@ -18,9 +18,14 @@ On CUDA the dequantization is one own Triton kernel (`dequantize_nf4_triton`); o
 plain PyTorch reference runs; both are the torch.library op `nanollm::dequantize_nf4`, so
 torch.compile(fullgraph=True) traces a QLoRA model without graph breaks.
 
+The finetuning is lora.py's (`lora.finetune`): QLoRA = `quantize_model` + `lora.apply_lora`
++ the same loop; only the base differs.
+
 Run:
   python qlora_nf4.py --init_from gpt2 --data data.txt           # GPT-2 in NF4 + LoRA
   python qlora_nf4.py --init_from out/ckpt.pt --data chat.jsonl  # prompt/response pairs
+  python qlora_nf4.py --init_from path/to/hf_folder --data data.txt  # e.g. a Llama: config.json,
+                                                    # *.safetensors, tokenizer.json
   -> prints fp32/bf16 vs NF4 weight memory; writes out-qlora/adapter.pt and metrics.jsonl
      (--merge True also writes out-qlora/ckpt_merged.pt: the adapter merged into the
      full-precision base, a plain checkpoint for sample.py)
@@ -31,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -473,8 +477,11 @@ class Linear4bit(nn.Module):
 
 def quantize_model(model: nn.Module, blocksize: int = 64, compute_dtype=None, double_quant: bool = True,
                    skip=("lm_head",)) -> nn.Module:
-    """Replace every nn.Linear except those named in `skip` by a Linear4bit, in place.
-    lm_head stays: its weight is the token embedding (tied), which is not a Linear."""
+    """Replace every nn.Linear except those named in `skip` by a Linear4bit, in place: all
+    attention and MLP projections (GPT-2's c_attn/c_proj/c_fc, Llama's q/k/v/o, gate/up/down).
+    lm_head stays float: GPT's loss multiplies by its weight directly, and in GPT-2 that
+    weight is the token embedding (tied). (bitsandbytes' transformers integration keeps
+    the head unquantized as well.)"""
     check_blocksize(blocksize)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -490,7 +497,7 @@ def nf4_bytes(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Finetune CLI (data handling shared with lora.py)
+# QLoRA = quantize the base, put LoRA adapters on the 4-bit layers, run lora.py's loop
 
 
 @dataclass
@@ -502,128 +509,45 @@ class QLoRAConfig(lora.FinetuneConfig):
                                                          "into the full-precision base"})
 
 
+def quantize_base(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
+    """quantize_model with the CLI's options, printing the weight memory before and after."""
+    n = sum(m.weight.numel() for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not name.endswith("lm_head"))
+    quantize_model(model, cfg.blocksize, double_quant=cfg.double_quant)
+    nf4 = nf4_bytes(model)
+    print(f"Linear weights ({n:,} values): fp32 {4 * n / 2**20:,.1f} MiB, bf16 {2 * n / 2**20:,.1f} MiB, "
+          f"NF4 {nf4 / 2**20:,.1f} MiB incl. absmax and scales ({nf4 / (2 * n):.3f}x of bf16, "
+          f"{8 * nf4 / n:.3f} bits per weight)")
+    return model
+
+
+def save_merged(cfg: QLoRAConfig, spec: str, device: str):
+    """Merge the adapter into the full-precision base (as PEFT users do after QLoRA):
+    rounding the merged weight to NF4 again would throw most of the small update away."""
+    full, _, _ = lora.load_base(cfg.init_from, device)
+    merged = lora.merge_lora(lora.load_lora(full, Path(cfg.out_dir) / "adapter.pt"))
+    gpt.save_checkpoint(Path(cfg.out_dir) / "ckpt_merged.pt", merged, spec, step=cfg.max_iters)
+    print(f"saved merged checkpoint to {Path(cfg.out_dir) / 'ckpt_merged.pt'}")
+
+
 @cli
 def main(argv=None):
     cfg = common.parse_config(QLoRAConfig, argv, __doc__)
-    # --- check the input before any long work
-    data_path = Path(cfg.data)
-    if not cfg.data or not data_path.is_file():
-        raise NanoError(f"--data {cfg.data!r} not found (a text file or a prompt/response .jsonl)")
-    for name in ("r", "batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
-        if getattr(cfg, name) <= 0:
-            raise NanoError(f"--{name} must be positive (got {getattr(cfg, name)})")
-    if not 0.0 <= cfg.lora_dropout < 1.0 or not 0.0 <= cfg.val_fraction < 1.0:
-        raise NanoError("--lora_dropout and --val_fraction must be in [0, 1)")
+    lora.check_config(cfg)  # every option, before anything is loaded
     check_blocksize(cfg.blocksize)
-    targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
-    out_dir = Path(cfg.out_dir)
-    if cfg.merge and (out_dir / "ckpt_merged.pt").resolve() == Path(cfg.init_from).resolve():
-        raise NanoError(f"--merge would overwrite the base {cfg.init_from} (choose another --out_dir)")
     device = common.pick_device(cfg.device)
-    dtype = common.pick_dtype(device, cfg.dtype)
+    common.pick_dtype(device, cfg.dtype)
     common.set_seed(cfg.seed)
-
-    model, spec, base = lora.load_base(cfg.init_from, device)
-    block_size = cfg.block_size or model.config.block_size
-    if not 0 < block_size <= model.config.block_size:
-        raise NanoError(f"--block_size {block_size} must be in 1..{model.config.block_size} (the model's)")
+    model, spec, base = lora.load_base(cfg.init_from, device, dtype=None)  # HF weights: as stored (bf16)
     tok = data.load_tokenizer(spec)
-    instruct = data_path.suffix == ".jsonl"
-    load = lora.load_jsonl if instruct else lora.load_text
-    train_data, val_data = load(data_path, tok, cfg.val_fraction, block_size)
-    get_batch = lora.jsonl_batch if instruct else lora.text_batch
-
-    # --- quantize, then put adapters on the 4-bit layers
-    n_quantized = sum(m.weight.numel() for n, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and not n.endswith("lm_head"))
-    quantize_model(model, cfg.blocksize, double_quant=cfg.double_quant)
-    nf4 = nf4_bytes(model)
-    print(f"Linear weights ({n_quantized:,} values): fp32 {4 * n_quantized / 2**20:,.1f} MiB, "
-          f"bf16 {2 * n_quantized / 2**20:,.1f} MiB, NF4 {nf4 / 2**20:,.1f} MiB incl. absmax and scales "
-          f"({nf4 / (2 * n_quantized):.3f}x of bf16, {8 * nf4 / n_quantized:.3f} bits per weight)")
-    try:
-        lora.apply_lora(model, cfg.r, cfg.alpha, cfg.lora_dropout, targets, cfg.use_rslora)
-    except ValueError as e:
-        raise NanoError(f"{e} (check --targets)") from None
-    trainable, _ = lora.count_params(model)
-    print(f"LoRA r={cfg.r} on {', '.join(targets)}: {trainable:,} trainable params")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-    def lr_at(it):  # linear warmup, then cosine decay to min_lr_ratio * learning_rate
-        if it < cfg.warmup_iters:
-            return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-        progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-    @torch.no_grad()
-    def val_loss():
-        model.eval()
-        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same val batches every time
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = get_batch(val_data, cfg.batch_size, block_size, gen, device)
-            with common.autocast(device, dtype):
-                losses.append(model(x, targets=y)[1].item())
-        model.train()
-        return sum(losses) / len(losses)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if "cuda" in device:
-        torch.cuda.reset_peak_memory_stats()
-    gen_train = torch.Generator().manual_seed(cfg.seed)
-    loss_val = val_loss()
-    print(f"step 0: val loss {loss_val:.4f} (the NF4 base model: B = 0)")
-    with open(out_dir / "metrics.jsonl", "w") as metrics:
-        metrics.write(json.dumps({"step": 0, "val_loss": loss_val}) + "\n")
-        t_start, t_last, tokens = time.time(), time.time(), 0
-        for step in range(1, cfg.max_iters + 1):
-            lr = lr_at(step - 1)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, block_size, gen_train, device)
-                with common.autocast(device, dtype):
-                    _, loss = model(x, targets=y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-                tokens += x.numel()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr}
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                now = time.time()
-                record["tokens_per_s"] = tokens / (now - t_last)
-                eta = (now - t_start) / step * (cfg.max_iters - step)
-                print(f"step {step}/{cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
-                      f"{record['tokens_per_s']:,.0f} tok/s, ETA {eta:.0f}s")
-                t_last, tokens = now, 0
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                record["val_loss"] = loss_val = val_loss()
-                print(f"step {step}: val loss {loss_val:.4f}")
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-    print(f"peak memory: {lora.peak_memory_mb(device):,.0f} MiB "
-          f"({'CUDA max allocated' if 'cuda' in device else 'peak RSS of the process'})")
-
-    adapter = lora.lora_state_dict(model, base)
-    adapter["nf4"] = {"blocksize": cfg.blocksize, "double_quant": cfg.double_quant}  # how the base was quantized
-    adapter_path = out_dir / "adapter.pt"
-    gpt.atomic_save(adapter, adapter_path)
-    print(f"saved adapter ({adapter_path.stat().st_size / 1024:,.1f} KiB) to {adapter_path}; apply it to "
-          f"{base} with lora.load_lora (after quantize_model for the 4-bit model it was trained on)")
+    dataset = lora.load_finetune_data(model, tok, cfg)  # checked before the quantization
+    quantize_base(model, cfg)
+    lora.add_adapters(model, cfg, base)
+    nf4 = {"blocksize": cfg.blocksize, "double_quant": cfg.double_quant}  # how the base was quantized
+    val_loss = lora.finetune(model, tok, cfg, cfg.out_dir, dataset, adapter_extra={"nf4": nf4})
     if cfg.merge:
-        # Merge into the full-precision base (as PEFT users do after QLoRA): rounding the
-        # merged weight to NF4 again would throw most of the small update away.
-        full, _, _ = lora.load_base(cfg.init_from, device)
-        merged = lora.merge_lora(lora.load_lora(full, adapter_path))
-        gpt.save_checkpoint(out_dir / "ckpt_merged.pt", merged, spec, step=cfg.max_iters)
-        print(f"saved merged checkpoint to {out_dir / 'ckpt_merged.pt'}")
-    return loss_val
+        save_merged(cfg, spec, device)
+    return val_loss
 
 
 if __name__ == "__main__":

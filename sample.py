@@ -10,8 +10,10 @@ only, so they never change once computed. Generation therefore has two phases:
   cached keys/values of everything before it. A step reads every weight once to do a
   1-row matmul, so decode is memory-bound and its speed is measured in ms per step.
 The KV cache stores, per layer, the keys and values of every position so far, in static
-buffers (B, n_head, max_len, head_dim) allocated once and written in place (no torch.cat
-growth, so shapes are fixed and `torch.compile` compiles the decode step once).
+buffers (B, n_kv_head, max_len, head_dim) allocated once and written in place (no torch.cat
+growth, so shapes are fixed and `torch.compile` compiles the decode step once). With
+grouped-query attention (Llama 3, SmolLM, Qwen) only the n_kv_head shared key/value heads
+are stored: n_head / n_kv_head times less cache per token (printed by the CLI).
 Without the cache each step re-runs the whole window: O(T) work per token instead of O(1).
 
 Batches of prompts of different lengths are left-padded: every row then writes its next
@@ -19,23 +21,33 @@ token into the same cache slot, so one decode step (one `index_copy_` per layer)
 the whole batch with static shapes. Each row gets its own position ids (its first real
 token is position 0, as if it ran alone) and a key-padding mask hides the pad slots.
 
-GPT-2's learned position embedding covers block_size positions, and every cached key
-depends on its position, so the window cannot slide one token at a time without
-recomputing all of it. When a row's window is full we slide by half a window: keep the
-newest block_size // 2 tokens, re-prefill them at positions 0.., and decode on. One
-re-prefill per block_size // 2 tokens keeps the cost per token O(1). `use_cache=False`
-uses the same windows, so cached and uncached generation give the same tokens.
+Past the window, two kinds of position embedding call for two strategies:
+- GPT-2's learned position embedding covers block_size positions, and every cached key
+  depends on its position, so the window cannot slide one token at a time without
+  recomputing all of it. When a row's window is full we slide by half a window: keep the
+  newest block_size // 2 tokens, re-prefill them at positions 0.., and decode on. One
+  re-prefill per block_size // 2 tokens keeps the cost per token O(1).
+- RoPE (the Llama family) rotates q and k by their positions, so a score q_m . k_n depends
+  on m - n only, and positions can grow without limit. The window then slides one token
+  at a time with no re-prefill: the cache is a ring buffer of block_size slots, token i goes
+  into slot i % block_size over the oldest one, and every query attends to the last
+  block_size tokens at every layer. That is sliding-window attention (Mistral's; cached
+  keys of old tokens were computed from their own windows, so with more than one layer it
+  is not the same as re-running only the last window).
+`use_cache=False` recomputes the same windows, so cached and uncached generation give the same tokens.
 
 Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023,
-arXiv:2302.01318): a small draft model proposes k tokens one by one, the target model
-scores all k+1 positions in one forward pass, each draft token d is accepted with
-probability min(1, p(d)/q(d)), the first rejected one is replaced by a sample of
-norm(max(0, p - q)), and when all k are accepted a bonus token comes from p. The output
-has exactly the target's distribution; the target runs once per accepted run of tokens.
+arXiv:2302.01318): a small draft model of the same family (the same tokenizer) proposes k
+tokens one by one, the target model scores all k+1 positions in one forward pass, each
+draft token d is accepted with probability min(1, p(d)/q(d)), the first rejected one is
+replaced by a sample of norm(max(0, p - q)), and when all k are accepted a bonus token
+comes from p. The output has exactly the target's distribution; the target runs once per
+accepted run of tokens.
 
 Run:
   python sample.py --ckpt out/ckpt.pt --prompt "ROMEO:" --max_new_tokens 300
   python sample.py --init_from gpt2 --prompt "Hello, I'm a language model," --num_samples 3
+  python sample.py --init_from HuggingFaceTB/SmolLM2-360M --draft HuggingFaceTB/SmolLM2-135M
   python sample.py --init_from gpt2-medium --draft out/small.pt --num_draft_tokens 4
   python sample.py --init_from gpt2 --no_cache True     # the same text, much slower
 """
@@ -66,9 +78,9 @@ import gpt
 class KVCache(nn.Module):
     """One layer's keys and values for every cache slot, preallocated once.
 
-    The model calls `update(input_pos, k, v)` with the T new tokens' k, v (B, n_head, T,
+    The model calls `update(input_pos, k, v)` with the T new tokens' k, v (B, n_kv_head, T,
     head_dim); they are written into slots input_pos (T,) in place and the whole buffers
-    (B, n_head, max_len, head_dim) come back. The mask never lets through a slot not yet
+    (B, n_kv_head, max_len, head_dim) come back. The mask never lets through a slot not yet
     written or left over from a rejected speculative draft, but such slots must still be
     finite (a masked NaN key or value still turns the softmax or 0 * v into NaN): hence
     zeros, not torch.empty."""
@@ -86,32 +98,42 @@ class KVCache(nn.Module):
 
 
 def make_cache(model, batch_size, max_len) -> list[KVCache]:
-    """One KVCache per layer, on the model's device and in its dtype."""
+    """One KVCache per layer, on the model's device and in its dtype, of n_kv_head heads."""
     cfg = model.config
     weight = model.lm_head.weight
-    return [KVCache(batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head, weight.device, weight.dtype)
+    return [KVCache(batch_size, cfg.kv_heads, max_len, cfg.head_size, weight.device, weight.dtype)
             for _ in range(cfg.n_layer)]
 
 
+def kv_bytes_per_token(config, dtype=torch.float32, n_kv_head=None) -> int:
+    """Cache bytes one token costs: keys and values of every layer's key/value heads."""
+    return 2 * config.n_layer * (n_kv_head or config.kv_heads) * config.head_size * dtype.itemsize
+
+
 # ----------------------------------------------------------------------------------------
-# Left padding: positions and masks
+# Left padding and the ring: positions and masks
 
 
-def attention_mask(pad, query_slots, num_slots):
-    """(B, 1, T, S) bool, True = may attend: the query in slot i of row b sees slot j iff
-    j <= i (causal) and j is not one of the row's pad[b] left-padding slots. A pad query
-    also sees itself, so no softmax row is all -inf (that would make NaNs that leak
-    through the cache into later layers); real tokens never look at pad slots."""
+def attention_mask(pad, query_pos, num_slots, window=None):
+    """(B, 1, T, S) bool, True = may attend. query_pos (T,): where each query stands in the
+    stream of fed tokens (left padding included); it was written to slot query_pos % S, so
+    once the stream is longer than S the cache is a ring. Slot j then holds the latest
+    stream index that maps to it, held = q - (q - j) % S (negative: not written yet), and
+    query q sees it iff held >= pad[b] (written, and not one of the row's left-padding
+    slots) and q - held < window (the sliding window; None: S, everything in the cache).
+    A pad query also sees itself, so no softmax row is all -inf (that would make NaNs that
+    leak through the cache into later layers); real tokens never look at pad slots."""
     slots = torch.arange(num_slots, device=pad.device)
-    causal = slots[None, :] <= query_slots[:, None]  # (T, S)
-    is_self = slots[None, :] == query_slots[:, None]  # (T, S)
-    real = slots[None, :] >= pad[:, None]  # (B, S)
-    return (causal[None] & (real[:, None, :] | is_self[None]))[:, None]
+    held = query_pos[:, None] - (query_pos[:, None] - slots[None, :]) % num_slots  # (T, S)
+    visible = held[None] >= pad[:, None, None]  # (B, T, S)
+    if window is not None:
+        visible = visible & (query_pos[:, None] - held < window)[None]
+    return (visible | (held == query_pos[:, None])[None])[:, None]
 
 
-def position_ids(pad, query_slots):
-    """(B, T): slot minus the row's padding, so every row's first real token is position 0."""
-    return (query_slots[None, :] - pad[:, None]).clamp(min=0)
+def position_ids(pad, query_pos):
+    """(B, T): stream index minus the row's padding, so every row's first real token is position 0."""
+    return (query_pos[None, :] - pad[:, None]).clamp(min=0)
 
 
 def left_pad(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,22 +147,80 @@ def left_pad(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch
 
 
 # ----------------------------------------------------------------------------------------
-# Logits of the last position only
+# Prefill and decode
+
+
+def last_logits(model, hidden, head=None):
+    """(B, V) fp32 logits of the last position: model.lm_head, or a LogitsHead (see below)."""
+    return head(hidden[:, -1]) if head is not None else model.lm_head(hidden[:, -1]).float()
+
+
+@torch.no_grad()
+def prefill(model, idx, cache, pad=None, head=None):
+    """Run the (left-padded) prompts idx (B, T) through the model at slots 0..T-1, filling
+    the cache; return the logits of the last position (B, V)."""
+    slots = torch.arange(idx.shape[1], device=idx.device)
+    pad = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device) if pad is None else pad
+    hidden = model.hidden_states(idx, kv_cache=cache, input_pos=slots, position_ids=position_ids(pad, slots),
+                                 attn_mask=attention_mask(pad, slots, cache[0].k.shape[2]))
+    return last_logits(model, hidden, head)
+
+
+@torch.no_grad()
+def decode_one_token(model, tok, pos, cache, pad=None, head=None):
+    """One decode step: the newest token tok (B, 1) at stream index pos (a (1,) tensor, so a
+    compiled step sees the same shapes every call) goes into slot pos % max_len (a ring for
+    RoPE models; GPT-2's stream never passes max_len); returns the next logits (B, V).
+    pad (B,): left padding of each row (None: none)."""
+    num_slots = cache[0].k.shape[2]
+    pad = torch.zeros(tok.shape[0], dtype=torch.long, device=tok.device) if pad is None else pad
+    hidden = model.hidden_states(tok, kv_cache=cache, input_pos=pos % num_slots, position_ids=position_ids(pad, pos),
+                                 attn_mask=attention_mask(pad, pos, num_slots))
+    return last_logits(model, hidden, head)
+
+
+def forward_no_cache(model, rows, head=None):
+    """The uncached baseline: recompute from scratch, logits of the last position. GPT-2:
+    the given windows, causal. RoPE: every query sees the last block_size tokens at every
+    layer, as the ring cache does, over the last n_layer * (block_size - 1) + 1 tokens
+    (all that the last token's output depends on), at their true positions."""
+    cfg, device = model.config, model.lm_head.weight.device
+    starts = [max(0, len(r) - cfg.n_layer * (cfg.block_size - 1) - 1) if cfg.rope_theta else 0 for r in rows]
+    idx, pad = left_pad([r[s:] for r, s in zip(rows, starts)], device)
+    if not pad.any() and idx.shape[1] <= cfg.block_size:  # plain causal attention, as nanoGPT's generate
+        return last_logits(model, model.hidden_states(idx), head)
+    slots = torch.arange(idx.shape[1], device=device)
+    hidden = model.hidden_states(idx, input_pos=slots,
+                                 position_ids=position_ids(pad, slots) + torch.tensor(starts, device=device)[:, None],
+                                 attn_mask=attention_mask(pad, slots, idx.shape[1], window=cfg.block_size))
+    return last_logits(model, hidden, head)
+
+
+def compile_decode(backend="inductor", **kwargs):
+    """decode_one_token compiled once: the token, the slot (a tensor, not an int, so its
+    value is not baked into the graph), the padding and the cache buffers keep their
+    shapes from step to step, so dynamo never recompiles. Prefill stays eager (its length
+    differs per prompt)."""
+    return torch.compile(decode_one_token, backend=backend, fullgraph=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# A CPU decode optimisation: the output head, laid out for 1-row products (optional:
+# prefill/decode_one_token work with model.lm_head; generate() passes this one)
 
 
 _transposed_heads = WeakIdKeyDictionary()  # lm_head weight -> (version, vocab, (C, V) copy)
 
 
 class LogitsHead:
-    """The output projection applied to one position per row: a decode step needs (B, V)
-    logits, not (B, T, V). Rows past the tokenizer's vocabulary (GPT-2 pads 50257 to
-    50304) are dropped, so they are never sampled.
+    """The output projection applied to one position per row, in fp32. Rows past the
+    tokenizer's vocabulary (GPT-2 pads 50257 to 50304) are dropped, so they are never sampled.
 
-    Batch-1 decode on CPU: a 1-row product with a contiguous (C, V) copy of the weight
-    took about half the time of nn.Linear's (V, C) layout (12.4 vs 6.2 ms at V=50257,
-    C=768); with several rows (V, C) is as fast, so the copy is made only for batch 1.
-    It is kept across calls (rebuilt if the weight changes in place), so a short
-    generation does not pay the 150 MB copy each time."""
+    Why: batch-1 decode on CPU is one 1-row product per weight, and a 1-row product with a
+    contiguous (C, V) copy of the head took about half the time of nn.Linear's (V, C) layout
+    (12.4 vs 6.2 ms at V=50257, C=768); with several rows (V, C) is as fast, so the copy is
+    made only for batch 1 on CPU. It is kept across calls (rebuilt if the weight changes in
+    place), so a short generation does not pay the 150 MB copy each time."""
 
     def __init__(self, model, vocab_size=None, batch_size=None):
         weight = model.lm_head.weight
@@ -157,55 +237,6 @@ class LogitsHead:
         if self.weight_t is not None and hidden.shape[0] == 1:
             return (hidden @ self.weight_t).float()
         return F.linear(hidden, self.weight).float()
-
-
-# ----------------------------------------------------------------------------------------
-# Prefill and decode
-
-
-@torch.no_grad()
-def prefill(model, idx, cache, pad=None, head=None):
-    """Run the (left-padded) prompts idx (B, T) through the model at slots 0..T-1, filling
-    the cache; return the logits of the last position (B, V)."""
-    head = head or LogitsHead(model)
-    slots = torch.arange(idx.shape[1], device=idx.device)
-    pad = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device) if pad is None else pad
-    hidden = model.hidden_states(idx, kv_cache=cache, input_pos=slots, position_ids=position_ids(pad, slots),
-                                 attn_mask=attention_mask(pad, slots, cache[0].k.shape[2]))
-    return head(hidden[:, -1])
-
-
-@torch.no_grad()
-def decode_one_token(model, tok, pos, cache, pad=None, head=None):
-    """One decode step: the newest token tok (B, 1) goes into slot pos (a (1,) tensor, so a
-    compiled step sees the same shapes every call); returns the next logits (B, V).
-    pad (B,): left padding of each row (None: none, the model's causal mask is enough)."""
-    head = head or LogitsHead(model)
-    if pad is None:
-        hidden = model.hidden_states(tok, kv_cache=cache, input_pos=pos)
-    else:
-        hidden = model.hidden_states(tok, kv_cache=cache, input_pos=pos, position_ids=position_ids(pad, pos),
-                                     attn_mask=attention_mask(pad, pos, cache[0].k.shape[2]))
-    return head(hidden[:, -1])
-
-
-def forward_no_cache(model, rows, head):
-    """The uncached baseline: recompute every window from scratch, logits of the last position."""
-    idx, pad = left_pad(rows, head.weight.device)
-    if not pad.any():  # plain causal attention, as nanoGPT's generate
-        return head(model.hidden_states(idx)[:, -1])
-    slots = torch.arange(idx.shape[1], device=idx.device)
-    hidden = model.hidden_states(idx, position_ids=position_ids(pad, slots),
-                                 attn_mask=attention_mask(pad, slots, idx.shape[1]))
-    return head(hidden[:, -1])
-
-
-def compile_decode(backend="inductor", **kwargs):
-    """decode_one_token compiled once: the token, the slot (a tensor, not an int, so its
-    value is not baked into the graph), the padding and the cache buffers keep their
-    shapes from step to step, so dynamo never recompiles. Prefill stays eager (its length
-    differs per prompt)."""
-    return torch.compile(decode_one_token, backend=backend, fullgraph=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,14 +263,17 @@ def top_k_filter(logits, k):
 
 def top_p_filter(logits, p):
     """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens
-    whose probability adds up to at least p. A token goes when the tokens ranked above it
-    already hold p of the mass; the top token has nothing above it, so it always stays."""
+    whose probability adds up to at least p. A token goes when the tokens ranked at or below
+    it hold at most 1 - p of the mass. That tail mass is summed from the least likely token
+    up, as Hugging Face's TopPLogitsWarper does: summed top-down in fp32, a running total
+    near 1 has lost the tail's tiny terms to rounding (at V=50257, p=0.999 that dropped
+    19 tokens the exact count keeps). The top token always stays."""
     if p is None or p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_above = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_above >= p
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    mass_at_or_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = mass_at_or_below <= 1 - p
+    drop_sorted[..., -1] = False  # the most likely token
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -299,10 +333,11 @@ def _token_rows(idx) -> list[list[int]]:
 def window_start(length, block_size):
     """Where the window begins when the model predicts the token after `length` tokens.
 
-    Up to block_size tokens the window is everything. When it would overflow it slides by
-    half a window: the newest block_size // 2 tokens are kept (and re-prefilled), then it
-    grows again until full. A pure function of the length, so generate(), its uncached
-    twin and speculative decoding all see exactly the same windows."""
+    GPT-2 (learned positions): up to block_size tokens the window is everything. When it
+    would overflow it slides by half a window: the newest block_size // 2 tokens are kept
+    (and re-prefilled), then it grows again until full. A pure function of the length, so
+    generate(), its uncached twin and speculative decoding all see exactly the same windows.
+    RoPE models do not use it: their ring cache slides one token at a time."""
     if length <= block_size:
         return 0
     stride = block_size + 1 - max(1, block_size // 2)  # tokens dropped per slide
@@ -321,15 +356,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     so the result does not depend on the global RNG."""
     error = check_sampling(temperature, top_k, top_p, repetition_penalty)
     if error:
-        raise ValueError(error)
+        raise NanoError(error)
     rows = _token_rows(idx)
     block_size = model.config.block_size
     if not rows or min(len(r) for r in rows) == 0:
-        raise ValueError("every prompt needs at least one token")
+        raise NanoError("every prompt needs at least one token")
     if max(len(r) for r in rows) > block_size:
-        raise ValueError(f"a prompt has {max(len(r) for r in rows)} tokens, more than block_size {block_size}")
+        raise NanoError(f"a prompt has {max(len(r) for r in rows)} tokens, more than block_size {block_size}")
     if max_new_tokens <= 0:
         return
+    rope = bool(model.config.rope_theta)  # the ring cache slides by one token: no re-prefill
     device = model.lm_head.weight.device
     head = LogitsHead(model, vocab_size, batch_size=len(rows))
     vocab = head.weight.shape[0]
@@ -350,7 +386,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         cache = make_cache(model, len(rows), max_len)
         ids, pad = left_pad(windows(), device)
         logits = prefill(model, ids, cache, pad, head)
-        width = ids.shape[1]  # slots in use; the next token goes into slot `width`
+        width = ids.shape[1]  # tokens fed per row, pads included; the next goes into slot width % max_len
         step_fn = decode_fn or decode_one_token
     else:
         logits = forward_no_cache(model, windows(), head)
@@ -371,7 +407,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             seen[torch.arange(len(rows), device=device), tok] = True
         slid = False
         for b, r in enumerate(rows):
-            if window_start(len(r), block_size) != start[b]:  # window full: slide it
+            if not rope and window_start(len(r), block_size) != start[b]:  # GPT-2's window is full: slide it
                 start[b] = window_start(len(r), block_size)
                 slid = True
         if not use_cache:
@@ -419,30 +455,35 @@ class WindowedModel:
     """A model, its batch-1 static cache and its sliding window over a growing token list,
     for speculative decoding. The cache holds the first `filled` tokens of the window;
     each call feeds only what it lacks. A rejected draft needs no undo: `rollback` just
-    lowers `filled`, the next call writes over those slots, and the causal mask
-    (slot <= position) never shows a slot beyond the current position."""
+    lowers `filled`, the next call writes over those slots, and the mask never shows a
+    slot beyond the current position. GPT-2: the half-window slides of window_start. RoPE:
+    a ring of block_size + k slots, so writing k+1 tokens at once never overwrites a key
+    that one of them still sees (attention_mask keeps each query to the last block_size)."""
 
-    def __init__(self, model, vocab_size=None):
+    def __init__(self, model, vocab_size=None, max_write=1):
         self.model, self.block_size = model, model.config.block_size
+        self.rope = bool(model.config.rope_theta)
         self.head = LogitsHead(model, vocab_size, batch_size=1)
-        self.cache = make_cache(model, 1, self.block_size)
+        self.cache = make_cache(model, 1, self.block_size + (max_write - 1 if self.rope else 0))
         self.start, self.filled = 0, 0
         self.forwards = 0
 
     def logits(self, tokens, n_last=1):
         """Logits (n_last, V) predicting the token after tokens[:len - n_last + 1], ...,
-        after tokens[:len], in one forward pass. The caller keeps these contexts in one
-        window (window_start of their lengths equal)."""
-        start = window_start(len(tokens) - n_last + 1, self.block_size)
+        after tokens[:len], in one forward pass. GPT-2: the caller keeps these contexts in
+        one window (window_start of their lengths equal)."""
+        start = 0 if self.rope else window_start(len(tokens) - n_last + 1, self.block_size)
         if start != self.start:  # the window slid: positions changed, re-prefill it
             self.start, self.filled = start, 0
         feed = tokens[start + self.filled:]
-        slots = torch.arange(self.filled, self.filled + len(feed), device=self.head.weight.device)
-        idx = torch.tensor([feed], device=slots.device)
-        hidden = self.model.hidden_states(idx, kv_cache=self.cache, input_pos=slots)  # (1, T, C)
+        device, num_slots = self.head.weight.device, self.cache[0].k.shape[2]
+        pos = torch.arange(self.filled, self.filled + len(feed), device=device)
+        hidden = self.model.hidden_states(torch.tensor([feed], device=device), kv_cache=self.cache,
+                                          input_pos=pos % num_slots, position_ids=pos,
+                                          attn_mask=attention_mask(pos.new_zeros(1), pos, num_slots, self.block_size))
         self.filled += len(feed)
         self.forwards += 1
-        return self.head(hidden[0, -n_last:])
+        return self.head(hidden[0, -n_last:])  # (n_last, V)
 
     def rollback(self, n_valid):
         """Only the first n_valid tokens of the list are still right."""
@@ -459,19 +500,20 @@ def speculative_generate(target, draft, prompt, max_new_tokens, num_draft_tokens
     target_forwards, draft_forwards, proposed, accepted and new_tokens."""
     error = check_sampling(temperature, top_k, top_p, repetition_penalty)
     if error:
-        raise ValueError(error)
+        raise NanoError(error)
     rows = _token_rows(prompt)
     if len(rows) != 1:
-        raise ValueError("speculative decoding takes one prompt at a time")
+        raise NanoError("speculative decoding takes one prompt at a time")
     tokens = rows[0]
     block_size = target.config.block_size
     if not tokens or len(tokens) > block_size:
-        raise ValueError(f"the prompt needs 1..{block_size} tokens (got {len(tokens)})")
+        raise NanoError(f"the prompt needs 1..{block_size} tokens (got {len(tokens)})")
     if num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be >= 1 (got {num_draft_tokens})")
-    t_model, d_model = WindowedModel(target, vocab_size), WindowedModel(draft, vocab_size)
+        raise NanoError(f"num_draft_tokens must be >= 1 (got {num_draft_tokens})")
+    t_model = WindowedModel(target, vocab_size, max_write=num_draft_tokens + 1)
+    d_model = WindowedModel(draft, vocab_size, max_write=num_draft_tokens + 1)
     if t_model.head.weight.shape[0] != d_model.head.weight.shape[0]:
-        raise ValueError("target and draft have different vocabularies (pass vocab_size=the tokenizer's)")
+        raise NanoError("target and draft have different vocabularies (pass vocab_size=the tokenizer's)")
     device, vocab = t_model.head.weight.device, t_model.head.weight.shape[0]
     generator = _generator(seed, device)
     stats = {} if stats is None else stats
@@ -489,9 +531,9 @@ def speculative_generate(target, draft, prompt, max_new_tokens, num_draft_tokens
     produced = 0
     while produced < max_new_tokens:
         n = len(tokens)
-        # verify at most as many drafts as keep every checked context in the target's window
-        k = min(num_draft_tokens, max_new_tokens - produced - 1,
-                t_model.block_size - (n - window_start(n, t_model.block_size)))
+        # GPT-2: verify at most as many drafts as keep every checked context in the target's window
+        room = num_draft_tokens if t_model.rope else t_model.block_size - (n - window_start(n, t_model.block_size))
+        k = min(num_draft_tokens, max_new_tokens - produced - 1, room)
         # 1. the draft proposes k tokens, one forward each; seen_rows[i] = context of position i
         drafts, q_rows, seen_rows = [], [], [seen] if seen is not None else None
         for i in range(k):
@@ -533,7 +575,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, num_draft_tokens
 @dataclass
 class SampleConfig:
     ckpt: str = field(default="out/ckpt.pt", metadata={"help": "checkpoint written by train.py (gpt.save_checkpoint)"})
-    init_from: str = field(default="", metadata={"help": "gpt2 | gpt2-medium | gpt2-large | gpt2-xl: OpenAI's weights instead of --ckpt"})
+    init_from: str = field(default="", metadata={"help": "instead of --ckpt: gpt2 .. gpt2-xl, a Hugging Face folder or hub name (Llama, Mistral, Qwen2/3, SmolLM)"})
     prompt: str = field(default="\n", metadata={"help": "text to continue"})
     prompt_file: str = field(default="", metadata={"help": "read the prompt from this file instead"})
     num_samples: int = field(default=1, metadata={"help": "samples of the prompt, generated as one batch"})
@@ -548,7 +590,7 @@ class SampleConfig:
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (weights and cache)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (compiled once, static shapes)"})
     no_cache: bool = field(default=False, metadata={"help": "recompute the whole window every token (the slow baseline)"})
-    draft: str = field(default="", metadata={"help": "checkpoint of a small draft model: speculative decoding"})
+    draft: str = field(default="", metadata={"help": "a small draft model (checkpoint, folder or hub name) with the same tokenizer: speculative decoding"})
     num_draft_tokens: int = field(default=4, metadata={"help": "tokens the draft proposes per target forward"})
 
 
@@ -576,12 +618,27 @@ def check_config(cfg: SampleConfig):
         fail("--compile compiles the cached decode step (drop --no_cache)")
 
 
-def load_model(cfg: SampleConfig, device, dtype):
-    if cfg.init_from:
-        model, spec = gpt.GPT.from_pretrained(cfg.init_from), "gpt2"
+def load_model(cfg, device, dtype):
+    """(model in eval mode, tokenizer spec) of cfg.init_from if set, else of the checkpoint cfg.ckpt."""
+    return load_source(cfg.init_from, device, dtype) if cfg.init_from else load_source(cfg.ckpt, device, dtype, True)
+
+
+def load_source(source: str, device, dtype, checkpoint=None):
+    """A checkpoint file, or a GPT-2 name / Hugging Face folder / hub name (gpt.load_pretrained)."""
+    if checkpoint or (checkpoint is None and (Path(source).is_file() or source.endswith((".pt", ".pth")))):
+        model, spec = gpt.load_checkpoint(source, device="cpu")
     else:
-        model, spec = gpt.load_checkpoint(cfg.ckpt, device="cpu")
+        model, spec = gpt.load_pretrained(source, dtype=dtype)
+        if spec is None:
+            raise NanoError(f"{source} has no tokenizer.json (put the model's tokenizer.json beside config.json)")
     return model.to(device=device, dtype=dtype).eval(), spec
+
+
+def same_tokenizer(a, b) -> bool:
+    """Equal specs, or two tokenizer.json files with the same contents (two folders of a family)."""
+    if a == b:
+        return True
+    return all(isinstance(s, str) and Path(s).is_file() for s in (a, b)) and Path(a).read_bytes() == Path(b).read_bytes()
 
 
 @cli
@@ -604,14 +661,14 @@ def main(argv=None):
     block_size = model.config.block_size
     draft = None
     if cfg.draft:
-        draft, draft_spec = gpt.load_checkpoint(cfg.draft, device="cpu")
-        draft = draft.to(device=device, dtype=dtype).eval()
-        if draft_spec != spec or draft.config.vocab_size < tok.vocab_size:
+        draft, draft_spec = load_source(cfg.draft, device, dtype)
+        if not same_tokenizer(draft_spec, spec) or draft.config.vocab_size < tok.vocab_size:
             raise NanoError(f"the draft's vocabulary ({str(draft_spec)[:40]!r}, {draft.config.vocab_size} ids) "
                              f"differs from the target's ({str(spec)[:40]!r}) (train the draft with the same tokenizer)")
     if len(ids) > block_size:
         raise NanoError(f"the prompt is {len(ids)} tokens, the model takes at most {block_size} "
                          "(shorten --prompt)")
+    print(kv_cache_line(model.config, dtype), file=sys.stderr)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                   repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, vocab_size=tok.vocab_size,
                   eos_id=tok.eot_id if cfg.stop_at_eot else None)
@@ -619,6 +676,15 @@ def main(argv=None):
     if draft is None:
         return sample_batch(model, tok, ids, prompt, cfg, sampling)
     return sample_speculative(model, draft, tok, ids, prompt, cfg, sampling)
+
+
+def kv_cache_line(config, dtype) -> str:
+    """The cache per token, and what grouped-query attention saves against full heads."""
+    line = f"KV cache: {kv_bytes_per_token(config, dtype):,} bytes per token"
+    if config.kv_heads < config.n_head:
+        line += (f" ({config.kv_heads} key/value heads for {config.n_head} query heads: {config.n_head // config.kv_heads}x "
+                 f"less than the {kv_bytes_per_token(config, dtype, config.n_head):,} of full heads)")
+    return line
 
 
 def _until_eos(out, eos_id):

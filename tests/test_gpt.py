@@ -1,6 +1,7 @@
 """gpt.py against its references: HF GPT-2 logits, the naive loss, safetensors, compile."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -223,3 +224,76 @@ def test_chunked_loss_with_frozen_head():
     (gx,) = torch.autograd.grad(gpt.chunked_cross_entropy(x, w, t, chunk_size=8), x)
     (ref,) = torch.autograd.grad(F.cross_entropy(x @ w.t(), t), x)
     torch.testing.assert_close(gx, ref, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The Llama-family switches (HF parity of the real architectures: tests/test_llama.py)
+
+
+def small_llama(**fields):
+    return gpt.llama_config(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, **fields)
+
+
+def test_llama_loss_equals_naive_path_and_compiles_without_breaks():
+    torch.manual_seed(0)
+    model = GPT(small_llama(qkv_bias=True, qk_norm=True, tie_embeddings=False, rope_scaling=8.0,
+                            rope_original_max_position=16))
+    model.loss_chunk_size = 20
+    idx, tgt = torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32))
+    tgt[1, :4] = -1
+    model(idx, tgt)[1].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    F.cross_entropy(model(idx)[0].view(-1, 65), tgt.view(-1), ignore_index=-1).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-5, msg=n)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(idx, tgt)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+
+
+def test_llama_switches_build_what_they_say():
+    model = GPT(small_llama(tie_embeddings=False))
+    block = model.transformer.h[0]
+    assert "wpe" not in model.transformer and isinstance(block.ln_1, gpt.RMSNorm)
+    assert block.attn.k_proj.weight.shape == (16, 32) and block.attn.q_proj.bias is None  # 2 kv heads of 8
+    assert block.mlp.gate_proj.weight.shape == (128, 32)  # 8/3 * 32 rounded up to 64s
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    for arch, m in (("llama", model), ("gpt2", GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16)))):
+        leaves = {n.rsplit(".", 1)[-1] for n, mod in m.transformer.h.named_modules() if isinstance(mod, torch.nn.Linear)}
+        assert leaves == set(gpt.BLOCK_LINEARS[arch]), arch
+    # SwiGLU at 8/3 n_embd has the parameters of GPT-2's 4x GELU MLP
+    c = 768
+    assert 3 * c * 64 * math.ceil(8 * c / 3 / 64) == 2 * c * 4 * c
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert all(p.dim() < 2 for p in opt.param_groups[1]["params"])  # RMSNorm gains are not decayed
+
+
+def test_llama_checkpoint_round_trip_and_old_checkpoints(tmp_path, tiny_config):
+    model = GPT(small_llama()).eval()
+    gpt.save_checkpoint(tmp_path / "llama.pt", model, "char:abc")
+    loaded, _ = gpt.load_checkpoint(tmp_path / "llama.pt")
+    idx = torch.randint(0, 65, (1, 20))
+    assert loaded.config == model.config and torch.equal(loaded(idx)[0], model(idx)[0])
+    # a checkpoint written before the Llama switches existed loads as GPT-2
+    gpt.save_checkpoint(tmp_path / "old.pt", GPT(tiny_config), "char:abc")
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    ckpt["config"] = {k: ckpt["config"][k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd",
+                                                     "dropout", "bias")}
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert gpt.load_checkpoint(tmp_path / "old.pt")[0].config == tiny_config
+
+
+def test_gpt2_folder_loads_by_config_json(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers writes the reference folder")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3,
+                                                              n_head=4, layer_norm_epsilon=1e-5)).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    model, spec = gpt.load_pretrained(str(tmp_path))
+    assert spec == "gpt2" and model.config.n_head == 4 and model.config.block_size == 48
+    idx = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
+    assert all(torch.equal(v, hf.state_dict()[k]) for k, v in model.to_hf_state_dict().items())

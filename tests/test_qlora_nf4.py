@@ -354,16 +354,28 @@ def test_linear4bit_forward_backward_and_dtype_moves():
     assert layer.bias.dtype == torch.bfloat16 and layer(x.detach().bfloat16()).dtype == torch.bfloat16
 
 
-def qlora_gpt(tiny_config):
+def qlora_gpt(config):
     torch.manual_seed(0)
-    model = q.quantize_model(gpt.GPT(tiny_config))
-    return lora.apply_lora(model, r=4, alpha=8)
+    model = q.quantize_model(gpt.GPT(config))
+    return lora.apply_lora(model, r=4, alpha=8)  # default targets: every attention and MLP projection
 
 
-def test_qlora_gpt_trains_only_adapters(tiny_config):
-    model = qlora_gpt(tiny_config)
-    assert sum(isinstance(m, q.Linear4bit) for m in model.modules()) == 4 * tiny_config.n_layer
-    assert isinstance(model.lm_head, torch.nn.Linear)  # tied to the embedding: stays float
+def llama_like(c):
+    """tiny_config's sizes as a Llama: RMSNorm, RoPE, SwiGLU, GQA (1 key/value head), untied head."""
+    return gpt.llama_config(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                            n_embd=c.n_embd, n_kv_head=1, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("arch,per_layer", [("gpt2", 4), ("llama", 7)])
+def test_qlora_gpt_trains_only_adapters(tiny_config, arch, per_layer):
+    """Every Linear but the head is 4-bit (GPT-2: c_attn, 2x c_proj, c_fc; Llama: q, k, v, o,
+    gate, up, down), each carries an adapter, and only the adapters get gradients."""
+    config = tiny_config if arch == "gpt2" else llama_like(tiny_config)
+    model = qlora_gpt(config)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, q.Linear4bit)]
+    assert len(quantized) == per_layer * config.n_layer == len(lora.lora_layers(model))
+    assert all(n.endswith(".base") for n in quantized)  # the 4-bit layer is each LoRALinear's base
+    assert type(model.lm_head) is torch.nn.Linear  # the head stays float (tied or, in Llama, not)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     g = torch.Generator().manual_seed(0)
@@ -378,7 +390,7 @@ def test_qlora_gpt_trains_only_adapters(tiny_config):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.15, losses  # measured: 4.17 -> 3.85
+    assert losses[-1] < losses[0] - 0.15, losses  # measured: GPT-2 4.17 -> 3.85, Llama 4.17 -> 3.89
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
 
 
@@ -469,12 +481,51 @@ def test_other_quant_type_refused():
         q.QuantState.from_bnb_state_dict(sd)
 
 
-def test_cli_refuses_bad_input_early(tmp_path):
-    with pytest.raises(SystemExit, match="error: --data"):
-        q.main(["--data", str(tmp_path / "missing.txt")])
-    (tmp_path / "d.txt").write_text("hello")
-    with pytest.raises(SystemExit, match="error: blocksize 100"):
-        q.main(["--data", str(tmp_path / "d.txt"), "--blocksize", "100"])
+def error_line(capsys, argv) -> str:
+    """q.main must refuse: exit status 2 and exactly one `error:` line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        q.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# (option, bad value, the error line): QLoRA's own option, and the shared LoRA ones (lora.py's
+# check_config; tests/test_lora.py has the full table), each before the checkpoint is read
+BAD_OPTIONS = [
+    ("--blocksize", "100", "blocksize 100 is not a power of two in [32, 4096] (64 is QLoRA's choice)"),
+    ("--blocksize", "16", "blocksize 16 is not a power of two in [32, 4096] (64 is QLoRA's choice)"),
+    ("--grad_clip", "-1", "--grad_clip must be >= 0 (got -1.0)"),
+    ("--max_iters", "0", "--max_iters must be positive (got 0)"),
+    ("--learning_rate", "-1", "--learning_rate must be positive (got -1.0)"),
+    ("--lora_dropout", "1", "--lora_dropout must be in [0, 1) (got 1.0)"),
+    ("--r", "-4", "--r must be positive (got -4)"),
+    ("--device", "tpu", "unknown --device 'tpu' (auto, cpu, cuda, cuda:N or mps)"),
+    ("--data", "missing.txt", "--data 'missing.txt' not found (a text file or a prompt/response .jsonl)"),
+    ("--out_dir", "d.txt", "--out_dir d.txt is a file (choose a folder)"),
+]
+
+
+@pytest.mark.parametrize("option,value,message", BAD_OPTIONS)
+def test_cli_refuses_bad_option_first(tmp_path, monkeypatch, capsys, option, value, message):
+    monkeypatch.chdir(tmp_path)
+    Path("d.txt").write_text("hello world\n" * 20)
+    argv = ["--init_from", "never_read.pt", "--data", "d.txt", "--out_dir", "out", "--device", "cpu", option, value]
+    assert error_line(capsys, argv) == f"error: {message}"
+    assert not Path("out").exists()
+
+
+def test_cli_refuses_binary_data_before_quantizing(tmp_path, tiny_config, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt.pt"
+    gpt.save_checkpoint(ckpt, gpt.GPT(tiny_config), "char:" + "".join(chr(32 + i) for i in range(65)))
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    monkeypatch.setattr(q, "quantize_model", lambda *a, **k: pytest.fail("quantized before checking the data"))
+    assert error_line(capsys, ["--init_from", str(ckpt), "--data", str(binary), "--out_dir", str(tmp_path / "o"),
+                               "--device", "cpu"]) == \
+        f"error: {binary} is not UTF-8 text (NUL byte at offset 8: a binary or UTF-16 file; convert it to UTF-8 text)"
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 import math
 
 import pytest
-
-from common import NanoError
 import torch
 
 import gpt
@@ -33,6 +31,19 @@ def random_gpt(seed, block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=3
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0 if "wpe" in name else std)  # distinct positions matter more
+    return model
+
+
+def random_llama(seed, block_size=32, vocab_size=65, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, std=0.3):
+    """A random Llama-family model (RMSNorm, RoPE, SwiGLU, GQA), weights scaled as random_gpt's."""
+    torch.manual_seed(seed)
+    config = gpt.llama_config(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                              n_kv_head=n_kv_head, n_embd=n_embd, tie_embeddings=False)
+    model = gpt.GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std)
     return model
 
 
@@ -130,6 +141,52 @@ def test_batched_prompts_of_different_lengths_equal_each_alone():
     assert torch.equal(batched, greedy(model, prompts, 60, use_cache=False))
 
 
+def test_rope_ring_cache_equals_recomputation_past_block_size():
+    """RoPE: the cache is a ring of block_size slots and the window slides one token at a
+    time with no re-prefill. Reference: every step recomputed from scratch with each query
+    seeing the last block_size tokens at every layer (use_cache=False)."""
+    model = random_llama(0)
+    prompt = torch.randint(0, 65, (1, 10), generator=torch.Generator().manual_seed(1))
+    cached = greedy(model, prompt, 100)  # 110 tokens through a 32-token window
+    assert len(set(cached[0].tolist())) > 8
+    assert torch.equal(cached, greedy(model, prompt, 100, use_cache=False))
+
+
+def test_rope_one_layer_ring_equals_each_window_from_scratch():
+    """With one layer a cached key depends on its own token and position only, so by RoPE's
+    relative positions the ring cache equals re-running the last block_size tokens alone at
+    positions 0.. (logits to 1e-5: fp32, the angles of positions up to 42 vs up to 11)."""
+    model = random_llama(3, block_size=12, n_layer=1)
+    tokens = [5, 9, 3]
+    cache = sample.make_cache(model, 1, 12)
+    logits = sample.prefill(model, torch.tensor([tokens]), cache)
+    for step in range(40):
+        window = torch.tensor([tokens[-12:]])
+        with torch.no_grad():
+            scratch = model(window)[0][:, -1]
+        torch.testing.assert_close(logits, scratch, rtol=0, atol=1e-5)
+        tokens.append(int(logits.argmax()))
+        logits = sample.decode_one_token(model, torch.tensor([[tokens[-1]]]), torch.tensor([len(tokens) - 1]), cache)
+    assert len(set(tokens)) > 8
+
+
+def test_rope_batched_prompts_equal_each_alone_past_block_size():
+    model = random_llama(1)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 65, (n,), generator=g).tolist() for n in (3, 12, 7)]
+    batched = greedy(model, prompts, 45)
+    for b, p in enumerate(prompts):
+        assert torch.equal(batched[b], greedy(model, [p], 45)[0]), b
+    assert torch.equal(batched, greedy(model, prompts, 45, use_cache=False))
+
+
+def test_cache_holds_the_key_value_heads():
+    model = random_llama(0, n_head=4, n_kv_head=1)
+    cache = sample.make_cache(model, 3, 20)
+    assert cache[0].k.shape == (3, 1, 20, 8)  # MQA: one key/value head of head_dim 8
+    assert sample.kv_bytes_per_token(model.config) * 4 == sample.kv_bytes_per_token(model.config, n_kv_head=4)
+
+
 def test_batched_sampling_is_seeded_and_eos_stops_rows():
     model = random_gpt(0)
     prompts = [[1, 2, 3], [4, 5]]
@@ -141,7 +198,8 @@ def test_batched_sampling_is_seeded_and_eos_stops_rows():
     c = torch.stack(list(sample.generate(model, prompts, 30, eos_id=eos, **kw)), 1)
     first = c[0].tolist().index(eos)
     assert (c[0, first:] == eos).all()  # a finished row keeps yielding eos
-    assert c.shape[1] <= 30
+    ends = [r.index(eos) + 1 if eos in r else 30 for r in c.tolist()]
+    assert c.shape[1] == max(ends)  # generation stops once every row has finished
 
 
 def test_compiled_decode_does_not_recompile():
@@ -159,6 +217,19 @@ def test_compiled_decode_does_not_recompile():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["recompiles"], dict(counters["recompiles"])
     assert torch.equal(compiled, greedy(model, prompt, 56))
+    torch._dynamo.reset()
+
+
+def test_compiled_rope_decode_does_not_recompile_through_the_ring():
+    from torch._dynamo.utils import counters
+
+    model = random_llama(0, block_size=16)
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = greedy(model, prompt, 40, decode_fn=sample.compile_decode(backend="eager"))  # wraps twice
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["stats"])
+    assert torch.equal(compiled, greedy(model, prompt, 40))
     torch._dynamo.reset()
 
 
@@ -213,6 +284,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.allclose(sample.logits_to_probs(logits, top_p=0.6), torch.tensor([0, 5 / 7, 0, 2 / 7, 0]))
 
 
+def test_top_p_kept_set_is_exact_at_gpt2_vocab():
+    """The kept set equals the count from fp64 probabilities (tokens whose higher-ranked mass
+    is < p), at V=50257 where a top-down fp32 sum drops tail tokens; also Hugging Face's."""
+    for seed, scale in ((0, 3.0), (1, 1.0), (2, 6.0)):
+        torch.manual_seed(seed)
+        x = torch.randn(2, 50257) * scale
+        for p in (0.9, 0.99, 0.999, 0.9999):
+            probs = x.double().softmax(-1).sort(descending=True).values
+            exact = ((probs.cumsum(-1) - probs) < p).sum(-1)
+            assert torch.equal(torch.isfinite(sample.top_p_filter(x, p)).sum(-1), exact), (seed, p)
+    torch.manual_seed(0)
+    x = torch.randn(1, 50257) * 3
+    assert int(torch.isfinite(sample.top_p_filter(x, 0.999)).sum()) == 26310
+
+
 def test_top_k_keeps_k():
     logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
     assert torch.isfinite(sample.top_k_filter(logits, 2)).nonzero()[:, 1].tolist() == [1, 3]
@@ -262,6 +348,20 @@ def test_speculative_greedy_equals_target_greedy():
     spec = torch.cat(list(sample.speculative_generate(target, target, prompt, 110, 4, temperature=0, stats=stats)))
     assert torch.equal(spec, reference)
     assert stats["accepted"] == stats["proposed"]
+
+
+def test_speculative_rope_greedy_equals_target_greedy():
+    """A Llama target and a draft of the same family, past block_size: the rings of both
+    (block_size + k slots) slide with the drafts and rollbacks."""
+    target = random_llama(0)
+    draft = noisy_copy(target, noise=0.08)
+    prompt = [1, 2, 3, 4, 5, 6]
+    reference = greedy(target, [prompt], 90)[0]
+    for k in (1, 4):
+        stats = {}
+        spec = torch.cat(list(sample.speculative_generate(target, draft, prompt, 90, k, temperature=0, stats=stats)))
+        assert torch.equal(spec, reference), k
+        assert 0 < stats["accepted"] < stats["proposed"]
 
 
 def test_speculative_accept_gives_the_target_distribution():
