@@ -13,10 +13,18 @@ Run: python bench.py                 # every section
 
 from __future__ import annotations
 
+import http.client
+import itertools
+import json
+import math
 import os
+import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT / "assets"  # the shipped offline copies (Tiny Shakespeare, GPT-2's BPE files)
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from common import NanoError, cli  # noqa: E402
 
@@ -333,44 +342,6 @@ def hf_gpt2(model, transformers):
 # bpe
 
 
-def bench_bpe(quick: bool) -> None:
-    """bpe.py: training time (vocab 500 on 130 KB of English, goal < 0.4 s, the CS336
-    reference's 0.38 s; vocab 10,000 on all of Tiny Shakespeare) and single-thread encode
-    throughput against tiktoken on Tiny Shakespeare with GPT-2's merges (goal: within 10x).
-    'cold' clears the pre-token cache before each run, 'warm' encodes the text a second
-    time with every pre-token cached."""
-    import tiktoken
-
-    import bpe
-
-    text = shakespeare_text()
-    mb = len(text.encode("utf-8")) / 1e6
-
-    ms = median_ms(lambda: bpe.train_bpe(text[:130_000], 500), repeat=1 if quick else 5)
-    row("bpe", "train vocab 500 on 130 KB of Shakespeare (goal < 0.4 s)", f"{ms / 1000:.3f} s")
-    if not quick:
-        ms = median_ms(lambda: bpe.train_bpe(text, 10_000), repeat=3, warmup=0)
-        row("bpe", f"train vocab 10,000 on Tiny Shakespeare ({mb:.1f} MB)", f"{ms / 1000:.2f} s")
-
-    cache = SHARED_DATA / "tiktoken_cache"
-    vocab_bpe, encoder_json = (cache / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
-                               cache / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
-    enc = tiktoken.get_encoding("gpt2")
-    tok = (bpe.Tokenizer.from_gpt2_files(vocab_bpe, encoder_json) if vocab_bpe.is_file()
-           else bpe.Tokenizer.from_tiktoken(enc))
-    if quick:
-        text = text[:100_000]
-        mb = len(text.encode("utf-8")) / 1e6
-    assert tok.encode_ordinary(text) == enc.encode_ordinary(text), "bpe.py and tiktoken disagree"
-    repeat = 1 if quick else 5
-    tiktoken_ms = median_ms(lambda: enc.encode_ordinary(text), repeat=repeat)  # one thread
-    cold_ms = median_ms(lambda: (tok._encode_piece.cache_clear(), tok.encode_ordinary(text)), repeat=repeat)
-    warm_ms = median_ms(lambda: tok.encode_ordinary(text), repeat=repeat)
-    row("bpe", "encode GPT-2, Tiny Shakespeare: tiktoken (1 thread)", f"{mb / tiktoken_ms * 1000:.1f} MB/s")
-    row("bpe", "encode GPT-2, Tiny Shakespeare: bpe.py, cold cache", f"{mb / cold_ms * 1000:.1f} MB/s")
-    row("bpe", "encode GPT-2, Tiny Shakespeare: bpe.py, warm cache", f"{mb / warm_ms * 1000:.1f} MB/s")
-    row("bpe", "bpe.py time / tiktoken time, cold cache (goal < 10x)", f"{cold_ms / tiktoken_ms:.2f}x")
-    row("bpe", "bpe.py time / tiktoken time, warm cache", f"{warm_ms / tiktoken_ms:.2f}x")
 
 
 # ----------------------------------------------------------------------------------------
@@ -898,8 +869,907 @@ def bench_hellaswag(quick: bool) -> None:
     row("hellaswag", f"{shape} batched / one-forward-per-ending throughput", f"{naive_ms / batched_ms:.2f}x")
 
 
+# ----------------------------------------------------------------------------------------
+# flash (from the part that teaches it)
+
+
+_FLASH_MEM_CHILD = r"""
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import flash_attention as fa
+impl, B, H, T, D = sys.argv[1], *map(int, sys.argv[2:])
+
+
+def status_kib(key):  # VmRSS: resident now; VmHWM: peak since the last reset
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+
+attend = fa.naive_attention if impl == "naive" else fa.flash_attention_reference
+torch.manual_seed(0)
+q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+do = torch.randn(B, H, T, D)
+small = [t[:, :, :256].detach().requires_grad_() for t in (q, k, v)]  # warm torch's pools and kernels first
+attend(*small, causal=True).backward(do[:, :, :256])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (Linux >= 4.0)
+before = status_kib("VmRSS")
+attend(q, k, v, causal=True).backward(do)
+print((status_kib("VmHWM") - before) * 1024)
+"""
+
+def bench_flash(quick: bool):
+    """CPU: peak memory of causal attention forward+backward, naive (the (T, T) scores and
+    probabilities exist, and P is kept for backward) vs the tiled reference of
+    flash_attention.py (tiles of 128 x 128 only), each in a fresh process (peak RSS growth,
+    VmHWM reset after a warm-up); then, at the shorter length, the time of both (interleaved
+    repeats in this process)."""
+    import flash_attention as fa
+
+    B, H, D = 1, (2 if quick else 8), 64
+    sizes, repeat = ((512,), 1) if quick else ((2048, 4096), 3)
+    for T in sizes:
+        peaks = {}
+        for impl in ("naive", "tiled"):
+            runs = [subprocess.run([sys.executable, "-c", _FLASH_MEM_CHILD.format(root=str(ROOT)), impl, str(B), str(H),
+                                    str(T), str(D)], capture_output=True, text=True, check=True)
+                    for _ in range(1 if quick else 3)]
+            peaks[impl] = statistics.median(int(r.stdout.strip()) for r in runs)
+        scores = B * H * T * T * 4  # one fp32 (T, T) matrix per head
+        row("flash", f"causal attention fwd+bwd peak memory, naive (B={B}, H={H}, T={T}, D={D})",
+            f"{peaks['naive'] / 2**20:,.0f} MiB")
+        row("flash", "  tiled reference (flash_attention_reference, tiles 128)", f"{peaks['tiled'] / 2**20:,.0f} MiB")
+        row("flash", "  tiled / naive peak memory", f"{peaks['tiled'] / max(peaks['naive'], 1):.3f}x")
+        row("flash", "  one (T, T) fp32 score matrix, which the tiled version never builds",
+            f"{scores / 2**20:,.0f} MiB")
+
+        if T != sizes[0]:  # the time at the shorter length says enough (the tiled loops are Python)
+            continue
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+        do = torch.randn(B, H, T, D)
+        times = {"naive": [], "tiled": []}
+        for _ in range(repeat + 1):  # the first round warms up and is dropped
+            for impl, attend in (("naive", fa.naive_attention), ("tiled", fa.flash_attention_reference)):
+                t0 = time.perf_counter()
+                torch.autograd.grad(attend(q, k, v, causal=True), (q, k, v), do)
+                times[impl].append((time.perf_counter() - t0) * 1000)
+        naive_ms, tiled_ms = (statistics.median(times[i][1:]) for i in ("naive", "tiled"))
+        row("flash", f"  fwd+bwd time naive / tiled (CPU, {torch.get_num_threads()} threads)",
+            f"{naive_ms:,.0f} / {tiled_ms:,.0f} ms = {naive_ms / tiled_ms:.2f}x")
+
+def bench_flash_gpu(quick: bool = False):
+    """GPU: causal forward and forward+backward TFLOP/s of the Triton kernels vs PyTorch's
+    F.scaled_dot_product_attention restricted to its FlashAttention backend, bf16, 16k tokens
+    per batch and model width 2048 (B = 16384 / T, H = 2048 / D), as in the FlashAttention-2
+    paper. FLOPs: forward 4 B H T^2 D / 2 (causal), backward 2.5x the forward (five matmuls
+    to two). Medians of interleaved repeats timed with CUDA events."""
+    if not torch.cuda.is_available():
+        row("flash", "GPU TFLOP/s vs SDPA", "skipped (no CUDA)")
+        return
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flash_attention as fa
+
+    def sdpa(q, k, v, causal):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def ms_of(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    tokens, width, repeat = (4096, 1024, 3) if quick else (16384, 2048, 10)
+    lengths = (1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384)
+    for D in (64, 128):
+        # correctness on the GPU first: both against fp32 math attention
+        q, k, v = (torch.randn(2, 8, 1000, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        exact = fa.naive_attention(q.float(), k.float(), v.float(), causal=True)
+        errs = [((attend(q, k, v, True).float() - exact).abs().max() / exact.abs().max()).item()
+                for attend in (fa.flash_attention, sdpa)]
+        row("flash", f"GPU bf16 D={D} T=1000 max error / max value: ours, SDPA", f"{errs[0]:.1e}, {errs[1]:.1e}")
+        for T in lengths:
+            B, H = max(1, tokens // T), width // D
+            qkv = [torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+            do = torch.randn_like(qkv[0])
+            fwd_flops = 4 * B * H * T * T * D / 2
+            cases = {}
+            for name, attend in (("ours", fa.flash_attention), ("sdpa", sdpa)):
+                cases[name, "fwd"] = lambda attend=attend, qkv=qkv: attend(*qkv, True)
+                cases[name, "fwd+bwd"] = lambda attend=attend, qkv=qkv, do=do: torch.autograd.grad(
+                    attend(*qkv, True), qkv, do)
+            for fn in cases.values():  # warm-up: compiles the kernels
+                fn()
+            times = {key: [] for key in cases}
+            for _ in range(repeat):
+                for key, fn in cases.items():
+                    times[key].append(ms_of(fn))
+            for what, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
+                ours, theirs = (flops / (statistics.median(times[name, what]) / 1e3) / 1e12
+                                for name in ("ours", "sdpa"))
+                row("flash", f"GPU bf16 causal D={D} T={T} B={B} H={H} {what} TFLOP/s ours / SDPA",
+                    f"{ours:.0f} / {theirs:.0f} = {ours / theirs:.2f}x")
+
+# ----------------------------------------------------------------------------------------
+# serve (from the part that teaches it)
+
+
+def bench_serve(args) -> None:
+    """serve.py: 16 concurrent streamed requests of 64 new tokens on the GPT-2-124M shape
+    (random weights, greedy, ignore_eos so every request runs its 64 tokens), prompts of
+    8..64 tokens, all sent at once. Continuous batching (--max_batch 16: every decode step
+    serves every running request) against one request at a time (--max_batch 1: the same
+    engine, requests queue and run alone). Figures as a client sees them over HTTP: total
+    generated tokens/s (all 16 x 64 tokens over the wall time from the first send to the
+    last token), time to first token (TTFT, includes any wait in the queue) p50/p95 over
+    the requests, inter-token latency p50/p95 over every gap between two streamed chunks
+    (a chunk is one token, or a few where a byte-level token ends inside a character).
+    Medians over interleaved repeats (batched, one-at-a-time, batched, ...). Last, the
+    engine's decode step alone at 16 rows and at 1 row, interleaved step by step: the
+    ceiling of the gain, which prefill (the same work either way) then dilutes."""
+    import data
+    import gpt
+    import serve
+
+    quick = getattr(args, "quick", args)
+    torch.manual_seed(0)
+    if quick:
+        config = gpt.GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
+        n_requests, new_tokens, repeats, name = 4, 8, 1, "tiny"
+    else:
+        config = gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+        n_requests, new_tokens, repeats, name = 16, 64, 3, "124M"
+    model = gpt.GPT(config).eval()
+    # quick: a tiny vocabulary, any tokenizer of <= 512 ids
+    tok = data.load_tokenizer("char:" + "".join(chr(32 + i) for i in range(config.vocab_size)) if quick else "gpt2")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, tok.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(8, 65, (n_requests,), generator=g)]
+
+    def one_run(srv):
+        """Send every prompt at once; per request: send time, then the time of each token."""
+        port = srv.server_address[1]
+        stamps = [None] * n_requests
+        go = threading.Barrier(n_requests + 1)
+
+        def client(i):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            body = json.dumps({"prompt": prompts[i], "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                               "ignore_eos": True, "stream_options": {"include_usage": True}})
+            go.wait()
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            times, n = [], 0
+            for line in r:  # SSE: one "data: {...}" line per token (fewer where a token ends mid-character)
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["text"]:
+                        times.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+            stamps[i] = (t0, times, n)
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n_requests)]
+        for t in threads:
+            t.start()
+        go.wait()
+        for t in threads:
+            t.join()
+        start = min(s[0] for s in stamps)
+        end = max(s[1][-1] for s in stamps)
+        tokens = sum(s[2] for s in stamps)
+        ttft = sorted(s[1][0] - s[0] for s in stamps)
+        gaps = sorted(b - a for _, ts, _ in stamps for a, b in itertools.pairwise(ts))
+        return {"tok_s": tokens / (end - start), "tokens": tokens,
+                "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "itl_p50": pct(gaps, 50), "itl_p95": pct(gaps, 95)}
+
+    servers = {"batched": serve.make_server(model, tok, max_batch=n_requests, log_requests=False),
+               "one at a time": serve.make_server(model, tok, max_batch=1, max_queue=n_requests, log_requests=False)}
+    for srv in servers.values():
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    results = {k: [] for k in servers}
+    try:
+        for srv in servers.values():  # warm-up: allocator, threads, the batch-1 head copy
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=600)
+            conn.request("POST", "/v1/completions", body=json.dumps({"prompt": prompts[0], "max_tokens": 4}),
+                         headers={"Content-Type": "application/json"})
+            conn.getresponse().read()
+            conn.close()
+        for i in range(repeats):
+            for key, srv in servers.items():
+                results[key].append(one_run(srv))
+                print(f"  serve run {i + 1}/{repeats} {key}: {results[key][-1]['tok_s']:.1f} tok/s", file=sys.stderr)
+    finally:
+        for srv in servers.values():
+            srv.close()
+
+    # the engine's decode step alone, B=16 rows vs 1 row at the same context length, the two
+    # interleaved step by step (robust to a machine whose load drifts): where the gain comes from
+    engine = serve.Engine(model, tok.vocab_size, max_batch=n_requests)
+    length = max(len(p) for p in prompts) + new_tokens // 2
+    step_ms = {1: [], n_requests: []}
+    for _ in range(3 if quick else 10):
+        for b, times in step_ms.items():
+            tokens, pos = torch.zeros(b, 1, dtype=torch.long), torch.full((b,), length - 1)
+            t0 = time.perf_counter()
+            serve.decode_step(model, tokens, pos, engine._views(slice(0, b), length), engine.head)
+            times.append((time.perf_counter() - t0) * 1e3)
+    del engine
+
+    med = {k: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for k, runs in results.items()}
+    assert all(r["tokens"] == n_requests * new_tokens for runs in results.values() for r in runs)
+    what = f"{name} {n_requests} reqs x {new_tokens} tok"
+    for key, m in med.items():
+        row("serve", f"{what}, {key}: total", f"{m['tok_s']:.1f} tok/s")
+        row("serve", f"{what}, {key}: TTFT p50 / p95", f"{m['ttft_p50'] * 1e3:.0f} / {m['ttft_p95'] * 1e3:.0f} ms")
+        row("serve", f"{what}, {key}: inter-token p50 / p95",
+            f"{m['itl_p50'] * 1e3:.1f} / {m['itl_p95'] * 1e3:.1f} ms")
+    row("serve", f"{what}: tok/s batched / one at a time (goal >= 4x)",
+        f"{med['batched']['tok_s'] / med['one at a time']['tok_s']:.2f}x")
+    one, many = statistics.median(step_ms[1]), statistics.median(step_ms[n_requests])
+    row("serve", f"{name} decode step at {length} tok: 1 row / {n_requests} rows", f"{one:.1f} / {many:.1f} ms")
+    row("serve", f"{name} decode step: tok/s of {n_requests} rows / 1 row", f"{n_requests * one / many:.2f}x")
+
+def pct(sorted_values, q):
+    """The q-th percentile of sorted values (nearest rank)."""
+    return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
+
+# ----------------------------------------------------------------------------------------
+# bpe (from the part that teaches it)
+
+
+EOT = "<|endoftext|>"
+
+def interleaved(fns: dict, repeat: int, clock=time.perf_counter) -> dict:
+    """Median seconds of each function, the functions run in turn `repeat` times (after one
+    untimed round), so a noisy machine slows every side alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+def bench_bpe(args) -> None:
+    import data
+
+    quick = getattr(args, "quick", args)
+    text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
+    bench_bpe_encode(quick, text)
+    bench_bpe_train(quick, text)
+
+def bench_bpe_encode(quick, text):
+    import tiktoken
+
+    import bpe
+    import data
+
+    repeat = 2 if quick else 7
+    enc = tiktoken.get_encoding("gpt2")
+    tok = bpe.Tokenizer.from_gpt2_files(data.GPT2_VOCAB_BPE, data.GPT2_ENCODER_JSON)
+    curly = text.replace("'", "\u2019")  # no longer ASCII: the `regex` split
+    for name, sample in (("Tiny Shakespeare (ASCII)", text), ("Tiny Shakespeare, curly ' (not ASCII)", curly)):
+        sample = sample[:200_000] if quick else sample
+        assert tok.encode_ordinary(sample) == enc.encode_ordinary(sample), "bpe.py and tiktoken disagree"
+        mb = len(sample.encode("utf-8")) / 1e6
+        for clock_name, clock in (("wall", time.perf_counter), ("cpu", time.process_time)):
+            s = interleaved({"tiktoken": lambda t=sample: enc.encode_ordinary(t),
+                             "cold": lambda t=sample: (tok._cache.clear(), tok.encode_ordinary(t)),
+                             "warm": lambda t=sample: tok.encode_ordinary(t)}, repeat, clock)
+            if clock_name == "wall":
+                row("bpe", f"encode GPT-2, {name}: tiktoken, 1 thread", f"{mb / s['tiktoken']:.1f} MB/s")
+                row("bpe", f"encode GPT-2, {name}: bpe.py cold / warm cache",
+                    f"{mb / s['cold']:.1f} / {mb / s['warm']:.1f} MB/s")
+            row("bpe", f"  bpe.py time / tiktoken's, cold / warm ({clock_name}; goal <= 2.5x)",
+                f"{s['cold'] / s['tiktoken']:.2f}x / {s['warm'] / s['tiktoken']:.2f}x")
+
+    # encode_batch: documents of Tiny Shakespeare (paragraphs, ragged), all the machine's cores
+    docs = [d for d in text.split("\n\n") if d][:500 if quick else None]
+    n = os.cpu_count() or 1
+    assert tok.encode_batch(docs[:50], num_workers=2) == enc.encode_ordinary_batch(docs[:50])
+    s = interleaved({"tiktoken 1": lambda: enc.encode_ordinary_batch(docs, num_threads=1),
+                     f"tiktoken {n}": lambda: enc.encode_ordinary_batch(docs, num_threads=n),
+                     "bpe.py 1": lambda: (tok._cache.clear(), tok.encode_batch(docs, num_workers=1)),
+                     f"bpe.py {n}": lambda: (tok._cache.clear(), tok.encode_batch(docs, num_workers=n))},
+                    max(2, repeat // 2))
+    row("bpe", f"encode_batch {len(docs):,} docs: tiktoken 1 / {n} threads",
+        f"{s['tiktoken 1'] * 1000:.0f} / {s[f'tiktoken {n}'] * 1000:.0f} ms")
+    row("bpe", f"encode_batch: bpe.py 1 process (cold) / pool of {n} (fresh workers, cold)",
+        f"{s['bpe.py 1'] * 1000:.0f} / {s[f'bpe.py {n}'] * 1000:.0f} ms")
+    row("bpe", f"  bpe.py pool / tiktoken threads, {n} each", f"{s[f'bpe.py {n}'] / s[f'tiktoken {n}']:.2f}x")
+
+def hf_train(path, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train([str(path)], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return hf
+
+def bench_bpe_train(quick, text):
+    import bpe
+
+    try:
+        import tokenizers  # noqa: F401 (test-only reference)
+    except ImportError:
+        row("bpe", "train: HF tokenizers not installed", "skipped")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        small = Path(tmp) / "shakespeare.txt"
+        small.write_text(text[:200_000] if quick else text, encoding="utf-8")
+        for vocab_size in (500, 10_000):
+            s = interleaved({"bpe.py": lambda v=vocab_size: bpe.train_bpe_file(small, v, [EOT], num_workers=1),
+                             "hf": lambda v=vocab_size: hf_train(small, v)}, 1 if quick else 5)
+            vocab, merges = bpe.train_bpe_file(small, vocab_size, [EOT], num_workers=1)
+            ours = bpe.Tokenizer(vocab, merges, [EOT]).encode(text)
+            theirs = hf_train(small, vocab_size).encode(text).ids
+            row("bpe", f"train vocab {vocab_size:,}, Tiny Shakespeare, 1 thread: bpe.py / HF tokenizers",
+                f"{s['bpe.py']:.2f} / {s['hf']:.2f} s = {s['bpe.py'] / s['hf']:.2f}x")
+            row("bpe", "  tokens for all of Tiny Shakespeare: bpe.py / HF", f"{len(ours):,} / {len(theirs):,}")
+
+        # >= 50 MB: Tiny Shakespeare's paragraphs, shuffled, repeated, joined by <|endoftext|>
+        paragraphs = [p for p in text.split("\n\n") if p]
+        big, rng, parts, size = Path(tmp) / "big.txt", random.Random(0), [], 0
+        target = 2e6 if quick else 52e6
+        while size < target:
+            rng.shuffle(paragraphs)
+            parts.append(EOT.join(paragraphs))
+            size += len(parts[-1])
+        big.write_text(EOT.join(parts), encoding="utf-8")
+        mb, n = big.stat().st_size / 1e6, os.cpu_count() or 1
+        times = {}
+        for _ in range(1 if quick else 2):  # interleaved by hand: each run is long
+            for name, fn in (("bpe.py 1", lambda: bpe.train_bpe_file(big, 10_000, [EOT], num_workers=1)),
+                             ("hf 1", lambda: hf_train(big, 10_000)),
+                             (f"bpe.py {n}", lambda: bpe.train_bpe_file(big, 10_000, [EOT], num_workers=n))):
+                t0 = time.perf_counter()
+                fn()
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+        s = {name: statistics.median(t) for name, t in times.items()}
+        row("bpe", f"train vocab 10,000 on {mb:.0f} MB (repeated Shakespeare): bpe.py / HF, 1 thread",
+            f"{s['bpe.py 1']:.1f} / {s['hf 1']:.1f} s = {s['bpe.py 1'] / s['hf 1']:.2f}x")
+        row("bpe", f"  bpe.py with {n} counting processes", f"{s[f'bpe.py {n}']:.1f} s")
+
+# ----------------------------------------------------------------------------------------
+# export (from the part that teaches it)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+def _reference_gguf(path, metadata: dict, tensors: list):
+    """gguf-py's GGUFWriter (llama.cpp's converter's writer) on the same metadata and tensors,
+    quantized by gguf-py's reference quantizers: the same bytes as ours (tests/test_export.py)."""
+    import gguf
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.constants import GGUFValueType as V
+    from gguf.quants import quantize
+
+    import export
+
+    writer = gguf.GGUFWriter(path, arch=metadata["general.architecture"][1])
+    for key, (kind, value) in metadata.items():
+        if key != "general.architecture":
+            if kind == export.ARRAY:
+                writer.add_key_value(key, value[1], V(kind), sub_type=V(value[0]))
+            else:
+                writer.add_key_value(key, value, V(kind))
+    for name, t, ggml_type in tensors:
+        writer.add_tensor(name, quantize(t.detach().float().numpy(), Q(ggml_type)), raw_dtype=Q(ggml_type))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+def bench_export(args) -> None:
+    """export.py on random GPT-2-124M weights (nanollm's shape: vocab padded to 50304, tied
+    head) with GPT-2's tokenizer, from the model in memory to files on disk:
+    - hf: ours (export_hf: model.safetensors + tokenizer files) vs transformers'
+      save_pretrained of the same GPT2LMHeadModel plus its tokenizer's save_pretrained;
+    - gguf f32 / f16 / q8_0: ours (export_gguf: metadata with the 50k-token tokenizer,
+      tensors converted and quantized in torch) vs gguf-py's GGUFWriter given the same
+      metadata and tensors, quantized by gguf-py's numpy reference;
+    - peft (an r=8 adapter on c_attn, c_proj, c_fc): ours (export_peft) vs PeftModel.save_pretrained.
+    Wall time: median of interleaved repeats (ours, reference, ours, ...), each into a fresh
+    path; the ratio is reference time / our time (> 1: ours is faster). Sizes in MiB."""
+    import export
+    import gpt
+    import lora
+
+    quick = getattr(args, "quick", args)
+    torch.manual_seed(0)
+    if quick:
+        config = gpt.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)
+        repeats, shape = 1, "tiny"
+    else:
+        config = gpt.GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+        repeats, shape = 3, "124M"
+    model = gpt.GPT(config).eval()
+    spec = "gpt2"
+    export.byte_bpe(spec)  # GPT-2's tokenizer is built once per process (cached): not timed
+
+    import peft
+    import transformers
+
+    hf_dir = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    try:
+        export.export_hf(model, spec, hf_dir)  # the reference side's inputs: the same weights in HF
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        lora.apply_lora(model, r=8, alpha=16)
+        adapter = lora.lora_state_dict(model, "gpt2")
+        lora.merge_lora(model)  # B = 0: the weights are unchanged
+        peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(**{
+            k: v for k, v in export.peft_config(adapter).items()
+            if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "task_type")}))
+        counter = iter(range(10**6))
+
+        def fresh(suffix=""):
+            return hf_dir.parent / f"{hf_dir.name}_{next(counter)}{suffix}"
+
+        def ours_gguf(gguf_type):
+            return lambda out: export.export_gguf(model, spec, out, gguf_type, "bench")
+
+        def ref_gguf(gguf_type):
+            def run(out):
+                ggml_type, file_type = export.GGUF_TYPES[gguf_type]
+                metadata = export.gguf_metadata(config, "bench", file_type, 4 * config.n_embd) | export.gguf_tokenizer(
+                    spec, config.vocab_size)
+                _reference_gguf(out, metadata, export.gguf_tensors(model, ggml_type))
+            return run
+
+        def mkdir_then(fn):
+            def run(out):
+                out.mkdir()
+                fn(out)
+            return run
+
+        cases = [
+            ("hf", "", mkdir_then(lambda out: export.export_hf(model, spec, out)),
+             lambda out: (hf_model.save_pretrained(out), hf_tok.save_pretrained(out)), "transformers"),
+            *[(f"gguf {t}", ".gguf", ours_gguf(t), ref_gguf(t), "gguf-py") for t in ("f32", "f16", "q8_0")],
+            ("peft r=8", "", mkdir_then(lambda out: export.export_peft(adapter, out)),
+             lambda out: peft_model.save_pretrained(out), "peft"),
+        ]
+        for label, suffix, ours, reference, who in cases:
+            times = {"ours": [], "ref": []}
+            sizes = {}
+            for _ in range(repeats):
+                for side, fn in (("ours", ours), ("ref", reference)):
+                    out = fresh(suffix)
+                    t0 = time.perf_counter()
+                    fn(out)
+                    times[side].append(time.perf_counter() - t0)
+                    sizes[side] = _size(out)
+                    shutil.rmtree(out) if out.is_dir() else out.unlink()
+            t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
+            row("export", f"{shape} {label}: ours / {who}", f"{t_ours:.2f} s / {t_ref:.2f} s "
+                f"({t_ref / t_ours:.2f}x), {sizes['ours'] / 2**20:,.1f} / {sizes['ref'] / 2**20:,.1f} MiB")
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)
+
+# ----------------------------------------------------------------------------------------
+# research (from the part that teaches it)
+
+
+# One measurement per fresh process: peak-RSS growth (VmHWM after /proc/self/clear_refs reset
+# it, minus VmRSS with the inputs in place) and wall time of KD loss + backward. A fresh process
+# per run, so one mode's freed memory never serves the other's peak.
+_KD_CHILD = """
+import json, sys, time, torch
+sys.path.insert(0, {root!r})
+import distill
+mode, N, V, C_s, C_t, chunk = sys.argv[1], *map(int, sys.argv[2:7])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+g = torch.Generator(device=device).manual_seed(0)
+x = torch.randn(N, C_s, device=device, generator=g, requires_grad=True)
+w = (0.02 * torch.randn(V, C_s, device=device, generator=g)).requires_grad_(True)
+h_t = torch.randn(N, C_t, device=device, generator=g)
+w_t = 0.02 * torch.randn(V, C_t, device=device, generator=g)
+y = torch.randint(0, V, (N,), device=device, generator=g)
+y[::7] = -1  # some rows without a target, as after padding
+
+
+def status_kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+
+def run(x, w, y, h_t, w_t):
+    if mode == "naive":
+        loss = distill.naive_kd_loss(x @ w.t(), y, h_t @ w_t.t(), tau=2.0, alpha=0.5)
+    else:
+        loss = distill.kd_loss(x, w, y, h_t, w_t, tau=2.0, alpha=0.5, chunk_size=chunk)
+    loss.backward()
+
+
+# warm-up on 4 rows and 64 tokens: imports (torch.func's first use), kernels; small enough that
+# no allocator cache it leaves can serve the measured run
+run(x[:4].detach().requires_grad_(True), w[:64].detach().requires_grad_(True), y[:4] % 64, h_t[:4], w_t[:64])
+if device == "cuda":
+    run(x, w, y, h_t, w_t)  # the CUDA allocator caches anyway: warm it fully
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    run(x, w, y, h_t, w_t)
+    torch.cuda.synchronize()
+    ms, peak = (time.perf_counter() - t0) * 1000, torch.cuda.max_memory_allocated() - base
+else:
+    open("/proc/self/clear_refs", "w").write("5")  # reset this process's peak-RSS mark
+    before = status_kib("VmRSS")
+    t0 = time.perf_counter()
+    run(x, w, y, h_t, w_t)
+    ms, peak = (time.perf_counter() - t0) * 1000, (status_kib("VmHWM") - before) * 1024
+print(json.dumps({{"ms": ms, "peak": peak, "device": device}}))
+"""
+
+def bench_research(args) -> None:
+    """distill.py: peak memory and time of the KD loss + backward, chunked (1024 rows at a time,
+    teacher logits made per chunk under no_grad) against naive (both models' full (N, V)
+    logits, F.kl_div), at GPT-2's vocabulary V = 50257, a GPT-2-small teacher (C_t = 768)
+    and a half-width student (C_s = 384). N = 4096 rows (CPU) or 16384 (GPU: 16 x 1024).
+    Medians of interleaved runs (naive, chunked, naive, ...), each in a fresh process."""
+    quick = getattr(args, "quick", args)
+    cuda = torch.cuda.is_available()
+    N, V, C_s, C_t, chunk = (512, 4096, 64, 128, 128) if quick else (16384 if cuda else 4096, 50257, 384, 768, 1024)
+    repeats = 1 if quick else 3
+    res = {"naive": [], "chunked": []}
+    for _ in range(repeats):
+        for mode in res:
+            out = subprocess.run([sys.executable, "-c", _KD_CHILD.format(root=str(ROOT)), mode,
+                                  str(N), str(V), str(C_s), str(C_t), str(chunk)],
+                                 capture_output=True, text=True, check=True)
+            res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    dev = res["naive"][0]["device"]
+    peak = {m: statistics.median(r["peak"] for r in rs) for m, rs in res.items()}
+    ms = {m: statistics.median(r["ms"] for r in rs) for m, rs in res.items()}
+    shape = f"N={N}, V={V}, C_s={C_s}, C_t={C_t}"
+    logits_mib = N * V * 4 / 2**20
+    for m in res:
+        row("research", f"KD loss+backward {m} ({shape}, {dev})", f"{peak[m] / 2**20:,.0f} MiB peak, {ms[m]:,.0f} ms")
+    row("research", "one (N, V) fp32 logits tensor for comparison", f"{logits_mib:,.0f} MiB")
+    row("research", "KD peak memory chunked / naive", f"{peak['chunked'] / max(peak['naive'], 1):.2f}x")
+    row("research", "KD time chunked / naive (backward recomputes each chunk)", f"{ms['chunked'] / ms['naive']:.2f}x")
+
+# ----------------------------------------------------------------------------------------
+# sft (from the part that teaches it)
+
+
+def bench_sft(quick: bool) -> None:
+    """sft.py's two batch layouts on the same conversations: packed rows of T tokens with a
+    block-diagonal mask, or one conversation per row padded to the batch's longest. The
+    conversations are Tiny Shakespeare passages in the chat template (GPT-2 BPE + the four
+    chat tokens), 1-3 exchanges of user and assistant turns whose lengths are drawn
+    log-normally (median T/8 tokens, a tail up to T/2), the raggedness of real chat data;
+    longer conversations are cut at T. A training step is forward + backward + AdamW: on a GPU
+    the GPT-2 124M shape at T = 1024, B = 8 rows; on a CPU a 4-layer 256-wide GPT (with
+    GPT-2's 50k vocabulary) at T = 256, B = 4. Figures: real (non-pad) tokens/s, the share of computed
+    positions that carry loss, and that hold a real token; medians over interleaved repeats
+    (packed, padded, packed, ...), both layouts from one run. Then the built-in task (python
+    sft.py at its defaults): exact match before/after and wall time."""
+    import common
+    import data
+    import gpt
+    import sft
+
+    device = common.pick_device("auto")
+    dtype = common.pick_dtype(device, "auto")
+    if quick:
+        T, batch_size, shape, repeat, steps = 64, 4, (2, 2, 64), 2, 2
+    elif device == "cpu":
+        T, batch_size, shape, repeat, steps = 256, 4, (4, 4, 256), 3, 2
+    else:  # the GPT-2 124M shape
+        T, batch_size, shape, repeat, steps = 1024, 8, (12, 12, 768), 5, 3
+    tok = sft.ChatTokenizer(data.load_tokenizer("gpt2"))
+    text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
+    rng = random.Random(0)
+
+    def passage():  # a log-normal number of GPT-2 tokens of Shakespeare (median T / 8), as text
+        n = max(1, min(T // 2, int(rng.lognormvariate(math.log(T / 8), 1.0))))
+        start = rng.randrange(len(text) - 8 * n)
+        return tok.base.decode(tok.base.encode(text[start:start + 8 * n])[:n]).strip() or "x"
+
+    convs = []
+    for _ in range(300 if quick else 1000):
+        messages = []
+        for _ in range(rng.randint(1, 3)):
+            messages += [{"role": "user", "content": passage()}, {"role": "assistant", "content": passage()}]
+        convs.append(messages)
+    examples = [sft.to_example(*sft.render_conversation(m, tok), T) for m in convs]
+    examples = [e for e in examples if e is not None]
+
+    n_layer, n_head, n_embd = shape
+    cfg = gpt.GPTConfig(block_size=T, vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    torch.manual_seed(0)
+    model = gpt.GPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    streams = {pack: sft.make_batches(examples, sft.shuffled_forever(len(examples), torch.Generator().manual_seed(1)),
+                                      batch_size, T, pack) for pack in (True, False)}
+    sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
+    stats = {pack: {"s": [], "tokens": 0, "targets": 0, "positions": 0, "time": 0.0} for pack in (True, False)}
+    for rep in range(repeat + 1):  # the first round warms up and is not counted
+        for pack in (True, False):
+            batches = [sft.to_device(next(streams[pack]), device) for _ in range(steps)]
+            sync()
+            t0 = time.perf_counter()
+            for b in batches:
+                with common.autocast(device, dtype):
+                    loss = sft.batch_loss(model, b)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            dt = time.perf_counter() - t0
+            if rep:
+                s = stats[pack]
+                n_tok = sum(b["n_tokens"] for b in batches)
+                s["s"].append(n_tok / dt)
+                s["tokens"] += n_tok
+                s["targets"] += sum(int((b["targets"] != -1).sum()) for b in batches)
+                s["positions"] += sum(b["idx"].numel() for b in batches)
+    packed, padded = stats[True], stats[False]
+    name = f"{cfg.n_layer}L/{cfg.n_embd}, T={T}, B={batch_size}, {device}"
+    tps = {k: statistics.median(v["s"]) for k, v in stats.items()}
+    row("sft", f"real tokens/s ({name}): packed / padded",
+        f"{tps[True]:,.0f} / {tps[False]:,.0f} = {tps[True] / tps[False]:.2f}x")
+    row("sft", "positions computed that carry loss: packed / padded",
+        f"{100 * packed['targets'] / packed['positions']:.0f}% / {100 * padded['targets'] / padded['positions']:.0f}%")
+    row("sft", "positions computed that hold a real token: packed / padded",
+        f"{100 * packed['tokens'] / packed['positions']:.0f}% / {100 * padded['tokens'] / padded['positions']:.0f}%")
+    n_assist = sum(sum(t != -1 for t in y) for _, y in examples)
+    row("sft", "assistant tokens among all tokens of the data", f"{100 * n_assist / sum(len(x) for x, _ in examples):.0f}%")
+
+    if quick:
+        args = ["--base_iters", "20", "--max_iters", "20", "--n_train", "200", "--n_test", "20",
+                "--base_layer", "1", "--base_embd", "32", "--base_head", "2", "--eval_interval", "20"]
+    else:
+        args = []
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        result = sft.main(args + ["--out_dir", out])
+        wall = time.perf_counter() - t0
+    row("sft", f"built-in task{' (quick)' if quick else ''}: exact match before / after SFT",
+        f"{100 * result['accuracy_before']:.1f}% / {100 * result['accuracy_after']:.1f}%")
+    row("sft", f"built-in task: wall time (pretraining the base + SFT, {torch.get_num_threads()} threads)",
+        f"{wall:.0f} s")
+
+# ----------------------------------------------------------------------------------------
+# llama (from the part that teaches it)
+
+
+# (hidden, layers, heads, kv heads, intermediate, vocab, tied, rope theta)
+LLAMA_3_2_1B = (2048, 16, 32, 8, 8192, 128256, True, 500000.0)
+
+SMOLLM2_135M = (576, 30, 9, 3, 1536, 49152, True, 100000.0)
+
+LLAMA_3_8B = (4096, 32, 32, 8, 14336, 128256, False, 500000.0)
+
+LLAMA_3_70B = (8192, 80, 64, 8, 28672, 128256, False, 500000.0)
+
+def llama_config(shape, block_size=2048):
+    import gpt
+
+    hidden, layers, heads, kv, inter, vocab, tied, theta = shape
+    return gpt.llama_config(block_size=block_size, vocab_size=vocab, n_layer=layers, n_head=heads, n_kv_head=kv,
+                            n_embd=hidden, mlp_hidden=inter, tie_embeddings=tied, rope_theta=theta, norm_eps=1e-5)
+
+def hf_llama_config(shape, transformers, block_size=2048):
+    hidden, layers, heads, kv, inter, vocab, tied, theta = shape
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                                    max_position_embeddings=block_size, rms_norm_eps=1e-5, rope_theta=theta,
+                                    tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+
+def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
+    """Random bf16 weights of config as Hugging Face's sharded safetensors (+ index, config.json);
+    one tensor at a time, so writing needs about one shard of memory. Returns the bf16 bytes."""
+    import gpt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = {gpt.to_hf_name(k, "llama"): tuple(p.shape) for k, p in gpt.empty_model(config).named_parameters()}
+    shards, current, size, total = [], {}, 0, 0
+    for name, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.bfloat16)
+        t.normal_(0, 0.02) if len(shape) == 2 else t.fill_(1.0)
+        current[name], size = t, size + t.numel() * 2
+        if size >= shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        gpt.write_safetensors(folder / fname, shard)
+        weight_map.update({k: fname for k in shard})
+        total += sum(t.numel() * 2 for t in shard.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    hidden, layers, heads, kv, inter, vocab, tied, theta = config_shape(config)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "intermediate_size": inter, "vocab_size": vocab, "tie_word_embeddings": tied, "rope_theta": theta,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": config.block_size, "hidden_act": "silu",
+        "torch_dtype": "bfloat16"}))
+    return total
+
+def config_shape(c):
+    return (c.n_embd, c.n_layer, c.n_head, c.kv_heads, c.mlp_hidden, c.vocab_size, c.tie_embeddings, c.rope_theta)
+
+LOAD_SCRIPT = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+import torch
+if {who!r} == "ours":
+    import gpt
+    load = lambda: gpt.load_pretrained({folder!r})[0]
+else:
+    import transformers
+    load = lambda: transformers.LlamaForCausalLM.from_pretrained({folder!r}, dtype=torch.bfloat16)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the interpreter and the imports
+t0 = time.perf_counter()
+model = load()
+wall = time.perf_counter() - t0
+assert {{p.dtype for p in model.parameters()}} == {{torch.bfloat16}}
+n = sum(p.numel() for p in model.parameters())
+print(json.dumps(dict(wall=wall, peak_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base_kib=base, params=n)))
+"""
+
+def load_in_fresh_process(who, folder):
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT.format(root=str(ROOT), who=who, folder=str(folder))],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+def bench_load(quick):
+    try:
+        import transformers  # noqa: F401
+        peers = ("ours", "hf")
+    except ImportError:
+        peers = ("ours",)
+    shape = (256, 2, 4, 2, 512, 4096, True, 500000.0) if quick else LLAMA_3_2_1B
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        t0 = time.perf_counter()
+        nbytes = write_random_shards(llama_config(shape), Path(tmp), shard_bytes=(1 << 20) if quick else 512 << 20)
+        name = f"{nbytes / 2 / 1e9:.2f}B-param Llama, bf16, {len(list(Path(tmp).glob('*.safetensors')))} shards"
+        row("llama", f"write {name}", f"{time.perf_counter() - t0:.1f} s")
+        runs = {who: [] for who in peers}
+        for _ in range(2 if quick else 3):  # interleaved: ours, hf, ours, hf, ...
+            for who in peers:
+                runs[who].append(load_in_fresh_process(who, tmp))
+        for who in peers:
+            wall = statistics.median(r["wall"] for r in runs[who])
+            peak = statistics.median(r["peak_kib"] for r in runs[who]) * 1024
+            base = statistics.median(r["base_kib"] for r in runs[who]) * 1024
+            label = "gpt.load_pretrained" if who == "ours" else "transformers from_pretrained"
+            row("llama", f"load {label}: wall", f"{wall:.2f} s")
+            row("llama", f"load {label}: peak RSS / bf16 bytes (goal <= 1.3x)",
+                f"{peak / nbytes:.2f}x ({peak / 2**30:.2f} GiB; imports before loading {base / 2**30:.2f} GiB, "
+                f"load alone {(peak - base) / nbytes:.2f}x)")
+        if len(peers) == 2:
+            ratio = statistics.median(r["wall"] for r in runs["hf"]) / statistics.median(r["wall"] for r in runs["ours"])
+            row("llama", "load wall: transformers / ours", f"{ratio:.2f}x")
+
+def bench_decode(quick):
+    import gpt
+    import sample
+
+    torch.manual_seed(0)
+    shape = (64, 2, 4, 2, 128, 512, True, 100000.0) if quick else SMOLLM2_135M
+    prompt_len, new_tokens, repeat = (8, 16, 2) if quick else (32, 256, 3)
+    model = gpt.GPT(llama_config(shape)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # std 0.02 gives near-uniform logits: make greedy tokens vary
+            p.normal_(0, 0.1) if p.dim() == 2 else None
+    n_params = sum(p.numel() for p in model.parameters())
+    prompt = torch.randint(0, shape[5], (1, prompt_len), generator=torch.Generator().manual_seed(1))
+
+    def ours():
+        out = []
+        for tok in sample.generate(model, prompt, new_tokens, temperature=0):
+            out.append(int(tok))
+            if len(out) == 1:
+                t_first = time.perf_counter()
+        return time.perf_counter() - t_first, out
+
+    try:
+        import transformers
+        hf = transformers.LlamaForCausalLM(hf_llama_config(shape, transformers)).eval()
+        hf.load_state_dict(model.to_hf_state_dict(), strict=True)
+    except ImportError:
+        hf = None
+
+    def theirs():
+        # decode time = all new tokens minus one prefill (timed alone: max_new_tokens=1)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
+            t1 = time.perf_counter()
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              do_sample=False)
+            t2 = time.perf_counter()
+        return (t2 - t1) - (t1 - t0), out[0, prompt_len:].tolist()
+
+    # the bound: a 1-row fp32 product over as many weights as the model has, in the faster layout
+    k = 1024
+    w = torch.randn(n_params // k, k)
+    x, x_k = torch.randn(1, n_params // k), torch.randn(1, k)
+    bound_ms = min(median_ms(lambda: x @ w, repeat=5), median_ms(lambda: torch.nn.functional.linear(x_k, w), repeat=5))
+    ours(), theirs() if hf is not None else None  # warm-up
+    times = {"ours": [], "hf": []}
+    for _ in range(repeat):
+        s, ours_out = ours()
+        times["ours"].append(s)
+        if hf is not None:
+            s, hf_out = theirs()
+            times["hf"].append(s)
+    steps = new_tokens - 1
+    name = "SmolLM2-135M-shaped" if not quick else "tiny Llama"
+    ours_tps = steps / statistics.median(times["ours"])
+    row("llama", f"memory bound: 1-row fp32 product over {n_params / 1e6:.0f}M weights", f"{bound_ms:.2f} ms ({1e3 / bound_ms:.1f} tok/s)")
+    row("llama", f"{name} B=1 decode {new_tokens} tok, sample.generate", f"{ours_tps:.1f} tok/s ({ours_tps * bound_ms / 1e3:.0%} of the bound)")
+    if hf is not None:
+        hf_tps = steps / statistics.median(times["hf"])
+        row("llama", f"{name} B=1 decode, LlamaForCausalLM.generate (same tokens: {ours_out == hf_out})",
+            f"{hf_tps:.1f} tok/s ({hf_tps * bound_ms / 1e3:.0%} of the bound)")
+        row("llama", f"{name} B=1 decode: ours / transformers", f"{ours_tps / hf_tps:.2f}x")
+
+def bench_kv_and_paper():
+    import sample
+
+    smol = llama_config(SMOLLM2_135M)
+    gqa, full = sample.kv_bytes_per_token(smol, torch.bfloat16), sample.kv_bytes_per_token(smol, torch.bfloat16, smol.n_head)
+    row("llama", "SmolLM2-135M KV cache per token, bf16: GQA (3 kv heads) / full (9)",
+        f"{gqa:,} / {full:,} bytes ({full / gqa:.0f}x; 8192 tokens: {gqa * 8192 / 2**20:.0f} vs {full * 8192 / 2**20:.0f} MiB)")
+
+    nf4_bytes = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax
+
+    def shapes(shape):
+        hidden, layers, heads, kv, inter, vocab, tied, _ = shape
+        hd = hidden // heads
+        proj = [(hidden, heads * hd), (hidden, kv * hd), (hidden, kv * hd), (heads * hd, hidden),
+                (hidden, inter), (hidden, inter), (inter, hidden)]  # q k v o gate up down: (in, out)
+        linear = layers * sum(i * o for i, o in proj)
+        embed = vocab * hidden * (1 if tied else 2)
+        norms = (2 * layers + 1) * hidden
+        return proj, layers, linear, embed, norms
+
+    for label, shape, r in (("Llama-3-8B", LLAMA_3_8B, 16), ("Llama-3-70B", LLAMA_3_70B, 16)):
+        proj, layers, linear, embed, norms = shapes(shape)
+        lora = layers * sum(r * (i + o) for i, o in proj)
+        frozen = linear * nf4_bytes + (embed + norms) * 2  # NF4 linears; embedding, head, norms bf16
+        train = lora * (4 + 4 + 8)  # fp32 adapter weights, gradients, Adam's two moments
+        if label == "Llama-3-8B":
+            row("llama", f"{label} QLoRA r={r}, on paper: NF4 linears + bf16 embed/head",
+                f"{frozen / 2**30:.1f} GiB frozen (bf16: {(linear + embed + norms) * 2 / 2**30:.1f} GiB) "
+                f"+ {train / 2**30:.2f} GiB LoRA params/grads/Adam ({lora / 1e6:.0f}M)")
+        else:
+            row("llama", f"{label} FSDP2+QLoRA r={r} on 8 GPUs, on paper, per GPU",
+                f"{frozen / 8 / 2**30:.1f} GiB frozen + {train / 8 / 2**30:.2f} GiB LoRA params/grads/Adam "
+                f"(whole model {frozen / 2**30:.1f} GiB; activations and the gathered layer not counted)")
+
+def bench_llama(args) -> None:
+    """The Llama family: ~1B bf16 sharded load vs transformers, SmolLM2-135M-shaped batch-1
+    decode vs transformers and vs the memory bound, GQA KV bytes, 8B/70B QLoRA memory on paper."""
+    quick = getattr(args, "quick", args)
+    bench_kv_and_paper()
+    bench_decode(quick)
+    bench_load(quick)
+
 SECTIONS = {"train": bench_train, "loss": bench_loss, "sample": bench_sample, "bpe": bench_bpe, "nf4": bench_nf4,
-            "lora": bench_lora, "fsdp2": bench_fsdp2, "dpo": bench_dpo, "moe": bench_moe, "hellaswag": bench_hellaswag}
+            "lora": bench_lora, "fsdp2": bench_fsdp2, "dpo": bench_dpo, "moe": bench_moe, "hellaswag": bench_hellaswag,
+            "flash": bench_flash, "serve": bench_serve, "bpe": bench_bpe, "export": bench_export, "distill": bench_research, "sft": bench_sft, "llama": bench_llama}
 
 
 # ----------------------------------------------------------------------------------------
@@ -933,7 +1803,7 @@ def bench_gpu(quick: bool, dry_run: bool = False) -> None:
         raise NanoError(f"gpu check failed in: {', '.join(failures)}")
 
 
-GPU_EXTRAS: list = []  # (name, fn(quick)) of GPU parts that are not plain sections
+GPU_EXTRAS = [("flash", bench_flash_gpu)]  # GPU parts that are not plain sections: (name, fn(quick))
 
 
 @cli

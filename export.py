@@ -1,0 +1,644 @@
+"""Export a nanollm checkpoint to the ecosystem's formats: Hugging Face, GGUF (llama.cpp), PEFT.
+
+A checkpoint of this repo is a torch.save dict only nanollm reads. Each format below is the
+same weights under the names, layouts and metadata another tool expects, and each is checked
+in tests/test_export.py by the library that owns it:
+
+- Hugging Face (`--to hf DIR`): config.json in the architecture's own schema (GPT-2 as
+  GPT2LMHeadModel; the Llama family as LlamaForCausalLM, Qwen2ForCausalLM or
+  Qwen3ForCausalLM), model.safetensors (GPT.to_hf_state_dict: HF's GPT-2 keeps its
+  projections as Conv1D, weight (in, out), so they are transposed back), and the
+  tokenizer: tokenizer.json (+ GPT-2's vocab.json and merges.txt) for a byte-level BPE
+  ("gpt2", a bpe.py file, a tokenizer.json), a small tokenizer.json for characters.
+  transformers' AutoModelForCausalLM and AutoTokenizer load the folder, and so does
+  gpt.load_pretrained.
+- GGUF v3 (`--to gguf FILE`), the one-file format of llama.cpp and Ollama: a header, typed
+  metadata (the architecture's hyperparameters, the tokenizer as tokenizer.ggml.*), tensor
+  infos, then aligned tensor data in F32, F16 or Q8_0 (8-bit blocks: quantize_q8_0). The
+  names, tensor layouts (Llama's q/k rows reordered for llama.cpp's RoPE) and metadata keys
+  are those of llama.cpp's own converter, convert_hf_to_gguf.py, and the bytes equal what
+  gguf-py's GGUFWriter writes of them; the writer here is ~100 lines.
+- PEFT (`--to peft DIR`): a LoRA adapter of lora.py as adapter_config.json +
+  adapter_model.safetensors with PEFT's key names (base_model.model.<HF module>.lora_A.weight),
+  so `PeftModel.from_pretrained(AutoModelForCausalLM..., DIR)` applies it to the HF export of its base.
+
+Run:
+  python export.py --ckpt out/ckpt.pt --to hf out-hf
+  python export.py --ckpt out/ckpt.pt --to gguf out/model.gguf --gguf_type q8_0
+  python export.py --adapter out-lora/adapter.pt --to peft out-peft
+  python export.py --ckpt out/ckpt.pt --adapter out-lora/adapter.pt --to hf out-merged  (LoRA merged in)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import bpe
+import data
+import gpt
+import lora
+from common import NanoError, cli, parse_config
+
+# ----------------------------------------------------------------------------------------
+# GGUF v3 (github.com/ggml-org/ggml/blob/master/docs/gguf.md), all little-endian:
+#
+#   b"GGUF" | version u32 = 3 | tensor count u64 | metadata count u64
+#   metadata, one after the other: key (string) | value type u32 | value
+#   tensor infos: name (string) | n_dims u32 | dims u64 each | ggml type u32 | data offset u64
+#   zero padding to the alignment (32), then the tensor data, each tensor at its offset
+#
+# A string is its UTF-8 length u64 + bytes; an array is element type u32 + count u64 +
+# elements. dims are ggml's order, fastest-varying first: a torch (rows, cols) weight is
+# written (cols, rows), its bytes unchanged (row-major either way).
+
+GGUF_VERSION, GGUF_ALIGNMENT = 3, 32
+# metadata value types (gguf_type)
+U8, I8, U16, I16, U32, I32, F32_VALUE, BOOL, STRING, ARRAY, U64, I64, F64_VALUE = range(13)
+_SCALAR_FORMAT = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32_VALUE: "<f",
+                  BOOL: "<?", U64: "<Q", I64: "<q", F64_VALUE: "<d"}
+# tensor types (ggml_type) and what general.file_type (llama_ftype) calls a file of mostly that type
+GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
+GGUF_TYPES = {"f32": (GGML_F32, 0), "f16": (GGML_F16, 1), "q8_0": (GGML_Q8_0, 7)}
+Q8_0_BLOCK = 32
+
+
+def _gguf_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _gguf_value(kind: int, value) -> bytes:
+    """One typed metadata value: (STRING, "gpt2"), (U32, 12), (ARRAY, (I32, [1, 1, 3]))."""
+    if kind == STRING:
+        return _gguf_string(value)
+    if kind == ARRAY:
+        item_kind, items = value
+        if item_kind in _SCALAR_FORMAT:  # one pack call for the whole array (50k token types)
+            body = struct.pack(f"<{len(items)}{_SCALAR_FORMAT[item_kind][1]}", *items)
+        else:
+            body = b"".join(_gguf_value(item_kind, x) for x in items)
+        return struct.pack("<IQ", item_kind, len(items)) + body
+    return struct.pack(_SCALAR_FORMAT[kind], value)
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0, ggml's 8-bit format: every row is cut into blocks of 32 consecutive weights;
+    a block is stored as one fp16 scale d = max|x| / 127 followed by 32 int8 values
+    q = round(x / d), so x ~ d * q: 34 bytes per 32 weights (8.5 bits per weight) and an
+    error of at most d / 2 per weight (plus the fp16 rounding of d), relative to the
+    block's own largest weight, so an outlier costs precision only within its block.
+    Rounding is half away from zero (C's roundf) with the scale's fp32 reciprocal, as
+    ggml's quantize_row_q8_0_ref, so the bytes are llama.cpp's own.
+    x: (..., K) with K % 32 == 0 -> uint8 (n_blocks, 34), blocks in row-major order."""
+    if x.shape[-1] % Q8_0_BLOCK:
+        raise NanoError(f"Q8_0 needs rows of a multiple of {Q8_0_BLOCK} values (got {x.shape[-1]}; use f16)")
+    blocks = x.detach().float().reshape(-1, Q8_0_BLOCK)
+    out = torch.empty(blocks.shape[0], 2 + Q8_0_BLOCK, dtype=torch.uint8)
+    for start in range(0, blocks.shape[0], 1 << 15):  # 4 MiB at a time: the temporaries stay in cache
+        b = blocks[start:start + (1 << 15)]
+        d = b.abs().amax(dim=1, keepdim=True) / 127
+        scaled = b * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        # |scaled| rounded half up as floor(a) + floor(2 * (a - floor(a))), exactly gguf-py's np_roundf
+        magnitude = scaled.abs()
+        whole = magnitude.floor()
+        q = magnitude.sub_(whole).mul_(2).floor_().add_(whole).copysign_(scaled)
+        out[start:start + len(b), :2] = d.half().view(torch.uint8)  # the fp16 scale's two bytes
+        out[start:start + len(b), 2:] = q.to(torch.int8).view(torch.uint8)
+    return out
+
+
+def tensor_bytes(t: torch.Tensor, ggml_type: int):
+    """The tensor's data as ggml stores it: a uint8 numpy array (a buffer, no extra copy)."""
+    if ggml_type == GGML_F32:
+        out = t.detach().float()
+    elif ggml_type == GGML_F16:
+        out = t.detach().half()
+    else:
+        out = quantize_q8_0(t)
+    return out.contiguous().cpu().view(torch.uint8).numpy().reshape(-1)
+
+
+def _nbytes(shape, ggml_type: int) -> int:
+    n = math.prod(shape)
+    return {GGML_F32: 4 * n, GGML_F16: 2 * n, GGML_Q8_0: n // Q8_0_BLOCK * (2 + Q8_0_BLOCK)}[ggml_type]
+
+
+def write_gguf(path, metadata: dict, tensors: list[tuple[str, torch.Tensor, int]]):
+    """metadata: {key: (value type, value)}; tensors: [(name, tensor, ggml type)] in file
+    order. Written to a temp file, then renamed; tensor data is streamed one at a time."""
+    def aligned(n):
+        return n + (-n % GGUF_ALIGNMENT)
+
+    header = [b"GGUF", struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata))]
+    for key, (kind, value) in metadata.items():
+        header += [_gguf_string(key), struct.pack("<I", kind), _gguf_value(kind, value)]
+    offset = 0
+    for name, t, ggml_type in tensors:
+        dims = list(reversed(t.shape))  # ggml order: fastest-varying dimension first
+        header += [_gguf_string(name), struct.pack(f"<I{len(dims)}Q", len(dims), *dims),
+                   struct.pack("<IQ", ggml_type, offset)]
+        offset = aligned(offset + _nbytes(t.shape, ggml_type))
+    head = b"".join(header)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head + b"\0" * (aligned(len(head)) - len(head)))
+            for name, t, ggml_type in tensors:
+                blob = tensor_bytes(t, ggml_type)
+                f.write(blob)
+                f.write(b"\0" * (aligned(len(blob)) - len(blob)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The architectures: which Hugging Face and llama.cpp model each GPTConfig is
+
+
+def hf_model_type(config: gpt.GPTConfig) -> str:
+    """gpt2, llama, qwen2 (biases on q, k, v only) or qwen3 (QK-norm): the Hugging Face
+    model_type whose config.json describes this GPTConfig, or a one-line error."""
+    c = config
+    if c.arch == "gpt2":
+        if c.norm != "layernorm" or c.rope_theta or c.kv_heads != c.n_head or c.qk_norm or c.qkv_bias \
+                or c.head_size != c.n_embd // c.n_head:
+            raise NanoError("a GPT-2 block with Llama switches (RMSNorm, RoPE, GQA, QK-norm, qkv_bias or "
+                            "head_dim) has no Hugging Face or llama.cpp architecture (use arch 'llama')")
+        return "gpt2"
+    if c.norm != "rmsnorm" or not c.rope_theta:
+        raise NanoError("a Llama block needs norm 'rmsnorm' and rope_theta > 0 to be exported (LlamaForCausalLM has both)")
+    if c.qk_norm:
+        if c.bias or c.qkv_bias:
+            raise NanoError("QK-norm with biases has no Hugging Face architecture (Qwen3 has no biases)")
+        return "qwen3"
+    if c.qkv_bias:
+        return "qwen2"  # Qwen2: biases on q, k and v, none elsewhere
+    return "llama"  # bias=True: Llama's attention_bias and mlp_bias
+
+
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
+    """config.json in the architecture's own schema (the inverse of gpt.config_from_hf)."""
+    c, kind = model.config, hf_model_type(model.config)
+    common = {"architectures": [HF_ARCHITECTURES[kind]], "model_type": kind, "vocab_size": c.vocab_size,
+              "tie_word_embeddings": c.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,
+              "torch_dtype": dtype}
+    if kind == "gpt2":
+        return common | {
+            "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+            "n_head": c.n_head, "n_inner": c.mlp_hidden or None, "activation_function": "gelu_new",  # tanh GELU
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+            "layer_norm_epsilon": c.norm_eps, "initializer_range": 0.02, "scale_attn_weights": True}
+    rope_scaling = None
+    if c.rope_scaling:  # Llama 3.1's "llama3" rope scaling
+        rope_scaling = {"rope_type": "llama3", "factor": c.rope_scaling, "low_freq_factor": c.rope_low_freq_factor,
+                        "high_freq_factor": c.rope_high_freq_factor,
+                        "original_max_position_embeddings": c.rope_original_max_position}
+    out = common | {
+        "hidden_size": c.n_embd, "intermediate_size": model.transformer.h[0].mlp.gate_proj.out_features,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_size, "hidden_act": "silu", "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": rope_scaling,
+        "attention_dropout": c.dropout, "initializer_range": 0.02}
+    if kind == "llama":
+        out |= {"attention_bias": c.bias, "mlp_bias": c.bias}
+    if kind in ("qwen2", "qwen3"):
+        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": c.n_layer}
+    if kind == "qwen3":
+        out |= {"attention_bias": False}
+    return out
+
+
+def hf_state_dict(model: gpt.GPT) -> dict:
+    """The Hugging Face model's tensors (gpt.GPT.to_hf_state_dict). HF's GPT-2 always has
+    biases: a bias=False GPT-2 gets zero ones (the same function). A tied head is left out,
+    as save_pretrained does."""
+    sd = model.to_hf_state_dict()
+    if model.config.arch == "gpt2" and not model.config.bias:
+        for name, t in list(sd.items()):
+            if name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight", "lm_head.weight")):
+                # Conv1D (in, out) and LayerNorm (C,) biases have the size of the output
+                sd.setdefault(name[:-len("weight")] + "bias", torch.zeros(t.shape[-1], dtype=t.dtype))
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face names -> llama.cpp names (gguf-py's tensor_mapping.py). GGUF is written from
+# the HF state dict, as llama.cpp's converter reads it, so a table per family is all the
+# naming there is. llama.cpp's arch: gpt2, llama, qwen2, qwen3 (the HF model_type).
+
+_LAYER = r"model\.layers\.(\d+)\."
+GGUF_NAMES = {
+    "gpt2": [
+        (r"transformer\.wte\.weight", "token_embd.weight"),
+        (r"transformer\.wpe\.weight", "position_embd.weight"),
+        (r"transformer\.h\.(\d+)\.ln_1\.(weight|bias)", r"blk.\1.attn_norm.\2"),
+        (r"transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)", r"blk.\1.attn_qkv.\2"),
+        (r"transformer\.h\.(\d+)\.attn\.c_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+        (r"transformer\.h\.(\d+)\.ln_2\.(weight|bias)", r"blk.\1.ffn_norm.\2"),
+        (r"transformer\.h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blk.\1.ffn_up.\2"),
+        (r"transformer\.h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
+        (r"transformer\.ln_f\.(weight|bias)", r"output_norm.\1"),
+        (r"lm_head\.weight", "output.weight"),
+    ],
+    "llama": [  # also qwen2 and qwen3
+        (r"model\.embed_tokens\.weight", "token_embd.weight"),
+        (_LAYER + r"input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+        (_LAYER + r"self_attn\.q_proj\.(weight|bias)", r"blk.\1.attn_q.\2"),
+        (_LAYER + r"self_attn\.k_proj\.(weight|bias)", r"blk.\1.attn_k.\2"),
+        (_LAYER + r"self_attn\.v_proj\.(weight|bias)", r"blk.\1.attn_v.\2"),
+        (_LAYER + r"self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+        (_LAYER + r"self_attn\.q_norm\.weight", r"blk.\1.attn_q_norm.weight"),
+        (_LAYER + r"self_attn\.k_norm\.weight", r"blk.\1.attn_k_norm.weight"),
+        (_LAYER + r"post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+        (_LAYER + r"mlp\.gate_proj\.(weight|bias)", r"blk.\1.ffn_gate.\2"),
+        (_LAYER + r"mlp\.up_proj\.(weight|bias)", r"blk.\1.ffn_up.\2"),
+        (_LAYER + r"mlp\.down_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
+        (r"model\.norm\.weight", "output_norm.weight"),
+        (r"lm_head\.weight", "output.weight"),
+    ],
+}
+
+
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face's Llama rotates channel i of a head with channel i + head_dim/2; llama.cpp's
+    "llama" architecture (as Meta's original code) rotates channels 2i and 2i+1. Reordering
+    the rows of q_proj and k_proj (weights and biases) per head, [0, hd/2, 1, hd/2+1, ...],
+    makes the same model: the converter's `permute`. Qwen2/3 in llama.cpp rotate as HF does."""
+    # (heads * hd, ...) -> (heads, 2 halves, hd/2, ...) -> (heads, hd/2, 2, ...): pairs side by side
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_type(gguf_name: str, t: torch.Tensor, wanted: int) -> int:
+    """The converter's rule: 1-D tensors (norms, biases) and the position embedding stay F32;
+    a Q8_0 tensor whose rows do not split into 32-blocks falls back to F16."""
+    if t.dim() <= 1 or gguf_name.endswith("_norm.weight") or gguf_name.startswith("position_embd"):
+        return GGML_F32
+    if wanted == GGML_Q8_0 and t.shape[-1] % Q8_0_BLOCK:
+        return GGML_F16
+    return wanted
+
+
+def llama3_rope_factors(c: gpt.GPTConfig) -> torch.Tensor:
+    """rope_freqs.weight, llama.cpp's form of Llama 3.1's rope scaling: per rotation
+    frequency, the factor its wavelength is stretched by (1 fast, rope_scaling slow)."""
+    hd = c.head_size
+    freqs = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    wavelen = 2 * math.pi / freqs
+    smooth = (c.rope_original_max_position / wavelen - c.rope_low_freq_factor) / (
+        c.rope_high_freq_factor - c.rope_low_freq_factor)
+    blended = 1 / ((1 - smooth) / c.rope_scaling + smooth)
+    return torch.where(wavelen < c.rope_original_max_position / c.rope_high_freq_factor, torch.ones_like(freqs),
+                       torch.where(wavelen > c.rope_original_max_position / c.rope_low_freq_factor,
+                                   torch.full_like(freqs, c.rope_scaling), blended))
+
+
+def gguf_tensors(model: gpt.GPT, wanted: int) -> list[tuple[str, torch.Tensor, int]]:
+    """(GGUF name, tensor, ggml type) of every tensor, in the HF state dict's order."""
+    c, kind = model.config, hf_model_type(model.config)
+    table = [(re.compile(pattern), new) for pattern, new in GGUF_NAMES["gpt2" if kind == "gpt2" else "llama"]]
+    out = []
+    if c.rope_scaling:
+        out.append(("rope_freqs.weight", llama3_rope_factors(c), GGML_F32))
+    for name, t in hf_state_dict(model).items():
+        gguf_name = next((pattern.sub(new, name) for pattern, new in table if pattern.fullmatch(name)), None)
+        if gguf_name is None:
+            raise NanoError(f"no GGUF name for tensor {name!r} of a {kind} model (export supports gpt2 and the llama family)")
+        if kind == "gpt2" and name.endswith(gpt.HF_CONV1D_WEIGHTS):
+            t = t.t()  # Conv1D (in, out) -> (out, in), as the converter does
+        if kind == "llama" and ".q_proj." in name:
+            t = interleave_rope_rows(t, c.n_head)
+        if kind == "llama" and ".k_proj." in name:
+            t = interleave_rope_rows(t, c.kv_heads)
+        out.append((gguf_name, t, gguf_tensor_type(gguf_name, t, wanted)))
+    return out
+
+
+def gguf_metadata(config: gpt.GPTConfig, name: str, file_type: int, ffn_hidden: int) -> dict:
+    """general.* and the architecture's hyperparameters, under the keys llama.cpp reads."""
+    c, arch = config, hf_model_type(config)
+    meta = {"general.architecture": (STRING, arch), "general.name": (STRING, name),
+            "general.file_type": (U32, file_type), "general.quantization_version": (U32, 2)}
+    hparams = {"context_length": c.block_size, "embedding_length": c.n_embd, "feed_forward_length": ffn_hidden,
+               "block_count": c.n_layer, "attention.head_count": c.n_head}
+    meta |= {f"{arch}.{k}": (U32, v) for k, v in hparams.items()}
+    if arch == "gpt2":
+        return meta | {"gpt2.attention.layer_norm_epsilon": (F32_VALUE, c.norm_eps)}
+    return meta | {f"{arch}.attention.head_count_kv": (U32, c.kv_heads),
+                   f"{arch}.attention.key_length": (U32, c.head_size),
+                   f"{arch}.attention.value_length": (U32, c.head_size),
+                   f"{arch}.attention.layer_norm_rms_epsilon": (F32_VALUE, c.norm_eps),
+                   f"{arch}.rope.freq_base": (F32_VALUE, c.rope_theta),
+                   f"{arch}.rope.dimension_count": (U32, c.head_size),
+                   f"{arch}.vocab_size": (U32, c.vocab_size)}
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizers: a byte-level BPE ("gpt2", a bpe.py file, a tokenizer.json) or characters
+
+
+@functools.lru_cache(maxsize=4)  # building GPT-2's 50k merges takes a second: once per spec
+def byte_bpe(spec: str) -> bpe.Tokenizer | None:
+    """The tokenizer spec as a bpe.Tokenizer (vocab, merges, specials), None for characters."""
+    if spec is None:
+        raise NanoError("the checkpoint records no tokenizer (save it with a tokenizer spec, e.g. 'gpt2')")
+    if spec.startswith("char:"):
+        return None
+    if spec == "gpt2":  # the GPT-2 files that ship in assets/
+        return bpe.Tokenizer.from_gpt2_files(data.GPT2_VOCAB_BPE, data.GPT2_ENCODER_JSON)
+    return bpe.load_any(spec)
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_json(spec: str) -> dict:
+    """Hugging Face's tokenizer.json of a spec: a tokenizer.json spec as it is; a byte-level
+    BPE from bpe.Tokenizer.to_tokenizer_json; characters as a BPE whose vocabulary is the
+    alphabet and which has no merges (every character one token), decoded by concatenation."""
+    if spec.endswith(".json"):
+        return json.loads(Path(spec).read_text(encoding="utf-8"))
+    tok = byte_bpe(spec)
+    if tok is not None:
+        return tok.to_tokenizer_json()
+    alphabet = spec[len("char:"):]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {ch: i for i, ch in enumerate(alphabet)}, "merges": []}}
+
+
+def _merge_strings(merges) -> list[str]:
+    """tokenizer.json writes a merge as "left right" or as ["left", "right"]."""
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def write_hf_tokenizer(folder: Path, spec: str, block_size: int, eot_id):
+    hf = tokenizer_json(spec)
+    _write_json(folder / "tokenizer.json", hf, indent=None)  # megabytes: one line
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False}  # decode gives exactly what the tokens spell
+    if not spec.startswith("char:"):  # byte-level BPE: GPT-2's two files as well, for its slow tokenizer
+        added = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
+        _write_json(folder / "vocab.json", hf["model"]["vocab"] | added, indent=None)
+        merges = "\n".join(["#version: 0.2"] + _merge_strings(hf["model"]["merges"]))
+        (folder / "merges.txt").write_text(merges + "\n", encoding="utf-8")
+        config |= {"tokenizer_class": "GPT2Tokenizer" if spec == "gpt2" else "PreTrainedTokenizerFast",
+                   "add_prefix_space": False}
+    if eot_id is not None:
+        end = next((t["content"] for t in hf.get("added_tokens", []) if t["id"] == eot_id), None)
+        if end is not None:
+            config |= {"bos_token": end, "eos_token": end} | ({"unk_token": end} if spec == "gpt2" else {})
+    _write_json(folder / "tokenizer_config.json", config)
+
+
+# llama.cpp splits text with one of a fixed set of named pre-tokenizers (llama-vocab.cpp,
+# these four with the regexes it uses); a GGUF file names the one that splits as its
+# tokenizer does. The converter picks it by hashing the ids of a probe text; here the
+# pieces of a probe text are compared.
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
+_LLAMA3_SPLIT = (r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                 r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA_CPP_PRE = {"gpt-2": [_GPT2_SPLIT], "llama-bpe": [_LLAMA3_SPLIT],
+                 "qwen2": [_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")], "smollm": [r"\p{N}", _GPT2_SPLIT]}
+_PROBE = ("Hello, World! It's  we'VE 12345 678\n\n\tx = f(a[1]) + 0.5;  \r\n  done...   Ünïcödé 日本語 "
+          "émigré 👋🏽  ?!  'll 3.14159   \n")
+
+
+def _pieces(steps, text: str):
+    pieces = [text]
+    for step in steps:
+        if step == bpe.PREFIX_SPACE:
+            return None  # a space prefix: none of llama.cpp's BPE pre-tokenizers adds one
+        pieces = [q for p in pieces for q in bpe.split_isolated(bpe.compile_pattern(step), p)]
+    return pieces
+
+
+def llama_cpp_pre(tok: bpe.Tokenizer) -> str:
+    ours = _pieces(tok.pre_tokenizer or (tok.pattern,), _PROBE)
+    for name, steps in LLAMA_CPP_PRE.items():
+        if ours is not None and _pieces(steps, _PROBE) == ours:
+            return name
+    raise NanoError(f"llama.cpp has no pre-tokenizer that splits text as this tokenizer does (it knows "
+                    f"{', '.join(LLAMA_CPP_PRE)} here: GPT-2's or GPT-4's split pattern, Llama 3, Qwen2, SmolLM)")
+
+
+def gguf_tokenizer(spec: str, n_vocab: int) -> dict:
+    """tokenizer.ggml.*: llama.cpp's "gpt2" tokenizer model is byte-level BPE. Tokens are
+    written in the byte alphabet (tokenizer.json's spelling), each with a type (1 normal,
+    3 control, 4 user-defined, 5 unused), the list padded with [PAD<i>] up to the
+    embedding's rows, as the converter does. A character tokenizer becomes a byte-level
+    BPE without merges, which is exact when every character is one byte (ASCII)."""
+    if spec.startswith("char:"):
+        alphabet = spec[len("char:"):]
+        if not alphabet.isascii():
+            raise NanoError("GGUF has no character tokenizer and this alphabet is not ASCII (only an "
+                            "ASCII alphabet maps onto llama.cpp's byte-level tokenizer; export --to hf instead)")
+        table = bpe.bytes_to_unicode()
+        by_id, types, merges, pre, eot_id = {i: table[ord(ch)] for i, ch in enumerate(alphabet)}, {}, [], "gpt-2", None
+    else:
+        tok, hf = byte_bpe(spec), tokenizer_json(spec)
+        pre = llama_cpp_pre(tok)
+        by_id = {i: t for t, i in hf["model"]["vocab"].items()}
+        types = {}
+        for t in hf.get("added_tokens", []):
+            by_id[t["id"]], types[t["id"]] = t["content"], 3 if t.get("special") else 4
+        merges, eot_id = _merge_strings(hf["model"]["merges"]), tok.eot_id
+    if max(by_id) >= n_vocab:
+        raise NanoError(f"the tokenizer has ids up to {max(by_id)}, the model only {n_vocab} rows")
+    meta = {"tokenizer.ggml.model": (STRING, "gpt2"), "tokenizer.ggml.pre": (STRING, pre),
+            "tokenizer.ggml.tokens": (ARRAY, (STRING, [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)])),
+            "tokenizer.ggml.token_type": (ARRAY, (I32, [types.get(i, 1 if i in by_id else 5) for i in range(n_vocab)])),
+            "tokenizer.ggml.merges": (ARRAY, (STRING, merges)),  # llama.cpp needs the key, even empty
+            "tokenizer.ggml.add_bos_token": (BOOL, False)}  # nanollm encodes text without a BOS
+    if eot_id is not None:
+        meta |= {"tokenizer.ggml.bos_token_id": (U32, eot_id), "tokenizer.ggml.eos_token_id": (U32, eot_id)}
+    return meta
+
+
+# ----------------------------------------------------------------------------------------
+# The three exports
+
+
+def eot_of(spec: str):
+    return None if spec.startswith("char:") else byte_bpe(spec).eot_id
+
+
+def export_hf(model: gpt.GPT, spec: str, folder: Path, dtype=torch.float32):
+    config = hf_config(model, eot_of(spec), str(dtype).removeprefix("torch."))
+    gpt.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
+    _write_json(folder / "config.json", config)
+    write_hf_tokenizer(folder, spec, model.config.block_size, eot_of(spec))
+
+
+def export_gguf(model: gpt.GPT, spec: str, path: Path, gguf_type: str, name: str):
+    if gguf_type not in GGUF_TYPES:
+        raise NanoError(f"unknown --gguf_type {gguf_type!r} ({', '.join(GGUF_TYPES)})")
+    ggml_type, file_type = GGUF_TYPES[gguf_type]
+    mlp = model.transformer.h[0].mlp
+    ffn_hidden = (mlp.c_fc if model.config.arch == "gpt2" else mlp.up_proj).out_features
+    metadata = gguf_metadata(model.config, name, file_type, ffn_hidden) | gguf_tokenizer(spec, model.config.vocab_size)
+    write_gguf(path, metadata, gguf_tensors(model, ggml_type))
+
+
+def adapter_arch(adapter: dict) -> str:
+    """GPT-2's fused projections (c_attn, c_proj, c_fc) or the Llama family's (q_proj, ...)."""
+    modules = {k.rsplit(".", 3)[-3] for k in adapter if torch.is_tensor(adapter[k])}
+    return "gpt2" if modules & {"c_attn", "c_proj", "c_fc"} else "llama"
+
+
+def peft_state_dict(adapter: dict) -> dict:
+    """lora.py's "<module>.lora_A.weight" -> PEFT's "base_model.model.<HF module>.lora_A.weight".
+    A (r, in) and B (out, r) keep their shapes: PEFT's LoRA stores them as nn.Linear weights,
+    also on GPT-2's Conv1D layers."""
+    arch = adapter_arch(adapter)
+    return {lora.PEFT_PREFIX + gpt.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
+
+
+def peft_config(adapter: dict) -> dict:
+    cfg, base = adapter["lora_config"], adapter.get("base") or ""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
+            "lora_dropout": cfg.get("dropout", 0.0), "target_modules": sorted(cfg["targets"]),
+            "use_rslora": cfg.get("use_rslora", False), "bias": "none",
+            "fan_in_fan_out": adapter_arch(adapter) == "gpt2",  # HF GPT-2's Conv1D weights are (in, out)
+            "base_model_name_or_path": "openai-community/" + base if base in gpt.GPT2_SIZES else base,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+
+
+def export_peft(adapter: dict, folder: Path):
+    gpt.write_safetensors(folder / "adapter_model.safetensors", peft_state_dict(adapter))
+    _write_json(folder / "adapter_config.json", peft_config(adapter))
+
+
+# ----------------------------------------------------------------------------------------
+# Plumbing: loading, atomic output, CLI
+
+
+def _write_json(path: Path, obj, indent=2):
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_model(ckpt_path: str, adapter_path: str = ""):
+    """(model, tokenizer spec) from a checkpoint, with a lora.py or PEFT adapter merged in if given."""
+    ckpt = gpt.read_checkpoint(ckpt_path)  # NanoError for a missing or foreign file
+    if "moe" in ckpt:
+        raise NanoError(f"{ckpt_path} is a mixture-of-experts model (moe.py); the GPT-2 and Llama "
+                        "architectures of HF and llama.cpp have no experts, so it cannot be exported")
+    model = gpt.model_from_checkpoint(ckpt, ckpt_path)
+    hf_model_type(model.config)  # a config no format describes: say so before anything is written
+    if adapter_path:
+        lora.merge_lora(lora.load_lora(model, adapter_path))
+    return model.eval(), ckpt.get("tokenizer")
+
+
+def check_output(out: Path, force: bool, is_dir: bool):
+    """Before any work: `out` may be written (new, an empty folder, or --force)."""
+    if out.exists():
+        if out.is_dir() != is_dir:
+            raise NanoError(f"{out} exists and is a {'file' if is_dir else 'folder'} (choose another output)")
+        if (not is_dir or any(out.iterdir())) and not force:
+            raise NanoError(f"{out} exists and is not empty (pass --force to replace it)")
+
+
+def write_folder(out: Path, write):
+    """write(tmp) fills a temp folder beside `out`, which then takes out's place: a crash
+    at any moment leaves the old folder or the new one, never a half-written one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.with_name(f".{out.name}.{tag}{os.getpid()}") for tag in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = field(default="out/ckpt.pt", metadata={"help": "checkpoint to export (train.py, lora.py --merge, ...)"})
+    to: str = field(default="hf", metadata={"help": "hf | gguf | peft"})
+    out: str = field(default="", metadata={"help": "output folder (hf, peft) or .gguf file; also accepted as the word after --to"})
+    adapter: str = field(default="", metadata={"help": "a lora.py adapter.pt (or PEFT folder): --to peft exports it; with hf/gguf it is merged into --ckpt first"})
+    gguf_type: str = field(default="f16", metadata={"help": "f32 | f16 | q8_0: type of the 2-D weights (1-D ones stay f32, as llama.cpp's converter)"})
+    dtype: str = field(default="float32", metadata={"help": "hf: dtype of model.safetensors (float32, bfloat16, float16)"})
+    name: str = field(default="", metadata={"help": "gguf: general.name ('': the checkpoint's file name)"})
+    force: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+
+FORMATS = ("hf", "gguf", "peft")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _output_after_to(argv: list[str]) -> list[str]:
+    """`--to hf DIR` is `--to hf --out DIR`: the word after the format names the output."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        at = i + 1 if arg.startswith("--to=") else i + 2 if arg == "--to" else None
+        if at is not None and at < len(argv) and not argv[at].startswith("-"):
+            return argv[:at] + ["--out", argv[at]] + argv[at + 1:]
+    return argv
+
+
+@cli
+def main(argv=None):
+    argv = _output_after_to(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(ExportConfig, argv, __doc__)
+    if cfg.to not in FORMATS:
+        raise NanoError(f"unknown --to {cfg.to!r} (choose one of {', '.join(FORMATS)})")
+    if not cfg.out:
+        raise NanoError(f"no output given (python export.py --to {cfg.to} OUTPUT)")
+    if cfg.to == "gguf" and cfg.gguf_type not in GGUF_TYPES:
+        raise NanoError(f"unknown --gguf_type {cfg.gguf_type!r} ({', '.join(GGUF_TYPES)})")
+    if cfg.dtype not in DTYPES:
+        raise NanoError(f"unknown --dtype {cfg.dtype!r} ({', '.join(DTYPES)})")
+    if cfg.to == "peft" and not cfg.adapter:
+        raise NanoError("--to peft exports a LoRA adapter (pass --adapter out-lora/adapter.pt)")
+    out = Path(cfg.out)
+    check_output(out, cfg.force, is_dir=cfg.to != "gguf")
+    t0 = time.perf_counter()
+    if cfg.to == "peft":
+        adapter = lora.read_adapter(cfg.adapter)
+        write_folder(out, lambda tmp: export_peft(adapter, tmp))
+    else:
+        model, spec = load_model(cfg.ckpt, cfg.adapter)
+        if cfg.to == "gguf":  # tokenizer problems are one-line errors before anything is written
+            gguf_tokenizer(spec, model.config.vocab_size)
+            out.parent.mkdir(parents=True, exist_ok=True)  # write_gguf writes a temp file and renames it
+            export_gguf(model, spec, out, cfg.gguf_type, cfg.name or Path(cfg.ckpt).stem)
+        else:
+            tokenizer_json(spec)
+            write_folder(out, lambda tmp: export_hf(model, spec, tmp, DTYPES[cfg.dtype]))
+    size = folder_bytes(out)
+    print(f"wrote {out} ({cfg.to}, {size / 2**20:,.1f} MiB)" if size >= 2**20 else f"wrote {out} ({cfg.to}, "
+          f"{size / 2**10:,.1f} KiB)", f"in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()
