@@ -1769,7 +1769,7 @@ def bench_llama(args) -> None:
 
 SECTIONS = {"train": bench_train, "loss": bench_loss, "sample": bench_sample, "bpe": bench_bpe, "nf4": bench_nf4,
             "lora": bench_lora, "fsdp2": bench_fsdp2, "dpo": bench_dpo, "moe": bench_moe, "hellaswag": bench_hellaswag,
-            "flash": bench_flash, "serve": bench_serve, "bpe": bench_bpe, "export": bench_export, "distill": bench_research, "sft": bench_sft, "llama": bench_llama}
+            "flash": bench_flash, "serve": bench_serve, "bpe": bench_bpe, "export": bench_export, "research": bench_research, "sft": bench_sft, "llama": bench_llama}
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Tokenizer specs (what a checkpoint records and `load_tokenizer` reads):
 - "gpt2" (also r50k_base, cl100k_base, o200k_base): tiktoken; GPT-2's files ship in assets/,
   so "gpt2" works offline;
 - "char:<alphabet>": one id per character of the alphabet;
+- "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens;
 - a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json (Llama 3,
   Qwen, SmolLM, ...: byte-level BPE, read by bpe.py).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -116,7 +118,58 @@ class BPEFileTokenizer:
         return self.tok.decode(list(ids))
 
 
+ROLES = ("system", "user", "assistant")
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids: base vocab_size + 0..3
+CHAT_PREFIX = "chat:"
+
+
+class ChatTokenizer:
+    """A base tokenizer (data.load_tokenizer) with the chat tokens appended after its
+    vocabulary, ids base.vocab_size + 0..3. Spec "chat:<base spec>". eot_id is <|end|>, so
+    sample.py --stop_at_eot and dpo.py (which appends eot_id to answers) end an assistant
+    turn where the template does. encode() turns the special strings in a text into their
+    ids (a prompt typed for sample.py / dpo.py works); encode_ordinary() never does: the
+    template uses it for content."""
+
+    def __init__(self, base):
+        if base.spec.startswith(CHAT_PREFIX):
+            raise NanoError(f"tokenizer {base.spec[:40]!r} already has chat tokens (use it as it is)")
+        self.base = base
+        self.special = {s: base.vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.role_id = dict(zip(ROLES, self.special.values()))
+        self.assistant_id, self.end_id = self.special["<|assistant|>"], self.special["<|end|>"]
+        self.vocab_size = base.vocab_size + len(SPECIAL_TOKENS)
+        self.eot_id = self.end_id
+        self.spec = CHAT_PREFIX + base.spec
+        self._split = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
+        self._names = {i: s for s, i in self.special.items()}
+
+    def encode_ordinary(self, text):
+        return self.base.encode(text)
+
+    def encode(self, text):
+        ids = []
+        for piece in self._split.split(text):  # odd pieces are special tokens
+            if piece in self.special:
+                ids.append(self.special[piece])
+            elif piece:
+                ids += self.base.encode(piece)
+        return ids
+
+    def decode(self, ids):
+        out, run = [], []
+        for i in ids:
+            if i in self._names:
+                out += [self.base.decode(run), self._names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.base.decode(run)])
+
+
 def load_tokenizer(spec: str):
+    if isinstance(spec, str) and spec.startswith(CHAT_PREFIX):  # sft.py's chat tokens on a base tokenizer
+        return ChatTokenizer(load_tokenizer(spec[len(CHAT_PREFIX):]))
     if spec is None:
         raise NanoError("no tokenizer recorded (pass one, e.g. 'gpt2' or 'char:abc')")
     if spec.startswith("char:"):

@@ -86,64 +86,9 @@ import gpt
 import lora
 from common import NanoError
 
-ROLES = ("system", "user", "assistant")
-SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids: base vocab_size + 0..3
-CHAT_PREFIX = "chat:"
-
-
-# ----------------------------------------------------------------------------------------
-# The chat tokenizer: a base tokenizer plus the four chat tokens
-
-
-class ChatTokenizer:
-    """A base tokenizer (data.load_tokenizer) with the chat tokens appended after its
-    vocabulary, ids base.vocab_size + 0..3. Spec "chat:<base spec>". eot_id is <|end|>, so
-    sample.py --stop_at_eot and dpo.py (which appends eot_id to answers) end an assistant
-    turn where the template does. encode() turns the special strings in a text into their
-    ids (a prompt typed for sample.py / dpo.py works); encode_ordinary() never does: the
-    template uses it for content."""
-
-    def __init__(self, base):
-        if base.spec.startswith(CHAT_PREFIX):
-            raise NanoError(f"tokenizer {base.spec[:40]!r} already has chat tokens (use it as it is)")
-        self.base = base
-        self.special = {s: base.vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)}
-        self.role_id = dict(zip(ROLES, self.special.values()))
-        self.assistant_id, self.end_id = self.special["<|assistant|>"], self.special["<|end|>"]
-        self.vocab_size = base.vocab_size + len(SPECIAL_TOKENS)
-        self.eot_id = self.end_id
-        self.spec = CHAT_PREFIX + base.spec
-        self._split = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
-        self._names = {i: s for s, i in self.special.items()}
-
-    def encode_ordinary(self, text):
-        return self.base.encode(text)
-
-    def encode(self, text):
-        ids = []
-        for piece in self._split.split(text):  # odd pieces are special tokens
-            if piece in self.special:
-                ids.append(self.special[piece])
-            elif piece:
-                ids += self.base.encode(piece)
-        return ids
-
-    def decode(self, ids):
-        out, run = [], []
-        for i in ids:
-            if i in self._names:
-                out += [self.base.decode(run), self._names[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out + [self.base.decode(run)])
-
-
-def load_tokenizer(spec):
-    """data.load_tokenizer, plus the "chat:<base spec>" form (until data.py reads it itself)."""
-    if isinstance(spec, str) and spec.startswith(CHAT_PREFIX):
-        return ChatTokenizer(data.load_tokenizer(spec[len(CHAT_PREFIX):]))
-    return data.load_tokenizer(spec)
+# the chat tokenizer (a base tokenizer plus <|system|> <|user|> <|assistant|> <|end|>, spec
+# "chat:<base spec>") lives in data.py beside the other tokenizer specs, so every script loads it
+from data import CHAT_PREFIX, ROLES, SPECIAL_TOKENS, ChatTokenizer, load_tokenizer  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------
@@ -638,7 +583,7 @@ class SFTConfig:
     n_train: int = field(default=6000, metadata={"help": "built-in task: training conversations"})
     n_test: int = field(default=200, metadata={"help": "built-in task: held-out prompts for exact match"})
     base_iters: int = field(default=300, metadata={"help": "built-in task: pretraining iterations of its base"})
-    base_layer: int = 4
+    base_layer: int = 2
     base_head: int = 4
     base_embd: int = 128
     base_block: int = 64

@@ -5,6 +5,7 @@ import pytest
 import bench
 
 
+@pytest.mark.slow  # ~7 minutes even at --quick sizes: every section, each in its own processes
 def test_every_section_runs_quick(capsys):
     bench.main(["--quick"])
     out = capsys.readouterr().out

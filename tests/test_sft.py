@@ -35,8 +35,9 @@ def tiny_model(vocab_size, block_size=96, seed=0):
 
 
 def conversations(n, seed=0):
+    """Ragged conversations: 1-3 exchanges of the built-in tasks, some after a system message."""
     rng = random.Random(seed)
-    return [sft.synthetic_conversation(rng) for _ in range(n)]
+    return [sft.synthetic_conversation(rng, tuple(sft.TASKS)) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -358,10 +359,10 @@ def test_hf_template_errors_are_nano_errors(tmp_path):
 # ----------------------------------------------------------------------------------------
 # the built-in task, end to end, and the checkpoint in the other scripts
 
-# A 2-layer model whose base is pretrained for 10 steps only: SFT on reversal still goes from
-# nothing to most answers right in 200 steps (measured 74% of 50; the default 4-layer run is
-# the slow test below).
-TINY = ["--base_layer", "2", "--base_iters", "10", "--n_train", "1500", "--n_test", "50",
+# A one-layer model whose base is pretrained for 10 steps only: SFT on reversal still goes from
+# nothing to most answers right in 200 steps (measured: 88% of 50 held-out prompts; one layer
+# can do it by attending by position). The default 4-layer run is the slow test below.
+TINY = ["--base_layer", "1", "--base_iters", "10", "--n_train", "1500", "--n_test", "50",
         "--max_iters", "200", "--eval_interval", "200", "--log_interval", "50", "--device", "cpu"]
 
 
@@ -374,7 +375,7 @@ def builtin_run(tmp_path_factory):
 def test_builtin_task_raises_accuracy(builtin_run):
     out, result = builtin_run
     assert result["accuracy_before"] < 0.1
-    assert result["accuracy_after"] >= 0.3
+    assert result["accuracy_after"] >= 0.5
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["iter"] == 0 and rows[-1]["val_loss"] < rows[0]["val_loss"] / 2
     assert all(k in rows[-1] for k in ("train_loss", "lr", "tokens", "tok_per_s"))
