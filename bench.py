@@ -332,7 +332,7 @@ def hf_gpt2(model, transformers):
     import data
     import gpt
 
-    sd = {k: (v.t() if k.endswith(gpt.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}
+    sd = {k: (v.t() if k.endswith(data.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), (missing, unexpected)
     return hf
@@ -1578,7 +1578,7 @@ def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
     import gpt
 
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = {gpt.to_hf_name(k, "llama"): tuple(p.shape) for k, p in gpt.empty_model(config).named_parameters()}
+    shapes = {data.to_hf_name(k, "llama"): tuple(p.shape) for k, p in gpt.empty_model(config).named_parameters()}
     shards, current, size, total = [], {}, 0, 0
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=torch.bfloat16)
@@ -1591,7 +1591,7 @@ def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        gpt.write_safetensors(folder / fname, shard)
+        data.write_safetensors(folder / fname, shard)
         weight_map.update({k: fname for k in shard})
         total += sum(t.numel() * 2 for t in shard.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},

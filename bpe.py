@@ -42,7 +42,6 @@ from pathlib import Path
 
 import regex  # Python's `re` has no \p{L} / \p{N} (Unicode letter / number), which the split patterns need
 
-from common import NanoError, cli
 
 # GPT-2's split pattern as tiktoken writes it. The release's original
 # r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""" cuts
@@ -55,6 +54,14 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 ENDOFTEXT = "<|endoftext|>"
 FILE_VERSION = "nanollm-bpe v1"
 CHUNK_BYTES = 16 << 20  # files are pre-tokenized in pieces of about this size (memory bound)
+
+
+class BPEError(ValueError):
+    """Bad input, said in one line `<what> (<how to fix>)`. bpe.py stands alone (it imports
+    nothing of nanollm's, like minbpe), so it has its own error type; `one_line` tells
+    common.cli to print it as `error: ...` exactly like a common.NanoError."""
+
+    one_line = True
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,9 +232,9 @@ def compile_pattern(pattern: str):
     try:
         split = regex.compile(pattern)
     except regex.error as e:
-        raise NanoError(f"bad split pattern {pattern!r}: {e} (give a valid regex, or gpt2 / gpt4)") from None
+        raise BPEError(f"bad split pattern {pattern!r}: {e} (give a valid regex, or gpt2 / gpt4)") from None
     if split.groups:  # findall would return the groups, not the pre-tokens
-        raise NanoError(f"split pattern {pattern!r} has capturing groups (write (?:...) instead of (...))")
+        raise BPEError(f"split pattern {pattern!r} has capturing groups (write (?:...) instead of (...))")
     return split
 
 
@@ -307,7 +314,7 @@ def count_text_pretokens(text: str, special_tokens=(), pattern=GPT2_PATTERN) -> 
                 if m.start() > at:
                     break
                 at = m.end()
-            raise NanoError(f"split pattern {pattern!r} skips {segment[at]!r} of the training text (in "
+            raise BPEError(f"split pattern {pattern!r} skips {segment[at]!r} of the training text (in "
                             f"{segment[max(0, at - 20):at + 20]!r}; a pattern must match every character, "
                             "e.g. end it with |\\s+|\\S)")
         counts.update(pieces)
@@ -358,7 +365,7 @@ def _count_file_chunk(args):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise NanoError(f"{path} is not UTF-8 text (bad byte at offset {start + e.start}; convert it to UTF-8)") from None
+        raise BPEError(f"{path} is not UTF-8 text (bad byte at offset {start + e.start}; convert it to UTF-8)") from None
     return count_text_pretokens(text, special_tokens, pattern)
 
 
@@ -367,7 +374,7 @@ def count_file_pretokens(path, special_tokens=(), pattern=GPT2_PATTERN, num_work
     """count_text_pretokens of a UTF-8 file, read in pieces cut at special tokens, counted by
     `num_workers` processes (default: one per CPU)."""
     if not os.path.isfile(path):
-        raise NanoError(f"training file {path} not found (check the path)")
+        raise BPEError(f"training file {path} not found (check the path)")
     compile_pattern(pattern)  # a bad pattern is one error here, not one per worker
     bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
     jobs = [(str(path), a, b, tuple(special_tokens), pattern) for a, b in pairwise(bounds)]
@@ -396,7 +403,7 @@ def train_bpe(text: str, vocab_size: int, special_tokens=(), pattern=GPT2_PATTER
     {id: bytes} with ids 0-255 the bytes, 256... the merges in order, then the special
     tokens; merges [(left bytes, right bytes), ...]."""
     if not isinstance(text, str):
-        raise NanoError(f"train_bpe takes the text itself, not a {type(text).__name__} (for a file "
+        raise BPEError(f"train_bpe takes the text itself, not a {type(text).__name__} (for a file "
                         "use train_bpe_file)")
     special_tokens, num_merges = _check_vocab_size(vocab_size, special_tokens)
     t0 = time.perf_counter()
@@ -422,14 +429,14 @@ def _check_vocab_size(vocab_size, special_tokens):
     special_tokens = list(dict.fromkeys(special_tokens))
     num_merges = vocab_size - 256 - len(special_tokens)
     if num_merges < 0:
-        raise NanoError(f"vocab_size {vocab_size} is too small (it counts 256 byte tokens and "
+        raise BPEError(f"vocab_size {vocab_size} is too small (it counts 256 byte tokens and "
                         f"{len(special_tokens)} special token(s): use at least {256 + len(special_tokens)})")
     return special_tokens, num_merges
 
 
 def _train(counts, num_merges, special_tokens, verbose, t0):
     if not counts:
-        raise NanoError("the training text is empty (nothing outside special tokens; give a non-empty text)")
+        raise BPEError("the training text is empty (nothing outside special tokens; give a non-empty text)")
     if verbose:
         print(f"{len(counts):,} distinct pre-tokens, {sum(counts.values()):,} in all, counted in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -545,7 +552,7 @@ class Tokenizer:
         token_id = {t: i for i, t in self.vocab.items() if i not in added_ids}
         missing = [b for b in range(256) if bytes([b]) not in token_id]
         if missing:
-            raise NanoError(f"the vocabulary lacks byte token(s) {missing[:5]} "
+            raise BPEError(f"the vocabulary lacks byte token(s) {missing[:5]} "
                             "(a byte-level BPE needs all 256)")
         self._byte_ids = [token_id[bytes([b])] for b in range(256)]
         self._ranks, self._merged_id = {}, []  # (left id, right id) -> priority; priority -> id of left+right
@@ -553,7 +560,7 @@ class Tokenizer:
             try:
                 pair, new_id = (token_id[left], token_id[right]), token_id[left + right]
             except KeyError:
-                raise NanoError(f"merge {rank} ({render_token(left)} + {render_token(right)}) "
+                raise BPEError(f"merge {rank} ({render_token(left)} + {render_token(right)}) "
                                 "uses a token missing from the vocabulary (rebuild the tokenizer)") from None
             self._ranks.setdefault(pair, rank)  # a repeated merge keeps its first priority
             self._merged_id.append(new_id)
@@ -686,16 +693,16 @@ class Tokenizer:
         if isinstance(allowed_special, (set, frozenset, list, tuple)):
             unknown = set(allowed_special) - every
             if unknown:
-                raise NanoError(f"{sorted(unknown)} are not special tokens of this tokenizer "
+                raise BPEError(f"{sorted(unknown)} are not special tokens of this tokenizer "
                                 f"(it has {sorted(every)})")
             return frozenset(allowed_special), every - frozenset(allowed_special)
-        raise NanoError(f"allowed_special={allowed_special!r} (use 'none_raise', 'all', 'none' or a set)")
+        raise BPEError(f"allowed_special={allowed_special!r} (use 'none_raise', 'all', 'none' or a set)")
 
     def _check_disallowed(self, text, disallowed):
         if disallowed:
             found = special_token_regex(disallowed).search(text)
             if found:
-                raise NanoError(f"the text contains the special token {found.group()!r} (pass "
+                raise BPEError(f"the text contains the special token {found.group()!r} (pass "
                                 "allowed_special='all' to encode it as one token, or use encode_ordinary "
                                 "to encode it as plain text)")
 
@@ -761,7 +768,7 @@ class Tokenizer:
         them are final. A suffix that could begin a special token is held back too.
         Memory: the buffer (min_chars plus one chunk) and the bounded pre-token cache."""
         if PREFIX_SPACE in self._steps:
-            raise NanoError("encode_iterable cannot stream a tokenizer that prefixes each text with a "
+            raise BPEError("encode_iterable cannot stream a tokenizer that prefixes each text with a "
                             "space (add_prefix_space): use encode")
         allowed, disallowed = self._special_sets(allowed_special)
         matched = allowed | frozenset(self.added_tokens)
@@ -797,7 +804,7 @@ class Tokenizer:
         try:
             return b"".join(map(self.vocab.__getitem__, ids))
         except KeyError as e:
-            raise NanoError(f"token id {e.args[0]!r} is not in the vocabulary (ids go up to "
+            raise BPEError(f"token id {e.args[0]!r} is not in the vocabulary (ids go up to "
                              f"{self.vocab_size - 1})") from None
 
     def decode(self, ids) -> str:
@@ -820,7 +827,7 @@ class Tokenizer:
             if not all(len(m) == 2 for m in merges):
                 raise ValueError("a merge line is not two tokens")
         except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise NanoError(f"cannot read GPT-2 files {vocab_bpe_path}, {encoder_json_path}: "
+            raise BPEError(f"cannot read GPT-2 files {vocab_bpe_path}, {encoder_json_path}: "
                              f"{type(e).__name__}: {e} (need OpenAI's vocab.bpe and encoder.json)") from None
         specials = {s: encoder[s] for s in special_tokens if s in encoder}
         return cls(vocab, merges, specials, GPT2_PATTERN)
@@ -837,7 +844,7 @@ class Tokenizer:
 
                 encoding = tiktoken.get_encoding(encoding)
             except Exception as e:  # noqa: BLE001 (no network, unknown name, no tiktoken: one message)
-                raise NanoError(f"tiktoken cannot load {encoding!r} ({type(e).__name__}; it needs "
+                raise BPEError(f"tiktoken cannot load {encoding!r} ({type(e).__name__}; it needs "
                                  "network access or the encoding's files in TIKTOKEN_CACHE_DIR)") from None
         ranks = encoding._mergeable_ranks  # tiktoken exposes no public accessor
         merges = []
@@ -845,7 +852,7 @@ class Tokenizer:
             if len(token) > 1:
                 parts = _bpe_by_rank(ranks, token, max_rank=rank)
                 if len(parts) != 2:
-                    raise NanoError(f"token {render_token(token)} (rank {rank}) is not a merge of "
+                    raise BPEError(f"token {render_token(token)} (rank {rank}) is not a merge of "
                                      "two lower-ranked tokens: not a BPE vocabulary")
                 merges.append((parts[0], parts[1]))
         vocab = {rank: token for token, rank in ranks.items()}
@@ -857,7 +864,7 @@ class Tokenizer:
         """Write `path` (the tokenizer, human-readable) and a .vocab listing beside it.
         Both go to a temp file first, then are renamed: never a half-written file."""
         if self.added_tokens or self.normalizer or self.pre_tokenizer is not None or not self.ignore_merges:
-            raise NanoError("this tokenizer's pipeline (from a tokenizer.json) does not fit a .bpe file "
+            raise BPEError("this tokenizer's pipeline (from a tokenizer.json) does not fit a .bpe file "
                             "(write it with save_tokenizer_json)")
         path = Path(path)
         special_ids = set(self.special_tokens.values())
@@ -891,11 +898,11 @@ class Tokenizer:
         """Read a file written by save(); a clear one-line error if it is not one."""
         path = Path(path)
         if not path.is_file():
-            raise NanoError(f"tokenizer file {path} not found (train one: python bpe.py train ...)")
+            raise BPEError(f"tokenizer file {path} not found (train one: python bpe.py train ...)")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise NanoError(f"{path} is not a bpe.py tokenizer file ({type(e).__name__})") from None
+            raise BPEError(f"{path} is not a bpe.py tokenizer file ({type(e).__name__})") from None
         lines = text.split("\n")
         try:
             # comment lines ("# ...") are allowed in the header only: "#" is also a token
@@ -923,7 +930,7 @@ class Tokenizer:
             if len(merges) != n_merges or any(lines[at + 1 + n_merges:]):
                 raise ValueError(f"expected {n_merges} merges, found {len(lines) - at - 1} lines")
         except (ValueError, IndexError, KeyError, TypeError) as e:
-            raise NanoError(f"{path} is not a valid bpe.py tokenizer file ({e}; re-create it "
+            raise BPEError(f"{path} is not a valid bpe.py tokenizer file ({e}; re-create it "
                              "with python bpe.py train)") from None
         return cls(vocab, merges, specials, pattern)
 
@@ -939,13 +946,13 @@ class Tokenizer:
         Other kinds (SentencePiece-style, WordPiece, Unigram): a one-line error naming it."""
         path = Path(path)
         if not path.is_file():
-            raise NanoError(f"tokenizer file {path} not found (check the path)")
+            raise BPEError(f"tokenizer file {path} not found (check the path)")
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise NanoError(f"{path} is not a tokenizer.json ({type(e).__name__}: {e})") from None
+            raise BPEError(f"{path} is not a tokenizer.json ({type(e).__name__}: {e})") from None
         if not isinstance(spec, dict):
-            raise NanoError(f"{path} is not a tokenizer.json (a JSON object with a 'model')")
+            raise BPEError(f"{path} is not a tokenizer.json (a JSON object with a 'model')")
         tok = cls(**_read_tokenizer_json(spec, path))
         ends = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>")  # the document separators of those models
         tok.eot_id = next((tok.special_tokens[s] for s in ends if s in tok.special_tokens), None)
@@ -961,7 +968,7 @@ class Tokenizer:
         if steps[-1:] == [PREFIX_SPACE]:
             byte_level["add_prefix_space"] = bool(steps.pop())
         if PREFIX_SPACE in steps:
-            raise NanoError("a space prefix before other split steps has no tokenizer.json form")
+            raise BPEError("a space prefix before other split steps has no tokenizer.json form")
         pre = [{"type": "Split", "pattern": {"Regex": _to_onig(s)}, "behavior": "Isolated", "invert": False}
                for s in steps] + [byte_level]
         norms = [{"type": form} for form in self.normalizer]
@@ -1031,14 +1038,14 @@ def _read_tokenizer_json(spec: dict, where) -> dict:
     norms = _members(spec.get("normalizer"), "normalizers")
     kinds = {step.get("type") for step in pre + norms}
     if model.get("type") != "BPE":
-        raise NanoError(f"{where}: a {model.get('type')} tokenizer model is not supported ({SUPPORTED})")
+        raise BPEError(f"{where}: a {model.get('type')} tokenizer model is not supported ({SUPPORTED})")
     if model.get("byte_fallback") or kinds & {"Metaspace", "Prepend"}:
-        raise NanoError(f"{where}: a SentencePiece-style BPE (Metaspace, byte fallback: Llama 2, Mistral "
+        raise BPEError(f"{where}: a SentencePiece-style BPE (Metaspace, byte fallback: Llama 2, Mistral "
                         f"v0.1) is not supported ({SUPPORTED})")
     if not pre or pre[-1].get("type") != "ByteLevel":
-        raise NanoError(f"{where}: not a byte-level BPE (its pre_tokenizer does not end in ByteLevel; {SUPPORTED})")
+        raise BPEError(f"{where}: not a byte-level BPE (its pre_tokenizer does not end in ByteLevel; {SUPPORTED})")
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise NanoError(f"{where}: BPE dropout, continuing_subword_prefix and end_of_word_suffix are not "
+        raise BPEError(f"{where}: BPE dropout, continuing_subword_prefix and end_of_word_suffix are not "
                         f"supported ({SUPPORTED})")
     steps = []
     for step in pre:
@@ -1051,15 +1058,15 @@ def _read_tokenizer_json(spec: dict, where) -> dict:
         elif kind == "ByteLevel" and step is pre[-1]:
             steps += [PREFIX_SPACE] * bool(step.get("add_prefix_space")) + [GPT2_PATTERN] * step.get("use_regex", True)
         else:
-            raise NanoError(f"{where}: the pre-tokenizer {json.dumps(step)[:100]} is not supported ({SUPPORTED})")
+            raise BPEError(f"{where}: the pre-tokenizer {json.dumps(step)[:100]} is not supported ({SUPPORTED})")
     for step in norms:
         if step.get("type") not in ("NFC", "NFD", "NFKC", "NFKD"):
-            raise NanoError(f"{where}: the normalizer {step.get('type')} is not supported (NFC, NFD, NFKC, NFKD are)")
+            raise BPEError(f"{where}: the normalizer {step.get('type')} is not supported (NFC, NFD, NFKC, NFKD are)")
     specials, added = {}, {}
     try:
         for token in spec.get("added_tokens") or []:
             if token.get("single_word") or token.get("lstrip") or token.get("rstrip"):
-                raise NanoError(f"{where}: added token {token.get('content')!r} sets single_word, lstrip or "
+                raise BPEError(f"{where}: added token {token.get('content')!r} sets single_word, lstrip or "
                                 "rstrip, which bpe.py does not support")
             (specials if token.get("special") else added)[token["content"]] = int(token["id"])
         added_ids = set(specials.values()) | set(added.values())
@@ -1068,10 +1075,10 @@ def _read_tokenizer_json(spec: dict, where) -> dict:
                   for m in model["merges"]]
         if any(len(m) != 2 for m in merges):
             raise ValueError("a merge is not two tokens")
-    except NanoError:
+    except BPEError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise NanoError(f"{where}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+        raise BPEError(f"{where}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
     one_regex = len(steps) == 1 and steps[0] != PREFIX_SPACE
     return {"vocab": vocab, "merges": merges, "special_tokens": specials, "added_tokens": added,
             "pattern": steps[0] if one_regex else None, "pre_tokenizer": None if one_regex else steps,
@@ -1082,7 +1089,7 @@ def _hf_bytes(token: str, where) -> bytes:
     try:
         return _from_alphabet(token)
     except UnicodeEncodeError:
-        raise NanoError(f"{where}: token {token!r} is not written in GPT-2's byte alphabet (not a "
+        raise BPEError(f"{where}: token {token!r} is not written in GPT-2's byte alphabet (not a "
                         f"byte-level BPE; {SUPPORTED})") from None
 
 
@@ -1138,14 +1145,14 @@ def load_any(spec: str) -> Tokenizer:
         return Tokenizer.load(spec)
     if spec in ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"):
         return Tokenizer.from_tiktoken(spec)
-    raise NanoError(f"tokenizer {spec!r} is neither a file nor a tiktoken encoding name (e.g. gpt2)")
+    raise BPEError(f"tokenizer {spec!r} is neither a file nor a tiktoken encoding name (e.g. gpt2)")
 
 
 def _cmd_train(args):
     if not os.path.isfile(args.input):
-        raise NanoError(f"input file {args.input} not found (check --input)")
+        raise BPEError(f"input file {args.input} not found (check --input)")
     if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():
-        raise NanoError(f"--out {args.out} is a folder or lies in no folder (give a file name in an existing folder)")
+        raise BPEError(f"--out {args.out} is a folder or lies in no folder (give a file name in an existing folder)")
     pattern = PATTERNS.get(args.pattern, args.pattern)
     compile_pattern(pattern)
     specials = [s for s in args.special_tokens.split(",") if s]
@@ -1162,9 +1169,9 @@ def _cmd_encode(args):
     try:
         text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
     except (OSError, UnicodeDecodeError) as e:
-        raise NanoError(f"cannot read {args.file} as UTF-8 text ({type(e).__name__})") from None
+        raise BPEError(f"cannot read {args.file} as UTF-8 text ({type(e).__name__})") from None
     if text is None:
-        raise NanoError("nothing to encode (give the text, or --file FILE)")
+        raise BPEError("nothing to encode (give the text, or --file FILE)")
     ids = tok.encode(text, allowed_special=args.allowed_special)
     print(ids)
     print("|".join(tok.decode_bytes([i]).decode("utf-8", "replace") for i in ids))
@@ -1178,7 +1185,7 @@ def _cmd_compare(args):
     for name in filter(None, args.reference.split(",")):
         try:
             tokenizers.append((name, Tokenizer.from_tiktoken(name)))
-        except NanoError as e:
+        except BPEError as e:
             print(f"({name} skipped: {e})")
     if args.tokenizer:
         tokenizers += [(spec, load_any(spec)) for spec in args.tokenizer]
@@ -1199,8 +1206,15 @@ def _cmd_compare(args):
         print("  " + "|".join(pieces))
 
 
-@cli
 def main(argv=None):
+    try:
+        run_cli(argv)
+    except BPEError as e:  # bad input: one line and exit status 2, never a traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run_cli(argv=None):
     parser = argparse.ArgumentParser(prog="bpe.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

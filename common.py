@@ -28,6 +28,8 @@ class NanoError(ValueError):
     before any long work starts; only a script's `main()` (through `cli`) turns it into
     `error: <message>` on stderr and exit status 2, so a notebook that imports a file never exits."""
 
+    one_line = True  # cli prints any ValueError marked so: also bpe.py's BPEError (bpe.py imports nothing of ours)
+
 
 class CLIError(SystemExit):
     """How `cli` leaves: exit status 2; str() is the line printed, so tests can match on it."""
@@ -41,13 +43,16 @@ class CLIError(SystemExit):
 
 
 def cli(main):
-    """Decorate a script's `main(argv=None)`: a NanoError becomes one `error:` line and exit 2."""
+    """Decorate a script's `main(argv=None)`: a NanoError (or bpe.BPEError) becomes one `error:`
+    line and exit 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except NanoError as e:
+        except ValueError as e:
+            if not getattr(e, "one_line", False):
+                raise
             line = f"error: {e}"
             print(line, file=sys.stderr, flush=True)
             raise CLIError(line) from None

@@ -12,20 +12,23 @@ Datasets are tokenized once into `data/<name>/{train,val}.bin` (uint16 token ids
 `meta.json`, then sampled as random windows by `TokenBins`. Tiny Shakespeare ships in
 assets/, so the default runs need no network; FineWeb-Edu and others are downloaded.
 
-This file imports `common` (and `bpe` lazily, for a saved bpe.py tokenizer).
+This file imports `common` (and `bpe` lazily, for a saved bpe.py tokenizer or a tokenizer.json).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from common import NanoError
 
@@ -107,15 +110,26 @@ class BPEFileTokenizer:
     def __init__(self, path):
         import bpe
 
-        self.tok = bpe.Tokenizer.from_tokenizer_json(path) if str(path).endswith(".json") else bpe.Tokenizer.load(path)
+        self.error = bpe.BPEError  # bpe.py imports nothing of ours: its errors become NanoErrors here
+        with self.as_nano_error():
+            self.tok = bpe.Tokenizer.from_tokenizer_json(path) if str(path).endswith(".json") else bpe.Tokenizer.load(path)
         self.vocab_size, self.eot_id = self.tok.vocab_size, self.tok.eot_id
         self.spec = str(path)
 
+    @contextlib.contextmanager
+    def as_nano_error(self):
+        try:
+            yield
+        except self.error as e:
+            raise NanoError(str(e)) from None
+
     def encode(self, text):
-        return self.tok.encode(text, allowed_special="all")
+        with self.as_nano_error():
+            return self.tok.encode(text, allowed_special="all")
 
     def decode(self, ids):
-        return self.tok.decode(list(ids))
+        with self.as_nano_error():
+            return self.tok.decode(list(ids))
 
 
 ROLES = ("system", "user", "assistant")
@@ -181,11 +195,52 @@ def load_tokenizer(spec: str):
     raise NanoError(f"tokenizer {spec!r} is neither 'gpt2', 'char:<alphabet>', a bpe.py file nor a tokenizer.json")
 
 
+# A checkpoint carries the file of a file-based tokenizer (a bpe.py model is a few hundred KB),
+# so moving or deleting data/ never orphans it; the path stays in the spec as a hint.
+
+
+def tokenizer_file(spec) -> Path | None:
+    """The file a spec names (a bpe.py model or a tokenizer.json, also under chat:), or None."""
+    base = spec[len(CHAT_PREFIX):] if isinstance(spec, str) and spec.startswith(CHAT_PREFIX) else spec
+    if not isinstance(base, str) or base.startswith("char:") or not Path(base).is_file():
+        return None
+    return Path(base)
+
+
+def pack_tokenizer(spec) -> dict | None:
+    """{"name", "data"} of the spec's tokenizer file, for a checkpoint; None for other specs."""
+    path = tokenizer_file(spec)
+    return {"name": path.name, "data": path.read_bytes()} if path else None
+
+
+def unpack_tokenizer(spec, packed: dict | None, cache_dir=None):
+    """The spec to load a checkpoint's tokenizer with: the recorded path while it still holds the
+    same bytes, else a copy of the packed file under ~/.cache/nanollm/tokenizers (by content hash)."""
+    if not packed or not isinstance(spec, str):
+        return spec
+    path = tokenizer_file(spec)
+    if path is not None and path.read_bytes() == packed["data"]:
+        return spec
+    import hashlib
+
+    digest = hashlib.sha256(packed["data"]).hexdigest()[:16]
+    folder = Path(cache_dir or Path.home() / ".cache" / "nanollm" / "tokenizers")
+    copy = folder / f"{digest}-{Path(packed['name']).name}"
+    if not copy.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f".{copy.name}.tmp{os.getpid()}")
+        tmp.write_bytes(packed["data"])
+        os.replace(tmp, copy)
+    chat = spec.startswith(CHAT_PREFIX)
+    return (CHAT_PREFIX if chat else "") + str(copy)
+
+
 # ----------------------------------------------------------------------------------------
 # Downloads
 
 
-def download(url: str, dest, expected_size: int | None = None, hint: str = "check the network") -> Path:
+def download(url: str, dest, expected_size: int | None = None, hint: str = "check the network",
+             headers: dict | None = None) -> Path:
     """Stream url to dest through a temp file, so an interrupted download never looks
     complete; the size is checked against expected_size or the server's Content-Length."""
     dest = Path(dest)
@@ -198,7 +253,8 @@ def download(url: str, dest, expected_size: int | None = None, hint: str = "chec
     print(f"downloading {url} -> {dest}", file=sys.stderr)
     try:
         # identity encoding, so Content-Length counts the bytes we write (not gzip's)
-        with requests.get(url, stream=True, timeout=60, headers={"Accept-Encoding": "identity"}) as r:
+        headers = {"Accept-Encoding": "identity", **(headers or {})}
+        with requests.get(url, stream=True, timeout=60, headers=headers) as r:
             r.raise_for_status()
             expected = expected_size or int(r.headers.get("Content-Length", 0))
             with open(tmp, "wb") as f:
@@ -213,6 +269,235 @@ def download(url: str, dest, expected_size: int | None = None, hint: str = "chec
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face model folders: config.json, tensor names and shapes, safetensors shards,
+# downloads. gpt.py builds the model and asks these to fill it (gpt.load_pretrained).
+
+HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def hf_config_fields(hf: dict) -> dict:
+    """gpt.GPTConfig's fields from a Hugging Face config.json (transformers 4.x and 5.x spellings)."""
+    kind = hf.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise NanoError(f"model_type {kind!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
+    if kind == "gpt2":
+        return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                    n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
+                    norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    bias = hf.get("attention_bias", False)
+    unsupported = [what for what, bad in (
+        (f"rope type {rope_type!r}", rope_type not in ("default", "llama3")),
+        (f"hidden_act {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
+        ("sliding-window layers", hf.get("use_sliding_window", False)),
+        ("attention_bias != mlp_bias", kind == "llama" and bias != hf.get("mlp_bias", False))) if bad]
+    if unsupported:
+        raise NanoError(f"{kind} config.json with {unsupported[0]} is not supported (only what Llama 3, "
+                        "Mistral, Qwen2/3 use)")
+    block_size = hf.get("max_position_embeddings", 2048)
+    if kind == "mistral" and hf.get("sliding_window"):  # a window of W keys = block_size W (sample.py slides it)
+        block_size = min(block_size, hf["sliding_window"])
+    llama3 = dict(rope_scaling=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
+                  rope_high_freq_factor=rope["high_freq_factor"],
+                  rope_original_max_position=rope["original_max_position_embeddings"]) if rope_type == "llama3" else {}
+    return dict(**llama3,
+        arch="llama", block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], bias=bias and kind != "qwen2",
+        mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim") or 0,
+        qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False), qk_norm=kind == "qwen3")
+
+
+# Hugging Face's GPT-2 stores these projections as Conv1D, weight (in, out): transposed
+# relative to nn.Linear's (out, in) whenever weights cross between the two
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Llama's family, HF -> ours: the containers and block norms are renamed (so every script
+# finds transformer.h[i].attn, .mlp, .ln_1); the projections keep HF's names
+HF_LLAMA_NAMES = (("model.embed_tokens.", "transformer.wte."), ("model.layers.", "transformer.h."),
+                  ("model.norm.", "transformer.ln_f."), (".self_attn.", ".attn."),
+                  (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."))
+
+
+def from_hf_name(name: str, arch: str) -> str:
+    if arch == "gpt2":
+        return name if name == "lm_head.weight" else "transformer." + name.removeprefix("transformer.")
+    for theirs, ours in HF_LLAMA_NAMES:
+        name = name.replace(theirs, ours)
+    return name
+
+
+def to_hf_name(name: str, arch: str) -> str:
+    """One of our tensor names in Hugging Face's spelling (e.g. for PEFT adapters)."""
+    for theirs, ours in HF_LLAMA_NAMES if arch != "gpt2" else ():
+        name = name.replace(ours, theirs)
+    return name
+
+
+def fill(model, key: str, tensor):
+    """Put a loaded tensor in place of parameter `key` (GPT-2's Conv1D weights transposed)."""
+    if model.config.arch == "gpt2" and key.endswith(HF_CONV1D_WEIGHTS):
+        tensor = tensor.t().contiguous()
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
+
+
+def hf_plan(model, shapes: dict, where="the state dict") -> dict:
+    """{HF name: our name} of every tensor to load, after checking names and shapes against
+    the model: one-line NanoError for a foreign, mis-shaped or missing tensor."""
+    arch, ours, plan = model.config.arch, dict(model.named_parameters()), {}
+    for name, shape in shapes.items():
+        key = from_hf_name(name, arch)
+        if name.endswith((".attn.bias", ".attn.masked_bias")) and key not in ours:
+            continue  # causal-mask buffers of old HF GPT-2 versions
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # the same matrix as the token embedding
+        if key not in ours:
+            raise NanoError(f"unexpected tensor {name!r} in {where} (not a {arch} model of this config)")
+        want = tuple(ours[key].shape)[::-1] if arch == "gpt2" and key.endswith(HF_CONV1D_WEIGHTS) \
+            else tuple(ours[key].shape)
+        if tuple(shape) != want:
+            raise NanoError(f"{name} in {where} has shape {tuple(shape)}, the config wants {want} "
+                            "(weights of another model size?)")
+        plan[name] = key
+    missing = sorted(set(ours) - set(plan.values()))
+    if missing:
+        raise NanoError(f"{where} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0], arch)} "
+                        "(a shard missing, or weights of another model)")
+    return plan
+
+
+def hf_folder(name_or_dir: str, cache_dir=None) -> tuple[Path, list[str], str | None]:
+    """(folder, its safetensors files, tokenizer spec) of a Hugging Face model folder, a hub name
+    (downloaded into ~/.cache/nanollm) or a GPT-2 size; checked before any weight is read. The
+    spec is the folder's tokenizer.json, "gpt2" for the GPT-2 sizes (tiktoken), else None."""
+    cache = Path(cache_dir or Path.home() / ".cache" / "nanollm")
+    folder, spec = Path(name_or_dir), None
+    if name_or_dir in GPT2_SIZES and not folder.is_dir():
+        folder, spec = download_hf(f"openai-community/{name_or_dir}", cache / name_or_dir, tokenizer=False), "gpt2"
+    elif not folder.is_dir():
+        if name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/")):
+            raise NanoError(f"unknown model {name_or_dir!r} (a Hugging Face folder, a hub name like "
+                            f"HuggingFaceTB/SmolLM2-135M, or one of {', '.join(GPT2_SIZES)})")
+        folder = download_hf(name_or_dir, cache / name_or_dir)
+    if not (folder / "config.json").is_file():
+        raise NanoError(f"{folder} has no config.json (a Hugging Face model folder needs one)")
+    files = weight_files(folder)
+    for name in files:
+        if not (folder / name).is_file():
+            raise NanoError(f"{folder} lacks {name} of {len(files)} weight file(s) (download it again)")
+    if spec is None and (folder / "tokenizer.json").is_file():
+        spec = str(folder / "tokenizer.json")
+    return folder, files, spec
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a folder: the shards its index lists, or the one model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
+def download_hf(repo: str, folder: Path, tokenizer=True) -> Path:
+    """config.json, the safetensors (one file or the shards its index lists) and tokenizer.json of
+    a hub repository into folder; files already there are not fetched again. HF_TOKEN, when set,
+    is sent for gated repositories (Llama)."""
+    base = f"https://huggingface.co/{repo}/resolve/main/"
+    hint = "check the name; a gated model needs HF_TOKEN set and its licence accepted"
+    auth = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else None
+    get = functools.partial(download, hint=hint, headers=auth)
+    get(base + "config.json", folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    if not (folder / "model.safetensors").is_file():
+        try:
+            get(base + index.name, index)
+        except NanoError:  # no index: one file
+            pass
+    for name in weight_files(folder):
+        get(base + name, folder / name)
+    if tokenizer:
+        try:
+            get(base + "tokenizer.json", folder / "tokenizer.json")
+        except NanoError:  # the weights are usable without it; gpt.load_pretrained's spec says None
+            pass
+    return folder
+
+
+# safetensors: an 8-byte little-endian header length, a JSON header {name: {"dtype", "shape",
+# "data_offsets"}}, then the raw tensor bytes
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+
+
+def safetensors_header(path) -> tuple[dict, int]:
+    """The header {name: {"dtype", "shape", "data_offsets"}} and where the tensor bytes begin."""
+    with open(path, "rb") as f:
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > os.path.getsize(path):
+                raise ValueError
+            header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError
+        except (struct.error, ValueError, UnicodeDecodeError):
+            raise NanoError(f"{path} is not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise NanoError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    return header, 8 + header_len
+
+
+def read_safetensors(path, names=None) -> dict:
+    """Every tensor of the file (or those in `names`), each read straight into its own memory."""
+    header, base = safetensors_header(path)
+    tensors = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if names is not None and name not in names:
+                continue
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            start, end = info["data_offsets"]
+            if end - start != t.numel() * t.element_size():
+                raise NanoError(f"{path}: tensor {name} has {end - start} bytes for shape {info['shape']} (corrupt file)")
+            f.seek(base + start)
+            if end > start and f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise NanoError(f"{path} is truncated at tensor {name} (download it again)")
+            tensors[name] = t
+    return tensors
+
+
+def write_safetensors(path, tensors: dict):
+    """Write tensors as one safetensors file: the header first, then each tensor's bytes
+    streamed straight from its memory (no copy of the whole model is built), through a temp
+    file renamed at the end."""
+    dtype_names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header so tensor data is 8-byte aligned
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for t in tensors.values():
+                t = t.detach().cpu().contiguous()
+                if t.numel():
+                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ def gguf_tensors(model: gpt.GPT, wanted: int) -> list[tuple[str, torch.Tensor, i
         gguf_name = next((pattern.sub(new, name) for pattern, new in table if pattern.fullmatch(name)), None)
         if gguf_name is None:
             raise NanoError(f"no GGUF name for tensor {name!r} of a {kind} model (export supports gpt2 and the llama family)")
-        if kind == "gpt2" and name.endswith(gpt.HF_CONV1D_WEIGHTS):
+        if kind == "gpt2" and name.endswith(data.HF_CONV1D_WEIGHTS):
             t = t.t()  # Conv1D (in, out) -> (out, in), as the converter does
         if kind == "llama" and ".q_proj." in name:
             t = interleave_rope_rows(t, c.n_head)
@@ -484,7 +484,7 @@ def eot_of(spec: str):
 
 def export_hf(model: gpt.GPT, spec: str, folder: Path, dtype=torch.float32):
     config = hf_config(model, eot_of(spec), str(dtype).removeprefix("torch."))
-    gpt.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
+    data.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
     _write_json(folder / "config.json", config)
     write_hf_tokenizer(folder, spec, model.config.block_size, eot_of(spec))
 
@@ -510,7 +510,7 @@ def peft_state_dict(adapter: dict) -> dict:
     A (r, in) and B (out, r) keep their shapes: PEFT's LoRA stores them as nn.Linear weights,
     also on GPT-2's Conv1D layers."""
     arch = adapter_arch(adapter)
-    return {lora.PEFT_PREFIX + gpt.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
+    return {lora.PEFT_PREFIX + data.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
 
 
 def peft_config(adapter: dict) -> dict:
@@ -524,7 +524,7 @@ def peft_config(adapter: dict) -> dict:
 
 
 def export_peft(adapter: dict, folder: Path):
-    gpt.write_safetensors(folder / "adapter_model.safetensors", peft_state_dict(adapter))
+    data.write_safetensors(folder / "adapter_model.safetensors", peft_state_dict(adapter))
     _write_json(folder / "adapter_config.json", peft_config(adapter))
 
 

@@ -6,14 +6,15 @@ for token, save/load, streaming in bounded memory, one-line errors on bad input.
 import json
 import pickle
 import random
+import re
 import tracemalloc
 from itertools import pairwise
 
 import pytest
 
 import bpe
+from bpe import BPEError
 import data
-from common import NanoError
 from data import GPT2_ENCODER_JSON as ENCODER_JSON
 from data import GPT2_VOCAB_BPE as VOCAB_BPE
 from data import SHAKESPEARE_PATH
@@ -39,9 +40,19 @@ def shakespeare() -> str:
 
 
 def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)  # a NanoError's message; a main() adds the "error: " in front
-    assert "\n" not in msg and (msg.startswith("error: ") or not isinstance(excinfo.value, SystemExit)), msg
+    msg = str(excinfo.value)  # a BPEError's message
+    assert "\n" not in msg, msg
     return msg
+
+
+def cli_error(capsys, argv) -> str:
+    """bpe.main(argv) must stop with exit status 2 and one `error:` line on stderr: returns it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        bpe.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
 
 
 @pytest.fixture(scope="module")
@@ -154,26 +165,25 @@ def test_train_bpe_never_guesses_a_file_name(tmp_path):
     name.write_text("zzzz zzzz zzzz", encoding="utf-8")
     _, merges = bpe.train_bpe(str(name), 256 + 1)
     assert merges != [(b"z", b"z")]  # learned from the characters of the name, not from the file
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         bpe.train_bpe(name, 300)
     assert "train_bpe_file" in one_line_error(e)
 
 
 @pytest.mark.parametrize("pattern, says", [("(", "bad split pattern"), ("(a)|.", "capturing groups"),
                                            ("foo", "skips 'h'"), (r"\S+", "skips ' '")])
-def test_bad_split_patterns_are_refused(tmp_path, pattern, says):
+def test_bad_split_patterns_are_refused(tmp_path, capsys, pattern, says):
     src = tmp_path / "input.txt"
     src.write_text("hello foo world\n" * 50, encoding="utf-8")
     out = tmp_path / "tok.bpe"
-    with pytest.raises(SystemExit, match=f"^error: .*{regex_escape(says)}") as e:
-        bpe.main(["train", "--input", str(src), "--out", str(out), "--pattern", pattern, "--num_workers", "1"])
-    one_line_error(e)
+    assert says in cli_error(capsys, ["train", "--input", str(src), "--out", str(out), "--pattern", pattern,
+                                       "--num_workers", "1"])
     assert not out.exists()
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         bpe.train_bpe("hello foo world", 300, pattern=pattern)
     assert says in one_line_error(e)
     if says.startswith(("bad", "capturing")):
-        with pytest.raises(NanoError):
+        with pytest.raises(BPEError):
             bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], pattern=pattern)
 
 
@@ -266,7 +276,7 @@ def test_special_tokens_longest_wins_and_allowed_sets(small):
     ids = tok.encode("x<|a|><|b|>y<|a|>", allowed_special="all")
     assert ab in ids and ids[-1] == a and tok.decode(ids) == "x<|a|><|b|>y<|a|>"
     assert tok.encode("x<|a|>", allowed_special={"<|a|>"})[-1] == a
-    with pytest.raises(NanoError) as e:  # allowed {"<|a|>"}: EOT is still disallowed
+    with pytest.raises(BPEError) as e:  # allowed {"<|a|>"}: EOT is still disallowed
         tok.encode(f"x<|a|>{EOT}", allowed_special={"<|a|>"})
     assert EOT in one_line_error(e)
     plain = tok.encode("x<|a|>", allowed_special="none")
@@ -362,7 +372,7 @@ def test_encode_batch_equals_encode(gpt2, small):
         assert tok.encode_batch(texts, allowed_special="all", num_workers=1) == expected
         copy = pickle.loads(pickle.dumps(tok))  # what a spawned worker receives
         assert [copy.encode(t, allowed_special="all") for t in texts] == expected
-    with pytest.raises(NanoError) as e:  # a worker's error reaches the caller as itself
+    with pytest.raises(BPEError) as e:  # a worker's error reaches the caller as itself
         small.encode_batch(["fine", f"a{EOT}b", "fine"], num_workers=2)
     assert EOT in one_line_error(e)
 
@@ -519,18 +529,18 @@ def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
     for says, spec in cases.items():
         path = tmp_path / "tokenizer.json"
         path.write_text(json.dumps(spec), encoding="utf-8")
-        with pytest.raises(NanoError) as e:
+        with pytest.raises(BPEError) as e:
             bpe.Tokenizer.from_tokenizer_json(path)
         assert says in one_line_error(e), says
     path.write_text("{not json", encoding="utf-8")
     for bad in (path, tmp_path / "missing.json"):
-        with pytest.raises(NanoError) as e:
+        with pytest.raises(BPEError) as e:
             bpe.Tokenizer.from_tokenizer_json(bad)
         one_line_error(e)
     path.write_text(json.dumps(base), encoding="utf-8")
     tok = bpe.Tokenizer.from_tokenizer_json(path)  # the minimal byte-level file is fine
     assert tok.decode(tok.encode("hi ü")) == "hi ü" and len(tok.encode("hi ü")) == 5
-    with pytest.raises(NanoError) as e:  # a pipeline the .bpe format cannot hold
+    with pytest.raises(BPEError) as e:  # a pipeline the .bpe format cannot hold
         bpe.Tokenizer.from_tokenizer_json(path).save(tmp_path / "x.bpe")
     assert "save_tokenizer_json" in one_line_error(e)
 
@@ -593,31 +603,27 @@ def test_cli(tmp_path, capsys):
     bpe.main(["encode", "--tokenizer", str(tmp_path / "tokenizer.json"), "First Citizen"])
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == json.loads(ids_line)
     for out_dir in (tmp_path, tmp_path / "no" / "tok.bpe"):  # checked before training
-        with pytest.raises(SystemExit, match="^error: --out") as e:
-            bpe.main(["train", "--input", str(src), "--out", str(out_dir)])
-        one_line_error(e)
+        assert cli_error(capsys, ["train", "--input", str(src), "--out", str(out_dir)]).startswith("error: --out")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(SystemExit, match="^error: cannot read .* as UTF-8") as e:
-        bpe.main(["encode", "--file", str(tmp_path / "latin1.txt")])
-    one_line_error(e)
+    assert re.match("error: cannot read .* as UTF-8", cli_error(capsys, ["encode", "--file", str(tmp_path / "latin1.txt")]))
 
 
 def test_bad_vocab_size():
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         bpe.train_bpe("hello", 256, special_tokens=(EOT,))
     assert "257" in one_line_error(e)
 
 
 def test_empty_training_text(tmp_path):
     for empty in ("", EOT * 3):
-        with pytest.raises(NanoError) as e:
+        with pytest.raises(BPEError) as e:
             bpe.train_bpe(empty, 300, special_tokens=(EOT,))
         assert "empty" in one_line_error(e)
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         bpe.train_bpe_file(tmp_path / "empty.txt", 300)
     one_line_error(e)
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         bpe.train_bpe_file(tmp_path / "missing.txt", 300)
     assert "not found" in one_line_error(e)
 
@@ -625,7 +631,7 @@ def test_empty_training_text(tmp_path):
 def test_special_token_with_none_raise(small):
     for call in (lambda: small.encode(f"a{EOT}b"),
                  lambda: list(small.encode_iterable(["a<|endof", "text|>b"], min_chars=1))):
-        with pytest.raises(NanoError) as e:
+        with pytest.raises(BPEError) as e:
             call()
         assert EOT in one_line_error(e)
     assert small.encode_ordinary(EOT) == small.encode(EOT, allowed_special="none") != [small.eot_id]
@@ -647,16 +653,16 @@ def test_corrupt_tokenizer_file(tmp_path, small):
     for name, text in cases.items():
         path = tmp_path / f"{name}.bpe"
         path.write_text(text, encoding="utf-8")
-        with pytest.raises(NanoError) as e:
+        with pytest.raises(BPEError) as e:
             bpe.Tokenizer.load(path)
         one_line_error(e)
     (tmp_path / "binary.bpe").write_bytes(bytes(range(256)))
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         bpe.Tokenizer.load(tmp_path / "binary.bpe")
     one_line_error(e)
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         bpe.Tokenizer.load(tmp_path / "missing.bpe")
     assert "not found" in one_line_error(e)
-    with pytest.raises(NanoError) as e:
+    with pytest.raises(BPEError) as e:
         small.decode([10 ** 6])
     one_line_error(e)

@@ -124,7 +124,7 @@ def test_hf_export_round_trip(gpt2_ckpt, hf_dir):
     config = gpt.GPTConfig(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
                            n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"])
     assert config == model.config
-    back = gpt.GPT.from_hf_state_dict(gpt.read_safetensors(hf_dir / "model.safetensors"), config)
+    back = gpt.GPT.from_hf_state_dict(data.read_safetensors(hf_dir / "model.safetensors"), config)
     ours, theirs = model.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 

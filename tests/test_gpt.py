@@ -23,7 +23,7 @@ def to_hf_names(model):
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":
             continue  # tied to wte
-        sd[k] = v.t().contiguous() if k.endswith(gpt.HF_CONV1D_WEIGHTS) else v.clone()
+        sd[k] = v.t().contiguous() if k.endswith(data.HF_CONV1D_WEIGHTS) else v.clone()
     return sd
 
 
@@ -62,12 +62,12 @@ def test_safetensors_round_trip(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2, 2).bfloat16(),
                "empty": torch.zeros(0, 4)}
     path = tmp_path / "x.safetensors"
-    gpt.write_safetensors(path, tensors)
+    data.write_safetensors(path, tensors)
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     assert n % 8 == 0 and header["a"] == {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}
-    back = gpt.read_safetensors(path)
+    back = data.read_safetensors(path)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v)
 
@@ -76,9 +76,9 @@ def test_safetensors_matches_reference_package(tmp_path):
     st = pytest.importorskip("safetensors.torch", reason="safetensors not installed: format parity not checked")
     tensors = {"w": torch.randn(4, 6), "h": torch.randn(3).half(), "b": torch.randn(5).bfloat16()}
     st.save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
-    for k, v in gpt.read_safetensors(tmp_path / "ref.safetensors").items():
+    for k, v in data.read_safetensors(tmp_path / "ref.safetensors").items():
         assert torch.equal(v, tensors[k])
-    gpt.write_safetensors(tmp_path / "ours.safetensors", tensors)
+    data.write_safetensors(tmp_path / "ours.safetensors", tensors)
     for k, v in st.load_file(tmp_path / "ours.safetensors").items():
         assert torch.equal(v, tensors[k])
 
@@ -87,7 +87,7 @@ def test_bad_safetensors(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"\xff" * 40)
     with pytest.raises(NanoError, match="not a safetensors file"):
-        gpt.read_safetensors(path)
+        data.read_safetensors(path)
 
 
 @pytest.mark.parametrize("n_rows,chunk", [(50, 16), (64, 64), (7, 1024)])
@@ -176,6 +176,29 @@ def test_checkpoint_round_trip_and_errors(tmp_path, tiny_config):
     with pytest.raises(NanoError, match="does not match its config") as e:
         gpt.load_checkpoint(tmp_path / "mismatch.pt")
     assert "\n" not in str(e.value)
+
+
+def test_checkpoint_carries_its_bpe_tokenizer(tmp_path, tiny_config, monkeypatch):
+    """A bpe.py tokenizer travels inside the checkpoint: with data/ moved away, the checkpoint
+    still loads a tokenizer that gives the same ids (the recorded path is only a hint)."""
+    import bpe
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the restored copy goes to ~/.cache/nanollm
+    text = data.SHAKESPEARE_PATH.read_text()[:20_000]
+    vocab, merges = bpe.train_bpe(text, 300, ["<|endoftext|>"])
+    tok_path = tmp_path / "data" / "tok.bpe"
+    tok_path.parent.mkdir()
+    bpe.Tokenizer(vocab, merges, ["<|endoftext|>"]).save(tok_path)
+    want = data.load_tokenizer(str(tok_path)).encode("First Citizen: before we proceed")
+    for spec in (str(tok_path), "chat:" + str(tok_path)):
+        gpt.save_checkpoint(tmp_path / "ckpt.pt", GPT(tiny_config), spec)
+        assert gpt.load_checkpoint(tmp_path / "ckpt.pt")[1] == spec  # still there: the path as recorded
+    tok_path.rename(tmp_path / "moved.bpe")
+    _, spec = gpt.load_checkpoint(tmp_path / "ckpt.pt")
+    assert spec.startswith("chat:" + str(tmp_path / "home" / ".cache" / "nanollm" / "tokenizers"))
+    assert data.load_tokenizer(spec).encode("First Citizen: before we proceed") == want
+    tok_path.write_text("a different tokenizer now")  # the path holds other bytes: the packed copy wins
+    assert gpt.load_checkpoint(tmp_path / "ckpt.pt")[1] == spec
 
 
 def test_tokenizers():

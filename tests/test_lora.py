@@ -280,7 +280,7 @@ def test_load_peft_adapter_of_gpt2model(tmp_path, tiny_config, idx):
     "transformer." prefix: each still lands on its layer, and the hidden states are PEFT's."""
     hf, ours = hf_gpt2(tiny_config, head=False)
     theirs = peft_adapter(hf, tmp_path / "peft")
-    assert "base_model.model.h.0.attn.c_attn.lora_A.weight" in gpt.read_safetensors(
+    assert "base_model.model.h.0.attn.c_attn.lora_A.weight" in data.read_safetensors(
         tmp_path / "peft" / "adapter_model.safetensors")
     lora.load_lora(ours, tmp_path / "peft")
     with torch.no_grad():
@@ -309,8 +309,8 @@ def test_peft_adapter_refusals(tmp_path, tiny_config):
     with pytest.raises(NanoError, match="is not a PEFT adapter folder"):
         lora.load_lora(copy.deepcopy(ours), folder)
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    tensors = gpt.read_safetensors(folder / "adapter_model.safetensors")
-    gpt.write_safetensors(folder / "adapter_model.safetensors",
+    tensors = data.read_safetensors(folder / "adapter_model.safetensors")
+    data.write_safetensors(folder / "adapter_model.safetensors",
                           {**tensors, "base_model.model.transformer.wte.weight": torch.zeros(65, 32)})
     with pytest.raises(NanoError, match="holds 'base_model.model.transformer.wte.weight', not a LoRA A or B"):
         lora.load_lora(copy.deepcopy(ours), folder)
@@ -368,7 +368,7 @@ def test_default_targets_llama():
     lora.apply_lora(ours)
     assert len(lora.lora_layers(ours)) == 7 * 2 and type(ours.lm_head) is nn.Linear
     assert torch.equal(logits(ours, x), before)  # B = 0: still the base model
-    assert sorted(gpt.to_hf_name(n, "llama") for n in lora_paths(ours)) == peft_all_linear_paths(hf)
+    assert sorted(data.to_hf_name(n, "llama") for n in lora_paths(ours)) == peft_all_linear_paths(hf)
 
 
 def test_load_peft_adapter_llama(tmp_path):
