@@ -467,8 +467,13 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _to_alphabet(token: bytes) -> str:
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in token)
+    # each byte read as the latin-1 character of the same number, then mapped in one C call
+    return token.decode("latin-1").translate(_latin1_to_alphabet())
+
+
+@functools.lru_cache(maxsize=1)
+def _latin1_to_alphabet() -> dict[int, str]:
+    return dict(bytes_to_unicode())
 
 
 def _from_alphabet(text: str) -> bytes:

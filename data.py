@@ -8,7 +8,7 @@ Tokenizer specs (what a checkpoint records and `load_tokenizer` reads):
 - a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json (Llama 3,
   Qwen, SmolLM, ...: byte-level BPE, read by bpe.py).
 
-Datasets are tokenized once into `data/<name>/{train,val}.bin` (uint16 token ids) plus
+Datasets are tokenized once into `data/<name>/{train,val}.bin` (uint16 ids; uint32 past 65,536) plus
 `meta.json`, then sampled as random windows by `TokenBins`. Tiny Shakespeare ships in
 assets/, so the default runs need no network; FineWeb-Edu and others are downloaded.
 
@@ -373,10 +373,10 @@ def hf_plan(model, shapes: dict, where="the state dict") -> dict:
     return plan
 
 
-def hf_folder(name_or_dir: str, cache_dir=None) -> tuple[Path, list[str], str | None]:
-    """(folder, its safetensors files, tokenizer spec) of a Hugging Face model folder, a hub name
-    (downloaded into ~/.cache/nanollm) or a GPT-2 size; checked before any weight is read. The
-    spec is the folder's tokenizer.json, "gpt2" for the GPT-2 sizes (tiktoken), else None."""
+def hf_folder(name_or_dir: str, cache_dir=None) -> tuple[Path, dict, list[str], str | None]:
+    """(folder, its config.json as a dict, its safetensors files, tokenizer spec) of a Hugging Face
+    model folder, a hub name (downloaded into ~/.cache/nanollm) or a GPT-2 size; checked before any
+    weight is read. The spec is the folder's tokenizer.json, "gpt2" for the GPT-2 sizes, else None."""
     cache = Path(cache_dir or Path.home() / ".cache" / "nanollm")
     folder, spec = Path(name_or_dir), None
     if name_or_dir in GPT2_SIZES and not folder.is_dir():
@@ -388,13 +388,17 @@ def hf_folder(name_or_dir: str, cache_dir=None) -> tuple[Path, list[str], str | 
         folder = download_hf(name_or_dir, cache / name_or_dir)
     if not (folder / "config.json").is_file():
         raise NanoError(f"{folder} has no config.json (a Hugging Face model folder needs one)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoError(f"{folder / 'config.json'} is not valid JSON ({e.__class__.__name__}; download it again)") from None
     files = weight_files(folder)
     for name in files:
         if not (folder / name).is_file():
             raise NanoError(f"{folder} lacks {name} of {len(files)} weight file(s) (download it again)")
     if spec is None and (folder / "tokenizer.json").is_file():
         spec = str(folder / "tokenizer.json")
-    return folder, files, spec
+    return folder, config, files, spec
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -504,13 +508,18 @@ def write_safetensors(path, tensors: dict):
 # Token bins shared by train.py, fsdp2_train.py, moe.py, lora.py, ...
 
 
-def write_tokens(path, ids):
-    """Tokens go to disk as uint16 (every vocabulary here is < 65536)."""
+def token_dtype(vocab_size: int) -> str:
+    """Bins hold uint16 ids (GPT-2's 50257 fit, half the bytes of uint32); larger vocabularies
+    (Llama 3's 128,256, Qwen's 151,936) need uint32. meta.json records which."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def write_tokens(path, ids, dtype="uint16"):
     arr = np.asarray(ids, dtype=np.int64)
-    if arr.size and arr.max() >= 2**16:
-        raise NanoError(f"token id {arr.max()} does not fit uint16 bins (vocab must be < 65536)")
+    if arr.size and arr.max() > np.iinfo(dtype).max:
+        raise NanoError(f"token id {arr.max()} does not fit {dtype} bins (the tokenizer's vocab_size is too small)")
     tmp = Path(f"{path}.tmp")
-    arr.astype(np.uint16).tofile(tmp)
+    arr.astype(dtype).tofile(tmp)
     os.replace(tmp, path)
 
 
@@ -557,9 +566,10 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
     split = int(len(text) * (1 - val_fraction))
     folder.mkdir(parents=True, exist_ok=True)
     train_ids, val_ids = tok.encode(text[:split]), tok.encode(text[split:])
-    write_tokens(folder / "train.bin", train_ids)
-    write_tokens(folder / "val.bin", val_ids)
-    meta = {"tokenizer": spec, "vocab_size": tok.vocab_size, "source": str(src),
+    dtype = token_dtype(tok.vocab_size)
+    write_tokens(folder / "train.bin", train_ids, dtype)
+    write_tokens(folder / "val.bin", val_ids, dtype)
+    meta = {"tokenizer": spec, "vocab_size": tok.vocab_size, "token_dtype": dtype, "source": str(src),
             "train_tokens": len(train_ids), "val_tokens": len(val_ids),  # bytes: for bits per byte
             "train_bytes": len(text[:split].encode("utf-8")), "val_bytes": len(text[split:].encode("utf-8"))}
     tmp = meta_path.with_name("meta.json.tmp")  # meta.json is what says "prepared": written last, atomically
@@ -578,8 +588,8 @@ def _init_worker(spec):
 
 
 def _tokenize_doc(text):
-    tok = _worker_tokenizer
-    return np.asarray([tok.eot_id] + tok.encode(text), dtype=np.uint16)  # documents are delimited by <|endoftext|>
+    tok = _worker_tokenizer  # documents are delimited by the end-of-text token
+    return np.asarray([tok.eot_id] + tok.encode(text), dtype=token_dtype(tok.vocab_size))
 
 
 def prepare_fineweb(folder: Path, spec: str, n_files: int = 14) -> Path:
@@ -594,13 +604,15 @@ def prepare_fineweb(folder: Path, spec: str, n_files: int = 14) -> Path:
         raise NanoError("fineweb_edu needs pyarrow (pip install pyarrow)") from None
     import multiprocessing as mp
 
-    folder.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(spec)
-    shard, buf, n_buf, total = 0, [], 0, 0
+    if tok.eot_id is None:
+        raise NanoError(f"tokenizer {spec!r} has no end-of-text token to delimit FineWeb's documents (use one that has)")
+    folder.mkdir(parents=True, exist_ok=True)
+    shard, buf, n_buf, total, dtype = 0, [], 0, 0, token_dtype(tok.vocab_size)
 
     def flush():
         nonlocal shard, buf, n_buf
-        write_tokens(folder / f"{'val' if shard == 0 else 'train'}_{shard:06d}.bin", np.concatenate(buf))
+        write_tokens(folder / f"{'val' if shard == 0 else 'train'}_{shard:06d}.bin", np.concatenate(buf), dtype)
         shard, buf, n_buf = shard + 1, [], 0
 
     with mp.Pool(max(1, os.cpu_count() // 2), initializer=_init_worker, initargs=(spec,)) as pool:
@@ -616,7 +628,7 @@ def prepare_fineweb(folder: Path, spec: str, n_files: int = 14) -> Path:
                     print(f"fineweb_edu: {total:,} tokens", file=sys.stderr)
     if buf:
         flush()
-    (folder / "meta.json").write_text(json.dumps({"tokenizer": spec, "vocab_size": tok.vocab_size,
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": spec, "vocab_size": tok.vocab_size, "token_dtype": dtype,
                                                   "shards": shard, "tokens": total}, indent=1))
     return folder
 
@@ -635,7 +647,9 @@ class TokenBins:
         paths = sorted(Path(data_dir).glob(f"{split}*.bin"))
         if not paths:
             raise NanoError(f"no {split}*.bin in {data_dir} (prepare the dataset first)")
-        self.shards = [np.memmap(p, dtype=np.uint16, mode="r") for p in paths]
+        meta = Path(data_dir) / "meta.json"  # uint16 unless it says otherwise (a large vocabulary)
+        dtype = json.loads(meta.read_text()).get("token_dtype", "uint16") if meta.is_file() else "uint16"
+        self.shards = [np.memmap(p, dtype=dtype, mode="r") for p in paths]
         self.sizes = torch.tensor([len(s) for s in self.shards], dtype=torch.float64)
 
     def get_batch(self, batch_size, block_size, generator, device="cpu"):

@@ -1,4 +1,5 @@
-"""FSDP2: train a GPT sharded across GPUs with fully_shard, the whole model or (Q)LoRA.
+"""FSDP2: train a GPT or a Llama-family model sharded across GPUs with fully_shard, the
+whole model or (Q)LoRA.
 
 Fully Sharded Data Parallel (ZeRO stage 3: Rajbhandari et al. 2020, arXiv:1910.02054;
 PyTorch FSDP: Zhao et al. 2023, arXiv:2304.11277) is data parallelism in which no rank
@@ -6,7 +7,10 @@ holds the whole model: every parameter, its gradient and its optimizer state are
 along dim 0 into world_size pieces and rank r keeps piece r. FSDP2 (`fully_shard`,
 torch.distributed.fsdp) represents each piece as a DTensor with placement Shard(0) and
 moves a whole group of parameters with one collective. Here one group per transformer
-block, plus the root group (embeddings, final LayerNorm, the tied lm_head).
+block, plus the root group (embeddings, final norm, lm_head: GPT-2 ties it to the token
+embedding, Llama 3 8B has its own). gpt.py gives GPT-2 and the Llama family (Llama, Qwen2/3,
+Mistral from a Hugging Face folder) the same module tree, transformer.h[i] a block, so the
+same cut serves both; only the Linears inside a block differ (gpt.BLOCK_LINEARS).
 
 What each rank holds around one block's forward (world size N, bf16 mixed precision):
 - before: its 1/N shard of every parameter of the block (fp32 for --mode full; for QLoRA
@@ -23,8 +27,8 @@ What each rank holds around one block's forward (world size N, bf16 mixed precis
   block's input). In backward the block is gathered again, its gradients computed and
   reduce-scattered (averaged over ranks, in fp32) into the gradient shards; frozen tensors
   (the NF4 base) get no gradient and no reduce-scatter.
-The root group stays gathered from its forward to the end of backward: the tied
-embedding/lm_head weight is the first one the backward of the loss needs.
+The root group stays gathered from its forward to the end of backward: the lm_head weight
+is the first one the backward of the loss needs.
 
 --hsdp: a 2-D mesh (replicate x shard): shards within a node, copies across nodes, so the
 all-gathers stay on the fast intra-node links. Gradient accumulation syncs (reduce-scatters)
@@ -32,9 +36,10 @@ only after the last micro-step; before that each rank sums unsharded gradients. 
 takes the norm of the DTensor gradients, i.e. over all shards. --cpu_offload keeps
 shards, gradients and AdamW state in CPU memory (the optimizer step runs on the CPU).
 
-Determinism across world sizes: every rank builds the same full model from the seed
-(on CPU, then shards it: simple and exact; a model too big for N copies in host memory
-would be built on the meta device instead) and draws the same *global* batch
+Determinism across world sizes: every rank builds or loads the same full model (fp32, on
+CPU, then shards it: simple and exact, but 8 ranks loading Llama 3 8B hold 8 x 32 GB of host
+memory for a moment; a model too big for that would be built on the meta device instead
+and each rank would read only its shards) and draws the same *global* batch
 (--batch_size) with one generator seeded by --seed, keeping its slice of rows. Per-rank
 mean losses, averaged by the reduce-scatter, equal the mean over the global batch, so the
 same command under 1 or 8 processes trains on the same samples in the same order and
@@ -52,11 +57,18 @@ loss, global tokens/s, MFU per GPU (6N FLOPs per token as nanoGPT counts, also f
 (Q)LoRA, whose frozen weights skip the weight-gradient matmuls), peak memory of every rank.
 Bad input: one line from rank 0 and every rank exits (torchrun then adds its own report).
 
+--init_from takes a nanollm checkpoint, a GPT-2 size, or a Hugging Face model folder or hub
+name (gpt.load_pretrained: config.json says the architecture); the text is then tokenized
+with the model's own tokenizer (its tokenizer.json), so --dataset names the text only.
+
 Run:
   python fsdp2_train.py --device cpu                              # one process
   torchrun --nproc_per_node=2 fsdp2_train.py --device cpu         # 2 ranks on CPU (gloo)
   torchrun --nproc_per_node=8 fsdp2_train.py --dataset shakespeare --init_from gpt2 \\
       --mode qlora --block_size 512 --batch_size 32 --export out-fsdp2/ckpt.pt
+  torchrun --nproc_per_node=8 fsdp2_train.py --init_from meta-llama/Llama-3.1-8B --mode qlora \\
+      --dataset text:corpus.txt --block_size 2048 --batch_size 16 --learning_rate 2e-4 \\
+      --activation_checkpointing True --export out-fsdp2/llama.pt   # HF_TOKEN set (gated)
   torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
       fsdp2_train.py --hsdp True ...                              # shard in a node, replicate across
 """
@@ -108,8 +120,9 @@ import qlora_nf4
 
 
 def shard_model(model, mesh, cfg: FSDP2Config, param_dtype):
-    """fully_shard each block (one all-gather / reduce-scatter group per block), then the
-    root, which takes every parameter not yet in a group (embeddings, ln_f, tied head)."""
+    """fully_shard each block (one all-gather / reduce-scatter group per block: GPT-2's and
+    the Llama family's alike), then the root, which takes every parameter not yet in a
+    group (embeddings, ln_f, lm_head)."""
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
     for block in model.transformer.h:
@@ -146,7 +159,7 @@ class FSDP2Config:
     input: str = field(default="", metadata={"help": "local copy of the raw text instead of downloading it"})
     data_root: str = "data"
     # model
-    init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | path/to/ckpt.pt"})
+    init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | path/to/ckpt.pt | a Hugging Face folder or hub name (Llama, Qwen2/3, Mistral, GPT-2)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt_dcp on any world size (same as --init_from resume)"})
     n_layer: int = 4
     n_head: int = 4
@@ -159,7 +172,7 @@ class FSDP2Config:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = field(default=0.0, metadata={"help": "> 0 makes the run depend on the world size (per-rank masks)"})
-    lora_targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated Linear names to adapt"})
+    lora_targets: str = field(default="", metadata={"help": "comma-separated Linear names to adapt (empty: every attention and MLP projection of the architecture, as lora.py picks them)"})
     nf4_blocksize: int = field(default=64, metadata={"help": "weights per NF4 absmax block (qlora)"})
     # FSDP2
     hsdp: bool = field(default=False, metadata={"help": "2-D mesh: shard within groups of hsdp_shard_size ranks, replicate across them"})
@@ -277,27 +290,46 @@ def agree(ranks: Ranks, fn):
 # Model: the same full model on every rank, then sharded
 
 
-def load_base(cfg: FSDP2Config, vocab_size: int, resume_config: dict | None = None):
-    """The full, unsharded model exactly as a 1-process run would build it (same seed, same
-    init), so the sharded run is a function of the seed alone. Returns (model, tokenizer
-    spec of the checkpoint it came from, or None)."""
-    common.set_seed(cfg.seed)
-    if resume_config is not None:  # the saved shape; DCP overwrites every tensor later
-        return gpt.GPT(gpt.GPTConfig(**resume_config)), None
-    if cfg.init_from == "scratch":
-        return gpt.GPT(gpt.GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
-                                     bias=cfg.bias)), None
-    if cfg.init_from in gpt.GPT2_SIZES and not Path(cfg.init_from).is_file():
-        return gpt.GPT.from_pretrained(cfg.init_from), "gpt2"
-    return gpt.load_checkpoint(cfg.init_from)
+def read_pretrained(init_from: str):
+    """(model, tokenizer spec) of --init_from: a nanollm checkpoint file, or a GPT-2 size, a
+    Hugging Face folder or hub name (gpt.load_pretrained: config.json says the architecture,
+    a hub name is downloaded). In fp32 whatever the file holds (Llama ships bf16): these are
+    the master weights FSDP2 shards; MixedPrecisionPolicy casts the gathered copies to bf16."""
+    if Path(init_from).is_file():
+        model, spec = gpt.load_checkpoint(init_from)
+    else:
+        model, spec = gpt.load_pretrained(init_from, dtype=torch.float32)
+    return model.float(), spec
+
+
+def build_model(cfg: FSDP2Config, vocab_size: int, device: str, compute_dtype: torch.dtype,
+                resume_config: dict | None = None, pretrained=None):
+    """The full, unsharded model exactly as a 1-process run builds it, so the sharded run is
+    a function of the seed and --init_from alone: random weights from the seed in the shape
+    of the command line (scratch) or of the resumed checkpoint (DCP overwrites them later),
+    else the pretrained (model, spec) given or read here; then adapted for --mode. Returns
+    (model, tokenizer spec of the pretrained model, or None)."""
+    if pretrained is None and resume_config is None and cfg.init_from != "scratch":
+        pretrained = read_pretrained(cfg.init_from)
+    common.set_seed(cfg.seed)  # the random weights, or only the adapters' of a pretrained base
+    if pretrained is not None:
+        model, spec = pretrained
+    elif resume_config is not None:
+        model, spec = gpt.GPT(gpt.GPTConfig(**resume_config)), None
+    else:
+        model, spec = gpt.GPT(gpt.GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                                            bias=cfg.bias)), None
+    return adapt_model(model, cfg, device, compute_dtype), spec
 
 
 def adapt_model(model, cfg: FSDP2Config, device: str, compute_dtype: torch.dtype):
-    """--mode qlora: every Linear but lm_head to NF4; lora/qlora: adapters, base frozen."""
+    """--mode qlora: every Linear but lm_head to NF4 (GPT-2's 4 per block, Llama's 7);
+    lora/qlora: adapters on --lora_targets (default: lora.py's projections of the
+    architecture, gpt.BLOCK_LINEARS[arch]), everything else frozen."""
     if cfg.mode == "qlora":
         # block by block on the device (Triton's quantizer on CUDA): the full-precision
-        # model never sits whole on the GPU; lm_head (the tied embedding) stays as it is
+        # model never sits whole on the GPU; lm_head (GPT-2: the tied embedding) stays as it is
         for block in model.transformer.h:
             qlora_nf4.quantize_model(block.to(device), blocksize=cfg.nf4_blocksize, compute_dtype=compute_dtype)
         shardable_nf4_stats(model)
@@ -306,14 +338,9 @@ def adapt_model(model, cfg: FSDP2Config, device: str, compute_dtype: torch.dtype
     return model
 
 
-def build_model(cfg: FSDP2Config, vocab_size: int, device: str, compute_dtype: torch.dtype):
-    """load_base + adapt_model: the unsharded model of this configuration (tests, bench)."""
-    model, spec = load_base(cfg, vocab_size)
-    return adapt_model(model, cfg, device, compute_dtype), spec
-
-
 def lora_targets(cfg):
-    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    """The names given, or None: lora.apply_lora then picks the architecture's projections."""
+    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()) or None
 
 
 def shardable_nf4_stats(model):
@@ -543,7 +570,7 @@ def export_checkpoint(ranks, path, model, cfg: FSDP2Config, model_config, spec, 
                                              full_sd.pop(prefix + "offset", None))
                 full_sd[prefix + "weight"] = qlora_nf4.dequantize(full_sd[prefix + "weight"], state, torch.float32)
         replica.load_state_dict(full_sd, assign=True)
-        replica.transformer.wte.weight = replica.lm_head.weight  # assign=True loads the tied names separately
+        replica.tie_weights()  # assign=True loads a tied pair's two names as two tensors (Llama 3 8B: untied)
         if cfg.mode in ("lora", "qlora"):
             lora.merge_lora(replica)
         gpt.save_checkpoint(path, replica, spec, step=step, fsdp2_mode=cfg.mode)
@@ -591,9 +618,13 @@ def validate(cfg: FSDP2Config, ranks: Ranks):
         check_outputs(cfg)
     except NanoError as e:
         fail(ranks, f"error: {e}")
-    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in gpt.GPT2_SIZES or Path(cfg.init_from).is_file()):
+    # what gpt.load_pretrained downloads: "owner/name" that is not a path here (nor a missing .pt)
+    hub_name = (cfg.init_from.count("/") == 1 and not cfg.init_from.startswith((".", "/"))
+                and Path(cfg.init_from).suffix not in (".pt", ".pth"))
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in gpt.GPT2_SIZES
+            or Path(cfg.init_from).exists() or hub_name):
         fail(ranks, f"error: unknown --init_from {cfg.init_from!r} (scratch, resume, {', '.join(gpt.GPT2_SIZES)}, "
-                    "or a checkpoint file)")
+                    "a checkpoint file, a Hugging Face model folder or a hub name like HuggingFaceTB/SmolLM2-135M)")
     if cfg.batch_size % ranks.world:
         fail(ranks, f"error: --batch_size {cfg.batch_size} (the global batch) is not divisible by the world "
                     f"size {ranks.world} (pass a multiple of {ranks.world})")
@@ -663,9 +694,12 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
     validate(cfg, ranks)
     dtype = common.pick_dtype(ranks.device, cfg.dtype)
     resume_state = resume_options(cfg, given, ranks) if cfg.resume else None
-    bins, meta = prepare_data(cfg, ranks, resume_state)
+    # a pretrained model before the data: the text is tokenized with the model's tokenizer
+    pretrained = load_init_model(cfg, given, ranks) if not cfg.resume and cfg.init_from != "scratch" else None
+    model_spec = resume_state["tokenizer"] if resume_state is not None else pretrained and pretrained[1]
+    bins, meta = prepare_data(cfg, ranks, model_spec)
     tokenizer_spec = meta["tokenizer"]
-    model, mesh = build_sharded_model(cfg, given, ranks, dtype, meta, resume_state, log)
+    model, mesh = build_sharded_model(cfg, given, ranks, dtype, meta, resume_state, pretrained, log)
     model_config = asdict(model.config)
 
     # only trainable shards reach the optimizer: for lora/qlora the adapters, never the base
@@ -697,15 +731,21 @@ def run(cfg: FSDP2Config, given: set, ranks: Ranks):
             "optimizer": optimizer, "mesh": mesh}
 
 
-def prepare_data(cfg: FSDP2Config, ranks: Ranks, resume_state):
-    """Rank 0 tokenizes, the others wait (and learn of its failure). Returns the train/val
-    token bins and the dataset's meta.json (tokenizer spec, vocabulary size)."""
-    data_dir = agree(ranks, lambda: data.prepare_dataset(cfg.dataset, cfg.input or None, None, cfg.data_root))
+def prepare_data(cfg: FSDP2Config, ranks: Ranks, model_spec: str | None):
+    """Rank 0 tokenizes, the others wait (and learn of its failure). model_spec, the tokenizer
+    of a pretrained or resumed model, is the one the text is tokenized with; a character
+    alphabet is the text's own (shakespeare_char), so that one is checked, not imposed.
+    Returns the train/val token bins and the dataset's meta.json (tokenizer spec, vocabulary size)."""
+    tokenizer = None if model_spec is None or model_spec.startswith("char:") else model_spec
+    if tokenizer is not None and cfg.dataset == "shakespeare_char":
+        fail(ranks, f"error: --dataset shakespeare_char is character-level, the model reads tokens of {tokenizer!r} "
+                    "(use --dataset shakespeare, text:<path> or fineweb_edu, tokenized with the model's tokenizer)")
+    data_dir = agree(ranks, lambda: data.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root))
     meta = data.read_meta(data_dir)
     bins = {"train": data.TokenBins(data_dir, "train"), "val": data.TokenBins(data_dir, "val")}
-    if resume_state is not None and resume_state["tokenizer"] != meta["tokenizer"]:
-        fail(ranks, f"error: the checkpoint was trained on tokenizer {resume_state['tokenizer']!r}, "
-                    f"--dataset {cfg.dataset} uses {meta['tokenizer']!r}")
+    if model_spec is not None and model_spec != meta["tokenizer"]:
+        fail(ranks, f"error: the model reads tokenizer {model_spec!r}, --dataset {cfg.dataset} uses "
+                    f"{meta['tokenizer']!r} (pick the dataset the model was trained on)")
     for split, b in bins.items():
         if (b.sizes - cfg.block_size - 1).clamp(min=0).sum() == 0:
             fail(ranks, f"error: the {split} data is shorter than block_size + 1 = {cfg.block_size + 1} tokens "
@@ -713,19 +753,27 @@ def prepare_data(cfg: FSDP2Config, ranks: Ranks, resume_state):
     return bins, meta
 
 
-def build_sharded_model(cfg, given: set, ranks: Ranks, dtype, meta: dict, resume_state, log):
-    """The same full model on every rank (rank 0 first: it may download), adapted for the
-    mode, checked against the data, then cut into shards on a 1-D (FSDP) or 2-D (HSDP) mesh."""
-    resume_config = resume_state["model_config"] if resume_state is not None else None
-    base, init_spec = agree(ranks, lambda: load_base(cfg, meta["vocab_size"], resume_config))
-    model = adapt_model(base, cfg, ranks.device, dtype)
-    for key in SHAPE_KEYS if resume_state is None and cfg.init_from != "scratch" else ():
+def load_init_model(cfg: FSDP2Config, given: set, ranks: Ranks):
+    """--init_from's (model, tokenizer spec) on every rank (rank 0 first: it may download),
+    checked before any text is tokenized: it brings its tokenizer, and a shape option given
+    on the command line agrees with it."""
+    model, spec = agree(ranks, lambda: read_pretrained(cfg.init_from))
+    if spec is None:
+        fail(ranks, f"error: --init_from {cfg.init_from} has no tokenizer (the data is tokenized with the "
+                    "model's own: put its tokenizer.json in the folder)")
+    for key in SHAPE_KEYS:
         if key in given and getattr(cfg, key) != getattr(model.config, key):
             fail(ranks, f"error: --init_from {cfg.init_from} has {key}={getattr(model.config, key)}, but --{key} "
                         f"{getattr(cfg, key)} was given (the model's shape wins: drop the option)")
-    if init_spec is not None and init_spec != meta["tokenizer"]:
-        fail(ranks, f"error: {cfg.init_from} uses tokenizer {init_spec!r}, the data {meta['tokenizer']!r} "
-                    "(prepare the dataset with the model's tokenizer, e.g. --dataset shakespeare for gpt2)")
+    return model, spec
+
+
+def build_sharded_model(cfg, given: set, ranks: Ranks, dtype, meta: dict, resume_state, pretrained, log):
+    """The same full model on every rank (built, or the pretrained one each rank loaded),
+    adapted for the mode, checked against the data, then cut into shards on a 1-D (FSDP) or
+    2-D (HSDP) mesh."""
+    resume_config = resume_state["model_config"] if resume_state is not None else None
+    model, _ = agree(ranks, lambda: build_model(cfg, meta["vocab_size"], ranks.device, dtype, resume_config, pretrained))
     if meta["vocab_size"] > model.config.vocab_size:
         fail(ranks, f"error: the data has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     if cfg.block_size > model.config.block_size:

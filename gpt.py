@@ -13,7 +13,6 @@ weights both ways, checkpoints. Use: `gpt.GPT.from_pretrained("gpt2")`,
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -472,8 +471,8 @@ def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
     and shape is checked from the safetensors headers before any weight is read; the model is
     built on the meta device and filled one tensor at a time: peak memory is the model plus one
     tensor, never an fp32 copy of it."""
-    folder, files, spec = data.hf_folder(name_or_dir, cache_dir)
-    model = empty_model(config_from_hf(json.loads((folder / "config.json").read_text())))
+    folder, hf_config, files, spec = data.hf_folder(name_or_dir, cache_dir)
+    model = empty_model(config_from_hf(hf_config))
     headers = [data.safetensors_header(folder / name)[0] for name in files]
     plan = data.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
     for name in files:  # one shard at a time, one tensor at a time

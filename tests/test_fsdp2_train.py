@@ -2,6 +2,9 @@
 
 One torchrun launch runs every 2-rank scenario (a launch costs seconds of imports) while
 pytest runs the 1-process references in-process; each test then checks one property.
+Models: GPT-2-shaped from scratch, and a tiny random Llama (GQA, SwiGLU, RMSNorm, RoPE,
+untied head) written by transformers' save_pretrained with a bpe.py tokenizer.json, read
+through --init_from DIR as any Hugging Face folder.
 Tolerance 1e-5 on losses in fp32: the 2-rank run sums the same numbers in another order
 (two half-batch means averaged by the reduce-scatter instead of one full-batch mean), which
 moves a ~4.0 loss by a few float32 ulps (~5e-7) per step; 1e-5 leaves room for 12 steps of
@@ -33,29 +36,67 @@ def args(data_root, out_dir, *extra):
     return TINY + ["--data_root", str(data_root), "--out_dir", str(out_dir), *map(str, extra)]
 
 
+# a pretrained model brings its own shape: only the training options of TINY
+MODEL_SHAPE = ("--n_layer", "--n_head", "--n_embd")
+TRAIN_ONLY = [a for i, a in enumerate(TINY) if a not in MODEL_SHAPE and TINY[i - 1] not in MODEL_SHAPE]
+EOT = "<|endoftext|>"
+
+
+# the tiny Llama runs (the same under 1 and 2 processes); the full one saves at iter 4
+LLAMA_FULL = ("--max_iters", 6, "--eval_interval", 4)
+LLAMA_QLORA = ("--mode", "qlora", "--max_iters", 6, "--eval_interval", 100, "--learning_rate", 1e-2)
+
+
+def llama_args(llama, out_dir, *extra):
+    """A run from the tiny Llama folder (see the tiny_llama fixture) on its tokenized text."""
+    return TRAIN_ONLY + ["--init_from", llama["dir"], "--dataset", "shakespeare", "--input", llama["src"],
+                         "--data_root", llama["data_root"], "--out_dir", str(out_dir), *map(str, extra)]
+
+
+def make_tiny_llama(folder, text):
+    """A random LlamaForCausalLM (2 blocks, 4 query heads sharing 2 key/value heads, untied
+    head) saved by transformers, with a byte-level BPE tokenizer.json trained on the text."""
+    import transformers
+
+    import bpe
+
+    folder.mkdir(parents=True)
+    vocab, merges = bpe.train_bpe(text[:20_000], 300, special_tokens=(EOT,))
+    bpe.Tokenizer(vocab, merges, (EOT,)).save_tokenizer_json(folder / "tokenizer.json")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                                      max_position_embeddings=128, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def losses_of(result):
     return [loss for _, loss in result["losses"]]
 
 
 # ----------------------------------------------------------------------------------------
-# The 2-rank worker: `torchrun --nproc_per_node=2 tests/test_fsdp2_train.py DATA_ROOT WORK`
+# The 2-rank worker: `torchrun --nproc_per_node=2 tests/test_fsdp2_train.py DATA_ROOT WORK LLAMA_JSON`
 
 
-def _worker(data_root, work):
+def _worker(data_root, work, llama):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     import fsdp2_train
     import common
     import data
     import gpt
+    import lora
+    import qlora_nf4
 
     # the group main() would make from torchrun's environment, made once here so that every
     # main() below reuses it (re-creating a default group under one torchrun is not reliable)
     ranks = fsdp2_train.init_distributed("cpu")
     rank, world = ranks.rank, ranks.world
-    work = Path(work)
+    work, llama = Path(work), json.loads(llama)
     report = {}
 
     def shards(model):
@@ -119,6 +160,20 @@ def _worker(data_root, work):
                                 "--hsdp_shard_size", 1, "--activation_checkpointing", True,
                                 "--gradient_accumulation_steps", 2, "--batch_size", 4))
     report["hsdp_ac_accum"] = losses_of(res)
+
+    # the Llama family from a Hugging Face folder: full, and QLoRA with its export
+    res = fsdp2_train.main(llama_args(llama, work / "llama_full", *LLAMA_FULL))
+    report["llama_full"] = losses_of(res)
+    report["llama_units"] = [n for n, m in res["model"].named_modules() if isinstance(m, FSDPModule)]
+    res = fsdp2_train.main(llama_args(llama, work / "llama_qlora", *LLAMA_QLORA, "--export",
+                                      work / "llama_qlora" / "ckpt.pt"))
+    model = res["model"]
+    report["llama_qlora"] = losses_of(res)
+    report["llama_qlora_shards"] = shards(model)
+    report["llama_qlora_export_diff"] = export_logit_diff(model, work / "llama_qlora" / "ckpt.pt")
+    report["llama_nf4"] = sorted(n for n, m in model.named_modules() if isinstance(m, qlora_nf4.Linear4bit))
+    report["llama_adapted"] = sorted(n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear))
+    report["llama_head_dtype"] = str(model.lm_head.weight.dtype)
 
     # bad input: every rank leaves through SystemExit(1); rank 0 has printed the one line
     def exit_message(argv):
@@ -185,7 +240,22 @@ def _wait(proc, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shakespeare_path):
+def tiny_llama(tmp_path_factory, shakespeare_path):
+    """{"dir": the tiny Llama folder, "src": its text, "data_root": the text tokenized with its
+    tokenizer.json}, tokenized here once so that concurrent runs only read it."""
+    pytest.importorskip("transformers", reason="transformers writes the reference Hugging Face folder")
+    import data
+
+    base = tmp_path_factory.mktemp("tiny_llama")
+    src = base / "shakespeare_100k.txt"
+    src.write_text(shakespeare_path.read_text()[:100_000])
+    folder = make_tiny_llama(base / "llama", src.read_text())
+    data.prepare_dataset("shakespeare", input=src, tokenizer=str(folder / "tokenizer.json"), data_root=base / "data")
+    return {"dir": str(folder), "src": str(src), "data_root": str(base / "data")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare_path, tiny_llama):
     """Start the 2-rank worker and the bad-CLI launch, run the 1-process references meanwhile."""
     import fsdp2_train
     import common
@@ -199,7 +269,7 @@ def runs(tmp_path_factory, shakespeare_path):
     data.prepare_dataset("shakespeare_char", input=src, data_root=data_root)
     work = base / "work"
     work.mkdir()
-    worker = _torchrun(Path(__file__), data_root, work)
+    worker = _torchrun(Path(__file__), data_root, work, json.dumps(tiny_llama))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the worker's two ranks share the cores
@@ -215,6 +285,11 @@ def runs(tmp_path_factory, shakespeare_path):
                                     "--gradient_accumulation_steps", 2, "--batch_size", 4))
         one["accum"] = losses_of(res)
         one["plain"] = plain_training(data_root, steps=12)
+        one["llama_full"] = losses_of(fsdp2_train.main(llama_args(tiny_llama, base / "one_llama", *LLAMA_FULL)))
+        one["llama_resumed"] = fsdp2_train.main(llama_args(tiny_llama, base / "one_llama", *LLAMA_FULL,
+                                                           "--resume", True))["losses"]
+        one["llama_qlora"] = losses_of(fsdp2_train.main(llama_args(tiny_llama, base / "one_llama_qlora",
+                                                                   *LLAMA_QLORA)))
         one["worker"] = rc, out, err = _wait(worker)  # ends with a bad --batch_size: rc 1 is expected
         if not all((work / f"rank{r}.json").is_file() for r in range(2)):
             pytest.fail(f"2-rank worker failed (rc {rc}):\n{err[-4000:]}")
@@ -279,10 +354,30 @@ def test_one_process_equals_plain_training(runs):
 def test_two_ranks_match_one_process_full_and_qlora(runs):
     one, two = runs
     for rank in (0, 1):  # every rank logs the same all-reduced loss
-        close(two[rank]["full"], one["full"])
-        close(two[rank]["qlora"], one["qlora"])
+        for key in ("full", "qlora", "llama_full", "llama_qlora"):
+            close(two[rank][key], one[key])
     assert len(one["full"]) == 12 and len(one["qlora"]) == 10
-    assert one["qlora"][-1] < one["qlora"][0] - 0.05
+    assert len(one["llama_full"]) == len(one["llama_qlora"]) == 6
+    for key in ("qlora", "llama_full", "llama_qlora"):  # each one trains: the match is not of constants
+        assert one[key][-1] < one[key][0] - 0.05, (key, one[key])
+
+
+def test_llama_from_hf_folder_one_fsdp_unit_per_block(runs):
+    import gpt
+
+    _, two = runs
+    assert two[0]["llama_units"] == ["", "transformer.h.0", "transformer.h.1"]  # root + one per block
+    # QLoRA on Llama: every Linear of a block in NF4 under a LoRA adapter, the head left alone
+    adapted = two[0]["llama_adapted"]
+    assert len(adapted) == 2 * 7 and {n.rsplit(".", 1)[1] for n in adapted} == set(gpt.BLOCK_LINEARS["llama"])
+    assert two[0]["llama_nf4"] == [n + ".base" for n in adapted]
+    assert two[0]["llama_head_dtype"] == "torch.float32"
+
+
+def test_llama_resumes_where_it_left_off(runs):
+    one, _ = runs
+    assert [i for i, _ in one["llama_resumed"]] == [5, 6]
+    assert [loss for _, loss in one["llama_resumed"]] == one["llama_full"][4:]  # the same world size: bit-identical
 
 
 def test_hsdp_activation_checkpointing_and_accumulation_match(runs):
@@ -292,15 +387,16 @@ def test_hsdp_activation_checkpointing_and_accumulation_match(runs):
 
 def test_each_rank_holds_its_shard(runs):
     _, two = runs
-    for key in ("full_shards", "qlora_shards"):
+    for key in ("full_shards", "qlora_shards", "llama_qlora_shards"):
         for name in two[0][key]:
             (local0, full, _), (local1, _, _) = two[0][key][name], two[1][key][name]
             rows = full[0]
             assert local0[0] == (rows + 1) // 2 and local1[0] == rows // 2, (name, local0, local1, full)
             assert local0[1:] == full[1:], name
     # the NF4 bytes and absmax codes are sharded parameters, not replicated buffers
-    u8 = [n for n, (_, _, is_u8) in two[0]["qlora_shards"].items() if is_u8]
-    assert any(n.endswith("base.weight") for n in u8) and any(n.endswith("base.absmax") for n in u8)
+    for key in ("qlora_shards", "llama_qlora_shards"):
+        u8 = [n for n, (_, _, is_u8) in two[0][key].items() if is_u8]
+        assert any(n.endswith("base.weight") for n in u8) and any(n.endswith("base.absmax") for n in u8)
     local = [two[r]["full_bytes"][0] for r in (0, 1)]
     full = two[0]["full_bytes"][1]
     assert sum(local) == full  # nothing held twice
@@ -335,6 +431,7 @@ def test_export_logits_equal_sharded_model(runs):
     # W the dequantized NF4 weight for QLoRA: the same function, fp32 rounding only
     assert two[0]["lora_export_diff"] < 1e-5
     assert two[0]["qlora_export_diff"] < 1e-5
+    assert two[0]["llama_qlora_export_diff"] < 1e-5  # and with Llama's own (untied) head
 
 
 def test_bad_input_one_line_and_every_rank_exits(runs):
@@ -542,3 +639,67 @@ def test_init_from_conflicting_or_unknown_is_refused(saved, tmp_path):
     res = fsdp2_train.main(args(data_root, tmp_path / "c", "--init_from", run / "ckpt.pt", "--max_iters", 1,
                                 "--eval_interval", 100))  # the same shape given (TINY): accepted
     assert res["iter"] == 1
+
+
+# ----------------------------------------------------------------------------------------
+# --init_from a Hugging Face folder or hub name, in one process
+
+
+def test_bad_hf_folder_is_one_line(tiny_llama, tmp_path, capsys):
+    import fsdp2_train
+
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    bert = tmp_path / "bert"  # the tiny Llama's files, but its config.json says BERT
+    shutil.copytree(tiny_llama["dir"], bert)
+    (bert / "config.json").write_text(json.dumps({**json.loads((bert / "config.json").read_text()),
+                                                  "model_type": "bert"}))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_llama["dir"], no_tokenizer, ignore=shutil.ignore_patterns("tokenizer.json"))
+    llama = tiny_llama["dir"]
+    for init_from, extra, words in [
+        (no_config, [], f"{no_config} has no config.json"),
+        (bert, [], "model_type 'bert' is not supported"),
+        (no_tokenizer, [], f"--init_from {no_tokenizer} has no tokenizer (the data is tokenized with the model's"),
+        (llama, ["--dataset", "shakespeare_char"], "--dataset shakespeare_char is character-level"),
+        (llama, ["--n_head", 2], f"--init_from {llama} has n_head=4, but --n_head 2 was given"),
+    ]:
+        argv = TRAIN_ONLY + ["--dataset", "shakespeare", "--input", tiny_llama["src"], "--data_root",
+                             tmp_path / "data", "--out_dir", tmp_path / "out", "--init_from", init_from, *extra]
+        with pytest.raises(SystemExit) as e:
+            fsdp2_train.main(list(map(str, argv)))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+        assert not (tmp_path / "data").exists()  # refused before any tokenizing
+
+
+def test_hub_name_is_downloaded_as_load_pretrained_does(tiny_llama, tmp_path, monkeypatch):
+    """--init_from owner/name: gpt.load_pretrained fetches config.json, the weights and
+    tokenizer.json into ~/.cache/nanollm; here a fake download serves them from the tiny
+    folder (no network), and the run equals the run from the folder itself."""
+    import data
+    import gpt
+    import fsdp2_train
+
+    served = []
+
+    def download(url, dest, *args, **kwargs):
+        src = Path(tiny_llama["dir"]) / url.rsplit("/", 1)[1]
+        if not src.is_file():  # what the hub answers for a file the repository lacks
+            raise NanoError(f"404 for {url}")
+        served.append(src.name)
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        return Path(dest)
+
+    for module in (gpt, data):  # wherever the Hugging Face helpers live, the fetch is data.download
+        if hasattr(module, "download"):
+            monkeypatch.setattr(module, "download", download)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    losses = {}
+    for name, init_from in (("hub", "tiny-org/tiny-llama"), ("folder", tiny_llama["dir"])):
+        llama = dict(tiny_llama, dir=init_from, data_root=str(tmp_path / f"data_{name}"))
+        res = fsdp2_train.main(llama_args(llama, tmp_path / name, "--max_iters", 2, "--eval_interval", 100))
+        losses[name] = losses_of(res)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(served)
+    assert losses["hub"] == losses["folder"] and len(losses["hub"]) == 2

@@ -238,6 +238,19 @@ def test_token_bins(tmp_path):
     assert torch.equal(x, x2)
 
 
+def test_token_bins_of_a_large_vocabulary_are_uint32(tmp_path):
+    """Llama 3's 128k or Qwen's 152k ids do not fit uint16: such a dataset is written and read as uint32."""
+    alphabet = "".join(chr(0x10000 + i) for i in range(70_000))  # 70,000 characters outside the BMP
+    src = tmp_path / "wide.txt"
+    src.write_text(alphabet * 2, encoding="utf-8")
+    folder = data.prepare_dataset("text:" + str(src), tokenizer="char:" + alphabet, data_root=tmp_path / "data")
+    assert data.read_meta(folder)["token_dtype"] == "uint32"
+    bins = data.TokenBins(folder, "train")
+    assert bins.shards[0].tolist() == list(range(70_000)) + list(range(70_000 - 14_000))  # 90% of the text
+    x, y = bins.get_batch(3, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(y, (x + 1) % 70_000)
+
+
 def test_chunked_loss_with_frozen_head():
     # LoRA/QLoRA freeze lm_head: backward then differentiates the chunks w.r.t. x only
     torch.manual_seed(1)

@@ -218,6 +218,9 @@ def test_bad_names(tmp_path):
         gpt.load_pretrained("llama5")
     with pytest.raises(NanoError, match="has no config.json"):
         gpt.load_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')  # cut off mid-download
+    with pytest.raises(NanoError, match=r"config.json is not valid JSON"):
+        gpt.load_pretrained(str(tmp_path))
 
 
 def test_hub_names_download_config_shards_and_tokenizer(llama_dir, tmp_path, monkeypatch):
