@@ -35,26 +35,18 @@ SHARED_DATA = ROOT / "assets"  # the shipped offline copies (Tiny Shakespeare, G
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-from common import NanoError, cli  # noqa: E402
+from common import NanoError, cli, median_ms  # noqa: E402  (bench's child scripts import median_ms from here too)
 
 
 def row(section: str, what: str, figure: str):
     print(f"{section:<10} {what:<62} {figure}", flush=True)
 
 
-def median_ms(fn, repeat=5, warmup=1):
-    """Median wall time of fn() in milliseconds (CUDA is synchronised around each call)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+def status_kib(key: str) -> int:
+    """This process's VmRSS (resident now) or VmHWM (peak since the last reset, which writing "5"
+    to /proc/self/clear_refs does) in KiB. getrusage's ru_maxrss would include the parent's size
+    at fork time (Linux keeps it across exec): children measure their own peak with this instead."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
 
 
 def shakespeare_text() -> str:
@@ -186,6 +178,7 @@ _LOSS_CHILD = """
 import sys, torch
 sys.path.insert(0, {root!r})
 import gpt
+from bench import status_kib
 mode, N, V, C = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 x = torch.randn(N, C, requires_grad=True)
@@ -193,12 +186,11 @@ w = torch.randn(V, C, requires_grad=True)
 t = torch.randint(0, V, (N,))
 
 
-def status_kib(key):  # VmRSS: resident now; VmHWM: peak since the last reset
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
-
-
-# getrusage's ru_maxrss would include the parent's size at fork time (Linux keeps it across
-# exec): reset this process's own high-water mark instead, once the inputs exist
+# warm-up on 8 rows: torch.func's first use imports modules, which must not count as the loss's memory
+small = x[:8].detach().requires_grad_(), w[:64].detach().requires_grad_()
+gpt.chunked_cross_entropy(*small, t[:8] % 64, chunk_size=4).backward()
+torch.nn.functional.cross_entropy(small[0] @ small[1].t(), t[:8] % 64).backward()
+# reset this process's own high-water mark once the inputs exist (bench.status_kib says why)
 open("/proc/self/clear_refs", "w").write("5")
 before = status_kib("VmRSS")
 if mode == "naive":
@@ -621,15 +613,11 @@ _DPO_CHILD = """
 import copy, json, sys, torch
 sys.path.insert(0, {root!r})
 import common, dpo, gpt, lora
-from bench import median_ms
+from bench import median_ms, status_kib
 variant, (n_layer, n_head, n_embd, vocab, T, B, repeat) = sys.argv[1], map(int, sys.argv[2:])
 device = common.pick_device("auto")
 dtype = common.pick_dtype(device, "auto")
 ctx = common.autocast(device, dtype)
-
-
-def vm_kib(key):  # VmRSS (now) or VmHWM (peak since the last reset) of this process
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
 
 
 # Warm torch's lazy runtime (thread pools, allocator caches) on a throwaway model first:
@@ -645,7 +633,7 @@ if "cuda" in device:
     before = torch.cuda.memory_allocated()
 else:
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (Linux >= 4.0)
-    before = vm_kib("VmRSS") * 1024
+    before = status_kib("VmRSS") * 1024
 model = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device)
 dpo.disable_dropout(model)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())  # what a copy costs
@@ -669,7 +657,7 @@ def step():
     opt.zero_grad(set_to_none=True)
 
 ms = median_ms(step, repeat=repeat, warmup=1)
-peak = torch.cuda.max_memory_allocated() if "cuda" in device else vm_kib("VmHWM") * 1024
+peak = torch.cuda.max_memory_allocated() if "cuda" in device else status_kib("VmHWM") * 1024
 print(json.dumps({{"variant": variant, "ms": ms, "peak": peak - before, "weights": weights, "device": device,
                   "dtype": str(dtype).replace("torch.", "")}}), flush=True)
 """
@@ -878,12 +866,8 @@ import sys
 sys.path.insert(0, {root!r})
 import torch
 import flash_attention as fa
+from bench import status_kib
 impl, B, H, T, D = sys.argv[1], *map(int, sys.argv[2:])
-
-
-def status_kib(key):  # VmRSS: resident now; VmHWM: peak since the last reset
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
-
 
 attend = fa.naive_attention if impl == "naive" else fa.flash_attention_reference
 torch.manual_seed(0)
@@ -1370,6 +1354,7 @@ _KD_CHILD = """
 import json, sys, time, torch
 sys.path.insert(0, {root!r})
 import distill
+from bench import status_kib
 mode, N, V, C_s, C_t, chunk = sys.argv[1], *map(int, sys.argv[2:7])
 device = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator(device=device).manual_seed(0)
@@ -1379,10 +1364,6 @@ h_t = torch.randn(N, C_t, device=device, generator=g)
 w_t = 0.02 * torch.randn(V, C_t, device=device, generator=g)
 y = torch.randint(0, V, (N,), device=device, generator=g)
 y[::7] = -1  # some rows without a target, as after padding
-
-
-def status_kib(key):
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
 
 
 def run(x, w, y, h_t, w_t):
@@ -1769,7 +1750,7 @@ def bench_llama(args) -> None:
 
 SECTIONS = {"train": bench_train, "loss": bench_loss, "sample": bench_sample, "bpe": bench_bpe, "nf4": bench_nf4,
             "lora": bench_lora, "fsdp2": bench_fsdp2, "dpo": bench_dpo, "moe": bench_moe, "hellaswag": bench_hellaswag,
-            "flash": bench_flash, "serve": bench_serve, "bpe": bench_bpe, "export": bench_export, "research": bench_research, "sft": bench_sft, "llama": bench_llama}
+            "flash": bench_flash, "serve": bench_serve, "export": bench_export, "research": bench_research, "sft": bench_sft, "llama": bench_llama}
 
 
 # ----------------------------------------------------------------------------------------

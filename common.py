@@ -4,7 +4,7 @@
 - a dataclass config turned into an argparse CLI (`parse_config`);
 - device, dtype and autocast choice; seeds;
 - the warmup + cosine learning-rate schedule every trainer uses;
-- peak FLOP/s (for MFU) and peak memory;
+- peak FLOP/s (for MFU), peak memory and a median timer;
 - rank-0-first for work that one rank of a torchrun job must do before the others.
 
 This file imports nothing of nanollm's.
@@ -16,7 +16,9 @@ import argparse
 import dataclasses
 import functools
 import math
+import statistics
 import sys
+import time
 import typing
 from contextlib import contextmanager, nullcontext
 
@@ -168,6 +170,22 @@ def device_peak_flops(device: str, dtype=torch.bfloat16, override=None):
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half rate
     return None
+
+
+def median_ms(fn, repeat=5, warmup=1):
+    """Median wall time of fn() in milliseconds, after `warmup` calls (compiles, caches); CUDA is
+    synchronised around each call so the time is the GPU's, not the launch's."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 def peak_memory_mib(device: str) -> float:

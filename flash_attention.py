@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import NanoError, cli, parse_config, pick_device
+from common import NanoError, cli, median_ms, parse_config, pick_device
 
 try:  # Triton is optional: without it (macOS, Windows) the PyTorch reference runs everywhere
     import triton
@@ -558,19 +558,6 @@ class FlashConfig:
     seed: int = 0
 
 
-def _median_ms(fn, repeat, device):
-    sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
-    fn()  # warm-up: compiles the kernels
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
-
-
 @cli
 def main(argv=None):
     cfg = parse_config(FlashConfig, argv, __doc__)
@@ -608,7 +595,7 @@ def main(argv=None):
         return naive_attention(q, k, v, causal=causal)
 
     for name, attn in (("flash_attention", flash_attention), ("naive attention", naive)):
-        ms = _median_ms(fwd_bwd(attn), cfg.repeat, device)
+        ms = median_ms(fwd_bwd(attn), cfg.repeat)
         print(f"  {name:<16} forward+backward {ms:9.2f} ms")
     scores = cfg.B * cfg.H * cfg.T * cfg.T * 4
     print(f"  score matrix flash_attention never builds: {scores / 2**20:,.1f} MiB in fp32")
