@@ -13,11 +13,15 @@ What this file builds, and where each piece comes from:
 - Two ways to run the experts, neither with a Python loop over tokens:
   dropless: sort the (token, choice) slots by expert, count them with bincount, run each
   expert on its contiguous slice, add the results back with index_add_ (the grouped-GEMM
-  layout of MegaBlocks, Gale et al. 2022); every token is served.
+  layout of MegaBlocks, Gale et al. 2022); every token is served, no row is padding.
   capacity: every expert gets a fixed buffer of ceil(k * capacity_factor * tokens / E) rows;
   slots past it are dropped, and the token passes through the residual connection alone
-  (GShard; Switch Transformer, Fedus et al. 2021, arXiv:2101.03961). All shapes are static,
-  so torch.compile(fullgraph=True) traces it without a graph break.
+  (GShard; Switch Transformer, Fedus et al. 2021, arXiv:2101.03961). One bmm runs all experts
+  on the (E, capacity, d) buffer, all shapes are static, so torch.compile(fullgraph=True)
+  traces it without a graph break. (With the capacity set to the batch's largest load it
+  serves every slot too, Tutel's adaptive capacity, but it runs E * max_load rows instead
+  of k * tokens: on one CPU thread it measured 6-20% slower than the sorted slices, with 2
+  threads on a busy 2-core machine 1.3-1.8x faster (likely: bmm gives each thread whole experts).)
 - Losses: the Switch load-balancing loss alpha * E * sum_i f_i * P_i (f_i = fraction of slots
   routed to expert i, P_i = its mean router probability; equals alpha when routing is
   uniform) and the router z-loss mean(logsumexp(logits)^2) that keeps logits small
@@ -131,10 +135,19 @@ def expert_capacity(n_tokens, cfg: MoEConfig):
     return min(n_tokens, math.ceil(cfg.top_k * cfg.capacity_factor * n_tokens / cfg.n_experts))
 
 
+def experts_bmm(buf, w_fc, b_fc, w_proj, b_proj):
+    """expert_mlp for all experts at once: buf (E, C, d), block e holds expert e's rows ->
+    (E, C, d). One bmm per matmul instead of E; baddbmm adds the bias in the same call."""
+    h = torch.bmm(buf, w_fc.mT) if b_fc is None else torch.baddbmm(b_fc[:, None, :], buf, w_fc.mT)  # (E, C, h)
+    h = F.gelu(h, approximate="tanh")
+    return torch.bmm(h, w_proj.mT) if b_proj is None else torch.baddbmm(b_proj[:, None, :], h, w_proj.mT)
+
+
 def capacity_moe(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj, capacity):
     """Fixed-size expert buffers (E, capacity, d); returns (y (N, d), kept (k*N,) bool).
-    Priority inside an expert: every token's 1st choice before any 2nd choice (GShard),
-    then token order. A dropped slot adds nothing: the token keeps only its residual."""
+    Arguments as dropless_moe's. Priority inside an expert: every token's 1st choice before
+    any 2nd choice (GShard), then token order. A dropped slot adds nothing: the token keeps
+    only its residual."""
     N, k = topk_idx.shape
     E, d = w_fc.shape[0], x.shape[1]
     expert_of = topk_idx.t().reshape(-1)  # (k*N,) slot-major: choice 0 of all tokens first
@@ -142,18 +155,13 @@ def capacity_moe(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj, capacity):
     onehot = F.one_hot(expert_of, E)  # (k*N, E)
     position = (onehot.cumsum(0) * onehot).sum(1) - 1  # rank of the slot in its expert's queue
     kept = position < capacity
-    # row of the slot in the flattened (E*capacity) buffer; dropped slots share a spare row
+    # row of the slot in the flattened (E*capacity) buffer; dropped slots share a spare last row
     dest = torch.where(kept, expert_of * capacity + position, E * capacity)
     buf = x.new_zeros(E * capacity + 1, d).index_add_(0, dest, x[token_of])
-    h = torch.bmm(buf[:-1].view(E, capacity, d), w_fc.transpose(1, 2))  # (E, capacity, h)
-    if b_fc is not None:
-        h = h + b_fc[:, None, :]
-    y = torch.bmm(F.gelu(h, approximate="tanh"), w_proj.transpose(1, 2))  # (E, capacity, d)
-    if b_proj is not None:
-        y = y + b_proj[:, None, :]
-    y = torch.cat([y.reshape(E * capacity, d), y.new_zeros(1, d)])  # spare row gives 0
-    y_slots = y[dest] * topk_w.t().reshape(-1, 1)  # (k*N, d)
-    return y_slots.view(k, N, d).sum(0).to(x.dtype), kept
+    y = experts_bmm(buf[:-1].view(E, capacity, d), w_fc, b_fc, w_proj, b_proj)  # (E, capacity, d)
+    y = torch.cat([y.reshape(E * capacity, d), y.new_zeros(1, d)])  # the spare row gives 0
+    y_slots = y[dest] * topk_w.t().reshape(-1, 1)  # (k*N, d), slot-major
+    return y_slots.view(k, N, d).sum(0).to(x.dtype), kept  # each token: the sum of its k rows
 
 
 def load_balancing_loss(probs, topk_idx):

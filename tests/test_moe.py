@@ -1,10 +1,12 @@
-"""moe.py: both dispatch paths against a per-token reference, the router losses, the
-DeepSeek-V3 bias, 0 graph breaks on the capacity path, MoE GPT == dense GPT when every
+"""moe.py: both dispatch paths against a per-token reference and the per-expert loop, the
+router losses, the DeepSeek-V3 bias, 0 graph breaks on the capacity path, MoE GPT == dense GPT when every
 expert is the dense MLP, a tiny training run and the one-line errors.
 
 Tolerance 1e-5 everywhere in fp32: the paths compute the same sums in a different order
-(sorted slices, bmm vs per-row matmul), which moves results by a few ulps (~1e-7 relative
-on O(1) values); a wrong weight, slot or expert moves them by >= 1e-2."""
+(bmm over a padded buffer vs per-expert or per-row matmul, bias inside the GEMM vs added
+after it), which moves results by a few ulps: ~1e-7 on O(1) outputs, and up to 3.3e-6
+measured on the expert-weight gradients of the skewed-load test, sums over ~80 rows whose
+values reach ~20 (1 ulp there is 1.9e-6); a wrong weight, slot or expert moves them by >= 1e-2."""
 
 import json
 import math
@@ -39,6 +41,18 @@ def reference_moe(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj, capacity=None
                 acc = acc + topk_w[t, j] * moe.expert_mlp(x[t], w_fc[e], b_fc[e], w_proj[e], b_proj[e])
         rows.append(acc)
     return torch.stack(rows)
+
+
+def per_expert_loop(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj):
+    """The plain loop the dispatch replaces (HF Mixtral's, bench.py's peer): for each expert,
+    its (token, choice) slots, one matmul on those rows, the weighted result added back."""
+    out = torch.zeros_like(x)
+    for e in range(w_fc.shape[0]):
+        token, choice = torch.where(topk_idx == e)
+        y = moe.expert_mlp(x[token], w_fc[e], None if b_fc is None else b_fc[e], w_proj[e],
+                           None if b_proj is None else b_proj[e])
+        out.index_add_(0, token, y * topk_w[token, choice, None])
+    return out
 
 
 def make_layer(E=4, k=2, d=16, seed=0, **kw):
@@ -95,12 +109,44 @@ def test_capacity_drops_follow_priority_and_match_reference():
     assert 0 < (~kept).sum() < kept.numel()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_dispatch_equals_per_expert_loop_skewed_load(bias):
+    """Outputs and every gradient (x, router weights, experts) of both paths equal the plain
+    per-expert loop on a skewed batch: expert 0 holds over twice any other's slots, expert E-1
+    none, so blocks of very different fill, padding rows and an empty block are exercised."""
+    E, k, N, d, h = 8, 2, 96, 32, 64
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, d, generator=gen, requires_grad=True)
+    first = torch.where(torch.rand(N, generator=gen) < 0.75, 0, torch.randint(1, E - 1, (N,), generator=gen))
+    second = (first + torch.randint(1, E - 2, (N,), generator=gen)) % (E - 1)  # != first, never E-1
+    idx = torch.stack([first, second], 1)
+    w = torch.rand(N, k, generator=gen) + 0.1
+    w = (w / w.sum(-1, keepdim=True)).requires_grad_()
+    weights = [(torch.randn(*shape, generator=gen) * std).requires_grad_() if bias or len(shape) == 3 else None
+               for shape, std in (((E, h, d), 0.2), ((E, h), 0.1), ((E, d, h), 0.2), ((E, d), 0.1))]
+    params = [x, w] + [t for t in weights if t is not None]
+    load = torch.bincount(idx.reshape(-1), minlength=E)
+    assert load[E - 1] == 0 and load[0] > 2 * load[1:].max()
+    dy = torch.randn(N, d, generator=gen)
+
+    def outputs_and_grads(fn, *extra):
+        y = fn(x, idx, w, *weights, *extra)
+        y = y[0] if isinstance(y, tuple) else y
+        return (y, *torch.autograd.grad(y, params, dy))
+
+    expected = outputs_and_grads(per_expert_loop)
+    for got in (outputs_and_grads(moe.dropless_moe), outputs_and_grads(moe.capacity_moe, int(load.max()))):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_capacity_at_max_load_equals_dropless():
     layer = make_layer(E=4, k=2, seed=1)
     x = torch.randn(40, 16)
     _, _, idx, _ = layer.router(x)
     max_load = int(torch.bincount(idx.reshape(-1), minlength=4).max())
-    y_cap, g_cap = run_path(layer, x, "capacity", capacity=max_load)
+    # a capacity above max_load drops nothing; its unused rows are padding that adds nothing
+    y_cap, g_cap = run_path(layer, x, "capacity", capacity=max_load + 5)
     y_drop, g_drop = run_path(layer, x, "dropless")
     torch.testing.assert_close(y_cap, y_drop, rtol=0, atol=1e-5)
     for a, b in zip(g_cap, g_drop):
