@@ -311,6 +311,130 @@ def bench_sample(quick: bool) -> None:
         row("sample", f"{name} B={batch} HF GPT2LMHeadModel.generate, {new_tokens} tok (same tokens: {same:.0%})",
             f"{batch * new_tokens / hf_s:.1f} tok/s")
         row("sample", f"{name} B={batch} sample.generate speed vs HF generate", f"{hf_s / ours_s:.2f}x")
+    bench_decode_bound(quick)
+
+
+def bench_decode_bound(quick: bool) -> None:
+    """sample.py's batch-1 decode against the memory bound and against HF generate.
+
+    The bound: a decode step reads every weight once, so it cannot beat one 1-row fp32
+    product over a weight as large as the whole model (timed here, in the faster of the
+    two layouts, in the same run). Ours: sample.generate on a model laid out by
+    sample.decode_layout (as the CLI does on CPU), eager and with --compile's decode step;
+    theirs: GPT2LMHeadModel.generate with the same weights, both greedy, 256 tokens after a
+    32-token prompt (quick: a tiny model). Decode time = first new token to last (255
+    steps), for HF read off a streamer. All sides run in turn in every round and the
+    medians are compared, so a busy machine slows each alike."""
+    import gpt
+    import sample
+
+    torch.manual_seed(0)
+    if quick:
+        config = gpt.GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
+        prompt_len, new_tokens, rounds, name = 8, 16, 3, "tiny"
+    else:
+        config = gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+        prompt_len, new_tokens, rounds, name = 32, 256, 3, "124M"
+    model = sample.decode_layout(gpt.GPT(config).eval())
+    n_params = sum(p.numel() for p in model.parameters())
+    prompts = {b: torch.randint(0, config.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(b))
+               for b in (1, 8)}
+    steps = new_tokens - 1  # the first new token comes from the prefill
+
+    def clocks():  # wall time, and this thread's CPU time: the machine is shared, and with one
+        return time.perf_counter(), time.thread_time()  # thread CPU time leaves out the waits
+
+    def ours(batch=1, decode_fn=None):
+        """((wall, CPU) decode seconds, tokens (B, new_tokens)) of one greedy sample.generate."""
+        out = []
+        for tok in sample.generate(model, prompts[batch], new_tokens, temperature=0, decode_fn=decode_fn):
+            out.append(tok)
+            if len(out) == 1:
+                first = clocks()
+        return [b - a for a, b in zip(first, clocks())], torch.stack(out, 1)
+
+    compiled = sample.compile_decode()  # inductor, as --compile
+    k = 1024  # the bound's weight: (n_params / k, k) fp32, read by a 1-row product in either layout
+    w = torch.randn(n_params // k, k)
+    x_rows, x_cols = torch.randn(1, n_params // k), torch.randn(1, k)
+
+    def bound(product):
+        start = clocks()
+        product()
+        return [b - a for a, b in zip(start, clocks())], None
+
+    sides = {"bound (in, out)": lambda: bound(lambda: x_rows @ w),
+             "bound (out, in)": lambda: bound(lambda: torch.nn.functional.linear(x_cols, w)),
+             "ours": ours, "ours --compile": lambda: ours(decode_fn=compiled), "ours B=8": lambda: ours(8)}
+    try:
+        import transformers  # reference only: the same weights in GPT2LMHeadModel
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        hf = hf_gpt2(model, transformers)
+
+        class Stamps(transformers.generation.streamers.BaseStreamer):
+            """The time of every put: the prompt first, then each new token."""
+
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):
+                self.times.append(clocks())
+
+            def end(self):
+                pass
+
+        def theirs():
+            stamps = Stamps()
+            with torch.no_grad():
+                out = hf.generate(prompts[1], attention_mask=torch.ones_like(prompts[1]), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=stamps)
+            return [b - a for a, b in zip(stamps.times[1], stamps.times[-1])], out[:, prompt_len:]
+
+        sides["HF generate"] = theirs
+
+    t0 = time.perf_counter()
+    ours(decode_fn=compiled)  # compiles the decode step once
+    compile_s = time.perf_counter() - t0
+    results = {label: [fn()] for label, fn in sides.items()}  # warm-up round, dropped below
+    for _ in range(rounds):
+        for label, fn in sides.items():
+            results[label].append(fn())
+    med = {label: statistics.median(r[0][0] for r in runs[1:]) for label, runs in results.items()}  # wall
+    cpu = {label: statistics.median(r[0][1] for r in runs[1:]) for label, runs in results.items()}
+    tokens = {label: runs[-1][1] for label, runs in results.items()}
+
+    bound_s = min(med["bound (in, out)"], med["bound (out, in)"])
+    bound_tps = 1 / bound_s
+    bound_cpu_s = min(cpu["bound (in, out)"], cpu["bound (out, in)"])
+    threads = torch.get_num_threads()
+
+    def cpu_note(text):  # with one thread, the same ratio in thread CPU time (robust to a busy machine)
+        return f" (CPU time: {text})" if threads == 1 else ""
+
+    load = os.getloadavg()[0]
+    row("sample", f"{name} decode bound: 1-row fp32 product over {n_params / 1e6:.0f}M weights ({threads} threads)",
+        f"{bound_s * 1e3:.1f} ms = {bound_tps:.1f} tok/s (load average {load:.1f})")
+    for label in ("ours", "ours --compile"):
+        tps = steps / med[label]
+        what = label.replace("ours", "decode").strip()
+        row("sample", f"{name} batch 1 {what}: ours / bound",
+            f"{tps:.1f} tok/s = {tps / bound_tps:.0%} of {bound_tps:.1f}"
+            + cpu_note(f"{bound_cpu_s * steps / cpu[label]:.0%}"))
+    if transformers is not None:
+        hf_tps = steps / med["HF generate"]
+        same = torch.equal(tokens["HF generate"], tokens["ours"]) and torch.equal(tokens["ours --compile"], tokens["ours"])
+        row("sample", f"{name} batch 1 decode: HF GPT2LMHeadModel.generate (same tokens: {same})",
+            f"{hf_tps:.1f} tok/s = {hf_tps / bound_tps:.0%} of the bound")
+        for label in ("ours", "ours --compile"):
+            what = label.replace("ours", "decode").strip()
+            row("sample", f"{name} batch 1 {what}: ours / HF generate",
+                f"{med['HF generate'] / med[label]:.2f}x" + cpu_note(f"{cpu['HF generate'] / cpu[label]:.2f}x"))
+    b8_tps, b1_tps = 8 * steps / med["ours B=8"], steps / med["ours"]
+    row("sample", f"{name} decode tokens/s: batch 8 / batch 1",
+        f"{b8_tps:.1f} / {b1_tps:.1f} tok/s = {b8_tps / b1_tps:.2f}x" + cpu_note(f"{8 * cpu['ours'] / cpu['ours B=8']:.2f}x"))
+    row("sample", f"{name} --compile: compile + first generation", f"{compile_s:.1f} s")
 
 
 def hf_gpt2(model, transformers):

@@ -235,6 +235,24 @@ def unpack_tokenizer(spec, packed: dict | None, cache_dir=None):
     return (CHAT_PREFIX if chat else "") + str(copy)
 
 
+def read_text_file(path, option: str = "") -> str:
+    """The file as UTF-8 text, or one NanoError line naming the file (and the option that gave it)
+    and the offset of the first byte that is not text."""
+    path, which = Path(path), f"; check {option}" if option else ""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise NanoError(f"cannot read {path} ({e.strerror}{which})") from None
+    nul = raw.find(b"\0")  # valid UTF-8 all the same, but text has no NUL bytes (binaries and UTF-16 do)
+    if nul >= 0:
+        raise NanoError(f"{path} is not UTF-8 text (NUL byte at offset {nul}: a binary or UTF-16 file; "
+                        "convert it to UTF-8 text)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoError(f"{path} is not UTF-8 text (bad byte at offset {e.start}; convert it to UTF-8)") from None
+
+
 # ----------------------------------------------------------------------------------------
 # Downloads
 
@@ -554,10 +572,7 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
             return folder
     if not src.is_file():
         raise NanoError(f"input file {src} not found (check --input / the text: path)")
-    try:
-        text = src.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise NanoError(f"{src} is not UTF-8 text (bad byte at offset {e.start}; convert it to UTF-8)") from None
+    text = read_text_file(src)
     if not text:
         raise NanoError(f"input file {src} is empty")
     if spec is None:  # character level: the alphabet is the set of characters in the text

@@ -447,25 +447,9 @@ def load_base(init_from: str, device: str, dtype=torch.float32):
     return model.to(device), spec, init_from
 
 
-def read_text_file(path: Path) -> str:
-    """The file as UTF-8 text, or one NanoError line for a binary or otherwise encoded file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise NanoError(f"cannot read {path} ({e.strerror})") from None
-    nul = raw.find(b"\0")  # valid UTF-8 all the same, but text has no NUL bytes (binaries and UTF-16 do)
-    if nul >= 0:
-        raise NanoError(f"{path} is not UTF-8 text (NUL byte at offset {nul}: a binary or UTF-16 file; "
-                        "convert it to UTF-8 text)")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NanoError(f"{path} is not UTF-8 text (bad byte at offset {e.start}; convert it to UTF-8)") from None
-
-
 def load_text(path: Path, tok, val_fraction: float, block_size: int):
     """Plain text: every token is a target; the last val_fraction of the tokens is val."""
-    ids = torch.tensor(tok.encode(read_text_file(path)), dtype=torch.long)
+    ids = torch.tensor(tok.encode(data.read_text_file(path)), dtype=torch.long)
     n_val = int(len(ids) * val_fraction)
     train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
     if len(train) < block_size + 1:
@@ -480,7 +464,7 @@ def load_jsonl(path: Path, tok, val_fraction: float, block_size: int):
     """Instruction data: one {"prompt": str, "response": str} per line. Returns lists of
     (input ids, targets) with targets -1 on the prompt, so only the response is learned."""
     examples, truncated = [], 0
-    for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
+    for lineno, line in enumerate(data.read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import data
 import gpt
 import sample
 
@@ -253,7 +254,7 @@ def test_greedy_matches_hugging_face_generate():
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).eval()
-    hf.load_state_dict({k: (v.t() if k.endswith(gpt.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}, strict=False)
+    hf.load_state_dict({k: (v.t() if k.endswith(data.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}, strict=False)
     prompt = torch.tensor([[5, 9, 3, 17, 1, 40]])
     with torch.no_grad():
         ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, min_new_tokens=40,
@@ -506,3 +507,73 @@ def test_cli_bad_checkpoints(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="^error: the draft's vocabulary") as e:
         run_cli("--ckpt", ckpt, "--draft", other, "--prompt", "a")
     assert "\n" not in str(e.value)
+
+
+def test_cli_moe_checkpoint_is_a_one_line_error(ckpt, tmp_path, capsys):
+    """An MoE checkpoint has expert keys a GPT lacks: one line saying what it is, not a
+    list of ~1,500 characters of missing and unexpected keys. Built by moe.py's own code."""
+    import moe
+
+    config = gpt.GPTConfig(block_size=32, vocab_size=len(ALPHABET), n_layer=2, n_head=2, n_embd=16)
+    path = tmp_path / "moe.pt"
+    moe.save_moe_checkpoint(path, moe.MoEGPT(config, moe.MoEConfig(n_experts=4, top_k=2)), "char:" + ALPHABET)
+    with pytest.raises(SystemExit) as e:
+        run_cli("--ckpt", path, "--prompt", "hi")
+    text = str(e.value)
+    assert text == capsys.readouterr().err.strip()  # the line on stderr is the whole message
+    assert text.startswith(f"error: {path} is an MoE checkpoint (") and "moe" in text.split("(", 1)[1]
+    assert "\n" not in text and "w_fc" not in text and len(text) < 300
+    # the same model saved as a plain checkpoint (no "moe" config) is recognised by its keys
+    plain = tmp_path / "moe_as_plain.pt"
+    gpt.save_checkpoint(plain, moe.MoEGPT(config, moe.MoEConfig(n_experts=4, top_k=2)), "char:" + ALPHABET)
+    with pytest.raises(SystemExit, match="is an MoE checkpoint"):
+        run_cli("--ckpt", plain, "--prompt", "hi")
+    with pytest.raises(SystemExit, match="is an MoE checkpoint"):  # also as the draft
+        run_cli("--ckpt", ckpt, "--draft", path, "--prompt", "hi")
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"to be\x00\x01\x02", "NUL byte at offset 5"),  # a binary file
+    ("to be".encode("utf-16"), "NUL byte at offset 3"),  # UTF-16: b"\xff\xfet\x00o\x00..."
+    ("naïve".encode("latin-1"), "bad byte at offset 2"),  # a lone 0xef byte, not UTF-8
+    (b"\x89PNG\r\n", "bad byte at offset 0"),
+])
+def test_cli_prompt_file_not_utf8_is_a_one_line_error(ckpt, tmp_path, content, what):
+    prompt_file = tmp_path / "prompt.bin"
+    prompt_file.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        run_cli("--ckpt", ckpt, "--prompt_file", prompt_file)
+    text = str(e.value)
+    assert text.startswith(f"error: {prompt_file} is not UTF-8 text (") and what in text and "\n" not in text
+
+
+@pytest.mark.parametrize("make", [random_gpt, random_llama])
+def test_decode_layout_changes_memory_order_only(make):
+    """decode_layout re-lays the wide Linear weights (in, out) in place: same Parameters,
+    shapes and values, and the same greedy tokens as the model it came from. Logits of one
+    decode step to 1e-5: a 1-row product sums in another order in the other layout, so
+    logits of size ~4 differ by fp32 rounding (measured 2.4e-6, ~5 ulp)."""
+    import copy
+
+    model = make(0)
+    laid = copy.deepcopy(model)
+    params = dict(laid.named_parameters())
+    sample.decode_layout(laid)
+    assert dict(laid.named_parameters()).keys() == params.keys()
+    moved = []
+    for name, p in laid.named_parameters():
+        assert p is params[name] and torch.equal(p, dict(model.named_parameters())[name]), name
+        if not p.is_contiguous():
+            moved.append(name)
+            assert p.t().is_contiguous() and p.shape[0] > p.shape[1], name  # (out, in) view of (in, out) memory
+    wide = ("attn.c_attn.weight", "mlp.c_fc.weight") if make is random_gpt else ("gate_proj.weight", "up_proj.weight")
+    assert moved and all(n.endswith(wide) for n in moved), moved
+    assert sum(n.endswith(wide[0]) for n in moved) == model.config.n_layer
+    prompt = torch.randint(0, 65, (1, 10), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy(laid, prompt, 60), greedy(model, prompt, 60))  # past block_size
+    logits = []
+    for m in (model, laid):
+        cache = sample.make_cache(m, 1, 32)
+        sample.prefill(m, prompt, cache)
+        logits.append(sample.decode_one_token(m, torch.tensor([[7]]), torch.tensor([10]), cache))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
