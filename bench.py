@@ -52,9 +52,7 @@ def status_kib(key: str) -> int:
 def shakespeare_text() -> str:
     path = SHARED_DATA / "tinyshakespeare.txt"
     if not path.is_file():
-        import common
         import data
-        import gpt
 
         path = data.download(data.SHAKESPEARE_URL, ROOT / "data" / "tinyshakespeare.txt")
     return path.read_text()
@@ -78,7 +76,6 @@ def bench_train(quick: bool):
 
 def bench_train_step(quick: bool):
     import common
-    import data
     import gpt
 
     device = common.pick_device("auto")
@@ -123,7 +120,6 @@ def bench_train_quality(quick: bool):
 
     import torch.nn.functional as F
 
-    import common
     import data
     import gpt
     import train
@@ -171,6 +167,87 @@ def bench_train_quality(quick: bool):
 
 
 # ----------------------------------------------------------------------------------------
+# bpb: bits per byte of one model shape under four tokenizers
+
+
+# nanoGPT's CPU shape (as NANOGPT_CPU_RUN) with a quarter of its 2000 iterations: the GPT-2-vocabulary
+# run, whose 50k-row head costs ~7x the rest of the model, took 1457 s of the section's ~32 min
+# (2-6.5 s a step on 2 shared cores at load 8-18); the other three runs 1.5-3 min each.
+BPB_RUN = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--batch_size", "12",
+           "--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_iters", "100", "--dropout", "0.0",
+           "--log_interval", "50", "--sample_tokens", "0", "--device", "cpu", "--compile", "False",
+           "--preset", "none", "--seed", "1337"]
+BPB_ITERS = 500
+BPB_EVAL_ITERS = 40  # 40 x 12 x 64 = 30,720 scored val positions (20, the default, is noisier)
+
+
+def bench_bpb(quick: bool) -> None:
+    """Bits per UTF-8 byte of held-out Tiny Shakespeare (its last 10%, data.py's split) for one
+    model shape trained with four tokenizers: characters, GPT-2's BPE, and bpe.py's BPE trained
+    here on the train split only (the first 90%) at vocab 512 and 4096. Same n_layer, n_head,
+    n_embd, block_size, batch_size, iterations, LR schedule and seed for all, through train.py's
+    CLI; val_bpb is train.py's eval figure (val loss in bits x val tokens / val bytes).
+    What is equal is the transformer body and the number of token positions per step; what is
+    not: the tied embedding/head grows with the vocabulary (FLOPs per token printed), and a BPE
+    token spans more bytes, so the same steps read more text (bytes seen printed)."""
+    import contextlib
+    import io
+    import json
+    import tempfile
+
+    import bpe
+    import data
+    import gpt
+    import train
+
+    src = SHARED_DATA / "tinyshakespeare.txt"
+    text = src.read_text(encoding="utf-8")
+    split = int(len(text) * (1 - 0.1))  # data.prepare_dataset's train/val split (val_fraction 0.1)
+    iters, eval_iters, sizes = (20, 4, (300,)) if quick else (BPB_ITERS, BPB_EVAL_ITERS, (512, 4096))
+    arg = dict(zip(BPB_RUN[::2], BPB_RUN[1::2]))
+    n_layer, n_embd, T, B = (int(arg[k]) for k in ("--n_layer", "--n_embd", "--block_size", "--batch_size"))
+    row("bpb", f"Tiny Shakespeare val bits/byte: {n_layer}L/{n_embd}, T={T}, B={B}, {iters} iters, CPU",
+        "val_bpb | bytes/token | GFLOP/step | MB of text seen | wall")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizers = {"char (vocab 65)": None}
+        for size in sizes:  # on the train split only: the val text must not shape the merges
+            t0 = time.perf_counter()
+            vocab, merges = bpe.train_bpe(text[:split], size, special_tokens=("<|endoftext|>",))
+            path = Path(tmp) / f"shakespeare_train_{size}.bpe"
+            bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(path)
+            tokenizers[f"own BPE (vocab {size}, {time.perf_counter() - t0:.0f} s to train)"] = str(path)
+        tokenizers["GPT-2 BPE (vocab 50257)"] = "gpt2"  # last: the slowest run (its head is 50257 x n_embd)
+        # one thread: this model is too small for two to help, and on a shared machine two threads
+        # spin against the other jobs (measured at load ~7.5 on 2 cores: 157 vs 985 ms per char-model step)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i, (name, spec) in enumerate(tokenizers.items()):
+                root = Path(tmp) / f"run{i}"
+                argv = BPB_RUN + ["--data_root", str(root), "--out_dir", str(root / "out"),
+                                  "--max_iters", str(iters), "--lr_decay_iters", str(iters),
+                                  "--eval_interval", str(iters), "--eval_iters", str(eval_iters)]
+                # characters: the text's own alphabet (shakespeare_char); else the text with that tokenizer
+                argv += ["--dataset", "shakespeare_char", "--input", str(src)] if spec is None else \
+                    ["--dataset", f"text:{src}", "--tokenizer", spec]
+                t0 = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    train.main(argv)
+                wall = time.perf_counter() - t0
+                meta = data.read_meta(next(root.glob("*/meta.json")).parent)
+                evals = [json.loads(line) for line in open(root / "out" / "metrics.jsonl")]
+                bpb = [r["val_bpb"] for r in evals if "val_bpb" in r][-1]
+                model = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=meta["vocab_size"], n_layer=n_layer,
+                                              n_head=int(arg["--n_head"]), n_embd=n_embd))
+                gflop = model.flops_per_token() * B * T / 1e9
+                bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+                mb_seen = iters * B * T * meta["train_bytes"] / meta["train_tokens"] / 1e6
+                row("bpb", f"  {name}", f"{bpb:.3f} | {bytes_per_token:.2f} | {gflop:.2f} | {mb_seen:.1f} | {wall:.0f} s")
+        finally:
+            torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------
 # loss: peak memory of naive vs chunked lm_head + cross-entropy
 
 
@@ -207,8 +284,6 @@ def bench_loss(quick: bool):
     peaks = {}
     for mode in ("naive", "chunked"):
         if torch.cuda.is_available():
-            import common
-            import data
             import gpt
 
             x = torch.randn(N, C, device="cuda", requires_grad=True)
@@ -239,8 +314,6 @@ def bench_sample(quick: bool) -> None:
     greedy. The uncached decode time is integrated from the measured cost of one uncached
     step at a few window lengths (the per-step cost grows ~linearly with the window), since
     running all 256 uncached steps of a 124M model would take minutes on a CPU."""
-    import common
-    import data
     import gpt
     import sample
 
@@ -444,9 +517,7 @@ def hf_gpt2(model, transformers):
                                         n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                         attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    import common
     import data
-    import gpt
 
     sd = {k: (v.t() if k.endswith(data.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -546,7 +617,6 @@ def bench_lora(quick: bool):
     import io
 
     import common
-    import data
     import gpt
     import lora
 
@@ -629,7 +699,6 @@ def bench_fsdp2(quick: bool) -> None:
     import torch
 
     import fsdp2_train
-    import common
     import data
     import gpt
 
@@ -1637,6 +1706,11 @@ def bench_research(args) -> None:
 
 
 def bench_sft(quick: bool) -> None:
+    bench_sft_packing(quick)
+    bench_sft_builtin(quick)
+
+
+def bench_sft_packing(quick: bool) -> None:
     """sft.py's two batch layouts on the same conversations: packed rows of T tokens with a
     block-diagonal mask, or one conversation per row padded to the batch's longest. The
     conversations are Tiny Shakespeare passages in the chat template (GPT-2 BPE + the four
@@ -1646,8 +1720,8 @@ def bench_sft(quick: bool) -> None:
     the GPT-2 124M shape at T = 1024, B = 8 rows; on a CPU a 4-layer 256-wide GPT (with
     GPT-2's 50k vocabulary) at T = 256, B = 4. Figures: real (non-pad) tokens/s, the share of computed
     positions that carry loss, and that hold a real token; medians over interleaved repeats
-    (packed, padded, packed, ...), both layouts from one run. Then the built-in task (python
-    sft.py at its defaults): exact match before/after and wall time."""
+    (packed, padded, packed, ...), both layouts from one run, with the slowest and fastest
+    repeat beside the median (this machine is shared: the spread says how far to trust a ratio)."""
     import common
     import data
     import gpt
@@ -1658,7 +1732,7 @@ def bench_sft(quick: bool) -> None:
     if quick:
         T, batch_size, shape, repeat, steps = 64, 4, (2, 2, 64), 2, 2
     elif device == "cpu":
-        T, batch_size, shape, repeat, steps = 256, 4, (4, 4, 256), 3, 2
+        T, batch_size, shape, repeat, steps = 256, 4, (4, 4, 256), 5, 2
     else:  # the GPT-2 124M shape
         T, batch_size, shape, repeat, steps = 1024, 8, (12, 12, 768), 5, 3
     tok = sft.ChatTokenizer(data.load_tokenizer("gpt2"))
@@ -1711,8 +1785,10 @@ def bench_sft(quick: bool) -> None:
     packed, padded = stats[True], stats[False]
     name = f"{cfg.n_layer}L/{cfg.n_embd}, T={T}, B={batch_size}, {device}"
     tps = {k: statistics.median(v["s"]) for k, v in stats.items()}
-    row("sft", f"real tokens/s ({name}): packed / padded",
+    row("sft", f"real tokens/s ({name}, {torch.get_num_threads()} threads): packed / padded",
         f"{tps[True]:,.0f} / {tps[False]:,.0f} = {tps[True] / tps[False]:.2f}x")
+    row("sft", f"  slowest-fastest of {repeat} repeats: packed / padded",
+        " / ".join(f"{min(stats[p]['s']):,.0f}-{max(stats[p]['s']):,.0f}" for p in (True, False)))
     row("sft", "positions computed that carry loss: packed / padded",
         f"{100 * packed['targets'] / packed['positions']:.0f}% / {100 * padded['targets'] / padded['positions']:.0f}%")
     row("sft", "positions computed that hold a real token: packed / padded",
@@ -1720,19 +1796,27 @@ def bench_sft(quick: bool) -> None:
     n_assist = sum(sum(t != -1 for t in y) for _, y in examples)
     row("sft", "assistant tokens among all tokens of the data", f"{100 * n_assist / sum(len(x) for x, _ in examples):.0f}%")
 
+
+def bench_sft_builtin(quick: bool) -> None:
+    """The built-in task (python sft.py at its defaults): exact match before/after and wall
+    time, with the process CPU time beside it (on a shared machine wall time mostly measures
+    the other jobs)."""
+    import sft
+
     if quick:
         args = ["--base_iters", "20", "--max_iters", "20", "--n_train", "200", "--n_test", "20",
                 "--base_layer", "1", "--base_embd", "32", "--base_head", "2", "--eval_interval", "20"]
     else:
         args = []
     with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         result = sft.main(args + ["--out_dir", out])
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     row("sft", f"built-in task{' (quick)' if quick else ''}: exact match before / after SFT",
         f"{100 * result['accuracy_before']:.1f}% / {100 * result['accuracy_after']:.1f}%")
     row("sft", f"built-in task: wall time (pretraining the base + SFT, {torch.get_num_threads()} threads)",
-        f"{wall:.0f} s")
+        f"{wall:.0f} s ({cpu:.0f} s of CPU, load average {os.getloadavg()[0]:.1f})")
+
 
 # ----------------------------------------------------------------------------------------
 # llama (from the part that teaches it)
@@ -1764,6 +1848,7 @@ def hf_llama_config(shape, transformers, block_size=2048):
 def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
     """Random bf16 weights of config as Hugging Face's sharded safetensors (+ index, config.json);
     one tensor at a time, so writing needs about one shard of memory. Returns the bf16 bytes."""
+    import data
     import gpt
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -1956,7 +2041,7 @@ def bench_llama(args) -> None:
     bench_decode(quick)
     bench_load(quick)
 
-SECTIONS = {"train": bench_train, "loss": bench_loss, "sample": bench_sample, "bpe": bench_bpe, "nf4": bench_nf4,
+SECTIONS = {"train": bench_train, "bpb": bench_bpb, "loss": bench_loss, "sample": bench_sample, "bpe": bench_bpe, "nf4": bench_nf4,
             "lora": bench_lora, "fsdp2": bench_fsdp2, "dpo": bench_dpo, "moe": bench_moe, "hellaswag": bench_hellaswag,
             "flash": bench_flash, "serve": bench_serve, "export": bench_export, "research": bench_research, "sft": bench_sft, "llama": bench_llama}
 

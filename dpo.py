@@ -187,15 +187,19 @@ def read_jsonl(path):
     """(line number, parsed object) per non-blank line; bad JSON is an error naming the line."""
     path = Path(path)
     if not path.is_file():
-        raise NanoError(f"data file {path} not found (pass a .jsonl with prompt/chosen/rejected)")
+        raise NanoError(f"--data {path} not found (pass a .jsonl with prompt/chosen/rejected)")
+    try:
+        text = data.read_text_file(path)
+    except NanoError as e:  # a binary file, UTF-16, Latin-1: say which option named it
+        raise NanoError(f"--data {e}") from None
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise NanoError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    # split on "\n" only, as a file's lines: splitlines() would also cut at a raw U+2028 inside a string
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise NanoError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -378,29 +382,34 @@ class DPOConfig:
 
 
 def check_config(cfg):
-    def fail(msg):
-        raise NanoError(f"{msg}")
-
-    if cfg.loss_type not in LOSS_TYPES:
-        fail(f"unknown --loss_type {cfg.loss_type!r} (one of {', '.join(LOSS_TYPES)})")
-    if cfg.beta <= 0:
-        fail(f"--beta must be positive (got {cfg.beta})")
+    """Every option, checked before any work: numbers in range (common.check_options), then
+    what a range cannot say, then the files. --max_iters, --max_length and --max_prompt_length
+    may be 0: it means "derive it" (from --epochs, the model's block_size, max_length // 2)."""
+    common.check_options(
+        cfg, positive=("beta", "batch_size", "grad_accum", "epochs", "learning_rate", "eval_interval",
+                       "log_interval", "lora_r", "lora_alpha", "n_pairs", "n_layer", "n_head", "n_embd"),
+        non_negative=("max_iters", "max_length", "max_prompt_length", "warmup_iters", "weight_decay",
+                      "grad_clip", "pretrain_iters"),
+        ranges={"lora_dropout": (0.0, 0.99)})
+    # half-open ranges: label smoothing 0.5 erases the preference, and a val share of 1 leaves no training pair
     if not 0.0 <= cfg.label_smoothing < 0.5:
-        fail(f"--label_smoothing must be in [0, 0.5) (got {cfg.label_smoothing}; 0.5 would erase the preference)")
+        raise NanoError(f"--label_smoothing must be in [0, 0.5) (got {cfg.label_smoothing}; "
+                        "0.5 would erase the preference)")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise NanoError(f"--val_fraction must be in [0, 1) (got {cfg.val_fraction}; 1 leaves nothing to train on)")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise NanoError(f"unknown --loss_type {cfg.loss_type!r} (one of {', '.join(LOSS_TYPES)})")
     if cfg.label_smoothing > 0 and cfg.loss_type != "sigmoid":
         print(f"warning: --label_smoothing applies to the sigmoid loss only; ignored for {cfg.loss_type}",
               file=sys.stderr)
-    for name in ("batch_size", "grad_accum", "epochs"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    if cfg.max_iters < 0 or cfg.max_length < 0 or cfg.max_prompt_length < 0:
-        fail("--max_iters, --max_length and --max_prompt_length must be >= 0")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        fail(f"--val_fraction must be in [0, 1) (got {cfg.val_fraction})")
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
+        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
     if cfg.data and not cfg.init_from:
-        fail("--data needs --init_from (a checkpoint or gpt2): the synthetic task's model knows only its own letters")
+        raise NanoError("--data needs --init_from (a checkpoint or gpt2): the synthetic task's model "
+                        "knows only its own letters")
     if cfg.data and not Path(cfg.data).is_file():
-        fail(f"data file {cfg.data} not found (pass a .jsonl with prompt/chosen/rejected)")
+        raise NanoError(f"--data {cfg.data} not found (pass a .jsonl with prompt/chosen/rejected)")
 
 
 def prepare_pairs(cfg: DPOConfig, tok, model, rng, rows=None):
@@ -529,7 +538,6 @@ def main(argv=None):
     common.set_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = None
     if cfg.data:  # check every row before loading anything big
         rows = read_jsonl(cfg.data)
@@ -537,9 +545,13 @@ def main(argv=None):
 
     # ---- the starting model (policy = reference at step 0) and the tokenizer
     if cfg.init_from:
-        model, spec, base = lora.load_base(cfg.init_from, device)
+        try:
+            model, spec, base = lora.load_base(cfg.init_from, device)
+        except NanoError as e:  # e.g. a file that is no checkpoint: say which option pointed at it
+            raise NanoError(f"--init_from: {e}") from None
     else:
         model, spec = pretrain_synthetic(cfg, device, rng)
+        out_dir.mkdir(parents=True, exist_ok=True)
         base = str(out_dir / "base.pt")
         gpt.save_checkpoint(base, model, spec)  # the adapter's base, and a reusable --init_from
     tok = data.load_tokenizer(spec)
@@ -563,6 +575,7 @@ def main(argv=None):
     average = cfg.loss_type == "ipo"  # TRL: IPO on per-token average log-probs
     reference = Reference(cfg, model, ref_model, train_pairs, val_pairs, average, ctx, device)
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     metrics_file = (out_dir / "metrics.jsonl").open("w")
 
     def log(row):

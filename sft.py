@@ -71,7 +71,6 @@ import copy
 import json
 import math
 import random
-import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -89,8 +88,7 @@ from common import NanoError
 
 # the chat tokenizer (a base tokenizer plus <|system|> <|user|> <|assistant|> <|end|>, spec
 # "chat:<base spec>") lives in data.py beside the other tokenizer specs, so every script loads it
-from data import CHAT_PREFIX, ROLES, SPECIAL_TOKENS, ChatTokenizer, load_tokenizer  # noqa: E402,F401
-
+from data import CHAT_PREFIX, ROLES, SPECIAL_TOKENS, ChatTokenizer, load_tokenizer  # noqa: F401
 
 # ----------------------------------------------------------------------------------------
 # Rendering a conversation: ids and the loss mask

@@ -259,26 +259,71 @@ def test_identical_pairs_are_skipped_and_counted(tmp_path, char_ckpt, capsys):
     assert "skipped 2 pair(s)" in capsys.readouterr().err
 
 
+def one_line_error(argv, match, capsys):
+    """main(argv) exits 2 with exactly one `error:` line on stderr, which contains `match`."""
+    with pytest.raises(SystemExit) as e:
+        dpo.main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and errors == [str(e.value)], (e.value.code, errors)
+    assert match in errors[0], errors[0]
+
+
+# Each bad value, with a valid --data and checkpoint around it unless the case is about those.
+# In the arguments, {ckpt} is a real checkpoint, {tmp} the test's folder, {data} a valid .jsonl.
 @pytest.mark.parametrize("args,message", [
+    (["--beta", "0"], "--beta must be positive (got 0.0)"),
+    (["--beta", "-1"], "--beta must be positive"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--grad_accum", "0"], "--grad_accum must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--max_iters", "-1"], "--max_iters must be >= 0"),
+    (["--learning_rate", "-1"], "--learning_rate must be positive"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--grad_clip", "-1"], "--grad_clip must be >= 0"),  # a negative clip would flip the gradient
+    (["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
+    (["--warmup_iters", "-5"], "--warmup_iters must be >= 0"),
+    (["--eval_interval", "0"], "--eval_interval must be positive"),
+    (["--log_interval", "0"], "--log_interval must be positive"),
+    (["--max_length", "-1"], "--max_length must be >= 0"),  # 0 is valid: the model's block_size
+    (["--max_prompt_length", "-1"], "--max_prompt_length must be >= 0"),
+    (["--lora_r", "0"], "--lora_r must be positive"),
+    (["--lora_dropout", "1"], "--lora_dropout must be in [0.0, 0.99]"),
+    (["--label_smoothing", "0.5"], "--label_smoothing must be in [0, 0.5)"),
+    (["--label_smoothing", "-0.1"], "--label_smoothing must be in [0, 0.5)"),
+    (["--val_fraction", "1"], "--val_fraction must be in [0, 1)"),
+    (["--loss_type", "kto"], "unknown --loss_type 'kto'"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    (["--dtype", "int4"], "unknown dtype 'int4'"),
+    (["--data", "{tmp}/binary.jsonl"], "--data {tmp}/binary.jsonl is not UTF-8 text"),
+    (["--data", "{tmp}/latin1.jsonl"], "--data {tmp}/latin1.jsonl is not UTF-8 text (bad byte at offset 17"),
+    (["--data", "{tmp}/missing.jsonl"], "--data {tmp}/missing.jsonl not found"),
+    (["--init_from", "{tmp}/notes.txt"], "--init_from: {tmp}/notes.txt is not a readable checkpoint"),
+    (["--init_from", "{tmp}/missing.pt"], "--init_from: checkpoint {tmp}/missing.pt not found"),
+    (["--init_from", "gpt5"], "--init_from: unknown model 'gpt5'"),
+    (["--out_dir", "{tmp}/a_file"], "--out_dir {tmp}/a_file is a file or below one"),
+    (["--out_dir", "{tmp}/a_file/sub"], "is a file or below one"),
+    (["--data", "{data}", "--init_from", ""], "--data needs --init_from"),
+    # what only the model can tell: checked after loading it, still before any step
     (["--max_prompt_length", "32"], "leaves no room for the completion"),
     (["--max_length", "64"], "exceeds the model's block_size"),
-    (["--loss_type", "kto"], "unknown --loss_type"),
-    (["--label_smoothing", "0.5"], "--label_smoothing must be in [0, 0.5)"),
     (["--lora", "True", "--lora_targets", "nope"], "check --lora_targets"),
 ])
-def test_bad_options_are_one_line_errors(tmp_path, char_ckpt, args, message):
-    jsonl_path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4)
-    with pytest.raises(SystemExit) as e:
-        dpo.main(["--init_from", str(char_ckpt), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o")] + args)
-    assert message in str(e.value) and "\n" not in str(e.value)
+def test_bad_options_are_one_line_errors_before_any_work(tmp_path, char_ckpt, capsys, args, message):
+    paths = {"ckpt": char_ckpt, "tmp": tmp_path, "data": write_jsonl(tmp_path / "d.jsonl", [GOOD] * 4)}
+    (tmp_path / "binary.jsonl").write_bytes(b'{"prompt": "\xff\xfe"}\n\x00\x01')
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).replace("abc", "caf\xe9").encode("latin-1"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "a_file").write_text("x")
+    valid = ["--init_from", "{ckpt}", "--data", "{data}", "--out_dir", "{tmp}/o", "--device", "cpu"]
+    one_line_error([a.format(**paths) for a in valid + args], message.format(**paths), capsys)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
-def test_missing_data_file_and_no_usable_pairs(tmp_path, char_ckpt):
-    with pytest.raises(SystemExit, match="not found"):
-        dpo.main(["--init_from", str(char_ckpt), "--data", str(tmp_path / "nope.jsonl")])
+def test_no_usable_pairs(tmp_path, char_ckpt, capsys):
     jsonl_path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "\na>", "chosen": "b.", "rejected": "b."}])
-    with pytest.raises(SystemExit, match="no usable preference pairs"):
-        dpo.main(["--init_from", str(char_ckpt), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o")])
+    one_line_error(["--init_from", str(char_ckpt), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o")],
+                   "no usable preference pairs", capsys)
 
 
 def test_gpt2_tokenized_jsonl_truncates_long_prompts(tmp_path):

@@ -86,7 +86,6 @@ def _worker(data_root, work, llama):
     from torch.distributed.tensor import DTensor
 
     import fsdp2_train
-    import common
     import data
     import gpt
     import lora
@@ -258,9 +257,7 @@ def tiny_llama(tmp_path_factory, shakespeare_path):
 def runs(tmp_path_factory, shakespeare_path, tiny_llama):
     """Start the 2-rank worker and the bad-CLI launch, run the 1-process references meanwhile."""
     import fsdp2_train
-    import common
     import data
-    import gpt
 
     base = tmp_path_factory.mktemp("fsdp2")
     src = base / "shakespeare_100k.txt"

@@ -1,6 +1,7 @@
 """sft.py: the chat template's mask, the loss on assistant tokens, packing without leakage,
 the embedding growth, LoRA, bad rows, the built-in task, and the checkpoint in sample.py / dpo.py."""
 
+import contextlib
 import itertools
 import json
 import random
@@ -366,10 +367,24 @@ TINY = ["--base_layer", "1", "--base_iters", "10", "--n_train", "1500", "--n_tes
         "--max_iters", "200", "--eval_interval", "200", "--log_interval", "50", "--device", "cpu"]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """As fast for models this small, and robust on a busy machine: with two threads on two
+    cores shared by other processes (pytest-xdist workers) the tiny run below took 235 s of
+    wall time instead of 11 (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def builtin_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    return out, sft.main(TINY + ["--out_dir", str(out)])
+    with one_thread():
+        return out, sft.main(TINY + ["--out_dir", str(out)])
 
 
 def test_builtin_task_raises_accuracy(builtin_run):
@@ -385,7 +400,8 @@ def test_builtin_task_raises_accuracy(builtin_run):
 @pytest.mark.slow
 def test_builtin_task_default_run(tmp_path):
     """python sft.py as it comes: < 10% before, > 90% after on held-out prompts."""
-    result = sft.main(["--out_dir", str(tmp_path)])
+    with one_thread():
+        result = sft.main(["--out_dir", str(tmp_path)])
     assert result["accuracy_before"] < 0.1 and result["accuracy_after"] > 0.9
 
 
