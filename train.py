@@ -10,6 +10,7 @@ the data sampler's position.
 
 Run:
   python train.py                                  # Tiny Shakespeare, character model, minutes on a CPU
+  python train.py --arch llama --n_kv_head 2       # the same with Llama's block (RMSNorm, RoPE, SwiGLU, GQA)
   python train.py --dataset shakespeare --init_from gpt2 --max_iters 200   # finetune real GPT-2
   python train.py --dataset text:my.txt --train_tokenizer 4096             # own BPE on own text
   torchrun --nproc_per_node=8 train.py --dataset fineweb_edu --preset gpt2_124m
@@ -50,12 +51,18 @@ class TrainConfig:
                                                           "defaults for the options not given on the command line"})
     init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a checkpoint file (weights only)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt (same as --init_from resume)"})
+    arch: str = field(default="gpt2", metadata={"help": "gpt2 (LayerNorm, learned positions, GELU MLP, biases) | llama "
+                                                        "(RMSNorm, RoPE, SwiGLU MLP, no biases), from scratch"})
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int = field(default=0, metadata={"help": "key/value heads, each shared by n_head / n_kv_head query heads "
+                                                         "(GQA; 0 = n_head, 1 = MQA)"})
     n_embd: int = 128
+    mlp_hidden: int = field(default=0, metadata={"help": "MLP hidden units (0 = 4 * n_embd for gpt2, "
+                                                          "8/3 * n_embd rounded up to 64 for llama's SwiGLU)"})
     block_size: int = 64
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = field(default=True, metadata={"help": "biases in Linears and norms (--arch llama: False unless given)"})
     # optimisation
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
@@ -124,19 +131,33 @@ def parse_args(argv):
         for name, value in PRESETS[preset].items():
             if name not in given:
                 setattr(cfg, name, value)
+    if cfg.arch not in ("gpt2", "llama"):
+        raise NanoError(f"unknown --arch {cfg.arch!r} (gpt2 or llama)")
+    if cfg.arch == "llama" and "bias" not in given:
+        cfg.bias = False  # Llama has no biases
     if cfg.resume:
         cfg.init_from = "resume"
     common.check_options(
         cfg, positive=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
                        "learning_rate", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval"),
-        non_negative=("max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "eval_hellaswag_every",
-                      "hellaswag_limit", "sample_tokens", "train_tokenizer", "peak_flops"),
+        non_negative=("n_kv_head", "mlp_hidden", "max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
+                      "eval_hellaswag_every", "hellaswag_limit", "sample_tokens", "train_tokenizer", "peak_flops"),
         ranges={"dropout": (0.0, 0.99), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999)})
     if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in gpt.GPT2_SIZES
             or Path(cfg.init_from).exists()):
         raise NanoError(f"unknown --init_from {cfg.init_from!r} (scratch, resume, "
                         f"{', '.join(gpt.GPT2_SIZES)}, or a checkpoint file)")
+    if cfg.init_from == "scratch":
+        model_config(cfg, vocab_size=1)  # a shape the model refuses (n_head vs n_embd, n_kv_head) fails now
     return cfg, given
+
+
+def model_config(cfg: TrainConfig, vocab_size):
+    """The model trained from scratch: GPT-2's block, or Llama's (gpt.llama_config's switches)."""
+    shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                 n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, mlp_hidden=cfg.mlp_hidden, dropout=cfg.dropout,
+                 bias=cfg.bias)
+    return gpt.llama_config(**shape) if cfg.arch == "llama" else gpt.GPTConfig(**shape)
 
 
 def prepare_data(cfg: TrainConfig):
@@ -340,7 +361,7 @@ def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
     ckpt = gpt.read_checkpoint(run.ckpt_path, run.device)
     if "optimizer" not in ckpt:
         raise NanoError(f"{run.ckpt_path} has no optimizer state (not a train.py checkpoint)")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout"):
+    for name in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "bias", "dropout"):
         saved = ckpt["config"].get(name)
         if name in given and saved is not None and getattr(cfg, name) != saved:
             raise NanoError(f"--{name} {getattr(cfg, name)} differs from the checkpoint's {saved} "
@@ -356,8 +377,7 @@ def build_model(cfg: TrainConfig, run: Run, meta: dict, ckpt):
         model.crop_block_size(min(cfg.block_size, model.config.block_size))
         tokenizer_spec = "gpt2"
     elif cfg.init_from == "scratch":
-        model = gpt.GPT(gpt.GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+        model = gpt.GPT(model_config(cfg, meta["vocab_size"]))
         tokenizer_spec = meta["tokenizer"]
     else:  # resumed, or the weights of a checkpoint file (a fresh optimizer and step 0)
         source = run.ckpt_path if ckpt is not None else cfg.init_from
@@ -375,7 +395,7 @@ def build_model(cfg: TrainConfig, run: Run, meta: dict, ckpt):
         raise NanoError(f"block_size {cfg.block_size} exceeds the model's {model.config.block_size}")
     run.tokenizer_spec = tokenizer_spec
     model.to(run.device)
-    run.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
+    run.log(f"model: {model.config.arch}, {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
             f"device {run.device}, dtype {str(run.dtype).removeprefix('torch.')}, world size {run.world}")
     return model
 

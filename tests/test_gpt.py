@@ -108,10 +108,14 @@ def test_chunked_loss_equals_naive(n_rows, chunk):
     torch.testing.assert_close(gw, rgw, rtol=0, atol=1e-5)
 
 
-def test_model_loss_equals_naive_path(tiny_config):
+@pytest.mark.parametrize("plain_max", [0, 2**24], ids=["chunked", "plain"])
+def test_model_loss_equals_naive_path(tiny_config, plain_max):
+    """Both of forward's losses: chunks (forced by plain_max 0) and, for small logits, the plain one."""
     torch.manual_seed(0)
     model = GPT(tiny_config)
     model.loss_chunk_size = 20  # ragged: 2*32 = 64 rows -> 20, 20, 20, 4
+    model.plain_loss_max_logits = plain_max
+    assert model(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), -1))[1].item() == 0  # no target: 0, not nan
     idx = torch.randint(0, 65, (2, 32))
     tgt = torch.randint(0, 65, (2, 32))
     tgt[0, :3] = -1
@@ -275,6 +279,7 @@ def test_llama_loss_equals_naive_path_and_compiles_without_breaks():
     model = GPT(small_llama(qkv_bias=True, qk_norm=True, tie_embeddings=False, rope_scaling=8.0,
                             rope_original_max_position=16))
     model.loss_chunk_size = 20
+    model.plain_loss_max_logits = 0
     idx, tgt = torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32))
     tgt[1, :4] = -1
     model(idx, tgt)[1].backward()

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from common import NanoError
 import torch
 
 import data
@@ -21,10 +20,19 @@ def losses_by_iter(out_dir):
     return {r["iter"]: r["loss"] for r in rows if "loss" in r}, [r for r in rows if "val_loss" in r]
 
 
-def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_path):
+# Each architecture, and an option that a resumed run of it must refuse (the model comes from the checkpoint).
+ARCHS = {"gpt2": ([], ["--n_layer", "3"], "--n_layer 3 differs from the checkpoint's 2"),
+         # Llama's block (RMSNorm, RoPE, SwiGLU, no biases) with GQA: 2 query heads share 1 key/value head
+         "llama": (["--arch", "llama", "--n_kv_head", "1"], ["--arch", "gpt2"],
+                   "--arch gpt2 differs from the checkpoint's llama")}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_path, arch):
+    arch_args, conflicting, conflict_message = ARCHS[arch]
     src = tmp_path / "text.txt"
     src.write_text(shakespeare_path.read_text()[:60_000])
-    common = TINY + ["--input", str(src), "--data_root", str(tmp_path / "data"), "--eval_interval", "10"]
+    common = TINY + arch_args + ["--input", str(src), "--data_root", str(tmp_path / "data"), "--eval_interval", "10"]
 
     full = tmp_path / "full"
     train.main(common + ["--max_iters", "20", "--out_dir", str(full)])
@@ -51,8 +59,8 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     iters = [json.loads(line)["iter"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(i for i in iters if iters.count(i) > 1)) == [10, 20]  # one loss row + one eval row each
     assert not list(part.glob(".ckpt.pt.tmp*"))
-    one_line_error(common + ["--max_iters", "30", "--out_dir", str(part), "--resume", "True", "--n_layer", "3"],
-                   "--n_layer 3 differs from the checkpoint's 2")
+    one_line_error(common + ["--max_iters", "30", "--out_dir", str(part), "--resume", "True"] + conflicting,
+                   conflict_message)
 
     # --init_from a checkpoint file: its weights, a fresh optimizer, step 0
     init = tmp_path / "init"
@@ -62,7 +70,11 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     assert first[1] < losses[1] - 0.5  # starts from the trained weights, not from scratch
 
     model, spec = gpt.load_checkpoint(full / "ckpt.pt")
-    assert spec.startswith("char:") and model.config.n_layer == 2
+    assert spec.startswith("char:") and model.config.n_layer == 2 and model.config.arch == arch
+    if arch == "llama":  # the checkpoint holds Llama's block: no biases, no position table, 1 key/value head
+        assert model.config.kv_heads == 1 and model.config.rope_theta and model.config.norm == "rmsnorm"
+        names = model.state_dict().keys()
+        assert not any(name.endswith("bias") for name in names) and "transformer.wpe.weight" not in names
     tok = data.load_tokenizer(spec)
     assert tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
 
@@ -111,6 +123,9 @@ def test_bad_inputs(tmp_path, shakespeare_path):
     ("--dropout", "1.5", "--dropout must be in [0.0, 0.99]"),
     ("--device", "tpu", "unknown --device 'tpu'"),
     ("--init_from", "gpt5", "unknown --init_from 'gpt5'"),
+    ("--arch", "mamba", "unknown --arch 'mamba'"),
+    ("--n_kv_head", "3", "n_head 2 is not a multiple of n_kv_head 3"),
+    ("--n_kv_head", "-1", "--n_kv_head must be >= 0"),
 ])
 def test_bad_options(tmp_path, option, value, message):
     one_line_error(TINY + ["--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "o"), option, value],
@@ -156,7 +171,8 @@ def test_eval_hellaswag_every(tmp_path, shakespeare_path):
     assert (scores[-1]["hellaswag_acc"], scores[-1]["hellaswag_acc_norm"]) == (ref["acc"], ref["acc_norm"])
 
 
-def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare_path):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare_path, arch):
     """torchrun with 2 gloo ranks x 1 micro-step trains the same model as 1 process x 2 micro-steps:
     the same batches (seeded per global micro-step), gradients averaged by DDP's all-reduce."""
     import os
@@ -169,7 +185,7 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare
     args = ["--input", str(src), "--data_root", str(tmp_path / "data"), "--n_layer", "1", "--n_head", "2",
             "--n_embd", "32", "--block_size", "32", "--batch_size", "4", "--gradient_accumulation_steps", "2",
             "--max_iters", "6", "--eval_interval", "6", "--eval_iters", "2", "--always_save_checkpoint", "True",
-            "--sample_tokens", "0", "--device", "cpu", "--dropout", "0.0"]
+            "--sample_tokens", "0", "--device", "cpu", "--dropout", "0.0"] + ARCHS[arch][0]
     train.main(args + ["--out_dir", str(tmp_path / "one")])
     root = Path(train.__file__).resolve().parent
     env = dict(os.environ, OMP_NUM_THREADS="1")
