@@ -541,7 +541,10 @@ def write_tokens(path, ids, dtype="uint16"):
     os.replace(tmp, path)
 
 
-def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val_fraction=0.1) -> Path:
+VAL_FRACTION = 0.1  # the last 10% of a text is its validation split
+
+
+def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val_fraction=VAL_FRACTION) -> Path:
     """Tokenize a dataset once into data_root/<name>/{train,val}.bin + meta.json; returns the folder.
 
     name: "shakespeare_char" (characters), "shakespeare" (GPT-2 BPE), "fineweb_edu"

@@ -178,8 +178,10 @@ def prepare_data(cfg: TrainConfig):
         # keyed by the text's content: another corpus of the same file name gets its own merges
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
         tok_path = Path(cfg.data_root) / f"bpe_{src.stem}_{cfg.train_tokenizer}_{digest}.bpe"
-        if not tok_path.exists():
-            vocab, merges = bpe.train_bpe_file(src, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
+        if not tok_path.exists():  # trained on the train split alone: the held-out text must not shape the merges
+            text = data.read_text_file(src, "--dataset text:")
+            train_text = text[:int(len(text) * (1 - data.VAL_FRACTION))]  # prepare_dataset's split
+            vocab, merges = bpe.train_bpe(train_text, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(tok_path)
         tokenizer = str(tok_path.resolve())  # the checkpoint records it: a path that works from any folder

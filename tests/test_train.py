@@ -6,6 +6,7 @@ import pytest
 
 import torch
 
+import bpe
 import data
 import gpt
 import train
@@ -212,3 +213,6 @@ def test_train_own_bpe_tokenizer(tmp_path, shakespeare_path):
     tok = data.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
     assert spec.endswith(".bpe") and tok.vocab_size == model.config.vocab_size == 300
     assert tok.decode(tok.encode("First Citizen:")) == "First Citizen:"
+    text = src.read_text()  # trained on the train split only: the merges of bpe.py on its first 90%
+    vocab, merges = bpe.train_bpe(text[:int(len(text) * 0.9)], 300, special_tokens=("<|endoftext|>",))
+    assert tok.tok.merges == merges
