@@ -18,7 +18,9 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -69,9 +71,15 @@ def cpu_peak_flops(n=1024, repeat=5):
 # train: step throughput and MFU
 
 
-def bench_train(quick: bool):
+def bench_train(quick: bool, nanogpt: str = ""):
+    """train.py: the GPT-2 124M step and MFU; GPT-2 block vs Llama block on nanoGPT's CPU
+    config; with --nanogpt PATH, side by side with that karpathy/nanoGPT checkout, eager and
+    compiled."""
     bench_train_step(quick)
-    bench_train_quality(quick)
+    bench_arch(quick)
+    if nanogpt:
+        bench_nanogpt(quick, nanogpt)
+        bench_nanogpt(quick, nanogpt, compile=True)
 
 
 def bench_train_step(quick: bool):
@@ -109,61 +117,183 @@ NANOGPT_CPU_RUN = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--bloc
                    "--eval_iters", "20", "--log_interval", "1", "--device", "cpu", "--compile", "False"]
 
 
-def bench_train_quality(quick: bool):
-    """nanoGPT's CPU shakespeare_char run through train.py: final val loss (goal <= 1.89) and
-    ms/iter, beside a nanoGPT-style step (full logits + F.cross_entropy) of the same model
-    timed in the same process."""
-    import contextlib
-    import io
-    import json
-    import tempfile
+SEEDS = (1337, 1, 2)  # one run's final val loss moves by ~+-0.01 with the seed (20 eval batches)
+EVAL_INTERVAL = 250  # nanoGPT's config/train_shakespeare_char.py and train.py's default
 
-    import torch.nn.functional as F
+# nanoGPT's own command line for its CPU run (its README's "on a macbook" line, sized to
+# train.py's defaults); --seed is ours: bench patches the scratch copy to read it.
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 
+
+def median_excluding_evals(ms_by_iter: dict) -> float:
+    """Median step time over the iterations whose timing holds no evaluation (nor the first
+    step's warm-up). ms_by_iter: {step index counted from 0: ms}."""
+    return statistics.median(ms for it, ms in ms_by_iter.items() if it % EVAL_INTERVAL != 0)
+
+
+def run_jobs(jobs: list, parallel: int = 1) -> list:
+    """Run [(argv, cwd)] as subprocesses in the given (interleaved) order, `parallel` at a
+    time, and return each one's stdout. 1 (the default) alternates the sides: the only way
+    their ms/iter compare fairly, since runs started together drift apart on a busy machine
+    (more than 1 is for val losses only). Output goes to files, not pipes: a run that logs
+    every iter fills a 64 KiB pipe and stops until someone reads it."""
+    running, outputs = [], [None] * len(jobs)
+    with tempfile.TemporaryDirectory() as logs:
+        for i, (argv, cwd) in enumerate(jobs):
+            out, err = open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+")
+            running.append((i, subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=err, text=True), out, err))
+            while running and (len(running) >= parallel or i == len(jobs) - 1):
+                j, proc, out, err = running.pop(0)
+                proc.wait()
+                out.seek(0), err.seek(0)
+                outputs[j], message = out.read(), err.read().strip().splitlines()[-1:]
+                out.close(), err.close()
+                if proc.returncode:
+                    raise NanoError(f"{' '.join(map(str, jobs[j][0][:2]))} failed: {message} "
+                                    f"(run it alone in {jobs[j][1]} to see why)")
+    return outputs
+
+
+def trainpy_job(args: list, out_dir: Path, data_root: Path):
+    """train.py in its own process, as a user runs it: (argv, cwd)."""
+    return [sys.executable, str(ROOT / "train.py"), *NANOGPT_CPU_RUN, "--input", str(SHARED_DATA / "tinyshakespeare.txt"),
+            "--data_root", str(data_root), "--out_dir", str(out_dir), "--sample_tokens", "0", *args], ROOT
+
+
+def trainpy_result(out_dir: Path) -> tuple[float, float]:
+    """(final val loss, median ms/iter) from a train.py run's metrics.jsonl."""
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    # a metrics row "iter k" times step k - 1 (the iteration that began at iter_num = k - 1)
+    ms = {r["iter"] - 1: r["ms_per_step"] for r in rows if "ms_per_step" in r}
+    return [r["val_loss"] for r in rows if "val_loss" in r][-1], median_excluding_evals(ms)
+
+
+def prepare_char_data(data_root: Path):
+    """shakespeare_char, made once before runs start together (they would race to make it)."""
     import data
+
+    data.prepare_dataset("shakespeare_char", SHARED_DATA / "tinyshakespeare.txt", data_root=data_root)
+
+
+# ----------------------------------------------------------------------------------------
+# GPT-2 block vs Llama block
+
+
+def bench_arch(quick: bool, parallel: int = 1):
+    """train.py --arch gpt2 vs --arch llama on nanoGPT's CPU config, interleaved seed by seed.
+    Llama's SwiGLU gets round(8/3 * n_embd) hidden units: three matrices of that width hold
+    about the parameters of GPT-2's two of 4 * n_embd (both counts printed)."""
     import gpt
     import train
 
-    # One run's final val loss moves by about +-0.01 with the seed (20 eval batches): three
-    # seeds. After each run, 200 nanoGPT-style steps of the same model shape, so both timings
-    # see the same machine conditions (this machine's speed drifts by ~10% over minutes).
-    seeds = (1337,) if quick else (1337, 1, 2)
-    cfg = gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128)
-    model = gpt.GPT(cfg)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    g = torch.Generator().manual_seed(0)
-    vals, step_ms, base_ms = {}, [], []
+    n_embd = 128
+    archs = {"gpt2": [], "llama": ["--arch", "llama", "--mlp_hidden", str(round(8 * n_embd / 3))]}
+    seeds, extra = (SEEDS[:1], ["--max_iters", "20", "--eval_interval", "10"]) if quick else (SEEDS, [])
+    results = {a: {"val": [], "ms": []} for a in archs}
     with tempfile.TemporaryDirectory() as tmp:
-        src = SHARED_DATA / "tinyshakespeare.txt"
-        for seed in seeds:
-            argv = NANOGPT_CPU_RUN + ["--out_dir", f"{tmp}/out{seed}", "--data_root", tmp, "--sample_tokens", "0",
-                                      "--seed", str(seed)]
-            argv += ["--input", str(src)] if src.is_file() else []
-            if quick:
-                argv += ["--max_iters", "20", "--eval_interval", "10"]
-            with contextlib.redirect_stdout(io.StringIO()):  # the run's own log: not part of the table
-                train.main(argv)
-            rows = [json.loads(line) for line in open(Path(tmp) / f"out{seed}" / "metrics.jsonl")]
-            vals[seed] = [r["val_loss"] for r in rows if "val_loss" in r][-1]
-            step_ms += [r["ms_per_step"] for r in rows if "ms_per_step" in r]
-            bins = data.TokenBins(Path(tmp) / "shakespeare_char", "train")
+        prepare_char_data(Path(tmp))
+        runs = [(arch, seed) for seed in seeds for arch in archs]  # interleaved: drift hits both alike
+        run_jobs([trainpy_job(archs[a] + extra + ["--seed", str(seed)], Path(tmp) / f"{a}{seed}", Path(tmp))
+                  for a, seed in runs], parallel)
+        for arch, seed in runs:
+            val, ms = trainpy_result(Path(tmp) / f"{arch}{seed}")
+            results[arch]["val"].append(val)
+            results[arch]["ms"].append(ms)
+    for arch, args in archs.items():
+        cfg = train.model_config(train.parse_args(NANOGPT_CPU_RUN + args)[0], vocab_size=65)
+        params = sum(p.numel() for p in gpt.GPT(cfg).parameters())
+        r = results[arch]
+        row("train", f"--arch {arch} ({params:,} params): final val loss, median of {len(seeds)} seeds",
+            f"{statistics.median(r['val']):.4f} ({', '.join(f'{v:.4f}' for v in r['val'])})")
+        row("train", f"--arch {arch}: ms/iter, median of the runs' medians",
+            f"{statistics.median(r['ms']):.1f} ms ({', '.join(f'{v:.1f}' for v in r['ms'])})")
+    ratio = statistics.median(results["llama"]["ms"]) / statistics.median(results["gpt2"]["ms"])
+    row("train", "--arch llama / gpt2 ms/iter", f"{ratio:.2f}x")
 
-            def nanogpt_step():  # nanoGPT's forward: full logits, then F.cross_entropy
-                x, y = bins.get_batch(12, 64, g)
-                logits, _ = model(x)
-                F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
 
-            base_ms.append(median_ms(nanogpt_step, repeat=20 if quick else 200, warmup=5))
-    ours, base = statistics.median(step_ms), statistics.median(base_ms)
-    per_seed = ", ".join(f"{v:.4f}" for v in vals.values())
-    row("train", f"nanoGPT CPU config, {'20' if quick else '2000'} iters: final val loss, median of seeds "
-        f"{'/'.join(map(str, seeds))} (goal <= 1.89)", f"{statistics.median(vals.values()):.4f} ({per_seed})")
-    row("train", "  train.py ms/iter (median)", f"{ours:.1f} ms")
-    row("train", "  nanoGPT-style step, same model (full logits + CE)", f"{base:.1f} ms")
-    row("train", "  nanoGPT-style / train.py speed", f"{base / ours:.2f}x")
+# ----------------------------------------------------------------------------------------
+# train.py vs karpathy/nanoGPT
+
+
+def prepare_nanogpt(checkout: Path, scratch: Path) -> Path:
+    """A scratch copy of the user's nanoGPT checkout, patched to take --seed (it hard-codes
+    1337), with data/shakespeare_char made as its prepare.py makes it (first 90% train, last
+    10% val, the sorted characters as the vocabulary) from the shipped Tiny Shakespeare."""
+    if not (checkout / "train.py").is_file() or not (checkout / "config" / "train_shakespeare_char.py").is_file():
+        raise NanoError(f"--nanogpt {checkout} is not a nanoGPT checkout (no train.py and config/ there; "
+                        "git clone https://github.com/karpathy/nanoGPT)")
+    copy = scratch / "nanogpt"
+    shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git", "out*", "*.bin"))
+    source = (copy / "train.py").read_text()
+    seeded = "torch.manual_seed(1337 + seed_offset)"
+    if source.count(seeded) != 1 or source.count("\nconfig_keys = [") != 1:
+        raise NanoError(f"{checkout}/train.py is not nanoGPT's as bench knows it (no `{seeded}`; "
+                        "use a checkout of karpathy/nanoGPT's master)")
+    source = source.replace(seeded, "torch.manual_seed(seed + seed_offset)")
+    source = source.replace("\nconfig_keys = [", "\nseed = 1337  # bench.py: the seed as an option\nconfig_keys = [")
+    (copy / "train.py").write_text(source)
+
+    import numpy as np
+
+    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    folder = copy / "data" / "shakespeare_char"
+    folder.mkdir(parents=True, exist_ok=True)
+    n = int(len(text) * 0.9)
+    for split, part in (("train", text[:n]), ("val", text[n:])):
+        np.array([stoi[c] for c in part], dtype=np.uint16).tofile(folder / f"{split}.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    return copy
+
+
+def nanogpt_result(stdout: str) -> tuple[float, float]:
+    """(final val loss, median ms/iter) from nanoGPT's log. "iter 12: loss 2.9, time 31.20ms"
+    times step 12 (nanoGPT evaluates at the top of a step, so an eval iteration's step holds
+    the eval); "step 2000: train loss ..., val loss 1.88" is an evaluation."""
+    ms = {int(m[1]): float(m[2]) for m in re.finditer(r"^iter (\d+): loss \S+, time ([\d.]+)ms", stdout, re.M)}
+    vals = re.findall(r"^step \d+: train loss \S+, val loss ([\d.]+)", stdout, re.M)
+    return float(vals[-1]), median_excluding_evals(ms)
+
+
+def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, parallel: int = 1, seeds=SEEDS):
+    """train.py vs nanoGPT, alternately, the same seeds: ms/iter (goal <= 0.9x) and final val
+    loss (goal: train.py's mean <= nanoGPT's + 0.005)."""
+    extra = {"max_iters": 20, "eval_interval": 10, "lr_decay_iters": 20} if quick else {}
+    seeds = seeds[:1] if quick else seeds
+    what = "compiled" if compile else "eager"
+    res = {"train.py": {"val": [], "ms": []}, "nanoGPT": {"val": [], "ms": []}}
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = prepare_nanogpt(Path(nanogpt).expanduser().resolve(), Path(tmp))
+        prepare_char_data(Path(tmp))
+        runs = [(side, seed) for seed in seeds for side in res]  # alternately: drift hits both alike
+        jobs = []
+        for side, seed in runs:
+            if side == "nanoGPT":
+                jobs.append(([sys.executable, "train.py", *NANOGPT_ARGS, *(f"--{k}={v}" for k, v in extra.items()),
+                              f"--seed={seed}", f"--compile={compile}", f"--out_dir={tmp}/ng{seed}"], copy))
+            else:
+                args = [a for k, v in extra.items() for a in (f"--{k}", str(v))]
+                jobs.append(trainpy_job(args + ["--seed", str(seed), "--compile", str(compile)],
+                                        Path(tmp) / f"ours{seed}", Path(tmp)))
+        outputs = run_jobs(jobs, parallel)
+        for (side, seed), out in zip(runs, outputs):
+            val, ms = nanogpt_result(out) if side == "nanoGPT" else trainpy_result(Path(tmp) / f"ours{seed}")
+            res[side]["val"].append(val)
+            res[side]["ms"].append(ms)
+    for side, r in res.items():
+        row("train", f"{side} {what}, nanoGPT CPU config: final val loss, seeds {'/'.join(map(str, seeds))}",
+            f"mean {statistics.mean(r['val']):.4f} ({', '.join(f'{v:.4f}' for v in r['val'])})")
+        row("train", f"{side} {what}: ms/iter, median over iters (no eval iters), per seed",
+            f"{statistics.median(r['ms']):.1f} ms ({', '.join(f'{v:.1f}' for v in r['ms'])})")
+    ours, theirs = res["train.py"], res["nanoGPT"]
+    row("train", f"train.py / nanoGPT ms/iter, {what} (goal <= 0.9x)",
+        f"{statistics.median(ours['ms']) / statistics.median(theirs['ms']):.2f}x")
+    row("train", f"train.py - nanoGPT mean final val loss, {what} (goal <= +0.005)",
+        f"{statistics.mean(ours['val']) - statistics.mean(theirs['val']):+.4f}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1883,7 +2013,7 @@ def config_shape(c):
     return (c.n_embd, c.n_layer, c.n_head, c.kv_heads, c.mlp_hidden, c.vocab_size, c.tie_embeddings, c.rope_theta)
 
 LOAD_SCRIPT = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 import torch
 if {who!r} == "ours":
@@ -1892,13 +2022,15 @@ if {who!r} == "ours":
 else:
     import transformers
     load = lambda: transformers.LlamaForCausalLM.from_pretrained({folder!r}, dtype=torch.bfloat16)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the interpreter and the imports
+from bench import status_kib
+open("/proc/self/clear_refs", "w").write("5")  # this process's own peak from here (bench.status_kib says why)
+base = status_kib("VmRSS")  # the interpreter and the imports
 t0 = time.perf_counter()
 model = load()
 wall = time.perf_counter() - t0
 assert {{p.dtype for p in model.parameters()}} == {{torch.bfloat16}}
 n = sum(p.numel() for p in model.parameters())
-print(json.dumps(dict(wall=wall, peak_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base_kib=base, params=n)))
+print(json.dumps(dict(wall=wall, peak_kib=status_kib("VmHWM"), base_kib=base, params=n)))
 """
 
 def load_in_fresh_process(who, folder):
@@ -2090,6 +2222,8 @@ def main(argv=None):
     parser.add_argument("sections", nargs="*", help="sections to run (default: every section but gpu)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark code itself")
     parser.add_argument("--dry-run", action="store_true", help="with gpu: check every import and path on CPU")
+    parser.add_argument("--nanogpt", default="", help="train: a karpathy/nanoGPT checkout to run side by side "
+                                                      "with train.py (default: none, that part is skipped)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     names = args.sections or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS and n != "gpu"]
@@ -2099,6 +2233,8 @@ def main(argv=None):
     for name in names:
         if name == "gpu":
             bench_gpu(args.quick, args.dry_run)
+        elif name == "train":
+            bench_train(args.quick, args.nanogpt)
         else:
             SECTIONS[name](args.quick)
 
