@@ -392,11 +392,11 @@ def estimate_loss(model, bins, cfg, ranks):
     """Mean loss over eval_iters global batches per split, the same batches every time."""
     model.eval()
     out = {}
-    for split, data in bins.items():
+    for split, split_bins in bins.items():
         g = torch.Generator().manual_seed(cfg.seed + 1)
         losses = torch.zeros(cfg.eval_iters, device=ranks.device)
         for k in range(cfg.eval_iters):
-            x, y = local_batch(data, cfg, g, ranks)
+            x, y = local_batch(split_bins, cfg, g, ranks)
             losses[k] = model(x, y)[1]
         out[split] = all_mean(losses.mean(), ranks).item()
     model.train()

@@ -296,12 +296,10 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache, input_pos, position_ids, attn_mask)
         if targets is None:
             return self.lm_head(x), None
-        if targets.numel() * self.config.vocab_size <= self.plain_loss_max_logits:
-            targets = targets.reshape(-1)
-            return None, cross_entropy_sum(self.lm_head(x).view(targets.numel(), -1), targets) / (targets != -1).sum().clamp(min=1)
-        loss = chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                     self.loss_chunk_size)
-        return None, loss
+        x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
+        if targets.numel() * self.config.vocab_size <= self.plain_loss_max_logits:  # small logits: in one go
+            return None, cross_entropy_sum(self.lm_head(x), targets) / (targets != -1).sum().clamp(min=1)
+        return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size)
 
     def num_params(self, non_embedding=True):
         """Parameter count; by default without the position table (as nanoGPT) and without an
