@@ -647,10 +647,7 @@ def hf_gpt2(model, transformers):
                                         n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                         attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    import data
-
-    sd = {k: (v.t() if k.endswith(data.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing, unexpected = hf.load_state_dict(model.to_hf_state_dict(), strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), (missing, unexpected)
     return hf
 

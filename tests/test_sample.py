@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import data
 import gpt
 import sample
 
@@ -254,7 +253,8 @@ def test_greedy_matches_hugging_face_generate():
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).eval()
-    hf.load_state_dict({k: (v.t() if k.endswith(data.HF_CONV1D_WEIGHTS) else v) for k, v in model.state_dict().items()}, strict=False)
+    missing, unexpected = hf.load_state_dict(model.to_hf_state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing)  # only HF's causal-mask buffers
     prompt = torch.tensor([[5, 9, 3, 17, 1, 40]])
     with torch.no_grad():
         ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, min_new_tokens=40,
