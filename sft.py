@@ -51,7 +51,7 @@ and "add 12 34" -> "46"; two-digit addition is learned far more slowly at this s
 after 1000 steps of a 4-layer model, when reversal was at 100%), so it is not in the default.
 
 Run:
-  python sft.py                                             # built-in task: minutes on 2 idle CPU cores, more on a busy one
+  python sft.py                                             # built-in task, ~40 s on 2 idle CPU cores (more on a busy machine)
   python sft.py --init_from out/ckpt.pt --data chat.jsonl   # {"messages": [...]} per line
   python sft.py --init_from gpt2 --data chat.jsonl --lora True --learning_rate 2e-4
   python sft.py --init_from path/to/hf_model --data chat.jsonl --qlora True   # its chat_template
