@@ -21,6 +21,7 @@ import sys
 import time
 import typing
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -217,6 +218,13 @@ def rank0_first():
     finally:
         if active and rank == 0:
             dist.barrier()
+
+
+def check_out_dir(out_dir):
+    """Before any work: --out_dir must be a folder, or a path a folder can be made at."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
+        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
 
 
 def check_options(cfg, positive=(), non_negative=(), ranges=None):

@@ -402,9 +402,7 @@ def check_config(cfg):
     if cfg.label_smoothing > 0 and cfg.loss_type != "sigmoid":
         print(f"warning: --label_smoothing applies to the sigmoid loss only; ignored for {cfg.loss_type}",
               file=sys.stderr)
-    out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
-        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
+    common.check_out_dir(cfg.out_dir)
     if cfg.data and not cfg.init_from:
         raise NanoError("--data needs --init_from (a checkpoint or gpt2): the synthetic task's model "
                         "knows only its own letters")

@@ -593,9 +593,7 @@ def parse_args(argv):
 def check_outputs(cfg: FSDP2Config):
     """out_dir must be a folder and --export a file, both writable where they are: checked
     before training, not found out at the first save or after the last step."""
-    out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
-        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
+    common.check_out_dir(cfg.out_dir)
     if cfg.export:
         export = Path(cfg.export)
         if export.is_dir() or cfg.export.endswith(os.sep):

@@ -470,8 +470,7 @@ def main(argv=None):
                                         "batch_size", "learning_rate", "block_size"),
                          non_negative=("min_lr", "warmup_iters", "weight_decay", "grad_clip"))
     out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
-        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
+    common.check_out_dir(out_dir)
     # the model config is checked before the data is touched; the vocabulary comes from the data
     config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=1, n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)

@@ -331,8 +331,7 @@ class Run:
 def setup(cfg: TrainConfig) -> Run:
     """Processes (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE), device, precision, out_dir."""
     out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir() or any(p.is_file() for p in out_dir.parents):
-        raise NanoError(f"--out_dir {out_dir} is a file or below one (pick a folder)")
+    common.check_out_dir(out_dir)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
