@@ -133,26 +133,21 @@ def median_excluding_evals(ms_by_iter: dict) -> float:
     return statistics.median(ms for it, ms in ms_by_iter.items() if it % EVAL_INTERVAL != 0)
 
 
-def run_jobs(jobs: list, parallel: int = 1) -> list:
-    """Run [(argv, cwd)] as subprocesses in the given (interleaved) order, `parallel` at a
-    time, and return each one's stdout. 1 (the default) alternates the sides: the only way
-    their ms/iter compare fairly, since runs started together drift apart on a busy machine
-    (more than 1 is for val losses only). Output goes to files, not pipes: a run that logs
-    every iter fills a 64 KiB pipe and stops until someone reads it."""
-    running, outputs = [], [None] * len(jobs)
+def run_jobs(jobs: list) -> list:
+    """Run [(argv, cwd)] as subprocesses one after another, in the given (interleaved) order,
+    and return each one's stdout: runs started together drift apart on a busy machine, so only
+    alternating sides compare fairly. Output goes to files, not pipes: a run that logs every
+    iter fills a 64 KiB pipe and stops until someone reads it."""
+    outputs = []
     with tempfile.TemporaryDirectory() as logs:
         for i, (argv, cwd) in enumerate(jobs):
-            out, err = open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+")
-            running.append((i, subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=err, text=True), out, err))
-            while running and (len(running) >= parallel or i == len(jobs) - 1):
-                j, proc, out, err = running.pop(0)
-                proc.wait()
+            with open(f"{logs}/{i}.out", "w+") as out, open(f"{logs}/{i}.err", "w+") as err:
+                returncode = subprocess.run(argv, cwd=cwd, stdout=out, stderr=err, text=True).returncode
                 out.seek(0), err.seek(0)
-                outputs[j], message = out.read(), err.read().strip().splitlines()[-1:]
-                out.close(), err.close()
-                if proc.returncode:
-                    raise NanoError(f"{' '.join(map(str, jobs[j][0][:2]))} failed: {message} "
-                                    f"(run it alone in {jobs[j][1]} to see why)")
+                outputs.append(out.read())
+                if returncode:
+                    raise NanoError(f"{' '.join(map(str, argv[:2]))} failed: {err.read().strip().splitlines()[-1:]} "
+                                    f"(run it alone in {cwd} to see why)")
     return outputs
 
 
@@ -181,7 +176,7 @@ def prepare_char_data(data_root: Path):
 # GPT-2 block vs Llama block
 
 
-def bench_arch(quick: bool, parallel: int = 1):
+def bench_arch(quick: bool):
     """train.py --arch gpt2 vs --arch llama on nanoGPT's CPU config, interleaved seed by seed.
     Llama's SwiGLU gets round(8/3 * n_embd) hidden units: three matrices of that width hold
     about the parameters of GPT-2's two of 4 * n_embd (both counts printed)."""
@@ -196,7 +191,7 @@ def bench_arch(quick: bool, parallel: int = 1):
         prepare_char_data(Path(tmp))
         runs = [(arch, seed) for seed in seeds for arch in archs]  # interleaved: drift hits both alike
         run_jobs([trainpy_job(archs[a] + extra + ["--seed", str(seed)], Path(tmp) / f"{a}{seed}", Path(tmp))
-                  for a, seed in runs], parallel)
+                  for a, seed in runs])
         for arch, seed in runs:
             val, ms = trainpy_result(Path(tmp) / f"{arch}{seed}")
             results[arch]["val"].append(val)
@@ -259,7 +254,7 @@ def nanogpt_result(stdout: str) -> tuple[float, float]:
     return float(vals[-1]), median_excluding_evals(ms)
 
 
-def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, parallel: int = 1, seeds=SEEDS):
+def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, seeds=SEEDS):
     """train.py vs nanoGPT, alternately, the same seeds: ms/iter (goal <= 0.9x) and final val
     loss (goal: train.py's mean <= nanoGPT's + 0.005)."""
     extra = {"max_iters": 20, "eval_interval": 10, "lr_decay_iters": 20} if quick else {}
@@ -279,7 +274,7 @@ def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, parallel: in
                 args = [a for k, v in extra.items() for a in (f"--{k}", str(v))]
                 jobs.append(trainpy_job(args + ["--seed", str(seed), "--compile", str(compile)],
                                         Path(tmp) / f"ours{seed}", Path(tmp)))
-        outputs = run_jobs(jobs, parallel)
+        outputs = run_jobs(jobs)
         for (side, seed), out in zip(runs, outputs):
             val, ms = nanogpt_result(out) if side == "nanoGPT" else trainpy_result(Path(tmp) / f"ours{seed}")
             res[side]["val"].append(val)
@@ -300,13 +295,10 @@ def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, parallel: in
 # bpb: bits per byte of one model shape under four tokenizers
 
 
-# nanoGPT's CPU shape (as NANOGPT_CPU_RUN) with a quarter of its 2000 iterations: the GPT-2-vocabulary
+# nanoGPT's CPU run with a quarter of its 2000 iterations (set per run below): the GPT-2-vocabulary
 # run, whose 50k-row head costs ~7x the rest of the model, took 1457 s of the section's ~32 min
 # (2-6.5 s a step on 2 shared cores at load 8-18); the other three runs 1.5-3 min each.
-BPB_RUN = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--batch_size", "12",
-           "--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_iters", "100", "--dropout", "0.0",
-           "--log_interval", "50", "--sample_tokens", "0", "--device", "cpu", "--compile", "False",
-           "--preset", "none", "--seed", "1337"]
+BPB_RUN = NANOGPT_CPU_RUN + ["--log_interval", "50", "--sample_tokens", "0", "--preset", "none", "--seed", "1337"]
 BPB_ITERS = 500
 BPB_EVAL_ITERS = 40  # 40 x 12 x 64 = 30,720 scored val positions (20, the default, is noisier)
 
@@ -314,7 +306,7 @@ BPB_EVAL_ITERS = 40  # 40 x 12 x 64 = 30,720 scored val positions (20, the defau
 def bench_bpb(quick: bool) -> None:
     """Bits per UTF-8 byte of held-out Tiny Shakespeare (its last 10%, data.py's split) for one
     model shape trained with four tokenizers: characters, GPT-2's BPE, and bpe.py's BPE trained
-    here on the train split only (the first 90%) at vocab 512 and 4096. Same n_layer, n_head,
+    by train.py --train_tokenizer on the train split only (the first 90%) at vocab 512 and 4096. Same n_layer, n_head,
     n_embd, block_size, batch_size, iterations, LR schedule and seed for all, through train.py's
     CLI; val_bpb is train.py's eval figure (val loss in bits x val tokens / val bytes).
     What is equal is the transformer body and the number of token positions per step; what is
@@ -325,41 +317,33 @@ def bench_bpb(quick: bool) -> None:
     import json
     import tempfile
 
-    import bpe
     import data
     import gpt
     import train
 
     src = SHARED_DATA / "tinyshakespeare.txt"
-    text = src.read_text(encoding="utf-8")
-    split = int(len(text) * (1 - 0.1))  # data.prepare_dataset's train/val split (val_fraction 0.1)
     iters, eval_iters, sizes = (20, 4, (300,)) if quick else (BPB_ITERS, BPB_EVAL_ITERS, (512, 4096))
     arg = dict(zip(BPB_RUN[::2], BPB_RUN[1::2]))
     n_layer, n_embd, T, B = (int(arg[k]) for k in ("--n_layer", "--n_embd", "--block_size", "--batch_size"))
     row("bpb", f"Tiny Shakespeare val bits/byte: {n_layer}L/{n_embd}, T={T}, B={B}, {iters} iters, CPU",
         "val_bpb | bytes/token | GFLOP/step | MB of text seen | wall")
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizers = {"char (vocab 65)": None}
-        for size in sizes:  # on the train split only: the val text must not shape the merges
-            t0 = time.perf_counter()
-            vocab, merges = bpe.train_bpe(text[:split], size, special_tokens=("<|endoftext|>",))
-            path = Path(tmp) / f"shakespeare_train_{size}.bpe"
-            bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(path)
-            tokenizers[f"own BPE (vocab {size}, {time.perf_counter() - t0:.0f} s to train)"] = str(path)
-        tokenizers["GPT-2 BPE (vocab 50257)"] = "gpt2"  # last: the slowest run (its head is 50257 x n_embd)
+        # characters: the text's own alphabet (shakespeare_char); else the text with that tokenizer
+        tokenizers = {"char (vocab 65)": ["--dataset", "shakespeare_char", "--input", str(src)]}
+        for size in sizes:  # own BPE (its training time counts in the wall time)
+            tokenizers[f"own BPE (vocab {size})"] = ["--dataset", f"text:{src}", "--train_tokenizer", str(size)]
+        # last: the slowest run (its head is 50257 x n_embd)
+        tokenizers["GPT-2 BPE (vocab 50257)"] = ["--dataset", f"text:{src}", "--tokenizer", "gpt2"]
         # one thread: this model is too small for two to help, and on a shared machine two threads
         # spin against the other jobs (measured at load ~7.5 on 2 cores: 157 vs 985 ms per char-model step)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            for i, (name, spec) in enumerate(tokenizers.items()):
+            for i, (name, dataset_args) in enumerate(tokenizers.items()):
                 root = Path(tmp) / f"run{i}"
-                argv = BPB_RUN + ["--data_root", str(root), "--out_dir", str(root / "out"),
-                                  "--max_iters", str(iters), "--lr_decay_iters", str(iters),
-                                  "--eval_interval", str(iters), "--eval_iters", str(eval_iters)]
-                # characters: the text's own alphabet (shakespeare_char); else the text with that tokenizer
-                argv += ["--dataset", "shakespeare_char", "--input", str(src)] if spec is None else \
-                    ["--dataset", f"text:{src}", "--tokenizer", spec]
+                argv = BPB_RUN + dataset_args + ["--data_root", str(root), "--out_dir", str(root / "out"),
+                                                 "--max_iters", str(iters), "--lr_decay_iters", str(iters),
+                                                 "--eval_interval", str(iters), "--eval_iters", str(eval_iters)]
                 t0 = time.perf_counter()
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     train.main(argv)
@@ -2092,6 +2076,7 @@ def bench_decode(quick):
         hf.load_state_dict(model.to_hf_state_dict(), strict=True)
     except ImportError:
         hf = None
+    sample.decode_layout(model)  # as sample.py's CLI does for batch-1 decode on CPU (after HF's copy)
 
     def theirs():
         # decode time = all new tokens minus one prefill (timed alone: max_new_tokens=1)

@@ -213,7 +213,7 @@ def pack_tokenizer(spec) -> dict | None:
     return {"name": path.name, "data": path.read_bytes()} if path else None
 
 
-def unpack_tokenizer(spec, packed: dict | None, cache_dir=None):
+def unpack_tokenizer(spec, packed: dict | None):
     """The spec to load a checkpoint's tokenizer with: the recorded path while it still holds the
     same bytes, else a copy of the packed file under ~/.cache/nanollm/tokenizers (by content hash)."""
     if not packed or not isinstance(spec, str):
@@ -224,7 +224,7 @@ def unpack_tokenizer(spec, packed: dict | None, cache_dir=None):
     import hashlib
 
     digest = hashlib.sha256(packed["data"]).hexdigest()[:16]
-    folder = Path(cache_dir or Path.home() / ".cache" / "nanollm" / "tokenizers")
+    folder = nanollm_cache() / "tokenizers"
     copy = folder / f"{digest}-{Path(packed['name']).name}"
     if not copy.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -391,16 +391,26 @@ def hf_plan(model, shapes: dict, where="the state dict") -> dict:
     return plan
 
 
+def nanollm_cache() -> Path:
+    """Where downloads and restored tokenizers go (read at call time: HOME may change)."""
+    return Path.home() / ".cache" / "nanollm"
+
+
+def is_hub_name(name: str) -> bool:
+    """"owner/name" as the hub spells a repository: not a path here, nor a checkpoint file's name."""
+    return name.count("/") == 1 and not name.startswith((".", "/")) and Path(name).suffix not in (".pt", ".pth")
+
+
 def hf_folder(name_or_dir: str, cache_dir=None) -> tuple[Path, dict, list[str], str | None]:
     """(folder, its config.json as a dict, its safetensors files, tokenizer spec) of a Hugging Face
     model folder, a hub name (downloaded into ~/.cache/nanollm) or a GPT-2 size; checked before any
     weight is read. The spec is the folder's tokenizer.json, "gpt2" for the GPT-2 sizes, else None."""
-    cache = Path(cache_dir or Path.home() / ".cache" / "nanollm")
+    cache = Path(cache_dir) if cache_dir else nanollm_cache()
     folder, spec = Path(name_or_dir), None
     if name_or_dir in GPT2_SIZES and not folder.is_dir():
         folder, spec = download_hf(f"openai-community/{name_or_dir}", cache / name_or_dir, tokenizer=False), "gpt2"
     elif not folder.is_dir():
-        if name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/")):
+        if not is_hub_name(name_or_dir):
             raise NanoError(f"unknown model {name_or_dir!r} (a Hugging Face folder, a hub name like "
                             f"HuggingFaceTB/SmolLM2-135M, or one of {', '.join(GPT2_SIZES)})")
         folder = download_hf(name_or_dir, cache / name_or_dir)

@@ -616,11 +616,8 @@ def validate(cfg: FSDP2Config, ranks: Ranks):
         check_outputs(cfg)
     except NanoError as e:
         fail(ranks, f"error: {e}")
-    # what gpt.load_pretrained downloads: "owner/name" that is not a path here (nor a missing .pt)
-    hub_name = (cfg.init_from.count("/") == 1 and not cfg.init_from.startswith((".", "/"))
-                and Path(cfg.init_from).suffix not in (".pt", ".pth"))
     if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in gpt.GPT2_SIZES
-            or Path(cfg.init_from).exists() or hub_name):
+            or Path(cfg.init_from).exists() or data.is_hub_name(cfg.init_from)):  # a hub name is downloaded
         fail(ranks, f"error: unknown --init_from {cfg.init_from!r} (scratch, resume, {', '.join(gpt.GPT2_SIZES)}, "
                     "a checkpoint file, a Hugging Face model folder or a hub name like HuggingFaceTB/SmolLM2-135M)")
     if cfg.batch_size % ranks.world:

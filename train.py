@@ -175,11 +175,11 @@ def prepare_data(cfg: TrainConfig):
         src = Path(cfg.dataset[len("text:"):])
         if not src.is_file():
             raise NanoError(f"input file {src} not found (check the text: path)")
+        text = data.read_text_file(src, "--dataset text:")
         # keyed by the text's content: another corpus of the same file name gets its own merges
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         tok_path = Path(cfg.data_root) / f"bpe_{src.stem}_{cfg.train_tokenizer}_{digest}.bpe"
         if not tok_path.exists():  # trained on the train split alone: the held-out text must not shape the merges
-            text = data.read_text_file(src, "--dataset text:")
             train_text = text[:int(len(text) * (1 - data.VAL_FRACTION))]  # prepare_dataset's split
             vocab, merges = bpe.train_bpe(train_text, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
             tok_path.parent.mkdir(parents=True, exist_ok=True)
