@@ -248,10 +248,15 @@ def init_distributed(device_name: str) -> Ranks:
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
         # gloo: a rank that died or left early stops the others after 5 minutes, not 30
         timeout = None if use_cuda else datetime.timedelta(minutes=5)
-        if "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        try:
+            if "RANK" in os.environ:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        except RuntimeError as e:  # gloo binds to an interface even for one rank: none up (a sandbox)
+            reason = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # past gloo's [file:line] prefix
+            raise NanoError(f"the process group could not start ({reason}; is the loopback interface up? "
+                            "`ip link set lo up`)") from None
         created = True
     world = dist.get_world_size()
     return Ranks(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device, created)

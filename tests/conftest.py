@@ -1,6 +1,7 @@
 """Shared test setup: the shipped offline data (assets/), tiny configs, the `slow` marker."""
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,24 @@ SHAKESPEARE = ROOT / "assets" / "tinyshakespeare.txt"
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s; excluded from the default run")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by `bench.py gpu`)")
+
+
+def loopback_reachable() -> bool:
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            with socket.create_connection(listener.getsockname(), timeout=2):
+                return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def loopback():
+    """For tests that talk over 127.0.0.1 (gloo ranks, torchrun, the HTTP server). Where it is
+    unreachable (`unshare -n` leaves the loopback interface down) they would wait minutes on a
+    connection; they skip at once instead, saying why."""
+    if not loopback_reachable():
+        pytest.skip("127.0.0.1 is unreachable: the loopback interface is down (`ip link set lo up`)")
 
 
 @pytest.fixture(scope="session")

@@ -231,7 +231,7 @@ def random_ckpt(tmp_path):
     return ckpt
 
 
-def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, data_path, random_ckpt):
+def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, data_path, random_ckpt, loopback):
     args = ["--ckpt", str(random_ckpt), "--data", str(data_path), "--device", "cpu", "--batch_size", "2"]
     single = hs.main(args)
     out = tmp_path / "ddp.json"
@@ -245,7 +245,7 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, data_path, random_ckpt):
 
 
 @pytest.mark.slow
-def test_torchrun_cli(tmp_path, data_path, random_ckpt):
+def test_torchrun_cli(tmp_path, data_path, random_ckpt, loopback):
     """The real launch: torchrun --standalone, 2 gloo ranks, 5 examples split 3 + 2."""
     args = ["--ckpt", str(random_ckpt), "--data", str(data_path), "--device", "cpu", "--batch_size", "2"]
     single = hs.main(args)

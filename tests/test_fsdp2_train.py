@@ -27,6 +27,8 @@ import pytest
 from common import NanoError
 import torch
 
+# even one rank's gloo group binds to 127.0.0.1: every test here needs the loopback interface
+pytestmark = pytest.mark.usefixtures("loopback")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
         "--eval_iters", "1", "--log_interval", "1", "--warmup_iters", "2", "--device", "cpu"]

@@ -65,7 +65,7 @@ def start(model, tok, **kw):
 
 
 @pytest.fixture(scope="module")
-def server(model, tok):
+def server(model, tok, loopback):
     srv = start(model, tok, max_batch=4)  # fewer rows than the 8 concurrent requests: some wait, then join
     yield srv
     srv.close()
@@ -274,11 +274,12 @@ def test_engine_checks_requests_before_queueing(model):
         engine.submit(serve.Request([1], 5))
 
 
-def test_chat_model_uses_sfts_template(model, tok):
+def test_chat_model_uses_sfts_template(model, tok, loopback):
     """A checkpoint finetuned by sft.py ("chat:" tokenizer spec): the conversation is rendered
     by sft.render_conversation, the reply stops at <|end|>; typed special strings stay text."""
-    sft = pytest.importorskip("sft", reason="sft.py renders the chat template")
     import copy
+
+    import sft
 
     chat_tok = sft.ChatTokenizer(tok)
     chat_model = sft.add_chat_tokens(copy.deepcopy(model), chat_tok)
@@ -432,7 +433,7 @@ def test_server_keeps_serving_after_bad_requests(server, client, model, tok):
     assert client.completions.create(model="nanollm", prompt="O", max_tokens=10, temperature=0).choices[0].text == want
 
 
-def test_full_queue_gives_503_with_retry_after(model, tok, monkeypatch):
+def test_full_queue_gives_503_with_retry_after(model, tok, monkeypatch, loopback):
     srv = start(model, tok, max_batch=1, max_queue=1)
     gate, real = threading.Event(), serve.decode_step
     monkeypatch.setattr(serve, "decode_step", lambda *a, **k: (gate.wait(10), real(*a, **k))[1])
@@ -463,7 +464,7 @@ def test_full_queue_gives_503_with_retry_after(model, tok, monkeypatch):
         srv.close()
 
 
-def test_api_key(model, tok):
+def test_api_key(model, tok, loopback):
     openai = pytest.importorskip("openai")
     srv = start(model, tok, api_key="s3cret")
     try:
@@ -497,7 +498,7 @@ def test_models_health_and_page(client, server):
 # A real browser
 
 
-def test_browser_chat_page_streams_a_reply(model, tok, slow_steps):
+def test_browser_chat_page_streams_a_reply(model, tok, slow_steps, loopback):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (pip install selenium) drives the browser")
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
@@ -576,7 +577,7 @@ def test_terminal_chat(ckpt, model, tok, monkeypatch, capsys):
         assert "assistant>" + want.split("\nUser:")[0] + "\n" in out
 
 
-def test_ctrl_c_stops_cleanly(ckpt, capsys):
+def test_ctrl_c_stops_cleanly(ckpt, capsys, loopback):
     """main() serving in the main thread; a Ctrl-C (KeyboardInterrupt there, as SIGINT gives)
     after a request returns normally, stops the engine thread, hangs up on open connections
     and closes the port."""

@@ -173,7 +173,7 @@ def test_eval_hellaswag_every(tmp_path, shakespeare_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare_path, arch):
+def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare_path, arch, loopback):
     """torchrun with 2 gloo ranks x 1 micro-step trains the same model as 1 process x 2 micro-steps:
     the same batches (seeded per global micro-step), gradients averaged by DDP's all-reduce."""
     import os
