@@ -5,7 +5,8 @@
 - device, dtype and autocast choice; seeds;
 - the warmup + cosine learning-rate schedule every trainer uses;
 - peak FLOP/s (for MFU), peak memory and a median timer;
-- rank-0-first for work that one rank of a torchrun job must do before the others.
+- rank-0-first for work that one rank of a torchrun job must do before the others;
+- files written whole or not at all (`atomic_write`, `atomic_save`).
 
 This file imports nothing of nanollm's.
 """
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import statistics
 import sys
 import time
@@ -218,6 +220,23 @@ def rank0_first():
     finally:
         if active and rank == 0:
             dist.barrier()
+
+
+def atomic_write(path, write):
+    """write(tmp) fills a temp file beside path, which is then renamed to path: a kill at any
+    moment leaves the old file or the new one, never half of one (per-process name: DDP ranks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def check_out_dir(out_dir):

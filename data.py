@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import NanoError
+from common import NanoError, atomic_write
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHAKESPEARE_PATH = ASSETS / "tinyshakespeare.txt"  # Tiny Shakespeare (public domain), 1,115,394 bytes
@@ -227,12 +227,26 @@ def unpack_tokenizer(spec, packed: dict | None):
     folder = nanollm_cache() / "tokenizers"
     copy = folder / f"{digest}-{Path(packed['name']).name}"
     if not copy.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = copy.with_name(f".{copy.name}.tmp{os.getpid()}")
-        tmp.write_bytes(packed["data"])
-        os.replace(tmp, copy)
+        atomic_write(copy, lambda tmp: tmp.write_bytes(packed["data"]))
     chat = spec.startswith(CHAT_PREFIX)
     return (CHAT_PREFIX if chat else "") + str(copy)
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint's dict (gpt.save_checkpoint's), checked; its tokenizer spec points at a file
+    that holds the tokenizer (the packed copy where the recorded path no longer does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"checkpoint {path} not found (train one with train.py or check the path)")
+    try:
+        # weights_only: a downloaded checkpoint is data, it must not be able to run code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip or unpickler errors
+        raise NanoError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise NanoError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config')")
+    ckpt["tokenizer"] = unpack_tokenizer(ckpt.get("tokenizer"), ckpt.get("tokenizer_file"))
+    return ckpt
 
 
 def read_text_file(path, option: str = "") -> str:
@@ -330,6 +344,17 @@ def hf_config_fields(hf: dict) -> dict:
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim") or 0,
         qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False), qk_norm=kind == "qwen3")
+
+
+def gpt2_config_fields(shapes: dict) -> dict:
+    """GPTConfig's fields read off a GPT-2 state dict's tensor shapes (names without "transformer.")."""
+    if "wte.weight" not in shapes:
+        raise NanoError("not a GPT-2 state dict (no wte.weight; pass the config of another model)")
+    vocab_size, n_embd = shapes["wte.weight"]
+    if n_embd % 64:  # the weights do not say how many heads; every released GPT-2 has 64-dim heads
+        raise NanoError(f"n_embd {n_embd} is not a multiple of 64: pass a GPTConfig with n_head")
+    return dict(block_size=shapes["wpe.weight"][0], vocab_size=vocab_size, n_embd=n_embd, n_head=n_embd // 64,
+                n_layer=1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("h.")), bias="ln_f.bias" in shapes)
 
 
 # Hugging Face's GPT-2 stores these projections as Conv1D, weight (in, out): transposed
@@ -519,17 +544,15 @@ def write_safetensors(path, tensors: dict):
         offset += size
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header so tensor data is 8-byte aligned
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
+    def write(tmp):
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(head)) + head)
             for t in tensors.values():
                 t = t.detach().cpu().contiguous()
                 if t.numel():
                     f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------

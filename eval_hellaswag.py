@@ -330,9 +330,9 @@ def main(argv=None) -> dict:
         raise NanoError("--batch_size, --log_every and --limit must be at least 1")
     if cfg.data is None and cfg.split not in ("train", "val"):
         raise NanoError(f"--split {cfg.split!r} has no labels or does not exist (use val or train)")
-    known = cfg.init_from in gpt.GPT2_SIZES or Path(cfg.init_from or ".").is_dir() or "/" in (cfg.init_from or "")
+    known = cfg.init_from in data.GPT2_SIZES or Path(cfg.init_from or ".").is_dir() or "/" in (cfg.init_from or "")
     if cfg.init_from and not known:  # checked before the download, not after it
-        raise NanoError(f"unknown model {cfg.init_from!r} ({', '.join(gpt.GPT2_SIZES)}, a Hugging Face folder "
+        raise NanoError(f"unknown model {cfg.init_from!r} ({', '.join(data.GPT2_SIZES)}, a Hugging Face folder "
                         "or a hub name like org/name)")
     if cfg.out_json and (Path(cfg.out_json).is_dir() or not Path(cfg.out_json).parent.is_dir()):
         raise NanoError(f"--out_json {cfg.out_json} is a folder or its folder does not exist (give a file path)")

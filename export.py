@@ -195,7 +195,7 @@ HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwe
 
 
 def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
-    """config.json in the architecture's own schema (the inverse of gpt.config_from_hf)."""
+    """config.json in the architecture's own schema (the inverse of data.hf_config_fields)."""
     c, kind = model.config, hf_model_type(model.config)
     common = {"architectures": [HF_ARCHITECTURES[kind]], "model_type": kind, "vocab_size": c.vocab_size,
               "tie_word_embeddings": c.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,
@@ -519,7 +519,7 @@ def peft_config(adapter: dict) -> dict:
             "lora_dropout": cfg.get("dropout", 0.0), "target_modules": sorted(cfg["targets"]),
             "use_rslora": cfg.get("use_rslora", False), "bias": "none",
             "fan_in_fan_out": adapter_arch(adapter) == "gpt2",  # HF GPT-2's Conv1D weights are (in, out)
-            "base_model_name_or_path": "openai-community/" + base if base in gpt.GPT2_SIZES else base,
+            "base_model_name_or_path": "openai-community/" + base if base in data.GPT2_SIZES else base,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
 
 
@@ -538,7 +538,7 @@ def _write_json(path: Path, obj, indent=2):
 
 def load_model(ckpt_path: str, adapter_path: str = ""):
     """(model, tokenizer spec) from a checkpoint, with a lora.py or PEFT adapter merged in if given."""
-    ckpt = gpt.read_checkpoint(ckpt_path)  # NanoError for a missing or foreign file
+    ckpt = data.read_checkpoint(ckpt_path)  # NanoError for a missing or foreign file
     if "moe" in ckpt:
         raise NanoError(f"{ckpt_path} is a mixture-of-experts model (moe.py); the GPT-2 and Llama "
                         "architectures of HF and llama.cpp have no experts, so it cannot be exported")

@@ -10,7 +10,7 @@ moves a whole group of parameters with one collective. Here one group per transf
 block, plus the root group (embeddings, final norm, lm_head: GPT-2 ties it to the token
 embedding, Llama 3 8B has its own). gpt.py gives GPT-2 and the Llama family (Llama, Qwen2/3,
 Mistral from a Hugging Face folder) the same module tree, transformer.h[i] a block, so the
-same cut serves both; only the Linears inside a block differ (gpt.BLOCK_LINEARS).
+same cut serves both; only the Linears inside a block differ (lora.DEFAULT_TARGETS).
 
 What each rank holds around one block's forward (world size N, bf16 mixed precision):
 - before: its 1/N shard of every parameter of the block (fp32 for --mode full; for QLoRA
@@ -331,7 +331,7 @@ def build_model(cfg: FSDP2Config, vocab_size: int, device: str, compute_dtype: t
 def adapt_model(model, cfg: FSDP2Config, device: str, compute_dtype: torch.dtype):
     """--mode qlora: every Linear but lm_head to NF4 (GPT-2's 4 per block, Llama's 7);
     lora/qlora: adapters on --lora_targets (default: lora.py's projections of the
-    architecture, gpt.BLOCK_LINEARS[arch]), everything else frozen."""
+    architecture, lora.DEFAULT_TARGETS[arch]), everything else frozen."""
     if cfg.mode == "qlora":
         # block by block on the device (Triton's quantizer on CUDA): the full-precision
         # model never sits whole on the GPU; lm_head (GPT-2: the tied embedding) stays as it is
@@ -621,9 +621,9 @@ def validate(cfg: FSDP2Config, ranks: Ranks):
         check_outputs(cfg)
     except NanoError as e:
         fail(ranks, f"error: {e}")
-    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in gpt.GPT2_SIZES
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in data.GPT2_SIZES
             or Path(cfg.init_from).exists() or data.is_hub_name(cfg.init_from)):  # a hub name is downloaded
-        fail(ranks, f"error: unknown --init_from {cfg.init_from!r} (scratch, resume, {', '.join(gpt.GPT2_SIZES)}, "
+        fail(ranks, f"error: unknown --init_from {cfg.init_from!r} (scratch, resume, {', '.join(data.GPT2_SIZES)}, "
                     "a checkpoint file, a Hugging Face model folder or a hub name like HuggingFaceTB/SmolLM2-135M)")
     if cfg.batch_size % ranks.world:
         fail(ranks, f"error: --batch_size {cfg.batch_size} (the global batch) is not divisible by the world "

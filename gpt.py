@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import common
 import data
 from common import NanoError
 
@@ -365,14 +364,7 @@ class GPT(nn.Module):
         config of arch "llama" LlamaForCausalLM's and its family's); tensors are copied."""
         if config is None:  # GPT-2: the shapes are read off the tensors
             sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-            if "wte.weight" not in sd:
-                raise NanoError("not a GPT-2 state dict (no wte.weight; pass the config of another model)")
-            vocab_size, n_embd = sd["wte.weight"].shape
-            if n_embd % 64:  # the weights do not say how many heads; every released GPT-2 has 64-dim heads
-                raise NanoError(f"n_embd {n_embd} is not a multiple of 64: pass a GPTConfig with n_head")
-            config = GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size, n_embd=n_embd,
-                               n_layer=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h.")),
-                               n_head=n_embd // 64, bias="ln_f.bias" in sd)
+            config = GPTConfig(**data.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
         model = empty_model(config)
         for name, key in data.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
             data.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
@@ -456,16 +448,6 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
 # ----------------------------------------------------------------------------------------
 # Hugging Face weights: names and shapes (data.py reads the folders: config.json, safetensors)
 
-# every Linear of a block, by arch: what LoRA adapts and QLoRA quantizes by default
-BLOCK_LINEARS = {"gpt2": ("c_attn", "c_proj", "c_fc"),
-                 "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
-GPT2_SIZES = data.GPT2_SIZES  # OpenAI's four, by name
-
-
-def config_from_hf(hf: dict) -> GPTConfig:
-    return GPTConfig(**data.hf_config_fields(hf))
-
-
 def empty_model(config: GPTConfig) -> GPT:
     """A GPT whose tensors have shapes but no memory (the meta device), for `fill` to load into."""
     with torch.device("meta"):
@@ -479,7 +461,7 @@ def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
     built on the meta device and filled one tensor at a time: peak memory is the model plus one
     tensor, never an fp32 copy of it."""
     folder, hf_config, files, spec = data.hf_folder(name_or_dir, cache_dir)
-    model = empty_model(config_from_hf(hf_config))
+    model = empty_model(GPTConfig(**data.hf_config_fields(hf_config)))
     headers = [data.safetensors_header(folder / name)[0] for name in files]
     plan = data.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
     for name in files:  # one shard at a time, one tensor at a time
@@ -492,16 +474,6 @@ def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
 # Checkpoints: {"model", "config", "tokenizer", "tokenizer_file", "step", ...}, written atomically
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a kill at any moment
-    leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def clean_state_dict(model: nn.Module) -> dict:
     # torch.compile wraps the model and prefixes every key with "_orig_mod."
     return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
@@ -510,24 +482,8 @@ def clean_state_dict(model: nn.Module) -> dict:
 def save_checkpoint(path, model, tokenizer_spec, step=0, **extra):
     """The weights, config and tokenizer spec; a file-based tokenizer travels inside (data.pack_tokenizer)."""
     raw = getattr(model, "_orig_mod", model)
-    atomic_save({"model": clean_state_dict(raw), "config": asdict(raw.config), "tokenizer": tokenizer_spec,
-                 "tokenizer_file": data.pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
-
-
-def read_checkpoint(path, device="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise NanoError(f"checkpoint {path} not found (train one with train.py or check the path)")
-    try:
-        # weights_only: a downloaded checkpoint is data, it must not be able to run code
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: pickle, zip or unpickler errors
-        raise NanoError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
-        raise NanoError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config')")
-    # the tokenizer file it carries, where the recorded path no longer holds it
-    ckpt["tokenizer"] = data.unpack_tokenizer(ckpt.get("tokenizer"), ckpt.get("tokenizer_file"))
-    return ckpt
+    common.atomic_save({"model": clean_state_dict(raw), "config": asdict(raw.config), "tokenizer": tokenizer_spec,
+                        "tokenizer_file": data.pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
 
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GPT:
@@ -544,5 +500,5 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GPT:
 
 def load_checkpoint(path, device="cpu"):
     """Returns (model, tokenizer_spec) from a checkpoint written by save_checkpoint."""
-    ckpt = read_checkpoint(path, device)
+    ckpt = data.read_checkpoint(path, device)
     return model_from_checkpoint(ckpt, path).to(device), ckpt["tokenizer"]

@@ -259,7 +259,7 @@ def lora_state_dict(model: nn.Module, base: str | None = None) -> dict:
 
 
 def save_lora(path, model: nn.Module, base: str | None = None):
-    gpt.atomic_save(lora_state_dict(model, base), path)
+    common.atomic_save(lora_state_dict(model, base), path)
 
 
 def read_adapter(path) -> dict:
@@ -628,7 +628,7 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, out_dir, dataset:
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 row["val_loss"] = val_loss = estimate_val_loss(model, dataset, cfg, device, dtype)
                 print(f"step {step}: val loss {val_loss:.4f}")
-                gpt.atomic_save({**lora_state_dict(model), **(adapter_extra or {})}, adapter_path)
+                common.atomic_save({**lora_state_dict(model), **(adapter_extra or {})}, adapter_path)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
     print(f"peak memory: {common.peak_memory_mib(device):,.0f} MiB "

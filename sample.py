@@ -649,7 +649,7 @@ def load_model(cfg, device, dtype):
 def load_source(source: str, device, dtype, checkpoint=None):
     """A checkpoint file, or a GPT-2 name / Hugging Face folder / hub name (gpt.load_pretrained)."""
     if checkpoint or (checkpoint is None and (Path(source).is_file() or source.endswith((".pt", ".pth")))):
-        ckpt = gpt.read_checkpoint(source, device="cpu")
+        ckpt = data.read_checkpoint(source, device="cpu")
         if is_moe_checkpoint(ckpt):  # a GPT would list every expert key it lacks: say what the file is instead
             raise NanoError(f"{source} is an MoE checkpoint (sample it with moe.py's model: "
                             "model, spec = moe.load_moe_checkpoint(path), then sample.generate(model, ...))")

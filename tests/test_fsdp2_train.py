@@ -362,13 +362,13 @@ def test_two_ranks_match_one_process_full_and_qlora(runs):
 
 
 def test_llama_from_hf_folder_one_fsdp_unit_per_block(runs):
-    import gpt
+    import lora
 
     _, two = runs
     assert two[0]["llama_units"] == ["", "transformer.h.0", "transformer.h.1"]  # root + one per block
     # QLoRA on Llama: every Linear of a block in NF4 under a LoRA adapter, the head left alone
     adapted = two[0]["llama_adapted"]
-    assert len(adapted) == 2 * 7 and {n.rsplit(".", 1)[1] for n in adapted} == set(gpt.BLOCK_LINEARS["llama"])
+    assert len(adapted) == 2 * 7 and {n.rsplit(".", 1)[1] for n in adapted} == set(lora.DEFAULT_TARGETS["llama"])
     assert two[0]["llama_nf4"] == [n + ".base" for n in adapted]
     assert two[0]["llama_head_dtype"] == "torch.float32"
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import common
 import data
 import gpt
+import lora
 from gpt import GPT, GPTConfig
 
 
@@ -303,7 +304,7 @@ def test_llama_switches_build_what_they_say():
     assert model.lm_head.weight is not model.transformer.wte.weight
     for arch, m in (("llama", model), ("gpt2", GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16)))):
         leaves = {n.rsplit(".", 1)[-1] for n, mod in m.transformer.h.named_modules() if isinstance(mod, torch.nn.Linear)}
-        assert leaves == set(gpt.BLOCK_LINEARS[arch]), arch
+        assert leaves == set(lora.DEFAULT_TARGETS[arch]), arch
     # SwiGLU at 8/3 n_embd has the parameters of GPT-2's 4x GELU MLP
     c = 768
     assert 3 * c * 64 * math.ceil(8 * c / 3 / 64) == 2 * c * 4 * c

@@ -354,7 +354,7 @@ def hf_llama(seed=0):
         for p in hf.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
-    return hf, gpt.GPT.from_hf_state_dict(hf.state_dict(), gpt.config_from_hf(hf.config.to_dict())).eval()
+    return hf, gpt.GPT.from_hf_state_dict(hf.state_dict(), gpt.GPTConfig(**data.hf_config_fields(hf.config.to_dict()))).eval()
 
 
 def test_default_targets_llama():

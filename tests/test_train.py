@@ -47,7 +47,7 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     # the same run cut at iter 10, then resumed: identical losses afterwards
     part = tmp_path / "part"
     train.main(common + ["--max_iters", "10", "--out_dir", str(part)])
-    ckpt = gpt.read_checkpoint(part / "ckpt.pt")
+    ckpt = data.read_checkpoint(part / "ckpt.pt")
     assert ckpt["step"] == 10 and {"optimizer", "torch_rng", "best_val_loss"} <= ckpt.keys()
     # a killed run may have logged past its checkpoint: those rows go, none is doubled
     with open(part / "metrics.jsonl", "a") as f:
@@ -194,8 +194,8 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare
                            str(root / "train.py"), *args, "--out_dir", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    one = gpt.read_checkpoint(tmp_path / "one" / "ckpt.pt")["model"]
-    two = gpt.read_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
+    one = data.read_checkpoint(tmp_path / "one" / "ckpt.pt")["model"]
+    two = data.read_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
     for name, tensor in one.items():
         # fp32, the same sums in a different order (all-reduce): 1e-5
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
