@@ -1,7 +1,8 @@
 """Plumbing every nanollm script shares, none of it an idea of its own.
 
 - the one error type (`NanoError`) and the `cli` wrapper that turns it into `error: ...`;
-- a dataclass config turned into an argparse CLI (`parse_config`);
+- a dataclass config turned into an argparse CLI (`parse_config`), and the options every
+  pretraining script shares (`TrainingConfig`);
 - device, dtype and autocast choice; seeds;
 - the warmup + cosine learning-rate schedule every trainer uses;
 - peak FLOP/s (for MFU), peak memory and a median timer;
@@ -14,7 +15,6 @@ This file imports nothing of nanollm's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import os
@@ -23,6 +23,7 @@ import sys
 import time
 import typing
 from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def parse_config(config_cls, argv=None, description=None):
     default shown in --help; booleans take a value (`--compile False`, `--compile=False`)."""
     parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
+    for f in fields(config_cls):
         kind = hints[f.name]
         optional = type(None) in typing.get_args(kind)
         if optional:
@@ -90,11 +91,55 @@ def parse_config(config_cls, argv=None, description=None):
         convert = _parse_bool if kind is bool else kind
         if optional:
             convert = (lambda c: lambda s: None if s.lower() == "none" else c(s))(convert)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not MISSING else f.default_factory()
         parser.add_argument(f"--{f.name}", type=convert, default=default, metavar=kind.__name__.upper(),
                             help=(f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)").lstrip())
     args = parser.parse_args(argv)
     return config_cls(**vars(args))
+
+
+@dataclass
+class TrainingConfig:
+    """The options every pretraining script shares: nanoGPT's train.py config, its names and
+    defaults. train.py and fsdp2_train.py subclass it, add their own options and re-declare a
+    field whose default or help differs there (a re-declared field keeps its place in --help)."""
+    # data
+    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | text:<path>"})
+    input: str = field(default="", metadata={"help": "local copy of the raw text instead of downloading it"})
+    data_root: str = "data"
+    # model
+    init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a checkpoint file (weights only)"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt (same as --init_from resume)"})
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = field(default=0.0, metadata={"help": "for models built from scratch"})
+    bias: bool = field(default=True, metadata={"help": "biases in Linears and norms"})
+    # optimisation
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm to this (0 = off)"})
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = field(default=False, metadata={"help": "save at every eval, not only on a better val loss"})
+    out_dir: str = "out"
+    # system
+    device: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0 = datasheet table for A100/H100/H200)"})
+    seed: int = 1337
 
 
 # ----------------------------------------------------------------------------------------

@@ -153,20 +153,10 @@ def wrap_block_forward(block, checkpointing: bool, compile: bool):
 
 
 @dataclass
-class FSDP2Config:
-    # data (as train.py)
-    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | text:<path>"})
-    input: str = field(default="", metadata={"help": "local copy of the raw text instead of downloading it"})
-    data_root: str = "data"
+class FSDP2Config(common.TrainingConfig):  # train.py's options (common.py), and these
     # model
     init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | path/to/ckpt.pt | a Hugging Face folder or hub name (Llama, Qwen2/3, Mistral, GPT-2)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt_dcp on any world size (same as --init_from resume)"})
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = field(default=0.0, metadata={"help": "for models built from scratch"})
-    bias: bool = True
     # what is trained
     mode: str = field(default="full", metadata={"help": "full (every weight) | lora (frozen base + adapters) | qlora (frozen NF4 base + adapters)"})
     lora_r: int = 8
@@ -181,31 +171,16 @@ class FSDP2Config:
     activation_checkpointing: bool = field(default=False, metadata={"help": "keep only each block's input, recompute the block in backward"})
     cpu_offload: bool = field(default=False, metadata={"help": "keep parameter/gradient/optimizer shards in CPU memory (CPUOffloadPolicy; CUDA only)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each block's forward"})
-    # optimisation (as train.py; batch_size is the GLOBAL micro-batch, split across ranks)
+    # optimisation: batch_size is the GLOBAL micro-batch, split across ranks
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-step summed over all ranks (must divide by the world size)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per iteration (each rank does all of them)"})
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 2000
-    decay_lr: bool = True
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (over all shards) to this (0 = off)"})
-    # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    always_save_checkpoint: bool = field(default=False, metadata={"help": "save at every eval, not only on a better val loss"})
+    # checkpoints
     out_dir: str = "out-fsdp2"
     export: str = field(default="", metadata={"help": "at the end, write a full single-file checkpoint here (lora/qlora: merged)"})
     # system
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (each rank takes cuda:LOCAL_RANK)"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 (FSDP2 param dtype; reduce in float32)"})
-    peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0 = datasheet table for A100/H100/H200)"})
-    seed: int = 1337
 
 
 # what a resumed run takes from the checkpoint; given on the command line, it must agree

@@ -39,60 +39,28 @@ import gpt
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(common.TrainingConfig):  # nanoGPT's options (common.py), and these
     # data
-    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | text:<path>"})
-    input: str = field(default="", metadata={"help": "local copy of the raw text instead of downloading it"})
-    data_root: str = "data"
     tokenizer: str = field(default="", metadata={"help": "tokenizer spec for text: datasets (gpt2, char:..., or a bpe.py file)"})
     train_tokenizer: int = field(default=0, metadata={"help": "train a bpe.py tokenizer of this vocab size on the text first"})
     # model
     preset: str = field(default="auto", metadata={"help": "auto (cpu on CPU, gpu on CUDA) | cpu | gpu | gpt2_124m | none: "
                                                           "defaults for the options not given on the command line"})
-    init_from: str = field(default="scratch", metadata={"help": "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a checkpoint file (weights only)"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt (same as --init_from resume)"})
     arch: str = field(default="gpt2", metadata={"help": "gpt2 (LayerNorm, learned positions, GELU MLP, biases) | llama "
                                                         "(RMSNorm, RoPE, SwiGLU MLP, no biases), from scratch"})
-    n_layer: int = 4
-    n_head: int = 4
     n_kv_head: int = field(default=0, metadata={"help": "key/value heads, each shared by n_head / n_kv_head query heads "
                                                          "(GQA; 0 = n_head, 1 = MQA)"})
-    n_embd: int = 128
     mlp_hidden: int = field(default=0, metadata={"help": "MLP hidden units (0 = 4 * n_embd for gpt2, "
                                                           "8/3 * n_embd rounded up to 64 for llama's SwiGLU)"})
-    block_size: int = 64
-    dropout: float = 0.0
     bias: bool = field(default=True, metadata={"help": "biases in Linears and norms (--arch llama: False unless given)"})
-    # optimisation
-    batch_size: int = 12
-    gradient_accumulation_steps: int = 1
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 2000
-    decay_lr: bool = True
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm to this (0 = off)"})
-    # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    always_save_checkpoint: bool = field(default=False, metadata={"help": "save at every eval, not only on a better val loss"})
+    # evaluation, logging
     eval_hellaswag_every: int = field(default=0, metadata={"help": "run HellaSwag (eval_hellaswag.py) every N iters (0 = never)"})
     hellaswag_data: str = field(default="", metadata={"help": "local hellaswag_val.jsonl for --eval_hellaswag_every"})
     hellaswag_limit: int = 200
-    out_dir: str = "out"
     sample_tokens: int = field(default=300, metadata={"help": "characters/tokens to sample at the end (0 = none)"})
     wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases if the package is installed"})
     # system
-    device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     compile: bool = False
-    peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0 = datasheet table for A100/H100/H200)"})
-    seed: int = 1337
 
 
 # Defaults by situation; a preset only fills options the user did not pass.
