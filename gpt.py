@@ -237,10 +237,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.loss_chunk_size = 1024  # rows of (B*T) per chunk of the memory-efficient loss
-        # The chunked loss never holds the (B*T, V) logits but recomputes them in backward: on CPU it
-        # took 1.4x (V=50257) to 2.4x (V=65) the plain head + loss time, so it pays in memory only.
-        # Up to 2^24 logits (64 MiB fp32: 258k rows of 65 characters, 333 rows of GPT-2's vocabulary)
-        # the plain loss runs; above, chunks. (nanoGPT's CPU config: 1.09x -> 1.02x its step time.)
+        # The chunked loss recomputes the logits in backward (CPU: 1.4x the plain head + loss time at
+        # V=50257, 2.4x at V=65): it pays in memory only, so up to 2^24 logits (64 MiB in fp32) the
+        # plain loss runs. (nanoGPT's CPU config, 65-character vocabulary: 1.09x -> 1.02x its step time.)
         self.plain_loss_max_logits = 2**24
         parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if not config.rope_theta:  # GPT-2's learned positions; RoPE needs no table
