@@ -1,4 +1,4 @@
-"""Data plumbing: tokenizers by spec, token-bin datasets, downloads.
+"""Data plumbing: tokenizers by spec and their chat templates, token-bin datasets, downloads.
 
 Tokenizer specs (what a checkpoint records and `load_tokenizer` reads):
 - "gpt2" (also r50k_base, cl100k_base, o200k_base): tiktoken; GPT-2's files ship in assets/,
@@ -7,6 +7,11 @@ Tokenizer specs (what a checkpoint records and `load_tokenizer` reads):
 - "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens;
 - a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json (Llama 3,
   Qwen, SmolLM, ...: byte-level BPE, read by bpe.py).
+
+Chat templates, the tokenizer side (transformers keeps it on the tokenizer: apply_chat_template):
+a conversation rendered to ids with nanollm's <|role|> content <|end|> or a Hugging Face model's
+Jinja chat_template, the prompt serve.py generates from; sft.py builds its loss mask on the same
+pieces (`chat_pieces`).
 
 Datasets are tokenized once into `data/<name>/{train,val}.bin` (uint16 ids; uint32 past 65,536) plus
 `meta.json`, then sampled as random windows by `TokenBins`. Tiny Shakespeare ships in
@@ -24,6 +29,7 @@ import os
 import re
 import struct
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +199,142 @@ def load_tokenizer(spec: str):
     if Path(spec).is_file():
         return BPEFileTokenizer(spec)
     raise NanoError(f"tokenizer {spec!r} is neither 'gpt2', 'char:<alphabet>', a bpe.py file nor a tokenizer.json")
+
+
+# ----------------------------------------------------------------------------------------
+# Chat templates, the tokenizer side: a conversation -> the ids a chat model reads. transformers
+# keeps this on the tokenizer (apply_chat_template); sft.py builds its loss mask on the same pieces.
+
+
+class HFChatTemplate:
+    """A Hugging Face `chat_template` (Jinja), rendered as transformers renders it: a sandboxed
+    environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now` and a
+    `tojson` that keeps non-ASCII text (tests/test_sft.py compares with apply_chat_template)."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        import jinja2  # comes with torch; only Hugging Face templates need it
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise NanoError(f"the chat template refuses this conversation: {message}")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise NanoError(f"the chat template does not parse ({e.__class__.__name__}: {e})") from None
+        self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
+
+    def text(self, messages, add_generation_prompt=False) -> str:
+        import jinja2
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as e:
+            raise NanoError(f"the chat template failed ({e.__class__.__name__}: {e})") from None
+
+    def segments(self, messages, add_generation_prompt=False) -> list[tuple[str, bool]]:
+        """The rendered text cut at the assistant's answers, [(text, is an answer)], found by
+        rendering prefixes: the text of messages[:i] with the generation prompt ends where
+        assistant message i starts, the text of messages[:i+1] where it ends; that span is the
+        answer plus whatever the template closes it with (e.g. "<|im_end|>\\n")."""
+        segments, done = [], ""  # and the text covered so far
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt, full = self.text(messages[:i], True), self.text(messages[:i + 1])
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise NanoError("the chat template renders a conversation differently from its beginning "
+                                "(it rewrites earlier turns), so the assistant's tokens cannot be found")
+            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        rest = self.text(messages, add_generation_prompt)
+        if not rest.startswith(done):
+            raise NanoError("the chat template renders a conversation differently from its beginning")
+        segments.append((rest[len(done):], False))
+        return segments
+
+    @classmethod
+    def find(cls, spec):
+        """The template beside a Hugging Face tokenizer.json spec (tokenizer_config.json's
+        chat_template, or a chat_template.jinja file), or None."""
+        if not isinstance(spec, str) or spec.startswith(CHAT_PREFIX) or not spec.endswith("tokenizer.json"):
+            return None
+        folder = Path(spec).parent
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        source = config.get("chat_template")
+        if isinstance(source, list):  # several named templates: the default one
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        if source is None and (folder / "chat_template.jinja").is_file():
+            source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if not source:
+            return None
+
+        def token(name):  # a string, or an AddedToken written as {"content": ...}
+            value = config.get(name) or ""
+            return value.get("content", "") if isinstance(value, dict) else value
+
+        return cls(source, token("bos_token"), token("eos_token"))
+
+
+def chat_pieces(messages, tok, template=None, add_generation_prompt=False) -> list[tuple[list[int], bool]]:
+    """A conversation as token pieces [(ids, is an answer)]: an answer is an assistant message's
+    content with what closes its turn (transformers marks the same spans with
+    return_assistant_tokens_mask). Joined, the pieces are the conversation's ids. template: an
+    HFChatTemplate, else nanollm's own, <|role|> content <|end|> per message, which needs a
+    ChatTokenizer; content is encoded as plain text, so a user cannot forge a turn by typing
+    "<|assistant|>". add_generation_prompt appends the opening of an assistant turn."""
+    if template is not None:
+        # segment by segment, so a token never straddles an answer's edge (the edges sit at the
+        # template's special tokens and newlines, where BPE splits anyway)
+        return [(tok.encode(text) if text else [], answer)
+                for text, answer in template.segments(messages, add_generation_prompt)]
+    if not isinstance(tok, ChatTokenizer):
+        raise NanoError(f"tokenizer {tok.spec[:40]!r} has no chat tokens (wrap it: ChatTokenizer(tok), "
+                        "or finetune the model with sft.py first)")
+    pieces = []
+    for m in messages:  # the role token opens the turn: given, never part of the answer
+        pieces += [([tok.role_id[m["role"]]], False),
+                   (tok.encode_ordinary(m["content"]) + [tok.end_id], m["role"] == "assistant")]
+    if add_generation_prompt:
+        pieces.append(([tok.assistant_id], False))
+    return pieces
+
+
+def apply_chat_template(messages, tok, template=None, add_generation_prompt=False) -> list[int]:
+    """The conversation's ids, as transformers' tokenizer.apply_chat_template gives them; with
+    add_generation_prompt, the prompt a chat model answers (serve.py)."""
+    return [i for ids, _ in chat_pieces(messages, tok, template, add_generation_prompt) for i in ids]
+
+
+def load_chat(spec):
+    """(tokenizer, template) for a checkpoint's tokenizer spec: the chat tokens of a "chat:"
+    spec (template None), or a Hugging Face tokenizer with its chat_template."""
+    tok = load_tokenizer(spec)
+    template = HFChatTemplate.find(spec)
+    if template is None and not isinstance(tok, ChatTokenizer):
+        raise NanoError(f"tokenizer {str(spec)[:40]!r} has no chat template (finetune the model with sft.py first)")
+    return tok, template
+
+
+def stop_id(tok, template=None) -> int:
+    """The token that ends an assistant turn: <|end|>, or the template's eos token."""
+    if template is None:
+        return tok.end_id
+    ids = tok.encode(template.eos_token) if template.eos_token else []
+    if len(ids) != 1:
+        raise NanoError(f"the chat template's eos_token {template.eos_token!r} is not one token "
+                        "(check tokenizer_config.json)")
+    return ids[0]
 
 
 # A checkpoint carries the file of a file-based tokenizer (a bpe.py model is a few hundred KB),

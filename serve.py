@@ -380,30 +380,28 @@ class PlainChatTemplate:
 
 
 class SFTChatTemplate:
-    """sft.py's template: <|role|> content <|end|> per message with the chat tokens of a
-    "chat:" tokenizer (content encoded as plain text, so a user cannot forge a turn), or a
-    Hugging Face model's own chat_template; the reply ends at <|end|> (or the template's eos)."""
+    """The template a chat model was finetuned with (sft.py): <|role|> content <|end|> per
+    message with the chat tokens of a "chat:" tokenizer (content encoded as plain text, so a
+    user cannot forge a turn), or a Hugging Face model's own chat_template, rendered by
+    data.apply_chat_template; the reply ends at <|end|> (or the template's eos)."""
 
     stop = ()
 
-    def __init__(self, tok, hf_template, sft):
-        self.tok, self.hf_template, self.sft = tok, hf_template, sft
-        self.stop_ids = frozenset({sft.stop_id(tok, hf_template)})
+    def __init__(self, tok, hf_template):
+        self.tok, self.hf_template = tok, hf_template
+        self.stop_ids = frozenset({data.stop_id(tok, hf_template)})
 
     def render(self, messages) -> list[int]:
-        return self.sft.render_conversation(messages, self.tok, add_generation_prompt=True,
-                                            template=self.hf_template)[0]
+        return data.apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True)
 
 
 def load_tokenizer(spec):
-    """(tokenizer, chat template) for a checkpoint's tokenizer spec: sft.py's template when
-    the model was finetuned on conversations (a "chat:" spec) or the tokenizer brings a
+    """(tokenizer, chat template) for a checkpoint's tokenizer spec: the chat template of a
+    model finetuned on conversations (sft.py's "chat:" spec) or of a tokenizer that brings a
     chat_template, else the plain one for base models."""
-    import sft  # the chat template is sft.py's idea; read lazily, only to render with it
-
-    if str(spec).startswith(sft.CHAT_PREFIX) or sft.HFChatTemplate.find(spec) is not None:
-        tok, hf_template = sft.load_chat(spec)
-        return tok, SFTChatTemplate(tok, hf_template, sft)
+    if str(spec).startswith(data.CHAT_PREFIX) or data.HFChatTemplate.find(spec) is not None:
+        tok, hf_template = data.load_chat(spec)
+        return tok, SFTChatTemplate(tok, hf_template)
     tok = data.load_tokenizer(spec)
     return tok, PlainChatTemplate(tok)
 

@@ -19,7 +19,10 @@ could take over the softmax. The mean alone makes the four tokens one identical 
 training pulls them apart, which measured slower to learn on the built-in task. The
 checkpoint records the tokenizer as "chat:<base spec>" (ChatTokenizer). For a Hugging Face
 model whose tokenizer_config.json has a `chat_template`, that Jinja template is rendered
-instead, the way transformers' apply_chat_template renders it (jinja2 comes with torch).
+instead, the way transformers' apply_chat_template renders it (jinja2 comes with torch). The
+tokenizer side of a template (a conversation -> ids, the Jinja environment, the token that ends
+a turn) lives in data.py beside ChatTokenizer, as transformers keeps apply_chat_template on the
+tokenizer: serve.py renders its prompts there. This file adds what only training needs, the mask.
 
 The mask. `render_conversation` returns the ids and a mask: 1 on each assistant message's
 content and on the <|end|> closing it (so the model learns to stop), 0 elsewhere. Token t is
@@ -28,6 +31,12 @@ character tokenizer (`show_mask` prints this; tests/test_sft.py checks it):
 
     token  <|user|>  a  d  d  ␣  2  ␣  3  <|end|>  <|assistant|>  5  <|end|>
     mask      0      0  0  0  0  0  0  0     0           0        1     1
+
+A Jinja template is one string, so its assistant spans are found by rendering prefixes
+(data.HFChatTemplate.segments): the text of messages[:i] with the generation prompt ends where
+assistant message i starts, the text of messages[:i+1] where it ends; that span (the answer
+plus what the template closes it with, e.g. "<|im_end|>\n") is learned. Each span is tokenized
+on its own, so a token never straddles a boundary.
 
 Batches are packed: conversations are laid one after another into rows of block_size tokens
 (next fit: one that does not fit starts a new row). Each conversation's positions restart at
@@ -59,10 +68,6 @@ Run:
      python sample.py --ckpt out-sft/ckpt.pt --prompt "<|user|>reverse: abc<|end|><|assistant|>" \
          --temperature 0 --stop_at_eot True
      and out-sft/metrics.jsonl.
-
-For serve.py: `tok, template = load_chat(spec)` then `ids, _ = render_conversation(messages,
-tok, add_generation_prompt=True, template=template)`; generation stops at
-`stop_id(tok, template)`.
 """
 
 from __future__ import annotations
@@ -74,7 +79,6 @@ import random
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -87,8 +91,9 @@ import lora
 from common import NanoError
 
 # the chat tokenizer (a base tokenizer plus <|system|> <|user|> <|assistant|> <|end|>, spec
-# "chat:<base spec>") lives in data.py beside the other tokenizer specs, so every script loads it
-from data import CHAT_PREFIX, ROLES, SPECIAL_TOKENS, ChatTokenizer, load_tokenizer  # noqa: F401
+# "chat:<base spec>") and the rendering of a conversation to ids live in data.py beside the other
+# tokenizer specs, so every script loads them; this file adds the loss mask
+from data import ROLES, ChatTokenizer, HFChatTemplate, chat_pieces, load_tokenizer, stop_id
 
 # ----------------------------------------------------------------------------------------
 # Rendering a conversation: ids and the loss mask
@@ -113,24 +118,16 @@ def check_messages(messages, where="conversation", need_assistant=True):
 
 
 def render_conversation(messages, tok, add_generation_prompt=False, template=None):
-    """(ids, mask): the conversation's token ids and 1 where a token carries loss (assistant
-    content and its closing end token), 0 elsewhere. add_generation_prompt appends the
-    opening of an assistant turn (for generation). template: an HFChatTemplate, else nanollm's
-    template, which needs a ChatTokenizer."""
-    if template is not None:
-        return template.render(messages, tok, add_generation_prompt)
-    if not isinstance(tok, ChatTokenizer):
-        raise NanoError(f"tokenizer {tok.spec[:40]!r} has no chat tokens (wrap it: ChatTokenizer(tok), "
-                        "or finetune the model with sft.py first)")
+    """(ids, mask): the conversation's token ids (data.apply_chat_template's) and 1 where a
+    token carries loss, 0 elsewhere: the loss is on the answers of data.chat_pieces, each
+    assistant message's content and what closes its turn; the role tokens and every other
+    message are given, never predicted. add_generation_prompt appends the opening of an
+    assistant turn (for generation). template: an HFChatTemplate, else nanollm's template,
+    which needs a ChatTokenizer."""
     ids, mask = [], []
-    for m in messages:
-        body = tok.encode_ordinary(m["content"]) + [tok.end_id]
-        learn = int(m["role"] == "assistant")
-        ids += [tok.role_id[m["role"]]] + body
-        mask += [0] + [learn] * len(body)  # the role token is given, never predicted
-    if add_generation_prompt:
-        ids.append(tok.assistant_id)
-        mask.append(0)
+    for piece, answer in chat_pieces(messages, tok, template, add_generation_prompt):
+        ids += piece
+        mask += [int(answer)] * len(piece)
     return ids, mask
 
 
@@ -140,114 +137,6 @@ def show_mask(ids, mask, tok):
     widths = [max(len(t), 1) for t in tokens]
     return ("token  " + "  ".join(t.center(w) for t, w in zip(tokens, widths)) + "\n"
             + "mask   " + "  ".join(str(m).center(w) for m, w in zip(mask, widths))).rstrip()
-
-
-class HFChatTemplate:
-    """A Hugging Face `chat_template` (Jinja), rendered as transformers renders it: a sandboxed
-    environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now` and a
-    `tojson` that keeps non-ASCII text (tests compare with transformers' apply_chat_template).
-
-    The mask comes from rendering prefixes: the text of messages[:i] with the generation
-    prompt ends where assistant message i starts, the text of messages[:i+1] where it ends;
-    that span (the answer plus whatever the template closes it with, e.g. "<|im_end|>\\n") is
-    learned. Segments are tokenized one by one, so a token never straddles a boundary (the
-    boundaries sit at the template's special tokens and newlines, where BPE splits anyway)."""
-
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise NanoError(f"the chat template refuses this conversation: {message}")
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = tojson
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        try:
-            self.template = env.from_string(source)
-        except jinja2.TemplateError as e:
-            raise NanoError(f"the chat template does not parse ({e.__class__.__name__}: {e})") from None
-        self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
-
-    def text(self, messages, add_generation_prompt=False) -> str:
-        import jinja2
-
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
-        except jinja2.TemplateError as e:
-            raise NanoError(f"the chat template failed ({e.__class__.__name__}: {e})") from None
-
-    def render(self, messages, tok, add_generation_prompt=False):
-        segments, done = [], ""  # (text, learned), and the text covered so far
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt, full = self.text(messages[:i], True), self.text(messages[:i + 1])
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise NanoError("the chat template renders a conversation differently from its beginning "
-                                "(it rewrites earlier turns), so the assistant's tokens cannot be found")
-            segments += [(prompt[len(done):], 0), (full[len(prompt):], 1)]
-            done = full
-        rest = self.text(messages, add_generation_prompt)
-        if not rest.startswith(done):
-            raise NanoError("the chat template renders a conversation differently from its beginning")
-        segments.append((rest[len(done):], 0))
-        ids, mask = [], []
-        for text, learned in segments:
-            piece = tok.encode(text) if text else []
-            ids += piece
-            mask += [learned] * len(piece)
-        return ids, mask
-
-    @classmethod
-    def find(cls, spec):
-        """The template beside a Hugging Face tokenizer.json spec (tokenizer_config.json's
-        chat_template, or a chat_template.jinja file), or None."""
-        if not isinstance(spec, str) or spec.startswith(CHAT_PREFIX) or not spec.endswith("tokenizer.json"):
-            return None
-        folder = Path(spec).parent
-        config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        source = config.get("chat_template")
-        if isinstance(source, list):  # several named templates: the default one
-            source = next((t["template"] for t in source if t.get("name") == "default"), None)
-        if source is None and (folder / "chat_template.jinja").is_file():
-            source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        if not source:
-            return None
-
-        def token(name):  # a string, or an AddedToken written as {"content": ...}
-            value = config.get(name) or ""
-            return value.get("content", "") if isinstance(value, dict) else value
-
-        return cls(source, token("bos_token"), token("eos_token"))
-
-
-def load_chat(spec):
-    """(tokenizer, template) for a checkpoint's tokenizer spec: the chat tokens of a "chat:"
-    spec (template None), or a Hugging Face tokenizer with its chat_template."""
-    tok = load_tokenizer(spec)
-    template = HFChatTemplate.find(spec)
-    if template is None and not isinstance(tok, ChatTokenizer):
-        raise NanoError(f"tokenizer {str(spec)[:40]!r} has no chat template (finetune the model with sft.py first)")
-    return tok, template
-
-
-def stop_id(tok, template=None) -> int:
-    """The token that ends an assistant turn: <|end|>, or the template's eos token."""
-    if template is None:
-        return tok.end_id
-    ids = tok.encode(template.eos_token) if template.eos_token else []
-    if len(ids) != 1:
-        raise NanoError(f"the chat template's eos_token {template.eos_token!r} is not one token "
-                        "(check tokenizer_config.json)")
-    return ids[0]
 
 
 # ----------------------------------------------------------------------------------------

@@ -275,8 +275,8 @@ def test_engine_checks_requests_before_queueing(model):
 
 
 def test_chat_model_uses_sfts_template(model, tok, loopback):
-    """A checkpoint finetuned by sft.py ("chat:" tokenizer spec): the conversation is rendered
-    by sft.render_conversation, the reply stops at <|end|>; typed special strings stay text."""
+    """A checkpoint finetuned by sft.py ("chat:" tokenizer spec): the prompt is the ids
+    sft.render_conversation trains on, the reply stops at <|end|>; typed special strings stay text."""
     import copy
 
     import sft
@@ -301,6 +301,29 @@ def test_chat_model_uses_sfts_template(model, tok, loopback):
         assert r["usage"]["completion_tokens"] == len(want_ids)
     finally:
         srv.close()
+
+
+def test_hf_chat_template_renders_what_sft_trains_on(tmp_path):
+    """A Hugging Face tokenizer.json with a chat_template beside it: the prompt is rendered with
+    the template (data.py, the tokenizer side), tokenized as sft.py's training rendering is, and
+    the reply stops at the template's eos token."""
+    import bpe
+    import sft
+
+    specials = ("<|im_start|>", "<|im_end|>")
+    vocab, merges = bpe.train_bpe(data.SHAKESPEARE_PATH.read_text()[:20_000], 300, special_tokens=specials)
+    bpe.Tokenizer(vocab, merges, specials).save_tokenizer_json(tmp_path / "tokenizer.json")
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|im_end|>"}))
+    tok, template = serve.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert isinstance(template, serve.SFTChatTemplate) and template.stop_ids == set(tok.encode("<|im_end|>"))
+    messages = [{"role": "user", "content": "Speak, man"}, {"role": "assistant", "content": "I will"},
+                {"role": "user", "content": "Now?"}]
+    ids = template.render(messages)
+    assert ids == sft.render_conversation(messages, tok, add_generation_prompt=True, template=template.hf_template)[0]
+    assert tok.decode(ids) == ("<|im_start|>user\nSpeak, man<|im_end|>\n<|im_start|>assistant\nI will<|im_end|>\n"
+                               "<|im_start|>user\nNow?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_eight_concurrent_requests_get_what_they_get_alone(client, model, tok, server, slow_steps):
