@@ -254,7 +254,7 @@ def nanogpt_result(stdout: str) -> tuple[float, float]:
     return float(vals[-1]), median_excluding_evals(ms)
 
 
-def full_val_loss(state_dict: dict, val_bin: Path) -> float:
+def full_val_loss(state_dict: dict, val_bin: Path, exact_gelu: bool = False) -> float:
     """Mean loss of nanoGPT-CPU-shaped weights (either side's: the module names are the same)
     over every non-overlapping 64-character window of the val split: 111,540 scored positions,
     where the logged figure scores 20 random batches (15,360) and moves by ~+-0.01 with them."""
@@ -264,11 +264,71 @@ def full_val_loss(state_dict: dict, val_bin: Path) -> float:
 
     model = gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, bias=False))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()})
+    if exact_gelu:  # a model trained with nanoGPT's GELU is scored with it
+        for block in model.transformer.h:
+            block.mlp.gelu = torch.nn.GELU()
     ids = torch.from_numpy(np.fromfile(val_bin, dtype=np.uint16).astype(np.int64))
     n = (len(ids) - 1) // 64 * 64
     x, y = ids[:n].view(-1, 64), ids[1:n + 1].view(-1, 64)  # (windows, 64)
     with torch.no_grad():
         return model.eval()(x, y)[1].item()
+
+
+def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict:
+    """Where a final val loss gap can come from: gpt.py's model and optimizer against nanoGPT's
+    model.py, started from the same weights and fed the same batches, the same LR schedule and
+    clipping. Returns the largest |loss difference| over the steps, with nanoGPT's exact GELU
+    swapped into ours (then only float rounding differs) and with ours as it is (GPT-2's tanh
+    GELU), and the final models' whole-val-split losses."""
+    import contextlib
+    import copy
+    import importlib.util
+    import io
+
+    import numpy as np
+
+    import common
+    import gpt
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
+    ng = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ng)
+    shape = dict(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+    torch.manual_seed(1337)
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = ng.GPT(ng.GPTConfig(**shape))
+    train_ids = torch.from_numpy(np.fromfile(data_root / "shakespeare_char" / "train.bin", dtype=np.uint16).astype(np.int64))
+    out = {}
+    for name, exact_gelu in (("exact GELU", True), ("as shipped", False)):
+        ref = copy.deepcopy(theirs)
+        ours = gpt.GPT(gpt.GPTConfig(**shape))
+        ours.load_state_dict(ref.state_dict())
+        if exact_gelu:
+            for block in ours.transformer.h:
+                block.mlp.gelu = torch.nn.GELU()
+        with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter groups
+            opts = [m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu") for m in (ours, ref)]
+        batches = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for it in range(steps):
+            starts = torch.randint(len(train_ids) - 65, (12,), generator=batches)
+            rows = torch.stack([train_ids[i:i + 65] for i in starts.tolist()])  # (12, 65)
+            x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # nanoGPT's model views them
+            losses = []
+            for model, opt in zip((ours, ref), opts):
+                for group in opt.param_groups:
+                    group["lr"] = common.cosine_lr(it, 1e-3, 1e-4, 100, steps)
+                loss = model(x, y)[1]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            worst = max(worst, abs(losses[0] - losses[1]))
+        val_bin = data_root / "shakespeare_char" / "val.bin"
+        out[name] = (worst, full_val_loss(ours.state_dict(), val_bin, exact_gelu),
+                     full_val_loss(ref.state_dict(), val_bin, True))
+    return out
 
 
 def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, seeds=SEEDS):
@@ -305,7 +365,8 @@ def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, seeds=SEEDS)
             weights = torch.load(ckpt, map_location="cpu", weights_only=side == "train.py")["model"]
             res[side]["val"].append(val)
             res[side]["ms"].append(ms)
-            res[side]["full"].append(full_val_loss(weights, val_bins[side]))
+            res[side]["full"].append(full_val_loss(weights, val_bins[side], exact_gelu=side == "nanoGPT"))
+        same = None if compile else same_batches_as_nanogpt(copy, Path(tmp), 20 if quick else 200)
     for side, r in res.items():
         row("train", f"{side} {what}, nanoGPT CPU config: final val loss as logged, seeds {'/'.join(map(str, seeds))}",
             f"mean {statistics.mean(r['val']):.4f} ({', '.join(f'{v:.4f}' for v in r['val'])})")
@@ -320,6 +381,9 @@ def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, seeds=SEEDS)
     for key, how in (("val", "as logged"), ("full", "whole val split")):
         row("train", f"train.py - nanoGPT mean final val loss, {how}, {what} (goal <= +0.005)",
             f"{statistics.mean(ours[key]) - statistics.mean(theirs[key]):+.4f}")
+    for name, (worst, val_ours, val_theirs) in (same or {}).items():
+        row("train", f"gpt.py vs nanoGPT's model.py, same weights and batches, {name}: max |loss diff|, val diff",
+            f"{worst:.1e}, {val_ours - val_theirs:+.1e}")
 
 
 # ----------------------------------------------------------------------------------------
