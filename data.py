@@ -686,6 +686,7 @@ def write_safetensors(path, tensors: dict):
         offset += size
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header so tensor data is 8-byte aligned
+
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(head)) + head)
