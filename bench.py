@@ -254,7 +254,7 @@ def nanogpt_result(stdout: str) -> tuple[float, float]:
     return float(vals[-1]), median_excluding_evals(ms)
 
 
-def full_val_loss(state_dict: dict, val_bin: Path, exact_gelu: bool = False) -> float:
+def full_val_loss(state_dict: dict, val_bin: Path, gelu: str = "exact") -> float:
     """Mean loss of nanoGPT-CPU-shaped weights (either side's: the module names are the same)
     over every non-overlapping 64-character window of the val split: 111,540 scored positions,
     where the logged figure scores 20 random batches (15,360) and moves by ~+-0.01 with them."""
@@ -262,11 +262,8 @@ def full_val_loss(state_dict: dict, val_bin: Path, exact_gelu: bool = False) -> 
 
     import gpt
 
-    model = gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, bias=False))
+    model = gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, bias=False, gelu=gelu))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()})
-    if exact_gelu:  # a model trained with nanoGPT's GELU is scored with it
-        for block in model.transformer.h:
-            block.mlp.gelu = torch.nn.GELU()
     ids = torch.from_numpy(np.fromfile(val_bin, dtype=np.uint16).astype(np.int64))
     n = (len(ids) - 1) // 64 * 64
     x, y = ids[:n].view(-1, 64), ids[1:n + 1].view(-1, 64)  # (windows, 64)
@@ -277,9 +274,9 @@ def full_val_loss(state_dict: dict, val_bin: Path, exact_gelu: bool = False) -> 
 def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict:
     """Where a final val loss gap can come from: gpt.py's model and optimizer against nanoGPT's
     model.py, started from the same weights and fed the same batches, the same LR schedule and
-    clipping. Returns the largest |loss difference| over the steps, with nanoGPT's exact GELU
-    swapped into ours (then only float rounding differs) and with ours as it is (GPT-2's tanh
-    GELU), and the final models' whole-val-split losses."""
+    clipping. Returns the largest |loss difference| over the steps, with the exact GELU (train.py's
+    default, nanoGPT's: then only float rounding differs) and with GPT-2's tanh GELU, the final
+    models' whole-val-split losses, and both steps profiled op by op (exact GELU)."""
     import contextlib
     import copy
     import importlib.util
@@ -299,13 +296,10 @@ def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict
         theirs = ng.GPT(ng.GPTConfig(**shape))
     train_ids = torch.from_numpy(np.fromfile(data_root / "shakespeare_char" / "train.bin", dtype=np.uint16).astype(np.int64))
     out = {}
-    for name, exact_gelu in (("exact GELU", True), ("as shipped", False)):
+    for gelu in ("tanh", "exact"):  # exact last: the models the profile below runs
         ref = copy.deepcopy(theirs)
-        ours = gpt.GPT(gpt.GPTConfig(**shape))
+        ours = gpt.GPT(gpt.GPTConfig(**shape, gelu=gelu))
         ours.load_state_dict(ref.state_dict())
-        if exact_gelu:
-            for block in ours.transformer.h:
-                block.mlp.gelu = torch.nn.GELU()
         with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter groups
             opts = [m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu") for m in (ours, ref)]
         batches = torch.Generator().manual_seed(0)
@@ -326,8 +320,23 @@ def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict
                 losses.append(loss.item())
             worst = max(worst, abs(losses[0] - losses[1]))
         val_bin = data_root / "shakespeare_char" / "val.bin"
-        out[name] = (worst, full_val_loss(ours.state_dict(), val_bin, exact_gelu),
-                     full_val_loss(ref.state_dict(), val_bin, True))
+        out[gelu] = (worst, full_val_loss(ours.state_dict(), val_bin, gelu), full_val_loss(ref.state_dict(), val_bin))
+    # where a step's time goes: 50 more steps of each, profiled in alternating rounds of 10 (the
+    # machine's speed drifts), self CPU time per op and step
+    per_op = [{}, {}]
+    for _ in range(5):
+        for side, (model, opt) in enumerate(zip((ours, ref), opts)):
+            with torch.profiler.profile() as prof:
+                for _ in range(10):
+                    model(x, y)[1].backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            for e in prof.key_averages():
+                per_op[side][e.key] = per_op[side].get(e.key, 0.0) + e.self_cpu_time_total / 50 / 1e3
+    top = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: -max(per_op[0].get(k, 0), per_op[1].get(k, 0)))
+    out["profile"] = [(op, per_op[0].get(op, 0.0), per_op[1].get(op, 0.0)) for op in top[:10]]
+    out["profile total"] = [(sum(d.values())) for d in per_op]
     return out
 
 
@@ -362,10 +371,11 @@ def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, seeds=SEEDS)
         for (side, seed), out in zip(runs, outputs):
             val, ms = nanogpt_result(out) if side == "nanoGPT" else trainpy_result(Path(tmp) / f"ours{seed}")
             ckpt = Path(tmp) / (f"ng{seed}" if side == "nanoGPT" else f"ours{seed}") / "ckpt.pt"
-            weights = torch.load(ckpt, map_location="cpu", weights_only=side == "train.py")["model"]
+            saved = torch.load(ckpt, map_location="cpu", weights_only=side == "train.py")
+            gelu = saved["config"].get("gelu", "tanh") if side == "train.py" else "exact"  # nanoGPT's is exact
             res[side]["val"].append(val)
             res[side]["ms"].append(ms)
-            res[side]["full"].append(full_val_loss(weights, val_bins[side], exact_gelu=side == "nanoGPT"))
+            res[side]["full"].append(full_val_loss(saved["model"], val_bins[side], gelu))
         same = None if compile else same_batches_as_nanogpt(copy, Path(tmp), 20 if quick else 200)
     for side, r in res.items():
         row("train", f"{side} {what}, nanoGPT CPU config: final val loss as logged, seeds {'/'.join(map(str, seeds))}",
@@ -381,9 +391,16 @@ def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, seeds=SEEDS)
     for key, how in (("val", "as logged"), ("full", "whole val split")):
         row("train", f"train.py - nanoGPT mean final val loss, {how}, {what} (goal <= +0.005)",
             f"{statistics.mean(ours[key]) - statistics.mean(theirs[key]):+.4f}")
-    for name, (worst, val_ours, val_theirs) in (same or {}).items():
-        row("train", f"gpt.py vs nanoGPT's model.py, same weights and batches, {name}: max |loss diff|, val diff",
-            f"{worst:.1e}, {val_ours - val_theirs:+.1e}")
+    if same:
+        for gelu in ("exact", "tanh"):
+            worst, val_ours, val_theirs = same[gelu]
+            row("train", f"gpt.py ({gelu} GELU) vs nanoGPT's model.py, same weights and batches: max |loss diff|, "
+                "val diff", f"{worst:.1e}, {val_ours - val_theirs:+.1e}")
+        ours_ms, theirs_ms = same["profile total"]
+        row("train", "profiled step (model, backward, clip, AdamW), self CPU ms per step: gpt.py / nanoGPT",
+            f"{ours_ms:.1f} / {theirs_ms:.1f}")
+        for op, ours_op, theirs_op in same["profile"]:
+            row("train", f"  {op}", f"{ours_op:.2f} / {theirs_op:.2f} ms")
 
 
 # ----------------------------------------------------------------------------------------

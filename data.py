@@ -459,9 +459,13 @@ def hf_config_fields(hf: dict) -> dict:
     if kind not in HF_MODEL_TYPES:
         raise NanoError(f"model_type {kind!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
     if kind == "gpt2":
+        gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}.get(hf.get("activation_function", "gelu_new"))
+        if gelu is None:
+            raise NanoError(f"gpt2 config.json with activation_function {hf['activation_function']!r} is not supported "
+                            "(gelu_new or gelu)")
         return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                     n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
-                    norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                    norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu=gelu)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     bias = hf.get("attention_bias", False)

@@ -203,7 +203,7 @@ def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
     if kind == "gpt2":
         return common | {
             "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-            "n_head": c.n_head, "n_inner": c.mlp_hidden or None, "activation_function": "gelu_new",  # tanh GELU
+            "n_head": c.n_head, "n_inner": c.mlp_hidden or None, "activation_function": {"tanh": "gelu_new", "exact": "gelu"}[c.gelu],
             "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
             "layer_norm_epsilon": c.norm_eps, "initializer_range": 0.02, "scale_attn_weights": True}
     rope_scaling = None
@@ -493,6 +493,8 @@ def export_gguf(model: gpt.GPT, spec: str, path: Path, gguf_type: str, name: str
     if gguf_type not in GGUF_TYPES:
         raise NanoError(f"unknown --gguf_type {gguf_type!r} ({', '.join(GGUF_TYPES)})")
     ggml_type, file_type = GGUF_TYPES[gguf_type]
+    # llama.cpp's GPT-2 graph has one GELU, the tanh approximation: a model trained with the exact
+    # GELU (train.py's default) runs there with it, each unit off by at most ~5e-4
     mlp = model.transformer.h[0].mlp
     ffn_hidden = (mlp.c_fc if model.config.arch == "gpt2" else mlp.up_proj).out_features
     metadata = gguf_metadata(model.config, name, file_type, ffn_hidden) | gguf_tokenizer(spec, model.config.vocab_size)

@@ -50,6 +50,7 @@ class GPTConfig:
     qkv_bias: bool = False  # Qwen2: biases on q, k and v only (with bias False); GPT-2 and Llama: no such case
     tie_embeddings: bool = True  # GPT-2: lm_head is the token embedding; Llama-3-8B: its own (small ones: tied)
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k before RoPE; GPT-2 and Llama: none
+    gelu: str = "tanh"  # GPT-2's MLP: the tanh approximation (HF "gelu_new"); "exact": erf, as nanoGPT (half the time on CPU)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -64,7 +65,7 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise NanoError(f"dropout must be in [0, 1) (got {self.dropout})")
         for name, allowed in (("attn_impl", ("sdpa", "flash")), ("arch", ("gpt2", "llama")),
-                              ("norm", ("layernorm", "rmsnorm"))):
+                              ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact"))):
             if getattr(self, name) not in allowed:
                 raise NanoError(f"unknown {name} {getattr(self, name)!r} ({' or '.join(allowed)})")
         if min(self.rope_theta, self.rope_scaling, self.head_dim, self.mlp_hidden) < 0:
@@ -192,7 +193,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.dropout = nn.Dropout(config.dropout)

@@ -53,6 +53,8 @@ class TrainConfig(common.TrainingConfig):  # nanoGPT's options (common.py), and 
     mlp_hidden: int = field(default=0, metadata={"help": "MLP hidden units (0 = 4 * n_embd for gpt2, "
                                                           "8/3 * n_embd rounded up to 64 for llama's SwiGLU)"})
     bias: bool = field(default=True, metadata={"help": "biases in Linears and norms (--arch llama: False unless given)"})
+    gelu: str = field(default="exact", metadata={"help": "gpt2's MLP activation: exact (erf, as nanoGPT; on CPU half the "
+                                                         "time of tanh) | tanh (GPT-2's approximation, as its weights)"})
     # evaluation, logging
     eval_hellaswag_every: int = field(default=0, metadata={"help": "run HellaSwag (eval_hellaswag.py) every N iters (0 = never)"})
     hellaswag_data: str = field(default="", metadata={"help": "local hellaswag_val.jsonl for --eval_hellaswag_every"})
@@ -101,6 +103,8 @@ def parse_args(argv):
                 setattr(cfg, name, value)
     if cfg.arch not in ("gpt2", "llama"):
         raise NanoError(f"unknown --arch {cfg.arch!r} (gpt2 or llama)")
+    if cfg.gelu not in ("exact", "tanh"):
+        raise NanoError(f"unknown --gelu {cfg.gelu!r} (exact or tanh)")
     if cfg.arch == "llama" and "bias" not in given:
         cfg.bias = False  # Llama has no biases
     if cfg.resume:
@@ -125,7 +129,7 @@ def model_config(cfg: TrainConfig, vocab_size):
     shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                  n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, mlp_hidden=cfg.mlp_hidden, dropout=cfg.dropout,
                  bias=cfg.bias)
-    return gpt.llama_config(**shape) if cfg.arch == "llama" else gpt.GPTConfig(**shape)
+    return gpt.llama_config(**shape) if cfg.arch == "llama" else gpt.GPTConfig(**shape, gelu=cfg.gelu)
 
 
 def prepare_data(cfg: TrainConfig):
@@ -330,7 +334,7 @@ def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
     ckpt = data.read_checkpoint(run.ckpt_path, run.device)
     if "optimizer" not in ckpt:
         raise NanoError(f"{run.ckpt_path} has no optimizer state (not a train.py checkpoint)")
-    for name in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "bias", "dropout"):
+    for name in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "bias", "dropout", "gelu"):
         saved = ckpt["config"].get(name)
         if name in given and saved is not None and getattr(cfg, name) != saved:
             raise NanoError(f"--{name} {getattr(cfg, name)} differs from the checkpoint's {saved} "

@@ -40,23 +40,33 @@ def test_hf_state_dict_round_trip(tiny_config):
     assert GPT.from_hf_state_dict(to_hf_names(wide)).config == wide.config
 
 
-def test_logits_match_transformers_gpt2():
+@pytest.mark.parametrize("activation, gelu", [("gelu_new", "tanh"), ("gelu", "exact")])
+def test_logits_match_transformers_gpt2(activation, gelu):
+    """GPT-2's tanh GELU ("gelu_new", its released weights) and the exact one ("gelu", what
+    train.py trains from scratch, as nanoGPT), read from config.json and written back by export."""
     transformers = pytest.importorskip("transformers", reason="transformers not installed: HF parity not checked")
+    import export
+
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4,
-                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function=activation)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     with torch.no_grad():  # HF's init leaves biases at zero: make them random so they are checked too
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
-    # the weights do not store n_head (GPT-2's sizes all have 64-dim heads): pass the config
-    model = GPT.from_hf_state_dict(hf.state_dict(), GPTConfig(block_size=48, vocab_size=101, n_layer=3, n_head=4, n_embd=64)).eval()
+    # the weights do not store n_head (GPT-2's sizes all have 64-dim heads): config.json does
+    config = GPTConfig(**data.hf_config_fields(hf_config.to_dict()))
+    assert config.gelu == gelu
+    model = GPT.from_hf_state_dict(hf.state_dict(), config).eval()
     idx = torch.randint(0, 101, (2, 40))
     with torch.no_grad():
         ours, theirs = model(idx)[0], hf(idx).logits
     # fp32, same operations in a different order (fused SDPA vs HF's eager attention): 1e-5
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert export.hf_config(model, eot_id=0)["activation_function"] == activation
+    with pytest.raises(common.NanoError, match="activation_function 'relu' is not supported"):
+        data.hf_config_fields({**hf_config.to_dict(), "activation_function": "relu"})
 
 
 def test_safetensors_round_trip(tmp_path):

@@ -125,6 +125,7 @@ def test_bad_inputs(tmp_path, shakespeare_path):
     ("--device", "tpu", "unknown --device 'tpu'"),
     ("--init_from", "gpt5", "unknown --init_from 'gpt5'"),
     ("--arch", "mamba", "unknown --arch 'mamba'"),
+    ("--gelu", "relu", "unknown --gelu 'relu' (exact or tanh)"),
     ("--n_kv_head", "3", "n_head 2 is not a multiple of n_kv_head 3"),
     ("--n_kv_head", "-1", "--n_kv_head must be >= 0"),
 ])
@@ -146,6 +147,7 @@ def test_text_dataset_with_gpt2_tokens(tmp_path, shakespeare_path):
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
     assert spec == "gpt2" and model.config.vocab_size == 50257
+    assert model.config.gelu == "exact"  # from scratch: nanoGPT's GELU (GPT-2's weights keep their tanh one)
 
 
 def test_eval_hellaswag_every(tmp_path, shakespeare_path):
