@@ -493,8 +493,9 @@ def export_gguf(model: gpt.GPT, spec: str, path: Path, gguf_type: str, name: str
     if gguf_type not in GGUF_TYPES:
         raise NanoError(f"unknown --gguf_type {gguf_type!r} ({', '.join(GGUF_TYPES)})")
     ggml_type, file_type = GGUF_TYPES[gguf_type]
-    # llama.cpp's GPT-2 graph has one GELU, the tanh approximation: a model trained with the exact
-    # GELU (train.py's default) runs there with it, each unit off by at most ~5e-4
+    if model.config.arch == "gpt2" and model.config.gelu == "exact":  # train.py's default from scratch
+        print("note: llama.cpp runs GPT-2's GELU as the tanh approximation; this model was trained with the exact "
+              "one (each activation off by at most 5e-4)")
     mlp = model.transformer.h[0].mlp
     ffn_hidden = (mlp.c_fc if model.config.arch == "gpt2" else mlp.up_proj).out_features
     metadata = gguf_metadata(model.config, name, file_type, ffn_hidden) | gguf_tokenizer(spec, model.config.vocab_size)
