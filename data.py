@@ -422,12 +422,11 @@ def download(url: str, dest, expected_size: int | None = None, hint: str = "chec
         return dest
     import requests  # imported here: only downloads need it
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")  # per process: DDP ranks may race
     print(f"downloading {url} -> {dest}", file=sys.stderr)
-    try:
-        # identity encoding, so Content-Length counts the bytes we write (not gzip's)
-        headers = {"Accept-Encoding": "identity", **(headers or {})}
+    # identity encoding, so Content-Length counts the bytes we write (not gzip's)
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
+
+    def fetch(tmp):
         with requests.get(url, stream=True, timeout=60, headers=headers) as r:
             r.raise_for_status()
             expected = expected_size or int(r.headers.get("Content-Length", 0))
@@ -437,11 +436,11 @@ def download(url: str, dest, expected_size: int | None = None, hint: str = "chec
         got = tmp.stat().st_size
         if expected and got != expected:
             raise NanoError(f"{url} arrived with {got} of {expected} bytes (run again)")
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, fetch)  # a per-process temp file: DDP ranks may race
     except requests.RequestException as e:
         raise NanoError(f"could not download {url} ({e.__class__.__name__}; {hint})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -716,9 +715,7 @@ def write_tokens(path, ids, dtype="uint16"):
     arr = np.asarray(ids, dtype=np.int64)
     if arr.size and arr.max() > np.iinfo(dtype).max:
         raise NanoError(f"token id {arr.max()} does not fit {dtype} bins (the tokenizer's vocab_size is too small)")
-    tmp = Path(f"{path}.tmp")
-    arr.astype(dtype).tofile(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, arr.astype(dtype).tofile)
 
 
 VAL_FRACTION = 0.1  # the last 10% of a text is its validation split
@@ -770,9 +767,8 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
     meta = {"tokenizer": spec, "vocab_size": tok.vocab_size, "token_dtype": dtype, "source": str(src),
             "train_tokens": len(train_ids), "val_tokens": len(val_ids),  # bytes: for bits per byte
             "train_bytes": len(text[:split].encode("utf-8")), "val_bytes": len(text[split:].encode("utf-8"))}
-    tmp = meta_path.with_name("meta.json.tmp")  # meta.json is what says "prepared": written last, atomically
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    # meta.json is what says "prepared": written last, atomically
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     print(f"prepared {folder}: {len(train_ids):,} train and {len(val_ids):,} val tokens", file=sys.stderr)
     return folder
 

@@ -365,9 +365,8 @@ def main(argv=None) -> dict:
             for style, r in results.items():
                 print(f"hellaswag {style} style: acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} (n={r['n']})")
             if cfg.out_json:  # temp file + rename: a reader never sees half a file
-                tmp = Path(f"{cfg.out_json}.tmp{os.getpid()}")
-                tmp.write_text(json.dumps({"config": asdict(cfg), **results}, indent=2))
-                os.replace(tmp, cfg.out_json)
+                text = json.dumps({"config": asdict(cfg), **results}, indent=2)
+                common.atomic_write(cfg.out_json, lambda tmp: tmp.write_text(text))
         return results
     finally:
         if ddp:

@@ -49,7 +49,7 @@ import bpe
 import data
 import gpt
 import lora
-from common import NanoError, cli, parse_config
+from common import NanoError, atomic_write, cli, parse_config
 
 # ----------------------------------------------------------------------------------------
 # GGUF v3 (github.com/ggml-org/ggml/blob/master/docs/gguf.md), all little-endian:
@@ -151,18 +151,16 @@ def write_gguf(path, metadata: dict, tensors: list[tuple[str, torch.Tensor, int]
                    struct.pack("<IQ", ggml_type, offset)]
         offset = aligned(offset + _nbytes(t.shape, ggml_type))
     head = b"".join(header)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             f.write(head + b"\0" * (aligned(len(head)) - len(head)))
             for name, t, ggml_type in tensors:
                 blob = tensor_bytes(t, ggml_type)
                 f.write(blob)
                 f.write(b"\0" * (aligned(len(blob)) - len(blob)))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ matplotlib is an optional dependency, needed only here: pip install matplotlib
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import NanoError, cli, parse_config
+from common import NanoError, atomic_write, cli, parse_config
 
 # What each panel draws: (row key, label, line style). Per-step train loss is noisy, so it
 # is thin and faint; evaluations are few and exact, so they get markers.
@@ -60,13 +59,9 @@ def check_output(out) -> Path:
 def save_figure(fig, out, dpi=100) -> Path:
     """Write to a temp file, then rename: a reader never sees half a picture."""
     out = check_output(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=dpi, bbox_inches="tight"))
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clear()
         load_pyplot().close(fig)
     return out

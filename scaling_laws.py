@@ -32,7 +32,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 
 import data
 import gpt
-from common import NanoError, autocast, cli, cosine_lr, parse_config, pick_device, pick_dtype, set_seed
+from common import NanoError, atomic_write, autocast, cli, cosine_lr, parse_config, pick_device, pick_dtype, set_seed
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,10 +318,8 @@ def train_point(n_layer, n_embd, budget, bins, meta, cfg, device, ctx) -> dict:
 
 
 def write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def run_grid(cfg, sizes, budgets, bins, meta, device, ctx) -> list[dict]:
