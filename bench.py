@@ -254,17 +254,24 @@ def nanogpt_result(stdout: str) -> tuple[float, float]:
     return float(vals[-1]), median_excluding_evals(ms)
 
 
+NANOGPT_CPU_SHAPE = dict(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+
+
+def char_ids(bin_path: Path) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.fromfile(bin_path, dtype=np.uint16).astype(np.int64))
+
+
 def full_val_loss(state_dict: dict, val_bin: Path, gelu: str = "exact") -> float:
     """Mean loss of nanoGPT-CPU-shaped weights (either side's: the module names are the same)
     over every non-overlapping 64-character window of the val split: 111,540 scored positions,
     where the logged figure scores 20 random batches (15,360) and moves by ~+-0.01 with them."""
-    import numpy as np
-
     import gpt
 
-    model = gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, bias=False, gelu=gelu))
+    model = gpt.GPT(gpt.GPTConfig(**NANOGPT_CPU_SHAPE, gelu=gelu))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()})
-    ids = torch.from_numpy(np.fromfile(val_bin, dtype=np.uint16).astype(np.int64))
+    ids = char_ids(val_bin)
     n = (len(ids) - 1) // 64 * 64
     x, y = ids[:n].view(-1, 64), ids[1:n + 1].view(-1, 64)  # (windows, 64)
     with torch.no_grad():
@@ -282,23 +289,29 @@ def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict
     import importlib.util
     import io
 
-    import numpy as np
-
     import common
     import gpt
 
     spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
     ng = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ng)
-    shape = dict(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
     torch.manual_seed(1337)
     with contextlib.redirect_stdout(io.StringIO()):
-        theirs = ng.GPT(ng.GPTConfig(**shape))
-    train_ids = torch.from_numpy(np.fromfile(data_root / "shakespeare_char" / "train.bin", dtype=np.uint16).astype(np.int64))
+        theirs = ng.GPT(ng.GPTConfig(**NANOGPT_CPU_SHAPE))
+    train_ids = char_ids(data_root / "shakespeare_char" / "train.bin")
+
+    def step(model, opt):  # one AdamW step on (x, y); the loss
+        loss = model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
     out = {}
     for gelu in ("tanh", "exact"):  # exact last: the models the profile below runs
         ref = copy.deepcopy(theirs)
-        ours = gpt.GPT(gpt.GPTConfig(**shape, gelu=gelu))
+        ours = gpt.GPT(gpt.GPTConfig(**NANOGPT_CPU_SHAPE, gelu=gelu))
         ours.load_state_dict(ref.state_dict())
         with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter groups
             opts = [m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu") for m in (ours, ref)]
@@ -312,12 +325,7 @@ def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict
             for model, opt in zip((ours, ref), opts):
                 for group in opt.param_groups:
                     group["lr"] = common.cosine_lr(it, 1e-3, 1e-4, 100, steps)
-                loss = model(x, y)[1]
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(step(model, opt))
             worst = max(worst, abs(losses[0] - losses[1]))
         val_bin = data_root / "shakespeare_char" / "val.bin"
         out[gelu] = (worst, full_val_loss(ours.state_dict(), val_bin, gelu), full_val_loss(ref.state_dict(), val_bin))
@@ -328,15 +336,12 @@ def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict
         for side, (model, opt) in enumerate(zip((ours, ref), opts)):
             with torch.profiler.profile() as prof:
                 for _ in range(10):
-                    model(x, y)[1].backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    step(model, opt)
             for e in prof.key_averages():
                 per_op[side][e.key] = per_op[side].get(e.key, 0.0) + e.self_cpu_time_total / 50 / 1e3
     top = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: -max(per_op[0].get(k, 0), per_op[1].get(k, 0)))
     out["profile"] = [(op, per_op[0].get(op, 0.0), per_op[1].get(op, 0.0)) for op in top[:10]]
-    out["profile total"] = [(sum(d.values())) for d in per_op]
+    out["profile total"] = [sum(d.values()) for d in per_op]
     return out
 
 
@@ -544,14 +549,9 @@ def bench_sample(quick: bool) -> None:
     import sample
 
     torch.manual_seed(0)
-    if quick:
-        config = gpt.GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
-        prompt_len, new_tokens, batches = 8, 16, (1, 2)
-    else:
-        config = gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
-        prompt_len, new_tokens, batches = 32, 256, (1, 8)
+    config, name = gpt2_shape(quick)
+    prompt_len, new_tokens, batches = (8, 16, (1, 2)) if quick else (32, 256, (1, 8))
     model = gpt.GPT(config).eval()
-    name = "tiny" if quick else "124M"
 
     def timed_generate(prompt, n=new_tokens):
         """(prefill_s, decode_s, tokens) of one cached greedy generation."""
@@ -613,6 +613,23 @@ def bench_sample(quick: bool) -> None:
     bench_decode_bound(quick)
 
 
+def gpt2_shape(quick: bool):
+    """(config, name) of the decode and serving benches: GPT-2 124M, or a tiny one for --quick."""
+    import gpt
+
+    if quick:
+        return gpt.GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=2, n_embd=64), "tiny"
+    return gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768), "124M"
+
+
+def bound_products(n_params: int, k: int = 1024):
+    """The decode memory bound: a step reads every weight once, so it cannot beat one 1-row fp32
+    product over a (n_params / k, k) weight. Both layouts, (in, out) and (out, in): take the faster."""
+    w = torch.randn(n_params // k, k)
+    x_rows, x_cols = torch.randn(1, n_params // k), torch.randn(1, k)
+    return (lambda: x_rows @ w), (lambda: torch.nn.functional.linear(x_cols, w))
+
+
 def bench_decode_bound(quick: bool) -> None:
     """sample.py's batch-1 decode against the memory bound and against HF generate.
 
@@ -628,12 +645,8 @@ def bench_decode_bound(quick: bool) -> None:
     import sample
 
     torch.manual_seed(0)
-    if quick:
-        config = gpt.GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
-        prompt_len, new_tokens, rounds, name = 8, 16, 3, "tiny"
-    else:
-        config = gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
-        prompt_len, new_tokens, rounds, name = 32, 256, 3, "124M"
+    config, name = gpt2_shape(quick)
+    prompt_len, new_tokens, rounds = (8, 16, 3) if quick else (32, 256, 3)
     model = sample.decode_layout(gpt.GPT(config).eval())
     n_params = sum(p.numel() for p in model.parameters())
     prompts = {b: torch.randint(0, config.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(b))
@@ -653,17 +666,14 @@ def bench_decode_bound(quick: bool) -> None:
         return [b - a for a, b in zip(first, clocks())], torch.stack(out, 1)
 
     compiled = sample.compile_decode()  # inductor, as --compile
-    k = 1024  # the bound's weight: (n_params / k, k) fp32, read by a 1-row product in either layout
-    w = torch.randn(n_params // k, k)
-    x_rows, x_cols = torch.randn(1, n_params // k), torch.randn(1, k)
 
     def bound(product):
         start = clocks()
         product()
         return [b - a for a, b in zip(start, clocks())], None
 
-    sides = {"bound (in, out)": lambda: bound(lambda: x_rows @ w),
-             "bound (out, in)": lambda: bound(lambda: torch.nn.functional.linear(x_cols, w)),
+    in_out, out_in = bound_products(n_params)
+    sides = {"bound (in, out)": lambda: bound(in_out), "bound (out, in)": lambda: bound(out_in),
              "ours": ours, "ours --compile": lambda: ours(decode_fn=compiled), "ours B=8": lambda: ours(8)}
     try:
         import transformers  # reference only: the same weights in GPT2LMHeadModel
@@ -1501,12 +1511,8 @@ def bench_serve(args) -> None:
 
     quick = getattr(args, "quick", args)
     torch.manual_seed(0)
-    if quick:
-        config = gpt.GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
-        n_requests, new_tokens, repeats, name = 4, 8, 1, "tiny"
-    else:
-        config = gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
-        n_requests, new_tokens, repeats, name = 16, 64, 3, "124M"
+    config, name = gpt2_shape(quick)
+    n_requests, new_tokens, repeats = (4, 8, 1) if quick else (16, 64, 3)
     model = gpt.GPT(config).eval()
     # quick: a tiny vocabulary, any tokenizer of <= 512 ids
     tok = data.load_tokenizer("char:" + "".join(chr(32 + i) for i in range(config.vocab_size)) if quick else "gpt2")
@@ -2202,10 +2208,7 @@ def bench_decode(quick):
         return (t2 - t1) - (t1 - t0), out[0, prompt_len:].tolist()
 
     # the bound: a 1-row fp32 product over as many weights as the model has, in the faster layout
-    k = 1024
-    w = torch.randn(n_params // k, k)
-    x, x_k = torch.randn(1, n_params // k), torch.randn(1, k)
-    bound_ms = min(median_ms(lambda: x @ w, repeat=5), median_ms(lambda: torch.nn.functional.linear(x_k, w), repeat=5))
+    bound_ms = min(median_ms(product, repeat=5) for product in bound_products(n_params))
     ours(), theirs() if hf is not None else None  # warm-up
     times = {"ours": [], "hf": []}
     for _ in range(repeat):
