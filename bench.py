@@ -1137,9 +1137,8 @@ def bench_moe(quick: bool) -> None:
     import tempfile
     from pathlib import Path
 
-    import moe
-
     import data
+    import moe
 
     section = "moe"
     bench_moe_dispatch(quick)
