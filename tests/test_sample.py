@@ -7,6 +7,7 @@ import torch
 
 import gpt
 import sample
+from common import NanoError
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +121,22 @@ def test_generate_matches_plain_forward_greedy():
             logits, _ = model(idx)
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy(model, prompt, 22), idx[:, 10:])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_simple_equals_generate(arch):
+    """On equal-length prompts that fit the window, the one-screen loop gives generate()'s
+    tokens exactly: greedy at batch 1 and 2, and seeded sampling with top-k and top-p (the
+    same generator draws; batch 2, where generate's head is the same F.linear as lm_head)."""
+    model = random_gpt(0) if arch == "gpt2" else random_llama(0)
+    prompts = torch.randint(0, 65, (2, 9), generator=torch.Generator().manual_seed(1))
+    for idx in (prompts[:1], prompts):
+        assert torch.equal(sample.generate_simple(model, idx, 23, temperature=0), greedy(model, idx, 23))
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+    got = sample.generate_simple(model, prompts, 23, generator=sample.sample_generator(7, "cpu"), **kw)
+    assert torch.equal(got, torch.stack(list(sample.generate(model, prompts, 23, seed=7, **kw)), dim=1))
+    with pytest.raises(NanoError, match="exceed block_size"):
+        sample.generate_simple(model, prompts, 24)
 
 
 def test_cache_equals_no_cache_past_block_size():
