@@ -1587,7 +1587,7 @@ def bench_serve(args) -> None:
         for b, times in step_ms.items():
             tokens, pos = torch.zeros(b, 1, dtype=torch.long), torch.full((b,), length - 1)
             t0 = time.perf_counter()
-            serve.decode_step(model, tokens, pos, engine._views(slice(0, b), length), engine.head)
+            serve.decode_step(model, tokens, pos, engine.views(slice(0, b), length), engine.head)
             times.append((time.perf_counter() - t0) * 1e3)
     del engine
 

@@ -1,0 +1,419 @@
+"""OpenAI's HTTP API in front of an inference engine: routes, request validation, streaming
+(server-sent events), OpenAI-style errors and a chat page.
+
+serve.py teaches the engine (continuous batching); this file is the plumbing that lets any
+OpenAI client talk to it. It imports no script: the engine, the tokenizer and the chat
+template come in as arguments, and all it asks of them is
+- engine: block_size, rows (one entry per cache row, None when free), running(), waiting (a
+  queue.Queue), stats (a dict), stop(), and complete(tok, prompt_ids, stop_ids, stop,
+  max_tokens=, temperature=, top_p=, top_k=, seed=) -> a completion with deltas(client_gone)
+  (text pieces; RuntimeError if the engine failed it), cancel(), finish_reason and
+  completion_tokens. complete() raises NanoError for a request it cannot take and
+  queue.Full when too many wait;
+- tok: encode, decode, eot_id, vocab_size;
+- template: render(messages) -> prompt ids, stop_ids, stop (strings); by default
+  PlainChatTemplate below, for base models (serve.load_tokenizer picks a chat model's own).
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI's request and response
+shapes; "stream": true sends server-sent events ending in `data: [DONE]`), GET /v1/models,
+GET /health, GET / (a chat page, assets/chat.html: plain JavaScript, works offline).
+Bad requests get OpenAI-style error JSON with a 4xx status; a full queue gets 503 with
+Retry-After; a client that goes away cancels its request. One thread per connection.
+
+Run (serve.py builds the engine and starts this server):
+  python serve.py --ckpt out/ckpt.pt                 # then open http://127.0.0.1:8000/
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 50}'
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import queue
+import select
+import socket
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from common import NanoError
+
+PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
+
+# ----------------------------------------------------------------------------------------
+# The chat template of base models: a conversation -> prompt ids
+
+
+class PlainChatTemplate:
+    """For base models: "User: ...\\nAssistant: ...\\n" lines, ending in "Assistant:", and
+    "\\nUser:" as a stop string so the model does not write the user's next turn."""
+
+    stop = ("\nUser:",)
+
+    def __init__(self, tok):
+        self.tok, self.stop_ids = tok, frozenset({tok.eot_id} if tok.eot_id is not None else ())
+
+    def render(self, messages) -> list[int]:
+        names = {"user": "User", "assistant": "Assistant"}
+        text = "".join(m["content"] + "\n\n" if m["role"] == "system" else f"{names[m['role']]}: {m['content']}\n"
+                       for m in messages)
+        return self.tok.encode(text + "Assistant:")
+
+
+# ----------------------------------------------------------------------------------------
+# Request validation: OpenAI's fields, OpenAI's errors
+
+
+class APIError(Exception):
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers or {}
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def get_field(body, name, kinds, default=None, check=None, hint=""):
+    """body[name] if it has one of the JSON types `kinds` ("string", "integer", "number",
+    "boolean", "array", "object") and passes check; a 400 naming the field otherwise."""
+    value = body.get(name)
+    if value is None:
+        return default
+    types = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict}
+    ok = any(isinstance(value, types[k]) and (k == "boolean" or not isinstance(value, bool)) for k in kinds)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok or (check is not None and not check(value)):
+        raise APIError(400, f"{value!r} is not a valid {name!r} (expected {' or '.join(kinds)}{hint})", param=name)
+    return value
+
+
+def parse_messages(body):
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' is required: a non-empty list of {\"role\", \"content\"} objects",
+                       param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{where} must be an object with 'role' and 'content'", param=where)
+        role, content = m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"{where}.role must be 'system', 'user' or 'assistant' (got {role!r})",
+                           param=f"{where}.role")
+        if isinstance(content, list):  # content parts: only text ones can be read by a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"{where}.content parts must be {{\"type\": \"text\", \"text\": ...}}",
+                               param=f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string", param=f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_prompt(body, tok):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tok.encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < tok.vocab_size for t in prompt):
+            raise APIError(400, f"prompt token ids must be in 0..{tok.vocab_size - 1}", param="prompt")
+        return prompt
+    raise APIError(400, "'prompt' is required: a string or a list of token ids (one prompt per request)",
+                   param="prompt")
+
+
+def parse_sampling(body, block_size, n_prompt):
+    """The generation fields shared by both endpoints -> Request keyword arguments, stop, stream options."""
+    max_tokens = get_field(body, "max_tokens", ["integer"], check=lambda v: v >= 1, hint=" >= 1")
+    max_tokens = get_field(body, "max_completion_tokens", ["integer"], max_tokens, lambda v: v >= 1, " >= 1")
+    if max_tokens is None:  # OpenAI's default: whatever the context has left
+        max_tokens = block_size - n_prompt
+    if n_prompt + max_tokens > block_size or max_tokens < 1:
+        raise APIError(400, f"this model's context is {block_size} tokens; the prompt has {n_prompt} and "
+                       f"max_tokens asks for {max_tokens} more (shorten the prompt or lower max_tokens)",
+                       param="max_tokens" if n_prompt < block_size else "messages", code="context_length_exceeded")
+    stop = get_field(body, "stop", ["string", "array"], [],
+                     lambda v: isinstance(v, str) or (len(v) <= 4 and all(isinstance(s, str) and s for s in v)),
+                     hint=", at most 4 non-empty strings")
+    get_field(body, "n", ["integer"], 1, lambda v: v == 1, hint=" 1: one choice per request")
+    stream_options = get_field(body, "stream_options", ["object"], {})
+    options = {
+        "max_tokens": max_tokens,
+        "temperature": get_field(body, "temperature", ["number"], 1.0, lambda v: 0 <= v <= 2, " in [0, 2]"),
+        "top_p": get_field(body, "top_p", ["number"], 1.0, lambda v: 0 < v <= 1, " in (0, 1]"),
+        "top_k": get_field(body, "top_k", ["integer"], 0, lambda v: v >= 0, " >= 0") or None,  # vLLM's extension
+        "seed": get_field(body, "seed", ["integer"]),
+    }
+    return options, [stop] if isinstance(stop, str) else stop, {
+        "stream": get_field(body, "stream", ["boolean"], False),
+        "include_usage": bool(stream_options.get("include_usage")),
+        "ignore_eos": get_field(body, "ignore_eos", ["boolean"], False),  # vLLM's extension, for benchmarks
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive for JSON replies; streams close the connection
+    server_version = "nanollm"
+    max_body = 1 << 20
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def log_message(self, fmt, *args):
+        if self.server.log_requests:
+            super().log_message(fmt, *args)
+
+    def _dispatch(self, method):
+        routes = {"/v1/chat/completions": ("POST", self.chat_completions), "/v1/completions": ("POST", self.completions),
+                  "/v1/models": ("GET", self.models), "/health": ("GET", self.health),
+                  "/": ("GET", self.page), "/index.html": ("GET", self.page)}
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            body = self._read_body() if method == "POST" else b""
+            if path not in routes:
+                raise APIError(404, f"no route {method} {path} (see GET /v1/models, POST /v1/chat/completions)",
+                               code="not_found")
+            want, handler = routes[path]
+            if method != want:
+                raise APIError(405, f"{path} takes {want}, not {method}", code="method_not_allowed",
+                               headers={"Allow": want})
+            key = self.server.api_key
+            if path.startswith("/v1/") and key and \
+                    not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+                raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                               code="invalid_api_key")
+            handler(self._json(body) if method == "POST" else None)
+        except APIError as e:
+            self._send_json(e.status, e.body(), e.headers)
+        except NanoError as e:  # e.g. a character the tokenizer cannot encode
+            self._send_json(400, APIError(400, str(e)).body())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001  a bug answers 500, never kills the server
+            traceback.print_exc()
+            self.close_connection = True
+            try:
+                self._send_json(500, APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body())
+            except OSError:  # the client has gone too
+                pass
+
+    def _read_body(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise APIError(411, "send the JSON body with a Content-Length header", code="length_required")
+        if int(length) > self.max_body:
+            self.close_connection = True
+            raise APIError(413, f"the body is over {self.max_body} bytes", code="body_too_large")
+        return self.rfile.read(int(length))
+
+    @staticmethod
+    def _json(raw):
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    def _send_json(self, status, obj, headers=None):
+        payload = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _client_gone(self):
+        """The client closed its end: the socket reads as end-of-file."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    # -- routes
+    def health(self, _):
+        engine = self.server.engine
+        self._send_json(200, {"status": "ok", "model": self.server.model_name, "max_batch": len(engine.rows),
+                              "running": engine.running(), "waiting": engine.waiting.qsize(),
+                              "free_slots": len(engine.rows) - engine.running(), **engine.stats})
+
+    def models(self, _):
+        self._send_json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                          "created": self.server.created, "owned_by": "nanollm"}]})
+
+    def page(self, _):
+        payload = self.server.page
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def chat_completions(self, body):
+        self._check_model(body)
+        template = self.server.template
+        ids = template.render(parse_messages(body))
+        self._complete(body, ids, template.stop_ids, template.stop, chat=True)
+
+    def completions(self, body):
+        self._check_model(body)
+        ids = parse_prompt(body, self.server.tok)
+        if not ids:
+            if self.server.tok.eot_id is None:
+                raise APIError(400, "the prompt is empty (send at least one character)", param="prompt")
+            ids = [self.server.tok.eot_id]  # an empty prompt starts a fresh document, as GPT-2 was trained
+        eot = self.server.tok.eot_id
+        self._complete(body, ids, frozenset({eot} if eot is not None else ()), (), chat=False)
+
+    def _check_model(self, body):
+        model = get_field(body, "model", ["string"])
+        if model is not None and model != self.server.model_name:
+            raise APIError(404, f"the model {model!r} does not exist (this server has {self.server.model_name!r})",
+                           param="model", code="model_not_found")
+
+    def _complete(self, body, ids, stop_ids, stop, chat):
+        engine, tok = self.server.engine, self.server.tok
+        options, user_stop, flags = parse_sampling(body, engine.block_size, len(ids))
+        try:
+            comp = engine.complete(tok, ids, frozenset() if flags["ignore_eos"] else stop_ids,
+                                   tuple(stop) + tuple(user_stop), **options)
+        except queue.Full as e:
+            raise APIError(503, f"the server is busy ({e}; retry shortly)", kind="server_error", code="overloaded",
+                           headers={"Retry-After": "1"}) from None
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.server.model_name}
+        try:
+            if flags["stream"]:
+                self._stream(comp, head, chat, flags["include_usage"], len(ids))
+            else:
+                text = "".join(comp.deltas(self._client_gone))
+                if comp.finish_reason is None:  # the client left
+                    self.close_connection = True
+                    return
+                choice = {"index": 0, "finish_reason": comp.finish_reason, "logprobs": None,
+                          **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+                self._send_json(200, {**head, "object": "chat.completion" if chat else "text_completion",
+                                      "choices": [choice], "usage": usage(len(ids), comp.completion_tokens)})
+        finally:
+            comp.cancel()
+
+    def _stream(self, comp, head, chat, include_usage, n_prompt):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def send(obj):
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        def chunk(piece, finish=None):
+            choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+            choice.update({"delta": piece} if chat else {"text": piece.get("content", "")})
+            return {**head, "object": kind, "choices": [choice]}
+
+        if chat:
+            send(chunk({"role": "assistant", "content": ""}))
+        try:
+            for piece in comp.deltas(self._client_gone):
+                send(chunk({"content": piece}))
+        except RuntimeError as e:  # the engine failed this request: say so in the stream
+            send(APIError(500, str(e), kind="server_error").body())
+        else:
+            if comp.finish_reason is None:  # the client left
+                return
+            send(chunk({}, comp.finish_reason))
+            if include_usage:
+                send({**head, "object": kind, "choices": [], "usage": usage(n_prompt, comp.completion_tokens)})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def usage(n_prompt, n_completion):
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server: a Handler thread per connection, all sharing one engine; it keeps
+    track of its connections so that server_close() can hang up on every one."""
+
+    daemon_threads = True  # a connection thread never keeps the process alive
+    request_queue_size = 1024  # the listen backlog; socketserver's 5 resets connections in a burst
+
+    def __init__(self, address, engine, tok, template=None, model_name="nanollm", api_key="", log_requests=True):
+        super().__init__(address, Handler)
+        self.engine, self.tok, self.template = engine, tok, template or PlainChatTemplate(tok)
+        self.model_name, self.api_key, self.log_requests = model_name, api_key, log_requests
+        self.created = int(time.time())
+        self.page = PAGE.read_bytes()
+        self.connections, self._lock = set(), threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):  # a connection thread's last act
+        with self._lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        """Stop listening and hang up on every open connection, idle keep-alive ones
+        included, then wait for their threads: a connection thread still alive when the
+        interpreter exits can abort the process ("terminate called without an active exception")."""
+        super().server_close()
+        with self._lock:
+            hang_up = list(self.connections)
+        for sock in hang_up:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # its thread reads end-of-file, or fails to write, and ends
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while self.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self):
+        """Stop serve_forever (running in another thread), the connections, the engine."""
+        self.shutdown()
+        self.server_close()
+        self.engine.stop()
+
+
+def make_server(engine, tok, host="127.0.0.1", port=0, **kwargs) -> Server:
+    """A Server on host:port in front of a started engine (port 0 picks a free one); if it
+    cannot listen, the engine is stopped and a NanoError says why."""
+    try:
+        return Server((host, port), engine, tok, **kwargs)
+    except OSError as e:
+        engine.stop()
+        raise NanoError(f"cannot listen on {host}:{port} ({e.strerror}; pick another --port)") from None
