@@ -15,6 +15,7 @@ This file imports nothing of nanollm's.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import glob
 import math
@@ -274,16 +275,32 @@ def rank0_first():
 
 def atomic_write(path, write):
     """write(tmp) fills a temp file beside path, which is then renamed to path: a kill at any
-    moment leaves the old file or the new one, never half of one (per-process name: DDP ranks)."""
+    moment leaves the old file or the new one, never half of one (per-process name: DDP ranks).
+    A read-only folder or a full disk is one NanoError line, and the old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError("unexpected pos ...")
+        raise write_error(path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_error(path: Path, error: Exception) -> Exception:
+    """The one line for a failed write (a full disk, a read-only folder), or the error itself."""
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    if getattr(error, "errno", None) == errno.ENOSPC or (isinstance(error, RuntimeError) and free < 64 << 20):
+        return NanoError(f"no space left on device writing {path} (free {free >> 20} MB; free some space or "
+                         "write elsewhere)")
+    if isinstance(error, OSError):
+        return NanoError(f"cannot write {path} ({error.strerror or error}; pick a writable path)")
+    return error
 
 
 def pid_alive(pid: int) -> bool:
