@@ -15,9 +15,13 @@ This file imports nothing of nanollm's.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import glob
 import math
 import os
+import re
+import shutil
 import statistics
 import sys
 import time
@@ -80,7 +84,8 @@ def _parse_bool(s: str) -> bool:
 
 def parse_config(config_cls, argv=None, description=None):
     """Turn a dataclass into an argparse CLI: every field is an option `--name` with its
-    default shown in --help; booleans take a value (`--compile False`, `--compile=False`)."""
+    default shown in --help; booleans take a value (`--compile False`, `--compile=False`) or
+    none (a bare `--force` means True)."""
     parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
     hints = typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -92,7 +97,8 @@ def parse_config(config_cls, argv=None, description=None):
         if optional:
             convert = (lambda c: lambda s: None if s.lower() == "none" else c(s))(convert)
         default = f.default if f.default is not MISSING else f.default_factory()
-        parser.add_argument(f"--{f.name}", type=convert, default=default, metavar=kind.__name__.upper(),
+        bare = dict(nargs="?", const=True) if kind is bool else {}  # `--force` alone is `--force True`
+        parser.add_argument(f"--{f.name}", type=convert, default=default, metavar=kind.__name__.upper(), **bare,
                             help=(f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)r)").lstrip())
     args = parser.parse_args(argv)
     return config_cls(**vars(args))
@@ -269,15 +275,61 @@ def rank0_first():
 
 def atomic_write(path, write):
     """write(tmp) fills a temp file beside path, which is then renamed to path: a kill at any
-    moment leaves the old file or the new one, never half of one (per-process name: DDP ranks)."""
+    moment leaves the old file or the new one, never half of one (per-process name: DDP ranks).
+    A read-only folder or a full disk is one NanoError line, and the old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError("unexpected pos ...")
+        raise write_error(path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_error(path: Path, error: Exception) -> Exception:
+    """The one line for a failed write (a full disk, a read-only folder), or the error itself."""
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    if getattr(error, "errno", None) == errno.ENOSPC or (isinstance(error, RuntimeError) and free < 64 << 20):
+        return NanoError(f"no space left on device writing {path} (free {free >> 20} MB; free some space or "
+                         "write elsewhere)")
+    if isinstance(error, OSError):
+        return NanoError(f"cannot write {path} ({error.strerror or error}; pick a writable path)")
+    return error
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stale_temps(path, tags=("tmp",)) -> list[tuple[Path, int]]:
+    """(temp, pid) for what atomic writes of `path` by processes no longer alive left behind (a
+    kill -9 mid-save): `.NAME.tmp<PID>` files or folders (and `.NAME.old<PID>` of folder swaps)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{'|'.join(tags)})(\d+)")
+    found = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*") if path.parent.is_dir() else ():
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            found.append((p, int(m.group(1))))
+    return found
+
+
+def remove_stale_temps(path, tags=("tmp",)):
+    for p, pid in stale_temps(path, tags):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        print(f"removed {p}, left by an interrupted run (pid {pid} is gone)")
 
 
 def atomic_save(obj, path):

@@ -280,9 +280,23 @@ def run_tasks(lm, tasks: list[str], include_path="", num_fewshot=None, limit=Non
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:
         raise NanoError(f"unknown task(s) {', '.join(unknown)} (see `lm-eval ls tasks`, or pass --include_path)")
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=manager, log_samples=False, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                       task_manager=manager, log_samples=False, random_seed=seed,
+                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    except (ConnectionError, OSError) as e:  # requests' and huggingface_hub's network errors derive from these
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise NanoError(f"the data of {', '.join(tasks)} could not be downloaded ({type(e).__name__}; run once "
+                        "with the network to fill the Hugging Face cache, or pass --include_path with a task "
+                        "yaml over a local copy)") from None
+
+
+def bpb_text(option: str) -> str:
+    text = shakespeare_val_text() if option == "shakespeare" else data.read_text_file(option, "--bpb_text")
+    if not text:
+        raise NanoError(f"--bpb_text {option} is empty (pass a text file with some text)")
+    return text
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,6 +341,9 @@ def main(argv=None) -> dict:
         raise NanoError("--tasks needs lm-eval (pip install lm-eval)")
     if cfg.bpb_text and cfg.bpb_text != "shakespeare" and not Path(cfg.bpb_text).is_file():
         raise NanoError(f"--bpb_text {cfg.bpb_text} not found (a text file, or 'shakespeare')")
+    text = bpb_text(cfg.bpb_text) if cfg.bpb_text else ""  # a binary or empty file: one line before any work
+    if cfg.output_path and Path(cfg.output_path).is_dir():
+        raise NanoError(f"--output_path {cfg.output_path} is a folder (name a .json file in it)")
     for name in ("batch_size",):
         if getattr(cfg, name) <= 0:
             raise NanoError(f"--{name} must be positive (got {getattr(cfg, name)})")
@@ -335,7 +352,6 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model(cfg.ckpt, cfg.init_from, device)
     results, t0 = {}, time.perf_counter()
     if cfg.bpb_text:
-        text = shakespeare_val_text() if cfg.bpb_text == "shakespeare" else Path(cfg.bpb_text).read_text(encoding="utf-8")
         results["bits_per_byte"] = {cfg.bpb_text: bits_per_byte(model, tokenizer, text, cfg.batch_size, dtype)}
         print_bpb(results["bits_per_byte"][cfg.bpb_text], cfg.bpb_text)
     if tasks:
@@ -350,12 +366,10 @@ def main(argv=None) -> dict:
             print(make_table(out, "groups"))
         results |= json.loads(json.dumps(out, default=handle_non_serializable))
     print(f"evaluated in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    if cfg.output_path:
+    if cfg.output_path:  # after the results are printed: a write error loses nothing
         path = Path(cfg.output_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        common.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False),
+                                                             encoding="utf-8"))
         print(f"wrote {path}")
     return results
 

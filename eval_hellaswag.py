@@ -262,17 +262,16 @@ def load_examples(path, limit: Optional[int] = None) -> list[dict]:
     if not path.is_file():
         raise NanoError(f"{path} not found (pass a HellaSwag .jsonl, or leave --data out to download)")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanoError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            examples.append(check_example(row, f"{path} line {lineno}"))
-            if limit and len(examples) >= limit:
-                break
+    for lineno, line in enumerate(data.read_text_file(path, "--data").splitlines(), 1):  # binary: one line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanoError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+        examples.append(check_example(row, f"{path} line {lineno}"))
+        if limit and len(examples) >= limit:
+            break
     if not examples:
         raise NanoError(f"{path} is empty (expected one HellaSwag example per line)")
     return examples

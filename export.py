@@ -49,7 +49,7 @@ import bpe
 import data
 import gpt
 import lora
-from common import NanoError, atomic_write, cli, parse_config
+from common import NanoError, atomic_write, cli, parse_config, remove_stale_temps, stale_temps
 
 # ----------------------------------------------------------------------------------------
 # GGUF v3 (github.com/ggml-org/ggml/blob/master/docs/gguf.md), all little-endian:
@@ -550,18 +550,47 @@ def load_model(ckpt_path: str, adapter_path: str = ""):
     return model.eval(), ckpt.get("tokenizer")
 
 
-def check_output(out: Path, force: bool, is_dir: bool):
-    """Before any work: `out` may be written (new, an empty folder, or --force)."""
-    if out.exists():
-        if out.is_dir() != is_dir:
-            raise NanoError(f"{out} exists and is a {'file' if is_dir else 'folder'} (choose another output)")
-        if (not is_dir or any(out.iterdir())) and not force:
-            raise NanoError(f"{out} exists and is not empty (pass --force to replace it)")
+# What an export writes into its folder; --force replaces a folder only if it holds nothing else,
+# so a mistyped output (the run folder, the home folder) can never delete a user's files.
+EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                "merges.txt", "adapter_config.json", "adapter_model.safetensors"}
+
+
+def check_output(out: Path, force: bool, is_dir: bool, sources=()):
+    """Before any work: `out` may be written (new, an empty folder, or --force over an earlier export)."""
+    resolved = out.resolve()
+    for source in sources:  # the checkpoint or adapter being exported must survive the export
+        if source and (resolved == Path(source).resolve() or resolved in Path(source).resolve().parents):
+            raise NanoError(f"{out} holds the input {source} (write the export elsewhere)")
+    if not out.exists():
+        return
+    if out.is_dir() != is_dir:
+        raise NanoError(f"{out} exists and is a {'file' if is_dir else 'folder'} (choose another output)")
+    if (not is_dir or any(out.iterdir())) and not force:
+        raise NanoError(f"{out} exists and is not empty (pass --force to replace it)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file()) if is_dir else []
+    if foreign:
+        raise NanoError(f"{out} holds files an export does not write ({', '.join(foreign[:3])}{', ...' * (len(foreign) > 3)}); "
+                        "--force replaces only an earlier export (choose a new folder)")
+
+
+def finish_interrupted_swap(out: Path):
+    """A kill between write_folder's two renames leaves no `out`, only `.out.old<PID>` (the old
+    export) and `.out.tmp<PID>` (the new one, complete: the swap starts after writing). Finish it."""
+    stale = dict((p.name, p) for p, _ in stale_temps(out, tags=("tmp", "old")))
+    for name, path in stale.items():
+        if not out.exists() and ".old" in name[len(out.name) + 1:]:
+            new = stale.get(name.replace(f"{out.name}.old", f"{out.name}.tmp", 1))
+            os.replace(new if new is not None and new.exists() else path, out)
+            print(f"finished the export into {out} that an interrupted run left half-swapped")
+    remove_stale_temps(out, tags=("tmp", "old"))
 
 
 def write_folder(out: Path, write):
-    """write(tmp) fills a temp folder beside `out`, which then takes out's place: a crash
-    at any moment leaves the old folder or the new one, never a half-written one."""
+    """write(tmp) fills a temp folder beside `out`, then the old folder is renamed aside and the
+    new one in: a kill at any moment leaves the old folder or the new one (or both renamed aside,
+    which the next run finishes), never a half-written one."""
+    out = out.resolve()  # `.` has no name to put a temp folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = (out.with_name(f".{out.name}.{tag}{os.getpid()}") for tag in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -621,7 +650,9 @@ def main(argv=None):
     if cfg.to == "peft" and not cfg.adapter:
         raise NanoError("--to peft exports a LoRA adapter (pass --adapter out-lora/adapter.pt)")
     out = Path(cfg.out)
-    check_output(out, cfg.force, is_dir=cfg.to != "gguf")
+    if cfg.to != "gguf":
+        finish_interrupted_swap(out.resolve())  # first: the folder a kill left renamed aside is the user's
+    check_output(out, cfg.force, is_dir=cfg.to != "gguf", sources=(cfg.ckpt if cfg.to != "peft" else "", cfg.adapter))
     t0 = time.perf_counter()
     if cfg.to == "peft":
         adapter = lora.read_adapter(cfg.adapter)

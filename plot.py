@@ -32,7 +32,8 @@ PANELS = {
     "lr": [("lr", "lr", dict(lw=1.4))],
     "tok_per_s": [("tok_per_s", "tokens/s", dict(lw=1.0))],
 }
-ALIASES = {"tokens_per_s": "tok_per_s"}  # older train.py rows spell it out
+# other spellings of the same quantities: older train.py rows, dpo.py's and moe.py's rows (TRL's names)
+ALIASES = {"tokens_per_s": "tok_per_s", "step": "iter", "eval/loss": "val_loss"}
 X_AXES = {"iter": "iteration", "tokens": "tokens seen"}
 
 
@@ -104,6 +105,15 @@ def series(rows, key, x="iter"):
     """(xs, ys) of the rows that hold both x and a number for key."""
     pts = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and r.get(x) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def split_models(name: str, rows: list[dict]) -> dict:
+    """A file whose rows name their model (moe.py logs the MoE and the dense GPT side by side)
+    holds one run per model: {"out-moe moe": rows, "out-moe dense": rows}."""
+    models = list(dict.fromkeys(r["model"] for r in rows if isinstance(r.get("model"), str)))
+    if len(models) < 2:
+        return {name: rows}
+    return {f"{name} {m}": [r for r in rows if r.get("model") == m] for m in models}
 
 
 def run_name(path, taken) -> str:
@@ -190,7 +200,7 @@ def main(argv=None):
         raise NanoError(f"--names has {len(names)} names for {len(files)} files (give one per file)")
     runs = {}
     for i, f in enumerate(files):
-        runs[names[i] if names else run_name(f, runs)] = read_metrics(f)
+        runs |= split_models(names[i] if names else run_name(f, runs), read_metrics(f))
     keys = [k.strip() for k in cfg.keys.split(",")] if cfg.keys else None
     out = plot_runs(runs, out, x=cfg.x, keys=keys, title=cfg.title or None, logy=cfg.logy)
     print(f"wrote {out}")

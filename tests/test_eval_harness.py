@@ -228,7 +228,7 @@ def test_shakespeare_val_text_is_the_val_split(tmp_path):
     assert tok.decode(val.tolist()) == eh.shakespeare_val_text()
 
 
-def test_bad_inputs(char_model, tmp_path, monkeypatch):
+def test_bad_inputs(char_model, tmp_path, monkeypatch, capsys):
     model, tok = char_model
     gpt.save_checkpoint(tmp_path / "ckpt.pt", model, tok.spec)
     (tmp_path / "notes.txt").write_text("hello")
@@ -240,6 +240,19 @@ def test_bad_inputs(char_model, tmp_path, monkeypatch):
         eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--bpb_text", ""])
     with pytest.raises(SystemExit, match=r"error: --batch_size must be positive"):
         eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--batch_size", "0"])
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.txt").write_text("")
+    for text, match in (("blob.bin", r"blob.bin is not UTF-8 text \(NUL byte"), ("empty.txt", r"empty.txt is empty")):
+        with pytest.raises(SystemExit, match=f"^error: (--bpb_text )?.*{match}"):
+            eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--bpb_text", str(tmp_path / text)])
+    with pytest.raises(SystemExit, match=r"^error: --output_path .* is a folder \(name a .json file in it\)$"):
+        eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--output_path", str(tmp_path)])
+    # a path that cannot be written (below a file; a read-only folder is the same OSError, but root
+    # writes anyway): the results are printed first, then one line
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*notes.txt/r.json \(.*; pick a writable path\)$"):
+        eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--output_path", str(tmp_path / "notes.txt" / "r.json")])
+    assert "bits per byte" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "ckpt.pt", "empty.txt", "notes.txt"]
     monkeypatch.setattr(eh, "TemplateLM", object)  # as if lm-eval were not installed
     with pytest.raises(SystemExit, match=r"^error: --tasks needs lm-eval \(pip install lm-eval\)$"):
         eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--tasks", "hellaswag"])

@@ -290,6 +290,11 @@ def test_bad_files(tmp_path):
         hs.load_examples(broken)
     with pytest.raises(NanoError, match="not found"):
         hs.load_examples(tmp_path / "missing.jsonl")
+    for name, raw, match in (("bin.jsonl", b"\x00\x01PK", "NUL byte at offset 0"),
+                             ("latin1.jsonl", "caf\xe9".encode("latin-1"), "bad byte at offset 3")):
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(NanoError, match=f"{name} is not UTF-8 text \\({match}"):
+            hs.load_examples(tmp_path / name)
     assert hs.check_example({**ROWS[0], "label": "2"}, "row")["label"] == 2  # HF's string labels
 
 

@@ -13,11 +13,13 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
 
 import bpe
+import common
 import data
 import export
 import gpt
@@ -588,10 +590,46 @@ def test_bad_inputs(gpt2_ckpt, hf_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temp file left behind
 
 
-def test_force_replaces_the_folder(gpt2_ckpt, tmp_path):
+def test_force_replaces_only_an_earlier_export(gpt2_ckpt, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "stale.bin").write_bytes(b"old")
-    export.main(["--ckpt", str(gpt2_ckpt), "--to", "hf", str(out), "--force", "True"])
-    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    (out / "config.json").write_text("{}")  # an earlier export's file: --force replaces it
+    export.main(["--ckpt", str(gpt2_ckpt), "--to", "hf", str(out), "--force"])  # a bare flag is True
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp or old folder left
+    (out / "notes.txt").write_text("mine")  # a file no export writes: the folder is the user's
+    with pytest.raises(SystemExit, match=r"error: .*hf holds files an export does not write \(notes.txt\)"):
+        export.main(["--ckpt", str(gpt2_ckpt), "--to", "hf", str(out), "--force", "True"])
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_force_never_deletes_the_input(gpt2_ckpt, tmp_path, monkeypatch):
+    run = tmp_path / "out"
+    run.mkdir()
+    ckpt = run / "ckpt.pt"
+    ckpt.write_bytes(gpt2_ckpt.read_bytes())
+    (run / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    for out in ("out", ".", str(tmp_path)):  # the run folder, the cwd holding it, the same by absolute path
+        with pytest.raises(SystemExit, match=r"error: .* holds the input .*ckpt.pt \(write the export elsewhere\)"):
+            export.main(["--ckpt", "out/ckpt.pt", "--to", "hf", out, "--force"])
+    with pytest.raises(SystemExit, match=r"error: .*ckpt.pt holds the input"):
+        export.main(["--ckpt", "out/ckpt.pt", "--to", "gguf", "out/ckpt.pt", "--force"])
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+    assert ckpt.read_bytes() == gpt2_ckpt.read_bytes()
+
+
+def test_an_interrupted_swap_is_finished_and_stale_temps_removed(gpt2_ckpt, tmp_path, capsys):
+    out = tmp_path / "hf"
+    export.main(["--ckpt", str(gpt2_ckpt), "--to", "hf", str(out)])
+    dead = 2**22 + 12345  # above the kernel's default pid_max: no process has it
+    assert not common.pid_alive(dead)
+    # a kill between write_folder's two renames: the old export aside, the new one complete, no `hf`
+    out.rename(tmp_path / f".hf.old{dead}")
+    shutil.copytree(tmp_path / f".hf.old{dead}", tmp_path / f".hf.tmp{dead}")
+    (tmp_path / f".x.gguf.tmp{dead}").write_bytes(b"half")  # a kill during a GGUF save
+    export.main(["--ckpt", str(gpt2_ckpt), "--to", "hf", str(out), "--force"])
+    export.main(["--ckpt", str(gpt2_ckpt), "--to", "gguf", str(tmp_path / "x.gguf")])
+    said = capsys.readouterr().out
+    assert "finished the export into" in said and f"(pid {dead} is gone)" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "x.gguf"]

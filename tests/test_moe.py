@@ -8,8 +8,10 @@ after it), which moves results by a few ulps: ~1e-7 on O(1) outputs, and up to 3
 measured on the expert-weight gradients of the skewed-load test, sums over ~80 rows whose
 values reach ~20 (1 ulp there is 1.9e-6); a wrong weight, slot or expert moves them by >= 1e-2."""
 
+import importlib.util
 import json
 import math
+import shlex
 
 import pytest
 
@@ -18,6 +20,7 @@ import torch
 
 import gpt
 import moe
+import plot
 
 
 def reference_moe(x, topk_idx, topk_w, w_fc, b_fc, w_proj, b_proj, capacity=None):
@@ -297,6 +300,10 @@ def test_main_tiny_run(tmp_path, char_data, capsys):
     assert {r["model"] for r in rows} == {"moe", "dense"} and any("tokens_per_s" in r for r in rows)
     model, spec = moe.load_moe_checkpoint(out / "ckpt.pt")
     assert spec.startswith("char:") and len(model.moe_layers()) == 2
+    if importlib.util.find_spec("matplotlib"):  # the printed next command works as printed
+        command = next(line for line in text.splitlines() if line.startswith("plot: python plot.py "))
+        picture = plot.main(shlex.split(command.removeprefix("plot: python plot.py ")))
+        assert picture.is_file() and capsys.readouterr().out == f"wrote {picture}\n"
     # the capacity path with the bias method and a shared expert, MoE only
     results = moe.main(common + ["--dropless", "False", "--capacity_factor", "1.0", "--balance", "bias",
                                  "--n_shared_experts", "1", "--compare_dense", "False", "--max_iters", "3"])

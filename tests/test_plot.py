@@ -129,3 +129,22 @@ def test_plots_a_real_train_py_run(tmp_path, char_data):
     assert {"val_loss", "lr", "tok_per_s"} <= {k for r in rows for k in r}
     png = plot.main([str(out_dir / "metrics.jsonl"), "-o", str(tmp_path / "train.png")])
     assert png_size(png)[0] > 3 * png_size(png)[1] * 0.8
+
+
+def test_dpo_and_moe_rows_plot(tmp_path, capsys):
+    """dpo.py logs TRL's names ("step", "eval/loss"); moe.py logs the MoE and the dense GPT in one
+    file, each row naming its model: both plot as the scripts print it, one curve per model."""
+    pytest.importorskip("matplotlib", reason="plot.py needs matplotlib to draw")
+    dpo_rows = [{"step": 0, "eval/loss": 0.69}, {"step": 5, "loss": 0.6, "lr": 1e-4, "tokens_per_s": 900.0},
+                {"step": 10, "eval/loss": 0.5}]
+    rows = plot.read_metrics(write_rows(tmp_path / "out-dpo" / "metrics.jsonl", dpo_rows))
+    assert [r["iter"] for r in rows] == [0, 5, 10] and rows[2]["val_loss"] == 0.5
+    moe_rows = [{"model": m, "step": s, "val_loss": 4 - s / (10 if m == "moe" else 20)}
+                for m in ("moe", "dense") for s in (0, 10, 20)]
+    runs = plot.split_models("out-moe", moe_rows)
+    assert list(runs) == ["out-moe moe", "out-moe dense"] and all(len(r) == 3 for r in runs.values())
+    assert plot.split_models("out", fake_run()) == {"out": fake_run()}  # one model: one run
+    for folder in ("out-dpo", "out-moe"):
+        write_rows(tmp_path / "out-moe" / "metrics.jsonl", moe_rows)
+        out = plot.main([str(tmp_path / folder / "metrics.jsonl")])
+        assert out == tmp_path / folder / "loss.png" and png_size(out)[0] > 0
