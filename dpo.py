@@ -73,6 +73,7 @@ from torch.nn import functional as F
 import common
 from common import NanoError, cli
 import data
+import finetune
 import gpt
 import lora
 
@@ -544,7 +545,7 @@ def main(argv=None):
     # ---- the starting model (policy = reference at step 0) and the tokenizer
     if cfg.init_from:
         try:
-            model, spec, base = lora.load_base(cfg.init_from, device)
+            model, spec, base = finetune.load_base(cfg.init_from, device)
         except NanoError as e:  # e.g. a file that is no checkpoint: say which option pointed at it
             raise NanoError(f"--init_from: {e}") from None
     else:

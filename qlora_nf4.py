@@ -18,8 +18,8 @@ On CUDA the dequantization is one own Triton kernel (`dequantize_nf4_triton`); o
 plain PyTorch reference runs; both are the torch.library op `nanollm::dequantize_nf4`, so
 torch.compile(fullgraph=True) traces a QLoRA model without graph breaks.
 
-The finetuning is lora.py's (`lora.finetune`): QLoRA = `quantize_model` + `lora.apply_lora`
-+ the same loop; only the base differs.
+The finetuning is finetune.py's (`finetune.train`, the loop `python lora.py` runs): QLoRA =
+`quantize_model` + `lora.apply_lora` + the same loop; only the base differs.
 
 Run:
   python qlora_nf4.py --init_from gpt2 --data data.txt           # GPT-2 in NF4 + LoRA
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 import common
 from common import NanoError, cli
 import data
+import finetune
 import gpt
 import lora
 
@@ -497,11 +498,11 @@ def nf4_bytes(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# QLoRA = quantize the base, put LoRA adapters on the 4-bit layers, run lora.py's loop
+# QLoRA = quantize the base, put LoRA adapters on the 4-bit layers, run finetune.py's loop
 
 
 @dataclass
-class QLoRAConfig(lora.FinetuneConfig):
+class QLoRAConfig(finetune.FinetuneConfig):
     out_dir: str = field(default="out-qlora", metadata={"help": "adapter.pt, metrics.jsonl (ckpt_merged.pt) go here"})
     blocksize: int = field(default=64, metadata={"help": "weights per NF4 block (power of two in [32, 4096])"})
     double_quant: bool = field(default=True, metadata={"help": "store the absmax values in 8 bits too"})
@@ -524,7 +525,7 @@ def quantize_base(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
 def save_merged(cfg: QLoRAConfig, spec: str, device: str):
     """Merge the adapter into the full-precision base (as PEFT users do after QLoRA):
     rounding the merged weight to NF4 again would throw most of the small update away."""
-    full, _, _ = lora.load_base(cfg.init_from, device)
+    full, _, _ = finetune.load_base(cfg.init_from, device)
     merged = lora.merge_lora(lora.load_lora(full, Path(cfg.out_dir) / "adapter.pt"))
     gpt.save_checkpoint(Path(cfg.out_dir) / "ckpt_merged.pt", merged, spec, step=cfg.max_iters)
     print(f"saved merged checkpoint to {Path(cfg.out_dir) / 'ckpt_merged.pt'}")
@@ -533,18 +534,18 @@ def save_merged(cfg: QLoRAConfig, spec: str, device: str):
 @cli
 def main(argv=None):
     cfg = common.parse_config(QLoRAConfig, argv, __doc__)
-    lora.check_config(cfg)  # every option, before anything is loaded
+    finetune.check_config(cfg)  # every option, before anything is loaded
     check_blocksize(cfg.blocksize)
     device = common.pick_device(cfg.device)
     common.pick_dtype(device, cfg.dtype)
     common.set_seed(cfg.seed)
-    model, spec, base = lora.load_base(cfg.init_from, device, dtype=None)  # HF weights: as stored (bf16)
+    model, spec, base = finetune.load_base(cfg.init_from, device, dtype=None)  # HF weights: as stored (bf16)
     tok = data.load_tokenizer(spec)
-    dataset = lora.load_finetune_data(model, tok, cfg)  # checked before the quantization
+    dataset = finetune.load_finetune_data(model, tok, cfg)  # checked before the quantization
     quantize_base(model, cfg)
-    lora.add_adapters(model, cfg, base)
+    finetune.add_adapters(model, cfg, base)
     nf4 = {"blocksize": cfg.blocksize, "double_quant": cfg.double_quant}  # how the base was quantized
-    val_loss = lora.finetune(model, tok, cfg, cfg.out_dir, dataset, adapter_extra={"nf4": nf4})
+    val_loss = finetune.train(model, tok, cfg, cfg.out_dir, dataset, adapter_extra={"nf4": nf4})
     if cfg.merge:
         save_merged(cfg, spec, device)
     return val_loss

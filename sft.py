@@ -86,8 +86,10 @@ from torch import nn
 
 import common
 import data
+import finetune
 import gpt
 import lora
+import sample
 from common import NanoError
 
 # the chat tokenizer (a base tokenizer plus <|system|> <|user|> <|assistant|> <|end|>, spec
@@ -383,31 +385,24 @@ def synthetic_conversation(rng, names=("reverse",), test=False):
 
 
 @torch.no_grad()
-def greedy_answers(model, tok, prompts, max_new_tokens, device, template=None):
-    """Greedy answer to each single-turn prompt, up to the end of the assistant's turn.
-    Prompts whose rendered length is the same run as one batch (no padding needed)."""
+def greedy_answers(model, tok, prompts, max_new_tokens, template=None):
+    """Greedy answer to each single-turn prompt (sample.generate at temperature 0, the prompts
+    as one left-padded batch), up to the end of the assistant's turn."""
     was_training = model.training
     model.eval()
     stop = stop_id(tok, template)
-    answers = [None] * len(prompts)
-    by_length = {}
-    for i, p in enumerate(prompts):
-        ids, _ = render_conversation([{"role": "user", "content": p}], tok, True, template)
-        by_length.setdefault(len(ids), []).append((i, ids))
-    for group in by_length.values():
-        idx = torch.tensor([ids for _, ids in group], device=device)
-        steps = min(max_new_tokens, model.config.block_size - idx.shape[1])
-        for _ in range(steps):
-            logits, _ = model(idx)
-            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        for (i, ids), row in zip(group, idx[:, len(group[0][1]):].tolist()):
-            answers[i] = tok.decode(row[:row.index(stop)] if stop in row else row)
+    rows = [render_conversation([{"role": "user", "content": p}], tok, True, template)[0] for p in prompts]
+    steps = min(max_new_tokens, model.config.block_size - max(len(r) for r in rows))  # no window slides
+    answers = [[] for _ in rows]
+    for token in sample.generate(model, rows, steps, temperature=0, eos_id=stop):
+        for answer, t in zip(answers, token.tolist()):
+            answer.append(t)
     model.train(was_training)
-    return answers
+    return [tok.decode(a[:a.index(stop)] if stop in a else a) for a in answers]
 
 
-def exact_match(model, tok, tests, device, template=None):
-    answers = greedy_answers(model, tok, [p for p, _ in tests], 8, device, template)
+def exact_match(model, tok, tests, template=None):
+    answers = greedy_answers(model, tok, [p for p, _ in tests], 8, template)
     return sum(a == want for a, (_, want) in zip(answers, tests)) / len(tests), answers
 
 
@@ -478,13 +473,11 @@ class SFTConfig:
 
 
 def check_config(cfg: SFTConfig):
-    for name in ("batch_size", "grad_accum", "max_iters", "log_interval", "eval_interval", "lora_r",
-                 "n_train", "n_test", "base_layer", "base_head", "base_embd", "base_block"):
-        if getattr(cfg, name) <= 0:
-            raise NanoError(f"--{name} must be positive (got {getattr(cfg, name)})")
-    for name in ("warmup_iters", "eval_iters", "block_size", "base_iters"):
-        if getattr(cfg, name) < 0:
-            raise NanoError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    """Every option, before any work (common.check_options for the numbers)."""
+    common.check_options(cfg, positive=("batch_size", "grad_accum", "max_iters", "log_interval", "eval_interval",
+                                        "lora_r", "n_train", "n_test", "base_layer", "base_head", "base_embd",
+                                        "base_block"),
+                         non_negative=("warmup_iters", "eval_iters", "block_size", "base_iters"))
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise NanoError(f"--val_fraction must be in [0, 1) (got {cfg.val_fraction})")
     if not (0.0 <= cfg.dropout < 1.0 and 0.0 <= cfg.lora_dropout < 1.0):
@@ -496,17 +489,7 @@ def check_config(cfg: SFTConfig):
         raise NanoError(f"unknown task {min(unknown)!r} in --tasks (choose from {', '.join(TASKS)})")
     if cfg.data and not cfg.init_from:
         raise NanoError("--data needs --init_from (a checkpoint, a gpt2 name or a Hugging Face folder)")
-
-
-def load_base(init_from: str, device: str):
-    """(model, tokenizer spec) from a checkpoint, a GPT-2 size, a Hugging Face folder or hub name."""
-    if Path(init_from).is_file():
-        return gpt.load_checkpoint(init_from, device)
-    model, spec = gpt.load_pretrained(init_from)
-    return model.to(device), spec
-
-
-LORA_TARGETS = {"gpt2": "c_attn,c_proj,c_fc", "llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
+    common.check_out_dir(cfg.out_dir)
 
 
 def set_dropout(model, p):
@@ -534,8 +517,8 @@ def prepare_model(model, spec, cfg):
             import qlora_nf4  # only QLoRA needs it (and Triton on GPUs)
 
             qlora_nf4.quantize_model(model)
-        names = cfg.lora_targets if cfg.lora_targets != "auto" else LORA_TARGETS[model.config.arch]
-        targets = tuple(t.strip() for t in names.split(",") if t.strip())
+        names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        targets = None if cfg.lora_targets == "auto" else names  # None: lora.default_targets
         try:
             lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets)
         except ValueError as e:
@@ -554,7 +537,7 @@ def export_model(model, cfg, init_from):
         return model
     if not cfg.qlora:
         return lora.merge_lora(copy.deepcopy(model))
-    full, spec = load_base(init_from, "cpu")
+    full, spec, _ = finetune.load_base(init_from, "cpu", dtype=None)
     prepare_model(full, spec, replace(cfg, lora=True, qlora=False))  # the same growth, LoRA on float weights
     own = dict(full.named_parameters())
     with torch.no_grad():  # what QLoRA trained: the adapters and (tied) the embedding's chat rows
@@ -585,12 +568,8 @@ def train(model, params, train_ex, val_ex, cfg, block_size, device, dtype, metri
     """The loop: packed (or padded) batches, token-weighted gradient accumulation, AdamW with
     warmup + cosine, clipping, eval loss, progress lines, metrics.jsonl, checkpoints via save(it)."""
     device_type = device.split(":")[0]
-    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "no_weight_decay", False)]
-    rest = [p for p in params if not any(p is q for q in decay)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}],
-                                  lr=cfg.learning_rate, betas=(0.9, 0.95),
-                                  **({"fused": True} if device_type == "cuda" else {}))
+    # gpt.py's groups: matrices decay, biases, norms and the chat rows under LoRA (no_weight_decay) do not
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     gen = torch.Generator().manual_seed(cfg.seed)
     stream = make_batches(train_ex, shuffled_forever(len(train_ex), gen), cfg.batch_size, block_size, cfg.pack)
@@ -683,7 +662,7 @@ def main(argv=None):
     t0 = time.time()
 
     init_from = cfg.init_from or builtin_base(cfg, device, dtype, out_dir)
-    model, spec = load_base(init_from, device)
+    model, spec, _ = finetune.load_base(init_from, device, dtype=None)
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise NanoError(f"--block_size {block_size} exceeds the model's {model.config.block_size} (lower it)")
@@ -716,7 +695,7 @@ def main(argv=None):
           + (" (LoRA)" if cfg.lora else " (QLoRA)" if cfg.qlora else "") + f"; device {device}")
 
     if tests:
-        before, answers = exact_match(model, tok, tests, device, template)
+        before, answers = exact_match(model, tok, tests, template)
         print(f"exact match before SFT: {100 * before:.1f}% on {len(tests)} held-out prompts "
               f"(e.g. {tests[0][0]!r} -> {answers[0]!r}, want {tests[0][1]!r})")
 
@@ -731,7 +710,7 @@ def main(argv=None):
     print(f"saved {ckpt_path} (tokenizer {tok.spec[:24]!r}...; val loss {val_loss:.4f})")
     result = {"val_loss": val_loss, "ckpt": str(ckpt_path), "seconds": time.time() - t0}
     if tests:
-        after, answers = exact_match(model, tok, tests, device, template)
+        after, answers = exact_match(model, tok, tests, template)
         print(f"exact match after SFT: {100 * after:.1f}% (before {100 * before:.1f}%) on {len(tests)} held-out "
               f"prompts (e.g. {tests[0][0]!r} -> {answers[0]!r}); {result['seconds']:.0f} s in all")
         result.update(accuracy_before=before, accuracy_after=after)

@@ -492,8 +492,8 @@ def error_line(capsys, argv) -> str:
     return err[0]
 
 
-# (option, bad value, the error line): QLoRA's own option, and the shared LoRA ones (lora.py's
-# check_config; tests/test_lora.py has the full table), each before the checkpoint is read
+# (option, bad value, the error line): QLoRA's own option, and the shared LoRA ones (finetune.py's
+# check_config; tests/test_finetune.py has the full table), each before the checkpoint is read
 BAD_OPTIONS = [
     ("--blocksize", "100", "blocksize 100 is not a power of two in [32, 4096] (64 is QLoRA's choice)"),
     ("--blocksize", "16", "blocksize 16 is not a power of two in [32, 4096] (64 is QLoRA's choice)"),
@@ -504,7 +504,7 @@ BAD_OPTIONS = [
     ("--r", "-4", "--r must be positive (got -4)"),
     ("--device", "tpu", "unknown --device 'tpu' (auto, cpu, cuda, cuda:N or mps)"),
     ("--data", "missing.txt", "--data 'missing.txt' not found (a text file or a prompt/response .jsonl)"),
-    ("--out_dir", "d.txt", "--out_dir d.txt is a file (choose a folder)"),
+    ("--out_dir", "d.txt", "--out_dir d.txt is a file or below one (pick a folder)"),
 ]
 
 
