@@ -28,6 +28,7 @@ Run (serve.py builds the engine and starts this server):
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import math
@@ -155,7 +156,8 @@ def parse_sampling(body, block_size, n_prompt):
         "temperature": get_field(body, "temperature", ["number"], 1.0, lambda v: 0 <= v <= 2, " in [0, 2]"),
         "top_p": get_field(body, "top_p", ["number"], 1.0, lambda v: 0 < v <= 1, " in (0, 1]"),
         "top_k": get_field(body, "top_k", ["integer"], 0, lambda v: v >= 0, " >= 0") or None,  # vLLM's extension
-        "seed": get_field(body, "seed", ["integer"]),
+        "seed": get_field(body, "seed", ["integer"], check=lambda v: -2**63 <= v < 2**64,
+                          hint=" in [-2**63, 2**64)"),  # what a 64-bit generator state takes
     }
     return options, [stop] if isinstance(stop, str) else stop, {
         "stream": get_field(body, "stream", ["boolean"], False),
@@ -172,12 +174,21 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for JSON replies; streams close the connection
     server_version = "nanollm"
     max_body = 1 << 20
+    head_only = False
 
     def do_GET(self):
         self._dispatch("GET")
 
     def do_POST(self):
         self._dispatch("POST")
+
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def do_HEAD(self):  # a GET's status and headers, without the body
+        self.head_only = True
+        self._dispatch("GET")
 
     def log_message(self, fmt, *args):
         if self.server.log_requests:
@@ -219,13 +230,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_body(self):
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None:
             self.close_connection = True
             raise APIError(411, "send the JSON body with a Content-Length header", code="length_required")
+        if not (length.isascii() and length.isdigit()):  # "²" is a digit to str.isdigit, not to int()
+            self.close_connection = True
+            raise APIError(400, f"Content-Length {length!r} is not a number of bytes", code="bad_content_length")
         if int(length) > self.max_body:
             self.close_connection = True
             raise APIError(413, f"the body is over {self.max_body} bytes", code="body_too_large")
-        return self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            body = b""
+        if len(body) < int(length):  # the client stopped sending (or timed out) before its Content-Length
+            self.close_connection = True
+            raise APIError(408, f"the body ended after {len(body)} of {length} bytes (send the whole body "
+                                f"within {self.timeout} s)", code="request_timeout")
+        return body
 
     @staticmethod
     def _json(raw):
@@ -233,6 +255,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+        except RecursionError:  # json nests by recursion: 100k brackets overflow the stack
+            raise APIError(400, "the body nests too deeply (at most a few hundred levels)", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         return body
@@ -245,7 +269,8 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(payload)
+        if not self.head_only:
+            self.wfile.write(payload)
 
     def _client_gone(self):
         """The client closed its end: the socket reads as end-of-file."""
@@ -272,7 +297,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(payload)
+        if not self.head_only:
+            self.wfile.write(payload)
 
     def chat_completions(self, body):
         self._check_model(body)
@@ -368,13 +394,15 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a connection thread never keeps the process alive
     request_queue_size = 1024  # the listen backlog; socketserver's 5 resets connections in a burst
 
-    def __init__(self, address, engine, tok, template=None, model_name="nanollm", api_key="", log_requests=True):
+    def __init__(self, address, engine, tok, template=None, model_name="nanollm", api_key="", log_requests=True,
+                 request_timeout=30.0):
+        self.request_timeout = request_timeout  # seconds a client may take to send headers or body: 408 / hang-up
+        self.connections, self._lock = set(), threading.Lock()  # first: a failed bind calls server_close
         super().__init__(address, Handler)
         self.engine, self.tok, self.template = engine, tok, template or PlainChatTemplate(tok)
         self.model_name, self.api_key, self.log_requests = model_name, api_key, log_requests
         self.created = int(time.time())
         self.page = PAGE.read_bytes()
-        self.connections, self._lock = set(), threading.Lock()
 
     def process_request(self, request, client_address):
         with self._lock:
@@ -416,4 +444,6 @@ def make_server(engine, tok, host="127.0.0.1", port=0, **kwargs) -> Server:
         return Server((host, port), engine, tok, **kwargs)
     except OSError as e:
         engine.stop()
+        if e.errno == errno.EADDRINUSE:
+            raise NanoError(f"port {port} is in use (pick --port)") from None
         raise NanoError(f"cannot listen on {host}:{port} ({e.strerror}; pick another --port)") from None

@@ -150,6 +150,8 @@ class Engine:
         error = sample.check_sampling(req.temperature, req.top_k, req.top_p, 1.0)
         if error:
             raise NanoError(error)
+        if req.seed is not None and not -2**63 <= req.seed < 2**64:
+            raise NanoError(f"seed {req.seed} does not fit a 64-bit generator (use -2**63 <= seed < 2**64)")
         if not req.prompt or req.max_tokens < 1 or len(req.prompt) + req.max_tokens > self.block_size:
             raise NanoError(f"prompt ({len(req.prompt)} tokens, at least 1) + max_tokens ({req.max_tokens}, at least 1) "
                             f"must fit in the context of {self.block_size} (shorten the prompt or lower max_tokens)")
@@ -180,10 +182,29 @@ class Engine:
         self._admit(block)
         running = [r for r in self.rows if r is not None]
         if running:
-            logits = self._decode(running)  # (len(running), V)
+            try:
+                logits = self._decode(running)  # (len(running), V)
+            except Exception:  # noqa: BLE001  which row broke the batch is unknowable: try each alone
+                traceback.print_exc()
+                self._decode_alone(running)
+                return
             for r, t in zip(running, self._sample(logits, running)):
+                if t is not None:
+                    r.pos += 1
+                    self._emit(r, t)
+
+    def _decode_alone(self, running):
+        """After a failed batch step: each row's step by itself, so only the row that fails fails."""
+        for r in running:
+            try:
+                logits = self._decode([r])
+                token = self._sample(logits, [r])[0]
+            except Exception as e:  # noqa: BLE001
+                self._finish(r, "error", f"{type(e).__name__}: {e}")
+                continue
+            if token is not None:
                 r.pos += 1
-                self._emit(r, t)
+                self._emit(r, token)
 
     def _loop(self):
         while not self._stopping.is_set():
@@ -214,9 +235,9 @@ class Engine:
                 self.stats["cancelled"] += 1
                 continue
             req.row, req.pos = self.rows.index(None), len(req.prompt)
-            req.generator = sample.sample_generator(req.seed, self.device)
             self.rows[req.row] = req
             try:
+                req.generator = sample.sample_generator(req.seed, self.device)
                 ids = torch.tensor([req.prompt], device=self.device)  # (1, T)
                 logits = sample.prefill(self.model, ids, self.views(slice(req.row, req.row + 1), len(req.prompt)),
                                         head=self.head)  # all T positions in one forward pass
@@ -225,34 +246,43 @@ class Engine:
                 self._finish(req, "error", f"{type(e).__name__}: {e}")
                 continue
             self.stats["prefills"] += 1
-            self._emit(req, self._sample(logits, [req])[0])
+            token = self._sample(logits, [req])[0]
+            if token is not None:
+                self._emit(req, token)
 
     def _decode(self, running):
-        """One step for every running row -> their logits. Rows 0..n-1 go through the model
-        as one batch (n = the highest running row + 1: free rows below it compute a dummy
-        token at slot 0, harmless, since a new request overwrites its row from slot 0)."""
-        n = running[-1].row + 1
-        tokens = torch.zeros(n, 1, dtype=torch.long)
-        pos = torch.zeros(n, dtype=torch.long)
+        """One step for these running rows (sorted by row) -> their logits. Rows lo..hi go through
+        the model as one batch (free rows between them compute a dummy token at slot 0, harmless,
+        since a new request overwrites its row from slot 0)."""
+        lo, hi = running[0].row, running[-1].row + 1
+        tokens = torch.zeros(hi - lo, 1, dtype=torch.long)
+        pos = torch.zeros(hi - lo, dtype=torch.long)
         for r in running:
-            tokens[r.row, 0], pos[r.row] = r.last, r.pos
+            tokens[r.row - lo, 0], pos[r.row - lo] = r.last, r.pos
         length = int(pos.max()) + 1  # attention reads slots 0..longest row, not the whole block
         logits = decode_step(self.model, tokens.to(self.device), pos.to(self.device),
-                             self.views(slice(0, n), length), self.head)  # (n, V)
+                             self.views(slice(lo, hi), length), self.head)  # (hi - lo, V)
         self.stats["steps"] += 1
-        return logits[torch.tensor([r.row for r in running], device=self.device)]
+        return logits[torch.tensor([r.row - lo for r in running], device=self.device)]
 
     def views(self, rows, length):
         """The cache of these rows (a slice), slots 0..length-1, as one SlotCache per layer."""
         return [SlotCache(c.k[rows, :, :length], c.v[rows, :, :length]) for c in self.cache]
 
-    def _sample(self, logits, reqs) -> list[int]:
+    def _sample(self, logits, reqs) -> list[int | None]:
         """(k, V) logits -> one token per request, each with its own settings and generator
-        (so a seeded request samples the same tokens whatever else runs beside it)."""
+        (so a seeded request samples the same tokens whatever else runs beside it). A request
+        whose sampling fails (NaN logits, say) is finished with the error: None in its place."""
         greedy = logits.argmax(dim=-1).tolist()
-        return [greedy[i] if r.temperature == 0 else
-                int(sample.sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator))
-                for i, r in enumerate(reqs)]
+        tokens = []
+        for i, r in enumerate(reqs):
+            try:
+                tokens.append(greedy[i] if r.temperature == 0 else
+                              int(sample.sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)))
+            except Exception as e:  # noqa: BLE001  this request fails, the others go on
+                self._finish(r, "error", f"{type(e).__name__}: {e}")
+                tokens.append(None)
+        return tokens
 
     def _emit(self, req, token):
         req.n_generated += 1

@@ -221,6 +221,9 @@ BAD_REQUESTS = [  # (path, body, status, param or code it names)
     (CHAT, {"messages": OK_MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     (CHAT, {"messages": OK_MSG, "stop": 3}, 400, "stop"),
     (CHAT, {"messages": OK_MSG, "seed": 1.5}, 400, "seed"),
+    (CHAT, {"messages": OK_MSG, "seed": 2**64}, 400, "seed"),  # past a 64-bit generator state
+    (CHAT, {"messages": OK_MSG, "seed": -2**63 - 1}, 400, "seed"),
+    (CHAT, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "invalid_json"),  # RecursionError
     (CHAT, {"messages": OK_MSG, "stream": "yes"}, 400, "stream"),
     (CHAT, {"messages": OK_MSG, "n": 2}, 400, "n"),
     (CHAT, {"messages": OK_MSG, "model": "gpt-9"}, 404, "model_not_found"),
@@ -449,4 +452,143 @@ def test_server_takes_any_engine(tok, loopback):
         status, headers, reply = raw(srv, "POST", CHAT, {"messages": OK_MSG, "max_tokens": 5})
         assert status == 503 and headers["Retry-After"] == "1" and reply["error"]["code"] == "overloaded"
     finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Reliability: one bad request, client or row fails alone
+
+
+def exchange(server, request: bytes, wait=5.0) -> bytes:
+    """Send raw bytes, read until the server hangs up (or `wait` passes): what came back."""
+    with socket.create_connection(server.server_address[:2], timeout=wait) as s:
+        s.sendall(request)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return got
+
+
+def test_malformed_http_is_answered_4xx(model, tok, loopback):
+    srv = start(model, tok, max_batch=2, request_timeout=0.5)  # slow clients time out in half a second
+    try:
+        post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        assert exchange(srv, post + "Content-Length: \u00b2\r\n\r\n".encode()).startswith(b"HTTP/1.1 400")
+        t0 = time.monotonic()
+        short = exchange(srv, post + b"Content-Length: 50\r\n\r\n{\"prompt\"")  # then silence
+        assert short.startswith(b"HTTP/1.1 408") and b"request_timeout" in short and time.monotonic() - t0 < 3
+        assert exchange(srv, post + b"Content-Le") == b""  # headers that never end: hung up, not held
+        head = exchange(srv, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")  # headers, no body
+        assert raw(srv, "GET", "/health")[0] == 200
+    finally:
+        srv.close()
+
+
+def test_port_in_use_is_one_line(model, tok, loopback):
+    srv = start(model, tok, max_batch=1)
+    try:
+        with pytest.raises(serve.NanoError, match=rf"^port {srv.server_address[1]} is in use \(pick --port\)$"):
+            serve.make_server(model, tok, port=srv.server_address[1])
+    finally:
+        srv.close()
+
+
+def test_a_failing_row_fails_alone(model, tok, monkeypatch, loopback):
+    """A sampler that breaks for one request (as a NaN row would) and a batch step that breaks
+    once: the broken request gets its error, every other one its exact greedy answer."""
+    real_sample, real_step, broke = sample.sample_next, serve.decode_step, []
+
+    def sample_next(logits, temperature, top_k, top_p, generator):
+        if top_k == 7:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sample(logits, temperature, top_k, top_p, generator)
+
+    def decode_step(model, tokens, *a):
+        if tokens.shape[0] > 1 and not broke:  # once, in a batch: which row did it is unknowable
+            broke.append(1)
+            raise RuntimeError("a kernel failed")
+        return real_step(model, tokens, *a)
+
+    monkeypatch.setattr(sample, "sample_next", sample_next)
+    monkeypatch.setattr(serve, "decode_step", decode_step)
+    srv = start(model, tok, max_batch=4)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            bad = pool.submit(raw, srv, "POST", "/v1/completions",
+                              {"prompt": "ROMEO:", "max_tokens": 30, "temperature": 0.7, "top_k": 7})
+            good = [pool.submit(raw, srv, "POST", "/v1/completions", {"prompt": p, "max_tokens": 30, "temperature": 0})
+                    for p in PROMPTS[:3]]
+            assert bad.result()[0] == 500 and "inf, nan" in bad.result()[2]["error"]["message"]
+            for p, f in zip(PROMPTS, good):
+                assert f.result()[0] == 200
+                assert f.result()[2]["choices"][0]["text"] == reference(model, tok, tok.encode(p), 30, temperature=0)[0]
+        assert broke and wait_until(lambda: idle(srv)) and raw(srv, "GET", "/health")[0] == 200
+    finally:
+        srv.close()
+
+
+def fuzz_request(rng) -> bytes:
+    """One hostile request: bad JSON, wrong types, extreme numbers, odd HTTP."""
+    values = [None, True, -1, 0, 2**64, 2**70, -2**63 - 1, 10**30, 1e308, -0.0, 0.5, "", "x" * 300, [], {}, [[[]]],
+              "\u00e9\U0001F600", [1, 2, 10**6]]
+    fields = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "model", "messages",
+              "prompt", "stream_options", "max_completion_tokens", "ignore_eos"]
+    body = {"messages": OK_MSG} if rng.random() < 0.5 else {"prompt": "O"}
+    for name in rng.sample(fields, rng.randint(1, 4)):
+        body[name] = rng.choice(values)
+    payload = json.dumps(body).encode()
+    kind = rng.randrange(6)
+    if kind == 1:
+        payload = payload[:rng.randrange(len(payload))]  # cut JSON
+    elif kind == 2:
+        payload = b"[" * rng.randint(1000, 50_000) + b"]" * 3  # deep, unbalanced nesting
+    path = rng.choice([CHAT, "/v1/completions", "/v1/nothing", "/health"])
+    length = str(len(payload)).encode() if kind != 3 else rng.choice([b"\xc2\xb2", b"-5", b"1e3", b"99999999"])
+    head = b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: " + length
+    if kind == 4:
+        return head + b"\r\n\r\n" + payload[:len(payload) // 2]  # a body shorter than it says
+    if kind == 5:
+        return rng.choice([b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", b"GARBAGE\r\n\r\n", b"POST /v1/",
+                           b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: \xff\r\nConnection: close\r\n\r\n"])
+    return head + b"\r\n\r\n" + payload
+
+
+def test_request_fuzzer_while_good_requests_get_their_answers(model, tok, loopback):
+    """300 hostile requests from a seeded generator, 4 at a time, while good requests run beside
+    them: no hostile request gets a 5xx or holds its connection, every good one gets its exact
+    greedy answer, /health stays 200."""
+    import random
+
+    rng = random.Random(1234)
+    requests = [fuzz_request(rng) for _ in range(300)]
+    srv = start(model, tok, max_batch=4, request_timeout=0.5)
+    statuses, stop = [], threading.Event()
+    want = {p: reference(model, tok, tok.encode(p), 12, temperature=0)[0] for p in PROMPTS[:2]}
+
+    def good_traffic():
+        answers = []
+        while not stop.is_set():
+            for p in want:
+                status, _, reply = raw(srv, "POST", "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0})
+                answers.append(status == 200 and reply["choices"][0]["text"] == want[p])
+                answers.append(raw(srv, "GET", "/health")[0] == 200)
+        return answers
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            good = pool.submit(good_traffic)
+            for got in pool.map(lambda r: exchange(srv, r, wait=5.0), requests):
+                statuses.append(got[9:12].decode() if got.startswith(b"HTTP/1.") else "closed")
+            stop.set()
+            answers = good.result()
+        assert answers and all(answers)
+        assert not [s for s in statuses if s.startswith("5")], statuses
+        assert len([s for s in statuses if s.startswith("4")]) > 200  # most were answered, not hung up on
+        assert wait_until(lambda: idle(srv)) and raw(srv, "GET", "/health")[0] == 200
+    finally:
+        stop.set()
         srv.close()
