@@ -18,6 +18,7 @@ import argparse
 import errno
 import functools
 import glob
+import json
 import math
 import os
 import re
@@ -301,6 +302,38 @@ def write_error(path: Path, error: Exception) -> Exception:
     if isinstance(error, OSError):
         return NanoError(f"cannot write {path} ({error.strerror or error}; pick a writable path)")
     return error
+
+
+class MetricsLog:
+    """A run's metrics.jsonl, one JSON row per line, flushed as it goes. The rows go to
+    metrics.jsonl.new (plot.py reads it live) and replace metrics.jsonl only when the run ends
+    well: a run that dies (a full disk, Ctrl-C) never destroys the last good run's log."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.live = self.path.with_name(self.path.name + ".new")
+        try:
+            self.file = open(self.live, "w", encoding="utf-8")
+        except OSError as e:
+            raise write_error(self.live, e) from None
+
+    def log(self, row: dict):
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_error(self.live, e) from None
+
+    def close(self, ok=True):
+        self.file.close()
+        if ok:
+            os.replace(self.live, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.close(ok=kind is None)
 
 
 def pid_alive(pid: int) -> bool:

@@ -575,11 +575,8 @@ def main(argv=None):
     reference = Reference(cfg, model, ref_model, train_pairs, val_pairs, average, ctx, device)
 
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
-    metrics_file = (out_dir / "metrics.jsonl").open("w")
-
-    def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+    metrics = common.MetricsLog(out_dir / "metrics.jsonl")
+    log = metrics.log
 
     @torch.no_grad()
     def evaluate(step):
@@ -602,7 +599,7 @@ def main(argv=None):
     first = evaluate(0)
     steps, last = train_dpo(cfg, model, reference, train_pairs, lambda step: evaluate(step) if step else first,
                             log, device, ctx)
-    metrics_file.close()
+    metrics.close()
 
     # ---- save: a plain checkpoint sample.py reads (+ the adapter alone with --lora)
     if cfg.lora:

@@ -279,10 +279,10 @@ def train(model: nn.Module, tokenizer, cfg: FinetuneConfig, out_dir, dataset: Fi
         torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    with open(out_dir / "metrics.jsonl", "w") as metrics:
+    with common.MetricsLog(out_dir / "metrics.jsonl") as metrics:
         val_loss = estimate_val_loss(model, dataset, cfg, device, dtype)
         print(f"step 0: val loss {val_loss:.4f} (the base model: B = 0)")
-        metrics.write(json.dumps({"iter": 0, "val_loss": val_loss}) + "\n")
+        metrics.log({"iter": 0, "val_loss": val_loss})
         t_start = t_last = time.time()
         tokens = tokens_last = 0
         for step in range(1, cfg.max_iters + 1):
@@ -302,8 +302,7 @@ def train(model: nn.Module, tokenizer, cfg: FinetuneConfig, out_dir, dataset: Fi
                 row["val_loss"] = val_loss = estimate_val_loss(model, dataset, cfg, device, dtype)
                 print(f"step {step}: val loss {val_loss:.4f}")
                 common.atomic_save({**lora.lora_state_dict(model), **(adapter_extra or {})}, adapter_path)
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            metrics.log(row)
     print(f"peak memory: {common.peak_memory_mib(device):,.0f} MiB "
           f"({'CUDA max allocated' if 'cuda' in device else 'peak RSS of the process'})")
     print(f"saved adapter ({adapter_path.stat().st_size / 1024:,.1f} KiB) to {adapter_path}; "

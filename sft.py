@@ -301,19 +301,18 @@ def read_conversations(path):
     if not path.is_file():
         raise NanoError(f"data file {path} not found (a .jsonl with one {{\"messages\": [...]}} per line)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanoError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise NanoError(f"{where}: expected an object with a 'messages' list")
-            check_messages(row["messages"], where)
-            rows.append((where, row["messages"]))
+    for n, line in enumerate(data.read_text_file(path, "--data").splitlines(), 1):  # binary: one line
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanoError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "messages" not in row:
+            raise NanoError(f"{where}: expected an object with a 'messages' list")
+        check_messages(row["messages"], where)
+        rows.append((where, row["messages"]))
     if not rows:
         raise NanoError(f"{path} has no conversations (one {{\"messages\": [...]}} per line)")
     return rows
@@ -574,11 +573,11 @@ def train(model, params, train_ex, val_ex, cfg, block_size, device, dtype, metri
     gen = torch.Generator().manual_seed(cfg.seed)
     stream = make_batches(train_ex, shuffled_forever(len(train_ex), gen), cfg.batch_size, block_size, cfg.pack)
     min_lr = cfg.learning_rate * cfg.min_lr_ratio
-    with open(metrics_path, "w") as metrics:
+    with common.MetricsLog(metrics_path) as metrics:
         model.train()
         val_loss = evaluate(model, val_ex, cfg, block_size, device, dtype)
         print(f"{name} iter 0: val loss {val_loss:.4f}")
-        metrics.write(json.dumps({"iter": 0, "val_loss": val_loss}) + "\n")
+        metrics.log({"iter": 0, "val_loss": val_loss})
         t_start = t_last = time.time()
         tokens = tokens_since = loss_tokens = positions = 0
         for it in range(1, cfg.max_iters + 1):
@@ -619,8 +618,7 @@ def train(model, params, train_ex, val_ex, cfg, block_size, device, dtype, metri
                 print(f"{name} iter {it}: val loss {val_loss:.4f}")
                 if save is not None:
                     save(it, val_loss)
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            metrics.log(row)
     return val_loss
 
 

@@ -64,3 +64,16 @@ def test_bare_boolean_flags():
     assert common.parse_config(C, ["--force"]) == C(True, True)
     assert common.parse_config(C, ["--force", "--compile", "False"]) == C(True, False)
     assert common.parse_config(C, ["--force", "False"]) == C(False, True)
+
+
+def test_a_failed_run_keeps_the_last_good_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with common.MetricsLog(path) as log:
+        log.log({"iter": 1, "loss": 2.0})
+    assert path.read_text() == '{"iter": 1, "loss": 2.0}\n' and not (tmp_path / "metrics.jsonl.new").exists()
+    with pytest.raises(NanoError, match="no space left on device"):
+        with common.MetricsLog(path) as log:
+            log.log({"iter": 1, "loss": 3.0})  # read live from metrics.jsonl.new
+            assert (tmp_path / "metrics.jsonl.new").read_text() == '{"iter": 1, "loss": 3.0}\n'
+            raise common.write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+    assert path.read_text() == '{"iter": 1, "loss": 2.0}\n'  # the last good run's log survives

@@ -2,8 +2,10 @@
 log_softmax, step-0 identities, a short synthetic run that learns, the LoRA reference, bad input."""
 
 import copy
+import importlib.util
 import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import dpo
 import common
 import data
 import gpt
+import plot
 import lora
 
 # A tiny synthetic run: no pretraining (a random base is still a valid reference), one layer.
@@ -153,8 +156,11 @@ def test_step0_policy_equals_reference_loss_is_log2():
         torch.testing.assert_close(losses, torch.full_like(losses, at_zero), rtol=1e-7, atol=0)
 
 
-def test_synthetic_run_separates_rewards(tmp_path):
+def test_synthetic_run_separates_rewards(tmp_path, capsys):
     out = dpo.main(TINY + ["--max_iters", "24", "--out_dir", str(tmp_path)])
+    command = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plot: python plot.py "))
+    if importlib.util.find_spec("matplotlib"):  # the printed next command works as printed
+        assert plot.main(shlex.split(command.removeprefix("plot: python plot.py "))).is_file()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     first_eval = rows[0]

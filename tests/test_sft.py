@@ -265,6 +265,25 @@ def test_bad_rows_are_one_line_errors_naming_the_row(tmp_path, capsys, messages,
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, expect", [
+    (["--data", "{tmp}/binary.jsonl"], "{tmp}/binary.jsonl is not UTF-8 text (NUL byte at offset 0"),
+    (["--data", "{tmp}/latin1.jsonl"], "{tmp}/latin1.jsonl is not UTF-8 text (bad byte at offset 3"),
+    (["--data", "{tmp}/missing.jsonl"], "data file {tmp}/missing.jsonl not found"),
+    (["--out_dir", "{tmp}/a_file"], "--out_dir {tmp}/a_file is a file or below one (pick a folder)"),
+    (["--out_dir", "{tmp}/a_file/sub"], "--out_dir {tmp}/a_file/sub is a file or below one"),
+])
+def test_bad_files_are_one_line_errors_before_any_work(tmp_path, capsys, args, expect):
+    (tmp_path / "binary.jsonl").write_bytes(b"\x00\x01\x02PK")
+    (tmp_path / "latin1.jsonl").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "a_file").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        sft.main([a.format(tmp=tmp_path) for a in args] + ["--init_from", str(tmp_path / "missing.pt")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {expect.format(tmp=tmp_path)}") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created or destroyed
+
+
 def test_bad_json_and_missing_messages(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text('{"messages": [\n')
