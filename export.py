@@ -172,8 +172,8 @@ def hf_model_type(config: gpt.GPTConfig) -> str:
     model_type whose config.json describes this GPTConfig, or a one-line error."""
     c = config
     if c.arch == "gpt2":
-        if c.norm != "layernorm" or c.rope_theta or c.kv_heads != c.n_head or c.qk_norm or c.qkv_bias \
-                or c.head_size != c.n_embd // c.n_head:
+        if c.norm != "layernorm" or c.rope_theta or c.n_kv_head != c.n_head or c.qk_norm or c.qkv_bias \
+                or c.head_dim != c.n_embd // c.n_head:
             raise NanoError("a GPT-2 block with Llama switches (RMSNorm, RoPE, GQA, QK-norm, qkv_bias or "
                             "head_dim) has no Hugging Face or llama.cpp architecture (use arch 'llama')")
         return "gpt2"
@@ -211,8 +211,8 @@ def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
                         "original_max_position_embeddings": c.rope_original_max_position}
     out = common | {
         "hidden_size": c.n_embd, "intermediate_size": model.transformer.h[0].mlp.gate_proj.out_features,
-        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads,
-        "head_dim": c.head_size, "hidden_act": "silu", "max_position_embeddings": c.block_size,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.block_size,
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": rope_scaling,
         "attention_dropout": c.dropout, "initializer_range": 0.02}
     if kind == "llama":
@@ -299,7 +299,7 @@ def gguf_tensor_type(gguf_name: str, t: torch.Tensor, wanted: int) -> int:
 def llama3_rope_factors(c: gpt.GPTConfig) -> torch.Tensor:
     """rope_freqs.weight, llama.cpp's form of Llama 3.1's rope scaling: per rotation
     frequency, the factor its wavelength is stretched by (1 fast, rope_scaling slow)."""
-    hd = c.head_size
+    hd = c.head_dim
     freqs = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     wavelen = 2 * math.pi / freqs
     smooth = (c.rope_original_max_position / wavelen - c.rope_low_freq_factor) / (
@@ -326,7 +326,7 @@ def gguf_tensors(model: gpt.GPT, wanted: int) -> list[tuple[str, torch.Tensor, i
         if kind == "llama" and ".q_proj." in name:
             t = interleave_rope_rows(t, c.n_head)
         if kind == "llama" and ".k_proj." in name:
-            t = interleave_rope_rows(t, c.kv_heads)
+            t = interleave_rope_rows(t, c.n_kv_head)
         out.append((gguf_name, t, gguf_tensor_type(gguf_name, t, wanted)))
     return out
 
@@ -341,12 +341,12 @@ def gguf_metadata(config: gpt.GPTConfig, name: str, file_type: int, ffn_hidden: 
     meta |= {f"{arch}.{k}": (U32, v) for k, v in hparams.items()}
     if arch == "gpt2":
         return meta | {"gpt2.attention.layer_norm_epsilon": (F32_VALUE, c.norm_eps)}
-    return meta | {f"{arch}.attention.head_count_kv": (U32, c.kv_heads),
-                   f"{arch}.attention.key_length": (U32, c.head_size),
-                   f"{arch}.attention.value_length": (U32, c.head_size),
+    return meta | {f"{arch}.attention.head_count_kv": (U32, c.n_kv_head),
+                   f"{arch}.attention.key_length": (U32, c.head_dim),
+                   f"{arch}.attention.value_length": (U32, c.head_dim),
                    f"{arch}.attention.layer_norm_rms_epsilon": (F32_VALUE, c.norm_eps),
                    f"{arch}.rope.freq_base": (F32_VALUE, c.rope_theta),
-                   f"{arch}.rope.dimension_count": (U32, c.head_size),
+                   f"{arch}.rope.dimension_count": (U32, c.head_dim),
                    f"{arch}.vocab_size": (U32, c.vocab_size)}
 
 

@@ -103,13 +103,13 @@ def make_cache(model, batch_size, max_len) -> list[KVCache]:
     """One KVCache per layer, on the model's device and in its dtype, of n_kv_head heads."""
     cfg = model.config
     weight = model.lm_head.weight
-    return [KVCache(batch_size, cfg.kv_heads, max_len, cfg.head_size, weight.device, weight.dtype)
+    return [KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, weight.device, weight.dtype)
             for _ in range(cfg.n_layer)]
 
 
 def kv_bytes_per_token(config, dtype=torch.float32, n_kv_head=None) -> int:
     """Cache bytes one token costs: keys and values of every layer's key/value heads."""
-    return 2 * config.n_layer * (n_kv_head or config.kv_heads) * config.head_size * dtype.itemsize
+    return 2 * config.n_layer * (n_kv_head or config.n_kv_head) * config.head_dim * dtype.itemsize
 
 
 # ----------------------------------------------------------------------------------------
@@ -718,8 +718,8 @@ def main(argv=None):
 def kv_cache_line(config, dtype) -> str:
     """The cache per token, and what grouped-query attention saves against full heads."""
     line = f"KV cache: {kv_bytes_per_token(config, dtype):,} bytes per token"
-    if config.kv_heads < config.n_head:
-        line += (f" ({config.kv_heads} key/value heads for {config.n_head} query heads: {config.n_head // config.kv_heads}x "
+    if config.n_kv_head < config.n_head:
+        line += (f" ({config.n_kv_head} key/value heads for {config.n_head} query heads: {config.n_head // config.n_kv_head}x "
                  f"less than the {kv_bytes_per_token(config, dtype, config.n_head):,} of full heads)")
     return line
 

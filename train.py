@@ -55,6 +55,8 @@ class TrainConfig(common.TrainingConfig):  # nanoGPT's options (common.py), and 
     bias: bool = field(default=True, metadata={"help": "biases in Linears and norms (--arch llama: False unless given)"})
     gelu: str = field(default="exact", metadata={"help": "gpt2's MLP activation: exact (erf, as nanoGPT; on CPU half the "
                                                          "time of tanh) | tanh (GPT-2's approximation, as its weights)"})
+    attn_impl: str = field(default="sdpa", metadata={"help": "sdpa (PyTorch's fused kernel) | naive (softmax attention "
+                                                             "written out) | flash (flash_attention.py), from scratch"})
     # evaluation, logging
     eval_hellaswag_every: int = field(default=0, metadata={"help": "run HellaSwag (eval_hellaswag.py) every N iters (0 = never)"})
     hellaswag_data: str = field(default="", metadata={"help": "local hellaswag_val.jsonl for --eval_hellaswag_every"})
@@ -101,10 +103,9 @@ def parse_args(argv):
         for name, value in PRESETS[preset].items():
             if name not in given:
                 setattr(cfg, name, value)
-    if cfg.arch not in ("gpt2", "llama"):
-        raise NanoError(f"unknown --arch {cfg.arch!r} (gpt2 or llama)")
-    if cfg.gelu not in ("exact", "tanh"):
-        raise NanoError(f"unknown --gelu {cfg.gelu!r} (exact or tanh)")
+    for name, allowed in (("arch", ("gpt2", "llama")), ("gelu", ("exact", "tanh")), ("attn_impl", ("sdpa", "naive", "flash"))):
+        if getattr(cfg, name) not in allowed:
+            raise NanoError(f"unknown --{name} {getattr(cfg, name)!r} ({' or '.join(allowed)})")
     if cfg.arch == "llama" and "bias" not in given:
         cfg.bias = False  # Llama has no biases
     if cfg.resume:
@@ -128,7 +129,7 @@ def model_config(cfg: TrainConfig, vocab_size):
     """The model trained from scratch: GPT-2's block, or Llama's (gpt.llama_config's switches)."""
     shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                  n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, mlp_hidden=cfg.mlp_hidden, dropout=cfg.dropout,
-                 bias=cfg.bias)
+                 bias=cfg.bias, attn_impl=cfg.attn_impl)
     return gpt.llama_config(**shape) if cfg.arch == "llama" else gpt.GPTConfig(**shape, gelu=cfg.gelu)
 
 
@@ -334,9 +335,13 @@ def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
     ckpt = data.read_checkpoint(run.ckpt_path, run.device)
     if "optimizer" not in ckpt:
         raise NanoError(f"{run.ckpt_path} has no optimizer state (not a train.py checkpoint)")
-    for name in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "bias", "dropout", "gelu"):
-        saved = ckpt["config"].get(name)
-        if name in given and saved is not None and getattr(cfg, name) != saved:
+    saved_config = ckpt["config"]
+    for name in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "bias", "dropout", "gelu",
+                 "attn_impl"):
+        saved, mine = saved_config.get(name), getattr(cfg, name)
+        if name == "n_kv_head" and saved is not None:  # 0 = n_head (checkpoints saved before GPTConfig resolved it: 0)
+            saved, mine = saved or saved_config["n_head"], mine or saved_config["n_head"]
+        if name in given and saved is not None and mine != saved:
             raise NanoError(f"--{name} {getattr(cfg, name)} differs from the checkpoint's {saved} "
                             "(a resumed run keeps the checkpoint's model: drop the option)")
     cfg.block_size = ckpt["config"]["block_size"]

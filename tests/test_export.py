@@ -456,7 +456,7 @@ def test_llama_family_export_hf_and_gguf(tmp_path, llama_tokenizer, kind):
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
     assert torch.stack(list(sample.generate(model, [prompt], 20, temperature=0)), 1)[0].tolist() == theirs
     back, _ = gpt.load_pretrained(str(tmp_path / "hf"))  # the round trip: config.json spells defaults out
-    resolved = dataclasses.replace(c, mlp_hidden=model.transformer.h[0].mlp.up_proj.out_features, head_dim=c.head_size)
+    resolved = dataclasses.replace(c, mlp_hidden=model.transformer.h[0].mlp.up_proj.out_features, head_dim=c.head_dim)
     assert back.config == resolved
     assert back.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -468,9 +468,9 @@ def test_llama_family_export_hf_and_gguf(tmp_path, llama_tokenizer, kind):
     allowed = {TENSOR_NAMES[k] for k in MODEL_TENSORS[arch]}
     assert {re.sub(r"\.\d+\.", ".{bid}.", n.rsplit(".", 1)[0]) for n in tensors} <= allowed
     block = model.transformer.h[0]
-    hd = c.head_size
+    hd = c.head_dim
     q_rows = block.attn.q_proj.weight.detach().view(c.n_head, 2, hd // 2, c.n_embd)
-    k_rows = block.attn.k_proj.weight.detach().view(c.kv_heads, 2, hd // 2, c.n_embd)
+    k_rows = block.attn.k_proj.weight.detach().view(c.n_kv_head, 2, hd // 2, c.n_embd)
     if kind == "llama":  # llama.cpp rotates channel pairs (2i, 2i+1), HF (i, i + hd/2): rows interleaved
         q_rows, k_rows = q_rows.transpose(1, 2), k_rows.transpose(1, 2)
     assert torch.equal(tensors["blk.0.attn_q.weight"], q_rows.reshape(-1, c.n_embd))
@@ -489,7 +489,7 @@ def test_llama_family_export_hf_and_gguf(tmp_path, llama_tokenizer, kind):
     fields = gguf_fields(reader)
     assert fields["general.architecture"] == kind and set(fields) <= gguf_known_keys(kind)
     for key, value in {"context_length": 64, "embedding_length": 64, "block_count": 2, "attention.head_count": 4,
-                       "attention.head_count_kv": c.kv_heads, "rope.dimension_count": hd,
+                       "attention.head_count_kv": c.n_kv_head, "rope.dimension_count": hd,
                        "feed_forward_length": block.mlp.up_proj.out_features}.items():
         assert fields[f"{kind}.{key}"] == value, key
     assert math.isclose(fields[f"{kind}.rope.freq_base"], c.rope_theta, rel_tol=1e-6)

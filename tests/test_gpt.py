@@ -1,5 +1,7 @@
-"""gpt.py against its references: HF GPT-2 logits, the naive loss, safetensors, compile."""
+"""gpt.py against its references: HF GPT-2 logits, the naive loss, attention written out vs SDPA,
+safetensors, compile."""
 
+import dataclasses
 import json
 import math
 import struct
@@ -14,6 +16,7 @@ import common
 import data
 import gpt
 import lora
+import sample
 from gpt import GPT, GPTConfig
 
 
@@ -349,3 +352,53 @@ def test_gpt2_folder_loads_by_config_json(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
     assert all(torch.equal(v, hf.state_dict()[k]) for k, v in model.to_hf_state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------
+# Attention written out (attn_impl="naive") against PyTorch's fused kernel (SDPA). Both run in
+# fp32 and compute the same products and sums in another order (SDPA's CPU kernel tiles the keys
+# with an online softmax), so what differs is rounding: ~2e-7 measured at outputs of size ~1,
+# hence atol 1e-6 for one attention and 1e-5 (as for every fp32 model here) for whole models.
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_naive_attention_equals_sdpa(n_kv_head):
+    torch.manual_seed(0)
+    group = 4 // n_kv_head
+    q = torch.randn(2, 4, 7, 16)
+    k, v = torch.randn(2, n_kv_head, 11, 16), torch.randn(2, n_kv_head, 11, 16)
+    # causal, T = S: SDPA's is_causal against the lower-triangular mask
+    ref = F.scaled_dot_product_attention(q, k[:, :, :7], v[:, :, :7], is_causal=True, enable_gqa=group > 1)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    out = gpt.naive_attention(q, gpt.repeat_kv(k[:, :, :7], group), gpt.repeat_kv(v[:, :, :7], group), mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    # a cache of 11 slots, a (B, 1, T, S) mask per row (padding, unwritten slots, a window)
+    mask = torch.rand(2, 1, 7, 11) > 0.4
+    mask[..., 3] = True  # every query sees at least one slot (no all -inf row)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    out = gpt.naive_attention(q, gpt.repeat_kv(k, group), gpt.repeat_kv(v, group), mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def with_attn_impl(model, impl):
+    """The same weights, attention computed by `impl`."""
+    other = GPT(dataclasses.replace(model.config, attn_impl=impl))
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_naive_attention_model_equals_sdpa(tiny_config, arch):
+    """Forward, backward, and KV-cached generation (left padding, the window sliding past block_size)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config if arch == "gpt2" else small_llama(qk_norm=True))
+    naive = with_attn_impl(model, "naive")
+    idx, tgt = torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32))
+    for m in (model, naive):
+        m(idx, tgt)[1].backward()
+    torch.testing.assert_close(naive(idx)[0], model(idx)[0], rtol=0, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), naive.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5, msg=name)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    tokens = [torch.stack(list(sample.generate(m.eval(), prompts, 45, temperature=0)), dim=1) for m in (model, naive)]
+    assert tokens[0].tolist() == tokens[1].tolist()

@@ -73,7 +73,7 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     model, spec = gpt.load_checkpoint(full / "ckpt.pt")
     assert spec.startswith("char:") and model.config.n_layer == 2 and model.config.arch == arch
     if arch == "llama":  # the checkpoint holds Llama's block: no biases, no position table, 1 key/value head
-        assert model.config.kv_heads == 1 and model.config.rope_theta and model.config.norm == "rmsnorm"
+        assert model.config.n_kv_head == 1 and model.config.rope_theta and model.config.norm == "rmsnorm"
         names = model.state_dict().keys()
         assert not any(name.endswith("bias") for name in names) and "transformer.wpe.weight" not in names
     tok = data.load_tokenizer(spec)
@@ -126,6 +126,7 @@ def test_bad_inputs(tmp_path, shakespeare_path):
     ("--init_from", "gpt5", "unknown --init_from 'gpt5'"),
     ("--arch", "mamba", "unknown --arch 'mamba'"),
     ("--gelu", "relu", "unknown --gelu 'relu' (exact or tanh)"),
+    ("--attn_impl", "eager", "unknown --attn_impl 'eager' (sdpa or naive or flash)"),
     ("--n_kv_head", "3", "n_head 2 is not a multiple of n_kv_head 3"),
     ("--n_kv_head", "-1", "--n_kv_head must be >= 0"),
 ])
@@ -133,6 +134,24 @@ def test_bad_options(tmp_path, option, value, message):
     one_line_error(TINY + ["--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "o"), option, value],
                    message)
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_attn_impl_naive_trains_as_sdpa(tmp_path, shakespeare_path):
+    """--attn_impl naive (softmax attention written out) takes the same steps as SDPA: fp32, only
+    rounding differs (~1e-7 per attention), so the losses of 4 steps agree to 1e-5; the checkpoint
+    keeps the choice, and a resumed run refuses another one."""
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_path.read_text()[:20_000])
+    args = TINY + ["--input", str(src), "--data_root", str(tmp_path / "data"), "--dropout", "0.0", "--max_iters", "4",
+                   "--eval_interval", "4", "--always_save_checkpoint", "True", "--n_kv_head", "0"]
+    for impl in ("sdpa", "naive"):
+        train.main(args + ["--attn_impl", impl, "--out_dir", str(tmp_path / impl)])
+    sdpa, naive = losses_by_iter(tmp_path / "sdpa")[0], losses_by_iter(tmp_path / "naive")[0]
+    assert sdpa.keys() == naive.keys() and all(abs(sdpa[i] - naive[i]) < 1e-5 for i in sdpa), (sdpa, naive)
+    assert gpt.load_checkpoint(tmp_path / "naive" / "ckpt.pt")[0].config.attn_impl == "naive"
+    resume = args + ["--out_dir", str(tmp_path / "naive"), "--resume", "True", "--max_iters", "5"]
+    one_line_error(resume + ["--attn_impl", "sdpa"], "--attn_impl sdpa differs from the checkpoint's naive")
+    train.main(resume)  # the checkpoint's naive attention; --n_kv_head 0 still means n_head: no conflict
 
 
 def test_text_dataset_with_gpt2_tokens(tmp_path, shakespeare_path):
