@@ -54,9 +54,10 @@ def status_kib(key: str) -> int:
 def shakespeare_text() -> str:
     path = SHARED_DATA / "tinyshakespeare.txt"
     if not path.is_file():
+        import common
         import data
 
-        path = data.download(data.SHAKESPEARE_URL, ROOT / "data" / "tinyshakespeare.txt")
+        path = common.download(data.SHAKESPEARE_URL, ROOT / "data" / "tinyshakespeare.txt")
     return path.read_text()
 
 
@@ -1321,8 +1322,8 @@ def bench_hellaswag(quick: bool) -> None:
 
     import eval_hellaswag as hs
     import common
-    import data
     import gpt
+    import tokenizer
 
     device = common.pick_device("auto")
     torch.manual_seed(0)
@@ -1332,7 +1333,7 @@ def bench_hellaswag(quick: bool) -> None:
         config = gpt.GPTConfig(vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
     model = gpt.GPT(config).to(device).eval()
     shape = "tiny 2L/64" if quick else "gpt2-124M"
-    tok = data.load_tokenizer("gpt2")
+    tok = tokenizer.load_tokenizer("gpt2")
 
     # synthetic rows shaped like HellaSwag val: a 15-70 word context, endings of 8-30 words
     # (quick: short ones), so padding costs what it costs on the real data
@@ -1504,9 +1505,9 @@ def bench_serve(args) -> None:
     Medians over interleaved repeats (batched, one-at-a-time, batched, ...). Last, the
     engine's decode step alone at 16 rows and at 1 row, interleaved step by step: the
     ceiling of the gain, which prefill (the same work either way) then dilutes."""
-    import data
     import gpt
     import serve
+    import tokenizer
 
     quick = getattr(args, "quick", args)
     torch.manual_seed(0)
@@ -1514,7 +1515,7 @@ def bench_serve(args) -> None:
     n_requests, new_tokens, repeats = (4, 8, 1) if quick else (16, 64, 3)
     model = gpt.GPT(config).eval()
     # quick: a tiny vocabulary, any tokenizer of <= 512 ids
-    tok = data.load_tokenizer("char:" + "".join(chr(32 + i) for i in range(config.vocab_size)) if quick else "gpt2")
+    tok = tokenizer.load_tokenizer("char:" + "".join(chr(32 + i) for i in range(config.vocab_size)) if quick else "gpt2")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, tok.vocab_size, (int(n),), generator=g).tolist()
                for n in torch.randint(8, 65, (n_requests,), generator=g)]
@@ -1640,11 +1641,11 @@ def bench_bpe_encode(quick, text):
     import tiktoken
 
     import bpe
-    import data
+    import tokenizer
 
     repeat = 2 if quick else 7
     enc = tiktoken.get_encoding("gpt2")
-    tok = bpe.Tokenizer.from_gpt2_files(data.GPT2_VOCAB_BPE, data.GPT2_ENCODER_JSON)
+    tok = tokenizer.bpe_from_gpt2_files(tokenizer.GPT2_VOCAB_BPE, tokenizer.GPT2_ENCODER_JSON)
     curly = text.replace("'", "\u2019")  # no longer ASCII: the `regex` split
     for name, sample in (("Tiny Shakespeare (ASCII)", text), ("Tiny Shakespeare, curly ' (not ASCII)", curly)):
         sample = sample[:200_000] if quick else sample
@@ -1954,6 +1955,7 @@ def bench_sft_packing(quick: bool) -> None:
     import data
     import gpt
     import sft
+    import tokenizer
 
     device = common.pick_device("auto")
     dtype = common.pick_dtype(device, "auto")
@@ -1963,7 +1965,7 @@ def bench_sft_packing(quick: bool) -> None:
         T, batch_size, shape, repeat, steps = 256, 4, (4, 4, 256), 5, 2
     else:  # the GPT-2 124M shape
         T, batch_size, shape, repeat, steps = 1024, 8, (12, 12, 768), 5, 3
-    tok = sft.ChatTokenizer(data.load_tokenizer("gpt2"))
+    tok = sft.ChatTokenizer(tokenizer.load_tokenizer("gpt2"))
     text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
     rng = random.Random(0)
 
@@ -2076,11 +2078,11 @@ def hf_llama_config(shape, transformers, block_size=2048):
 def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
     """Random bf16 weights of config as Hugging Face's sharded safetensors (+ index, config.json);
     one tensor at a time, so writing needs about one shard of memory. Returns the bf16 bytes."""
-    import data
     import gpt
+    import hf_io
 
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = {data.to_hf_name(k, "llama"): tuple(p.shape) for k, p in gpt.empty_model(config).named_parameters()}
+    shapes = {hf_io.to_hf_name(k, "llama"): tuple(p.shape) for k, p in gpt.empty_model(config).named_parameters()}
     shards, current, size, total = [], {}, 0, 0
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=torch.bfloat16)
@@ -2093,7 +2095,7 @@ def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        data.write_safetensors(folder / fname, shard)
+        hf_io.write_safetensors(folder / fname, shard)
         weight_map.update({k: fname for k in shard})
         total += sum(t.numel() * 2 for t in shard.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},

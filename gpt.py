@@ -15,13 +15,15 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import common
-import data
+import hf_io
+import tokenizer
 from common import NanoError
 
 
@@ -364,17 +366,17 @@ class GPT(nn.Module):
         config of arch "llama" LlamaForCausalLM's and its family's); tensors are copied."""
         if config is None:  # GPT-2: the shapes are read off the tensors
             sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-            config = GPTConfig(**data.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
+            config = GPTConfig(**hf_io.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
         model = empty_model(config)
-        for name, key in data.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
-            data.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
+        for name, key in hf_io.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
+            hf_io.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
         return model.tie_weights()
 
     def to_hf_state_dict(self) -> dict:
         """The inverse of from_hf_state_dict: Hugging Face's names (GPT-2's Conv1D weights transposed
         back to (in, out)); a tied lm_head.weight is included, as HF's state_dict() has it."""
         arch = self.config.arch
-        return {data.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(data.HF_CONV1D_WEIGHTS) else v
+        return {hf_io.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(hf_io.HF_CONV1D_WEIGHTS) else v
                 for k, v in clean_state_dict(self).items()}
 
     @classmethod
@@ -446,7 +448,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
 
 
 # ----------------------------------------------------------------------------------------
-# Hugging Face weights: names and shapes (data.py reads the folders: config.json, safetensors)
+# Hugging Face weights: names and shapes (hf_io.py reads the folders: config.json, safetensors)
 
 def empty_model(config: GPTConfig) -> GPT:
     """A GPT whose tensors have shapes but no memory (the meta device), for `fill` to load into."""
@@ -456,17 +458,17 @@ def empty_model(config: GPTConfig) -> GPT:
 
 def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
     """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size
-    (data.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
+    (hf_io.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
     and shape is checked from the safetensors headers before any weight is read; the model is
     built on the meta device and filled one tensor at a time: peak memory is the model plus one
     tensor, never an fp32 copy of it."""
-    folder, hf_config, files, spec = data.hf_folder(name_or_dir, cache_dir)
-    model = empty_model(GPTConfig(**data.hf_config_fields(hf_config)))
-    headers = [data.safetensors_header(folder / name)[0] for name in files]
-    plan = data.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
+    folder, hf_config, files, spec = hf_io.hf_folder(name_or_dir, cache_dir)
+    model = empty_model(GPTConfig(**hf_io.hf_config_fields(hf_config)))
+    headers = [hf_io.safetensors_header(folder / name)[0] for name in files]
+    plan = hf_io.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
     for name in files:  # one shard at a time, one tensor at a time
-        for key, tensor in data.read_safetensors(folder / name, names=plan).items():
-            data.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
+        for key, tensor in hf_io.read_safetensors(folder / name, names=plan).items():
+            hf_io.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
     return model.tie_weights(), spec or ("gpt2" if model.config.arch == "gpt2" else None)
 
 
@@ -480,10 +482,10 @@ def clean_state_dict(model: nn.Module) -> dict:
 
 
 def save_checkpoint(path, model, tokenizer_spec, step=0, **extra):
-    """The weights, config and tokenizer spec; a file-based tokenizer travels inside (data.pack_tokenizer)."""
+    """The weights, config and tokenizer spec; a file-based tokenizer travels inside (tokenizer.pack_tokenizer)."""
     raw = getattr(model, "_orig_mod", model)
     common.atomic_save({"model": clean_state_dict(raw), "config": asdict(raw.config), "tokenizer": tokenizer_spec,
-                        "tokenizer_file": data.pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
+                        "tokenizer_file": tokenizer.pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
 
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GPT:
@@ -498,7 +500,24 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GPT:
     return model
 
 
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint's dict (gpt.save_checkpoint's), checked; its tokenizer spec points at a file
+    that holds the tokenizer (the packed copy where the recorded path no longer does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"checkpoint {path} not found (train one with train.py or check the path)")
+    try:
+        # weights_only: a downloaded checkpoint is data, it must not be able to run code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip or unpickler errors
+        raise NanoError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise NanoError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config')")
+    ckpt["tokenizer"] = tokenizer.unpack_tokenizer(ckpt.get("tokenizer"), ckpt.get("tokenizer_file"))
+    return ckpt
+
+
 def load_checkpoint(path, device="cpu"):
     """Returns (model, tokenizer_spec) from a checkpoint written by save_checkpoint."""
-    ckpt = data.read_checkpoint(path, device)
+    ckpt = read_checkpoint(path, device)
     return model_from_checkpoint(ckpt, path).to(device), ckpt["tokenizer"]

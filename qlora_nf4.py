@@ -45,9 +45,9 @@ import torch.nn.functional as F
 
 import common
 from common import NanoError, cli
-import data
 import gpt
 import lora
+import tokenizer
 
 try:  # Triton is optional: without it (macOS, Windows) the PyTorch reference runs everywhere
     import triton
@@ -539,7 +539,7 @@ def main(argv=None):
     common.pick_dtype(device, cfg.dtype)
     common.set_seed(cfg.seed)
     model, spec, base = lora.load_base(cfg.init_from, device, dtype=None)  # HF weights: as stored (bf16)
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     dataset = lora.load_finetune_data(model, tok, cfg)  # checked before the quantization
     quantize_base(model, cfg)
     lora.add_adapters(model, cfg, base)

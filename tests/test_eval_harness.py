@@ -20,6 +20,7 @@ from test_eval_hellaswag import ROWS as HELLASWAG_ROWS
 from test_export import char_spec, train_tiny
 
 import data
+import tokenizer
 import eval_harness as eh
 import eval_hellaswag as hs
 import export
@@ -33,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def char_model():
     spec = char_spec()
     config = gpt.GPTConfig(block_size=16, vocab_size=len(spec) - 5, n_layer=2, n_head=2, n_embd=32)
-    return train_tiny(config, spec, steps=30), data.load_tokenizer(spec)
+    return train_tiny(config, spec, steps=30), tokenizer.load_tokenizer(spec)
 
 
 def naive_loglikelihood(model, context, continuation):
@@ -186,7 +187,7 @@ def test_lm_eval_ours_equals_hf_model_on_the_export(tmp_path):
                     if isinstance(ra, tuple):
                         assert ra[1] == rb[1]  # is_greedy
     # HellaSwag through the harness == eval_hellaswag.py's lm_eval style on the same rows
-    r = hs.evaluate(model, data.load_tokenizer("gpt2"), [hs.check_example(row, "row") for row in HELLASWAG_ROWS], "lm_eval")
+    r = hs.evaluate(model, tokenizer.load_tokenizer("gpt2"), [hs.check_example(row, "row") for row in HELLASWAG_ROWS], "lm_eval")
     assert r["acc"] == ours["results"]["hellaswag_local"]["acc,none"]
     assert r["acc_norm"] == ours["results"]["hellaswag_local"]["acc_norm,none"]
 
@@ -224,7 +225,7 @@ def test_shakespeare_val_text_is_the_val_split(tmp_path):
     """--bpb_text shakespeare scores exactly the text prepare_dataset holds out as val."""
     folder = data.prepare_dataset("shakespeare_char", data_root=tmp_path)
     val = data.TokenBins(folder, "val").shards[0]
-    tok = data.load_tokenizer(data.read_meta(folder)["tokenizer"])
+    tok = tokenizer.load_tokenizer(data.read_meta(folder)["tokenizer"])
     assert tok.decode(val.tolist()) == eh.shakespeare_val_text()
 
 
