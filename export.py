@@ -46,9 +46,10 @@ from pathlib import Path
 import torch
 
 import bpe
-import data
 import gpt
+import hf_io
 import lora
+import tokenizer
 from common import NanoError, atomic_write, cli, parse_config, remove_stale_temps, stale_temps
 
 # ----------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwe
 
 
 def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
-    """config.json in the architecture's own schema (the inverse of data.hf_config_fields)."""
+    """config.json in the architecture's own schema (the inverse of hf_io.hf_config_fields)."""
     c, kind = model.config, hf_model_type(model.config)
     common = {"architectures": [HF_ARCHITECTURES[kind]], "model_type": kind, "vocab_size": c.vocab_size,
               "tie_word_embeddings": c.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,
@@ -321,7 +322,7 @@ def gguf_tensors(model: gpt.GPT, wanted: int) -> list[tuple[str, torch.Tensor, i
         gguf_name = next((pattern.sub(new, name) for pattern, new in table if pattern.fullmatch(name)), None)
         if gguf_name is None:
             raise NanoError(f"no GGUF name for tensor {name!r} of a {kind} model (export supports gpt2 and the llama family)")
-        if kind == "gpt2" and name.endswith(data.HF_CONV1D_WEIGHTS):
+        if kind == "gpt2" and name.endswith(hf_io.HF_CONV1D_WEIGHTS):
             t = t.t()  # Conv1D (in, out) -> (out, in), as the converter does
         if kind == "llama" and ".q_proj." in name:
             t = interleave_rope_rows(t, c.n_head)
@@ -362,8 +363,8 @@ def byte_bpe(spec: str) -> bpe.Tokenizer | None:
     if spec.startswith("char:"):
         return None
     if spec == "gpt2":  # the GPT-2 files that ship in assets/
-        return bpe.Tokenizer.from_gpt2_files(data.GPT2_VOCAB_BPE, data.GPT2_ENCODER_JSON)
-    return bpe.load_any(spec)
+        return tokenizer.bpe_from_gpt2_files(tokenizer.GPT2_VOCAB_BPE, tokenizer.GPT2_ENCODER_JSON)
+    return tokenizer.load_bpe(spec)
 
 
 @functools.lru_cache(maxsize=4)
@@ -375,7 +376,7 @@ def tokenizer_json(spec: str) -> dict:
         return json.loads(Path(spec).read_text(encoding="utf-8"))
     tok = byte_bpe(spec)
     if tok is not None:
-        return tok.to_tokenizer_json()
+        return tokenizer.to_tokenizer_json(tok)
     alphabet = spec[len("char:"):]
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
             "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
@@ -482,7 +483,7 @@ def eot_of(spec: str):
 
 def export_hf(model: gpt.GPT, spec: str, folder: Path, dtype=torch.float32):
     config = hf_config(model, eot_of(spec), str(dtype).removeprefix("torch."))
-    data.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
+    hf_io.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
     _write_json(folder / "config.json", config)
     write_hf_tokenizer(folder, spec, model.config.block_size, eot_of(spec))
 
@@ -511,7 +512,7 @@ def peft_state_dict(adapter: dict) -> dict:
     A (r, in) and B (out, r) keep their shapes: PEFT's LoRA stores them as nn.Linear weights,
     also on GPT-2's Conv1D layers."""
     arch = adapter_arch(adapter)
-    return {lora.PEFT_PREFIX + data.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
+    return {lora.PEFT_PREFIX + hf_io.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
 
 
 def peft_config(adapter: dict) -> dict:
@@ -520,12 +521,12 @@ def peft_config(adapter: dict) -> dict:
             "lora_dropout": cfg.get("dropout", 0.0), "target_modules": sorted(cfg["targets"]),
             "use_rslora": cfg.get("use_rslora", False), "bias": "none",
             "fan_in_fan_out": adapter_arch(adapter) == "gpt2",  # HF GPT-2's Conv1D weights are (in, out)
-            "base_model_name_or_path": "openai-community/" + base if base in data.GPT2_SIZES else base,
+            "base_model_name_or_path": "openai-community/" + base if base in hf_io.GPT2_SIZES else base,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
 
 
 def export_peft(adapter: dict, folder: Path):
-    data.write_safetensors(folder / "adapter_model.safetensors", peft_state_dict(adapter))
+    hf_io.write_safetensors(folder / "adapter_model.safetensors", peft_state_dict(adapter))
     _write_json(folder / "adapter_config.json", peft_config(adapter))
 
 
@@ -539,7 +540,7 @@ def _write_json(path: Path, obj, indent=2):
 
 def load_model(ckpt_path: str, adapter_path: str = ""):
     """(model, tokenizer spec) from a checkpoint, with a lora.py or PEFT adapter merged in if given."""
-    ckpt = data.read_checkpoint(ckpt_path)  # NanoError for a missing or foreign file
+    ckpt = gpt.read_checkpoint(ckpt_path)  # NanoError for a missing or foreign file
     if "moe" in ckpt:
         raise NanoError(f"{ckpt_path} is a mixture-of-experts model (moe.py); the GPT-2 and Llama "
                         "architectures of HF and llama.cpp have no experts, so it cannot be exported")

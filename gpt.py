@@ -13,16 +13,18 @@ Wijmans et al. 2024, arXiv:2411.09009), Hugging Face weights both ways, checkpoi
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import common
-import data
+import hf_io
 from common import NanoError
 
 
@@ -355,40 +357,23 @@ class GPT(nn.Module):
             if "wpe" in self.transformer:
                 self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Plain sampling without a cache, as in nanoGPT: re-reads the whole window for every
-        new token. sample.py teaches the fast way (KV cache, prefill/decode)."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[0][:, -1, :]
-            if temperature == 0:
-                next_id = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, next_id], dim=1)
-        return idx
-
     @classmethod
     def from_hf_state_dict(cls, sd, config: GPTConfig | None = None, dtype=None):
         """A GPT from a Hugging Face state dict (GPT2LMHeadModel/GPT2Model names, or with a
         config of arch "llama" LlamaForCausalLM's and its family's); tensors are copied."""
         if config is None:  # GPT-2: the shapes are read off the tensors
             sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-            config = GPTConfig(**data.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
+            config = GPTConfig(**hf_io.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
         model = empty_model(config)
-        for name, key in data.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
-            data.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
+        for name, key in hf_io.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
+            hf_io.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
         return model.tie_weights()
 
     def to_hf_state_dict(self) -> dict:
         """The inverse of from_hf_state_dict: Hugging Face's names (GPT-2's Conv1D weights transposed
         back to (in, out)); a tied lm_head.weight is included, as HF's state_dict() has it."""
         arch = self.config.arch
-        return {data.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(data.HF_CONV1D_WEIGHTS) else v
+        return {hf_io.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(hf_io.HF_CONV1D_WEIGHTS) else v
                 for k, v in clean_state_dict(self).items()}
 
     @classmethod
@@ -460,7 +445,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
 
 
 # ----------------------------------------------------------------------------------------
-# Hugging Face weights: names and shapes (data.py reads the folders: config.json, safetensors)
+# Hugging Face weights: names and shapes (hf_io.py reads the folders: config.json, safetensors)
 
 def empty_model(config: GPTConfig) -> GPT:
     """A GPT whose tensors have shapes but no memory (the meta device), for `fill` to load into."""
@@ -470,17 +455,17 @@ def empty_model(config: GPTConfig) -> GPT:
 
 def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
     """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size
-    (data.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
+    (hf_io.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
     and shape is checked from the safetensors headers before any weight is read; the model is
     built on the meta device and filled one tensor at a time: peak memory is the model plus one
     tensor, never an fp32 copy of it."""
-    folder, hf_config, files, spec = data.hf_folder(name_or_dir, cache_dir)
-    model = empty_model(GPTConfig(**data.hf_config_fields(hf_config)))
-    headers = [data.safetensors_header(folder / name)[0] for name in files]
-    plan = data.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
+    folder, hf_config, files, spec = hf_io.hf_folder(name_or_dir, cache_dir)
+    model = empty_model(GPTConfig(**hf_io.hf_config_fields(hf_config)))
+    headers = [hf_io.safetensors_header(folder / name)[0] for name in files]
+    plan = hf_io.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
     for name in files:  # one shard at a time, one tensor at a time
-        for key, tensor in data.read_safetensors(folder / name, names=plan).items():
-            data.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
+        for key, tensor in hf_io.read_safetensors(folder / name, names=plan).items():
+            hf_io.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
     return model.tie_weights(), spec or ("gpt2" if model.config.arch == "gpt2" else None)
 
 
@@ -493,26 +478,80 @@ def clean_state_dict(model: nn.Module) -> dict:
     return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
 
 
+CHAT_SPEC = "chat:"  # tokenizer.CHAT_PREFIX: a chat model's spec is "chat:" + its base tokenizer's
+
+
+def tokenizer_file(spec) -> Path | None:
+    """The file a spec names (a bpe.py model or a tokenizer.json, also after "chat:"), or None."""
+    base = spec.removeprefix(CHAT_SPEC) if isinstance(spec, str) else None
+    return Path(base) if base and not base.startswith("char:") and Path(base).is_file() else None
+
+
+def pack_tokenizer(spec) -> dict | None:
+    """{"name", "data"} of the spec's tokenizer file, for a checkpoint; None for other specs."""
+    path = tokenizer_file(spec)
+    return {"name": path.name, "data": path.read_bytes()} if path else None
+
+
+def unpack_tokenizer(spec, packed: dict | None):
+    """The spec to load a checkpoint's tokenizer with: the recorded path while it still holds the
+    same bytes, else a copy of the packed file under ~/.cache/nanollm/tokenizers (by content hash)."""
+    path = tokenizer_file(spec)
+    if not packed or (path is not None and path.read_bytes() == packed["data"]):
+        return spec
+    digest = hashlib.sha256(packed["data"]).hexdigest()[:16]
+    copy = common.nanollm_cache() / "tokenizers" / f"{digest}-{Path(packed['name']).name}"
+    if not copy.is_file():
+        common.atomic_write(copy, lambda tmp: tmp.write_bytes(packed["data"]))
+    return (CHAT_SPEC if spec.startswith(CHAT_SPEC) else "") + str(copy)
+
+
 def save_checkpoint(path, model, tokenizer_spec, step=0, **extra):
-    """The weights, config and tokenizer spec; a file-based tokenizer travels inside (data.pack_tokenizer)."""
+    """The weights, config and tokenizer spec; a file-based tokenizer travels inside (pack_tokenizer)."""
     raw = getattr(model, "_orig_mod", model)
     common.atomic_save({"model": clean_state_dict(raw), "config": asdict(raw.config), "tokenizer": tokenizer_spec,
-                        "tokenizer_file": data.pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
+                        "tokenizer_file": pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
 
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GPT:
     try:
-        model = GPT(GPTConfig(**ckpt["config"]))
+        config = GPTConfig(**ckpt["config"])
     except TypeError as e:
         raise NanoError(f"{path} has a config this GPT does not know ({e})") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise NanoError(f"{path} does not match its config ({str(e).strip().splitlines()[-1].strip()})") from None
+    # shapes first, on the meta device: a lying config (n_embd 2**17) must not allocate 200 GB
+    wanted = {k: tuple(v.shape) for k, v in empty_model(config).state_dict().items()}
+    saved = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in ckpt["model"].items()}
+    for key in sorted(wanted.keys() | saved.keys(), key=lambda k: (k not in saved, k not in wanted, k)):
+        if wanted.get(key) != saved.get(key):
+            raise NanoError(f"{path} does not match its config ({key}: {saved.get(key, 'missing')} in the "
+                            f"file, {wanted.get(key, 'unexpected')} for the config)")
+    model = GPT(config)
+    model.load_state_dict(ckpt["model"])
     return model
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint's dict (gpt.save_checkpoint's), checked; its tokenizer spec points at a file
+    that holds the tokenizer (the packed copy where the recorded path no longer does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"checkpoint {path} not found (train one with train.py or check the path)")
+    try:
+        # weights_only: a downloaded checkpoint is data, it must not be able to run code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip or unpickler errors
+        raise NanoError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("model", "config")):
+        raise NanoError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config' dicts)")
+    packed = ckpt.get("tokenizer_file")
+    if not isinstance(ckpt.get("tokenizer"), (str, type(None))) or packed is not None and not (
+            isinstance(packed, dict) and isinstance(packed.get("data"), bytes) and isinstance(packed.get("name"), str)):
+        raise NanoError(f"{path} has a damaged tokenizer record (save the checkpoint again)")
+    ckpt["tokenizer"] = unpack_tokenizer(ckpt.get("tokenizer"), ckpt.get("tokenizer_file"))
+    return ckpt
 
 
 def load_checkpoint(path, device="cpu"):
     """Returns (model, tokenizer_spec) from a checkpoint written by save_checkpoint."""
-    ckpt = data.read_checkpoint(path, device)
+    ckpt = read_checkpoint(path, device)
     return model_from_checkpoint(ckpt, path).to(device), ckpt["tokenizer"]

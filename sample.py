@@ -72,6 +72,7 @@ import common
 from common import NanoError, cli
 import data
 import gpt
+import tokenizer
 
 # ----------------------------------------------------------------------------------------
 # The static KV cache
@@ -648,7 +649,7 @@ def load_model(cfg, device, dtype):
 def load_source(source: str, device, dtype, checkpoint=None):
     """A checkpoint file, or a GPT-2 name / Hugging Face folder / hub name (gpt.load_pretrained)."""
     if checkpoint or (checkpoint is None and (Path(source).is_file() or source.endswith((".pt", ".pth")))):
-        ckpt = data.read_checkpoint(source, device="cpu")
+        ckpt = gpt.read_checkpoint(source, device="cpu")
         if is_moe_checkpoint(ckpt):  # a GPT would list every expert key it lacks: say what the file is instead
             raise NanoError(f"{source} is an MoE checkpoint (sample it with moe.py's model: "
                             "model, spec = moe.load_moe_checkpoint(path), then sample.generate(model, ...))")
@@ -682,7 +683,7 @@ def main(argv=None):
     common.set_seed(cfg.seed)
     prompt = data.read_text_file(Path(cfg.prompt_file), "--prompt_file") if cfg.prompt_file else cfg.prompt
     model, spec = load_model(cfg, device, dtype)
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     if tok.vocab_size > model.config.vocab_size:
         raise NanoError(f"tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
     ids = tok.encode(prompt)

@@ -36,6 +36,8 @@ import common
 from common import NanoError, cli
 import data
 import gpt
+import hf_io
+import tokenizer
 
 
 @dataclass
@@ -116,10 +118,10 @@ def parse_args(argv):
         non_negative=("n_kv_head", "mlp_hidden", "max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
                       "eval_hellaswag_every", "hellaswag_limit", "sample_tokens", "train_tokenizer", "peak_flops"),
         ranges={"dropout": (0.0, 0.99), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999)})
-    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in data.GPT2_SIZES
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in hf_io.GPT2_SIZES
             or Path(cfg.init_from).exists()):
         raise NanoError(f"unknown --init_from {cfg.init_from!r} (scratch, resume, "
-                        f"{', '.join(data.GPT2_SIZES)}, or a checkpoint file)")
+                        f"{', '.join(hf_io.GPT2_SIZES)}, or a checkpoint file)")
     if cfg.init_from == "scratch":
         model_config(cfg, vocab_size=1)  # a shape the model refuses (n_head vs n_embd, n_kv_head) fails now
     return cfg, given
@@ -136,7 +138,7 @@ def model_config(cfg: TrainConfig, vocab_size):
 def prepare_data(cfg: TrainConfig):
     """Tokenize the dataset once (under torchrun: rank 0 first, the others reuse it); its folder."""
     tokenizer = cfg.tokenizer or None
-    if cfg.init_from in data.GPT2_SIZES and cfg.dataset == "shakespeare_char":
+    if cfg.init_from in hf_io.GPT2_SIZES and cfg.dataset == "shakespeare_char":
         raise NanoError("GPT-2 weights need GPT-2 tokens (use --dataset shakespeare or text:<path>)")
     if cfg.train_tokenizer:
         if not cfg.dataset.startswith("text:"):
@@ -332,7 +334,7 @@ def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
     model's shape comes from it, so a conflicting shape option is refused, not ignored."""
     if cfg.init_from != "resume":
         return None
-    ckpt = data.read_checkpoint(run.ckpt_path, run.device)
+    ckpt = gpt.read_checkpoint(run.ckpt_path, run.device)
     if "optimizer" not in ckpt:
         raise NanoError(f"{run.ckpt_path} has no optimizer state (not a train.py checkpoint)")
     saved_config = ckpt["config"]
@@ -350,7 +352,7 @@ def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
 
 def build_model(cfg: TrainConfig, run: Run, meta: dict, ckpt):
     """From scratch, from GPT-2 weights, from a checkpoint file, or resumed; checked against the data."""
-    if cfg.init_from in data.GPT2_SIZES:
+    if cfg.init_from in hf_io.GPT2_SIZES:
         model = gpt.GPT.from_pretrained(cfg.init_from)
         model.crop_block_size(min(cfg.block_size, model.config.block_size))
         tokenizer_spec = "gpt2"
@@ -359,7 +361,7 @@ def build_model(cfg: TrainConfig, run: Run, meta: dict, ckpt):
         tokenizer_spec = meta["tokenizer"]
     else:  # resumed, or the weights of a checkpoint file (a fresh optimizer and step 0)
         source = run.ckpt_path if ckpt is not None else cfg.init_from
-        weights = ckpt if ckpt is not None else data.read_checkpoint(source, run.device)
+        weights = ckpt if ckpt is not None else gpt.read_checkpoint(source, run.device)
         model, tokenizer_spec = gpt.model_from_checkpoint(weights, source), weights.get("tokenizer")
         if ckpt is None:
             model.crop_block_size(min(cfg.block_size, model.config.block_size))
@@ -434,7 +436,7 @@ def hellaswag_hook(cfg: TrainConfig, run: Run, raw_model, write_metrics):
 
     with common.rank0_first():  # rank 0 downloads, the others then find the file
         examples = eval_hellaswag.load_examples(cfg.hellaswag_data or eval_hellaswag.download("val"), cfg.hellaswag_limit)
-    tok = data.load_tokenizer(run.tokenizer_spec)
+    tok = tokenizer.load_tokenizer(run.tokenizer_spec)
 
     def evaluate(iter_num):
         res = eval_hellaswag.evaluate(raw_model, tok, examples, "completion", device=run.device, dtype=run.dtype)
@@ -445,7 +447,7 @@ def hellaswag_hook(cfg: TrainConfig, run: Run, raw_model, write_metrics):
 
 
 def sample_text(cfg: TrainConfig, run: Run, raw_model):
-    tok = data.load_tokenizer(run.tokenizer_spec)
+    tok = tokenizer.load_tokenizer(run.tokenizer_spec)
     start = torch.full((1, 1), tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0], device=run.device)
     raw_model.eval()
     with run.ctx:

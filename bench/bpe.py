@@ -17,6 +17,7 @@ import tiktoken
 
 import bpe
 import data
+import tokenizer
 
 from .util import interleaved, row
 
@@ -32,7 +33,7 @@ def bench_bpe(quick: bool) -> None:
 def bench_bpe_encode(quick, text):
     repeat = 2 if quick else 7
     enc = tiktoken.get_encoding("gpt2")
-    tok = bpe.Tokenizer.from_gpt2_files(data.GPT2_VOCAB_BPE, data.GPT2_ENCODER_JSON)
+    tok = tokenizer.bpe_from_gpt2_files(tokenizer.GPT2_VOCAB_BPE, tokenizer.GPT2_ENCODER_JSON)
     curly = text.replace("'", "\u2019")  # no longer ASCII: the `regex` split
     for name, sample in (("Tiny Shakespeare (ASCII)", text), ("Tiny Shakespeare, curly ' (not ASCII)", curly)):
         sample = sample[:200_000] if quick else sample

@@ -10,9 +10,9 @@ import random
 import torch
 
 import common
-import data
 import eval_hellaswag as hs
 import gpt
+import tokenizer
 from common import median_ms
 
 from .util import row
@@ -30,7 +30,7 @@ def bench_hellaswag(quick: bool) -> None:
         config = gpt.GPTConfig(vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
     model = gpt.GPT(config).to(device).eval()
     shape = "tiny 2L/64" if quick else "gpt2-124M"
-    tok = data.load_tokenizer("gpt2")
+    tok = tokenizer.load_tokenizer("gpt2")
 
     # synthetic rows shaped like HellaSwag val: a 15-70 word context, endings of 8-30 words
     # (quick: short ones), so padding costs what it costs on the real data

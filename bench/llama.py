@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import data
+import hf_io
 import gpt
 import sample
 from common import median_ms
@@ -48,7 +48,7 @@ def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
     """Random bf16 weights of config as Hugging Face's sharded safetensors (+ index, config.json);
     one tensor at a time, so writing needs about one shard of memory. Returns the bf16 bytes."""
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = {data.to_hf_name(k, "llama"): tuple(p.shape) for k, p in gpt.empty_model(config).named_parameters()}
+    shapes = {hf_io.to_hf_name(k, "llama"): tuple(p.shape) for k, p in gpt.empty_model(config).named_parameters()}
     shards, current, size, total = [], {}, 0, 0
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=torch.bfloat16)
@@ -61,7 +61,7 @@ def write_random_shards(config, folder: Path, shard_bytes=512 << 20) -> int:
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        data.write_safetensors(folder / fname, shard)
+        hf_io.write_safetensors(folder / fname, shard)
         weight_map.update({k: fname for k in shard})
         total += sum(t.numel() * 2 for t in shard.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-import data
 import gpt
 import serve
+import tokenizer
 
 from .util import gpt2_shape, row
 
@@ -47,7 +47,7 @@ def bench_serve(quick: bool) -> None:
     n_requests, new_tokens, repeats = (4, 8, 1) if quick else (16, 64, 3)
     model = gpt.GPT(config).eval()
     # quick: a tiny vocabulary, any tokenizer of <= 512 ids
-    tok = data.load_tokenizer("char:" + "".join(chr(32 + i) for i in range(config.vocab_size)) if quick else "gpt2")
+    tok = tokenizer.load_tokenizer("char:" + "".join(chr(32 + i) for i in range(config.vocab_size)) if quick else "gpt2")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, tok.vocab_size, (int(n),), generator=g).tolist()
                for n in torch.randint(8, 65, (n_requests,), generator=g)]

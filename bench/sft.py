@@ -19,6 +19,7 @@ import common
 import data
 import gpt
 import sft
+import tokenizer
 
 from .util import row
 
@@ -48,7 +49,7 @@ def bench_sft_packing(quick: bool) -> None:
         T, batch_size, shape, repeat, steps = 256, 4, (4, 4, 256), 5, 2
     else:  # the GPT-2 124M shape
         T, batch_size, shape, repeat, steps = 1024, 8, (12, 12, 768), 5, 3
-    tok = sft.ChatTokenizer(data.load_tokenizer("gpt2"))
+    tok = tokenizer.ChatTokenizer(tokenizer.load_tokenizer("gpt2"))
     text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
     rng = random.Random(0)
 

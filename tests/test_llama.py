@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-import data
 import gpt
+import hf_io
 import sample
 from common import NanoError
 
@@ -188,7 +188,7 @@ def test_bf16_shards_load_in_their_dtype(tmp_path):
     hf = hf_model("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2).to(torch.bfloat16)
     model, _ = gpt.load_pretrained(str(saved(hf, tmp_path)))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert all(torch.equal(model.state_dict()[data.from_hf_name(k, "llama")], v) for k, v in hf.state_dict().items())
+    assert all(torch.equal(model.state_dict()[hf_io.from_hf_name(k, "llama")], v) for k, v in hf.state_dict().items())
     as_fp32, _ = gpt.load_pretrained(str(tmp_path), dtype=torch.float32)
     assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
 
@@ -234,7 +234,7 @@ def broken_copy(src, dst, edit_config=None, drop_shard=False):
 def test_bad_folders_are_one_line_errors(llama_dir, tmp_path, monkeypatch, edit, drop, message):
     folder = broken_copy(llama_dir, tmp_path / "broken", edit, drop)
     read = []
-    monkeypatch.setattr(data, "read_safetensors", lambda *a, **k: read.append(a))
+    monkeypatch.setattr(hf_io, "read_safetensors", lambda *a, **k: read.append(a))
     with pytest.raises(NanoError, match=message) as e:
         gpt.load_pretrained(str(folder))
     assert "\n" not in str(e.value) and not read  # failed from config and headers alone
@@ -253,7 +253,7 @@ def test_bad_names(tmp_path):
 def test_hub_names_download_config_shards_and_tokenizer(llama_dir, tmp_path, monkeypatch):
     """A hub name: config.json, the index and every shard it lists, tokenizer.json, fetched
     into the cache (the network replaced by a local folder); a repo of one file works too."""
-    def fake_download(url, dest, hint="", headers=None):  # data.download's contract: a file already there is kept
+    def fake_download(url, dest, hint="", headers=None):  # common.download's contract: a file already there is kept
         assert headers == {"Authorization": "Bearer hf_test"}  # HF_TOKEN goes along (gated models)
         if dest.is_file():
             return dest
@@ -267,7 +267,7 @@ def test_hub_names_download_config_shards_and_tokenizer(llama_dir, tmp_path, mon
         return dest
 
     fetched = []
-    monkeypatch.setattr(data, "download", fake_download)
+    monkeypatch.setattr(hf_io, "download", fake_download)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     (llama_dir / "tokenizer.json").write_text("{}")
     try:
@@ -282,7 +282,7 @@ def test_hub_names_download_config_shards_and_tokenizer(llama_dir, tmp_path, mon
     # one model.safetensors, no index, no tokenizer.json
     (tmp_path / "single").mkdir()
     (tmp_path / "single" / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
-    data.write_safetensors(tmp_path / "single" / "model.safetensors", reference.to_hf_state_dict())
+    hf_io.write_safetensors(tmp_path / "single" / "model.safetensors", reference.to_hf_state_dict())
     fetched.clear()
     model, spec = gpt.load_pretrained("org/single", cache_dir=tmp_path / "cache")
     assert fetched == ["config.json", "model.safetensors"] and spec is None

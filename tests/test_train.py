@@ -9,6 +9,7 @@ import torch
 import bpe
 import data
 import gpt
+import tokenizer
 import train
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
@@ -47,7 +48,7 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     # the same run cut at iter 10, then resumed: identical losses afterwards
     part = tmp_path / "part"
     train.main(common + ["--max_iters", "10", "--out_dir", str(part)])
-    ckpt = data.read_checkpoint(part / "ckpt.pt")
+    ckpt = gpt.read_checkpoint(part / "ckpt.pt")
     assert ckpt["step"] == 10 and {"optimizer", "torch_rng", "best_val_loss"} <= ckpt.keys()
     # a killed run may have logged past its checkpoint: those rows go, none is doubled
     with open(part / "metrics.jsonl", "a") as f:
@@ -76,7 +77,7 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
         assert model.config.n_kv_head == 1 and model.config.rope_theta and model.config.norm == "rmsnorm"
         names = model.state_dict().keys()
         assert not any(name.endswith("bias") for name in names) and "transformer.wpe.weight" not in names
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     assert tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
 
 
@@ -188,7 +189,7 @@ def test_eval_hellaswag_every(tmp_path, shakespeare_path):
     import eval_hellaswag
 
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
-    ref = eval_hellaswag.evaluate(model, data.load_tokenizer(spec), eval_hellaswag.load_examples(rows_path),
+    ref = eval_hellaswag.evaluate(model, tokenizer.load_tokenizer(spec), eval_hellaswag.load_examples(rows_path),
                                   "completion", device="cpu")
     assert (scores[-1]["hellaswag_acc"], scores[-1]["hellaswag_acc_norm"]) == (ref["acc"], ref["acc_norm"])
 
@@ -215,8 +216,8 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare
                            str(root / "train.py"), *args, "--out_dir", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    one = data.read_checkpoint(tmp_path / "one" / "ckpt.pt")["model"]
-    two = data.read_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
+    one = gpt.read_checkpoint(tmp_path / "one" / "ckpt.pt")["model"]
+    two = gpt.read_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
     for name, tensor in one.items():
         # fp32, the same sums in a different order (all-reduce): 1e-5
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
@@ -231,7 +232,7 @@ def test_train_own_bpe_tokenizer(tmp_path, shakespeare_path):
                 "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
                 "--sample_tokens", "5", "--device", "cpu"])
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
-    tok = data.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
+    tok = tokenizer.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
     assert spec.endswith(".bpe") and tok.vocab_size == model.config.vocab_size == 300
     assert tok.decode(tok.encode("First Citizen:")) == "First Citizen:"
     text = src.read_text()  # trained on the train split only: the merges of bpe.py on its first 90%
