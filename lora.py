@@ -288,12 +288,16 @@ def load_lora(model: nn.Module, path) -> nn.Module:
     if lora_layers(model) and key(model.lora_config) != key(config):
         raise NanoError(f"adapter {path} has LoRA config {config} but the model has {model.lora_config} "
                         "(load it into a model without adapters)")
+    tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    ranks = {v.shape[0] if k.endswith("lora_A.weight") else v.shape[-1] for k, v in tensors.items()}
+    if ranks != {config.get("r")}:  # before any allocation: a lying config must not size the layers
+        raise NanoError(f"adapter {path} says r={config.get('r')} but its tensors have rank(s) {sorted(ranks)[:3]} "
+                        "(a damaged adapter: save it again)")
     if not lora_layers(model):
         try:
             apply_lora(model, **config)
         except (TypeError, ValueError) as e:
             raise NanoError(f"cannot apply the LoRA config of {path}: {e}") from None
-    tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     params = {k: v for k, v in gpt.clean_state_dict(model).items() if ".lora_" in k}
     # PEFT names modules as Hugging Face does (model.layers.3.self_attn.q_proj): data.from_hf_name maps them
     arch = model.config.arch if isinstance(model, gpt.GPT) else None
@@ -315,6 +319,6 @@ def load_lora(model: nn.Module, path) -> nn.Module:
 
 
 if __name__ == "__main__":  # `python lora.py --data ...` trains adapters: finetune.py's CLI
-    import finetune
+    import runpy
 
-    finetune.main()
+    runpy.run_module("finetune", run_name="__main__")
