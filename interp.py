@@ -26,14 +26,23 @@ most of what this file does:
   layer 0 and an induction head in layer 1 that K-composes with it, and the loss on the repeated
   part falls with it; a 1-layer model cannot compose heads and does not.
 
+GPTConfig has no switch for "no MLP", so `attention_only(model)` removes the MLPs of a gpt.GPT
+in place. The experiment's models use rotary positions: with learned positions no previous-token
+head, and so no induction head, appeared within 750-1500 steps (measured, learning rates 1e-3 and
+3e-3); with rotary positions both appear at steps 200-300. Measured (3 seeds, 600 steps): 2-layer
+induction score 0.83, loss on the repeats 0.08 nats; 1-layer 0.09 and 3.13.
+
 Run (each subcommand takes --help; pictures need matplotlib: pip install matplotlib):
-  python interp.py induction                       # the experiment: 3 seeds, 2-layer vs 1-layer
-  python interp.py patterns --init_from out/ckpt.pt --prompt "ROMEO: ROMEO: wherefore"
-  python interp.py head-scores --init_from out/ckpt.pt
+  python interp.py induction          # 3 seeds x (2-layer, 1-layer) -> out-interp/induction.png, .json
+  python interp.py patterns           # out/ckpt.pt (train.py's), a prompt -> out-interp/patterns.png
+  python interp.py head-scores --init_from gpt2
   python interp.py logit-lens --init_from gpt2 --prompt "The Eiffel Tower is in the city of"
-  python interp.py attribution --init_from gpt2 --prompt "When Mary and John went to the store, John gave a drink to" --answer " Mary" --wrong " John"
-  python interp.py patch --init_from gpt2 --prompt "..." --corrupted "..." --answer " Mary" --wrong " John"
-  python interp.py base-vs-tuned --base out/ckpt.pt --tuned out-sft/ckpt.pt
+  python interp.py attribution --init_from gpt2 --answer " Mary" --wrong " John" \\
+      --prompt "When Mary and John went to the store, John gave a drink to"
+  python interp.py patch --init_from gpt2 --answer " Mary" --wrong " John" \\
+      --prompt "When Mary and John went to the store, John gave a drink to" \\
+      --corrupted "When Mary and John went to the store, Mary gave a drink to"
+  python interp.py base-vs-tuned --base out/ckpt.pt --tuned out-sft/ckpt.pt,out-dpo/ckpt.pt
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import data
 import gpt
 from common import NanoError
 
@@ -86,7 +96,8 @@ class NoMLP(nn.Module):
 
 def attention_only(model: gpt.GPT) -> gpt.GPT:
     """Remove every block's MLP and the norm before it. GPTConfig has no switch for this, so the
-    blocks are edited in place: gpt.GPT's own forward then computes x + attn(ln_1(x)) per block."""
+    blocks are edited in place: gpt.GPT's own forward (and loss) then computes x + attn(ln_1(x))
+    per block. Its state dict lacks those weights: it is a model for this file's experiments."""
     for block in model.transformer.h:
         block.ln_2, block.mlp = nn.Identity(), NoMLP()
     return model
@@ -97,15 +108,15 @@ class Hooks:
     tensor replaces the activation), then the cache keeps the activation if its name is wanted."""
 
     def __init__(self, names=None, fwd_hooks=()):
-        self.names, self.cache, self.fns = names, {}, {}
+        self.names = {names} if isinstance(names, str) else names if names is None or callable(names) else set(names)
+        self.cache, self.fns, self.seen = {}, {}, set()
         for name, fn in fwd_hooks:
             self.fns.setdefault(name, []).append(fn)
-        self.seen = set()
 
     def wanted(self, name) -> bool:
-        if self.names is None or callable(self.names):
-            return self.names is None or self.names(name)
-        return name in self.names
+        if self.names is None:
+            return True
+        return self.names(name) if callable(self.names) else name in self.names
 
     def __call__(self, name, x):
         self.seen.add(name)
@@ -140,16 +151,19 @@ def hooked_attention(attn, x, rope, hook, prefix):
     gpt.py runs the middle part as one fused kernel (SDPA); here every step can be read."""
     B, T, _ = x.shape
     n_head, n_kv_head, head_dim = head_shape(attn)
-    q, k, v = attn.c_attn(x).split(attn.split, dim=2) if attn.fused else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    if attn.fused:  # GPT-2: one matrix for q, k and v
+        q, k, v = attn.c_attn(x).split(attn.split, dim=2)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     q = q.view(B, T, n_head, head_dim)
     k, v = k.view(B, T, n_kv_head, head_dim), v.view(B, T, n_kv_head, head_dim)
     if attn.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = hook(prefix + "hook_q", q), hook(prefix + "hook_k", k), hook(prefix + "hook_v", v)
+    if rope is not None:  # rotary positions: hook_q/k before, hook_rot_q/k after (apply_rope: heads first)
+        q = hook(prefix + "hook_rot_q", gpt.apply_rope(q.transpose(1, 2), *rope).transpose(1, 2))
+        k = hook(prefix + "hook_rot_k", gpt.apply_rope(k.transpose(1, 2), *rope).transpose(1, 2))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-    if rope is not None:  # rotate after hook_q/hook_k, as TransformerLens (hook_rot_q/k: rotated)
-        q = hook(prefix + "hook_rot_q", gpt.apply_rope(q, *rope).transpose(1, 2)).transpose(1, 2)
-        k = hook(prefix + "hook_rot_k", gpt.apply_rope(k, *rope).transpose(1, 2)).transpose(1, 2)
     group = n_head // n_kv_head  # grouped-query attention: query head h reads key/value head h // group
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
@@ -173,13 +187,13 @@ def hooked_mlp(mlp, x, hook, prefix):
 
 def hooked_block(block, x, rope, hook, prefix):
     x = hook(prefix + "hook_resid_pre", x)
-    attn_out = hooked_attention(block.attn, hooked_norm(block.ln_1, x, hook, prefix + "ln1."), rope, hook, prefix + "attn.")
-    attn_out = hook(prefix + "hook_attn_out", attn_out)
+    attn_in = hooked_norm(block.ln_1, x, hook, prefix + "ln1.")
+    attn_out = hook(prefix + "hook_attn_out", hooked_attention(block.attn, attn_in, rope, hook, prefix + "attn."))
     if isinstance(block.mlp, NoMLP):  # attention-only: nothing between attention and resid_post
         return hook(prefix + "hook_resid_post", x + attn_out)
     x = hook(prefix + "hook_resid_mid", x + attn_out)
-    mlp_out = hook(prefix + "hook_mlp_out", hooked_mlp(block.mlp, hooked_norm(block.ln_2, x, hook, prefix + "ln2."),
-                                                       hook, prefix + "mlp."))
+    mlp_in = hooked_norm(block.ln_2, x, hook, prefix + "ln2.")
+    mlp_out = hook(prefix + "hook_mlp_out", hooked_mlp(block.mlp, mlp_in, hook, prefix + "mlp."))
     return hook(prefix + "hook_resid_post", x + mlp_out)
 
 
@@ -352,7 +366,8 @@ def direct_logit_attribution(model: gpt.GPT, idx, answer: int, wrong: int | None
     if getattr(model.transformer.ln_f, "bias", None) is not None:
         values["ln_final bias"] = (model.transformer.ln_f.bias.detach() @ direction).item()
     n_head = head_shape(model.transformer.h[0].attn)[0]
-    heads = torch.tensor([[values.pop(f"L{layer}H{h}") for h in range(n_head)] for layer in range(model.config.n_layer)])
+    heads = torch.tensor([[values.pop(f"L{layer}H{h}") for h in range(n_head)]
+                          for layer in range(model.config.n_layer)])
     logit_diff = logits[:, position, answer] - (logits[:, position, wrong] if wrong is not None else 0)
     return dict(heads=heads, other=values, logit_diff=logit_diff.mean().item())
 
@@ -392,7 +407,7 @@ def activation_patching(model: gpt.GPT, clean, corrupted, answer: int, wrong: in
                     return x
 
                 value = metric(run_with_hooks(model, corrupted, [(name, put_back)]))
-                restored[layer, pos] = (value - corrupted_value) / (clean_value - corrupted_value)
+                restored[layer, pos] = (value - corrupted_value) / (clean_value - corrupted_value) + 0.0  # no -0.0
     return restored
 
 
@@ -409,18 +424,19 @@ def compare_models(base: gpt.GPT, tuned: gpt.GPT, prompts) -> dict:
         if getattr(base.config, name) != getattr(tuned.config, name):
             raise NanoError(f"base and tuned models differ in {name} ({getattr(base.config, name)} vs "
                             f"{getattr(tuned.config, name)}): compare a model with its own finetune")
-    wanted = lambda name: name.endswith(("hook_resid_post", "hook_pattern"))  # noqa: E731
-    sums = dict(resid_change=0.0, resid_cosine=0.0, pattern_tv=0.0)
+    per_prompt = []
     for idx in prompts:
-        (_, a), (_, b) = run_with_cache(base, idx, wanted), run_with_cache(tuned, idx, wanted)
-        for key, fn in (("resid_change", lambda x, y: ((y - x).norm(dim=-1) / x.norm(dim=-1)).mean()),
-                        ("resid_cosine", lambda x, y: F.cosine_similarity(x, y, dim=-1).mean())):
-            sums[key] = sums[key] + torch.stack([fn(a[f"blocks.{layer}.hook_resid_post"].float(), b[f"blocks.{layer}.hook_resid_post"].float())
-                                                 for layer in range(base.config.n_layer)])
-        sums["pattern_tv"] = sums["pattern_tv"] + torch.stack([
-            0.5 * (b[f"blocks.{layer}.attn.hook_pattern"] - a[f"blocks.{layer}.attn.hook_pattern"]).abs().float().sum(-1).mean((0, 2))
-            for layer in range(base.config.n_layer)])
-    return {key: value / len(prompts) for key, value in sums.items()}
+        caches = [run_with_cache(m, idx, lambda name: name.endswith(("hook_resid_post", "hook_pattern")))[1]
+                  for m in (base, tuned)]
+        rows = []
+        for layer in range(base.config.n_layer):
+            r_base, r_tuned = (c[f"blocks.{layer}.hook_resid_post"][0].float() for c in caches)  # (T, C)
+            p_base, p_tuned = (c[f"blocks.{layer}.attn.hook_pattern"][0].float() for c in caches)  # (heads, T, T)
+            rows.append(dict(resid_change=((r_tuned - r_base).norm(dim=-1) / r_base.norm(dim=-1)).mean(),
+                             resid_cosine=F.cosine_similarity(r_tuned, r_base, dim=-1).mean(),
+                             pattern_tv=0.5 * (p_tuned - p_base).abs().sum(-1).mean(-1)))
+        per_prompt.append({key: torch.stack([row[key] for row in rows]) for key in rows[0]})
+    return {key: torch.stack([p[key] for p in per_prompt]).mean(0) for key in per_prompt[0]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -467,7 +483,8 @@ class InductionConfig:
     eval_rows: int = 32
     threads: int = field(default=1, metadata={"help": "torch CPU threads while training (tiny models gain nothing "
                                                       "from more; 0 = torch's default)"})
-    plot: str = field(default="", metadata={"help": "picture (empty = out-interp/induction.png beside a .json; none = no picture)"})
+    plot: str = field(default="", metadata={"help": "picture, a .json of the curves beside it "
+                                                    "(empty = out-interp/induction.png; none = neither)"})
 
 
 def evaluate_induction(model, x, mask) -> dict:
@@ -509,8 +526,8 @@ def train_induction(cfg: InductionConfig, n_layer: int, seed: int, log=print) ->
 
 def induction_experiment(cfg: InductionConfig, log=print) -> dict:
     """{"2-layer": [rows of seed 0, rows of seed 1, ...], ...} and the wall time."""
-    common.check_options(cfg, positive=("seeds", "steps", "batch_size", "eval_interval", "eval_rows", "n_head", "learning_rate"),
-                         non_negative=("threads", "rope_theta"))
+    common.check_options(cfg, positive=("seeds", "steps", "batch_size", "eval_interval", "eval_rows", "n_head",
+                                        "learning_rate"), non_negative=("threads", "rope_theta"))
     if not 2 <= cfg.span_min <= cfg.span_max or 1 + 2 * cfg.span_max > cfg.block_size:
         raise NanoError("need 2 <= span_min <= span_max and 1 + 2 * span_max <= block_size (two copies fit)")
     layers = [int(n) for n in cfg.layers.split(",")]
@@ -529,28 +546,28 @@ def induction_experiment(cfg: InductionConfig, log=print) -> dict:
 # Pictures (matplotlib, optional: plot.py's load_pyplot says how to install it)
 
 
-def heatmaps(panels, out, title=None, cmap="viridis", centred=False, text=None):
-    """One heatmap per panel (name, matrix (rows, cols), row labels, column labels) side by side.
-    centred: a diverging colour map around 0; text: per panel a (rows, cols) grid of strings."""
+def draw_heatmap(fig, ax, matrix, rows, cols, title, centred=False, cmap="viridis", vmax=None, text=None):
+    """One heatmap on ax: a diverging colour map around 0 if centred; text: a (rows, cols) grid of strings."""
+    m = matrix.float().cpu().numpy()
+    limit = vmax or float(abs(m).max()) or 1.0
+    im = ax.imshow(m, cmap="RdBu_r" if centred else cmap, aspect="auto", vmin=-limit if centred else 0, vmax=limit)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    for r, row in enumerate(text or []):
+        for c, label in enumerate(row):  # white on the dark half of the colour map
+            color = "white" if m[r, c] > limit / 2 else "black"
+            ax.text(c, r, label, ha="center", va="center", fontsize=6, color=color)
+
+
+def heatmap(matrix, rows, cols, title, out, **style):
+    """A picture of one heatmap (draw_heatmap's options)."""
     import plot
 
     plt = plot.load_pyplot()
-    width = max(3.2, min(14.0, 0.32 * max(p[1].shape[1] for p in panels) + 2))
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), max(2.6, 0.4 * panels[0][1].shape[0] + 1.6)),
-                             squeeze=False)
-    for i, (ax, (name, matrix, rows, cols)) in enumerate(zip(axes[0], panels)):
-        m = matrix.float().cpu().numpy()
-        limit = float(abs(m).max()) or 1.0
-        im = ax.imshow(m, cmap="RdBu_r" if centred else cmap, aspect="auto",
-                       **(dict(vmin=-limit, vmax=limit) if centred else {}))
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
-        ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90)
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-        for (r, c), label in (((r, c), row[c]) for r, row in enumerate(text[i] if text else []) for c in range(len(row))):
-            ax.text(c, r, label, ha="center", va="center", fontsize=6, color="white")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig, ax = plt.subplots(figsize=(min(16.0, 0.3 * len(cols) + 2.5), max(2.6, 0.35 * len(rows) + 1.5)))
+    draw_heatmap(fig, ax, matrix, rows, cols, title, **style)
     return plot.save_figure(fig, out)
 
 
@@ -573,6 +590,37 @@ def plot_patterns(patterns, labels, out, title=None):
     return plot.save_figure(fig, out)
 
 
+def plot_head_scores(scores: dict, out, title):
+    import plot
+
+    plt = plot.load_pyplot()
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.2), squeeze=False)
+    for ax, (kind, s) in zip(axes[0], scores.items()):
+        rows, cols = [f"L{i}" for i in range(s.shape[0])], [f"H{h}" for h in range(s.shape[1])]
+        draw_heatmap(fig, ax, s, rows, cols, kind, vmax=1.0)
+    fig.suptitle(title, fontsize=10)
+    return plot.save_figure(fig, out)
+
+
+def plot_comparison(results: dict, base: str, out):
+    """Left: the residual stream's relative change per layer, one line per tuned model; then each
+    tuned model's per-head pattern distance (one colour scale for all)."""
+    import plot
+
+    plt = plot.load_pyplot()
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(4.2 * (1 + len(results)), 3.4), squeeze=False)
+    vmax = max(r["pattern_tv"].max().item() for r in results.values()) or 1.0
+    for (path, r), ax in zip(results.items(), axes[0][1:]):
+        axes[0][0].plot(r["resid_change"].tolist(), marker="o", label=path)
+        tv = r["pattern_tv"]
+        draw_heatmap(fig, ax, tv, [f"L{i}" for i in range(tv.shape[0])], [f"H{h}" for h in range(tv.shape[1])],
+                     f"attention pattern TV distance\n{path}", vmax=vmax)
+    axes[0][0].set(xlabel="layer", ylabel="|r_tuned - r_base| / |r_base|", title=f"residual stream vs {base}")
+    axes[0][0].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return plot.save_figure(fig, out)
+
+
 def plot_induction(result, out):
     """Loss on the repeats and the best induction score over training: one colour per model,
     one thin line per seed."""
@@ -591,7 +639,8 @@ def plot_induction(result, out):
         ax.set(xlabel="training step", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"induction heads appear in 2-layer attention-only models ({len(next(iter(result['runs'].values())))} seeds)")
+    seeds = len(next(iter(result["runs"].values())))
+    fig.suptitle(f"induction heads appear in 2-layer attention-only models ({seeds} seeds)")
     return plot.save_figure(fig, out)
 
 
@@ -606,15 +655,18 @@ DEFAULT_COMPARE_PROMPTS = ("ROMEO:\nI will fly.\nJULIET:\nI will stay.|First Cit
 
 @dataclass
 class ModelOptions:
-    init_from: str = field(default="out/ckpt.pt", metadata={"help": "a checkpoint, or gpt2 / gpt2-medium / ... / a Hugging Face folder"})
+    init_from: str = field(default="out/ckpt.pt", metadata={"help": "a checkpoint, or gpt2 / gpt2-medium / ... "
+                                                                    "/ a Hugging Face folder"})
     prompt: str = DEFAULT_PROMPT
     device: str = "cpu"
-    plot: str = field(default="", metadata={"help": "picture (.png/.svg/.pdf; empty = out-interp/COMMAND.png; none = no picture)"})
+    plot: str = field(default="", metadata={"help": "picture (.png/.svg/.pdf; empty = out-interp/COMMAND.png; "
+                                                    "none = no picture)"})
 
 
 @dataclass
 class HeadScoresConfig(ModelOptions):
-    source: str = field(default="repeated", metadata={"help": "repeated: random tokens repeated twice (rows x 2*span); prompt: --prompt"})
+    source: str = field(default="repeated", metadata={"help": "repeated: rows of random tokens, a span of them twice; "
+                                                              "prompt: --prompt"})
     span: int = 20
     rows: int = 4
     seed: int = 0
@@ -632,7 +684,8 @@ class AttributionConfig(ModelOptions):
 
 @dataclass
 class PatchConfig(AttributionConfig):
-    corrupted: str = field(default=DEFAULT_CORRUPTED, metadata={"help": "the prompt with the information removed (same token count)"})
+    corrupted: str = field(default=DEFAULT_CORRUPTED, metadata={"help": "the prompt with the information removed "
+                                                                        "(as many tokens)"})
     act: str = field(default="resid_pre", metadata={"help": "resid_pre | attn_out | mlp_out | resid_mid | resid_post"})
     answer: str = field(default="", metadata={"help": "empty = the top prediction on the clean prompt"})
     wrong: str = field(default="", metadata={"help": "empty = the top prediction on the corrupted prompt"})
@@ -641,16 +694,16 @@ class PatchConfig(AttributionConfig):
 @dataclass
 class CompareConfig:
     base: str = "out/ckpt.pt"
-    tuned: str = field(default="out-sft/ckpt.pt", metadata={"help": "one or more checkpoints, comma-separated (SFT, DPO, ...)"})
+    tuned: str = field(default="out-sft/ckpt.pt", metadata={"help": "one or more checkpoints, comma-separated "
+                                                                    "(SFT, DPO, ...)"})
     prompts: str = field(default=DEFAULT_COMPARE_PROMPTS, metadata={"help": "'|'-separated prompts"})
     device: str = "cpu"
-    plot: str = field(default="", metadata={"help": "picture (empty = out-interp/base-vs-tuned.png; none = no picture)"})
+    plot: str = field(default="", metadata={"help": "picture (empty = out-interp/base-vs-tuned.png; "
+                                                    "none = no picture)"})
 
 
 def load_model(init_from: str, device: str):
     """(model in eval mode, tokenizer) from a checkpoint file or a pretrained name / folder."""
-    import data  # the tokenizer loader
-
     if Path(init_from).is_file() or init_from.endswith(".pt"):
         model, spec = gpt.load_checkpoint(init_from, device)
     else:
@@ -704,7 +757,8 @@ def cmd_head_scores(cfg: HeadScoresConfig):
     out = picture_path(cfg, "head-scores")
     model, tok = load_model(cfg.init_from, cfg.device)
     if cfg.source == "repeated":
-        span = torch.randint(0, model.config.vocab_size, (cfg.rows, cfg.span), generator=torch.Generator().manual_seed(cfg.seed))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        span = torch.randint(0, model.config.vocab_size, (cfg.rows, cfg.span), generator=generator)
         idx = torch.cat([span, span], dim=1).to(cfg.device)[:, :model.config.block_size]
     elif cfg.source == "prompt":
         idx = encode(tok, cfg.prompt, cfg.device, model.config.block_size)
@@ -716,8 +770,7 @@ def cmd_head_scores(cfg: HeadScoresConfig):
         layer, head = divmod(s.argmax().item(), s.shape[1])
         print(f"{kind:>15}: best head L{layer}H{head} {s.max():.3f}; per layer " + " | ".join(
             " ".join(f"{v:.2f}" for v in row) for row in s.tolist()))
-    rows, cols = [f"L{i}" for i in range(model.config.n_layer)], [f"H{h}" for h in range(scores['induction'].shape[1])]
-    return heatmaps([(k, s, rows, cols) for k, s in scores.items()], out, title=f"head scores ({cfg.source})") if out else None
+    return plot_head_scores(scores, out, f"head scores ({cfg.source})") if out else None
 
 
 def cmd_logit_lens(cfg: ModelOptions):
@@ -735,8 +788,8 @@ def cmd_logit_lens(cfg: ModelOptions):
         print(f"{t:>4} {token:>8} {target:>8} " + " ".join(
             f"{top[t]:>8} ({rank:>3})" for top, rank in zip(tops, lens["rank"][:, t].tolist())))
     if out:
-        return heatmaps([("log10(1 + rank of the right token); text: top token", torch.log10(1 + lens["rank"].float()),
-                          names, targets)], out, cmap="viridis_r", text=[tops])
+        return heatmap(torch.log10(1 + lens["rank"].float()), names, targets, "log10(1 + rank of the right next "
+                       "token); text: the top token", out, cmap="magma_r", text=tops)
     return None
 
 
@@ -759,10 +812,12 @@ def cmd_attribution(cfg: AttributionConfig):
     print(f"logit({labels(tok, [answer])[0]!r}) - logit({labels(tok, [wrong])[0]!r}) = {dla['logit_diff']:.3f} "
           f"= heads {heads.sum():.3f} + other terms {sum(dla['other'].values()):.3f}")
     order = heads.flatten().abs().argsort(descending=True)[:cfg.top].tolist()
-    print("top heads: " + ", ".join(f"L{i // heads.shape[1]}H{i % heads.shape[1]} {heads.flatten()[i]:+.3f}" for i in order))
-    print("other: " + ", ".join(f"{k} {v:+.3f}" for k, v in sorted(dla["other"].items(), key=lambda kv: -abs(kv[1]))[:cfg.top]))
+    print("top heads: " + ", ".join(f"L{i // heads.shape[1]}H{i % heads.shape[1]} {heads.flatten()[i]:+.3f}"
+                                    for i in order))
+    other = sorted(dla["other"].items(), key=lambda kv: -abs(kv[1]))[:cfg.top]
+    print("other: " + ", ".join(f"{k} {v:+.3f}" for k, v in other))
     rows, cols = [f"L{i}" for i in range(heads.shape[0])], [f"H{h}" for h in range(heads.shape[1])]
-    return heatmaps([("direct logit attribution per head", heads, rows, cols)], out, centred=True) if out else None
+    return heatmap(heads, rows, cols, "direct logit attribution per head", out, centred=True) if out else None
 
 
 def cmd_patch(cfg: PatchConfig):
@@ -777,11 +832,14 @@ def cmd_patch(cfg: PatchConfig):
         raise NanoError(f"clean and corrupted prompts both predict {labels(tok, [answer])[0]!r} (pass --wrong)")
     restored = activation_patching(model, clean, corrupted, answer, wrong, cfg.act)
     cols = [f"{a}/{b}" if a != b else a for a, b in zip(labels(tok, clean[0]), labels(tok, corrupted[0]))]
-    print(f"answer {labels(tok, [answer])[0]!r} vs {labels(tok, [wrong])[0]!r}; restored by hook_{cfg.act} per layer x position:")
-    for layer, row in enumerate(restored.tolist()):
-        print(f"L{layer:<3}" + " ".join(f"{v:+.2f}" for v in row))
+    print(f"answer {labels(tok, [answer])[0]!r} vs {labels(tok, [wrong])[0]!r}: share of the logit difference "
+          f"restored by hook_{cfg.act}, per position (clean/corrupted token) and layer")
+    print(f"{'pos':>4} {'token':>12} " + " ".join(f"{'L' + str(layer):>6}" for layer in range(restored.shape[0])))
+    for pos, column in enumerate(restored.t().tolist()):
+        print(f"{pos:>4} {cols[pos]:>12} " + " ".join(f"{v:>+6.2f}" for v in column))
     rows = [f"L{i}" for i in range(model.config.n_layer)]
-    return heatmaps([(f"logit difference restored, hook_{cfg.act}", restored, rows, cols)], out, centred=True) if out else None
+    title = f"share of the logit difference restored, hook_{cfg.act}"
+    return heatmap(restored, rows, cols, title, out, centred=True) if out else None
 
 
 def cmd_base_vs_tuned(cfg: CompareConfig):
@@ -799,27 +857,24 @@ def cmd_base_vs_tuned(cfg: CompareConfig):
             tv = r["pattern_tv"][layer]
             print(f"{layer:>5}  {r['resid_change'][layer]:>12.4f}  {r['resid_cosine'][layer]:>6.4f}  "
                   f"{tv.mean():>15.4f} ({tv.max():.4f} H{tv.argmax().item()})")
-    if out:
-        rows, cols = [f"L{i}" for i in range(base.config.n_layer)], [f"H{h}" for h in range(head_shape(base.transformer.h[0].attn)[0])]
-        panels = [(f"resid change {Path(p).parent.name or p}", r["resid_change"][:, None], rows, ["|dr|/|r|"]) for p, r in results.items()]
-        panels += [(f"pattern TV {Path(p).parent.name or p}", r["pattern_tv"], rows, cols) for p, r in results.items()]
-        return heatmaps(panels, out, title=f"base {cfg.base} vs tuned")
-    return results
+    return plot_comparison(results, cfg.base, out) if out else results
 
 
 def cmd_induction(cfg: InductionConfig):
     """the induction-heads experiment: 2-layer vs 1-layer attention-only models, over training"""
     out = picture_path(cfg, "induction")
     result = induction_experiment(cfg)
-    print(f"\n{'model':>8}  {'loss on repeats':>15}  {'induction score':>15}  {'previous-token':>14}  step score >= 0.5")
+    print(f"\n{'model':>8}  {'loss on repeats':>15}  {'induction score':>15}  {'previous-token':>14}  "
+          "first step with induction >= 0.5 (per seed)")
     for model, seeds in result["runs"].items():
         finals = [rows[-1] for rows in seeds]
         first = [next((r["step"] for r in rows if r["induction"] >= 0.5), None) for rows in seeds]
-        print(f"{model:>8}  " + "  ".join(f"{statistics.mean(f[k] for f in finals):>{w}.3f}" for k, w in
-                                          (("repeat_loss", 15), ("induction", 15), ("previous_token", 14))) + f"  {first}")
+        means = [statistics.mean(f[key] for f in finals) for key in ("repeat_loss", "induction", "previous_token")]
+        print(f"{model:>8}  {means[0]:>15.3f}  {means[1]:>15.3f}  {means[2]:>14.3f}  {first}")
     print(f"wall time {result['seconds']:.1f} s for {cfg.seeds} seeds x {len(result['runs'])} models")
     if out:
         common.atomic_write(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(result)))
+        print(f"wrote {out.with_suffix('.json')}")
         return plot_induction(result, out)
     return result
 
@@ -837,7 +892,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, run) in COMMANDS.items():
         sub.add_parser(name, help=run.__doc__, add_help=False)  # its options: parse_config below
-    args, rest = parser.parse_known_args(argv[:1])
+    args = parser.parse_args(argv[:1])
     config_cls, run = COMMANDS[args.command]
     cfg = common.parse_config(config_cls, argv[1:], f"interp.py {args.command}: {run.__doc__}")
     result = run(cfg)
