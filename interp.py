@@ -658,7 +658,7 @@ class ModelOptions:
     init_from: str = field(default="out/ckpt.pt", metadata={"help": "a checkpoint, or gpt2 / gpt2-medium / ... "
                                                                     "/ a Hugging Face folder"})
     prompt: str = DEFAULT_PROMPT
-    device: str = "cpu"
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     plot: str = field(default="", metadata={"help": "picture (.png/.svg/.pdf; empty = out-interp/COMMAND.png; "
                                                     "none = no picture)"})
 
@@ -697,7 +697,7 @@ class CompareConfig:
     tuned: str = field(default="out-sft/ckpt.pt", metadata={"help": "one or more checkpoints, comma-separated "
                                                                     "(SFT, DPO, ...)"})
     prompts: str = field(default=DEFAULT_COMPARE_PROMPTS, metadata={"help": "'|'-separated prompts"})
-    device: str = "cpu"
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     plot: str = field(default="", metadata={"help": "picture (empty = out-interp/base-vs-tuned.png; "
                                                     "none = no picture)"})
 
@@ -895,6 +895,8 @@ def main(argv=None):
     args = parser.parse_args(argv[:1])
     config_cls, run = COMMANDS[args.command]
     cfg = common.parse_config(config_cls, argv[1:], f"interp.py {args.command}: {run.__doc__}")
+    if hasattr(cfg, "device"):
+        cfg.device = common.pick_device(cfg.device)
     result = run(cfg)
     if isinstance(result, Path):
         print(f"wrote {result}")

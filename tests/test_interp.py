@@ -87,7 +87,8 @@ def tl_model(model, tl):
     else:
         hf_config = transformers.LlamaConfig(
             vocab_size=V, hidden_size=c.n_embd, intermediate_size=model.transformer.h[0].mlp.up_proj.out_features,
-            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+            num_key_value_heads=interp.head_shape(model.transformer.h[0].attn)[1],
             max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
             tie_word_embeddings=c.tie_embeddings)
         hf, name = transformers.LlamaForCausalLM(hf_config), "meta-llama/Llama-3.2-1B"
