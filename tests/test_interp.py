@@ -251,7 +251,8 @@ def test_every_subcommand_runs(checkpoints, capsys):
     base = str(checkpoints / "base.pt")
     assert interp.main(["patterns", "--init_from", base, "--plot", str(checkpoints / "p.png")]).is_file()
     for argv in (["head-scores", "--span", "8"], ["logit-lens"], ["attribution", "--answer", "f", "--wrong", "s"],
-                 ["patch", "--answer", "l", "--wrong", "u"]):
+                 ["patch", "--answer", "l", "--wrong", "u", "--prompt", "I will fly. I will f",
+                  "--corrupted", "I will run. I will f"]):
         interp.main(argv + ["--init_from", base, "--plot", "none"])
     out = capsys.readouterr().out
     assert "induction: best head" in out and "after L1" in out and "(the rank of the right next token)" in out and "top heads" in out and "restored by hook_resid_pre" in out
