@@ -14,15 +14,15 @@ Training: `learn_merges_naive` is minbpe's loop (count pairs, merge the most fre
 repeat); `learn_merges` learns the same merges incrementally, fast, and is what
 `train_bpe(text)` and `train_bpe_file(path)` use. Ties between equally frequent pairs go to
 the lexicographically greater pair of bytes (Stanford CS336's rule), so runs are
-deterministic and comparable. `Tokenizer` encodes (also in a process pool, and streamed),
-decodes, saves and loads; it reads OpenAI's GPT-2 files, any tiktoken encoding and Hugging
-Face tokenizer.json files of byte-level BPE models (GPT-2, Llama 3, Qwen2/3, SmolLM), with
-the ids of tiktoken and of `tokenizers`, and writes tokenizer.json.
+deterministic and comparable. Encoding: `encode_naive` is minbpe's loop (merge the pair of
+the earliest learned token, repeat); `Tokenizer` gives the same ids fast (also in a process
+pool, and streamed), decodes, saves and loads. tokenizer.py reads and writes the formats of
+others with it: OpenAI's GPT-2 files, tiktoken encodings, Hugging Face tokenizer.json.
 
 Run:
     python bpe.py train --input input.txt --vocab_size 4096 --out tok.bpe
-    python bpe.py encode --tokenizer tok.bpe "Hello world"      (or gpt2, or a tokenizer.json)
-    python bpe.py compare --input input.txt --tokenizer tok.bpe   (GPT-2, cl100k, yours)
+    python tokenizer.py encode --tokenizer tok.bpe "Hello world"     (or gpt2, a tokenizer.json)
+    python tokenizer.py compare --input input.txt --tokenizer tok.bpe  (GPT-2, cl100k, yours)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import argparse
 import functools
 import heapq
 import json
+import math
 import os
 import re
 import sys
@@ -122,6 +123,32 @@ def learn_merges_naive(pretoken_counts: dict[bytes, int], num_merges: int) -> li
 
 
 # ----------------------------------------------------------------------------------------
+# The simple encoder (minbpe's encode): the reference the fast Tokenizer is tested against
+
+
+def merge_by_rank(data: bytes, ranks: dict[bytes, int], max_rank=math.inf) -> list[bytes]:
+    """One pre-token's tokens: start from its bytes, then merge the adjacent pair whose
+    concatenation is the earliest learned token (the lowest rank), again and again, until no
+    adjacent pair makes a token of rank below max_rank. ranks {token bytes: rank} is what
+    tiktoken stores; a trained vocabulary's ids are its ranks (bytes, then merges in order)."""
+    parts = [bytes([b]) for b in data]
+    while len(parts) > 1:
+        pair = min(pairwise(parts), key=lambda p: ranks.get(p[0] + p[1], math.inf))
+        if ranks.get(pair[0] + pair[1], math.inf) >= max_rank:
+            break  # no adjacent pair is a token (of a low enough rank)
+        parts = merge(parts, pair, pair[0] + pair[1])
+    return parts
+
+
+def encode_naive(text: str, ranks: dict[bytes, int], pattern=GPT2_PATTERN) -> list[int]:
+    """The ids of `text` (special tokens are plain text here) the slow, obvious way: cut it
+    into pre-tokens with the split regex, merge each one's bytes by rank. Tokenizer.encode
+    gives the same ids, fast."""
+    return [ranks[part] for piece in regex.findall(pattern, text)
+            for part in merge_by_rank(piece.encode("utf-8"), ranks)]
+
+
+# ----------------------------------------------------------------------------------------
 # The incremental trainer: the same merges without re-counting
 
 
@@ -144,83 +171,96 @@ def learn_merges(pretoken_counts: dict[bytes, int], num_merges: int, verbose=Fal
         and memory scale with the number of distinct pre-tokens, not the text size;
       - pair_counts holds the current count of every adjacent pair (weighted by word
         count), pair_words the words that hold it, so a merge rewrites only those words
-        and applies the change of their pair counts (most merges touch a few words);
+        (merge_word) and applies the change of their pair counts (most merges touch a few words);
       - the best pair comes from a heap of (-count, reversed-order key, pair). Counts
         change all the time, and a heap cannot update an entry in place, so every change
-        pushes a fresh entry and stale ones are dropped when popped (lazy invalidation:
-        an entry is live iff its count equals pair_counts[pair]). A pop is O(log n),
-        against O(#pairs) for a max() over the dict each merge. The key string makes
-        ties (equal counts) pop the lexicographically greater pair of bytes first, with
-        the comparison done in C by the heap, not by a Python __lt__.
+        pushes a fresh entry (update_pair_counts) and stale ones are dropped when popped
+        (lazy invalidation: an entry is live iff its count equals pair_counts[pair]). A pop
+        is O(log n), against O(#pairs) for a max() over the dict each merge. The key string
+        makes ties (equal counts) pop the lexicographically greater pair of bytes first,
+        with the comparison done in C by the heap, not by a Python __lt__.
     pair_words is a superset: a word that lost a pair is not removed from its set; when
     that pair is merged the word is scanned and nothing happens (cheaper than keeping the
     sets exact)."""
     token_bytes = [bytes([i]) for i in range(256)]
     order_key = [_reversed_order_key(t) for t in token_bytes]
-    words = [list(w) for w in pretoken_counts]
-    freqs = list(pretoken_counts.values())
+    words, freqs = [list(w) for w in pretoken_counts], list(pretoken_counts.values())
+    pair_counts, pair_words = index_pairs(words, freqs)
+    heap = [(-c, order_key[a] + order_key[b], (a, b)) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    merges, t0 = [], time.perf_counter()
+    while len(merges) < num_merges and heap:
+        neg_count, _, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -neg_count:
+            continue  # stale entry: this pair's count has changed since it was pushed
+        new_id = len(token_bytes)
+        token_bytes.append(token_bytes[pair[0]] + token_bytes[pair[1]])
+        order_key.append(_reversed_order_key(token_bytes[new_id]))
+        merges.append((token_bytes[pair[0]], token_bytes[pair[1]]))
+        del pair_counts[pair]
+        delta = defaultdict(int)  # how the merge changes the count of each neighbouring pair
+        for w in pair_words.pop(pair):
+            # unchanged (a stale index entry) if an earlier merge took the pair out
+            words[w] = merge_word(words[w], pair, new_id, freqs[w], delta, pair_words, w)
+        update_pair_counts(pair_counts, heap, order_key, delta, pair)
+        if verbose and (len(merges) % 1000 == 0 or len(merges) == num_merges):
+            print(f"merge {len(merges):,}/{num_merges:,}: {token_bytes[new_id]!r} (count {-neg_count:,}), "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return merges
+
+
+def index_pairs(words, freqs):
+    """pair_counts {pair: count, weighted by word count} and pair_words {pair: indices of the
+    words that hold it}."""
     pair_counts: dict[tuple[int, int], int] = {}
     pair_words: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
     for w, (word, freq) in enumerate(zip(words, freqs)):
         get_stats(word, pair_counts, freq)
         for pair in pairwise(word):
             pair_words[pair].add(w)
-    heap = [(-c, order_key[a] + order_key[b], (a, b)) for (a, b), c in pair_counts.items()]
-    heapq.heapify(heap)
+    return pair_counts, pair_words
 
-    merges, t0 = [], time.perf_counter()
-    while len(merges) < num_merges and heap:
-        neg_count, _, pair = heapq.heappop(heap)
-        if pair_counts.get(pair) != -neg_count:
-            continue  # stale entry: this pair's count has changed since it was pushed
-        a, b = pair
-        new_id = len(token_bytes)
-        token_bytes.append(token_bytes[a] + token_bytes[b])
-        order_key.append(_reversed_order_key(token_bytes[new_id]))
-        merges.append((token_bytes[a], token_bytes[b]))
-        del pair_counts[pair]
 
-        # Rewrite each word holding the pair, like merge(), and note how its pair counts
-        # change: only the neighbours of a merged occurrence change. x a b y -> x N y
-        # loses (x, a) and (b, y) and gains (x, N) and (N, y); in a b a b -> N N the
-        # (b, a) between two occurrences is lost once and (N, N) gained once.
-        delta = defaultdict(int)
-        for w in pair_words.pop(pair):
-            word, freq = words[w], freqs[w]
-            out, i, n = [], 0, len(word)
-            while i < n:
-                if word[i] == a and i + 1 < n and word[i + 1] == b:
-                    if out:
-                        left = out[-1]
-                        if left != new_id:  # else (b, a) was already counted out just below
-                            delta[left, a] -= freq
-                        delta[left, new_id] += freq
-                        pair_words[left, new_id].add(w)
-                    if i + 2 < n:
-                        right = word[i + 2]
-                        delta[b, right] -= freq
-                        if not (right == a and i + 3 < n and word[i + 3] == b):  # else: (N, N) above
-                            delta[new_id, right] += freq
-                            pair_words[new_id, right].add(w)
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            words[w] = out  # unchanged (a stale index entry) if an earlier merge took the pair out
-        for p, d in delta.items():
-            if d == 0 or p == pair:
-                continue
-            count = pair_counts.get(p, 0) + d
-            if count > 0:
-                pair_counts[p] = count
-                heapq.heappush(heap, (-count, order_key[p[0]] + order_key[p[1]], p))
-            else:
-                del pair_counts[p]
-        if verbose and (len(merges) % 1000 == 0 or len(merges) == num_merges):
-            print(f"merge {len(merges):,}/{num_merges:,}: {token_bytes[new_id]!r} (count {-neg_count:,}), "
-                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return merges
+def merge_word(word, pair, new_id, freq, delta, pair_words, w):
+    """merge(word, pair, new_id), noting in `delta` how the word's pair counts change (times its
+    count `freq`) and in pair_words the new pairs word `w` holds. Only the neighbours of a merged
+    occurrence change: x a b y -> x N y loses (x, a) and (b, y) and gains (x, N) and (N, y);
+    in a b a b -> N N the (b, a) between two occurrences is lost once and (N, N) gained once."""
+    a, b = pair
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if word[i] == a and i + 1 < n and word[i + 1] == b:
+            if out:
+                left = out[-1]
+                if left != new_id:  # else (b, a) was already counted out just below
+                    delta[left, a] -= freq
+                delta[left, new_id] += freq
+                pair_words[left, new_id].add(w)
+            if i + 2 < n:
+                right = word[i + 2]
+                delta[b, right] -= freq
+                if not (right == a and i + 3 < n and word[i + 3] == b):  # else: (N, N) above
+                    delta[new_id, right] += freq
+                    pair_words[new_id, right].add(w)
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def update_pair_counts(pair_counts, heap, order_key, delta, merged):
+    """Apply the count changes of one merge; each changed count pushes a fresh heap entry."""
+    for p, d in delta.items():
+        if d == 0 or p == merged:
+            continue
+        count = pair_counts.get(p, 0) + d
+        if count > 0:
+            pair_counts[p] = count
+            heapq.heappush(heap, (-count, order_key[p[0]] + order_key[p[1]], p))
+        else:
+            del pair_counts[p]
 
 
 # ----------------------------------------------------------------------------------------
@@ -466,7 +506,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _to_alphabet(token: bytes) -> str:
+def to_alphabet(token: bytes) -> str:
     # each byte read as the latin-1 character of the same number, then mapped in one C call
     return token.decode("latin-1").translate(_latin1_to_alphabet())
 
@@ -476,8 +516,8 @@ def _latin1_to_alphabet() -> dict[int, str]:
     return dict(bytes_to_unicode())
 
 
-def _from_alphabet(text: str) -> bytes:
-    """Inverse of _to_alphabet (UnicodeEncodeError: a character outside the alphabet)."""
+def from_alphabet(text: str) -> bytes:
+    """Inverse of to_alphabet (UnicodeEncodeError: a character outside the alphabet)."""
     return text.translate(_alphabet_to_latin1()).encode("latin-1")
 
 
@@ -516,7 +556,7 @@ class Tokenizer:
     tiktoken; for vocabularies made by merges (GPT-2's, trained ones) that only skips work,
     as a test checks, and the half of Shakespeare's distinct words that are tokens need no
     merging. The other keyword options hold what a Hugging Face tokenizer.json may add (see
-    from_tokenizer_json): added_tokens {string: id}, non-special tokens matched in any text;
+    tokenizer.bpe_from_tokenizer_json): added_tokens {string: id}, non-special tokens matched in any text;
     normalizer: Unicode forms applied first ("NFC", ...); pre_tokenizer: steps applied in turn
     to every piece instead of `pattern` (a regex: split_isolated; PREFIX_SPACE)."""
 
@@ -817,52 +857,6 @@ class Tokenizer:
         character) become U+FFFD, as tiktoken's decode(errors="replace")."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # --- GPT-2 / tiktoken ---
-
-    @classmethod
-    def from_gpt2_files(cls, vocab_bpe_path, encoder_json_path, special_tokens=(ENDOFTEXT,)):
-        """OpenAI's GPT-2 files: vocab.bpe (one merge per line, in priority order) and
-        encoder.json (token -> id), both written in GPT-2's byte alphabet."""
-        try:
-            encoder = json.loads(Path(encoder_json_path).read_text(encoding="utf-8"))
-            lines = Path(vocab_bpe_path).read_text(encoding="utf-8").split("\n")
-            vocab = {int(i): _from_alphabet(token) for token, i in encoder.items()}
-            merges = [tuple(map(_from_alphabet, line.split(" "))) for line in lines
-                      if line and not line.startswith("#version")]
-            if not all(len(m) == 2 for m in merges):
-                raise ValueError("a merge line is not two tokens")
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise BPEError(f"cannot read GPT-2 files {vocab_bpe_path}, {encoder_json_path}: "
-                             f"{type(e).__name__}: {e} (need OpenAI's vocab.bpe and encoder.json)") from None
-        specials = {s: encoder[s] for s in special_tokens if s in encoder}
-        return cls(vocab, merges, specials, GPT2_PATTERN)
-
-    @classmethod
-    def from_tiktoken(cls, encoding):
-        """Rebuild a tokenizer from a tiktoken encoding (or its name, e.g. "cl100k_base").
-        tiktoken stores only ranks (token bytes -> id, lower merges first); the merge that
-        made a token is found by running BPE on its bytes with only the lower-ranked tokens:
-        what remains is exactly two parts, the pair that was merged."""
-        if isinstance(encoding, str):
-            try:
-                import tiktoken
-
-                encoding = tiktoken.get_encoding(encoding)
-            except Exception as e:  # noqa: BLE001 (no network, unknown name, no tiktoken: one message)
-                raise BPEError(f"tiktoken cannot load {encoding!r} ({type(e).__name__}; it needs "
-                                 "network access or the encoding's files in TIKTOKEN_CACHE_DIR)") from None
-        ranks = encoding._mergeable_ranks  # tiktoken exposes no public accessor
-        merges = []
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            if len(token) > 1:
-                parts = _bpe_by_rank(ranks, token, max_rank=rank)
-                if len(parts) != 2:
-                    raise BPEError(f"token {render_token(token)} (rank {rank}) is not a merge of "
-                                     "two lower-ranked tokens: not a BPE vocabulary")
-                merges.append((parts[0], parts[1]))
-        vocab = {rank: token for token, rank in ranks.items()}
-        return cls(vocab, merges, dict(encoding._special_tokens), encoding._pat_str)
-
     # --- save / load ---
 
     def save(self, path):
@@ -870,7 +864,7 @@ class Tokenizer:
         Both go to a temp file first, then are renamed: never a half-written file."""
         if self.added_tokens or self.normalizer or self.pre_tokenizer is not None or not self.ignore_merges:
             raise BPEError("this tokenizer's pipeline (from a tokenizer.json) does not fit a .bpe file "
-                            "(write it with save_tokenizer_json)")
+                            "(write it as a tokenizer.json: tokenizer.save_tokenizer_json)")
         path = Path(path)
         special_ids = set(self.special_tokens.values())
         lines = [FILE_VERSION,
@@ -882,7 +876,7 @@ class Tokenizer:
         lines += [f"{i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
         lines.append(f"merges {len(self.merges)}")
         token_id = {t: i for i, t in self.vocab.items() if i not in special_ids}
-        lines += [f"{_to_alphabet(a)} {_to_alphabet(b)} {token_id[a + b]}" for a, b in self.merges]
+        lines += [f"{to_alphabet(a)} {to_alphabet(b)} {token_id[a + b]}" for a, b in self.merges]
         _atomic_write(path, "\n".join(lines) + "\n")
 
         made_by = {a + b: (a, b) for a, b in reversed(self.merges)}  # earliest merge wins
@@ -930,7 +924,7 @@ class Tokenizer:
             merges = []
             for line in lines[at + 1:at + 1 + n_merges]:
                 left, right, i = line.split(" ")
-                merges.append((_from_alphabet(left), _from_alphabet(right)))
+                merges.append((from_alphabet(left), from_alphabet(right)))
                 vocab[int(i)] = merges[-1][0] + merges[-1][1]
             if len(merges) != n_merges or any(lines[at + 1 + n_merges:]):
                 raise ValueError(f"expected {n_merges} merges, found {len(lines) - at - 1} lines")
@@ -938,64 +932,6 @@ class Tokenizer:
             raise BPEError(f"{path} is not a valid bpe.py tokenizer file ({e}; re-create it "
                              "with python bpe.py train)") from None
         return cls(vocab, merges, specials, pattern)
-
-    # --- Hugging Face tokenizer.json ---
-
-    @classmethod
-    def from_tokenizer_json(cls, path):
-        """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2, Llama 3, Qwen2/3, SmolLM):
-        its normalizer, pre-tokenizer (Split regexes, Digits, ByteLevel), merges and added
-        tokens, so that encode(text, allowed_special="all") gives the ids of `tokenizers`'
-        encode(text, add_special_tokens=False), and "none" those with encode_special_tokens
-        on. The post-processor (e.g. Llama 3's <|begin_of_text|> in front) is not applied.
-        Other kinds (SentencePiece-style, WordPiece, Unigram): a one-line error naming it."""
-        path = Path(path)
-        if not path.is_file():
-            raise BPEError(f"tokenizer file {path} not found (check the path)")
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise BPEError(f"{path} is not a tokenizer.json ({type(e).__name__}: {e})") from None
-        if not isinstance(spec, dict):
-            raise BPEError(f"{path} is not a tokenizer.json (a JSON object with a 'model')")
-        tok = cls(**_read_tokenizer_json(spec, path))
-        ends = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>")  # the document separators of those models
-        tok.eot_id = next((tok.special_tokens[s] for s in ends if s in tok.special_tokens), None)
-        return tok
-
-    def to_tokenizer_json(self) -> dict:
-        """This tokenizer as a Hugging Face tokenizer.json (a dict), which `tokenizers` and
-        transformers' PreTrainedTokenizerFast encode as encode(text, allowed_special="all")."""
-        steps = list(self.pre_tokenizer if self.pre_tokenizer is not None else [self.pattern])
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-        if steps[-1:] == [GPT2_PATTERN]:  # ByteLevel's own regex is GPT-2's
-            byte_level["use_regex"] = bool(steps.pop())
-        if steps[-1:] == [PREFIX_SPACE]:
-            byte_level["add_prefix_space"] = bool(steps.pop())
-        if PREFIX_SPACE in steps:
-            raise BPEError("a space prefix before other split steps has no tokenizer.json form")
-        pre = [{"type": "Split", "pattern": {"Regex": _to_onig(s)}, "behavior": "Isolated", "invert": False}
-               for s in steps] + [byte_level]
-        norms = [{"type": form} for form in self.normalizer]
-        added_ids = {i: s for s, i in self._matched_ids.items()}
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": s in self.special_tokens}
-                             for i, s in sorted(added_ids.items())],
-            "normalizer": norms[0] if len(norms) == 1 else {"type": "Sequence", "normalizers": norms} if norms else None,
-            "pre_tokenizer": pre[0] if len(pre) == 1 else {"type": "Sequence", "pretokenizers": pre},
-            "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": self.ignore_merges,
-                      "vocab": {_to_alphabet(t): i for i, t in sorted(self.vocab.items()) if i not in added_ids},
-                      "merges": [f"{_to_alphabet(a)} {_to_alphabet(b)}" for a, b in self.merges]}}
-
-    def save_tokenizer_json(self, path):
-        """Write to_tokenizer_json() to `path` (a temp file first, then renamed)."""
-        _atomic_write(Path(path), json.dumps(self.to_tokenizer_json(), ensure_ascii=False))
 
 
 def _set_worker_tokenizer(tok):
@@ -1008,94 +944,6 @@ def _encode_in_worker(text, allowed_special):
 
 
 _worker_tokenizer = None  # encode_batch's processes: set once per process by the pool's initializer
-
-
-# ----------------------------------------------------------------------------------------
-# Reading Hugging Face tokenizer.json
-
-SUPPORTED = "bpe.py reads the byte-level BPE of GPT-2, Llama 3, Qwen2/3, SmolLM"
-# Oniguruma, the regex engine of `tokenizers`, reads "X{1,3}+" as (X{1,3})+, not as a
-# possessive X{1,3} (Python's regex and tiktoken's): rewrite one as the other both ways.
-_BOUNDED_PLUS = regex.compile(r"(\\p\{\w+\}|\\.|\[(?:\\.|[^\]\\])*\]|[^\\()\[\]{}|])(\{\d+(?:,\d*)?\})\+")
-
-
-def _to_onig(pattern: str) -> str:
-    return _BOUNDED_PLUS.sub(r"(?>\1\2)", pattern)
-
-
-def _from_onig(pattern: str) -> str:
-    return _BOUNDED_PLUS.sub(r"(?:\1\2)+", pattern)
-
-
-def _members(node, key) -> list[dict]:
-    """The steps of a normalizer or pre_tokenizer, a Sequence of them flattened."""
-    if not node:
-        return []
-    if node.get("type") == "Sequence":
-        return [step for member in node.get(key, []) for step in _members(member, key)]
-    return [node]
-
-
-def _read_tokenizer_json(spec: dict, where) -> dict:
-    """Tokenizer(...) arguments from a parsed tokenizer.json, or a one-line error."""
-    model = spec.get("model") or {}
-    pre = _members(spec.get("pre_tokenizer"), "pretokenizers")
-    norms = _members(spec.get("normalizer"), "normalizers")
-    kinds = {step.get("type") for step in pre + norms}
-    if model.get("type") != "BPE":
-        raise BPEError(f"{where}: a {model.get('type')} tokenizer model is not supported ({SUPPORTED})")
-    if model.get("byte_fallback") or kinds & {"Metaspace", "Prepend"}:
-        raise BPEError(f"{where}: a SentencePiece-style BPE (Metaspace, byte fallback: Llama 2, Mistral "
-                        f"v0.1) is not supported ({SUPPORTED})")
-    if not pre or pre[-1].get("type") != "ByteLevel":
-        raise BPEError(f"{where}: not a byte-level BPE (its pre_tokenizer does not end in ByteLevel; {SUPPORTED})")
-    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise BPEError(f"{where}: BPE dropout, continuing_subword_prefix and end_of_word_suffix are not "
-                        f"supported ({SUPPORTED})")
-    steps = []
-    for step in pre:
-        kind = step.get("type")
-        if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
-            pattern = step.get("pattern", {})
-            steps.append(_from_onig(pattern["Regex"]) if "Regex" in pattern else regex.escape(pattern.get("String", "")))
-        elif kind == "Digits":  # is_numeric(): \p{N}; runs of digits are one piece unless individual_digits
-            steps.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
-        elif kind == "ByteLevel" and step is pre[-1]:
-            steps += [PREFIX_SPACE] * bool(step.get("add_prefix_space")) + [GPT2_PATTERN] * step.get("use_regex", True)
-        else:
-            raise BPEError(f"{where}: the pre-tokenizer {json.dumps(step)[:100]} is not supported ({SUPPORTED})")
-    for step in norms:
-        if step.get("type") not in ("NFC", "NFD", "NFKC", "NFKD"):
-            raise BPEError(f"{where}: the normalizer {step.get('type')} is not supported (NFC, NFD, NFKC, NFKD are)")
-    specials, added = {}, {}
-    try:
-        for token in spec.get("added_tokens") or []:
-            if token.get("single_word") or token.get("lstrip") or token.get("rstrip"):
-                raise BPEError(f"{where}: added token {token.get('content')!r} sets single_word, lstrip or "
-                                "rstrip, which bpe.py does not support")
-            (specials if token.get("special") else added)[token["content"]] = int(token["id"])
-        added_ids = set(specials.values()) | set(added.values())
-        vocab = {i: _hf_bytes(t, where) for t, i in model["vocab"].items() if i not in added_ids}
-        merges = [tuple(_hf_bytes(t, where) for t in (m.split(" ") if isinstance(m, str) else m))
-                  for m in model["merges"]]
-        if any(len(m) != 2 for m in merges):
-            raise ValueError("a merge is not two tokens")
-    except BPEError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise BPEError(f"{where}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
-    one_regex = len(steps) == 1 and steps[0] != PREFIX_SPACE
-    return {"vocab": vocab, "merges": merges, "special_tokens": specials, "added_tokens": added,
-            "pattern": steps[0] if one_regex else None, "pre_tokenizer": None if one_regex else steps,
-            "normalizer": [step["type"] for step in norms], "ignore_merges": bool(model.get("ignore_merges"))}
-
-
-def _hf_bytes(token: str, where) -> bytes:
-    try:
-        return _from_alphabet(token)
-    except UnicodeEncodeError:
-        raise BPEError(f"{where}: token {token!r} is not written in GPT-2's byte alphabet (not a "
-                        f"byte-level BPE; {SUPPORTED})") from None
 
 
 def _field(line: str, name: str) -> str:
@@ -1115,42 +963,8 @@ def _atomic_write(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _bpe_by_rank(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """tiktoken's BPE on raw bytes: merge the adjacent pair whose concatenation has the
-    lowest rank, as long as that rank is below max_rank."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 1:
-        best, best_rank = None, max_rank
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best, best_rank = i, rank
-        if best is None:
-            break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-    return parts
-
-
 # ----------------------------------------------------------------------------------------
-# Command line: train, encode, compare
-
-SAMPLE_TEXT = """The quick brown fox doesn't jump over 1,234,567 lazy dogs -- they'll sleep in.
-    def fib(n):
-        return n if n < 2 else fib(n - 1) + fib(n - 2)   # 4 spaces of indent
-Tokenizers split "ﬁne" ligatures, émigré accents, 日本語のテキスト and emoji 👋🏽 very differently.
-"""
-
-
-def load_any(spec: str) -> Tokenizer:
-    """A saved bpe.py file, a Hugging Face tokenizer.json (a path ending in .json), or a
-    tiktoken encoding name (gpt2, cl100k_base, ...)."""
-    if spec.endswith(".json"):
-        return Tokenizer.from_tokenizer_json(spec)
-    if Path(spec).is_file():
-        return Tokenizer.load(spec)
-    if spec in ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"):
-        return Tokenizer.from_tiktoken(spec)
-    raise BPEError(f"tokenizer {spec!r} is neither a file nor a tiktoken encoding name (e.g. gpt2)")
+# Command line: train (tokenizer.py's shows the tokens of a text and compares tokenizers)
 
 
 def _cmd_train(args):
@@ -1167,48 +981,6 @@ def _cmd_train(args):
     tok.save(args.out)
     print(f"trained {len(merges):,} merges (vocab {tok.vocab_size:,}) in {time.perf_counter() - t0:.2f} s; "
           f"wrote {args.out} and {_vocab_path(Path(args.out))}")
-
-
-def _cmd_encode(args):
-    tok = load_any(args.tokenizer)
-    try:
-        text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
-    except (OSError, UnicodeDecodeError) as e:
-        raise BPEError(f"cannot read {args.file} as UTF-8 text ({type(e).__name__})") from None
-    if text is None:
-        raise BPEError("nothing to encode (give the text, or --file FILE)")
-    ids = tok.encode(text, allowed_special=args.allowed_special)
-    print(ids)
-    print("|".join(tok.decode_bytes([i]).decode("utf-8", "replace") for i in ids))
-    print(f"{len(ids)} tokens for {len(text.encode('utf-8'))} bytes")
-
-
-def _cmd_compare(args):
-    text = Path(args.input).read_text(encoding="utf-8")[:args.max_chars] if args.input else SAMPLE_TEXT
-    n_bytes = len(text.encode("utf-8"))
-    tokenizers = []
-    for name in filter(None, args.reference.split(",")):
-        try:
-            tokenizers.append((name, Tokenizer.from_tiktoken(name)))
-        except BPEError as e:
-            print(f"({name} skipped: {e})")
-    if args.tokenizer:
-        tokenizers += [(spec, load_any(spec)) for spec in args.tokenizer]
-    else:
-        vocab, merges = train_bpe(text, args.vocab_size, (ENDOFTEXT,))
-        tokenizers.append((f"bpe.py trained on this very text (--vocab_size {args.vocab_size}; optimistic)",
-                           Tokenizer(vocab, merges, (ENDOFTEXT,))))
-    first_line = text.strip().split("\n")[0][:100]
-    print(f"text: {n_bytes:,} bytes" + (f" from {args.input}" if args.input else " (built-in sample)"))
-    for name, tok in tokenizers:
-        ids = tok.encode(text, allowed_special="all")
-        longest = sorted((t for i, t in tok.vocab.items() if i not in tok.special_tokens.values()),
-                         key=len, reverse=True)[:5]
-        print(f"\n{name}: vocab {tok.vocab_size:,}, {len(ids):,} tokens, {len(ids) / n_bytes:.3f} tokens/byte "
-              f"({n_bytes / max(len(ids), 1):.2f} bytes/token)")
-        print("  longest tokens: " + ", ".join(render_token(t) for t in longest))
-        pieces = (tok.decode_bytes([i]).decode("utf-8", "replace") for i in tok.encode_ordinary(first_line))
-        print("  " + "|".join(pieces))
 
 
 def main(argv=None):
@@ -1232,21 +1004,6 @@ def run_cli(argv=None):
     p.add_argument("--pattern", default="gpt2", help="split regex: gpt2, gpt4, or a regex")
     p.add_argument("--num_workers", type=int, default=0, help="processes counting pre-tokens (0: one per CPU)")
     p.set_defaults(run=_cmd_train)
-    p = sub.add_parser("encode", help="show the tokens of a text",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tokenizer", default="gpt2", help="a bpe.py file, a tokenizer.json, or a tiktoken name (gpt2, cl100k_base)")
-    p.add_argument("--file", default=None, help="encode this file instead of the text argument")
-    p.add_argument("--allowed_special", default="none_raise", choices=["none_raise", "all", "none"])
-    p.add_argument("text", nargs="?", default=None)
-    p.set_defaults(run=_cmd_encode)
-    p = sub.add_parser("compare", help="one text under GPT-2, cl100k and your tokenizer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", default=None, help="text file (default: a built-in sample)")
-    p.add_argument("--max_chars", type=int, default=1_000_000, help="use at most this much of --input")
-    p.add_argument("--tokenizer", action="append", default=None, help="bpe.py file(s) to compare (repeatable)")
-    p.add_argument("--reference", default="gpt2,cl100k_base", help="tiktoken encodings to compare with")
-    p.add_argument("--vocab_size", type=int, default=1024, help="without --tokenizer: train one of this size")
-    p.set_defaults(run=_cmd_compare)
     args = parser.parse_args(argv)
     args.run(args)
 

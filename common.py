@@ -7,7 +7,8 @@
 - the warmup + cosine learning-rate schedule every trainer uses;
 - peak FLOP/s (for MFU), peak memory and a median timer;
 - rank-0-first for work that one rank of a torchrun job must do before the others;
-- files written whole or not at all (`atomic_write`, `atomic_save`).
+- files written whole or not at all (`atomic_write`, `atomic_save`), downloads that are too
+  (`download`), and the cache they go to (`nanollm_cache`).
 
 This file imports nothing of nanollm's.
 """
@@ -388,3 +389,43 @@ def check_options(cfg, positive=(), non_negative=(), ranges=None):
     for name, (lo, hi) in (ranges or {}).items():
         if not lo <= getattr(cfg, name) <= hi:
             raise NanoError(f"--{name} must be in [{lo}, {hi}] (got {getattr(cfg, name)})")
+
+
+# ----------------------------------------------------------------------------------------
+# Downloads: data.py's datasets and hf_io.py's model folders
+
+
+def nanollm_cache() -> Path:
+    """Where downloads and restored tokenizers go (read at call time: HOME may change)."""
+    return Path.home() / ".cache" / "nanollm"
+
+
+def download(url: str, dest, expected_size: int | None = None, hint: str = "check the network",
+             headers: dict | None = None) -> Path:
+    """Stream url to dest through a temp file, so an interrupted download never looks
+    complete; the size is checked against expected_size or the server's Content-Length."""
+    dest = Path(dest)
+    if dest.is_file() and (expected_size is None or dest.stat().st_size == expected_size):
+        return dest
+    import requests  # imported here: only downloads need it
+
+    print(f"downloading {url} -> {dest}", file=sys.stderr)
+    # identity encoding, so Content-Length counts the bytes we write (not gzip's)
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
+
+    def fetch(tmp):
+        with requests.get(url, stream=True, timeout=60, headers=headers) as r:
+            r.raise_for_status()
+            expected = expected_size or int(r.headers.get("Content-Length", 0))
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_content(1 << 20):
+                    f.write(chunk)
+        got = tmp.stat().st_size
+        if expected and got != expected:
+            raise NanoError(f"{url} arrived with {got} of {expected} bytes (run again)")
+
+    try:
+        atomic_write(dest, fetch)  # a per-process temp file: DDP ranks may race
+    except requests.RequestException as e:
+        raise NanoError(f"could not download {url} ({e.__class__.__name__}; {hint})") from None
+    return dest

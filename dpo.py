@@ -76,6 +76,7 @@ import data
 import finetune
 import gpt
 import lora
+import tokenizer
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -240,7 +241,7 @@ def synthetic_rows(n, rng):
 def pretrain_synthetic(cfg, device, rng):
     """A quick char-level GPT on the task's unpreferred-and-preferred mix: the SFT model
     that DPO starts from (policy and reference alike)."""
-    tok = data.load_tokenizer("char:" + SYNTH_ALPHABET)
+    tok = tokenizer.load_tokenizer("char:" + SYNTH_ALPHABET)
     text = "".join(f"{_word(rng)}>{_word(rng).upper() if rng.random() < 0.5 else _word(rng)}.\n"
                    for _ in range(5000 if cfg.pretrain_iters else 10))
     tokens = torch.tensor(tok.encode(text))
@@ -553,7 +554,7 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         base = str(out_dir / "base.pt")
         gpt.save_checkpoint(base, model, spec)  # the adapter's base, and a reusable --init_from
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     if tok.vocab_size > model.config.vocab_size:
         raise NanoError(f"tokenizer {spec!r} has {tok.vocab_size} tokens, the model only "
                         f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")

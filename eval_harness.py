@@ -49,6 +49,7 @@ import common
 import data
 import gpt
 import sample
+from tokenizer import load_tokenizer
 from common import NanoError, cli, parse_config
 
 try:  # optional: without lm-eval, NanoLM is not registered and --tasks says how to install it
@@ -184,7 +185,7 @@ def load_model(ckpt="", init_from="", device="cpu"):
     """(model in eval mode, tokenizer) from a checkpoint, or a GPT-2 name / Hugging Face
     folder / hub name (gpt.load_pretrained, with the folder's tokenizer)."""
     model, spec = gpt.load_pretrained(init_from) if init_from else gpt.load_checkpoint(ckpt, device)
-    return model.to(device).eval(), data.load_tokenizer(spec)
+    return model.to(device).eval(), load_tokenizer(spec)
 
 
 class NanoLM(TemplateLM):

@@ -50,6 +50,8 @@ import common
 from common import NanoError, cli
 import data
 import gpt
+import hf_io
+from tokenizer import load_tokenizer
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
@@ -227,7 +229,7 @@ def download(split: str = "val", cache_dir: str = "~/.cache/nanollm/hellaswag") 
     path = Path(cache_dir).expanduser() / f"hellaswag_{split}.jsonl"
     if path.is_file():
         return path
-    return data.download(DATA_URL.format(split=split), path,
+    return common.download(DATA_URL.format(split=split), path,
                         hint=f"check the network or pass --data PATH to a local hellaswag_{split}.jsonl")
 
 
@@ -304,12 +306,12 @@ def load_model(cfg: EvalConfig, device: str):
     if cfg.ckpt:
         model, spec = gpt.load_checkpoint(cfg.ckpt, device)
         try:
-            tokenizer = data.load_tokenizer(spec)
+            tokenizer = load_tokenizer(spec)
         except Exception as e:
             reason = str(e) or e.__class__.__name__
             raise NanoError(f"checkpoint {cfg.ckpt}: its tokenizer {spec!r} cannot be loaded ({reason})") from None
     else:
-        model, tokenizer = gpt.GPT.from_pretrained(cfg.init_from or "gpt2").to(device), data.load_tokenizer("gpt2")
+        model, tokenizer = gpt.GPT.from_pretrained(cfg.init_from or "gpt2").to(device), load_tokenizer("gpt2")
     if tokenizer.vocab_size > model.config.vocab_size:  # ids past the embedding would index out of range
         raise NanoError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                         f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
@@ -329,9 +331,9 @@ def main(argv=None) -> dict:
         raise NanoError("--batch_size, --log_every and --limit must be at least 1")
     if cfg.data is None and cfg.split not in ("train", "val"):
         raise NanoError(f"--split {cfg.split!r} has no labels or does not exist (use val or train)")
-    known = cfg.init_from in data.GPT2_SIZES or Path(cfg.init_from or ".").is_dir() or "/" in (cfg.init_from or "")
+    known = cfg.init_from in hf_io.GPT2_SIZES or Path(cfg.init_from or ".").is_dir() or "/" in (cfg.init_from or "")
     if cfg.init_from and not known:  # checked before the download, not after it
-        raise NanoError(f"unknown model {cfg.init_from!r} ({', '.join(data.GPT2_SIZES)}, a Hugging Face folder "
+        raise NanoError(f"unknown model {cfg.init_from!r} ({', '.join(hf_io.GPT2_SIZES)}, a Hugging Face folder "
                         "or a hub name like org/name)")
     if cfg.out_json and (Path(cfg.out_json).is_dir() or not Path(cfg.out_json).parent.is_dir()):
         raise NanoError(f"--out_json {cfg.out_json} is a folder or its folder does not exist (give a file path)")

@@ -46,9 +46,10 @@ from pathlib import Path
 import torch
 
 import bpe
-import data
 import gpt
+import hf_io
 import lora
+import tokenizer
 from common import NanoError, atomic_write, cli, parse_config, remove_stale_temps, stale_temps
 
 # ----------------------------------------------------------------------------------------
@@ -172,8 +173,8 @@ def hf_model_type(config: gpt.GPTConfig) -> str:
     model_type whose config.json describes this GPTConfig, or a one-line error."""
     c = config
     if c.arch == "gpt2":
-        if c.norm != "layernorm" or c.rope_theta or c.kv_heads != c.n_head or c.qk_norm or c.qkv_bias \
-                or c.head_size != c.n_embd // c.n_head:
+        if c.norm != "layernorm" or c.rope_theta or c.n_kv_head != c.n_head or c.qk_norm or c.qkv_bias \
+                or c.head_dim != c.n_embd // c.n_head:
             raise NanoError("a GPT-2 block with Llama switches (RMSNorm, RoPE, GQA, QK-norm, qkv_bias or "
                             "head_dim) has no Hugging Face or llama.cpp architecture (use arch 'llama')")
         return "gpt2"
@@ -193,7 +194,7 @@ HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwe
 
 
 def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
-    """config.json in the architecture's own schema (the inverse of data.hf_config_fields)."""
+    """config.json in the architecture's own schema (the inverse of hf_io.hf_config_fields)."""
     c, kind = model.config, hf_model_type(model.config)
     common = {"architectures": [HF_ARCHITECTURES[kind]], "model_type": kind, "vocab_size": c.vocab_size,
               "tie_word_embeddings": c.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,
@@ -211,8 +212,8 @@ def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
                         "original_max_position_embeddings": c.rope_original_max_position}
     out = common | {
         "hidden_size": c.n_embd, "intermediate_size": model.transformer.h[0].mlp.gate_proj.out_features,
-        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads,
-        "head_dim": c.head_size, "hidden_act": "silu", "max_position_embeddings": c.block_size,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.block_size,
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": rope_scaling,
         "attention_dropout": c.dropout, "initializer_range": 0.02}
     if kind == "llama":
@@ -299,7 +300,7 @@ def gguf_tensor_type(gguf_name: str, t: torch.Tensor, wanted: int) -> int:
 def llama3_rope_factors(c: gpt.GPTConfig) -> torch.Tensor:
     """rope_freqs.weight, llama.cpp's form of Llama 3.1's rope scaling: per rotation
     frequency, the factor its wavelength is stretched by (1 fast, rope_scaling slow)."""
-    hd = c.head_size
+    hd = c.head_dim
     freqs = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     wavelen = 2 * math.pi / freqs
     smooth = (c.rope_original_max_position / wavelen - c.rope_low_freq_factor) / (
@@ -321,12 +322,12 @@ def gguf_tensors(model: gpt.GPT, wanted: int) -> list[tuple[str, torch.Tensor, i
         gguf_name = next((pattern.sub(new, name) for pattern, new in table if pattern.fullmatch(name)), None)
         if gguf_name is None:
             raise NanoError(f"no GGUF name for tensor {name!r} of a {kind} model (export supports gpt2 and the llama family)")
-        if kind == "gpt2" and name.endswith(data.HF_CONV1D_WEIGHTS):
+        if kind == "gpt2" and name.endswith(hf_io.HF_CONV1D_WEIGHTS):
             t = t.t()  # Conv1D (in, out) -> (out, in), as the converter does
         if kind == "llama" and ".q_proj." in name:
             t = interleave_rope_rows(t, c.n_head)
         if kind == "llama" and ".k_proj." in name:
-            t = interleave_rope_rows(t, c.kv_heads)
+            t = interleave_rope_rows(t, c.n_kv_head)
         out.append((gguf_name, t, gguf_tensor_type(gguf_name, t, wanted)))
     return out
 
@@ -341,12 +342,12 @@ def gguf_metadata(config: gpt.GPTConfig, name: str, file_type: int, ffn_hidden: 
     meta |= {f"{arch}.{k}": (U32, v) for k, v in hparams.items()}
     if arch == "gpt2":
         return meta | {"gpt2.attention.layer_norm_epsilon": (F32_VALUE, c.norm_eps)}
-    return meta | {f"{arch}.attention.head_count_kv": (U32, c.kv_heads),
-                   f"{arch}.attention.key_length": (U32, c.head_size),
-                   f"{arch}.attention.value_length": (U32, c.head_size),
+    return meta | {f"{arch}.attention.head_count_kv": (U32, c.n_kv_head),
+                   f"{arch}.attention.key_length": (U32, c.head_dim),
+                   f"{arch}.attention.value_length": (U32, c.head_dim),
                    f"{arch}.attention.layer_norm_rms_epsilon": (F32_VALUE, c.norm_eps),
                    f"{arch}.rope.freq_base": (F32_VALUE, c.rope_theta),
-                   f"{arch}.rope.dimension_count": (U32, c.head_size),
+                   f"{arch}.rope.dimension_count": (U32, c.head_dim),
                    f"{arch}.vocab_size": (U32, c.vocab_size)}
 
 
@@ -362,8 +363,8 @@ def byte_bpe(spec: str) -> bpe.Tokenizer | None:
     if spec.startswith("char:"):
         return None
     if spec == "gpt2":  # the GPT-2 files that ship in assets/
-        return bpe.Tokenizer.from_gpt2_files(data.GPT2_VOCAB_BPE, data.GPT2_ENCODER_JSON)
-    return bpe.load_any(spec)
+        return tokenizer.bpe_from_gpt2_files(tokenizer.GPT2_VOCAB_BPE, tokenizer.GPT2_ENCODER_JSON)
+    return tokenizer.load_bpe(spec)
 
 
 @functools.lru_cache(maxsize=4)
@@ -375,7 +376,7 @@ def tokenizer_json(spec: str) -> dict:
         return json.loads(Path(spec).read_text(encoding="utf-8"))
     tok = byte_bpe(spec)
     if tok is not None:
-        return tok.to_tokenizer_json()
+        return tokenizer.to_tokenizer_json(tok)
     alphabet = spec[len("char:"):]
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
             "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
@@ -482,7 +483,7 @@ def eot_of(spec: str):
 
 def export_hf(model: gpt.GPT, spec: str, folder: Path, dtype=torch.float32):
     config = hf_config(model, eot_of(spec), str(dtype).removeprefix("torch."))
-    data.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
+    hf_io.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
     _write_json(folder / "config.json", config)
     write_hf_tokenizer(folder, spec, model.config.block_size, eot_of(spec))
 
@@ -511,7 +512,7 @@ def peft_state_dict(adapter: dict) -> dict:
     A (r, in) and B (out, r) keep their shapes: PEFT's LoRA stores them as nn.Linear weights,
     also on GPT-2's Conv1D layers."""
     arch = adapter_arch(adapter)
-    return {lora.PEFT_PREFIX + data.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
+    return {lora.PEFT_PREFIX + hf_io.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
 
 
 def peft_config(adapter: dict) -> dict:
@@ -520,12 +521,12 @@ def peft_config(adapter: dict) -> dict:
             "lora_dropout": cfg.get("dropout", 0.0), "target_modules": sorted(cfg["targets"]),
             "use_rslora": cfg.get("use_rslora", False), "bias": "none",
             "fan_in_fan_out": adapter_arch(adapter) == "gpt2",  # HF GPT-2's Conv1D weights are (in, out)
-            "base_model_name_or_path": "openai-community/" + base if base in data.GPT2_SIZES else base,
+            "base_model_name_or_path": "openai-community/" + base if base in hf_io.GPT2_SIZES else base,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
 
 
 def export_peft(adapter: dict, folder: Path):
-    data.write_safetensors(folder / "adapter_model.safetensors", peft_state_dict(adapter))
+    hf_io.write_safetensors(folder / "adapter_model.safetensors", peft_state_dict(adapter))
     _write_json(folder / "adapter_config.json", peft_config(adapter))
 
 
@@ -539,7 +540,7 @@ def _write_json(path: Path, obj, indent=2):
 
 def load_model(ckpt_path: str, adapter_path: str = ""):
     """(model, tokenizer spec) from a checkpoint, with a lora.py or PEFT adapter merged in if given."""
-    ckpt = data.read_checkpoint(ckpt_path)  # NanoError for a missing or foreign file
+    ckpt = gpt.read_checkpoint(ckpt_path)  # NanoError for a missing or foreign file
     if "moe" in ckpt:
         raise NanoError(f"{ckpt_path} is a mixture-of-experts model (moe.py); the GPT-2 and Llama "
                         "architectures of HF and llama.cpp have no experts, so it cannot be exported")

@@ -38,6 +38,7 @@ from common import NanoError, cli
 import data
 import gpt
 import lora
+from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------
 # Options, and the base model
@@ -321,7 +322,7 @@ def main(argv=None):
     common.pick_dtype(device, cfg.dtype)
     common.set_seed(cfg.seed)
     model, spec, base = load_base(cfg.init_from, device)
-    tok = data.load_tokenizer(spec)
+    tok = load_tokenizer(spec)
     dataset = load_finetune_data(model, tok, cfg)
     frozen = count_params(model)[1]
     add_adapters(model, cfg, base)

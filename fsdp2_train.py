@@ -111,6 +111,7 @@ import common
 from common import NanoError, cli
 import data
 import gpt
+import hf_io
 import lora
 import qlora_nf4
 
@@ -596,9 +597,9 @@ def validate(cfg: FSDP2Config, ranks: Ranks):
         check_outputs(cfg)
     except NanoError as e:
         fail(ranks, f"error: {e}")
-    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in data.GPT2_SIZES
-            or Path(cfg.init_from).exists() or data.is_hub_name(cfg.init_from)):  # a hub name is downloaded
-        fail(ranks, f"error: unknown --init_from {cfg.init_from!r} (scratch, resume, {', '.join(data.GPT2_SIZES)}, "
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in hf_io.GPT2_SIZES
+            or Path(cfg.init_from).exists() or hf_io.is_hub_name(cfg.init_from)):  # a hub name is downloaded
+        fail(ranks, f"error: unknown --init_from {cfg.init_from!r} (scratch, resume, {', '.join(hf_io.GPT2_SIZES)}, "
                     "a checkpoint file, a Hugging Face model folder or a hub name like HuggingFaceTB/SmolLM2-135M)")
     if cfg.batch_size % ranks.world:
         fail(ranks, f"error: --batch_size {cfg.batch_size} (the global batch) is not divisible by the world "

@@ -1,27 +1,30 @@
 """GPT-2 and the Llama family in one model file, the one shared model of nanollm.
 
 GPT-2 (Radford et al. 2019): token + learned position embeddings, pre-LayerNorm blocks (causal
-self-attention, then a GELU MLP), a final LayerNorm, a head tied to the token embedding. The Llama
-family (arXiv:2307.09288, 2407.21783; Mistral, Qwen2/3, SmolLM) swaps parts, one GPTConfig switch
-each: RMSNorm, rotary positions (RoPE, arXiv:2104.09864), SwiGLU (arXiv:2002.05202), grouped-query
-attention (arXiv:2305.13245), no biases, an untied head, QK-norm. Module names are Hugging Face's, so
-weights load by name and PEFT's LoRA targets apply. After the model: the chunked loss (the
-(B*T, vocab) logits never exist at once: Wijmans et al. 2024, arXiv:2411.09009), Hugging Face
-weights both ways, checkpoints. Use: `gpt.GPT.from_pretrained("gpt2")`,
-`model, spec = gpt.load_checkpoint("out/ckpt.pt")`, `python sample.py --init_from gpt2`.
+self-attention, written out in `naive_attention` or run by a fused kernel, then a GELU MLP), a final
+LayerNorm, a head tied to the token embedding. The Llama family (arXiv:2307.09288, 2407.21783;
+Mistral, Qwen2/3, SmolLM) swaps parts, one GPTConfig switch each: RMSNorm, rotary positions (RoPE,
+arXiv:2104.09864), SwiGLU (arXiv:2002.05202), grouped-query attention (arXiv:2305.13245), no biases,
+an untied head, QK-norm. Module names are Hugging Face's, so weights load by name and PEFT's LoRA
+targets apply. After the model: the chunked loss (the (B*T, vocab) logits never exist at once:
+Wijmans et al. 2024, arXiv:2411.09009), Hugging Face weights both ways, checkpoints. Use:
+`gpt.GPT.from_pretrained("gpt2")`, `model, spec = gpt.load_checkpoint("out/ckpt.pt")`,
+`python sample.py --init_from gpt2`.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import common
-import data
+import hf_io
 from common import NanoError
 
 
@@ -34,7 +37,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2: biases in every Linear and LayerNorm; Llama: none
-    attn_impl: str = "sdpa"  # "flash": flash_attention.py's own Triton kernel where no KV cache is used
+    attn_impl: str = "sdpa"  # PyTorch's fused kernel; "naive": softmax attention written out; "flash":
+    # flash_attention.py's own Triton kernel where no KV cache is used (all three compute the same)
     # What the Llama family does instead of GPT-2, one switch each (the defaults are GPT-2's):
     arch: str = "gpt2"  # GPT-2: fused c_attn, GELU MLP (c_fc, c_proj); "llama": q/k/v/o_proj, SwiGLU MLP (gate/up/down_proj)
     mlp_hidden: int = 0  # 0: GPT-2's 4*n_embd; SwiGLU 8/3*n_embd (3 matrices: the same parameters); Llama-3-8B 14336
@@ -45,12 +49,12 @@ class GPTConfig:
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_position / this are slowed
     rope_high_freq_factor: float = 4.0  # llama3: below original_max_position / this kept; in between blended
     rope_original_max_position: int = 8192  # llama3: the context length of pretraining
-    n_kv_head: int = 0  # GPT-2: 0 = n_head, own keys/values per head; Llama 3: 8 shared by groups (GQA; 1 = MQA)
-    head_dim: int = 0  # 0 = n_embd // n_head (GPT-2, Llama); Qwen3 sets its own (128 at n_embd 1024, 16 heads)
+    n_kv_head: int = 0  # GPT-2: 0 -> n_head, own keys/values per head; Llama 3: 8 shared by groups (GQA; 1 = MQA)
+    head_dim: int = 0  # 0 -> n_embd // n_head (GPT-2, Llama); Qwen3 sets its own (128 at n_embd 1024, 16 heads)
     qkv_bias: bool = False  # Qwen2: biases on q, k and v only (with bias False); GPT-2 and Llama: no such case
     tie_embeddings: bool = True  # GPT-2: lm_head is the token embedding; Llama-3-8B: its own (small ones: tied)
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k before RoPE; GPT-2 and Llama: none
-    gelu: str = "tanh"  # GPT-2's MLP: the tanh approximation (HF "gelu_new"); "exact": erf, as nanoGPT (half the time on CPU)
+    gelu: str = "tanh"  # GPT-2's MLP: the tanh approximation (HF "gelu_new"); "exact": erf, as nanoGPT (cheaper on CPU)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -64,7 +68,7 @@ class GPTConfig:
                             "(each key/value head serves a whole group of query heads)")
         if not 0.0 <= self.dropout < 1.0:
             raise NanoError(f"dropout must be in [0, 1) (got {self.dropout})")
-        for name, allowed in (("attn_impl", ("sdpa", "flash")), ("arch", ("gpt2", "llama")),
+        for name, allowed in (("attn_impl", ("sdpa", "naive", "flash")), ("arch", ("gpt2", "llama")),
                               ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact"))):
             if getattr(self, name) not in allowed:
                 raise NanoError(f"unknown {name} {getattr(self, name)!r} ({' or '.join(allowed)})")
@@ -72,14 +76,9 @@ class GPTConfig:
             raise NanoError("rope_theta, rope_scaling, head_dim and mlp_hidden must be >= 0 (0: off or default)")
         if self.rope_scaling and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
             raise NanoError("llama3 rope scaling needs rope_high_freq_factor > rope_low_freq_factor > 0")
-
-    @property
-    def kv_heads(self):
-        return self.n_kv_head or self.n_head
-
-    @property
-    def head_size(self):
-        return self.head_dim or self.n_embd // self.n_head
+        # 0 means "as GPT-2": from here on both hold the number every caller uses (as HF's configs do)
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
 
 
 def llama_config(**fields) -> GPTConfig:
@@ -112,7 +111,7 @@ def rope_angles(config: GPTConfig, position_ids, dtype):
     position * theta^(-2i/head_dim), so q_m . k_n depends on m - n only. Computed from the
     position ids (T,) or (B, T), not read from a table: any position works (sample.py's
     sliding window). Returns cos, sin of shape (T, head_dim) or (B, 1, T, head_dim)."""
-    hd = config.head_size
+    hd = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device).float() / hd)
     if config.rope_scaling:  # Llama 3.1: slow down the channels that turn < low_freq_factor times
         c = config  # per pretraining context by rope_scaling, keep those > high_freq_factor, blend between
@@ -131,10 +130,27 @@ def apply_rope(x, cos, sin):  # x: (B, heads, T, head_dim)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def naive_attention(q, k, v, mask, dropout_p=0.0):
+    """Softmax attention written out, as nanoGPT's model.py: every query scores every key,
+    softmax(q k^T / sqrt(head_dim)) weighs the values. q (B, heads, T, hd), k and v (B, heads, S, hd),
+    mask (T, S) or (B, 1, T, S) bool, True = may attend. SDPA and flash compute the same."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, heads, T, S) scores
+    att = att.masked_fill(~mask, float("-inf"))  # no weight on the future (or on masked slots)
+    att = F.softmax(att, dim=-1)  # each query's weights over the keys sum to 1
+    att = F.dropout(att, dropout_p, training=dropout_p > 0)
+    return att @ v  # (B, heads, T, hd): a weighted sum of the values
+
+
+def repeat_kv(x, group):
+    """(B, n_kv_head, S, hd) -> (B, n_kv_head * group, S, hd): key/value head j serves query heads
+    j * group .. (j + 1) * group - 1 (Hugging Face's repeat_kv)."""
+    return x.repeat_interleave(group, dim=1) if group > 1 else x
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_size
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout, self.attn_impl, self.fused = config.dropout, config.attn_impl, config.arch == "gpt2"
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
@@ -172,18 +188,19 @@ class CausalSelfAttention(nn.Module):
             if attn_mask is None:  # query at slot p sees slots 0..p: the causal mask from positions
                 slots = torch.arange(k.shape[2], device=x.device)
                 attn_mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, S)
+        causal = attn_mask is None and kv_cache is None  # a whole sequence: query t sees keys 0..t
         dropout_p = self.dropout if self.training else 0.0
-        gqa = self.n_kv_head != self.n_head  # each key/value head serves n_head // n_kv_head query heads
-        if self.attn_impl == "flash" and attn_mask is None and kv_cache is None and dropout_p == 0.0:
+        group = self.n_head // self.n_kv_head  # GQA: each key/value head serves this many query heads
+        if self.attn_impl == "naive":
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if causal else attn_mask
+            y = naive_attention(q, repeat_kv(k, group), repeat_kv(v, group), mask, dropout_p)
+        elif self.attn_impl == "flash" and causal and dropout_p == 0.0:
             from flash_attention import flash_attention  # imported only when asked for
 
-            if gqa:
-                k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
-            y = flash_attention(q, k, v, causal=True)
-        else:
-            causal = attn_mask is None and kv_cache is None
+            y = flash_attention(q, repeat_kv(k, group), repeat_kv(v, group), causal=True)
+        else:  # PyTorch's fused kernel (SDPA): the same softmax attention, GQA without copies
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                               is_causal=causal, enable_gqa=gqa)
+                                               is_causal=causal, enable_gqa=group > 1)
         y = y.transpose(1, 2).reshape(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y) if self.fused else self.o_proj(y))
 
@@ -238,9 +255,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.loss_chunk_size = 1024  # rows of (B*T) per chunk of the memory-efficient loss
-        # The chunked loss recomputes the logits in backward (CPU: 1.4x the plain head + loss time at
-        # V=50257, 2.4x at V=65): it pays in memory only, so up to 2^24 logits (64 MiB in fp32) the
-        # plain loss runs. (nanoGPT's CPU config, 65-character vocabulary: 1.09x -> 1.02x its step time.)
+        # The chunked loss recomputes the logits in backward: it saves memory and costs time, so
+        # where the logits are small (up to 2^24 of them, 64 MiB in fp32) the plain loss runs.
         self.plain_loss_max_logits = 2**24
         parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if not config.rope_theta:  # GPT-2's learned positions; RoPE needs no table
@@ -341,40 +357,23 @@ class GPT(nn.Module):
             if "wpe" in self.transformer:
                 self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Plain sampling without a cache, as in nanoGPT: re-reads the whole window for every
-        new token. sample.py teaches the fast way (KV cache, prefill/decode)."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[0][:, -1, :]
-            if temperature == 0:
-                next_id = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, next_id], dim=1)
-        return idx
-
     @classmethod
     def from_hf_state_dict(cls, sd, config: GPTConfig | None = None, dtype=None):
         """A GPT from a Hugging Face state dict (GPT2LMHeadModel/GPT2Model names, or with a
         config of arch "llama" LlamaForCausalLM's and its family's); tensors are copied."""
         if config is None:  # GPT-2: the shapes are read off the tensors
             sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-            config = GPTConfig(**data.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
+            config = GPTConfig(**hf_io.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
         model = empty_model(config)
-        for name, key in data.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
-            data.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
+        for name, key in hf_io.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
+            hf_io.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
         return model.tie_weights()
 
     def to_hf_state_dict(self) -> dict:
         """The inverse of from_hf_state_dict: Hugging Face's names (GPT-2's Conv1D weights transposed
         back to (in, out)); a tied lm_head.weight is included, as HF's state_dict() has it."""
         arch = self.config.arch
-        return {data.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(data.HF_CONV1D_WEIGHTS) else v
+        return {hf_io.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(hf_io.HF_CONV1D_WEIGHTS) else v
                 for k, v in clean_state_dict(self).items()}
 
     @classmethod
@@ -446,7 +445,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
 
 
 # ----------------------------------------------------------------------------------------
-# Hugging Face weights: names and shapes (data.py reads the folders: config.json, safetensors)
+# Hugging Face weights: names and shapes (hf_io.py reads the folders: config.json, safetensors)
 
 def empty_model(config: GPTConfig) -> GPT:
     """A GPT whose tensors have shapes but no memory (the meta device), for `fill` to load into."""
@@ -456,17 +455,17 @@ def empty_model(config: GPTConfig) -> GPT:
 
 def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
     """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size
-    (data.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
+    (hf_io.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
     and shape is checked from the safetensors headers before any weight is read; the model is
     built on the meta device and filled one tensor at a time: peak memory is the model plus one
     tensor, never an fp32 copy of it."""
-    folder, hf_config, files, spec = data.hf_folder(name_or_dir, cache_dir)
-    model = empty_model(GPTConfig(**data.hf_config_fields(hf_config)))
-    headers = [data.safetensors_header(folder / name)[0] for name in files]
-    plan = data.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
+    folder, hf_config, files, spec = hf_io.hf_folder(name_or_dir, cache_dir)
+    model = empty_model(GPTConfig(**hf_io.hf_config_fields(hf_config)))
+    headers = [hf_io.safetensors_header(folder / name)[0] for name in files]
+    plan = hf_io.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
     for name in files:  # one shard at a time, one tensor at a time
-        for key, tensor in data.read_safetensors(folder / name, names=plan).items():
-            data.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
+        for key, tensor in hf_io.read_safetensors(folder / name, names=plan).items():
+            hf_io.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
     return model.tie_weights(), spec or ("gpt2" if model.config.arch == "gpt2" else None)
 
 
@@ -479,26 +478,80 @@ def clean_state_dict(model: nn.Module) -> dict:
     return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
 
 
+CHAT_SPEC = "chat:"  # tokenizer.CHAT_PREFIX: a chat model's spec is "chat:" + its base tokenizer's
+
+
+def tokenizer_file(spec) -> Path | None:
+    """The file a spec names (a bpe.py model or a tokenizer.json, also after "chat:"), or None."""
+    base = spec.removeprefix(CHAT_SPEC) if isinstance(spec, str) else None
+    return Path(base) if base and not base.startswith("char:") and Path(base).is_file() else None
+
+
+def pack_tokenizer(spec) -> dict | None:
+    """{"name", "data"} of the spec's tokenizer file, for a checkpoint; None for other specs."""
+    path = tokenizer_file(spec)
+    return {"name": path.name, "data": path.read_bytes()} if path else None
+
+
+def unpack_tokenizer(spec, packed: dict | None):
+    """The spec to load a checkpoint's tokenizer with: the recorded path while it still holds the
+    same bytes, else a copy of the packed file under ~/.cache/nanollm/tokenizers (by content hash)."""
+    path = tokenizer_file(spec)
+    if not packed or (path is not None and path.read_bytes() == packed["data"]):
+        return spec
+    digest = hashlib.sha256(packed["data"]).hexdigest()[:16]
+    copy = common.nanollm_cache() / "tokenizers" / f"{digest}-{Path(packed['name']).name}"
+    if not copy.is_file():
+        common.atomic_write(copy, lambda tmp: tmp.write_bytes(packed["data"]))
+    return (CHAT_SPEC if spec.startswith(CHAT_SPEC) else "") + str(copy)
+
+
 def save_checkpoint(path, model, tokenizer_spec, step=0, **extra):
-    """The weights, config and tokenizer spec; a file-based tokenizer travels inside (data.pack_tokenizer)."""
+    """The weights, config and tokenizer spec; a file-based tokenizer travels inside (pack_tokenizer)."""
     raw = getattr(model, "_orig_mod", model)
     common.atomic_save({"model": clean_state_dict(raw), "config": asdict(raw.config), "tokenizer": tokenizer_spec,
-                        "tokenizer_file": data.pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
+                        "tokenizer_file": pack_tokenizer(tokenizer_spec), "step": step, **extra}, path)
 
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> GPT:
     try:
-        model = GPT(GPTConfig(**ckpt["config"]))
+        config = GPTConfig(**ckpt["config"])
     except TypeError as e:
         raise NanoError(f"{path} has a config this GPT does not know ({e})") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise NanoError(f"{path} does not match its config ({str(e).strip().splitlines()[-1].strip()})") from None
+    # shapes first, on the meta device: a lying config (n_embd 2**17) must not allocate 200 GB
+    wanted = {k: tuple(v.shape) for k, v in empty_model(config).state_dict().items()}
+    saved = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in ckpt["model"].items()}
+    for key in sorted(wanted.keys() | saved.keys(), key=lambda k: (k not in saved, k not in wanted, k)):
+        if wanted.get(key) != saved.get(key):
+            raise NanoError(f"{path} does not match its config ({key}: {saved.get(key, 'missing')} in the "
+                            f"file, {wanted.get(key, 'unexpected')} for the config)")
+    model = GPT(config)
+    model.load_state_dict(ckpt["model"])
     return model
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint's dict (gpt.save_checkpoint's), checked; its tokenizer spec points at a file
+    that holds the tokenizer (the packed copy where the recorded path no longer does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"checkpoint {path} not found (train one with train.py or check the path)")
+    try:
+        # weights_only: a downloaded checkpoint is data, it must not be able to run code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip or unpickler errors
+        raise NanoError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("model", "config")):
+        raise NanoError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config' dicts)")
+    packed = ckpt.get("tokenizer_file")
+    if not isinstance(ckpt.get("tokenizer"), (str, type(None))) or packed is not None and not (
+            isinstance(packed, dict) and isinstance(packed.get("data"), bytes) and isinstance(packed.get("name"), str)):
+        raise NanoError(f"{path} has a damaged tokenizer record (save the checkpoint again)")
+    ckpt["tokenizer"] = unpack_tokenizer(ckpt.get("tokenizer"), ckpt.get("tokenizer_file"))
+    return ckpt
 
 
 def load_checkpoint(path, device="cpu"):
     """Returns (model, tokenizer_spec) from a checkpoint written by save_checkpoint."""
-    ckpt = data.read_checkpoint(path, device)
+    ckpt = read_checkpoint(path, device)
     return model_from_checkpoint(ckpt, path).to(device), ckpt["tokenizer"]

@@ -30,8 +30,8 @@ import torch.nn as nn
 
 import common
 from common import NanoError
-import data
 import gpt
+import hf_io
 
 # ----------------------------------------------------------------------------------------
 # The layer
@@ -263,7 +263,7 @@ def read_peft_adapter(folder: Path) -> dict:
     if not (isinstance(config.get("r"), int) and isinstance(config.get("lora_alpha"), (int, float))):
         raise NanoError(f"{config_path} lacks an integer 'r' and a numeric 'lora_alpha' (not a LoRA config)")
     sd = {}
-    for name, tensor in data.read_safetensors(weights).items():
+    for name, tensor in hf_io.read_safetensors(weights).items():
         if not (name.startswith(PEFT_PREFIX) and name.endswith((".lora_A.weight", ".lora_B.weight"))):
             raise NanoError(f"{weights} holds {name!r}, not a LoRA A or B weight (PEFT names them "
                             f"{PEFT_PREFIX}<module>.lora_A.weight; other tensors are not supported)")
@@ -299,9 +299,10 @@ def load_lora(model: nn.Module, path) -> nn.Module:
         except (TypeError, ValueError) as e:
             raise NanoError(f"cannot apply the LoRA config of {path}: {e}") from None
     params = {k: v for k, v in gpt.clean_state_dict(model).items() if ".lora_" in k}
-    # PEFT names modules as Hugging Face does (model.layers.3.self_attn.q_proj): data.from_hf_name maps them
+    # a PEFT adapter names modules as Hugging Face does (model.layers.3.self_attn.q_proj);
+    # hf_io.from_hf_name spells them as ours and leaves our own names as they are
     arch = model.config.arch if isinstance(model, gpt.GPT) else None
-    mapping = {k: data.from_hf_name(k, arch) if arch else k for k in tensors}
+    mapping = {k: hf_io.from_hf_name(k, arch) if arch else k for k in tensors}
     mapping = {k: ours for k, ours in mapping.items() if ours in params}
     missing, unexpected = params.keys() - set(mapping.values()), tensors.keys() - mapping.keys()
     if missing or unexpected:

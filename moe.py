@@ -321,7 +321,7 @@ def save_moe_checkpoint(path, model: MoEGPT, tokenizer_spec, step=0, **extra):
 
 def load_moe_checkpoint(path, device="cpu"):
     """(model, tokenizer_spec) from a checkpoint written by save_moe_checkpoint."""
-    ckpt = data.read_checkpoint(path, device)
+    ckpt = gpt.read_checkpoint(path, device)
     if "moe" not in ckpt:
         raise NanoError(f"{path} is a dense checkpoint (load it with gpt.load_checkpoint)")
     model = MoEGPT(gpt.GPTConfig(**ckpt["config"]), MoEConfig(**ckpt["moe"]), ckpt["moe_every"])

@@ -45,10 +45,10 @@ import torch.nn.functional as F
 
 import common
 from common import NanoError, cli
-import data
 import finetune
 import gpt
 import lora
+import tokenizer
 
 try:  # Triton is optional: without it (macOS, Windows) the PyTorch reference runs everywhere
     import triton
@@ -540,7 +540,7 @@ def main(argv=None):
     common.pick_dtype(device, cfg.dtype)
     common.set_seed(cfg.seed)
     model, spec, base = finetune.load_base(cfg.init_from, device, dtype=None)  # HF weights: as stored (bf16)
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     dataset = finetune.load_finetune_data(model, tok, cfg)  # checked before the quantization
     quantize_base(model, cfg)
     finetune.add_adapters(model, cfg, base)

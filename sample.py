@@ -72,6 +72,7 @@ import common
 from common import NanoError, cli
 import data
 import gpt
+import tokenizer
 
 # ----------------------------------------------------------------------------------------
 # The static KV cache
@@ -103,13 +104,13 @@ def make_cache(model, batch_size, max_len) -> list[KVCache]:
     """One KVCache per layer, on the model's device and in its dtype, of n_kv_head heads."""
     cfg = model.config
     weight = model.lm_head.weight
-    return [KVCache(batch_size, cfg.kv_heads, max_len, cfg.head_size, weight.device, weight.dtype)
+    return [KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, weight.device, weight.dtype)
             for _ in range(cfg.n_layer)]
 
 
 def kv_bytes_per_token(config, dtype=torch.float32, n_kv_head=None) -> int:
     """Cache bytes one token costs: keys and values of every layer's key/value heads."""
-    return 2 * config.n_layer * (n_kv_head or config.kv_heads) * config.head_size * dtype.itemsize
+    return 2 * config.n_layer * (n_kv_head or config.n_kv_head) * config.head_dim * dtype.itemsize
 
 
 # ----------------------------------------------------------------------------------------
@@ -648,7 +649,7 @@ def load_model(cfg, device, dtype):
 def load_source(source: str, device, dtype, checkpoint=None):
     """A checkpoint file, or a GPT-2 name / Hugging Face folder / hub name (gpt.load_pretrained)."""
     if checkpoint or (checkpoint is None and (Path(source).is_file() or source.endswith((".pt", ".pth")))):
-        ckpt = data.read_checkpoint(source, device="cpu")
+        ckpt = gpt.read_checkpoint(source, device="cpu")
         if is_moe_checkpoint(ckpt):  # a GPT would list every expert key it lacks: say what the file is instead
             raise NanoError(f"{source} is an MoE checkpoint (sample it with moe.py's model: "
                             "model, spec = moe.load_moe_checkpoint(path), then sample.generate(model, ...))")
@@ -682,7 +683,7 @@ def main(argv=None):
     common.set_seed(cfg.seed)
     prompt = data.read_text_file(Path(cfg.prompt_file), "--prompt_file") if cfg.prompt_file else cfg.prompt
     model, spec = load_model(cfg, device, dtype)
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     if tok.vocab_size > model.config.vocab_size:
         raise NanoError(f"tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
     ids = tok.encode(prompt)
@@ -718,8 +719,8 @@ def main(argv=None):
 def kv_cache_line(config, dtype) -> str:
     """The cache per token, and what grouped-query attention saves against full heads."""
     line = f"KV cache: {kv_bytes_per_token(config, dtype):,} bytes per token"
-    if config.kv_heads < config.n_head:
-        line += (f" ({config.kv_heads} key/value heads for {config.n_head} query heads: {config.n_head // config.kv_heads}x "
+    if config.n_kv_head < config.n_head:
+        line += (f" ({config.n_kv_head} key/value heads for {config.n_head} query heads: {config.n_head // config.n_kv_head}x "
                  f"less than the {kv_bytes_per_token(config, dtype, config.n_head):,} of full heads)")
     return line
 

@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 
 import common
-import data
 import openai_api
 import sample
+import tokenizer
 from common import NanoError
 
 # ----------------------------------------------------------------------------------------
@@ -386,27 +386,29 @@ class Completion:
 
 
 class SFTChatTemplate:
-    """The template a chat model was finetuned with (sft.py: <|role|> content <|end|> with a
-    "chat:" tokenizer's chat tokens, content encoded as plain text so a user cannot forge a turn),
-    or a Hugging Face chat_template, by data.apply_chat_template; replies end at <|end|> or eos."""
+    """The template a chat model was finetuned with (sft.py): <|role|> content <|end|> per
+    message with the chat tokens of a "chat:" tokenizer (content encoded as plain text, so a
+    user cannot forge a turn), or a Hugging Face model's own chat_template, rendered by
+    tokenizer.apply_chat_template; the reply ends at <|end|> (or the template's eos)."""
 
     stop = ()
 
     def __init__(self, tok, hf_template):
         self.tok, self.hf_template = tok, hf_template
-        self.stop_ids = frozenset({data.stop_id(tok, hf_template)})
+        self.stop_ids = frozenset({tokenizer.stop_id(tok, hf_template)})
 
     def render(self, messages) -> list[int]:
-        return data.apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True)
 
 
 def load_tokenizer(spec):
-    """(tokenizer, chat template) of a tokenizer spec: a chat model's own template (sft.py's
-    "chat:" spec, or a tokenizer that brings a chat_template), else the plain one of base models."""
-    if str(spec).startswith(data.CHAT_PREFIX) or data.HFChatTemplate.find(spec) is not None:
-        tok, hf_template = data.load_chat(spec)
+    """(tokenizer, chat template) for a checkpoint's tokenizer spec: the chat template of a
+    model finetuned on conversations (sft.py's "chat:" spec) or of a tokenizer that brings a
+    chat_template, else the plain one for base models."""
+    if str(spec).startswith(tokenizer.CHAT_PREFIX) or tokenizer.HFChatTemplate.find(spec) is not None:
+        tok, hf_template = tokenizer.load_chat(spec)
         return tok, SFTChatTemplate(tok, hf_template)
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     return tok, openai_api.PlainChatTemplate(tok)
 
 

@@ -21,7 +21,7 @@ checkpoint records the tokenizer as "chat:<base spec>" (ChatTokenizer). For a Hu
 model whose tokenizer_config.json has a `chat_template`, that Jinja template is rendered
 instead, the way transformers' apply_chat_template renders it (jinja2 comes with torch). The
 tokenizer side of a template (a conversation -> ids, the Jinja environment, the token that ends
-a turn) lives in data.py beside ChatTokenizer, as transformers keeps apply_chat_template on the
+a turn) lives in tokenizer.py beside ChatTokenizer, as transformers keeps apply_chat_template on the
 tokenizer: serve.py renders its prompts there. This file adds what only training needs, the mask.
 
 The mask. `render_conversation` returns the ids and a mask: 1 on each assistant message's
@@ -33,7 +33,7 @@ character tokenizer (`show_mask` prints this; tests/test_sft.py checks it):
     mask      0      0  0  0  0  0  0  0     0           0        1     1
 
 A Jinja template is one string, so its assistant spans are found by rendering prefixes
-(data.HFChatTemplate.segments): the text of messages[:i] with the generation prompt ends where
+(tokenizer.HFChatTemplate.segments): the text of messages[:i] with the generation prompt ends where
 assistant message i starts, the text of messages[:i+1] where it ends; that span (the answer
 plus what the template closes it with, e.g. "<|im_end|>\n") is learned. Each span is tokenized
 on its own, so a token never straddles a boundary.
@@ -90,12 +90,13 @@ import finetune
 import gpt
 import lora
 import sample
+import tokenizer
 from common import NanoError
 
 # the chat tokenizer (a base tokenizer plus <|system|> <|user|> <|assistant|> <|end|>, spec
-# "chat:<base spec>") and the rendering of a conversation to ids live in data.py beside the other
+# "chat:<base spec>") and the rendering of a conversation to ids live in tokenizer.py beside the other
 # tokenizer specs, so every script loads them; this file adds the loss mask
-from data import ROLES, ChatTokenizer, HFChatTemplate, chat_pieces, load_tokenizer, stop_id
+from tokenizer import ROLES, ChatTokenizer, HFChatTemplate, chat_pieces, load_tokenizer, stop_id
 
 # ----------------------------------------------------------------------------------------
 # Rendering a conversation: ids and the loss mask
@@ -120,8 +121,8 @@ def check_messages(messages, where="conversation", need_assistant=True):
 
 
 def render_conversation(messages, tok, add_generation_prompt=False, template=None):
-    """(ids, mask): the conversation's token ids (data.apply_chat_template's) and 1 where a
-    token carries loss, 0 elsewhere: the loss is on the answers of data.chat_pieces, each
+    """(ids, mask): the conversation's token ids (tokenizer.apply_chat_template's) and 1 where a
+    token carries loss, 0 elsewhere: the loss is on the answers of tokenizer.chat_pieces, each
     assistant message's content and what closes its turn; the role tokens and every other
     message are given, never predicted. add_generation_prompt appends the opening of an
     assistant turn (for generation). template: an HFChatTemplate, else nanollm's template,
@@ -630,7 +631,7 @@ def builtin_base(cfg, device, dtype, out_dir):
         print(f"base model: {path} (delete it to pretrain again)")
         return str(path)
     text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
-    tok = data.load_tokenizer("char:" + "".join(sorted(set(text) | set("0123456789"))))
+    tok = tokenizer.load_tokenizer("char:" + "".join(sorted(set(text) | set("0123456789"))))
     config = gpt.GPTConfig(block_size=cfg.base_block, vocab_size=tok.vocab_size, n_layer=cfg.base_layer,
                            n_head=cfg.base_head, n_embd=cfg.base_embd, dropout=0.0)
     model = gpt.GPT(config).to(device)

@@ -36,6 +36,8 @@ import common
 from common import NanoError, cli
 import data
 import gpt
+import hf_io
+import tokenizer
 
 
 @dataclass
@@ -55,6 +57,8 @@ class TrainConfig(common.TrainingConfig):  # nanoGPT's options (common.py), and 
     bias: bool = field(default=True, metadata={"help": "biases in Linears and norms (--arch llama: False unless given)"})
     gelu: str = field(default="exact", metadata={"help": "gpt2's MLP activation: exact (erf, as nanoGPT; on CPU half the "
                                                          "time of tanh) | tanh (GPT-2's approximation, as its weights)"})
+    attn_impl: str = field(default="sdpa", metadata={"help": "sdpa (PyTorch's fused kernel) | naive (softmax attention "
+                                                             "written out) | flash (flash_attention.py), from scratch"})
     # evaluation, logging
     eval_hellaswag_every: int = field(default=0, metadata={"help": "run HellaSwag (eval_hellaswag.py) every N iters (0 = never)"})
     hellaswag_data: str = field(default="", metadata={"help": "local hellaswag_val.jsonl for --eval_hellaswag_every"})
@@ -101,10 +105,9 @@ def parse_args(argv):
         for name, value in PRESETS[preset].items():
             if name not in given:
                 setattr(cfg, name, value)
-    if cfg.arch not in ("gpt2", "llama"):
-        raise NanoError(f"unknown --arch {cfg.arch!r} (gpt2 or llama)")
-    if cfg.gelu not in ("exact", "tanh"):
-        raise NanoError(f"unknown --gelu {cfg.gelu!r} (exact or tanh)")
+    for name, allowed in (("arch", ("gpt2", "llama")), ("gelu", ("exact", "tanh")), ("attn_impl", ("sdpa", "naive", "flash"))):
+        if getattr(cfg, name) not in allowed:
+            raise NanoError(f"unknown --{name} {getattr(cfg, name)!r} ({' or '.join(allowed)})")
     if cfg.arch == "llama" and "bias" not in given:
         cfg.bias = False  # Llama has no biases
     if cfg.resume:
@@ -115,10 +118,10 @@ def parse_args(argv):
         non_negative=("n_kv_head", "mlp_hidden", "max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
                       "eval_hellaswag_every", "hellaswag_limit", "sample_tokens", "train_tokenizer", "peak_flops"),
         ranges={"dropout": (0.0, 0.99), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999)})
-    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in data.GPT2_SIZES
+    if not (cfg.init_from in ("scratch", "resume") or cfg.init_from in hf_io.GPT2_SIZES
             or Path(cfg.init_from).exists()):
         raise NanoError(f"unknown --init_from {cfg.init_from!r} (scratch, resume, "
-                        f"{', '.join(data.GPT2_SIZES)}, or a checkpoint file)")
+                        f"{', '.join(hf_io.GPT2_SIZES)}, or a checkpoint file)")
     if cfg.init_from == "scratch":
         model_config(cfg, vocab_size=1)  # a shape the model refuses (n_head vs n_embd, n_kv_head) fails now
     return cfg, given
@@ -128,14 +131,14 @@ def model_config(cfg: TrainConfig, vocab_size):
     """The model trained from scratch: GPT-2's block, or Llama's (gpt.llama_config's switches)."""
     shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                  n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, mlp_hidden=cfg.mlp_hidden, dropout=cfg.dropout,
-                 bias=cfg.bias)
+                 bias=cfg.bias, attn_impl=cfg.attn_impl)
     return gpt.llama_config(**shape) if cfg.arch == "llama" else gpt.GPTConfig(**shape, gelu=cfg.gelu)
 
 
 def prepare_data(cfg: TrainConfig):
     """Tokenize the dataset once (under torchrun: rank 0 first, the others reuse it); its folder."""
     tokenizer = cfg.tokenizer or None
-    if cfg.init_from in data.GPT2_SIZES and cfg.dataset == "shakespeare_char":
+    if cfg.init_from in hf_io.GPT2_SIZES and cfg.dataset == "shakespeare_char":
         raise NanoError("GPT-2 weights need GPT-2 tokens (use --dataset shakespeare or text:<path>)")
     if cfg.train_tokenizer:
         if not cfg.dataset.startswith("text:"):
@@ -331,12 +334,16 @@ def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
     model's shape comes from it, so a conflicting shape option is refused, not ignored."""
     if cfg.init_from != "resume":
         return None
-    ckpt = data.read_checkpoint(run.ckpt_path, run.device)
+    ckpt = gpt.read_checkpoint(run.ckpt_path, run.device)
     if "optimizer" not in ckpt:
         raise NanoError(f"{run.ckpt_path} has no optimizer state (not a train.py checkpoint)")
-    for name in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "bias", "dropout", "gelu"):
-        saved = ckpt["config"].get(name)
-        if name in given and saved is not None and getattr(cfg, name) != saved:
+    saved_config = ckpt["config"]
+    for name in ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size", "bias", "dropout", "gelu",
+                 "attn_impl"):
+        saved, mine = saved_config.get(name), getattr(cfg, name)
+        if name == "n_kv_head" and saved is not None:  # 0 = n_head (checkpoints saved before GPTConfig resolved it: 0)
+            saved, mine = saved or saved_config["n_head"], mine or saved_config["n_head"]
+        if name in given and saved is not None and mine != saved:
             raise NanoError(f"--{name} {getattr(cfg, name)} differs from the checkpoint's {saved} "
                             "(a resumed run keeps the checkpoint's model: drop the option)")
     cfg.block_size = ckpt["config"]["block_size"]
@@ -345,7 +352,7 @@ def read_resume_checkpoint(cfg: TrainConfig, run: Run, given: set):
 
 def build_model(cfg: TrainConfig, run: Run, meta: dict, ckpt):
     """From scratch, from GPT-2 weights, from a checkpoint file, or resumed; checked against the data."""
-    if cfg.init_from in data.GPT2_SIZES:
+    if cfg.init_from in hf_io.GPT2_SIZES:
         model = gpt.GPT.from_pretrained(cfg.init_from)
         model.crop_block_size(min(cfg.block_size, model.config.block_size))
         tokenizer_spec = "gpt2"
@@ -354,7 +361,7 @@ def build_model(cfg: TrainConfig, run: Run, meta: dict, ckpt):
         tokenizer_spec = meta["tokenizer"]
     else:  # resumed, or the weights of a checkpoint file (a fresh optimizer and step 0)
         source = run.ckpt_path if ckpt is not None else cfg.init_from
-        weights = ckpt if ckpt is not None else data.read_checkpoint(source, run.device)
+        weights = ckpt if ckpt is not None else gpt.read_checkpoint(source, run.device)
         model, tokenizer_spec = gpt.model_from_checkpoint(weights, source), weights.get("tokenizer")
         if ckpt is None:
             model.crop_block_size(min(cfg.block_size, model.config.block_size))
@@ -429,7 +436,7 @@ def hellaswag_hook(cfg: TrainConfig, run: Run, raw_model, write_metrics):
 
     with common.rank0_first():  # rank 0 downloads, the others then find the file
         examples = eval_hellaswag.load_examples(cfg.hellaswag_data or eval_hellaswag.download("val"), cfg.hellaswag_limit)
-    tok = data.load_tokenizer(run.tokenizer_spec)
+    tok = tokenizer.load_tokenizer(run.tokenizer_spec)
 
     def evaluate(iter_num):
         res = eval_hellaswag.evaluate(raw_model, tok, examples, "completion", device=run.device, dtype=run.dtype)
@@ -440,7 +447,7 @@ def hellaswag_hook(cfg: TrainConfig, run: Run, raw_model, write_metrics):
 
 
 def sample_text(cfg: TrainConfig, run: Run, raw_model):
-    tok = data.load_tokenizer(run.tokenizer_spec)
+    tok = tokenizer.load_tokenizer(run.tokenizer_spec)
     start = torch.full((1, 1), tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0], device=run.device)
     raw_model.eval()
     with run.ctx:

@@ -1,18 +1,38 @@
-"""Shared test setup: the shipped offline data (assets/), tiny configs, the `slow` marker."""
+"""Shared test setup: the shipped offline data (assets/), tiny configs, the `slow` marker, the
+byte-level BPE tokenizers that test_bpe.py and test_tokenizer.py check against tiktoken."""
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# tiktoken reads its cache folder when an encoding is first loaded: point it at the shipped
-# copy of GPT-2's BPE files before any test touches tiktoken (no network here).
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "assets" / "tiktoken_cache"))
 SHAKESPEARE = ROOT / "assets" / "tinyshakespeare.txt"
+
+
+def seed_tiktoken_cache():
+    """tiktoken.get_encoding("gpt2"), the tests' reference, reads GPT-2's files from tiktoken's
+    cache, named there by the sha1 of their URLs as in assets/tiktoken_cache: copy the shipped
+    files into a cache outside the work tree (tiktoken also caches other files there, named by
+    the sha1 of their paths: in assets/ they would be litter), so no test needs the network."""
+    cache = os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nanollm-tiktoken"))
+    if not cache:  # "" turns tiktoken's cache off
+        return
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for src in (ROOT / "assets" / "tiktoken_cache").iterdir():
+        if not (cache / src.name).exists():
+            tmp = cache / f".{src.name}.{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, cache / src.name)  # whole or not at all: pytest runs may start together
+
+
+seed_tiktoken_cache()
 
 
 def pytest_configure(config):
@@ -58,3 +78,27 @@ def char_data(tmp_path, shakespeare_path):
     src = tmp_path / "shakespeare_100k.txt"
     src.write_text(shakespeare_path.read_text()[:100_000])
     return prepare_dataset("shakespeare_char", input=src, data_root=tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2():
+    """tiktoken's own GPT-2 encoding (from tiktoken's cache, seeded above): the reference."""
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference for GPT-2 tokenization")
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    """GPT-2's merges as a bpe.Tokenizer, read from OpenAI's files (shipped in assets/)."""
+    import tokenizer
+
+    return tokenizer.bpe_from_gpt2_files(tokenizer.GPT2_VOCAB_BPE, tokenizer.GPT2_ENCODER_JSON)
+
+
+@pytest.fixture(scope="session")
+def small():
+    """A 512-token tokenizer trained on 100 KB of Shakespeare, with <|endoftext|>."""
+    import bpe
+
+    vocab, merges = bpe.train_bpe(SHAKESPEARE.read_text(encoding="utf-8")[:100_000], 512, special_tokens=(bpe.ENDOFTEXT,))
+    return bpe.Tokenizer(vocab, merges, (bpe.ENDOFTEXT,))

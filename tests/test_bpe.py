@@ -1,12 +1,11 @@
 """bpe.py: training (worked examples, CS336 ties, incremental == minbpe's naive loop), split
-patterns checked, round trips, GPT-2 files == tiktoken token for token, the ASCII fast path
-== `regex`, encode_batch, Hugging Face tokenizer.json read and written == `tokenizers` token
-for token, save/load, streaming in bounded memory, one-line errors on bad input."""
+patterns checked, the naive encoder == the fast one, round trips, GPT-2's merges == tiktoken
+token for token, the ASCII fast path == `regex`, encode_batch, save/load, streaming in bounded
+memory, one-line errors on bad input. (The formats of others: tests/test_tokenizer.py.)
+Fixtures gpt2 (GPT-2's merges), small (trained here) and tiktoken_gpt2: conftest.py."""
 
-import json
 import pickle
 import random
-import re
 import tracemalloc
 from itertools import pairwise
 
@@ -14,12 +13,13 @@ import pytest
 
 import bpe
 from bpe import BPEError
-import data
-from data import GPT2_ENCODER_JSON as ENCODER_JSON
-from data import GPT2_VOCAB_BPE as VOCAB_BPE
 from data import SHAKESPEARE_PATH
 
 EOT = "<|endoftext|>"
+# The split patterns of Llama 3 and Qwen2 / Qwen3 as their tokenizer.json files write them
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 TRICKY = [
     "I'm you're WE'VE they'LL he'd IT'S don't 'tis rock'n'roll",
@@ -53,24 +53,6 @@ def cli_error(capsys, argv) -> str:
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     return err.strip()
-
-
-@pytest.fixture(scope="module")
-def tiktoken_gpt2():
-    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference for GPT-2 tokenization")
-    return tiktoken.get_encoding("gpt2")  # offline: conftest points TIKTOKEN_CACHE_DIR at assets/
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return bpe.Tokenizer.from_gpt2_files(VOCAB_BPE, ENCODER_JSON)
-
-
-@pytest.fixture(scope="module")
-def small():
-    """A 512-token tokenizer trained on 100 KB of Shakespeare, with <|endoftext|>."""
-    vocab, merges = bpe.train_bpe(shakespeare()[:100_000], 512, special_tokens=(EOT,))
-    return bpe.Tokenizer(vocab, merges, (EOT,))
 
 
 # ---- training ------------------------------------------------------------------------
@@ -187,12 +169,6 @@ def test_bad_split_patterns_are_refused(tmp_path, capsys, pattern, says):
             bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], pattern=pattern)
 
 
-def regex_escape(s):
-    import re
-
-    return re.escape(s)
-
-
 # ---- encoding and decoding -------------------------------------------------------------
 
 
@@ -203,6 +179,18 @@ def test_round_trip(text, gpt2, small):
         assert tok.decode(ids) == text
         assert tok.decode_bytes(ids) == text.encode("utf-8")
         assert list(tok.encode_iterable(iter(text), min_chars=1)) == ids  # one character at a time
+
+
+def test_naive_encoder_equals_the_fast_one(gpt2, small):
+    """encode_naive (minbpe's loop: merge the pair that makes the earliest learned token,
+    repeat) gives Tokenizer's ids on real text in several scripts, with GPT-2's merges and
+    with trained ones; the ranks are the ids, as in tiktoken."""
+    text = shakespeare()[:20_000] + "".join(ROUND_TRIP) + "".join(TRICKY[:-1]) + "日本語のテキスト" * 20
+    for tok in (gpt2, small):
+        ranks = {t: i for i, t in tok.vocab.items() if i not in tok.special_tokens.values()}
+        assert bpe.encode_naive(text, ranks, tok.pattern) == tok.encode_ordinary(text)
+    assert bpe.merge_by_rank(b"aaab", {b"aa": 256, b"aaa": 257, b"ab": 258}) == [b"aaa", b"b"]
+    assert bpe.merge_by_rank(b"aaab", {b"aa": 256, b"aaa": 257}, max_rank=257) == [b"aa", b"a", b"b"]
 
 
 def test_all_256_bytes(gpt2, small, tiktoken_gpt2):
@@ -233,25 +221,6 @@ def test_gpt2_tricky_strings_equal_tiktoken(gpt2, tiktoken_gpt2):
         assert gpt2.encode_ordinary(s) == tiktoken_gpt2.encode_ordinary(s), s
         assert gpt2.encode(s, allowed_special={EOT}) == tiktoken_gpt2.encode(s, allowed_special={EOT}), s
     assert gpt2.encode(EOT, allowed_special="all") == [50256]
-
-
-def test_from_tiktoken_rebuilds_gpt2_merges(gpt2, tiktoken_gpt2):
-    rebuilt = bpe.Tokenizer.from_tiktoken(tiktoken_gpt2)
-    assert rebuilt.merges == gpt2.merges and rebuilt.vocab == gpt2.vocab
-    assert rebuilt.special_tokens == gpt2.special_tokens == {EOT: 50256}
-
-
-def test_from_tiktoken_cl100k():
-    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference")
-    try:
-        enc = tiktoken.get_encoding("cl100k_base")
-    except Exception as e:  # noqa: BLE001 (no cached files and no network)
-        pytest.skip(f"cl100k_base not available offline ({type(e).__name__})")
-    tok = bpe.Tokenizer.from_tiktoken(enc)
-    text = shakespeare()[:200_000]
-    assert tok.encode(text) == enc.encode(text)
-    for s in TRICKY:
-        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), s
 
 
 def test_gpt4_pattern_equals_tiktoken_regex(small):
@@ -377,174 +346,6 @@ def test_encode_batch_equals_encode(gpt2, small):
     assert EOT in one_line_error(e)
 
 
-# ---- Hugging Face tokenizer.json -------------------------------------------------------
-
-# The split patterns of Llama 3 and Qwen2 / Qwen3 as their tokenizer.json files write them
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
-SPECIALS = [EOT, "<|im_start|>", "<|im_end|>", "<|reserved_special_token_0|>"]
-HARD = [
-    ("  Hello,  wörld!!  It's we've THEY'LL they'Re 1234567 3.14159 ٣٤٥ ²³ 0x1F\n\n\tdef f(x):\n"
-     "        return x**2  # café\u0301 vs caf\u00e9\r\n"),
-    "日本語のテキスト، مرحبا بالعالم Καλημέρα привет 👋🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ﬁne",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>ok</think>The   end.   \n \n",
-    "<|endoftext|><|endoftext|> <|endoftext <|im_start|x a<|endoftext|>b   \u3000\u00a0\u2028 \x1c\x00\x7f\t\t",
-    "       ", "\n", "x", "",
-]
-
-
-def hf_tokenizer(tmp_path, name, pre_tokenizer, normalizer=None, vocab_size=700, ignore_merges=False):
-    """A byte-level BPE trained by `tokenizers` on Shakespeare + the hard texts, with special
-    tokens and one non-special added token (Qwen3's <think>), saved as tokenizer.json."""
-    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizer
-    tok.normalizer = normalizer
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([shakespeare()[:200_000], *HARD * 5], trainer)
-    tok.add_tokens(["<think>", "</think>"])
-    spec = json.loads(tok.to_str())
-    spec["model"]["ignore_merges"] = ignore_merges
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(spec), encoding="utf-8")
-    return tokenizers.Tokenizer.from_file(str(path)), path
-
-
-def hf_pipelines():
-    pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
-    from tokenizers import Regex, normalizers
-    from tokenizers import pre_tokenizers as pt
-
-    def split_then_bytes(pattern):
-        return pt.Sequence([pt.Split(Regex(pattern), behavior="isolated"), pt.ByteLevel(add_prefix_space=False,
-                                                                                          use_regex=False)])
-    return {  # the pipelines of those models' tokenizer.json files; the last one exercises add_prefix_space
-        "gpt2": {"pre_tokenizer": pt.ByteLevel(add_prefix_space=False)},
-        "llama3": {"pre_tokenizer": split_then_bytes(LLAMA3_PATTERN), "ignore_merges": True},
-        "qwen2": {"pre_tokenizer": split_then_bytes(QWEN2_PATTERN), "normalizer": normalizers.NFC()},
-        "smollm": {"pre_tokenizer": pt.Sequence([pt.Digits(individual_digits=True),
-                                                 pt.ByteLevel(add_prefix_space=False)])},
-        "prefix_space": {"pre_tokenizer": pt.Sequence([pt.Digits(individual_digits=False),
-                                                       pt.ByteLevel(add_prefix_space=True)])},
-    }
-
-
-def assert_same_as_hf(ours, hf, texts):
-    for text in texts:
-        expected = hf.encode(text, add_special_tokens=False).ids
-        assert ours.encode(text, allowed_special="all") == expected, text
-        assert ours.decode(expected) == hf.decode(expected, skip_special_tokens=False), text
-    hf.encode_special_tokens = True  # special tokens as plain text; added ones still match
-    try:
-        for text in texts:
-            assert ours.encode(text, allowed_special="none") == hf.encode(text, add_special_tokens=False).ids, text
-    finally:
-        hf.encode_special_tokens = False
-
-
-@pytest.mark.parametrize("kind", ["gpt2", "llama3", "qwen2", "smollm", "prefix_space"])
-def test_tokenizer_json_gives_the_ids_of_hf_tokenizers(tmp_path, kind):
-    hf, path = hf_tokenizer(tmp_path, kind, **hf_pipelines()[kind])
-    ours = bpe.Tokenizer.from_tokenizer_json(path)
-    assert ours.vocab_size == hf.get_vocab_size() and ours.eot_id == hf.token_to_id(EOT)
-    assert set(ours.special_tokens) == set(SPECIALS) and set(ours.added_tokens) == {"<think>", "</think>"}
-    assert_same_as_hf(ours, hf, HARD + TRICKY[:-1] + [shakespeare()[-30_000:]])
-    if kind != "prefix_space":  # streaming cannot know where a text begins
-        text = "".join(HARD) * 3
-        chunks = [text[i:i + 7] for i in range(0, len(text), 7)]
-        assert list(ours.encode_iterable(chunks, allowed_special="all", min_chars=50)) == \
-            hf.encode(text, add_special_tokens=False).ids
-
-
-def test_gpt2_tokenizer_json_from_openai_files_equals_tiktoken(tmp_path, tiktoken_gpt2, gpt2):
-    """GPT-2's tokenizer.json as `tokenizers` builds it from OpenAI's files (as HF's gpt2
-    repository ships it): read by bpe.py, the same ids as tiktoken and as `tokenizers`."""
-    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
-    from tokenizers import decoders, models, pre_tokenizers
-
-    encoder = json.loads(ENCODER_JSON.read_text(encoding="utf-8"))
-    merges = [tuple(line.split(" ")) for line in VOCAB_BPE.read_text(encoding="utf-8").splitlines()[1:] if line]
-    hf = tokenizers.Tokenizer(models.BPE(encoder, merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([EOT])
-    hf.save(str(tmp_path / "tokenizer.json"))
-    ours = bpe.load_any(str(tmp_path / "tokenizer.json"))
-    assert ours.vocab == gpt2.vocab and ours.merges == gpt2.merges and ours.eot_id == 50256
-    assert ours.pattern == bpe.GPT2_PATTERN and not ours.ignore_merges
-    text = shakespeare()[:100_000]
-    assert ours.encode(text) == tiktoken_gpt2.encode(text) == hf.encode(text).ids
-    assert_same_as_hf(ours, hf, HARD + TRICKY[:-1])
-
-
-def test_written_tokenizer_json_loads_in_hf_tokenizers(tmp_path, gpt2, small):
-    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
-    text = shakespeare()[:30_000] + "".join(TRICKY[:-1]) * 5 + "".join(HARD)
-    vocab, merges = bpe.train_bpe(text, 600, special_tokens=SPECIALS, pattern=bpe.GPT4_PATTERN)
-    gpt4 = bpe.Tokenizer(vocab, merges, SPECIALS, bpe.GPT4_PATTERN)
-    for name, tok in (("gpt2", gpt2), ("small", small), ("gpt4", gpt4)):
-        path = tmp_path / f"{name}.json"
-        tok.save_tokenizer_json(path)
-        hf = tokenizers.Tokenizer.from_file(str(path))
-        assert_same_as_hf(tok, hf, HARD + TRICKY[:-1] + ["1234567890 12345", text])
-        again = bpe.Tokenizer.from_tokenizer_json(path)  # and back: the same tokenizer
-        assert (again.vocab, again.merges, again.special_tokens) == (tok.vocab, tok.merges, tok.special_tokens)
-        assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
-    # Oniguruma reads GPT-4's possessive \p{N}{1,3}+ as (\p{N}{1,3})+, any run of digits: written
-    # as an atomic group; a file that has it raw is read as Oniguruma reads it
-    assert bpe._to_onig(bpe.GPT4_PATTERN).count(r"(?>\p{N}{1,3})") == 1
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = bpe.GPT4_PATTERN
-    path.write_text(json.dumps(spec), encoding="utf-8")
-    hf, raw = tokenizers.Tokenizer.from_file(str(path)), bpe.Tokenizer.from_tokenizer_json(path)
-    assert raw.pattern.count(r"(?:\p{N}{1,3})+") == 1
-    assert_same_as_hf(raw, hf, ["1234567890 12345", *HARD])
-    assert raw._pretokenize("1234567") == ["1234567"] and gpt4._pretokenize("1234567") == ["123", "456", "7"]
-
-
-def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
-    base = {"version": "1.0", "added_tokens": [], "normalizer": None,
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
-            "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(bpe.bytes_to_unicode().values())},
-                      "merges": []}}
-    sentencepiece = {**base, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
-                     "model": {**base["model"], "byte_fallback": True}}
-    cases = {
-        "SentencePiece-style": sentencepiece,
-        "WordPiece tokenizer": {**base, "model": {"type": "WordPiece", "vocab": {}}},
-        "Whitespace": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Whitespace"}, base["pre_tokenizer"]]}},
-        "not a byte-level BPE": {**base, "pre_tokenizer": None},
-        "normalizer Lowercase": {**base, "normalizer": {"type": "Lowercase"}},
-        "lstrip": {**base, "added_tokens": [{"id": 256, "content": "<mask>", "lstrip": True, "special": True}]},
-        "byte alphabet": {**base, "model": {**base["model"], "vocab": {**base["model"]["vocab"], "a b": 256}}},
-        "malformed": {**base, "model": {**base["model"], "merges": ["Ġ"]}},
-        "malformed tokenizer.json": {**base, "added_tokens": [{"content": "<|x|>", "special": True}]},
-    }
-    for says, spec in cases.items():
-        path = tmp_path / "tokenizer.json"
-        path.write_text(json.dumps(spec), encoding="utf-8")
-        with pytest.raises(BPEError) as e:
-            bpe.Tokenizer.from_tokenizer_json(path)
-        assert says in one_line_error(e), says
-    path.write_text("{not json", encoding="utf-8")
-    for bad in (path, tmp_path / "missing.json"):
-        with pytest.raises(BPEError) as e:
-            bpe.Tokenizer.from_tokenizer_json(bad)
-        one_line_error(e)
-    path.write_text(json.dumps(base), encoding="utf-8")
-    tok = bpe.Tokenizer.from_tokenizer_json(path)  # the minimal byte-level file is fine
-    assert tok.decode(tok.encode("hi ü")) == "hi ü" and len(tok.encode("hi ü")) == 5
-    with pytest.raises(BPEError) as e:  # a pipeline the .bpe format cannot hold
-        bpe.Tokenizer.from_tokenizer_json(path).save(tmp_path / "x.bpe")
-    assert "save_tokenizer_json" in one_line_error(e)
-
-
 # ---- save / load -----------------------------------------------------------------------
 
 
@@ -565,25 +366,6 @@ def test_save_load(tmp_path, gpt2, small):
         assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_the_train_py_and_data_py_contract(tmp_path):
-    """train.py trains and saves with these calls; data.load_tokenizer reads the file."""
-    src = tmp_path / "input.txt"
-    src.write_text(shakespeare()[:50_000], encoding="utf-8")
-    vocab, merges = bpe.train_bpe_file(src, 400, special_tokens=(EOT,))
-    assert len(vocab) == 400 and len(merges) == 400 - 256 - 1
-    bpe.Tokenizer(vocab, merges, (EOT,)).save(tmp_path / "tok.bpe")
-    tok = bpe.Tokenizer.load(tmp_path / "tok.bpe")
-    assert tok.vocab_size == 400 and tok.eot_id == 399
-    assert tok.encode("to be" + EOT, allowed_special="all")[-1] == 399
-    wrapped = data.load_tokenizer(str(tmp_path / "tok.bpe"))
-    assert wrapped.vocab_size == 400 and wrapped.eot_id == 399
-    ids = wrapped.encode("To be, or not" + EOT)
-    assert ids[-1] == 399 and wrapped.decode(ids) == "To be, or not" + EOT
-    tok.save_tokenizer_json(tmp_path / "tokenizer.json")  # data.py reads a .json path with bpe.py
-    from_json = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
-    assert (from_json.vocab_size, from_json.eot_id) == (400, 399) and from_json.encode("To be, or not" + EOT) == ids
-
-
 # ---- CLI and bad input ---------------------------------------------------------------
 
 
@@ -593,19 +375,10 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "tok.bpe"
     bpe.main(["train", "--input", str(src), "--vocab_size", "300", "--out", str(out), "--num_workers", "1"])
     assert "trained 43 merges" in capsys.readouterr().out
-    bpe.main(["encode", "--tokenizer", str(out), "First Citizen"])
-    ids_line, _pieces, _ = capsys.readouterr().out.splitlines()
-    assert bpe.Tokenizer.load(out).decode(json.loads(ids_line)) == "First Citizen"
-    bpe.main(["compare", "--input", str(src), "--tokenizer", str(out), "--reference", ""])
-    report = capsys.readouterr().out
-    assert "tokens/byte" in report and str(out) in report
-    bpe.Tokenizer.load(out).save_tokenizer_json(tmp_path / "tokenizer.json")  # a .json is a tokenizer.json
-    bpe.main(["encode", "--tokenizer", str(tmp_path / "tokenizer.json"), "First Citizen"])
-    assert json.loads(capsys.readouterr().out.splitlines()[0]) == json.loads(ids_line)
+    assert bpe.Tokenizer.load(out).vocab_size == 300 and out.with_suffix(".vocab").is_file()
     for out_dir in (tmp_path, tmp_path / "no" / "tok.bpe"):  # checked before training
         assert cli_error(capsys, ["train", "--input", str(src), "--out", str(out_dir)]).startswith("error: --out")
-    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    assert re.match("error: cannot read .* as UTF-8", cli_error(capsys, ["encode", "--file", str(tmp_path / "latin1.txt")]))
+    assert "not found" in cli_error(capsys, ["train", "--input", str(tmp_path / "missing.txt")])
 
 
 def test_bad_vocab_size():

@@ -5,7 +5,6 @@ import errno
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 

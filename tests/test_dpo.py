@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 import dpo
 import common
-import data
 import gpt
 import plot
 import lora
+import tokenizer
 
 # A tiny synthetic run: no pretraining (a random base is still a valid reference), one layer.
 TINY = ["--pretrain_iters", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_pairs", "256",
@@ -112,7 +112,7 @@ def tiny_model(seed=0):
 
 def tiny_batch(n=6, seed=0):
     import random
-    tok = data.load_tokenizer("char:" + dpo.SYNTH_ALPHABET)
+    tok = tokenizer.load_tokenizer("char:" + dpo.SYNTH_ALPHABET)
     rows = dpo.synthetic_rows(n, random.Random(seed))
     pairs, _ = dpo.tokenize_pairs(rows, tok, 32, 16)
     return dpo.collate(pairs, "cpu")
@@ -345,7 +345,7 @@ def test_gpt2_tokenized_jsonl_truncates_long_prompts(tmp_path):
     out = dpo.main(["--init_from", str(path), "--data", str(jsonl_path), "--out_dir", str(tmp_path / "o"),
                     "--max_iters", "2", "--batch_size", "4", "--val_fraction", "0", "--device", "cpu"])
     assert out["stats"]["truncated"] == 4 and out["stats"]["rows"] == 8
-    tok = data.load_tokenizer("gpt2")
+    tok = tokenizer.load_tokenizer("gpt2")
     p, c, _ = dpo.truncate_pair(tok.encode(long_prompt), tok.encode(rows[0]["chosen"]), tok.encode(" No."), 24, 12)
     assert tok.decode(p).endswith("\n\nAssistant:") and len(p) == 12  # the end of the prompt survives
     assert tok.decode(c).startswith(" Once upon") and len(c) == 24 - 12  # the start of the answer

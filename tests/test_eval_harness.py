@@ -20,10 +20,12 @@ from test_eval_hellaswag import ROWS as HELLASWAG_ROWS
 from test_export import char_spec, train_tiny
 
 import data
+import tokenizer
 import eval_harness as eh
 import eval_hellaswag as hs
 import export
 import gpt
+import sample
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local jsonl tasks only: never ask the hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def char_model():
     spec = char_spec()
     config = gpt.GPTConfig(block_size=16, vocab_size=len(spec) - 5, n_layer=2, n_head=2, n_embd=32)
-    return train_tiny(config, spec, steps=30), data.load_tokenizer(spec)
+    return train_tiny(config, spec, steps=30), tokenizer.load_tokenizer(spec)
 
 
 def naive_loglikelihood(model, context, continuation):
@@ -55,7 +57,7 @@ def test_loglikelihood_batched_equals_naive(char_model):
         ids = torch.randint(0, tok.vocab_size, (n_ctx + n_cont,), generator=g).tolist()
         pairs.append((ids[:n_ctx], ids[n_ctx:]))  # rows up to 34 tokens: the longer ones lose their left
     context = tok.encode("ROMEO:\nWhat")
-    greedy = model.generate(torch.tensor([context]), 6, temperature=0)[0, len(context):].tolist()
+    greedy = sample.generate_simple(model, torch.tensor([context]), 6, temperature=0)[0].tolist()
     pairs.append((context, greedy))  # the model's own greedy continuation: is_greedy must say so
     reference = [naive_loglikelihood(model, c, x) for c, x in pairs]
     assert reference[-1][1] and not all(r[1] for r in reference)
@@ -104,7 +106,7 @@ def test_generate_until_equals_plain_greedy(char_model):
     expected = []
     for p in prompts:  # nanoGPT's uncached loop, one prompt at a time
         ids = tok.encode(p)
-        text = tok.decode(model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist())
+        text = tok.decode(sample.generate_simple(model, torch.tensor([ids]), 10, temperature=0)[0].tolist())
         for s in until:
             text = text.split(s)[0]
         expected.append(text)
@@ -186,7 +188,7 @@ def test_lm_eval_ours_equals_hf_model_on_the_export(tmp_path):
                     if isinstance(ra, tuple):
                         assert ra[1] == rb[1]  # is_greedy
     # HellaSwag through the harness == eval_hellaswag.py's lm_eval style on the same rows
-    r = hs.evaluate(model, data.load_tokenizer("gpt2"), [hs.check_example(row, "row") for row in HELLASWAG_ROWS], "lm_eval")
+    r = hs.evaluate(model, tokenizer.load_tokenizer("gpt2"), [hs.check_example(row, "row") for row in HELLASWAG_ROWS], "lm_eval")
     assert r["acc"] == ours["results"]["hellaswag_local"]["acc,none"]
     assert r["acc_norm"] == ours["results"]["hellaswag_local"]["acc_norm,none"]
 
@@ -224,7 +226,7 @@ def test_shakespeare_val_text_is_the_val_split(tmp_path):
     """--bpb_text shakespeare scores exactly the text prepare_dataset holds out as val."""
     folder = data.prepare_dataset("shakespeare_char", data_root=tmp_path)
     val = data.TokenBins(folder, "val").shards[0]
-    tok = data.load_tokenizer(data.read_meta(folder)["tokenizer"])
+    tok = tokenizer.load_tokenizer(data.read_meta(folder)["tokenizer"])
     assert tok.decode(val.tolist()) == eh.shakespeare_val_text()
 
 

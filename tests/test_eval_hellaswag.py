@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 import eval_hellaswag as hs
-import data
 import gpt
+import tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def data_path(tmp_path):
 
 @pytest.fixture
 def gpt2_tok():
-    return data.load_tokenizer("gpt2")
+    return tokenizer.load_tokenizer("gpt2")
 
 
 def char_tokenizer():
@@ -76,7 +76,7 @@ def char_tokenizer():
     for row in ROWS:
         query, choices = hs.lm_eval_query_and_choices(row)
         texts += [row["ctx"], query] + row["endings"] + choices
-    return data.load_tokenizer("char:" + "".join(sorted(set(" ".join(texts)))))
+    return tokenizer.load_tokenizer("char:" + "".join(sorted(set(" ".join(texts)))))
 
 
 def tiny_gpt(vocab_size, block_size=64, seed=0):
@@ -132,7 +132,7 @@ def test_lm_eval_preprocessing_matches_hand_written_strings():
     assert query == "Playing accordion: A woman in a café holds an accordion. She then plays"  # capitalize() lowers
     assert choices[1] == "the drums  with her feet."  # "   " -> "  ": one non-overlapping pass
     # acc_norm divides by characters (str length), not UTF-8 bytes: "café." is 5, not 6
-    r = hs.render_example(ROWS[2], data.load_tokenizer("gpt2"), "lm_eval")
+    r = hs.render_example(ROWS[2], tokenizer.load_tokenizer("gpt2"), "lm_eval")
     assert choices[3] == "nothing and leaves the café." and r.norms[3] == 28.0
     query, _ = hs.lm_eval_query_and_choices(ROWS[3])
     assert query == "Health: How to sleep better. Keep a schedule."

@@ -23,8 +23,10 @@ import common
 import data
 import export
 import gpt
+import hf_io
 import lora
 import sample
+import tokenizer
 from common import NanoError
 
 
@@ -44,7 +46,7 @@ def train_tiny(config: gpt.GPTConfig, spec: str, steps=4, seed=0) -> gpt.GPT:
     padded vocabulary rows) moves away from its initial value."""
     torch.manual_seed(seed)
     model = gpt.GPT(config)
-    ids = torch.tensor(data.load_tokenizer(spec).encode(data.SHAKESPEARE_PATH.read_text()[:30_000]))
+    ids = torch.tensor(tokenizer.load_tokenizer(spec).encode(data.SHAKESPEARE_PATH.read_text()[:30_000]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     T = config.block_size
     for _ in range(steps):
@@ -100,13 +102,13 @@ def test_hf_export_loads_in_transformers(gpt2_ckpt, hf_dir):
 
     # the tokenizer: our ids on a hard text, and back to the same text
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    ours = data.load_tokenizer("gpt2")
+    ours = tokenizer.load_tokenizer("gpt2")
     ids = hf_tok(HARD_TEXT)["input_ids"]
     assert ids == ours.encode(HARD_TEXT) and 50256 in ids
     assert hf_tok.decode(ids) == HARD_TEXT
     # the shipped GPT-2 files, rewritten by bpe.py, are OpenAI's files
-    assert json.loads((hf_dir / "vocab.json").read_text()) == json.loads(data.GPT2_ENCODER_JSON.read_text())
-    ref_merges = [m for m in data.GPT2_VOCAB_BPE.read_text().split("\n")[1:] if m]
+    assert json.loads((hf_dir / "vocab.json").read_text()) == json.loads(tokenizer.GPT2_ENCODER_JSON.read_text())
+    ref_merges = [m for m in tokenizer.GPT2_VOCAB_BPE.read_text().split("\n")[1:] if m]
     assert (hf_dir / "merges.txt").read_text().split("\n")[1:-1] == ref_merges
 
     # greedy generation: transformers' generate == our KV-cached batch of ragged prompts
@@ -126,7 +128,7 @@ def test_hf_export_round_trip(gpt2_ckpt, hf_dir):
     config = gpt.GPTConfig(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
                            n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"])
     assert config == model.config
-    back = gpt.GPT.from_hf_state_dict(data.read_safetensors(hf_dir / "model.safetensors"), config)
+    back = gpt.GPT.from_hf_state_dict(hf_io.read_safetensors(hf_dir / "model.safetensors"), config)
     ours, theirs = model.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -157,7 +159,7 @@ def test_hf_export_char_model_without_biases(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = data.SHAKESPEARE_PATH.read_text()[1000:1500]  # newlines, runs of spaces, punctuation
     ids = hf_tok(text)["input_ids"]
-    assert ids == data.load_tokenizer(spec).encode(text)
+    assert ids == tokenizer.load_tokenizer(spec).encode(text)
     assert hf_tok.decode(ids) == text
 
 
@@ -286,12 +288,12 @@ def check_gpt2_tokenizer_fields(fields: dict, n_vocab: int):
     """GPT-2's 50257 tokens in the byte alphabet (encoder.json's spelling, in id order), then
     [PAD] rows up to the model's; its 50000 merges in vocab.bpe's order; <|endoftext|> as
     end of text, and no BOS added (nanollm encodes without one)."""
-    vocab = json.loads(data.GPT2_ENCODER_JSON.read_text())
+    vocab = json.loads(tokenizer.GPT2_ENCODER_JSON.read_text())
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     assert len(tokens) == len(types) == n_vocab
     assert tokens[:50257] == sorted(vocab, key=vocab.get) and tokens[50257] == "[PAD50257]"
     assert types[0] == 1 and types[50256] == 3 and set(types[50257:]) == {5}  # normal, control, unused
-    merges = [m for m in data.GPT2_VOCAB_BPE.read_text().split("\n")[1:] if m]
+    merges = [m for m in tokenizer.GPT2_VOCAB_BPE.read_text().split("\n")[1:] if m]
     assert fields["tokenizer.ggml.merges"] == merges
     assert fields["tokenizer.ggml.eos_token_id"] == fields["tokenizer.ggml.bos_token_id"] == 50256
     assert fields["tokenizer.ggml.add_bos_token"] is False
@@ -448,7 +450,7 @@ def test_llama_family_export_hf_and_gguf(tmp_path, llama_tokenizer, kind):
     with torch.no_grad():
         assert max_diff(hf(x).logits, model(x)[0]) <= 1e-5
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    ours = data.load_tokenizer(llama_tokenizer)
+    ours = tokenizer.load_tokenizer(llama_tokenizer)
     assert hf_tok(HARD_TEXT)["input_ids"] == ours.encode(HARD_TEXT)
     prompt = ours.encode("ROMEO:\nWhat light")
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
@@ -456,7 +458,7 @@ def test_llama_family_export_hf_and_gguf(tmp_path, llama_tokenizer, kind):
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
     assert torch.stack(list(sample.generate(model, [prompt], 20, temperature=0)), 1)[0].tolist() == theirs
     back, _ = gpt.load_pretrained(str(tmp_path / "hf"))  # the round trip: config.json spells defaults out
-    resolved = dataclasses.replace(c, mlp_hidden=model.transformer.h[0].mlp.up_proj.out_features, head_dim=c.head_size)
+    resolved = dataclasses.replace(c, mlp_hidden=model.transformer.h[0].mlp.up_proj.out_features, head_dim=c.head_dim)
     assert back.config == resolved
     assert back.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -468,9 +470,9 @@ def test_llama_family_export_hf_and_gguf(tmp_path, llama_tokenizer, kind):
     allowed = {TENSOR_NAMES[k] for k in MODEL_TENSORS[arch]}
     assert {re.sub(r"\.\d+\.", ".{bid}.", n.rsplit(".", 1)[0]) for n in tensors} <= allowed
     block = model.transformer.h[0]
-    hd = c.head_size
+    hd = c.head_dim
     q_rows = block.attn.q_proj.weight.detach().view(c.n_head, 2, hd // 2, c.n_embd)
-    k_rows = block.attn.k_proj.weight.detach().view(c.kv_heads, 2, hd // 2, c.n_embd)
+    k_rows = block.attn.k_proj.weight.detach().view(c.n_kv_head, 2, hd // 2, c.n_embd)
     if kind == "llama":  # llama.cpp rotates channel pairs (2i, 2i+1), HF (i, i + hd/2): rows interleaved
         q_rows, k_rows = q_rows.transpose(1, 2), k_rows.transpose(1, 2)
     assert torch.equal(tensors["blk.0.attn_q.weight"], q_rows.reshape(-1, c.n_embd))
@@ -489,7 +491,7 @@ def test_llama_family_export_hf_and_gguf(tmp_path, llama_tokenizer, kind):
     fields = gguf_fields(reader)
     assert fields["general.architecture"] == kind and set(fields) <= gguf_known_keys(kind)
     for key, value in {"context_length": 64, "embedding_length": 64, "block_count": 2, "attention.head_count": 4,
-                       "attention.head_count_kv": c.kv_heads, "rope.dimension_count": hd,
+                       "attention.head_count_kv": c.n_kv_head, "rope.dimension_count": hd,
                        "feed_forward_length": block.mlp.up_proj.out_features}.items():
         assert fields[f"{kind}.{key}"] == value, key
     assert math.isclose(fields[f"{kind}.rope.freq_base"], c.rope_theta, rel_tol=1e-6)
@@ -536,7 +538,7 @@ def test_llama_cpp_runs_our_gguf(gpt2_ckpt, llama_tokenizer, tmp_path, kind):
     export.main(["--ckpt", str(ckpt), "--to", "gguf", str(path), "--gguf_type", "f32"])
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, verbose=False)
     text = "ROMEO:\nWhat light through yonder window breaks? 1234"
-    prompt = data.load_tokenizer(spec).encode(text)
+    prompt = tokenizer.load_tokenizer(spec).encode(text)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
     theirs = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):

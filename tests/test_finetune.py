@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import common
-import data
 import finetune
 import gpt
 import lora
+import tokenizer
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_cli_text(tmp_path, tiny_ckpt, capsys):
 
 def test_jsonl_masks_the_prompt(tiny_ckpt, tmp_path):
     _, text = tiny_ckpt
-    tok = data.load_tokenizer("char:" + "".join(sorted(set(text))))
+    tok = tokenizer.load_tokenizer("char:" + "".join(sorted(set(text))))
     jsonl_path = tmp_path / "d.jsonl"
     jsonl_path.write_text(json.dumps({"prompt": "Q: who?", "response": "A: me"}) + "\n\n")
     (ids, targets), = finetune.load_jsonl(jsonl_path, tok, 0.0, block_size=32)[0]

@@ -61,10 +61,11 @@ def make_tiny_llama(folder, text):
     import transformers
 
     import bpe
+    import tokenizer
 
     folder.mkdir(parents=True)
     vocab, merges = bpe.train_bpe(text[:20_000], 300, special_tokens=(EOT,))
-    bpe.Tokenizer(vocab, merges, (EOT,)).save_tokenizer_json(folder / "tokenizer.json")
+    tokenizer.save_tokenizer_json(bpe.Tokenizer(vocab, merges, (EOT,)), folder / "tokenizer.json")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
@@ -676,9 +677,9 @@ def test_hub_name_is_downloaded_as_load_pretrained_does(tiny_llama, tmp_path, mo
     """--init_from owner/name: gpt.load_pretrained fetches config.json, the weights and
     tokenizer.json into ~/.cache/nanollm; here a fake download serves them from the tiny
     folder (no network), and the run equals the run from the folder itself."""
-    import data
     import gpt
     import fsdp2_train
+    import hf_io
 
     served = []
 
@@ -691,7 +692,7 @@ def test_hub_name_is_downloaded_as_load_pretrained_does(tiny_llama, tmp_path, mo
         shutil.copyfile(src, dest)
         return Path(dest)
 
-    for module in (gpt, data):  # wherever the Hugging Face helpers live, the fetch is data.download
+    for module in (gpt, hf_io):  # wherever the Hugging Face helpers live, the fetch is common.download
         if hasattr(module, "download"):
             monkeypatch.setattr(module, "download", download)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

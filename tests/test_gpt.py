@@ -1,8 +1,8 @@
-"""gpt.py against its references: HF GPT-2 logits, the naive loss, safetensors, compile."""
+"""gpt.py against its references: HF GPT-2 logits, the naive loss, attention written out vs SDPA,
+checkpoints, compile."""
 
-import json
+import dataclasses
 import math
-import struct
 
 import pytest
 
@@ -13,7 +13,10 @@ import torch.nn.functional as F
 import common
 import data
 import gpt
+import hf_io
 import lora
+import sample
+import tokenizer
 from gpt import GPT, GPTConfig
 
 
@@ -24,7 +27,7 @@ def to_hf_names(model):
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":
             continue  # tied to wte
-        sd[k] = v.t().contiguous() if k.endswith(data.HF_CONV1D_WEIGHTS) else v.clone()
+        sd[k] = v.t().contiguous() if k.endswith(hf_io.HF_CONV1D_WEIGHTS) else v.clone()
     return sd
 
 
@@ -56,7 +59,7 @@ def test_logits_match_transformers_gpt2(activation, gelu):
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
     # the weights do not store n_head (GPT-2's sizes all have 64-dim heads): config.json does
-    config = GPTConfig(**data.hf_config_fields(hf_config.to_dict()))
+    config = GPTConfig(**hf_io.hf_config_fields(hf_config.to_dict()))
     assert config.gelu == gelu
     model = GPT.from_hf_state_dict(hf.state_dict(), config).eval()
     idx = torch.randint(0, 101, (2, 40))
@@ -66,39 +69,7 @@ def test_logits_match_transformers_gpt2(activation, gelu):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert export.hf_config(model, eot_id=0)["activation_function"] == activation
     with pytest.raises(common.NanoError, match="activation_function 'relu' is not supported"):
-        data.hf_config_fields({**hf_config.to_dict(), "activation_function": "relu"})
-
-
-def test_safetensors_round_trip(tmp_path):
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2, 2).bfloat16(),
-               "empty": torch.zeros(0, 4)}
-    path = tmp_path / "x.safetensors"
-    data.write_safetensors(path, tensors)
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    assert n % 8 == 0 and header["a"] == {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}
-    back = data.read_safetensors(path)
-    for k, v in tensors.items():
-        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
-
-
-def test_safetensors_matches_reference_package(tmp_path):
-    st = pytest.importorskip("safetensors.torch", reason="safetensors not installed: format parity not checked")
-    tensors = {"w": torch.randn(4, 6), "h": torch.randn(3).half(), "b": torch.randn(5).bfloat16()}
-    st.save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
-    for k, v in data.read_safetensors(tmp_path / "ref.safetensors").items():
-        assert torch.equal(v, tensors[k])
-    data.write_safetensors(tmp_path / "ours.safetensors", tensors)
-    for k, v in st.load_file(tmp_path / "ours.safetensors").items():
-        assert torch.equal(v, tensors[k])
-
-
-def test_bad_safetensors(tmp_path):
-    path = tmp_path / "bad.safetensors"
-    path.write_bytes(b"\xff" * 40)
-    with pytest.raises(NanoError, match="not a safetensors file"):
-        data.read_safetensors(path)
+        hf_io.hf_config_fields({**hf_config.to_dict(), "activation_function": "relu"})
 
 
 @pytest.mark.parametrize("n_rows,chunk", [(50, 16), (64, 64), (7, 1024)])
@@ -204,26 +175,16 @@ def test_checkpoint_carries_its_bpe_tokenizer(tmp_path, tiny_config, monkeypatch
     tok_path = tmp_path / "data" / "tok.bpe"
     tok_path.parent.mkdir()
     bpe.Tokenizer(vocab, merges, ["<|endoftext|>"]).save(tok_path)
-    want = data.load_tokenizer(str(tok_path)).encode("First Citizen: before we proceed")
+    want = tokenizer.load_tokenizer(str(tok_path)).encode("First Citizen: before we proceed")
     for spec in (str(tok_path), "chat:" + str(tok_path)):
         gpt.save_checkpoint(tmp_path / "ckpt.pt", GPT(tiny_config), spec)
         assert gpt.load_checkpoint(tmp_path / "ckpt.pt")[1] == spec  # still there: the path as recorded
     tok_path.rename(tmp_path / "moved.bpe")
     _, spec = gpt.load_checkpoint(tmp_path / "ckpt.pt")
     assert spec.startswith("chat:" + str(tmp_path / "home" / ".cache" / "nanollm" / "tokenizers"))
-    assert data.load_tokenizer(spec).encode("First Citizen: before we proceed") == want
+    assert tokenizer.load_tokenizer(spec).encode("First Citizen: before we proceed") == want
     tok_path.write_text("a different tokenizer now")  # the path holds other bytes: the packed copy wins
     assert gpt.load_checkpoint(tmp_path / "ckpt.pt")[1] == spec
-
-
-def test_tokenizers():
-    char = data.load_tokenizer("char:abc ")
-    assert char.encode("ab c") == [0, 1, 3, 2] and char.decode([2, 1]) == "cb" and char.vocab_size == 4
-    tok = data.load_tokenizer("gpt2")
-    assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
-    assert tok.eot_id == 50256 and tok.vocab_size == 50257
-    with pytest.raises(NanoError, match="neither"):
-        data.load_tokenizer("no/such/tokenizer.bpe")
 
 
 def test_parse_config_booleans_and_errors():
@@ -241,29 +202,6 @@ def test_parse_config_booleans_and_errors():
         common.parse_config(C, ["--compile", "maybe"])
     with pytest.raises(NanoError, match="divisible"):
         GPTConfig(n_embd=10, n_head=4)
-
-
-def test_token_bins(tmp_path):
-    data.write_tokens(tmp_path / "train.bin", list(range(100)))
-    bins = data.TokenBins(tmp_path, "train")
-    x, y = bins.get_batch(4, 8, torch.Generator().manual_seed(0))
-    assert x.shape == (4, 8) and x.dtype == torch.int64
-    assert torch.equal(y, x + 1)  # consecutive tokens: targets are the inputs shifted by one
-    x2, _ = bins.get_batch(4, 8, torch.Generator().manual_seed(0))
-    assert torch.equal(x, x2)
-
-
-def test_token_bins_of_a_large_vocabulary_are_uint32(tmp_path):
-    """Llama 3's 128k or Qwen's 152k ids do not fit uint16: such a dataset is written and read as uint32."""
-    alphabet = "".join(chr(0x10000 + i) for i in range(70_000))  # 70,000 characters outside the BMP
-    src = tmp_path / "wide.txt"
-    src.write_text(alphabet * 2, encoding="utf-8")
-    folder = data.prepare_dataset("text:" + str(src), tokenizer="char:" + alphabet, data_root=tmp_path / "data")
-    assert data.read_meta(folder)["token_dtype"] == "uint32"
-    bins = data.TokenBins(folder, "train")
-    assert bins.shards[0].tolist() == list(range(70_000)) + list(range(70_000 - 14_000))  # 90% of the text
-    x, y = bins.get_batch(3, 16, torch.Generator().manual_seed(0))
-    assert torch.equal(y, (x + 1) % 70_000)
 
 
 def test_chunked_loss_with_frozen_head():
@@ -349,3 +287,53 @@ def test_gpt2_folder_loads_by_config_json(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
     assert all(torch.equal(v, hf.state_dict()[k]) for k, v in model.to_hf_state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------
+# Attention written out (attn_impl="naive") against PyTorch's fused kernel (SDPA). Both run in
+# fp32 and compute the same products and sums in another order (SDPA's CPU kernel tiles the keys
+# with an online softmax), so what differs is rounding: ~2e-7 measured at outputs of size ~1,
+# hence atol 1e-6 for one attention and 1e-5 (as for every fp32 model here) for whole models.
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_naive_attention_equals_sdpa(n_kv_head):
+    torch.manual_seed(0)
+    group = 4 // n_kv_head
+    q = torch.randn(2, 4, 7, 16)
+    k, v = torch.randn(2, n_kv_head, 11, 16), torch.randn(2, n_kv_head, 11, 16)
+    # causal, T = S: SDPA's is_causal against the lower-triangular mask
+    ref = F.scaled_dot_product_attention(q, k[:, :, :7], v[:, :, :7], is_causal=True, enable_gqa=group > 1)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    out = gpt.naive_attention(q, gpt.repeat_kv(k[:, :, :7], group), gpt.repeat_kv(v[:, :, :7], group), mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    # a cache of 11 slots, a (B, 1, T, S) mask per row (padding, unwritten slots, a window)
+    mask = torch.rand(2, 1, 7, 11) > 0.4
+    mask[..., 3] = True  # every query sees at least one slot (no all -inf row)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    out = gpt.naive_attention(q, gpt.repeat_kv(k, group), gpt.repeat_kv(v, group), mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def with_attn_impl(model, impl):
+    """The same weights, attention computed by `impl`."""
+    other = GPT(dataclasses.replace(model.config, attn_impl=impl))
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_naive_attention_model_equals_sdpa(tiny_config, arch):
+    """Forward, backward, and KV-cached generation (left padding, the window sliding past block_size)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config if arch == "gpt2" else small_llama(qk_norm=True))
+    naive = with_attn_impl(model, "naive")
+    idx, tgt = torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32))
+    for m in (model, naive):
+        m(idx, tgt)[1].backward()
+    torch.testing.assert_close(naive(idx)[0], model(idx)[0], rtol=0, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), naive.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5, msg=name)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    tokens = [torch.stack(list(sample.generate(m.eval(), prompts, 45, temperature=0)), dim=1) for m in (model, naive)]
+    assert tokens[0].tolist() == tokens[1].tolist()

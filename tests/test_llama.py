@@ -6,13 +6,14 @@ shards and read back by `gpt.load_pretrained`. Tolerance for logits: fp32, max |
 fused kernels, ~1e-7 at these sizes). Generation: token for token.
 """
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-import data
 import gpt
+import hf_io
 import sample
 from common import NanoError
 
@@ -84,7 +85,7 @@ def test_logits_equal_transformers(pair):
     assert c.tie_embeddings == hf.config.tie_word_embeddings
     assert (model.lm_head.weight is model.transformer.wte.weight) == c.tie_embeddings
     hf_head_dim = getattr(hf.config, "head_dim", None) or hf.config.hidden_size // hf.config.num_attention_heads
-    assert c.kv_heads == hf.config.num_key_value_heads and c.head_size == hf_head_dim
+    assert c.n_kv_head == hf.config.num_key_value_heads and c.head_dim == hf_head_dim
     assert not any(p.is_meta for p in model.parameters()) and next(model.parameters()).dtype == torch.float32
     idx = torch.randint(0, VOCAB, (3, 50), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -95,6 +96,29 @@ def test_logits_equal_transformers(pair):
         assert model.transformer.h[0].attn.q_proj.bias is not None and model.transformer.h[0].attn.o_proj.bias is None
     if name.startswith("qwen3"):
         assert hasattr(model.transformer.h[0].attn, "q_norm")
+
+
+def naive_copy(model):
+    """The same weights with attn_impl="naive": softmax attention written out, GQA by repeating heads."""
+    naive = gpt.GPT(dataclasses.replace(model.config, attn_impl="naive")).eval()
+    naive.load_state_dict(model.state_dict())
+    return naive
+
+
+def test_naive_attention_equals_sdpa_and_transformers(pair):
+    """GQA, MQA, rotary positions, QK-norm, head_dim != hidden / heads with the attention written
+    out: logits against SDPA's and transformers' (fp32, rounding only: ~1e-7, atol 1e-5 as above),
+    KV-cached greedy generation with left padding token for token."""
+    _, hf, model, _ = pair
+    naive = naive_copy(model)
+    idx = torch.randint(0, VOCAB, (3, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, sdpa, theirs = naive(idx)[0], model(idx)[0], hf(idx).logits
+    torch.testing.assert_close(ours, sdpa, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    prompts = [[5, 17, 3], [60, 1, 33, 2, 8, 44, 9, 12], [7]]
+    tokens = [torch.stack(list(sample.generate(m, prompts, 20, temperature=0)), dim=1) for m in (model, naive)]
+    assert tokens[0].tolist() == tokens[1].tolist()
 
 
 def test_llama3_rope_scaling_is_applied(tmp_path):
@@ -122,12 +146,15 @@ def test_greedy_equals_transformers_generate_with_left_padding(pair):
     assert ours.tolist() == ref.tolist()
 
 
-def test_sliding_window_generation_equals_mistral(tmp_path):
+@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
+def test_sliding_window_generation_equals_mistral(tmp_path, attn_impl):
     """Mistral's sliding-window attention (each query sees the last W keys at every layer)
     is what sample.py's RoPE ring cache computes: block_size = sliding_window, and 50+
-    tokens through a 12-token window equal transformers' generate, batch included."""
+    tokens through a 12-token window equal transformers' generate, batch included; the
+    same with the attention written out (the window is in the mask both paths take)."""
     hf = hf_model("MistralConfig", "MistralForCausalLM", num_key_value_heads=2, sliding_window=12)
     model, _ = gpt.load_pretrained(str(saved(hf, tmp_path)))
+    model = naive_copy(model) if attn_impl == "naive" else model
     assert model.config.block_size == 12
     prompts = [[5, 17, 3, 9, 44, 2, 8], [60, 1, 33]]
     ids, pad = sample.left_pad(prompts, "cpu")
@@ -161,7 +188,7 @@ def test_bf16_shards_load_in_their_dtype(tmp_path):
     hf = hf_model("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2).to(torch.bfloat16)
     model, _ = gpt.load_pretrained(str(saved(hf, tmp_path)))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert all(torch.equal(model.state_dict()[data.from_hf_name(k, "llama")], v) for k, v in hf.state_dict().items())
+    assert all(torch.equal(model.state_dict()[hf_io.from_hf_name(k, "llama")], v) for k, v in hf.state_dict().items())
     as_fp32, _ = gpt.load_pretrained(str(tmp_path), dtype=torch.float32)
     assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
 
@@ -207,7 +234,7 @@ def broken_copy(src, dst, edit_config=None, drop_shard=False):
 def test_bad_folders_are_one_line_errors(llama_dir, tmp_path, monkeypatch, edit, drop, message):
     folder = broken_copy(llama_dir, tmp_path / "broken", edit, drop)
     read = []
-    monkeypatch.setattr(data, "read_safetensors", lambda *a, **k: read.append(a))
+    monkeypatch.setattr(hf_io, "read_safetensors", lambda *a, **k: read.append(a))
     with pytest.raises(NanoError, match=message) as e:
         gpt.load_pretrained(str(folder))
     assert "\n" not in str(e.value) and not read  # failed from config and headers alone
@@ -226,7 +253,7 @@ def test_bad_names(tmp_path):
 def test_hub_names_download_config_shards_and_tokenizer(llama_dir, tmp_path, monkeypatch):
     """A hub name: config.json, the index and every shard it lists, tokenizer.json, fetched
     into the cache (the network replaced by a local folder); a repo of one file works too."""
-    def fake_download(url, dest, hint="", headers=None):  # data.download's contract: a file already there is kept
+    def fake_download(url, dest, hint="", headers=None):  # common.download's contract: a file already there is kept
         assert headers == {"Authorization": "Bearer hf_test"}  # HF_TOKEN goes along (gated models)
         if dest.is_file():
             return dest
@@ -240,7 +267,7 @@ def test_hub_names_download_config_shards_and_tokenizer(llama_dir, tmp_path, mon
         return dest
 
     fetched = []
-    monkeypatch.setattr(data, "download", fake_download)
+    monkeypatch.setattr(hf_io, "download", fake_download)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     (llama_dir / "tokenizer.json").write_text("{}")
     try:
@@ -255,7 +282,7 @@ def test_hub_names_download_config_shards_and_tokenizer(llama_dir, tmp_path, mon
     # one model.safetensors, no index, no tokenizer.json
     (tmp_path / "single").mkdir()
     (tmp_path / "single" / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
-    data.write_safetensors(tmp_path / "single" / "model.safetensors", reference.to_hf_state_dict())
+    hf_io.write_safetensors(tmp_path / "single" / "model.safetensors", reference.to_hf_state_dict())
     fetched.clear()
     model, spec = gpt.load_pretrained("org/single", cache_dir=tmp_path / "cache")
     assert fetched == ["config.json", "model.safetensors"] and spec is None

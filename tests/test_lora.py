@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import gpt
+import hf_io
 import lora
 
 
@@ -279,7 +279,7 @@ def test_load_peft_adapter_of_gpt2model(tmp_path, tiny_config, idx):
     "transformer." prefix: each still lands on its layer, and the hidden states are PEFT's."""
     hf, ours = hf_gpt2(tiny_config, head=False)
     theirs = peft_adapter(hf, tmp_path / "peft")
-    assert "base_model.model.h.0.attn.c_attn.lora_A.weight" in data.read_safetensors(
+    assert "base_model.model.h.0.attn.c_attn.lora_A.weight" in hf_io.read_safetensors(
         tmp_path / "peft" / "adapter_model.safetensors")
     lora.load_lora(ours, tmp_path / "peft")
     with torch.no_grad():
@@ -308,8 +308,8 @@ def test_peft_adapter_refusals(tmp_path, tiny_config):
     with pytest.raises(NanoError, match="is not a PEFT adapter folder"):
         lora.load_lora(copy.deepcopy(ours), folder)
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    tensors = data.read_safetensors(folder / "adapter_model.safetensors")
-    data.write_safetensors(folder / "adapter_model.safetensors",
+    tensors = hf_io.read_safetensors(folder / "adapter_model.safetensors")
+    hf_io.write_safetensors(folder / "adapter_model.safetensors",
                           {**tensors, "base_model.model.transformer.wte.weight": torch.zeros(65, 32)})
     with pytest.raises(NanoError, match="holds 'base_model.model.transformer.wte.weight', not a LoRA A or B"):
         lora.load_lora(copy.deepcopy(ours), folder)
@@ -353,7 +353,7 @@ def hf_llama(seed=0):
         for p in hf.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
-    return hf, gpt.GPT.from_hf_state_dict(hf.state_dict(), gpt.GPTConfig(**data.hf_config_fields(hf.config.to_dict()))).eval()
+    return hf, gpt.GPT.from_hf_state_dict(hf.state_dict(), gpt.GPTConfig(**hf_io.hf_config_fields(hf.config.to_dict()))).eval()
 
 
 def test_default_targets_llama():
@@ -367,7 +367,7 @@ def test_default_targets_llama():
     lora.apply_lora(ours)
     assert len(lora.lora_layers(ours)) == 7 * 2 and type(ours.lm_head) is nn.Linear
     assert torch.equal(logits(ours, x), before)  # B = 0: still the base model
-    assert sorted(data.to_hf_name(n, "llama") for n in lora_paths(ours)) == peft_all_linear_paths(hf)
+    assert sorted(hf_io.to_hf_name(n, "llama") for n in lora_paths(ours)) == peft_all_linear_paths(hf)
 
 
 def test_load_peft_adapter_llama(tmp_path):

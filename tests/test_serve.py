@@ -17,6 +17,7 @@ import gpt
 import openai_api
 import sample
 import serve
+import tokenizer
 
 BLOCK = 128
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "a", "KING RICHARD III:\nNow is the winter of our",
@@ -35,7 +36,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tok():
     text = data.SHAKESPEARE_PATH.read_text() + "<|>"  # and the characters of sft.py's special tokens
-    return data.load_tokenizer("char:" + "".join(sorted(set(text))))
+    return tokenizer.load_tokenizer("char:" + "".join(sorted(set(text))))
 
 
 def random_model(vocab_size, arch="gpt2", seed=0):
@@ -141,7 +142,7 @@ def test_text_stream_holds_back_split_characters_and_stop_strings():
     """GPT-2's byte-level BPE splits a character across tokens: no piece carries a half
     character (U+FFFD), the pieces add up to the text, and a stop string split across
     tokens is caught."""
-    tok = data.load_tokenizer("gpt2")
+    tok = tokenizer.load_tokenizer("gpt2")
     text = "héllo wörld, 日本語のテキスト 🙂 end"
     ids = tok.encode(text)
     assert len(ids) > len(text.split())  # some characters really are split over tokens
@@ -194,14 +195,14 @@ def test_engine_checks_requests_before_queueing(model):
 
 def test_hf_chat_template_renders_what_sft_trains_on(tmp_path):
     """A Hugging Face tokenizer.json with a chat_template beside it: the prompt is rendered with
-    the template (data.py, the tokenizer side), tokenized as sft.py's training rendering is, and
+    the template (tokenizer.py), tokenized as sft.py's training rendering is, and
     the reply stops at the template's eos token."""
     import bpe
     import sft
 
     specials = ("<|im_start|>", "<|im_end|>")
     vocab, merges = bpe.train_bpe(data.SHAKESPEARE_PATH.read_text()[:20_000], 300, special_tokens=specials)
-    bpe.Tokenizer(vocab, merges, specials).save_tokenizer_json(tmp_path / "tokenizer.json")
+    tokenizer.save_tokenizer_json(bpe.Tokenizer(vocab, merges, specials), tmp_path / "tokenizer.json")
     chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|im_end|>"}))

@@ -9,6 +9,7 @@ import torch
 import bpe
 import data
 import gpt
+import tokenizer
 import train
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
@@ -47,7 +48,7 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     # the same run cut at iter 10, then resumed: identical losses afterwards
     part = tmp_path / "part"
     train.main(common + ["--max_iters", "10", "--out_dir", str(part)])
-    ckpt = data.read_checkpoint(part / "ckpt.pt")
+    ckpt = gpt.read_checkpoint(part / "ckpt.pt")
     assert ckpt["step"] == 10 and {"optimizer", "torch_rng", "best_val_loss"} <= ckpt.keys()
     # a killed run may have logged past its checkpoint: those rows go, none is doubled
     with open(part / "metrics.jsonl", "a") as f:
@@ -73,10 +74,10 @@ def test_train_learns_checkpoints_and_resumes_bit_exactly(tmp_path, shakespeare_
     model, spec = gpt.load_checkpoint(full / "ckpt.pt")
     assert spec.startswith("char:") and model.config.n_layer == 2 and model.config.arch == arch
     if arch == "llama":  # the checkpoint holds Llama's block: no biases, no position table, 1 key/value head
-        assert model.config.kv_heads == 1 and model.config.rope_theta and model.config.norm == "rmsnorm"
+        assert model.config.n_kv_head == 1 and model.config.rope_theta and model.config.norm == "rmsnorm"
         names = model.state_dict().keys()
         assert not any(name.endswith("bias") for name in names) and "transformer.wpe.weight" not in names
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     assert tok.decode(tok.encode("ROMEO:")) == "ROMEO:"
 
 
@@ -126,6 +127,7 @@ def test_bad_inputs(tmp_path, shakespeare_path):
     ("--init_from", "gpt5", "unknown --init_from 'gpt5'"),
     ("--arch", "mamba", "unknown --arch 'mamba'"),
     ("--gelu", "relu", "unknown --gelu 'relu' (exact or tanh)"),
+    ("--attn_impl", "eager", "unknown --attn_impl 'eager' (sdpa or naive or flash)"),
     ("--n_kv_head", "3", "n_head 2 is not a multiple of n_kv_head 3"),
     ("--n_kv_head", "-1", "--n_kv_head must be >= 0"),
 ])
@@ -133,6 +135,24 @@ def test_bad_options(tmp_path, option, value, message):
     one_line_error(TINY + ["--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "o"), option, value],
                    message)
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_attn_impl_naive_trains_as_sdpa(tmp_path, shakespeare_path):
+    """--attn_impl naive (softmax attention written out) takes the same steps as SDPA: fp32, only
+    rounding differs (~1e-7 per attention), so the losses of 4 steps agree to 1e-5; the checkpoint
+    keeps the choice, and a resumed run refuses another one."""
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_path.read_text()[:20_000])
+    args = TINY + ["--input", str(src), "--data_root", str(tmp_path / "data"), "--dropout", "0.0", "--max_iters", "4",
+                   "--eval_interval", "4", "--always_save_checkpoint", "True", "--n_kv_head", "0"]
+    for impl in ("sdpa", "naive"):
+        train.main(args + ["--attn_impl", impl, "--out_dir", str(tmp_path / impl)])
+    sdpa, naive = losses_by_iter(tmp_path / "sdpa")[0], losses_by_iter(tmp_path / "naive")[0]
+    assert sdpa.keys() == naive.keys() and all(abs(sdpa[i] - naive[i]) < 1e-5 for i in sdpa), (sdpa, naive)
+    assert gpt.load_checkpoint(tmp_path / "naive" / "ckpt.pt")[0].config.attn_impl == "naive"
+    resume = args + ["--out_dir", str(tmp_path / "naive"), "--resume", "True", "--max_iters", "5"]
+    one_line_error(resume + ["--attn_impl", "sdpa"], "--attn_impl sdpa differs from the checkpoint's naive")
+    train.main(resume)  # the checkpoint's naive attention; --n_kv_head 0 still means n_head: no conflict
 
 
 def test_text_dataset_with_gpt2_tokens(tmp_path, shakespeare_path):
@@ -169,7 +189,7 @@ def test_eval_hellaswag_every(tmp_path, shakespeare_path):
     import eval_hellaswag
 
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
-    ref = eval_hellaswag.evaluate(model, data.load_tokenizer(spec), eval_hellaswag.load_examples(rows_path),
+    ref = eval_hellaswag.evaluate(model, tokenizer.load_tokenizer(spec), eval_hellaswag.load_examples(rows_path),
                                   "completion", device="cpu")
     assert (scores[-1]["hellaswag_acc"], scores[-1]["hellaswag_acc_norm"]) == (ref["acc"], ref["acc_norm"])
 
@@ -196,8 +216,8 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path, shakespeare
                            str(root / "train.py"), *args, "--out_dir", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    one = data.read_checkpoint(tmp_path / "one" / "ckpt.pt")["model"]
-    two = data.read_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
+    one = gpt.read_checkpoint(tmp_path / "one" / "ckpt.pt")["model"]
+    two = gpt.read_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
     for name, tensor in one.items():
         # fp32, the same sums in a different order (all-reduce): 1e-5
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
@@ -212,7 +232,7 @@ def test_train_own_bpe_tokenizer(tmp_path, shakespeare_path):
                 "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
                 "--sample_tokens", "5", "--device", "cpu"])
     model, spec = gpt.load_checkpoint(out / "ckpt.pt")
-    tok = data.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
+    tok = tokenizer.load_tokenizer(spec)  # the bpe.py file trained on the text, recorded in the checkpoint
     assert spec.endswith(".bpe") and tok.vocab_size == model.config.vocab_size == 300
     assert tok.decode(tok.encode("First Citizen:")) == "First Citizen:"
     text = src.read_text()  # trained on the train split only: the merges of bpe.py on its first 90%

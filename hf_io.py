@@ -1,0 +1,275 @@
+"""Hugging Face model folders: what gpt.py needs to read (and export.py to write) them.
+
+A folder holds config.json (the architecture), one or more safetensors shards (the weights,
+listed by model.safetensors.index.json when sharded) and usually tokenizer.json. Here:
+- config.json -> gpt.GPTConfig's fields (GPT-2, Llama 3, Mistral, Qwen2/3), and the fields of
+  a bare GPT-2 state dict read off its tensor shapes;
+- tensor names both ways (GPT-2's Conv1D weights are transposed against nn.Linear's; the Llama
+  family's containers are renamed), and the plan that checks every name and shape before a
+  weight is read;
+- safetensors: the format is an 8-byte header length, a JSON header, the raw bytes; read and
+  written here in ~60 lines, streamed tensor by tensor;
+- hub downloads (requests; HF_TOKEN for gated models) into ~/.cache/nanollm.
+
+gpt.py builds the model and asks these to fill it (gpt.load_pretrained). Imports `common` only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import NanoError, atomic_write, download, nanollm_cache
+
+HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def hf_config_fields(hf: dict) -> dict:
+    """gpt.GPTConfig's fields from a Hugging Face config.json (transformers 4.x and 5.x spellings)."""
+    kind = hf.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise NanoError(f"model_type {kind!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
+    if kind == "gpt2":
+        gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}.get(hf.get("activation_function", "gelu_new"))
+        if gelu is None:
+            raise NanoError(f"gpt2 config.json with activation_function {hf['activation_function']!r} is not supported "
+                            "(gelu_new or gelu)")
+        return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                    n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
+                    norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu=gelu)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    bias = hf.get("attention_bias", False)
+    unsupported = [what for what, bad in (
+        (f"rope type {rope_type!r}", rope_type not in ("default", "llama3")),
+        (f"hidden_act {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
+        ("sliding-window layers", hf.get("use_sliding_window", False)),
+        ("attention_bias != mlp_bias", kind == "llama" and bias != hf.get("mlp_bias", False))) if bad]
+    if unsupported:
+        raise NanoError(f"{kind} config.json with {unsupported[0]} is not supported (only what Llama 3, "
+                        "Mistral, Qwen2/3 use)")
+    block_size = hf.get("max_position_embeddings", 2048)
+    if kind == "mistral" and hf.get("sliding_window"):  # a window of W keys = block_size W (sample.py slides it)
+        block_size = min(block_size, hf["sliding_window"])
+    llama3 = dict(rope_scaling=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
+                  rope_high_freq_factor=rope["high_freq_factor"],
+                  rope_original_max_position=rope["original_max_position_embeddings"]) if rope_type == "llama3" else {}
+    return dict(**llama3,
+        arch="llama", block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], bias=bias and kind != "qwen2",
+        mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim") or 0,
+        qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False), qk_norm=kind == "qwen3")
+
+
+def gpt2_config_fields(shapes: dict) -> dict:
+    """GPTConfig's fields read off a GPT-2 state dict's tensor shapes (names without "transformer.")."""
+    if "wte.weight" not in shapes:
+        raise NanoError("not a GPT-2 state dict (no wte.weight; pass the config of another model)")
+    vocab_size, n_embd = shapes["wte.weight"]
+    if n_embd % 64:  # the weights do not say how many heads; every released GPT-2 has 64-dim heads
+        raise NanoError(f"n_embd {n_embd} is not a multiple of 64: pass a GPTConfig with n_head")
+    return dict(block_size=shapes["wpe.weight"][0], vocab_size=vocab_size, n_embd=n_embd, n_head=n_embd // 64,
+                n_layer=1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("h.")), bias="ln_f.bias" in shapes)
+
+
+# Hugging Face's GPT-2 stores these projections as Conv1D, weight (in, out): transposed
+# relative to nn.Linear's (out, in) whenever weights cross between the two
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Llama's family, HF -> ours: the containers and block norms are renamed (so every script
+# finds transformer.h[i].attn, .mlp, .ln_1); the projections keep HF's names
+HF_LLAMA_NAMES = (("model.embed_tokens.", "transformer.wte."), ("model.layers.", "transformer.h."),
+                  ("model.norm.", "transformer.ln_f."), (".self_attn.", ".attn."),
+                  (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."))
+
+
+def from_hf_name(name: str, arch: str) -> str:
+    if arch == "gpt2":
+        return name if name == "lm_head.weight" else "transformer." + name.removeprefix("transformer.")
+    for theirs, ours in HF_LLAMA_NAMES:
+        name = name.replace(theirs, ours)
+    return name
+
+
+def to_hf_name(name: str, arch: str) -> str:
+    """One of our tensor names in Hugging Face's spelling (e.g. for PEFT adapters)."""
+    for theirs, ours in HF_LLAMA_NAMES if arch != "gpt2" else ():
+        name = name.replace(ours, theirs)
+    return name
+
+
+def fill(model, key: str, tensor):
+    """Put a loaded tensor in place of parameter `key` (GPT-2's Conv1D weights transposed)."""
+    if model.config.arch == "gpt2" and key.endswith(HF_CONV1D_WEIGHTS):
+        tensor = tensor.t().contiguous()
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
+
+
+def hf_plan(model, shapes: dict, where="the state dict") -> dict:
+    """{HF name: our name} of every tensor to load, after checking names and shapes against
+    the model: one-line NanoError for a foreign, mis-shaped or missing tensor."""
+    arch, ours, plan = model.config.arch, dict(model.named_parameters()), {}
+    for name, shape in shapes.items():
+        key = from_hf_name(name, arch)
+        if name.endswith((".attn.bias", ".attn.masked_bias")) and key not in ours:
+            continue  # causal-mask buffers of old HF GPT-2 versions
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # the same matrix as the token embedding
+        if key not in ours:
+            raise NanoError(f"unexpected tensor {name!r} in {where} (not a {arch} model of this config)")
+        want = tuple(ours[key].shape)[::-1] if arch == "gpt2" and key.endswith(HF_CONV1D_WEIGHTS) \
+            else tuple(ours[key].shape)
+        if tuple(shape) != want:
+            raise NanoError(f"{name} in {where} has shape {tuple(shape)}, the config wants {want} "
+                            "(weights of another model size?)")
+        plan[name] = key
+    missing = sorted(set(ours) - set(plan.values()))
+    if missing:
+        raise NanoError(f"{where} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0], arch)} "
+                        "(a shard missing, or weights of another model)")
+    return plan
+
+
+def is_hub_name(name: str) -> bool:
+    """"owner/name" as the hub spells a repository: not a path here, nor a checkpoint file's name."""
+    return name.count("/") == 1 and not name.startswith((".", "/")) and Path(name).suffix not in (".pt", ".pth")
+
+
+def hf_folder(name_or_dir: str, cache_dir=None) -> tuple[Path, dict, list[str], str | None]:
+    """(folder, its config.json as a dict, its safetensors files, tokenizer spec) of a Hugging Face
+    model folder, a hub name (downloaded into ~/.cache/nanollm) or a GPT-2 size; checked before any
+    weight is read. The spec is the folder's tokenizer.json, "gpt2" for the GPT-2 sizes, else None."""
+    cache = Path(cache_dir) if cache_dir else nanollm_cache()
+    folder, spec = Path(name_or_dir), None
+    if name_or_dir in GPT2_SIZES and not folder.is_dir():
+        folder, spec = download_hf(f"openai-community/{name_or_dir}", cache / name_or_dir, tokenizer=False), "gpt2"
+    elif not folder.is_dir():
+        if not is_hub_name(name_or_dir):
+            raise NanoError(f"unknown model {name_or_dir!r} (a Hugging Face folder, a hub name like "
+                            f"HuggingFaceTB/SmolLM2-135M, or one of {', '.join(GPT2_SIZES)})")
+        folder = download_hf(name_or_dir, cache / name_or_dir)
+    if not (folder / "config.json").is_file():
+        raise NanoError(f"{folder} has no config.json (a Hugging Face model folder needs one)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoError(f"{folder / 'config.json'} is not valid JSON ({e.__class__.__name__}; download it again)") from None
+    files = weight_files(folder)
+    for name in files:
+        if not (folder / name).is_file():
+            raise NanoError(f"{folder} lacks {name} of {len(files)} weight file(s) (download it again)")
+    if spec is None and (folder / "tokenizer.json").is_file():
+        spec = str(folder / "tokenizer.json")
+    return folder, config, files, spec
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a folder: the shards its index lists, or the one model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
+def download_hf(repo: str, folder: Path, tokenizer=True) -> Path:
+    """config.json, the safetensors (one file or the shards its index lists) and tokenizer.json of
+    a hub repository into folder; files already there are not fetched again. HF_TOKEN, when set,
+    is sent for gated repositories (Llama)."""
+    base = f"https://huggingface.co/{repo}/resolve/main/"
+    hint = "check the name; a gated model needs HF_TOKEN set and its licence accepted"
+    auth = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else None
+    get = functools.partial(download, hint=hint, headers=auth)
+    get(base + "config.json", folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    if not (folder / "model.safetensors").is_file():
+        try:
+            get(base + index.name, index)
+        except NanoError:  # no index: one file
+            pass
+    for name in weight_files(folder):
+        get(base + name, folder / name)
+    if tokenizer:
+        try:
+            get(base + "tokenizer.json", folder / "tokenizer.json")
+        except NanoError:  # the weights are usable without it; gpt.load_pretrained's spec says None
+            pass
+    return folder
+
+
+# safetensors: an 8-byte little-endian header length, a JSON header {name: {"dtype", "shape",
+# "data_offsets"}}, then the raw tensor bytes
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+
+
+def safetensors_header(path) -> tuple[dict, int]:
+    """The header {name: {"dtype", "shape", "data_offsets"}} and where the tensor bytes begin."""
+    with open(path, "rb") as f:
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > os.path.getsize(path):
+                raise ValueError
+            header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError
+        except (struct.error, ValueError, UnicodeDecodeError):
+            raise NanoError(f"{path} is not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise NanoError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    return header, 8 + header_len
+
+
+def read_safetensors(path, names=None) -> dict:
+    """Every tensor of the file (or those in `names`), each read straight into its own memory."""
+    header, base = safetensors_header(path)
+    tensors = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if names is not None and name not in names:
+                continue
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            start, end = info["data_offsets"]
+            if end - start != t.numel() * t.element_size():
+                raise NanoError(f"{path}: tensor {name} has {end - start} bytes for shape {info['shape']} (corrupt file)")
+            f.seek(base + start)
+            if end > start and f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise NanoError(f"{path} is truncated at tensor {name} (download it again)")
+            tensors[name] = t
+    return tensors
+
+
+def write_safetensors(path, tensors: dict):
+    """Write tensors as one safetensors file: the header first, then each tensor's bytes
+    streamed straight from its memory (no copy of the whole model is built), through a temp
+    file renamed at the end."""
+    dtype_names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header so tensor data is 8-byte aligned
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for t in tensors.values():
+                t = t.detach().cpu().contiguous()
+                if t.numel():
+                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+    atomic_write(path, write)

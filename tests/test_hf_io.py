@@ -1,0 +1,71 @@
+"""hf_io.py: safetensors written and read back (header layout, dtypes, empty tensors), byte for
+byte the reference package's format, bad files as one-line errors; config.json fields and tensor
+names both ways."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+import gpt
+import hf_io
+from common import NanoError
+
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2, 2).bfloat16(),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "x.safetensors"
+    hf_io.write_safetensors(path, tensors)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert n % 8 == 0 and header["a"] == {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}
+    back = hf_io.read_safetensors(path)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+
+
+def test_safetensors_matches_reference_package(tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="safetensors not installed: format parity not checked")
+    tensors = {"w": torch.randn(4, 6), "h": torch.randn(3).half(), "b": torch.randn(5).bfloat16()}
+    st.save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    for k, v in hf_io.read_safetensors(tmp_path / "ref.safetensors").items():
+        assert torch.equal(v, tensors[k])
+    hf_io.write_safetensors(tmp_path / "ours.safetensors", tensors)
+    for k, v in st.load_file(tmp_path / "ours.safetensors").items():
+        assert torch.equal(v, tensors[k])
+
+
+def test_bad_safetensors(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\xff" * 40)
+    with pytest.raises(NanoError, match="not a safetensors file"):
+        hf_io.read_safetensors(path)
+
+
+def test_safetensors_header_errors(tmp_path):
+    path = tmp_path / "x.safetensors"
+    hf_io.write_safetensors(path, {"a": torch.randn(4, 4)})
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])  # cut off mid-download
+    with pytest.raises(NanoError, match="truncated at tensor a"):
+        hf_io.read_safetensors(path)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["a"]["dtype"] = "F64"
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+    with pytest.raises(NanoError, match="unsupported dtype F64"):
+        hf_io.safetensors_header(path)
+
+
+def test_names_both_ways(tiny_config):
+    for arch, config in (("gpt2", tiny_config), ("llama", gpt.llama_config(vocab_size=64, block_size=16, n_layer=2,
+                                                                             n_head=2, n_embd=32))):
+        model = gpt.empty_model(config)
+        for name, _ in model.named_parameters():
+            assert hf_io.from_hf_name(hf_io.to_hf_name(name, arch), arch) == name
+    assert hf_io.to_hf_name("transformer.h.0.attn.q_proj.weight", "llama") == "model.layers.0.self_attn.q_proj.weight"
+    assert hf_io.is_hub_name("HuggingFaceTB/SmolLM2-135M") and not hf_io.is_hub_name("out/ckpt.pt")

@@ -1,0 +1,383 @@
+"""tokenizer.py: specs (gpt2, char:, chat:, a bpe.py file, a tokenizer.json), GPT-2's encoding built
+from the shipped files == tiktoken's (and nothing written to any cache), the merges of a tiktoken
+encoding recovered, Hugging Face tokenizer.json read and written == `tokenizers` token for token,
+chat templates == transformers' apply_chat_template, the command line."""
+
+import json
+import re
+import string
+
+import pytest
+
+import bpe
+import sft
+import tokenizer
+from common import NanoError
+from test_bpe import EOT, LLAMA3_PATTERN, QWEN2_PATTERN, TRICKY, one_line_error, shakespeare
+
+BASE = " 0123456789:" + string.ascii_lowercase  # ' ' = 0, '0'..'9' = 1..10, ':' = 11, 'a'..'z' = 12..37
+
+
+# ---- specs -----------------------------------------------------------------------------
+
+
+def test_tokenizers():
+    char = tokenizer.load_tokenizer("char:abc ")
+    assert char.encode("ab c") == [0, 1, 3, 2] and char.decode([2, 1]) == "cb" and char.vocab_size == 4
+    tok = tokenizer.load_tokenizer("gpt2")
+    assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+    assert tok.eot_id == 50256 and tok.vocab_size == 50257
+    with pytest.raises(NanoError, match="neither"):
+        tokenizer.load_tokenizer("no/such/tokenizer.bpe")
+
+
+def test_gpt2_encoding_is_tiktokens_and_writes_nothing(tmp_path, monkeypatch, tiktoken_gpt2):
+    """"gpt2" is tiktoken's encoding built from the shipped encoder.json: the same ids as
+    tiktoken.get_encoding("gpt2") on all of Shakespeare, and no file written to tiktoken's cache
+    (tiktoken caches a local file under the sha1 of its path: litter in the work tree)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    tokenizer.tiktoken_encoding.cache_clear()
+    assets = sorted(tokenizer.TIKTOKEN_CACHE.iterdir())
+    enc = tokenizer.tiktoken_encoding("gpt2")
+    text = shakespeare()
+    assert enc.encode(text) == tiktoken_gpt2.encode(text) and enc.n_vocab == tiktoken_gpt2.n_vocab == 50257
+    assert enc.encode(EOT, allowed_special="all") == [50256]
+    assert list(tmp_path.iterdir()) == [] and sorted(tokenizer.TIKTOKEN_CACHE.iterdir()) == assets
+
+
+def test_load_bpe_reads_every_byte_level_spec(tmp_path, gpt2, small):
+    assert tokenizer.load_bpe("gpt2").merges == gpt2.merges
+    small.save(tmp_path / "small.bpe")
+    tokenizer.save_tokenizer_json(small, tmp_path / "small.json")
+    for spec in ("small.bpe", "small.json"):
+        assert tokenizer.load_bpe(str(tmp_path / spec)).vocab == small.vocab
+    with pytest.raises(NanoError, match="neither a file nor a tiktoken encoding name"):
+        tokenizer.load_bpe("nope")
+
+
+def test_the_train_py_contract(tmp_path):
+    """train.py trains and saves with these calls; tokenizer.load_tokenizer reads the file."""
+    src = tmp_path / "input.txt"
+    src.write_text(shakespeare()[:50_000], encoding="utf-8")
+    vocab, merges = bpe.train_bpe_file(src, 400, special_tokens=(EOT,))
+    assert len(vocab) == 400 and len(merges) == 400 - 256 - 1
+    bpe.Tokenizer(vocab, merges, (EOT,)).save(tmp_path / "tok.bpe")
+    tok = bpe.Tokenizer.load(tmp_path / "tok.bpe")
+    assert tok.vocab_size == 400 and tok.eot_id == 399
+    assert tok.encode("to be" + EOT, allowed_special="all")[-1] == 399
+    wrapped = tokenizer.load_tokenizer(str(tmp_path / "tok.bpe"))
+    assert wrapped.vocab_size == 400 and wrapped.eot_id == 399
+    ids = wrapped.encode("To be, or not" + EOT)
+    assert ids[-1] == 399 and wrapped.decode(ids) == "To be, or not" + EOT
+    tokenizer.save_tokenizer_json(tok, tmp_path / "tokenizer.json")  # a .json spec is a tokenizer.json
+    from_json = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert (from_json.vocab_size, from_json.eot_id) == (400, 399) and from_json.encode("To be, or not" + EOT) == ids
+
+
+# ---- chat tokens and templates ---------------------------------------------------------
+
+
+def test_chat_tokens_follow_the_base_vocabulary():
+    tok = tokenizer.ChatTokenizer(tokenizer.load_tokenizer("char:" + BASE))
+    assert tok.special == {"<|system|>": 38, "<|user|>": 39, "<|assistant|>": 40, "<|end|>": 41}
+    assert tok.vocab_size == 42 and tok.eot_id == 41 and tok.spec == "chat:char:" + BASE
+    again = tokenizer.load_tokenizer(tok.spec)  # the spec a checkpoint records loads the same tokenizer
+    assert again.special == tok.special and again.encode("<|user|>add 1") == tok.encode("<|user|>add 1")
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3_LIKE = ("{{ bos_token }}{% if messages[0]['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\n\n"
+               "Today is ' + 'x' + '<|eot_id|>' }}{% endif %}{% for message in messages %}"
+               "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
+               "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+               "'<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+class SpecialCharTokenizer:
+    """Characters, plus whole special-token strings as single ids (what a HF tokenizer does)."""
+
+    def __init__(self, specials):
+        self.specials = list(specials)
+        self.vocab_size, self.eot_id, self.spec = 256 + len(self.specials), None, "toy"
+
+    def encode(self, text):
+        ids, i = [], 0
+        while i < len(text):
+            for k, s in enumerate(self.specials):
+                if text.startswith(s, i):
+                    ids.append(256 + k)
+                    i += len(s)
+                    break
+            else:
+                ids.append(ord(text[i]) % 256)
+                i += 1
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.specials[i - 256] if i >= 256 else chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("source, specials", [
+    (CHATML, ["<|im_start|>", "<|im_end|>"]),
+    (LLAMA3_LIKE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+])
+def test_hf_template_renders_like_transformers(source, specials, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference for chat templates")
+    tokenizers = pytest.importorskip("tokenizers")
+    eos = "<|im_end|>" if "im_end" in specials[1] else "<|eot_id|>"
+    bos = "" if "im_end" in specials[1] else "<|begin_of_text|>"
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=bos or None)
+    hf.chat_template = source
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": source, "eos_token": eos, "bos_token": {"content": bos} if bos else None}))
+    template = tokenizer.HFChatTemplate.find(str(tmp_path / "tokenizer.json"))
+    toy = SpecialCharTokenizer(specials)
+    convs = [[{"role": "user", "content": "héllo \"wörld\" <b>"}, {"role": "assistant", "content": " ça va "}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add 2 3"},
+              {"role": "assistant", "content": "5"}, {"role": "user", "content": "and 4 4?"},
+              {"role": "assistant", "content": "8"}]]
+    for messages in convs:
+        for gen in (False, True):
+            assert template.text(messages, gen) == hf.apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=gen)
+            # what serve.py generates from: the same text, tokenized segment by segment as the mask is
+            prompt = tokenizer.apply_chat_template(messages, toy, template, add_generation_prompt=gen)
+            assert toy.decode(prompt) == template.text(messages, gen)
+            assert prompt == sft.render_conversation(messages, toy, gen, template)[0]
+        ids, mask = sft.render_conversation(messages, toy, template=template)
+        assert toy.decode(ids) == template.text(messages)
+        learned = "".join(toy.decode([i]) for i, m in zip(ids, mask) if m)
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        if source is CHATML:
+            assert learned == "".join(a + "<|im_end|>\n" for a in answers)
+        else:
+            assert learned == "".join(a.strip() + "<|eot_id|>" for a in answers)
+        assert tokenizer.stop_id(toy, template) == 256 + specials.index(eos)
+
+
+def test_hf_template_errors_are_nano_errors(tmp_path):
+    with pytest.raises(NanoError, match="refuses this conversation: bad role"):
+        tokenizer.HFChatTemplate(LLAMA3_LIKE).text([{"role": "tool", "content": "x"}])
+    with pytest.raises(NanoError, match="does not parse"):
+        tokenizer.HFChatTemplate("{% for m in messages %}")
+    assert tokenizer.HFChatTemplate.find("gpt2") is None and tokenizer.HFChatTemplate.find("chat:gpt2") is None
+
+
+# ---- the formats of others: tiktoken, Hugging Face tokenizer.json ----------------------
+
+
+def test_from_tiktoken_rebuilds_gpt2_merges(gpt2, tiktoken_gpt2):
+    rebuilt = tokenizer.bpe_from_tiktoken(tiktoken_gpt2)
+    assert rebuilt.merges == gpt2.merges and rebuilt.vocab == gpt2.vocab
+    assert rebuilt.special_tokens == gpt2.special_tokens == {EOT: 50256}
+
+
+def test_from_tiktoken_cl100k():
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference")
+    try:
+        enc = tiktoken.get_encoding("cl100k_base")
+    except Exception as e:  # noqa: BLE001 (no cached files and no network)
+        pytest.skip(f"cl100k_base not available offline ({type(e).__name__})")
+    tok = tokenizer.bpe_from_tiktoken(enc)
+    text = shakespeare()[:200_000]
+    assert tok.encode(text) == enc.encode(text)
+    for s in TRICKY:
+        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), s
+
+
+SPECIALS = [EOT, "<|im_start|>", "<|im_end|>", "<|reserved_special_token_0|>"]
+HARD = [
+    ("  Hello,  wörld!!  It's we've THEY'LL they'Re 1234567 3.14159 ٣٤٥ ²³ 0x1F\n\n\tdef f(x):\n"
+     "        return x**2  # café\u0301 vs caf\u00e9\r\n"),
+    "日本語のテキスト، مرحبا بالعالم Καλημέρα привет 👋🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ﬁne",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>ok</think>The   end.   \n \n",
+    "<|endoftext|><|endoftext|> <|endoftext <|im_start|x a<|endoftext|>b   \u3000\u00a0\u2028 \x1c\x00\x7f\t\t",
+    "       ", "\n", "x", "",
+]
+
+
+def hf_tokenizer(tmp_path, name, pre_tokenizer, normalizer=None, vocab_size=700, ignore_merges=False):
+    """A byte-level BPE trained by `tokenizers` on Shakespeare + the hard texts, with special
+    tokens and one non-special added token (Qwen3's <think>), saved as tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.normalizer = normalizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([shakespeare()[:200_000], *HARD * 5], trainer)
+    tok.add_tokens(["<think>", "</think>"])
+    spec = json.loads(tok.to_str())
+    spec["model"]["ignore_merges"] = ignore_merges
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return tokenizers.Tokenizer.from_file(str(path)), path
+
+
+def hf_pipelines():
+    pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    from tokenizers import Regex, normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    def split_then_bytes(pattern):
+        return pt.Sequence([pt.Split(Regex(pattern), behavior="isolated"), pt.ByteLevel(add_prefix_space=False,
+                                                                                          use_regex=False)])
+    return {  # the pipelines of those models' tokenizer.json files; the last one exercises add_prefix_space
+        "gpt2": {"pre_tokenizer": pt.ByteLevel(add_prefix_space=False)},
+        "llama3": {"pre_tokenizer": split_then_bytes(LLAMA3_PATTERN), "ignore_merges": True},
+        "qwen2": {"pre_tokenizer": split_then_bytes(QWEN2_PATTERN), "normalizer": normalizers.NFC()},
+        "smollm": {"pre_tokenizer": pt.Sequence([pt.Digits(individual_digits=True),
+                                                 pt.ByteLevel(add_prefix_space=False)])},
+        "prefix_space": {"pre_tokenizer": pt.Sequence([pt.Digits(individual_digits=False),
+                                                       pt.ByteLevel(add_prefix_space=True)])},
+    }
+
+
+def assert_same_as_hf(ours, hf, texts):
+    for text in texts:
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == expected, text
+        assert ours.decode(expected) == hf.decode(expected, skip_special_tokens=False), text
+    hf.encode_special_tokens = True  # special tokens as plain text; added ones still match
+    try:
+        for text in texts:
+            assert ours.encode(text, allowed_special="none") == hf.encode(text, add_special_tokens=False).ids, text
+    finally:
+        hf.encode_special_tokens = False
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3", "qwen2", "smollm", "prefix_space"])
+def test_tokenizer_json_gives_the_ids_of_hf_tokenizers(tmp_path, kind):
+    hf, path = hf_tokenizer(tmp_path, kind, **hf_pipelines()[kind])
+    ours = tokenizer.bpe_from_tokenizer_json(path)
+    assert ours.vocab_size == hf.get_vocab_size() and ours.eot_id == hf.token_to_id(EOT)
+    assert set(ours.special_tokens) == set(SPECIALS) and set(ours.added_tokens) == {"<think>", "</think>"}
+    assert_same_as_hf(ours, hf, HARD + TRICKY[:-1] + [shakespeare()[-30_000:]])
+    if kind != "prefix_space":  # streaming cannot know where a text begins
+        text = "".join(HARD) * 3
+        chunks = [text[i:i + 7] for i in range(0, len(text), 7)]
+        assert list(ours.encode_iterable(chunks, allowed_special="all", min_chars=50)) == \
+            hf.encode(text, add_special_tokens=False).ids
+
+
+def test_gpt2_tokenizer_json_from_openai_files_equals_tiktoken(tmp_path, tiktoken_gpt2, gpt2):
+    """GPT-2's tokenizer.json as `tokenizers` builds it from OpenAI's files (as HF's gpt2
+    repository ships it): read into a bpe.Tokenizer, the same ids as tiktoken and as `tokenizers`."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    encoder = json.loads(tokenizer.GPT2_ENCODER_JSON.read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in tokenizer.GPT2_VOCAB_BPE.read_text(encoding="utf-8").splitlines()[1:] if line]
+    hf = tokenizers.Tokenizer(models.BPE(encoder, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([EOT])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = tokenizer.load_bpe(str(tmp_path / "tokenizer.json"))
+    assert ours.vocab == gpt2.vocab and ours.merges == gpt2.merges and ours.eot_id == 50256
+    assert ours.pattern == bpe.GPT2_PATTERN and not ours.ignore_merges
+    text = shakespeare()[:100_000]
+    assert ours.encode(text) == tiktoken_gpt2.encode(text) == hf.encode(text).ids
+    assert_same_as_hf(ours, hf, HARD + TRICKY[:-1])
+
+
+def test_written_tokenizer_json_loads_in_hf_tokenizers(tmp_path, gpt2, small):
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is the reference for tokenizer.json")
+    text = shakespeare()[:30_000] + "".join(TRICKY[:-1]) * 5 + "".join(HARD)
+    vocab, merges = bpe.train_bpe(text, 600, special_tokens=SPECIALS, pattern=bpe.GPT4_PATTERN)
+    gpt4 = bpe.Tokenizer(vocab, merges, SPECIALS, bpe.GPT4_PATTERN)
+    for name, tok in (("gpt2", gpt2), ("small", small), ("gpt4", gpt4)):
+        path = tmp_path / f"{name}.json"
+        tokenizer.save_tokenizer_json(tok, path)
+        hf = tokenizers.Tokenizer.from_file(str(path))
+        assert_same_as_hf(tok, hf, HARD + TRICKY[:-1] + ["1234567890 12345", text])
+        again = tokenizer.bpe_from_tokenizer_json(path)  # and back: the same tokenizer
+        assert (again.vocab, again.merges, again.special_tokens) == (tok.vocab, tok.merges, tok.special_tokens)
+        assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    # Oniguruma reads GPT-4's possessive \p{N}{1,3}+ as (\p{N}{1,3})+, any run of digits: written
+    # as an atomic group; a file that has it raw is read as Oniguruma reads it
+    assert tokenizer._to_onig(bpe.GPT4_PATTERN).count(r"(?>\p{N}{1,3})") == 1
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = bpe.GPT4_PATTERN
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    hf, raw = tokenizers.Tokenizer.from_file(str(path)), tokenizer.bpe_from_tokenizer_json(path)
+    assert raw.pattern.count(r"(?:\p{N}{1,3})+") == 1
+    assert_same_as_hf(raw, hf, ["1234567890 12345", *HARD])
+    def pieces(tok, text):
+        return bpe.split_isolated(bpe.compile_pattern(tok.pattern), text)
+
+    assert pieces(raw, "1234567") == ["1234567"] and pieces(gpt4, "1234567") == ["123", "456", "7"]
+
+
+def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
+    base = {"version": "1.0", "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(bpe.bytes_to_unicode().values())},
+                      "merges": []}}
+    sentencepiece = {**base, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
+                     "model": {**base["model"], "byte_fallback": True}}
+    cases = {
+        "SentencePiece-style": sentencepiece,
+        "WordPiece tokenizer": {**base, "model": {"type": "WordPiece", "vocab": {}}},
+        "Whitespace": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Whitespace"}, base["pre_tokenizer"]]}},
+        "not a byte-level BPE": {**base, "pre_tokenizer": None},
+        "normalizer Lowercase": {**base, "normalizer": {"type": "Lowercase"}},
+        "lstrip": {**base, "added_tokens": [{"id": 256, "content": "<mask>", "lstrip": True, "special": True}]},
+        "byte alphabet": {**base, "model": {**base["model"], "vocab": {**base["model"]["vocab"], "a b": 256}}},
+        "malformed": {**base, "model": {**base["model"], "merges": ["Ġ"]}},
+        "malformed tokenizer.json": {**base, "added_tokens": [{"content": "<|x|>", "special": True}]},
+    }
+    for says, spec in cases.items():
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(spec), encoding="utf-8")
+        with pytest.raises(NanoError) as e:
+            tokenizer.bpe_from_tokenizer_json(path)
+        assert says in one_line_error(e), says
+    path.write_text("{not json", encoding="utf-8")
+    for bad in (path, tmp_path / "missing.json"):
+        with pytest.raises(NanoError) as e:
+            tokenizer.bpe_from_tokenizer_json(bad)
+        one_line_error(e)
+    path.write_text(json.dumps(base), encoding="utf-8")
+    tok = tokenizer.bpe_from_tokenizer_json(path)  # the minimal byte-level file is fine
+    assert tok.decode(tok.encode("hi ü")) == "hi ü" and len(tok.encode("hi ü")) == 5
+    with pytest.raises(bpe.BPEError) as e:  # a pipeline the .bpe format cannot hold
+        tokenizer.bpe_from_tokenizer_json(path).save(tmp_path / "x.bpe")
+    assert "save_tokenizer_json" in one_line_error(e)
+
+
+# ---- command line --------------------------------------------------------------------
+
+
+def test_cli(tmp_path, capsys):
+    src = tmp_path / "input.txt"
+    src.write_text(shakespeare()[:30_000], encoding="utf-8")
+    out = tmp_path / "tok.bpe"
+    bpe.main(["train", "--input", str(src), "--vocab_size", "300", "--out", str(out), "--num_workers", "1"])
+    capsys.readouterr()
+    tokenizer.main(["encode", "--tokenizer", str(out), "First Citizen"])
+    ids_line, _pieces, _ = capsys.readouterr().out.splitlines()
+    assert bpe.Tokenizer.load(out).decode(json.loads(ids_line)) == "First Citizen"
+    tokenizer.main(["compare", "--input", str(src), "--tokenizer", str(out), "--reference", "gpt2"])
+    report = capsys.readouterr().out
+    assert "tokens/byte" in report and str(out) in report and "gpt2: vocab 50,257" in report
+    tokenizer.save_tokenizer_json(bpe.Tokenizer.load(out), tmp_path / "tokenizer.json")  # a .json is a tokenizer.json
+    tokenizer.main(["encode", "--tokenizer", str(tmp_path / "tokenizer.json"), "First Citizen"])
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == json.loads(ids_line)
+    tokenizer.main(["encode", "Hello world"])  # gpt2, the default
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == [15496, 995]
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    for argv, says in ((["encode", "--file", str(tmp_path / "latin1.txt")], "error: cannot read .* as UTF-8"),
+                       (["encode", f"a{EOT}"], "error: the text contains the special token")):
+        with pytest.raises(SystemExit) as e:
+            tokenizer.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and re.match(says, err), err

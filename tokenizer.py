@@ -1,0 +1,624 @@
+"""Tokenizers by spec, chat templates, and the tokenizer formats of others.
+
+A checkpoint records its tokenizer as a spec, and `load_tokenizer(spec)` reads it:
+- "gpt2" (also r50k_base, p50k_base, cl100k_base, o200k_base): tiktoken; GPT-2's files ship in assets/,
+  so "gpt2" works offline;
+- "char:<alphabet>": one id per character of the alphabet;
+- "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens;
+- a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json (Llama 3,
+  Qwen, SmolLM, ...: byte-level BPE, read into a bpe.Tokenizer).
+A file-based tokenizer travels inside the checkpoint (gpt.py's `pack_tokenizer`, `unpack_tokenizer`).
+
+Chat templates, the tokenizer side (transformers keeps it on the tokenizer: apply_chat_template):
+a conversation rendered to ids with nanollm's <|role|> content <|end|> or a Hugging Face model's
+Jinja chat_template, the prompt serve.py generates from; sft.py builds its loss mask on the same
+pieces (`chat_pieces`).
+
+The formats of others, read into (and written from) bpe.py's Tokenizer with the ids of tiktoken
+and of `tokenizers`: OpenAI's GPT-2 files (vocab.bpe + encoder.json), any tiktoken encoding
+(only ranks: the merges are recovered with bpe.merge_by_rank), Hugging Face tokenizer.json
+files of byte-level BPE models (GPT-2, Llama 3, Qwen2/3, SmolLM).
+
+Run:
+    python tokenizer.py encode --tokenizer gpt2 "Hello world"   (or a bpe.py file, a tokenizer.json)
+    python tokenizer.py compare --input input.txt --tokenizer tok.bpe   (GPT-2, cl100k and yours)
+
+This file imports `common` and `bpe`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import regex
+
+import bpe
+from bpe import ENDOFTEXT, GPT2_PATTERN, PREFIX_SPACE, from_alphabet, render_token, to_alphabet
+from common import NanoError, atomic_write, cli
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# GPT-2's BPE files laid out as tiktoken's cache (each named by the sha1 of its URL), so
+# TIKTOKEN_CACHE_DIR=assets/tiktoken_cache also makes plain tiktoken work offline
+TIKTOKEN_CACHE = ASSETS / "tiktoken_cache"
+GPT2_VOCAB_BPE = TIKTOKEN_CACHE / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"  # vocab.bpe: merges in rank order
+GPT2_ENCODER_JSON = TIKTOKEN_CACHE / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6"  # encoder.json: token -> id
+GPT2_ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"  # tiktoken's check
+TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizers: "gpt2" (tiktoken), "char:<alphabet>", a bpe.py file or a tokenizer.json, "chat:..."
+
+
+class CharTokenizer:
+    def __init__(self, alphabet: str):
+        self.alphabet = alphabet
+        self.stoi = {ch: i for i, ch in enumerate(alphabet)}
+        self.vocab_size = len(alphabet)
+        self.eot_id = None
+        self.spec = "char:" + alphabet
+
+    def encode(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise NanoError(f"character {e.args[0]!r} is not in the model's alphabet") from None
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids)
+
+
+@functools.lru_cache(maxsize=None)
+def tiktoken_encoding(name: str):
+    """tiktoken's encoding `name`. GPT-2's is built from the shipped encoder.json (its ids are
+    tiktoken's ranks), so it needs no network and writes nothing to tiktoken's cache; the others
+    are downloaded into tiktoken's cache the first time."""
+    import tiktoken
+
+    if name != "gpt2":
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception as e:  # a download that failed: tiktoken raises requests' errors
+            raise NanoError(f"could not load tiktoken's {name!r} ({e.__class__.__name__}; "
+                            "check the network, or use 'gpt2', which ships with nanollm)") from None
+    raw = GPT2_ENCODER_JSON.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != GPT2_ENCODER_SHA256:
+        raise NanoError(f"{GPT2_ENCODER_JSON} is not GPT-2's encoder.json (restore it: git checkout assets)")
+    ranks = {from_alphabet(token): i for token, i in json.loads(raw).items() if token != ENDOFTEXT}
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+class TiktokenTokenizer:
+    def __init__(self, name="gpt2"):
+        self.enc = tiktoken_encoding(name)
+        self.vocab_size = self.enc.n_vocab
+        self.eot_id = self.enc.eot_token
+        self.spec = name
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+
+class BPEFileTokenizer:
+    """A tokenizer saved by bpe.py, or a Hugging Face tokenizer.json (a path ending in .json)
+    read into a bpe.Tokenizer."""
+
+    def __init__(self, path):
+        with self.as_nano_error():
+            self.tok = bpe_from_tokenizer_json(path) if str(path).endswith(".json") else bpe.Tokenizer.load(path)
+        self.vocab_size, self.eot_id = self.tok.vocab_size, self.tok.eot_id
+        self.spec = str(path)
+
+    @contextlib.contextmanager
+    def as_nano_error(self):
+        try:
+            yield
+        except bpe.BPEError as e:  # bpe.py imports nothing of ours: its errors become NanoErrors here
+            raise NanoError(str(e)) from None
+
+    def encode(self, text):
+        with self.as_nano_error():
+            return self.tok.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        with self.as_nano_error():
+            return self.tok.decode(list(ids))
+
+
+ROLES = ("system", "user", "assistant")
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids: base vocab_size + 0..3
+CHAT_PREFIX = "chat:"
+
+
+class ChatTokenizer:
+    """A base tokenizer (load_tokenizer) with the chat tokens appended after its
+    vocabulary, ids base.vocab_size + 0..3. Spec "chat:<base spec>". eot_id is <|end|>, so
+    sample.py --stop_at_eot and dpo.py (which appends eot_id to answers) end an assistant
+    turn where the template does. encode() turns the special strings in a text into their
+    ids (a prompt typed for sample.py / dpo.py works); encode_ordinary() never does: the
+    template uses it for content."""
+
+    def __init__(self, base):
+        if base.spec.startswith(CHAT_PREFIX):
+            raise NanoError(f"tokenizer {base.spec[:40]!r} already has chat tokens (use it as it is)")
+        self.base = base
+        self.special = {s: base.vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.role_id = dict(zip(ROLES, self.special.values()))
+        self.assistant_id, self.end_id = self.special["<|assistant|>"], self.special["<|end|>"]
+        self.vocab_size = base.vocab_size + len(SPECIAL_TOKENS)
+        self.eot_id = self.end_id
+        self.spec = CHAT_PREFIX + base.spec
+        self._split = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
+        self._names = {i: s for s, i in self.special.items()}
+
+    def encode_ordinary(self, text):
+        return self.base.encode(text)
+
+    def encode(self, text):
+        ids = []
+        for piece in self._split.split(text):  # odd pieces are special tokens
+            if piece in self.special:
+                ids.append(self.special[piece])
+            elif piece:
+                ids += self.base.encode(piece)
+        return ids
+
+    def decode(self, ids):
+        out, run = [], []
+        for i in ids:
+            if i in self._names:
+                out += [self.base.decode(run), self._names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.base.decode(run)])
+
+
+def load_tokenizer(spec: str):
+    if isinstance(spec, str) and spec.startswith(CHAT_PREFIX):  # sft.py's chat tokens on a base tokenizer
+        return ChatTokenizer(load_tokenizer(spec[len(CHAT_PREFIX):]))
+    if spec is None:
+        raise NanoError("no tokenizer recorded (pass one, e.g. 'gpt2' or 'char:abc')")
+    if spec.startswith("char:"):
+        return CharTokenizer(spec[len("char:"):])
+    if spec in TIKTOKEN_NAMES:
+        return TiktokenTokenizer(spec)
+    if Path(spec).is_file():
+        return BPEFileTokenizer(spec)
+    raise NanoError(f"tokenizer {spec!r} is neither 'gpt2', 'char:<alphabet>', a bpe.py file nor a tokenizer.json")
+
+
+# ----------------------------------------------------------------------------------------
+# Chat templates, the tokenizer side: a conversation -> the ids a chat model reads. transformers
+# keeps this on the tokenizer (apply_chat_template); sft.py builds its loss mask on the same pieces.
+
+
+class HFChatTemplate:
+    """A Hugging Face `chat_template` (Jinja), rendered as transformers renders it: a sandboxed
+    environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now` and a
+    `tojson` that keeps non-ASCII text (tests/test_sft.py compares with apply_chat_template)."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        import jinja2  # comes with torch; only Hugging Face templates need it
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise NanoError(f"the chat template refuses this conversation: {message}")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise NanoError(f"the chat template does not parse ({e.__class__.__name__}: {e})") from None
+        self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
+
+    def text(self, messages, add_generation_prompt=False) -> str:
+        import jinja2
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as e:
+            raise NanoError(f"the chat template failed ({e.__class__.__name__}: {e})") from None
+
+    def segments(self, messages, add_generation_prompt=False) -> list[tuple[str, bool]]:
+        """The rendered text cut at the assistant's answers, [(text, is an answer)], found by
+        rendering prefixes: the text of messages[:i] with the generation prompt ends where
+        assistant message i starts, the text of messages[:i+1] where it ends; that span is the
+        answer plus whatever the template closes it with (e.g. "<|im_end|>\\n")."""
+        segments, done = [], ""  # and the text covered so far
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt, full = self.text(messages[:i], True), self.text(messages[:i + 1])
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise NanoError("the chat template renders a conversation differently from its beginning "
+                                "(it rewrites earlier turns), so the assistant's tokens cannot be found")
+            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        rest = self.text(messages, add_generation_prompt)
+        if not rest.startswith(done):
+            raise NanoError("the chat template renders a conversation differently from its beginning")
+        segments.append((rest[len(done):], False))
+        return segments
+
+    @classmethod
+    def find(cls, spec):
+        """The template beside a Hugging Face tokenizer.json spec (tokenizer_config.json's
+        chat_template, or a chat_template.jinja file), or None."""
+        if not isinstance(spec, str) or spec.startswith(CHAT_PREFIX) or not spec.endswith("tokenizer.json"):
+            return None
+        folder = Path(spec).parent
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        source = config.get("chat_template")
+        if isinstance(source, list):  # several named templates: the default one
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        if source is None and (folder / "chat_template.jinja").is_file():
+            source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if not source:
+            return None
+
+        def token(name):  # a string, or an AddedToken written as {"content": ...}
+            value = config.get(name) or ""
+            return value.get("content", "") if isinstance(value, dict) else value
+
+        return cls(source, token("bos_token"), token("eos_token"))
+
+
+def chat_pieces(messages, tok, template=None, add_generation_prompt=False) -> list[tuple[list[int], bool]]:
+    """A conversation as token pieces [(ids, is an answer)]: an answer is an assistant message's
+    content with what closes its turn (transformers marks the same spans with
+    return_assistant_tokens_mask). Joined, the pieces are the conversation's ids. template: an
+    HFChatTemplate, else nanollm's own, <|role|> content <|end|> per message, which needs a
+    ChatTokenizer; content is encoded as plain text, so a user cannot forge a turn by typing
+    "<|assistant|>". add_generation_prompt appends the opening of an assistant turn."""
+    if template is not None:
+        # segment by segment, so a token never straddles an answer's edge (the edges sit at the
+        # template's special tokens and newlines, where BPE splits anyway)
+        return [(tok.encode(text) if text else [], answer)
+                for text, answer in template.segments(messages, add_generation_prompt)]
+    if not isinstance(tok, ChatTokenizer):
+        raise NanoError(f"tokenizer {tok.spec[:40]!r} has no chat tokens (wrap it: ChatTokenizer(tok), "
+                        "or finetune the model with sft.py first)")
+    pieces = []
+    for m in messages:  # the role token opens the turn: given, never part of the answer
+        pieces += [([tok.role_id[m["role"]]], False),
+                   (tok.encode_ordinary(m["content"]) + [tok.end_id], m["role"] == "assistant")]
+    if add_generation_prompt:
+        pieces.append(([tok.assistant_id], False))
+    return pieces
+
+
+def apply_chat_template(messages, tok, template=None, add_generation_prompt=False) -> list[int]:
+    """The conversation's ids, as transformers' tokenizer.apply_chat_template gives them; with
+    add_generation_prompt, the prompt a chat model answers (serve.py)."""
+    return [i for ids, _ in chat_pieces(messages, tok, template, add_generation_prompt) for i in ids]
+
+
+def load_chat(spec):
+    """(tokenizer, template) for a checkpoint's tokenizer spec: the chat tokens of a "chat:"
+    spec (template None), or a Hugging Face tokenizer with its chat_template."""
+    tok = load_tokenizer(spec)
+    template = HFChatTemplate.find(spec)
+    if template is None and not isinstance(tok, ChatTokenizer):
+        raise NanoError(f"tokenizer {str(spec)[:40]!r} has no chat template (finetune the model with sft.py first)")
+    return tok, template
+
+
+def stop_id(tok, template=None) -> int:
+    """The token that ends an assistant turn: <|end|>, or the template's eos token."""
+    if template is None:
+        return tok.end_id
+    ids = tok.encode(template.eos_token) if template.eos_token else []
+    if len(ids) != 1:
+        raise NanoError(f"the chat template's eos_token {template.eos_token!r} is not one token "
+                        "(check tokenizer_config.json)")
+    return ids[0]
+
+
+# ----------------------------------------------------------------------------------------
+# A checkpoint carries the file of a file-based tokenizer (a bpe.py model is a few hundred KB),
+# so moving or deleting data/ never orphans it; the path stays in the spec as a hint.
+
+
+# ----------------------------------------------------------------------------------------
+# The formats of others as a bpe.Tokenizer: OpenAI's GPT-2 files, tiktoken encodings
+
+
+def bpe_from_gpt2_files(vocab_bpe_path=GPT2_VOCAB_BPE, encoder_json_path=GPT2_ENCODER_JSON,
+                        special_tokens=(ENDOFTEXT,)) -> bpe.Tokenizer:
+    """OpenAI's GPT-2 files: vocab.bpe (one merge per line, in priority order) and
+    encoder.json (token -> id), both written in GPT-2's byte alphabet (default: the shipped copies)."""
+    try:
+        encoder = json.loads(Path(encoder_json_path).read_text(encoding="utf-8"))
+        lines = Path(vocab_bpe_path).read_text(encoding="utf-8").split("\n")
+        vocab = {int(i): from_alphabet(token) for token, i in encoder.items()}
+        merges = [tuple(map(from_alphabet, line.split(" "))) for line in lines
+                  if line and not line.startswith("#version")]
+        if not all(len(m) == 2 for m in merges):
+            raise ValueError("a merge line is not two tokens")
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise NanoError(f"cannot read GPT-2 files {vocab_bpe_path}, {encoder_json_path}: "
+                        f"{type(e).__name__}: {e} (need OpenAI's vocab.bpe and encoder.json)") from None
+    specials = {s: encoder[s] for s in special_tokens if s in encoder}
+    return bpe.Tokenizer(vocab, merges, specials, GPT2_PATTERN)
+
+
+def bpe_from_tiktoken(encoding) -> bpe.Tokenizer:
+    """Rebuild a tokenizer from a tiktoken encoding (or its name, e.g. "cl100k_base").
+    tiktoken stores only ranks (token bytes -> id, lower merges first); the merge that
+    made a token is found by running the naive BPE (bpe.merge_by_rank) on its bytes with
+    only the lower-ranked tokens: what remains is exactly two parts, the pair that was merged."""
+    if isinstance(encoding, str):
+        encoding = tiktoken_encoding(encoding)
+    ranks = encoding._mergeable_ranks  # tiktoken exposes no public accessor
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            parts = bpe.merge_by_rank(token, ranks, max_rank=rank)
+            if len(parts) != 2:
+                raise NanoError(f"token {render_token(token)} (rank {rank}) is not a merge of "
+                                "two lower-ranked tokens: not a BPE vocabulary")
+            merges.append((parts[0], parts[1]))
+    vocab = {rank: token for token, rank in ranks.items()}
+    return bpe.Tokenizer(vocab, merges, dict(encoding._special_tokens), encoding._pat_str)
+
+
+def load_bpe(spec: str) -> bpe.Tokenizer:
+    """A bpe.Tokenizer from a saved bpe.py file, a Hugging Face tokenizer.json (a path ending in
+    .json), or a tiktoken encoding name ("gpt2" from the shipped files)."""
+    if spec.endswith(".json"):
+        return bpe_from_tokenizer_json(spec)
+    if Path(spec).is_file():
+        return bpe.Tokenizer.load(spec)
+    if spec == "gpt2":
+        return bpe_from_gpt2_files()
+    if spec in TIKTOKEN_NAMES:
+        return bpe_from_tiktoken(spec)
+    raise NanoError(f"tokenizer {spec!r} is neither a file nor a tiktoken encoding name (e.g. gpt2)")
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json: read and written
+
+SUPPORTED = "nanollm reads the byte-level BPE of GPT-2, Llama 3, Qwen2/3, SmolLM"
+# Oniguruma, the regex engine of `tokenizers`, reads "X{1,3}+" as (X{1,3})+, not as a
+# possessive X{1,3} (Python's regex and tiktoken's): rewrite one as the other both ways.
+_BOUNDED_PLUS = regex.compile(r"(\\p\{\w+\}|\\.|\[(?:\\.|[^\]\\])*\]|[^\\()\[\]{}|])(\{\d+(?:,\d*)?\})\+")
+
+
+def _to_onig(pattern: str) -> str:
+    return _BOUNDED_PLUS.sub(r"(?>\1\2)", pattern)
+
+
+def _from_onig(pattern: str) -> str:
+    return _BOUNDED_PLUS.sub(r"(?:\1\2)+", pattern)
+
+
+def _members(node, key) -> list[dict]:
+    """The steps of a normalizer or pre_tokenizer, a Sequence of them flattened."""
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [step for member in node.get(key, []) for step in _members(member, key)]
+    return [node]
+
+
+def _read_tokenizer_json(spec: dict, where) -> dict:
+    """Tokenizer(...) arguments from a parsed tokenizer.json, or a one-line error."""
+    model = spec.get("model") or {}
+    pre = _members(spec.get("pre_tokenizer"), "pretokenizers")
+    norms = _members(spec.get("normalizer"), "normalizers")
+    kinds = {step.get("type") for step in pre + norms}
+    if model.get("type") != "BPE":
+        raise NanoError(f"{where}: a {model.get('type')} tokenizer model is not supported ({SUPPORTED})")
+    if model.get("byte_fallback") or kinds & {"Metaspace", "Prepend"}:
+        raise NanoError(f"{where}: a SentencePiece-style BPE (Metaspace, byte fallback: Llama 2, Mistral "
+                        f"v0.1) is not supported ({SUPPORTED})")
+    if not pre or pre[-1].get("type") != "ByteLevel":
+        raise NanoError(f"{where}: not a byte-level BPE (its pre_tokenizer does not end in ByteLevel; {SUPPORTED})")
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise NanoError(f"{where}: BPE dropout, continuing_subword_prefix and end_of_word_suffix are not "
+                        f"supported ({SUPPORTED})")
+    steps = []
+    for step in pre:
+        kind = step.get("type")
+        if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            pattern = step.get("pattern", {})
+            steps.append(_from_onig(pattern["Regex"]) if "Regex" in pattern else regex.escape(pattern.get("String", "")))
+        elif kind == "Digits":  # is_numeric(): \p{N}; runs of digits are one piece unless individual_digits
+            steps.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel" and step is pre[-1]:
+            steps += [PREFIX_SPACE] * bool(step.get("add_prefix_space")) + [GPT2_PATTERN] * step.get("use_regex", True)
+        else:
+            raise NanoError(f"{where}: the pre-tokenizer {json.dumps(step)[:100]} is not supported ({SUPPORTED})")
+    for step in norms:
+        if step.get("type") not in ("NFC", "NFD", "NFKC", "NFKD"):
+            raise NanoError(f"{where}: the normalizer {step.get('type')} is not supported (NFC, NFD, NFKC, NFKD are)")
+    specials, added = {}, {}
+    try:
+        for token in spec.get("added_tokens") or []:
+            if token.get("single_word") or token.get("lstrip") or token.get("rstrip"):
+                raise NanoError(f"{where}: added token {token.get('content')!r} sets single_word, lstrip or "
+                                "rstrip, which nanollm does not support")
+            (specials if token.get("special") else added)[token["content"]] = int(token["id"])
+        added_ids = set(specials.values()) | set(added.values())
+        vocab = {i: _hf_bytes(t, where) for t, i in model["vocab"].items() if i not in added_ids}
+        merges = [tuple(_hf_bytes(t, where) for t in (m.split(" ") if isinstance(m, str) else m))
+                  for m in model["merges"]]
+        if any(len(m) != 2 for m in merges):
+            raise ValueError("a merge is not two tokens")
+    except NanoError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise NanoError(f"{where}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+    one_regex = len(steps) == 1 and steps[0] != PREFIX_SPACE
+    return {"vocab": vocab, "merges": merges, "special_tokens": specials, "added_tokens": added,
+            "pattern": steps[0] if one_regex else None, "pre_tokenizer": None if one_regex else steps,
+            "normalizer": [step["type"] for step in norms], "ignore_merges": bool(model.get("ignore_merges"))}
+
+
+def _hf_bytes(token: str, where) -> bytes:
+    try:
+        return from_alphabet(token)
+    except UnicodeEncodeError:
+        raise NanoError(f"{where}: token {token!r} is not written in GPT-2's byte alphabet (not a "
+                        f"byte-level BPE; {SUPPORTED})") from None
+
+
+def bpe_from_tokenizer_json(path) -> bpe.Tokenizer:
+    """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2, Llama 3, Qwen2/3, SmolLM):
+    its normalizer, pre-tokenizer (Split regexes, Digits, ByteLevel), merges and added
+    tokens, so that encode(text, allowed_special="all") gives the ids of `tokenizers`'
+    encode(text, add_special_tokens=False), and "none" those with encode_special_tokens
+    on. The post-processor (e.g. Llama 3's <|begin_of_text|> in front) is not applied.
+    Other kinds (SentencePiece-style, WordPiece, Unigram): a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"tokenizer file {path} not found (check the path)")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NanoError(f"{path} is not a tokenizer.json ({type(e).__name__}: {e})") from None
+    if not isinstance(spec, dict):
+        raise NanoError(f"{path} is not a tokenizer.json (a JSON object with a 'model')")
+    tok = bpe.Tokenizer(**_read_tokenizer_json(spec, path))
+    ends = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>")  # the document separators of those models
+    tok.eot_id = next((tok.special_tokens[s] for s in ends if s in tok.special_tokens), None)
+    return tok
+
+
+def to_tokenizer_json(tok: bpe.Tokenizer) -> dict:
+    """A bpe.Tokenizer as a Hugging Face tokenizer.json (a dict), which `tokenizers` and
+    transformers' PreTrainedTokenizerFast encode as tok.encode(text, allowed_special="all")."""
+    steps = list(tok.pre_tokenizer if tok.pre_tokenizer is not None else [tok.pattern])
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    if steps[-1:] == [GPT2_PATTERN]:  # ByteLevel's own regex is GPT-2's
+        byte_level["use_regex"] = bool(steps.pop())
+    if steps[-1:] == [PREFIX_SPACE]:
+        byte_level["add_prefix_space"] = bool(steps.pop())
+    if PREFIX_SPACE in steps:
+        raise NanoError("a space prefix before other split steps has no tokenizer.json form")
+    pre = [{"type": "Split", "pattern": {"Regex": _to_onig(s)}, "behavior": "Isolated", "invert": False}
+           for s in steps] + [byte_level]
+    norms = [{"type": form} for form in tok.normalizer]
+    added_ids = {i: s for s, i in (tok.special_tokens | tok.added_tokens).items()}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": s in tok.special_tokens}
+                         for i, s in sorted(added_ids.items())],
+        "normalizer": norms[0] if len(norms) == 1 else {"type": "Sequence", "normalizers": norms} if norms else None,
+        "pre_tokenizer": pre[0] if len(pre) == 1 else {"type": "Sequence", "pretokenizers": pre},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": tok.ignore_merges,
+                  "vocab": {to_alphabet(t): i for i, t in sorted(tok.vocab.items()) if i not in added_ids},
+                  "merges": [f"{to_alphabet(a)} {to_alphabet(b)}" for a, b in tok.merges]}}
+
+
+def save_tokenizer_json(tok: bpe.Tokenizer, path):
+    """Write to_tokenizer_json(tok) to `path` (a temp file first, then renamed)."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(to_tokenizer_json(tok), ensure_ascii=False),
+                                                  encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: the tokens of a text; one text under several tokenizers
+
+SAMPLE_TEXT = """The quick brown fox doesn't jump over 1,234,567 lazy dogs -- they'll sleep in.
+    def fib(n):
+        return n if n < 2 else fib(n - 1) + fib(n - 2)   # 4 spaces of indent
+Tokenizers split "ﬁne" ligatures, émigré accents, 日本語のテキスト and emoji 👋🏽 very differently.
+"""
+
+
+def _cmd_encode(args):
+    tok = load_bpe(args.tokenizer)
+    try:
+        text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanoError(f"cannot read {args.file} as UTF-8 text ({type(e).__name__})") from None
+    if text is None:
+        raise NanoError("nothing to encode (give the text, or --file FILE)")
+    ids = tok.encode(text, allowed_special=args.allowed_special)
+    print(ids)
+    print("|".join(tok.decode_bytes([i]).decode("utf-8", "replace") for i in ids))
+    print(f"{len(ids)} tokens for {len(text.encode('utf-8'))} bytes")
+
+
+def _cmd_compare(args):
+    text = Path(args.input).read_text(encoding="utf-8")[:args.max_chars] if args.input else SAMPLE_TEXT
+    n_bytes = len(text.encode("utf-8"))
+    tokenizers = []
+    for name in filter(None, args.reference.split(",")):
+        try:
+            tokenizers.append((name, load_bpe(name)))
+        except NanoError as e:
+            print(f"({name} skipped: {e})")
+    if args.tokenizer:
+        tokenizers += [(spec, load_bpe(spec)) for spec in args.tokenizer]
+    else:
+        vocab, merges = bpe.train_bpe(text, args.vocab_size, (ENDOFTEXT,))
+        tokenizers.append((f"bpe.py trained on this very text (--vocab_size {args.vocab_size}; optimistic)",
+                           bpe.Tokenizer(vocab, merges, (ENDOFTEXT,))))
+    first_line = text.strip().split("\n")[0][:100]
+    print(f"text: {n_bytes:,} bytes" + (f" from {args.input}" if args.input else " (built-in sample)"))
+    for name, tok in tokenizers:
+        ids = tok.encode(text, allowed_special="all")
+        longest = sorted((t for i, t in tok.vocab.items() if i not in tok.special_tokens.values()),
+                         key=len, reverse=True)[:5]
+        print(f"\n{name}: vocab {tok.vocab_size:,}, {len(ids):,} tokens, {len(ids) / n_bytes:.3f} tokens/byte "
+              f"({n_bytes / max(len(ids), 1):.2f} bytes/token)")
+        print("  longest tokens: " + ", ".join(render_token(t) for t in longest))
+        pieces = (tok.decode_bytes([i]).decode("utf-8", "replace") for i in tok.encode_ordinary(first_line))
+        print("  " + "|".join(pieces))
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tokenizer.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("encode", help="show the tokens of a text",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tokenizer", default="gpt2", help="a bpe.py file, a tokenizer.json, or a tiktoken name (gpt2, cl100k_base)")
+    p.add_argument("--file", default=None, help="encode this file instead of the text argument")
+    p.add_argument("--allowed_special", default="none_raise", choices=["none_raise", "all", "none"])
+    p.add_argument("text", nargs="?", default=None)
+    p.set_defaults(run=_cmd_encode)
+    p = sub.add_parser("compare", help="one text under GPT-2, cl100k and your tokenizer",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", default=None, help="text file (default: a built-in sample)")
+    p.add_argument("--max_chars", type=int, default=1_000_000, help="use at most this much of --input")
+    p.add_argument("--tokenizer", action="append", default=None, help="bpe.py file(s) to compare (repeatable)")
+    p.add_argument("--reference", default="gpt2,cl100k_base", help="tiktoken encodings to compare with")
+    p.add_argument("--vocab_size", type=int, default=1024, help="without --tokenizer: train one of this size")
+    p.set_defaults(run=_cmd_compare)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
