@@ -61,8 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import data
 import gpt
+import tokenizer
 from common import NanoError
 
 # ----------------------------------------------------------------------------------------
@@ -708,7 +708,7 @@ def load_model(init_from: str, device: str):
         model, spec = gpt.load_checkpoint(init_from, device)
     else:
         model, spec = gpt.load_pretrained(init_from)
-    return model.to(device).eval(), data.load_tokenizer(spec)
+    return model.to(device).eval(), tokenizer.load_tokenizer(spec)
 
 
 def encode(tok, text: str, device, block_size: int):
