@@ -512,7 +512,7 @@ def peft_state_dict(adapter: dict) -> dict:
     A (r, in) and B (out, r) keep their shapes: PEFT's LoRA stores them as nn.Linear weights,
     also on GPT-2's Conv1D layers."""
     arch = adapter_arch(adapter)
-    return {lora.PEFT_PREFIX + hf_io.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
+    return {hf_io.PEFT_PREFIX + hf_io.to_hf_name(k, arch): v.contiguous() for k, v in adapter.items() if torch.is_tensor(v)}
 
 
 def peft_config(adapter: dict) -> dict:

@@ -7,9 +7,10 @@ listed by model.safetensors.index.json when sharded) and usually tokenizer.json.
 - tensor names both ways (GPT-2's Conv1D weights are transposed against nn.Linear's; the Llama
   family's containers are renamed), and the plan that checks every name and shape before a
   weight is read;
-- safetensors: the format is an 8-byte header length, a JSON header, the raw bytes; read and
-  written here in ~60 lines, streamed tensor by tensor;
-- hub downloads (requests; HF_TOKEN for gated models) into ~/.cache/nanollm.
+- safetensors: the format is an 8-byte header length, a JSON header, the raw bytes; read
+  (every offset checked first) and written here, streamed tensor by tensor;
+- hub downloads (requests; HF_TOKEN for gated models) into ~/.cache/nanollm;
+- PEFT adapter folders (adapter_config.json + adapter_model.safetensors) as lora.py's dict.
 
 gpt.py builds the model and asks these to fill it (gpt.load_pretrained). Imports `common` only.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -214,22 +216,48 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 
 def safetensors_header(path) -> tuple[dict, int]:
-    """The header {name: {"dtype", "shape", "data_offsets"}} and where the tensor bytes begin."""
+    """The header {name: {"dtype", "shape", "data_offsets"}} and where the tensor bytes begin,
+    checked as Hugging Face's safetensors checks it before any tensor is allocated."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         try:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > os.path.getsize(path):
+            if header_len > size - 8:
                 raise ValueError
             header = json.loads(f.read(header_len))
             if not isinstance(header, dict):
                 raise ValueError
-        except (struct.error, ValueError, UnicodeDecodeError):
+        except (struct.error, ValueError, UnicodeDecodeError, RecursionError):
             raise NanoError(f"{path} is not a safetensors file (bad header)") from None
     header.pop("__metadata__", None)
-    for name, info in header.items():
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise NanoError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    check_offsets(path, header, size - 8 - header_len)
     return header, 8 + header_len
+
+
+def check_offsets(path, header: dict, data_bytes: int):
+    """Every entry well-typed, its byte range the size its dtype and shape say, and the ranges
+    tiling the data section exactly (no negative, overlapping, duplicated or outside offsets):
+    a lying header is refused, not read as wrong weights."""
+    spans = []
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise NanoError(f"{path}: the header entry of {name} is malformed (needs dtype, shape, data_offsets)")
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise NanoError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        itemsize = SAFETENSORS_DTYPES[info["dtype"]].itemsize
+        if not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise NanoError(f"{path}: tensor {name} has data_offsets {offsets} for shape {shape} (corrupt file)")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:  # a gap or an overlap with the tensor before
+            raise NanoError(f"{path}: tensor {name} starts at byte {begin}, not {end} (overlapping or corrupt offsets)")
+        end = stop
+    if end != data_bytes:
+        raise NanoError(f"{path}: the tensors cover {end} of {data_bytes} data bytes (truncated or corrupt file)")
 
 
 def read_safetensors(path, names=None) -> dict:
@@ -242,8 +270,6 @@ def read_safetensors(path, names=None) -> dict:
                 continue
             t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
             start, end = info["data_offsets"]
-            if end - start != t.numel() * t.element_size():
-                raise NanoError(f"{path}: tensor {name} has {end - start} bytes for shape {info['shape']} (corrupt file)")
             f.seek(base + start)
             if end > start and f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
                 raise NanoError(f"{path} is truncated at tensor {name} (download it again)")
@@ -273,3 +299,50 @@ def write_safetensors(path, tensors: dict):
                     f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
 
     atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------
+# PEFT adapter folders (lora.py reads them, export.py writes them)
+
+
+# PEFT (Hugging Face's adapter library) stores the same A (r, in) and B (out, r) per layer (also for
+# GPT-2's Conv1D) as "base_model.model.<module>.lora_A.weight" in adapter_model.safetensors, its config
+# in adapter_config.json (lora_alpha for alpha). PEFT options that change the computation are refused.
+PEFT_PREFIX = "base_model.model."
+PEFT_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+                    "layer_replication", "lora_bias", "trainable_token_indices", "target_parameters",
+                    "alora_invocation_tokens", "use_qalora", "use_bdlora")
+
+
+def read_peft_adapter(folder: Path) -> dict:
+    """A PEFT LoRA adapter folder (what PeftModel.save_pretrained writes) as lora.py's dict."""
+    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not (config_path.is_file() and weights.is_file()):
+        raise NanoError(f"{folder} is not a PEFT adapter folder (it needs adapter_config.json and "
+                        "adapter_model.safetensors, as PeftModel.save_pretrained writes them)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NanoError(f"{config_path} is not JSON ({e.__class__.__name__}; save the adapter again)") from None
+    kind = config.get("peft_type") if isinstance(config, dict) else None
+    if kind != "LORA":
+        raise NanoError(f"{config_path} describes a {kind} adapter, not LoRA (only PEFT's LoRA loads here)")
+    used = [k for k in PEFT_UNSUPPORTED if config.get(k)] + (["bias"] if config.get("bias", "none") != "none" else [])
+    if used:
+        raise NanoError(f"{config_path} uses PEFT options lora.py does not implement: {', '.join(used)} "
+                        "(train the adapter without them)")
+    if not (isinstance(config.get("r"), int) and isinstance(config.get("lora_alpha"), (int, float))):
+        raise NanoError(f"{config_path} lacks an integer 'r' and a numeric 'lora_alpha' (not a LoRA config)")
+    sd = {}
+    for name, tensor in read_safetensors(weights).items():
+        if not (name.startswith(PEFT_PREFIX) and name.endswith((".lora_A.weight", ".lora_B.weight"))):
+            raise NanoError(f"{weights} holds {name!r}, not a LoRA A or B weight (PEFT names them "
+                            f"{PEFT_PREFIX}<module>.lora_A.weight; other tensors are not supported)")
+        sd[name.removeprefix(PEFT_PREFIX)] = tensor
+    if not sd:
+        raise NanoError(f"{weights} holds no LoRA weights (save the adapter again)")
+    sd["lora_config"] = dict(r=config["r"], alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout") or 0.0),
+                             targets=sorted({k.rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in sd}),  # module names
+                             use_rslora=bool(config.get("use_rslora")))
+    sd["base"] = config.get("base_model_name_or_path")
+    return sd

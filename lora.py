@@ -21,7 +21,6 @@ Run (finetune.py's CLI, the same options):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -221,7 +220,7 @@ def read_adapter(path) -> dict:
     """An adapter as lora_state_dict's dict, from a lora.py file or a PEFT adapter folder."""
     path = Path(path)
     if path.is_dir():
-        return read_peft_adapter(path)
+        return hf_io.read_peft_adapter(path)
     if not path.is_file():
         raise NanoError(f"adapter file {path} not found (train one with lora.py, or give a PEFT adapter folder)")
     try:
@@ -231,49 +230,6 @@ def read_adapter(path) -> dict:
     if not isinstance(sd, dict) or "lora_config" not in sd:
         raise NanoError(f"{path} is not a LoRA adapter (no 'lora_config'; a full checkpoint "
                         "loads with gpt.load_checkpoint)")
-    return sd
-
-
-# PEFT (Hugging Face's adapter library) stores the same A (r, in) and B (out, r) per layer (also for
-# GPT-2's Conv1D) as "base_model.model.<module>.lora_A.weight" in adapter_model.safetensors, its config
-# in adapter_config.json (lora_alpha for alpha). PEFT options that change the computation are refused.
-PEFT_PREFIX = "base_model.model."
-PEFT_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
-                    "layer_replication", "lora_bias", "trainable_token_indices", "target_parameters",
-                    "alora_invocation_tokens", "use_qalora", "use_bdlora")
-
-
-def read_peft_adapter(folder: Path) -> dict:
-    """A PEFT LoRA adapter folder (what PeftModel.save_pretrained writes) as lora.py's dict."""
-    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not (config_path.is_file() and weights.is_file()):
-        raise NanoError(f"{folder} is not a PEFT adapter folder (it needs adapter_config.json and "
-                        "adapter_model.safetensors, as PeftModel.save_pretrained writes them)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NanoError(f"{config_path} is not JSON ({e.__class__.__name__}; save the adapter again)") from None
-    kind = config.get("peft_type") if isinstance(config, dict) else None
-    if kind != "LORA":
-        raise NanoError(f"{config_path} describes a {kind} adapter, not LoRA (only PEFT's LoRA loads here)")
-    used = [k for k in PEFT_UNSUPPORTED if config.get(k)] + (["bias"] if config.get("bias", "none") != "none" else [])
-    if used:
-        raise NanoError(f"{config_path} uses PEFT options lora.py does not implement: {', '.join(used)} "
-                        "(train the adapter without them)")
-    if not (isinstance(config.get("r"), int) and isinstance(config.get("lora_alpha"), (int, float))):
-        raise NanoError(f"{config_path} lacks an integer 'r' and a numeric 'lora_alpha' (not a LoRA config)")
-    sd = {}
-    for name, tensor in hf_io.read_safetensors(weights).items():
-        if not (name.startswith(PEFT_PREFIX) and name.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise NanoError(f"{weights} holds {name!r}, not a LoRA A or B weight (PEFT names them "
-                            f"{PEFT_PREFIX}<module>.lora_A.weight; other tensors are not supported)")
-        sd[name.removeprefix(PEFT_PREFIX)] = tensor
-    if not sd:
-        raise NanoError(f"{weights} holds no LoRA weights (save the adapter again)")
-    sd["lora_config"] = dict(r=config["r"], alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout") or 0.0),
-                             targets=sorted({k.rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in sd}),  # module names
-                             use_rslora=bool(config.get("use_rslora")))
-    sd["base"] = config.get("base_model_name_or_path")
     return sd
 
 
@@ -288,12 +244,16 @@ def load_lora(model: nn.Module, path) -> nn.Module:
     if lora_layers(model) and key(model.lora_config) != key(config):
         raise NanoError(f"adapter {path} has LoRA config {config} but the model has {model.lora_config} "
                         "(load it into a model without adapters)")
+    tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    ranks = {v.shape[0] if k.endswith("lora_A.weight") else v.shape[-1] for k, v in tensors.items()}
+    if ranks != {config.get("r")}:  # before any allocation: a lying config must not size the layers
+        raise NanoError(f"adapter {path} says r={config.get('r')} but its tensors have rank(s) {sorted(ranks)[:3]} "
+                        "(a damaged adapter: save it again)")
     if not lora_layers(model):
         try:
             apply_lora(model, **config)
         except (TypeError, ValueError) as e:
             raise NanoError(f"cannot apply the LoRA config of {path}: {e}") from None
-    tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     params = {k: v for k, v in gpt.clean_state_dict(model).items() if ".lora_" in k}
     # a PEFT adapter names modules as Hugging Face does (model.layers.3.self_attn.q_proj);
     # hf_io.from_hf_name spells them as ours and leaves our own names as they are
@@ -316,6 +276,6 @@ def load_lora(model: nn.Module, path) -> nn.Module:
 
 
 if __name__ == "__main__":  # `python lora.py --data ...` trains adapters: finetune.py's CLI
-    import finetune
+    import runpy
 
-    finetune.main()
+    runpy.run_module("finetune", run_name="__main__")

@@ -50,7 +50,7 @@ def test_safetensors_header_errors(tmp_path):
     hf_io.write_safetensors(path, {"a": torch.randn(4, 4)})
     raw = path.read_bytes()
     path.write_bytes(raw[:-10])  # cut off mid-download
-    with pytest.raises(NanoError, match="truncated at tensor a"):
+    with pytest.raises(NanoError, match=r"cover 64 of 54 data bytes \(truncated"):
         hf_io.read_safetensors(path)
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
@@ -59,6 +59,42 @@ def test_safetensors_header_errors(tmp_path):
     path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
     with pytest.raises(NanoError, match="unsupported dtype F64"):
         hf_io.safetensors_header(path)
+
+
+def lying_header(header):
+    """A file of two 2x2 float32 tensors (32 data bytes) under the given header."""
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + bytes(range(32))
+
+
+OK = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 32]}}
+LIES = {  # what Hugging Face's safetensors refuses, and the line we answer with
+    "negative offset": ({**OK, "a": {**OK["a"], "data_offsets": [-16, 0]}}, "data_offsets \\[-16, 0\\]"),
+    "overlap": ({**OK, "b": {**OK["b"], "data_offsets": [8, 24]}}, "starts at byte 8, not 16"),
+    "duplicated": ({**OK, "b": {**OK["b"], "data_offsets": [0, 16]}}, "starts at byte 0, not 16"),
+    "past the end": ({**OK, "b": {**OK["b"], "shape": [2, 4], "data_offsets": [16, 48]}}, "cover 48 of 32"),
+    "size vs shape": ({**OK, "b": {**OK["b"], "shape": [3, 2]}}, "data_offsets \\[16, 32\\] for shape \\[3, 2\\]"),
+    "gap": ({"a": OK["a"], "b": {**OK["b"], "shape": [2], "data_offsets": [24, 32]}}, "starts at byte 24, not 16"),
+    "string offsets": ({**OK, "a": {**OK["a"], "data_offsets": ["0", "16"]}}, "header entry of a is malformed"),
+    "no dtype": ({**OK, "a": {"shape": [2, 2], "data_offsets": [0, 16]}}, "unsupported dtype None"),
+    "entry not an object": ({**OK, "a": [0, 16]}, "header entry of a is malformed"),
+    "negative dim": ({**OK, "a": {**OK["a"], "shape": [-2, -2]}}, "header entry of a is malformed"),
+}
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_lying_headers_are_refused_as_safetensors_does(tmp_path, lie):
+    header, message = LIES[lie]
+    path = tmp_path / "lie.safetensors"
+    path.write_bytes(lying_header(OK))
+    assert set(hf_io.read_safetensors(path)) == {"a", "b"}  # the honest file reads
+    path.write_bytes(lying_header(header))
+    with pytest.raises(NanoError, match=f"lie.safetensors: .*{message}"):
+        hf_io.read_safetensors(path)
+    st = pytest.importorskip("safetensors.torch", reason="the safetensors package is the reference")
+    with pytest.raises(Exception):  # the reference refuses the same file
+        st.load_file(path)
 
 
 def test_names_both_ways(tiny_config):

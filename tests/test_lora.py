@@ -420,6 +420,11 @@ def test_bad_adapter_files(tmp_path, tiny_config):
         lora.load_lora(tiny_gpt(tiny_config), tmp_path / "wide.pt")
     with pytest.raises(NanoError, match="LoRA config"):
         lora.load_lora(lora.apply_lora(tiny_gpt(tiny_config), r=2), tmp_path / "wide.pt")
+    lying = torch.load(tmp_path / "wide.pt", weights_only=True)
+    lying["lora_config"]["r"] = 10**6  # would size every A as (10**6, in) before the shapes are compared
+    torch.save(lying, tmp_path / "lying.pt")
+    with pytest.raises(NanoError, match=r"says r=1000000 but its tensors have rank\(s\) \[4\]"):
+        lora.load_lora(tiny_gpt(tiny_config), tmp_path / "lying.pt")
     with pytest.raises(ValueError, match="lm_head"):
         lora.apply_lora(tiny_gpt(tiny_config), targets=("c_attn", "lm_head"))
     with pytest.raises(ValueError, match="already has LoRA"):
