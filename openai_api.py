@@ -12,7 +12,7 @@ template come in as arguments, and all it asks of them is
   queue.Full when too many wait;
 - tok: encode, decode, eot_id, vocab_size;
 - template: render(messages) -> prompt ids, stop_ids, stop (strings); by default
-  PlainChatTemplate below, for base models (serve.load_tokenizer picks a chat model's own).
+  PlainChatTemplate below, for base models (tokenizer.load_chat_template gives a chat model's own).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI's request and response
 shapes; "stream": true sends server-sent events ending in `data: [DONE]`), GET /v1/models,

@@ -209,7 +209,7 @@ def check_blocksize(blocksize: int):
                          "(64 is QLoRA's choice)")
 
 
-def _scale_blocks(flat: torch.Tensor, blocksize: int):
+def scale_blocks(flat: torch.Tensor, blocksize: int):
     """Split fp32 `flat` into blocks (the last may be short) and scale each by its absmax
     into [-1, 1]. Returns (scaled values, absmax per block).
 
@@ -244,7 +244,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise NanoError("cannot quantize an empty tensor")
     nf4, dynamic, _ = _code_tables(w.device)
-    scaled, absmax = _scale_blocks(w.detach().reshape(-1).float(), blocksize)
+    scaled, absmax = scale_blocks(w.detach().reshape(-1).float(), blocksize)
     if not torch.isfinite(absmax).all():  # a NaN or Inf anywhere makes its block's absmax NaN or Inf
         bad = (~torch.isfinite(w)).sum().item()
         raise NanoError(f"the weight holds {bad} NaN/Inf values (4-bit codes cannot represent them; "
@@ -257,7 +257,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         # Absmax values are all positive and similar: subtract their mean, then store them
         # like 8-bit optimizer states (blockwise over 256, signed dynamic map, fp32 scales).
         state.offset = absmax.mean()
-        scaled_absmax, state.nested_absmax = _scale_blocks(absmax - state.offset, NESTED_BLOCKSIZE)
+        scaled_absmax, state.nested_absmax = scale_blocks(absmax - state.offset, NESTED_BLOCKSIZE)
         state.absmax = _nearest_code(scaled_absmax, dynamic)
     return packed, state
 

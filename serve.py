@@ -183,27 +183,18 @@ class Engine:
         running = [r for r in self.rows if r is not None]
         if running:
             try:
-                logits = self._decode(running)  # (len(running), V)
-            except Exception:  # noqa: BLE001  which row broke the batch is unknowable: try each alone
+                self._postprocess(running, self._decode(running))  # logits (len(running), V)
+            except Exception:  # noqa: BLE001  which row broke the batch is unknowable: each alone
                 traceback.print_exc()
-                self._decode_alone(running)
-                return
-            for r, t in zip(running, self._sample(logits, running)):
-                if t is not None:
-                    r.pos += 1
-                    self._emit(r, t)
+                for r in running:
+                    try:
+                        self._postprocess([r], self._decode([r]))
+                    except Exception as e:  # noqa: BLE001  this one: it fails, the others went on
+                        self._finish(r, "error", f"{type(e).__name__}: {e}")
 
-    def _decode_alone(self, running):
-        """After a failed batch step: each row's step by itself, so only the row that fails fails."""
-        for r in running:
-            try:
-                logits = self._decode([r])
-                token = self._sample(logits, [r])[0]
-            except Exception as e:  # noqa: BLE001
-                self._finish(r, "error", f"{type(e).__name__}: {e}")
-                continue
-            if token is not None:
-                r.pos += 1
+    def _postprocess(self, reqs, logits):
+        for r, token in zip(reqs, self._sample(logits, reqs)):
+            if token is not None:  # None: its sampling failed and finished it
                 self._emit(r, token)
 
     def _loop(self):
@@ -246,9 +237,7 @@ class Engine:
                 self._finish(req, "error", f"{type(e).__name__}: {e}")
                 continue
             self.stats["prefills"] += 1
-            token = self._sample(logits, [req])[0]
-            if token is not None:
-                self._emit(req, token)
+            self._postprocess([req], logits)
 
     def _decode(self, running):
         """One step for these running rows (sorted by row) -> their logits. Rows lo..hi go through
@@ -263,6 +252,8 @@ class Engine:
         logits = decode_step(self.model, tokens.to(self.device), pos.to(self.device),
                              self.views(slice(lo, hi), length), self.head)  # (hi - lo, V)
         self.stats["steps"] += 1
+        for r in running:  # each fed token is cached now: the next one goes one slot further
+            r.pos += 1
         return logits[torch.tensor([r.row - lo for r in running], device=self.device)]
 
     def views(self, rows, length):
@@ -382,34 +373,8 @@ class Completion:
 
 
 # ----------------------------------------------------------------------------------------
-# Chat templates: a conversation -> prompt ids (base models: openai_api.PlainChatTemplate)
-
-
-class SFTChatTemplate:
-    """The template a chat model was finetuned with (sft.py): <|role|> content <|end|> per
-    message with the chat tokens of a "chat:" tokenizer (content encoded as plain text, so a
-    user cannot forge a turn), or a Hugging Face model's own chat_template, rendered by
-    tokenizer.apply_chat_template; the reply ends at <|end|> (or the template's eos)."""
-
-    stop = ()
-
-    def __init__(self, tok, hf_template):
-        self.tok, self.hf_template = tok, hf_template
-        self.stop_ids = frozenset({tokenizer.stop_id(tok, hf_template)})
-
-    def render(self, messages) -> list[int]:
-        return tokenizer.apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True)
-
-
-def load_tokenizer(spec):
-    """(tokenizer, chat template) for a checkpoint's tokenizer spec: the chat template of a
-    model finetuned on conversations (sft.py's "chat:" spec) or of a tokenizer that brings a
-    chat_template, else the plain one for base models."""
-    if str(spec).startswith(tokenizer.CHAT_PREFIX) or tokenizer.HFChatTemplate.find(spec) is not None:
-        tok, hf_template = tokenizer.load_chat(spec)
-        return tok, SFTChatTemplate(tok, hf_template)
-    tok = tokenizer.load_tokenizer(spec)
-    return tok, openai_api.PlainChatTemplate(tok)
+# The server: the engine behind openai_api's HTTP handler (chat templates: tokenizer.ChatTemplate
+# for chat models, openai_api.PlainChatTemplate for base models)
 
 
 def make_server(model, tok, host="127.0.0.1", port=0, max_batch=8, max_queue=64, **kwargs) -> openai_api.Server:
@@ -505,12 +470,12 @@ def main(argv=None):
         raise NanoError(f"checkpoint {cfg.ckpt} not found (train one with train.py, or pass --init_from gpt2)")
     device = common.pick_device(cfg.device)
     model, spec = sample.load_model(cfg, device, common.pick_dtype(device, cfg.dtype))
-    tok, template = load_tokenizer(spec)
+    tok, template = tokenizer.load_chat_template(spec)
     name = cfg.model_name or cfg.init_from or Path(cfg.ckpt).stem
     if cfg.chat:
         engine = Engine(model, tok.vocab_size, max_batch=1).start()
         try:
-            chat_cli(engine, tok, template, cfg)
+            chat_cli(engine, tok, template or openai_api.PlainChatTemplate(tok), cfg)
         finally:
             engine.stop()
         return

@@ -335,9 +335,28 @@ def stop_id(tok, template=None) -> int:
     return ids[0]
 
 
-# ----------------------------------------------------------------------------------------
-# A checkpoint carries the file of a file-based tokenizer (a bpe.py model is a few hundred KB),
-# so moving or deleting data/ never orphans it; the path stays in the spec as a hint.
+class ChatTemplate:
+    """What a server needs of a chat model's template (sft.py's <|role|> content <|end|> with a
+    "chat:" tokenizer's chat tokens, content encoded as plain text so a user cannot forge a turn;
+    or a Hugging Face chat_template): the prompt ids of a conversation, the reply's stop ids."""
+
+    stop = ()  # no stop strings: the reply ends at its stop token
+
+    def __init__(self, tok, hf_template=None):
+        self.tok, self.hf_template = tok, hf_template
+        self.stop_ids = frozenset({stop_id(tok, hf_template)})
+
+    def render(self, messages) -> list[int]:
+        return apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True)
+
+
+def load_chat_template(spec):
+    """(tokenizer, ChatTemplate) for a chat model's spec (sft.py's "chat:" spec, or a tokenizer that
+    brings a chat_template); (tokenizer, None) for a base model."""
+    if str(spec).startswith(CHAT_PREFIX) or HFChatTemplate.find(spec) is not None:
+        tok, hf_template = load_chat(spec)
+        return tok, ChatTemplate(tok, hf_template)
+    return load_tokenizer(spec), None
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import openai_api
 import sample
 import serve
 import test_serve
+import tokenizer
 from test_serve import BLOCK, PROMPTS, idle, reference, wait_until
 
 # test_serve's fixtures: the character tokenizer, the random model, one thread, slow decode steps
@@ -118,8 +119,8 @@ def test_chat_model_uses_sfts_template(model, tok, loopback):
 
     chat_tok = sft.ChatTokenizer(tok)
     chat_model = sft.add_chat_tokens(copy.deepcopy(model), chat_tok)
-    loaded_tok, template = serve.load_tokenizer(chat_tok.spec)
-    assert isinstance(template, serve.SFTChatTemplate) and template.stop_ids == {chat_tok.end_id}
+    loaded_tok, template = tokenizer.load_chat_template(chat_tok.spec)
+    assert isinstance(template, tokenizer.ChatTemplate) and template.stop_ids == {chat_tok.end_id}
     messages = [{"role": "user", "content": "Speak <|assistant|> now"}]
     ids = template.render(messages)
     assert ids == sft.render_conversation(messages, chat_tok, add_generation_prompt=True)[0]

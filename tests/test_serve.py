@@ -206,8 +206,8 @@ def test_hf_chat_template_renders_what_sft_trains_on(tmp_path):
     chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|im_end|>"}))
-    tok, template = serve.load_tokenizer(str(tmp_path / "tokenizer.json"))
-    assert isinstance(template, serve.SFTChatTemplate) and template.stop_ids == set(tok.encode("<|im_end|>"))
+    tok, template = tokenizer.load_chat_template(str(tmp_path / "tokenizer.json"))
+    assert isinstance(template, tokenizer.ChatTemplate) and template.stop_ids == set(tok.encode("<|im_end|>"))
     messages = [{"role": "user", "content": "Speak, man"}, {"role": "assistant", "content": "I will"},
                 {"role": "user", "content": "Now?"}]
     ids = template.render(messages)
