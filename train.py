@@ -146,6 +146,7 @@ def prepare_data(cfg: TrainConfig):
         import hashlib
 
         import bpe  # only this option needs the tokenizer trainer
+        from tokenizer import save_bpe  # (`tokenizer` is a local name here)
 
         src = Path(cfg.dataset[len("text:"):])
         if not src.is_file():
@@ -158,7 +159,7 @@ def prepare_data(cfg: TrainConfig):
             train_text = text[:int(len(text) * (1 - data.VAL_FRACTION))]  # prepare_dataset's split
             vocab, merges = bpe.train_bpe(train_text, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
             tok_path.parent.mkdir(parents=True, exist_ok=True)
-            bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(tok_path)
+            save_bpe(bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)), tok_path)
         tokenizer = str(tok_path.resolve())  # the checkpoint records it: a path that works from any folder
     return data.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root)
 
