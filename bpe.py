@@ -12,25 +12,24 @@ leading space, runs of digits, punctuation, whitespace) so merges never cross a 
 
 Training: `learn_merges_naive` is minbpe's loop (count pairs, merge the most frequent,
 repeat); `learn_merges` learns the same merges incrementally, fast, and is what
-`train_bpe(text)` and `train_bpe_file(path)` use. Ties between equally frequent pairs go to
-the lexicographically greater pair of bytes (Stanford CS336's rule), so runs are
-deterministic and comparable. Encoding: `encode_naive` is minbpe's loop (merge the pair of
-the earliest learned token, repeat); `Tokenizer` gives the same ids fast (also in a process
-pool, and streamed), decodes, saves and loads. tokenizer.py reads and writes the formats of
-others with it: OpenAI's GPT-2 files, tiktoken encodings, Hugging Face tokenizer.json.
+`train_bpe(text)` uses (tokenizer.train_bpe_file counts a file of any size in parallel). Ties
+between equally frequent pairs go to the lexicographically greater pair of bytes (Stanford
+CS336's rule), so runs are deterministic and comparable. Encoding: `encode_naive` is minbpe's
+loop (merge the pair of the earliest learned token, repeat); `Tokenizer` gives the same ids
+fast (also in a process pool, and streamed) and decodes. tokenizer.py saves and loads it (the
+"nanollm-bpe v1" file) and reads and writes the formats of others with it: OpenAI's GPT-2
+files, tiktoken encodings, Hugging Face tokenizer.json.
 
-Run:
+Run (the command line lives in tokenizer.py; `python bpe.py ...` runs it):
     python bpe.py train --input input.txt --vocab_size 4096 --out tok.bpe
-    python tokenizer.py encode --tokenizer tok.bpe "Hello world"     (or gpt2, a tokenizer.json)
-    python tokenizer.py compare --input input.txt --tokenizer tok.bpe  (GPT-2, cl100k, yours)
+    python bpe.py encode --tokenizer tok.bpe "Hello world"     (or gpt2, a tokenizer.json)
+    python bpe.py compare --input input.txt --tokenizer tok.bpe  (GPT-2, cl100k, yours)
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import heapq
-import json
 import math
 import os
 import re
@@ -39,7 +38,6 @@ import time
 import unicodedata
 from collections import Counter, defaultdict
 from itertools import chain, pairwise, repeat
-from pathlib import Path
 
 import regex  # Python's `re` has no \p{L} / \p{N} (Unicode letter / number), which the split patterns need
 
@@ -53,8 +51,6 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 ENDOFTEXT = "<|endoftext|>"
-FILE_VERSION = "nanollm-bpe v1"
-CHUNK_BYTES = 16 << 20  # files are pre-tokenized in pieces of about this size (memory bound)
 
 
 class BPEError(ValueError):
@@ -361,125 +357,50 @@ def count_text_pretokens(text: str, special_tokens=(), pattern=GPT2_PATTERN) -> 
     return counts
 
 
-def find_chunk_boundaries(path, special_tokens, chunk_bytes=CHUNK_BYTES) -> list[int]:
-    """Byte offsets that cut the file into pieces of about `chunk_bytes`, each cut at the
-    start of a special token. Cutting there changes nothing: the text is split at special
-    tokens before the regex runs anyway. Without special tokens the file stays whole."""
-    size = os.path.getsize(path)
-    if not special_tokens or size <= chunk_bytes:
-        return [0, size]
-    specials = sorted((s.encode("utf-8") for s in special_tokens), key=len, reverse=True)
-    find = regex.compile(b"|".join(regex.escape(s) for s in specials))
-    overlap = max(map(len, specials)) - 1  # so a token straddling two reads is still seen
-    block = 1 << 20
-    bounds = [0]
-    with open(path, "rb") as f:
-        pos = chunk_bytes
-        while pos < size:
-            found = None
-            while found is None:  # scan forward from pos for the next special token
-                f.seek(pos)
-                data = f.read(block)
-                match = find.search(data)
-                if match:
-                    found = pos + match.start()
-                elif len(data) < block:
-                    break
-                else:
-                    pos += block - overlap
-            if found is None or found >= size:
-                break
-            if found > bounds[-1]:
-                bounds.append(found)
-            pos = found + chunk_bytes
-    bounds.append(size)
-    return bounds
-
-
-def _count_file_chunk(args):
-    """Worker: pre-token counts of bytes [start, end) of a file."""
-    path, start, end, special_tokens, pattern = args
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BPEError(f"{path} is not UTF-8 text (bad byte at offset {start + e.start}; convert it to UTF-8)") from None
-    return count_text_pretokens(text, special_tokens, pattern)
-
-
-def count_file_pretokens(path, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
-                         chunk_bytes=CHUNK_BYTES) -> Counter:
-    """count_text_pretokens of a UTF-8 file, read in pieces cut at special tokens, counted by
-    `num_workers` processes (default: one per CPU)."""
-    if not os.path.isfile(path):
-        raise BPEError(f"training file {path} not found (check the path)")
-    compile_pattern(pattern)  # a bad pattern is one error here, not one per worker
-    bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
-    jobs = [(str(path), a, b, tuple(special_tokens), pattern) for a, b in pairwise(bounds)]
-    num_workers = min(num_workers or os.cpu_count() or 1, len(jobs))
-    total = Counter()
-    if num_workers > 1:
-        import multiprocessing
-
-        with multiprocessing.Pool(num_workers) as pool:
-            for part in pool.imap_unordered(_count_file_chunk, jobs):
-                total.update(part)
-    else:
-        for part in map(_count_file_chunk, jobs):
-            total.update(part)
-    return total
-
-
 # ----------------------------------------------------------------------------------------
-# Training: a text or a file -> (vocab, merges)
+# Training: a text -> (vocab, merges)
 
 
 def train_bpe(text: str, vocab_size: int, special_tokens=(), pattern=GPT2_PATTERN, verbose=False):
-    """Train a byte-level BPE tokenizer on the string `text`.
+    """Train a byte-level BPE tokenizer on the string `text` (a file of any size:
+    tokenizer.train_bpe_file).
 
     vocab_size: 256 byte tokens + merges + special tokens. Returns (vocab, merges): vocab
     {id: bytes} with ids 0-255 the bytes, 256... the merges in order, then the special
     tokens; merges [(left bytes, right bytes), ...]."""
     if not isinstance(text, str):
         raise BPEError(f"train_bpe takes the text itself, not a {type(text).__name__} (for a file "
-                        "use train_bpe_file)")
-    special_tokens, num_merges = _check_vocab_size(vocab_size, special_tokens)
+                        "use tokenizer.train_bpe_file)")
+    check_vocab_size(vocab_size, special_tokens)
     t0 = time.perf_counter()
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = _replace_lone_surrogates(text)
     counts = count_text_pretokens(text, special_tokens, pattern)
-    return _train(counts, num_merges, special_tokens, verbose, t0)
+    return train_on_counts(counts, vocab_size, special_tokens, verbose, t0)
 
 
-def train_bpe_file(path, vocab_size: int, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
-                   verbose=False):
-    """train_bpe on a UTF-8 file of any size: read chunk by chunk (cut at special tokens),
-    pre-tokens counted by `num_workers` processes (default: one per CPU)."""
-    special_tokens, num_merges = _check_vocab_size(vocab_size, special_tokens)
-    t0 = time.perf_counter()
-    counts = count_file_pretokens(path, special_tokens, pattern, num_workers)
-    return _train(counts, num_merges, special_tokens, verbose, t0)
-
-
-def _check_vocab_size(vocab_size, special_tokens):
-    special_tokens = list(dict.fromkeys(special_tokens))
-    num_merges = vocab_size - 256 - len(special_tokens)
+def check_vocab_size(vocab_size, special_tokens) -> int:
+    """The number of merges a vocabulary of vocab_size leaves, or a one-line error."""
+    n_special = len(set(special_tokens))
+    num_merges = vocab_size - 256 - n_special
     if num_merges < 0:
         raise BPEError(f"vocab_size {vocab_size} is too small (it counts 256 byte tokens and "
-                        f"{len(special_tokens)} special token(s): use at least {256 + len(special_tokens)})")
-    return special_tokens, num_merges
+                        f"{n_special} special token(s): use at least {256 + n_special})")
+    return num_merges
 
 
-def _train(counts, num_merges, special_tokens, verbose, t0):
+def train_on_counts(counts, vocab_size: int, special_tokens=(), verbose=False, t0=None):
+    """train_bpe's (vocab, merges) from pre-token counts {pre-token: count} (count_text_pretokens'
+    or a file's); t0: when counting began, for the verbose report."""
+    special_tokens = list(dict.fromkeys(special_tokens))
+    num_merges = check_vocab_size(vocab_size, special_tokens)
     if not counts:
         raise BPEError("the training text is empty (nothing outside special tokens; give a non-empty text)")
     if verbose:
-        print(f"{len(counts):,} distinct pre-tokens, {sum(counts.values()):,} in all, counted in "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        took = f", counted in {time.perf_counter() - t0:.1f} s" if t0 is not None else ""
+        print(f"{len(counts):,} distinct pre-tokens, {sum(counts.values()):,} in all{took}", file=sys.stderr)
     merges = learn_merges({p.encode("utf-8"): c for p, c in counts.items()}, num_merges, verbose)
     vocab = {i: bytes([i]) for i in range(256)}
     for left, right in merges:
@@ -490,45 +411,9 @@ def _train(counts, num_merges, special_tokens, verbose, t0):
 
 
 # ----------------------------------------------------------------------------------------
-# GPT-2's byte alphabet (how vocab.bpe, encoder.json and our saved files write bytes)
+# Tokenizer
 
-
-@functools.lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map byte -> printable character, so a byte token can be written
-    as text: the 188 printable latin-1 bytes stand for themselves, the other 68 (control
-    characters, space, ...) become chr(256), chr(257), ... in byte order (space -> 'Ġ')."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + len(table) - len(printable))
-    return table
-
-
-def to_alphabet(token: bytes) -> str:
-    # each byte read as the latin-1 character of the same number, then mapped in one C call
-    return token.decode("latin-1").translate(_latin1_to_alphabet())
-
-
-@functools.lru_cache(maxsize=1)
-def _latin1_to_alphabet() -> dict[int, str]:
-    return dict(bytes_to_unicode())
-
-
-def from_alphabet(text: str) -> bytes:
-    """Inverse of to_alphabet (UnicodeEncodeError: a character outside the alphabet)."""
-    return text.translate(_alphabet_to_latin1()).encode("latin-1")
-
-
-@functools.lru_cache(maxsize=1)
-def _alphabet_to_latin1() -> dict[int, str]:
-    """str.translate table: each alphabet character -> the latin-1 character of its byte.
-    Latin-1 characters outside the alphabet (space, controls) -> U+FFFF, which latin-1
-    cannot encode, so they raise instead of passing through."""
-    table = {b: "\uffff" for b in range(256)}
-    table.update({ord(c): chr(b) for b, c in bytes_to_unicode().items()})
-    return table
+PREFIX_SPACE = " "  # a pre_tokenizer step: prepend a space to a piece that lacks one (HF ByteLevel's add_prefix_space)
 
 
 def render_token(token: bytes) -> str:
@@ -539,14 +424,8 @@ def render_token(token: bytes) -> str:
         return repr(token)
 
 
-# ----------------------------------------------------------------------------------------
-# Tokenizer
-
-PREFIX_SPACE = " "  # a pre_tokenizer step: prepend a space to a piece that lacks one (HF ByteLevel's add_prefix_space)
-
-
 class Tokenizer:
-    """Encode text with learned merges, decode ids, stream, save, load.
+    """Encode text with learned merges (also in a process pool, and streamed), decode ids.
 
     vocab: {id: bytes}; merges: [(left, right), ...] in priority order (each left + right
     must be in vocab); special_tokens: strings (found in vocab by their bytes, appended if
@@ -857,82 +736,6 @@ class Tokenizer:
         character) become U+FFFD, as tiktoken's decode(errors="replace")."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # --- save / load ---
-
-    def save(self, path):
-        """Write `path` (the tokenizer, human-readable) and a .vocab listing beside it.
-        Both go to a temp file first, then are renamed: never a half-written file."""
-        if self.added_tokens or self.normalizer or self.pre_tokenizer is not None or not self.ignore_merges:
-            raise BPEError("this tokenizer's pipeline (from a tokenizer.json) does not fit a .bpe file "
-                            "(write it as a tokenizer.json: tokenizer.save_tokenizer_json)")
-        path = Path(path)
-        special_ids = set(self.special_tokens.values())
-        lines = [FILE_VERSION,
-                 "# byte-level BPE written by nanollm's bpe.py. Tokens are in GPT-2's byte alphabet",
-                 "# (Ġ is a space, Ċ a newline); a merge line is: left right id-of-the-merged-token.",
-                 f"pattern {json.dumps(self.pattern)}",
-                 "bytes " + " ".join(str(i) for i in self._byte_ids),
-                 f"special {len(self.special_tokens)}"]
-        lines += [f"{i} {json.dumps(s)}" for s, i in self.special_tokens.items()]
-        lines.append(f"merges {len(self.merges)}")
-        token_id = {t: i for i, t in self.vocab.items() if i not in special_ids}
-        lines += [f"{to_alphabet(a)} {to_alphabet(b)} {token_id[a + b]}" for a, b in self.merges]
-        _atomic_write(path, "\n".join(lines) + "\n")
-
-        made_by = {a + b: (a, b) for a, b in reversed(self.merges)}  # earliest merge wins
-        listing = []
-        for i in sorted(self.vocab):
-            token = self.vocab[i]
-            if i in special_ids:
-                listing.append(f"{i}\t{render_token(token)}\t(special)")
-            elif token in made_by:
-                a, b = made_by[token]
-                listing.append(f"{i}\t{render_token(token)}\t= {render_token(a)} + {render_token(b)}")
-            else:
-                listing.append(f"{i}\t{render_token(token)}")
-        _atomic_write(_vocab_path(path), "\n".join(listing) + "\n")
-
-    @classmethod
-    def load(cls, path):
-        """Read a file written by save(); a clear one-line error if it is not one."""
-        path = Path(path)
-        if not path.is_file():
-            raise BPEError(f"tokenizer file {path} not found (train one: python bpe.py train ...)")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise BPEError(f"{path} is not a bpe.py tokenizer file ({type(e).__name__})") from None
-        lines = text.split("\n")
-        try:
-            # comment lines ("# ...") are allowed in the header only: "#" is also a token
-            at = next((i for i, line in enumerate(lines) if line.startswith("merges ")), len(lines))
-            lines = [line for line in lines[:at] if not line.startswith("#")] + lines[at:]
-            if lines[0] != FILE_VERSION:
-                raise ValueError(f"first line is {lines[0][:40]!r}, expected {FILE_VERSION!r}")
-            pattern = json.loads(_field(lines[1], "pattern"))
-            byte_ids = [int(x) for x in _field(lines[2], "bytes").split(" ")]
-            if len(byte_ids) != 256:
-                raise ValueError(f"{len(byte_ids)} byte ids, expected 256")
-            vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
-            n_special = int(_field(lines[3], "special"))
-            specials = {}
-            for line in lines[4:4 + n_special]:
-                i, s = line.split(" ", 1)
-                specials[json.loads(s)] = int(i)
-            at = 4 + n_special
-            n_merges = int(_field(lines[at], "merges"))
-            merges = []
-            for line in lines[at + 1:at + 1 + n_merges]:
-                left, right, i = line.split(" ")
-                merges.append((from_alphabet(left), from_alphabet(right)))
-                vocab[int(i)] = merges[-1][0] + merges[-1][1]
-            if len(merges) != n_merges or any(lines[at + 1 + n_merges:]):
-                raise ValueError(f"expected {n_merges} merges, found {len(lines) - at - 1} lines")
-        except (ValueError, IndexError, KeyError, TypeError) as e:
-            raise BPEError(f"{path} is not a valid bpe.py tokenizer file ({e}; re-create it "
-                             "with python bpe.py train)") from None
-        return cls(vocab, merges, specials, pattern)
-
 
 def _set_worker_tokenizer(tok):
     global _worker_tokenizer
@@ -946,67 +749,7 @@ def _encode_in_worker(text, allowed_special):
 _worker_tokenizer = None  # encode_batch's processes: set once per process by the pool's initializer
 
 
-def _field(line: str, name: str) -> str:
-    key, _, value = line.partition(" ")
-    if key != name:
-        raise ValueError(f"expected a {name!r} line, got {line[:40]!r}")
-    return value
+if __name__ == "__main__":  # the command line (train, encode, compare) lives in tokenizer.py
+    import runpy
 
-
-def _vocab_path(path: Path) -> Path:
-    return path.with_suffix(".vocab") if path.suffix != ".vocab" else Path(str(path) + ".vocab")
-
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------
-# Command line: train (tokenizer.py's shows the tokens of a text and compares tokenizers)
-
-
-def _cmd_train(args):
-    if not os.path.isfile(args.input):
-        raise BPEError(f"input file {args.input} not found (check --input)")
-    if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():
-        raise BPEError(f"--out {args.out} is a folder or lies in no folder (give a file name in an existing folder)")
-    pattern = PATTERNS.get(args.pattern, args.pattern)
-    compile_pattern(pattern)
-    specials = [s for s in args.special_tokens.split(",") if s]
-    t0 = time.perf_counter()
-    vocab, merges = train_bpe_file(args.input, args.vocab_size, specials, pattern, args.num_workers, verbose=True)
-    tok = Tokenizer(vocab, merges, specials, pattern)
-    tok.save(args.out)
-    print(f"trained {len(merges):,} merges (vocab {tok.vocab_size:,}) in {time.perf_counter() - t0:.2f} s; "
-          f"wrote {args.out} and {_vocab_path(Path(args.out))}")
-
-
-def main(argv=None):
-    try:
-        run_cli(argv)
-    except BPEError as e:  # bad input: one line and exit status 2, never a traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def run_cli(argv=None):
-    parser = argparse.ArgumentParser(prog="bpe.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a tokenizer on a text file",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", required=True, help="UTF-8 text file")
-    p.add_argument("--vocab_size", type=int, default=4096, help="256 bytes + merges + special tokens")
-    p.add_argument("--out", default="tok.bpe", help="tokenizer file (a .vocab listing is written beside it)")
-    p.add_argument("--special_tokens", default=ENDOFTEXT, help="comma-separated; '' for none")
-    p.add_argument("--pattern", default="gpt2", help="split regex: gpt2, gpt4, or a regex")
-    p.add_argument("--num_workers", type=int, default=0, help="processes counting pre-tokens (0: one per CPU)")
-    p.set_defaults(run=_cmd_train)
-    args = parser.parse_args(argv)
-    args.run(args)
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("tokenizer", run_name="__main__")

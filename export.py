@@ -451,7 +451,7 @@ def gguf_tokenizer(spec: str, n_vocab: int) -> dict:
         if not alphabet.isascii():
             raise NanoError("GGUF has no character tokenizer and this alphabet is not ASCII (only an "
                             "ASCII alphabet maps onto llama.cpp's byte-level tokenizer; export --to hf instead)")
-        table = bpe.bytes_to_unicode()
+        table = tokenizer.bytes_to_unicode()
         by_id, types, merges, pre, eot_id = {i: table[ord(ch)] for i, ch in enumerate(alphabet)}, {}, [], "gpt-2", None
     else:
         tok, hf = byte_bpe(spec), tokenizer_json(spec)

@@ -1,4 +1,4 @@
-"""Tokenizers by spec, chat templates, and the tokenizer formats of others.
+"""Tokenizers by spec, chat templates, bpe.py's files (trained on a file, saved, read), and the formats of others.
 
 A checkpoint records its tokenizer as a spec, and `load_tokenizer(spec)` reads it:
 - "gpt2" (also r50k_base, p50k_base, cl100k_base, o200k_base): tiktoken; GPT-2's files ship in assets/,
@@ -14,12 +14,17 @@ a conversation rendered to ids with nanollm's <|role|> content <|end|> or a Hugg
 Jinja chat_template, the prompt serve.py generates from; sft.py builds its loss mask on the same
 pieces (`chat_pieces`).
 
+bpe.py's own tokenizers: trained on a file of any size (`train_bpe_file`: pre-tokens counted in
+pieces cut at special tokens, by a process pool), saved and read as a human-readable
+"nanollm-bpe v1" file with a .vocab listing beside it (`save_bpe`, `read_bpe`).
+
 The formats of others, read into (and written from) bpe.py's Tokenizer with the ids of tiktoken
 and of `tokenizers`: OpenAI's GPT-2 files (vocab.bpe + encoder.json), any tiktoken encoding
 (only ranks: the merges are recovered with bpe.merge_by_rank), Hugging Face tokenizer.json
 files of byte-level BPE models (GPT-2, Llama 3, Qwen2/3, SmolLM).
 
-Run:
+Run (`python bpe.py ...` runs the same command line):
+    python tokenizer.py train --input input.txt --vocab_size 4096 --out tok.bpe
     python tokenizer.py encode --tokenizer gpt2 "Hello world"   (or a bpe.py file, a tokenizer.json)
     python tokenizer.py compare --input input.txt --tokenizer tok.bpe   (GPT-2, cl100k and yours)
 
@@ -33,14 +38,18 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import re
+import time
+from collections import Counter
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import regex
 
 import bpe
-from bpe import ENDOFTEXT, GPT2_PATTERN, PREFIX_SPACE, from_alphabet, render_token, to_alphabet
+from bpe import ENDOFTEXT, GPT2_PATTERN, PATTERNS, PREFIX_SPACE, render_token
 from common import NanoError, atomic_write, cli
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -116,7 +125,7 @@ class BPEFileTokenizer:
 
     def __init__(self, path):
         with self.as_nano_error():
-            self.tok = bpe_from_tokenizer_json(path) if str(path).endswith(".json") else bpe.Tokenizer.load(path)
+            self.tok = bpe_from_tokenizer_json(path) if str(path).endswith(".json") else read_bpe(path)
         self.vocab_size, self.eot_id = self.tok.vocab_size, self.tok.eot_id
         self.spec = str(path)
 
@@ -360,6 +369,227 @@ def load_chat_template(spec):
 
 
 # ----------------------------------------------------------------------------------------
+# GPT-2's byte alphabet (how vocab.bpe, encoder.json, tokenizer.json and bpe.py's files write bytes)
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map byte -> printable character, so a byte token can be written
+    as text: the 188 printable latin-1 bytes stand for themselves, the other 68 (control
+    characters, space, ...) become chr(256), chr(257), ... in byte order (space -> 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + len(table) - len(printable))
+    return table
+
+
+def to_alphabet(token: bytes) -> str:
+    # each byte read as the latin-1 character of the same number, then mapped in one C call
+    return token.decode("latin-1").translate(_latin1_to_alphabet())
+
+
+@functools.lru_cache(maxsize=1)
+def _latin1_to_alphabet() -> dict[int, str]:
+    return dict(bytes_to_unicode())
+
+
+def from_alphabet(text: str) -> bytes:
+    """Inverse of to_alphabet (UnicodeEncodeError: a character outside the alphabet)."""
+    return text.translate(_alphabet_to_latin1()).encode("latin-1")
+
+
+@functools.lru_cache(maxsize=1)
+def _alphabet_to_latin1() -> dict[int, str]:
+    """str.translate table: each alphabet character -> the latin-1 character of its byte.
+    Latin-1 characters outside the alphabet (space, controls) -> U+FFFF, which latin-1
+    cannot encode, so they raise instead of passing through."""
+    table = {b: "\uffff" for b in range(256)}
+    table.update({ord(c): chr(b) for b, c in bytes_to_unicode().items()})
+    return table
+
+
+# ----------------------------------------------------------------------------------------
+# bpe.py's tokenizers: trained on a file of any size, saved as a "nanollm-bpe v1" file
+
+
+FILE_VERSION = "nanollm-bpe v1"
+CHUNK_BYTES = 16 << 20  # files are pre-tokenized in pieces of about this size (memory bound)
+
+
+def find_chunk_boundaries(path, special_tokens, chunk_bytes=CHUNK_BYTES) -> list[int]:
+    """Byte offsets that cut the file into pieces of about `chunk_bytes`, each cut at the
+    start of a special token. Cutting there changes nothing: the text is split at special
+    tokens before the regex runs anyway. Without special tokens the file stays whole."""
+    size = os.path.getsize(path)
+    if not special_tokens or size <= chunk_bytes:
+        return [0, size]
+    specials = sorted((s.encode("utf-8") for s in special_tokens), key=len, reverse=True)
+    find = regex.compile(b"|".join(regex.escape(s) for s in specials))
+    overlap = max(map(len, specials)) - 1  # so a token straddling two reads is still seen
+    block = 1 << 20
+    bounds = [0]
+    with open(path, "rb") as f:
+        pos = chunk_bytes
+        while pos < size:
+            found = None
+            while found is None:  # scan forward from pos for the next special token
+                f.seek(pos)
+                data = f.read(block)
+                match = find.search(data)
+                if match:
+                    found = pos + match.start()
+                elif len(data) < block:
+                    break
+                else:
+                    pos += block - overlap
+            if found is None or found >= size:
+                break
+            if found > bounds[-1]:
+                bounds.append(found)
+            pos = found + chunk_bytes
+    bounds.append(size)
+    return bounds
+
+
+def _count_file_chunk(args):
+    """Worker: pre-token counts of bytes [start, end) of a file."""
+    path, start, end, special_tokens, pattern = args
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoError(f"{path} is not UTF-8 text (bad byte at offset {start + e.start}; convert it to UTF-8)") from None
+    return bpe.count_text_pretokens(text, special_tokens, pattern)
+
+
+def count_file_pretokens(path, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
+                         chunk_bytes=CHUNK_BYTES) -> Counter:
+    """bpe.count_text_pretokens of a UTF-8 file, read in pieces cut at special tokens, counted
+    by `num_workers` processes (default: one per CPU)."""
+    if not os.path.isfile(path):
+        raise NanoError(f"training file {path} not found (check the path)")
+    bpe.compile_pattern(pattern)  # a bad pattern is one error here, not one per worker
+    bounds = find_chunk_boundaries(path, special_tokens, chunk_bytes)
+    jobs = [(str(path), a, b, tuple(special_tokens), pattern) for a, b in pairwise(bounds)]
+    num_workers = min(num_workers or os.cpu_count() or 1, len(jobs))
+    total = Counter()
+    if num_workers > 1:
+        import multiprocessing
+
+        with multiprocessing.Pool(num_workers) as pool:
+            for part in pool.imap_unordered(_count_file_chunk, jobs):
+                total.update(part)
+    else:
+        for part in map(_count_file_chunk, jobs):
+            total.update(part)
+    return total
+
+
+def train_bpe_file(path, vocab_size: int, special_tokens=(), pattern=GPT2_PATTERN, num_workers=None,
+                   verbose=False):
+    """bpe.train_bpe on a UTF-8 file of any size: read chunk by chunk (cut at special tokens),
+    pre-tokens counted by `num_workers` processes (default: one per CPU)."""
+    bpe.check_vocab_size(vocab_size, special_tokens)
+    t0 = time.perf_counter()
+    counts = count_file_pretokens(path, special_tokens, pattern, num_workers)
+    return bpe.train_on_counts(counts, vocab_size, special_tokens, verbose, t0)
+
+
+def save_bpe(tok: bpe.Tokenizer, path):
+    """Write `path` (the tokenizer, human-readable) and a .vocab listing beside it.
+    Both go to a temp file first, then are renamed: never a half-written file."""
+    if tok.added_tokens or tok.normalizer or tok.pre_tokenizer is not None or not tok.ignore_merges:
+        raise NanoError("this tokenizer's pipeline (from a tokenizer.json) does not fit a .bpe file "
+                        "(write it as a tokenizer.json: tokenizer.save_tokenizer_json)")
+    path = Path(path)
+    special_ids = set(tok.special_tokens.values())
+    token_id = {t: i for i, t in tok.vocab.items() if i not in special_ids}
+    lines = [FILE_VERSION,
+             "# byte-level BPE written by nanollm's bpe.py. Tokens are in GPT-2's byte alphabet",
+             "# (Ġ is a space, Ċ a newline); a merge line is: left right id-of-the-merged-token.",
+             f"pattern {json.dumps(tok.pattern)}",
+             "bytes " + " ".join(str(token_id[bytes([b])]) for b in range(256)),
+             f"special {len(tok.special_tokens)}"]
+    lines += [f"{i} {json.dumps(s)}" for s, i in tok.special_tokens.items()]
+    lines.append(f"merges {len(tok.merges)}")
+    lines += [f"{to_alphabet(a)} {to_alphabet(b)} {token_id[a + b]}" for a, b in tok.merges]
+    _write_text(path, "\n".join(lines) + "\n")
+
+    made_by = {a + b: (a, b) for a, b in reversed(tok.merges)}  # earliest merge wins
+    listing = []
+    for i in sorted(tok.vocab):
+        token = tok.vocab[i]
+        if i in special_ids:
+            listing.append(f"{i}\t{render_token(token)}\t(special)")
+        elif token in made_by:
+            a, b = made_by[token]
+            listing.append(f"{i}\t{render_token(token)}\t= {render_token(a)} + {render_token(b)}")
+        else:
+            listing.append(f"{i}\t{render_token(token)}")
+    _write_text(_vocab_path(path), "\n".join(listing) + "\n")
+
+
+def read_bpe(path) -> bpe.Tokenizer:
+    """Read a file written by save_bpe; a clear one-line error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"tokenizer file {path} not found (train one: python bpe.py train ...)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanoError(f"{path} is not a bpe.py tokenizer file ({type(e).__name__})") from None
+    lines = text.split("\n")
+    try:
+        # comment lines ("# ...") are allowed in the header only: "#" is also a token
+        at = next((i for i, line in enumerate(lines) if line.startswith("merges ")), len(lines))
+        lines = [line for line in lines[:at] if not line.startswith("#")] + lines[at:]
+        if lines[0] != FILE_VERSION:
+            raise ValueError(f"first line is {lines[0][:40]!r}, expected {FILE_VERSION!r}")
+        pattern = json.loads(_field(lines[1], "pattern"))
+        byte_ids = [int(x) for x in _field(lines[2], "bytes").split(" ")]
+        if len(byte_ids) != 256:
+            raise ValueError(f"{len(byte_ids)} byte ids, expected 256")
+        vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+        n_special = int(_field(lines[3], "special"))
+        specials = {}
+        for line in lines[4:4 + n_special]:
+            i, s = line.split(" ", 1)
+            specials[json.loads(s)] = int(i)
+        at = 4 + n_special
+        n_merges = int(_field(lines[at], "merges"))
+        merges = []
+        for line in lines[at + 1:at + 1 + n_merges]:
+            left, right, i = line.split(" ")
+            merges.append((from_alphabet(left), from_alphabet(right)))
+            vocab[int(i)] = merges[-1][0] + merges[-1][1]
+        if len(merges) != n_merges or any(lines[at + 1 + n_merges:]):
+            raise ValueError(f"expected {n_merges} merges, found {len(lines) - at - 1} lines")
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise NanoError(f"{path} is not a valid bpe.py tokenizer file ({e}; re-create it "
+                        "with python bpe.py train)") from None
+    return bpe.Tokenizer(vocab, merges, specials, pattern)
+
+
+def _field(line: str, name: str) -> str:
+    key, _, value = line.partition(" ")
+    if key != name:
+        raise ValueError(f"expected a {name!r} line, got {line[:40]!r}")
+    return value
+
+
+def _vocab_path(path: Path) -> Path:
+    return path.with_suffix(".vocab") if path.suffix != ".vocab" else Path(str(path) + ".vocab")
+
+
+def _write_text(path: Path, text: str):
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------
 # The formats of others as a bpe.Tokenizer: OpenAI's GPT-2 files, tiktoken encodings
 
 
@@ -403,12 +633,12 @@ def bpe_from_tiktoken(encoding) -> bpe.Tokenizer:
 
 
 def load_bpe(spec: str) -> bpe.Tokenizer:
-    """A bpe.Tokenizer from a saved bpe.py file, a Hugging Face tokenizer.json (a path ending in
-    .json), or a tiktoken encoding name ("gpt2" from the shipped files)."""
+    """A bpe.Tokenizer from a saved bpe.py file (read_bpe), a Hugging Face tokenizer.json (a path
+    ending in .json), or a tiktoken encoding name ("gpt2" from the shipped files)."""
     if spec.endswith(".json"):
         return bpe_from_tokenizer_json(spec)
     if Path(spec).is_file():
-        return bpe.Tokenizer.load(spec)
+        return read_bpe(spec)
     if spec == "gpt2":
         return bpe_from_gpt2_files()
     if spec in TIKTOKEN_NAMES:
@@ -559,18 +789,33 @@ def to_tokenizer_json(tok: bpe.Tokenizer) -> dict:
 
 def save_tokenizer_json(tok: bpe.Tokenizer, path):
     """Write to_tokenizer_json(tok) to `path` (a temp file first, then renamed)."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(to_tokenizer_json(tok), ensure_ascii=False),
-                                                  encoding="utf-8"))
+    _write_text(Path(path), json.dumps(to_tokenizer_json(tok), ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------------------
-# Command line: the tokens of a text; one text under several tokenizers
+# Command line: train a tokenizer; the tokens of a text; one text under several tokenizers
 
 SAMPLE_TEXT = """The quick brown fox doesn't jump over 1,234,567 lazy dogs -- they'll sleep in.
     def fib(n):
         return n if n < 2 else fib(n - 1) + fib(n - 2)   # 4 spaces of indent
 Tokenizers split "ﬁne" ligatures, émigré accents, 日本語のテキスト and emoji 👋🏽 very differently.
 """
+
+
+def _cmd_train(args):
+    if not os.path.isfile(args.input):
+        raise NanoError(f"input file {args.input} not found (check --input)")
+    if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():
+        raise NanoError(f"--out {args.out} is a folder or lies in no folder (give a file name in an existing folder)")
+    pattern = PATTERNS.get(args.pattern, args.pattern)
+    bpe.compile_pattern(pattern)
+    specials = [s for s in args.special_tokens.split(",") if s]
+    t0 = time.perf_counter()
+    vocab, merges = train_bpe_file(args.input, args.vocab_size, specials, pattern, args.num_workers, verbose=True)
+    tok = bpe.Tokenizer(vocab, merges, specials, pattern)
+    save_bpe(tok, args.out)
+    print(f"trained {len(merges):,} merges (vocab {tok.vocab_size:,}) in {time.perf_counter() - t0:.2f} s; "
+          f"wrote {args.out} and {_vocab_path(Path(args.out))}")
 
 
 def _cmd_encode(args):
@@ -617,9 +862,18 @@ def _cmd_compare(args):
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tokenizer.py", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,  # prog: tokenizer.py, or bpe.py, which runs this
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a tokenizer on a text file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="UTF-8 text file")
+    p.add_argument("--vocab_size", type=int, default=4096, help="256 bytes + merges + special tokens")
+    p.add_argument("--out", default="tok.bpe", help="tokenizer file (a .vocab listing is written beside it)")
+    p.add_argument("--special_tokens", default=ENDOFTEXT, help="comma-separated; '' for none")
+    p.add_argument("--pattern", default="gpt2", help="split regex: gpt2, gpt4, or a regex")
+    p.add_argument("--num_workers", type=int, default=0, help="processes counting pre-tokens (0: one per CPU)")
+    p.set_defaults(run=_cmd_train)
     p = sub.add_parser("encode", help="show the tokens of a text",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tokenizer", default="gpt2", help="a bpe.py file, a tokenizer.json, or a tiktoken name (gpt2, cl100k_base)")

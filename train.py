@@ -146,6 +146,7 @@ def prepare_data(cfg: TrainConfig):
         import hashlib
 
         import bpe  # only this option needs the tokenizer trainer
+        from tokenizer import save_bpe  # (`tokenizer` is a local name here)
 
         src = Path(cfg.dataset[len("text:"):])
         if not src.is_file():
@@ -158,7 +159,7 @@ def prepare_data(cfg: TrainConfig):
             train_text = text[:int(len(text) * (1 - data.VAL_FRACTION))]  # prepare_dataset's split
             vocab, merges = bpe.train_bpe(train_text, cfg.train_tokenizer, special_tokens=("<|endoftext|>",))
             tok_path.parent.mkdir(parents=True, exist_ok=True)
-            bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)).save(tok_path)
+            save_bpe(bpe.Tokenizer(vocab, merges, ("<|endoftext|>",)), tok_path)
         tokenizer = str(tok_path.resolve())  # the checkpoint records it: a path that works from any folder
     return data.prepare_dataset(cfg.dataset, cfg.input or None, tokenizer, cfg.data_root)
 
@@ -447,12 +448,15 @@ def hellaswag_hook(cfg: TrainConfig, run: Run, raw_model, write_metrics):
 
 
 def sample_text(cfg: TrainConfig, run: Run, raw_model):
+    import sample  # sample.py's KV-cached generation, for the few lines shown at the end
+
     tok = tokenizer.load_tokenizer(run.tokenizer_spec)
-    start = torch.full((1, 1), tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0], device=run.device)
+    start = [[tok.eot_id if tok.eot_id is not None else tok.encode("\n")[0]]]
     raw_model.eval()
     with run.ctx:
-        out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200)
-    run.log("--- sample ---\n" + tok.decode(out[0, 1:].tolist()))
+        out = [int(t) for t in sample.generate(raw_model, start, cfg.sample_tokens, temperature=0.8, top_k=200,
+                                               vocab_size=tok.vocab_size)]
+    run.log("--- sample ---\n" + tok.decode(out))
 
 
 @cli

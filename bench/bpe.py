@@ -87,9 +87,9 @@ def bench_bpe_train(quick, text):
         small = Path(tmp) / "shakespeare.txt"
         small.write_text(text[:200_000] if quick else text, encoding="utf-8")
         for vocab_size in (500, 10_000):
-            s = interleaved({"bpe.py": lambda v=vocab_size: bpe.train_bpe_file(small, v, [EOT], num_workers=1),
+            s = interleaved({"bpe.py": lambda v=vocab_size: tokenizer.train_bpe_file(small, v, [EOT], num_workers=1),
                              "hf": lambda v=vocab_size: hf_train(small, v)}, 1 if quick else 5)
-            vocab, merges = bpe.train_bpe_file(small, vocab_size, [EOT], num_workers=1)
+            vocab, merges = tokenizer.train_bpe_file(small, vocab_size, [EOT], num_workers=1)
             ours = bpe.Tokenizer(vocab, merges, [EOT]).encode(text)
             theirs = hf_train(small, vocab_size).encode(text).ids
             row("bpe", f"train vocab {vocab_size:,}, Tiny Shakespeare, 1 thread: bpe.py / HF tokenizers",
@@ -108,9 +108,9 @@ def bench_bpe_train(quick, text):
         mb, n = big.stat().st_size / 1e6, os.cpu_count() or 1
         times = {}
         for _ in range(1 if quick else 2):  # interleaved by hand: each run is long
-            for name, fn in (("bpe.py 1", lambda: bpe.train_bpe_file(big, 10_000, [EOT], num_workers=1)),
+            for name, fn in (("bpe.py 1", lambda: tokenizer.train_bpe_file(big, 10_000, [EOT], num_workers=1)),
                              ("hf 1", lambda: hf_train(big, 10_000)),
-                             (f"bpe.py {n}", lambda: bpe.train_bpe_file(big, 10_000, [EOT], num_workers=n))):
+                             (f"bpe.py {n}", lambda: tokenizer.train_bpe_file(big, 10_000, [EOT], num_workers=n))):
                 t0 = time.perf_counter()
                 fn()
                 times.setdefault(name, []).append(time.perf_counter() - t0)

@@ -1,7 +1,8 @@
 """bpe.py: training (worked examples, CS336 ties, incremental == minbpe's naive loop), split
 patterns checked, the naive encoder == the fast one, round trips, GPT-2's merges == tiktoken
-token for token, the ASCII fast path == `regex`, encode_batch, save/load, streaming in bounded
-memory, one-line errors on bad input. (The formats of others: tests/test_tokenizer.py.)
+token for token, the ASCII fast path == `regex`, encode_batch, streaming in bounded memory,
+one-line errors on bad input. (Training on a file, bpe.py's file format, the command line and
+the formats of others: tests/test_tokenizer.py.)
 Fixtures gpt2 (GPT-2's merges), small (trained here) and tiktoken_gpt2: conftest.py."""
 
 import pickle
@@ -29,6 +30,7 @@ TRICKY = [
     "👋🏽 👨‍👩‍👧‍👦 emoji", "日本語のテキスト", "ﬁne émigré naïve", "a\x1c\x1db\x00\x7f\x1b[31m",
     " ' s 's ''", "?!\n\n((a))\n", "\u3000x\u00a0y\u2028z", "lone \ud800 surrogate",
 ]
+BAD_PATTERNS = [("(", "bad split pattern"), ("(a)|.", "capturing groups"), ("foo", "skips 'h'"), (r"\S+", "skips ' '")]
 ROUND_TRIP = [
     "", "hello world", "héllo wörld, Καλημέρα, привет, 你好, مرحبا", "👋🏽 family: 👨‍👩‍👧‍👦 🏳️‍🌈",
     "a   b\n\n\n\tc    \r\n  ", "\x00\x01\x02\x1b[0m\x7f\x85", "".join(map(chr, range(256))),
@@ -43,16 +45,6 @@ def one_line_error(excinfo) -> str:
     msg = str(excinfo.value)  # a BPEError's message
     assert "\n" not in msg, msg
     return msg
-
-
-def cli_error(capsys, argv) -> str:
-    """bpe.main(argv) must stop with exit status 2 and one `error:` line on stderr: returns it."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        bpe.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
-    return err.strip()
 
 
 # ---- training ------------------------------------------------------------------------
@@ -125,22 +117,6 @@ def test_training_stops_when_pairs_run_out():
     assert merges == [(b"a", b"b")] and vocab[257] == EOT.encode()
 
 
-def test_file_training_equals_text_training(tmp_path):
-    docs = shakespeare()[:300_000].split("\n\n")
-    text = EOT.join(docs)
-    path = tmp_path / "docs.txt"
-    path.write_text(text, encoding="utf-8")
-    bounds = bpe.find_chunk_boundaries(path, [EOT], chunk_bytes=40_000)
-    raw = path.read_bytes()
-    assert len(bounds) > 4 and bounds[0] == 0 and bounds[-1] == len(raw)
-    assert all(raw[b:b + len(EOT)] == EOT.encode() for b in bounds[1:-1])
-    serial = bpe.count_text_pretokens(text, [EOT])
-    assert bpe.count_file_pretokens(path, [EOT], num_workers=2, chunk_bytes=40_000) == serial
-    assert bpe.count_file_pretokens(str(path), [EOT], num_workers=1, chunk_bytes=40_000) == serial
-    assert EOT not in serial and "<|" not in serial
-    assert bpe.train_bpe_file(path, 400, [EOT], num_workers=1) == bpe.train_bpe(text, 400, [EOT])
-
-
 def test_train_bpe_never_guesses_a_file_name(tmp_path):
     """A string is the text, even when a file of that name exists; a path is refused."""
     name = tmp_path / "corpus.txt"
@@ -152,15 +128,8 @@ def test_train_bpe_never_guesses_a_file_name(tmp_path):
     assert "train_bpe_file" in one_line_error(e)
 
 
-@pytest.mark.parametrize("pattern, says", [("(", "bad split pattern"), ("(a)|.", "capturing groups"),
-                                           ("foo", "skips 'h'"), (r"\S+", "skips ' '")])
-def test_bad_split_patterns_are_refused(tmp_path, capsys, pattern, says):
-    src = tmp_path / "input.txt"
-    src.write_text("hello foo world\n" * 50, encoding="utf-8")
-    out = tmp_path / "tok.bpe"
-    assert says in cli_error(capsys, ["train", "--input", str(src), "--out", str(out), "--pattern", pattern,
-                                       "--num_workers", "1"])
-    assert not out.exists()
+@pytest.mark.parametrize("pattern, says", BAD_PATTERNS)
+def test_bad_split_patterns_are_refused(pattern, says):
     with pytest.raises(BPEError) as e:
         bpe.train_bpe("hello foo world", 300, pattern=pattern)
     assert says in one_line_error(e)
@@ -346,39 +315,7 @@ def test_encode_batch_equals_encode(gpt2, small):
     assert EOT in one_line_error(e)
 
 
-# ---- save / load -----------------------------------------------------------------------
-
-
-def test_save_load(tmp_path, gpt2, small):
-    text = shakespeare()[-5000:] + "".join(TRICKY)
-    for name, tok in (("small.bpe", small), ("gpt2.bpe", gpt2)):
-        path = tmp_path / name
-        tok.save(path)
-        lines = path.read_text(encoding="utf-8").split("\n")
-        assert lines[0] == bpe.FILE_VERSION
-        vocab_listing = path.with_suffix(".vocab").read_text(encoding="utf-8").splitlines()
-        assert len(vocab_listing) == len(tok.vocab)
-        loaded = bpe.Tokenizer.load(path)
-        assert loaded.merges == tok.merges and loaded.vocab == tok.vocab
-        assert loaded.special_tokens == tok.special_tokens and loaded.pattern == tok.pattern
-        assert loaded.eot_id == tok.eot_id and loaded.vocab_size == tok.vocab_size
-        assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
-        assert not list(tmp_path.glob("*.tmp"))
-
-
-# ---- CLI and bad input ---------------------------------------------------------------
-
-
-def test_cli(tmp_path, capsys):
-    src = tmp_path / "input.txt"
-    src.write_text(shakespeare()[:30_000], encoding="utf-8")
-    out = tmp_path / "tok.bpe"
-    bpe.main(["train", "--input", str(src), "--vocab_size", "300", "--out", str(out), "--num_workers", "1"])
-    assert "trained 43 merges" in capsys.readouterr().out
-    assert bpe.Tokenizer.load(out).vocab_size == 300 and out.with_suffix(".vocab").is_file()
-    for out_dir in (tmp_path, tmp_path / "no" / "tok.bpe"):  # checked before training
-        assert cli_error(capsys, ["train", "--input", str(src), "--out", str(out_dir)]).startswith("error: --out")
-    assert "not found" in cli_error(capsys, ["train", "--input", str(tmp_path / "missing.txt")])
+# ---- bad input ---------------------------------------------------------------
 
 
 def test_bad_vocab_size():
@@ -387,18 +324,14 @@ def test_bad_vocab_size():
     assert "257" in one_line_error(e)
 
 
-def test_empty_training_text(tmp_path):
+def test_empty_training_text():
     for empty in ("", EOT * 3):
         with pytest.raises(BPEError) as e:
             bpe.train_bpe(empty, 300, special_tokens=(EOT,))
         assert "empty" in one_line_error(e)
-    (tmp_path / "empty.txt").write_text("")
     with pytest.raises(BPEError) as e:
-        bpe.train_bpe_file(tmp_path / "empty.txt", 300)
-    one_line_error(e)
-    with pytest.raises(BPEError) as e:
-        bpe.train_bpe_file(tmp_path / "missing.txt", 300)
-    assert "not found" in one_line_error(e)
+        bpe.train_on_counts({}, 300)
+    assert "empty" in one_line_error(e)
 
 
 def test_special_token_with_none_raise(small):
@@ -410,32 +343,7 @@ def test_special_token_with_none_raise(small):
     assert small.encode_ordinary(EOT) == small.encode(EOT, allowed_special="none") != [small.eot_id]
 
 
-def test_corrupt_tokenizer_file(tmp_path, small):
-    good = tmp_path / "good.bpe"
-    small.save(good)
-    lines = good.read_text(encoding="utf-8").split("\n")
-    cases = {
-        "garbage": "this is not a tokenizer\n",
-        "version": "\n".join(["nanollm-bpe v9"] + lines[1:]),
-        "truncated": "\n".join(lines[:-20]),
-        "bad merge": "\n".join(lines[:-3] + ["Ġ", lines[-2]]),
-        "bad bytes": "\n".join(line if not line.startswith("bytes") else "bytes 1 2 3" for line in lines),
-        "bad merge line": "\n".join(lines[:-2] + ["a b c 999", ""]),
-        "not the alphabet": "\n".join(lines[:-2] + ["a\x01 b 999", ""]),
-    }
-    for name, text in cases.items():
-        path = tmp_path / f"{name}.bpe"
-        path.write_text(text, encoding="utf-8")
-        with pytest.raises(BPEError) as e:
-            bpe.Tokenizer.load(path)
-        one_line_error(e)
-    (tmp_path / "binary.bpe").write_bytes(bytes(range(256)))
-    with pytest.raises(BPEError) as e:
-        bpe.Tokenizer.load(tmp_path / "binary.bpe")
-    one_line_error(e)
-    with pytest.raises(BPEError) as e:
-        bpe.Tokenizer.load(tmp_path / "missing.bpe")
-    assert "not found" in one_line_error(e)
+def test_unknown_id(small):
     with pytest.raises(BPEError) as e:
         small.decode([10 ** 6])
     one_line_error(e)

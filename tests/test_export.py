@@ -171,7 +171,7 @@ def test_hf_export_of_a_bpe_py_tokenizer(tmp_path, pattern):
     vocab, merges = bpe.train_bpe(data.SHAKESPEARE_PATH.read_text()[:50_000] + HARD_TEXT, 400,
                                   special_tokens=[bpe.ENDOFTEXT], pattern=bpe.PATTERNS[pattern])
     tok = bpe.Tokenizer(vocab, merges, [bpe.ENDOFTEXT], bpe.PATTERNS[pattern])
-    tok.save(tmp_path / "tok.bpe")
+    tokenizer.save_bpe(tok, tmp_path / "tok.bpe")
     config = gpt.GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)
     gpt.save_checkpoint(tmp_path / "ckpt.pt", gpt.GPT(config), str(tmp_path / "tok.bpe"))
     export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--to", "hf", str(tmp_path / "hf")])
@@ -336,7 +336,7 @@ def test_gguf_types_and_char_tokenizer(tmp_path, gguf_type):
     check_gguf_tensors(reader, model, gguf_type)
     fields = gguf_fields(reader)
     check_gguf_hparams(fields, config, gguf_type)
-    table = bpe.bytes_to_unicode()  # one byte-alphabet token per character, no merges
+    table = tokenizer.bytes_to_unicode()  # one byte-alphabet token per character, no merges
     assert fields["tokenizer.ggml.tokens"] == [table[ord(c)] for c in spec[len("char:"):]]
     assert fields["tokenizer.ggml.merges"] == [] and "tokenizer.ggml.eos_token_id" not in fields
     # byte for byte the file gguf-py's own writer makes of the same metadata and tensors
@@ -424,7 +424,7 @@ def llama_tokenizer(tmp_path_factory):
     vocab, merges = bpe.train_bpe(data.SHAKESPEARE_PATH.read_text()[:50_000] + HARD_TEXT, 500,
                                   special_tokens=[bpe.ENDOFTEXT], pattern=bpe.GPT4_PATTERN)
     path = tmp_path_factory.mktemp("tok") / "tok.bpe"
-    bpe.Tokenizer(vocab, merges, [bpe.ENDOFTEXT], bpe.GPT4_PATTERN).save(path)
+    tokenizer.save_bpe(bpe.Tokenizer(vocab, merges, [bpe.ENDOFTEXT], bpe.GPT4_PATTERN), path)
     return str(path)
 
 

@@ -174,7 +174,7 @@ def test_checkpoint_carries_its_bpe_tokenizer(tmp_path, tiny_config, monkeypatch
     vocab, merges = bpe.train_bpe(text, 300, ["<|endoftext|>"])
     tok_path = tmp_path / "data" / "tok.bpe"
     tok_path.parent.mkdir()
-    bpe.Tokenizer(vocab, merges, ["<|endoftext|>"]).save(tok_path)
+    tokenizer.save_bpe(bpe.Tokenizer(vocab, merges, ["<|endoftext|>"]), tok_path)
     want = tokenizer.load_tokenizer(str(tok_path)).encode("First Citizen: before we proceed")
     for spec in (str(tok_path), "chat:" + str(tok_path)):
         gpt.save_checkpoint(tmp_path / "ckpt.pt", GPT(tiny_config), spec)

@@ -12,7 +12,8 @@ SCRIPTS = {p.stem: p for p in ROOT.glob("*.py")}
 BASE = {"common", "tokenizer", "data", "hf_io", "gpt"}  # what any script may import
 # The idea each file builds on, beyond BASE (DESIGN.md's import graph). Deviations, said in the
 # README: sft -> sample (its greedy answers are sample.generate), sft -> qlora_nf4 (lazily, for
-# --qlora, as finetune's QLoRA); distill/scaling_laws/interp/rl -> plot for their pictures.
+# --qlora, as finetune's QLoRA), train -> sample (lazily, the lines it prints at the end);
+# distill/scaling_laws/interp/rl -> plot for their pictures.
 ALLOWED = {
     "common": set(), "bpe": set(), "plot": {"common"},
     "tokenizer": {"common", "bpe"}, "hf_io": {"common"}, "data": {"common", "tokenizer"},
@@ -26,7 +27,7 @@ ALLOWED = {
     "sample": BASE, "serve": BASE | {"sample", "openai_api"},
     "export": BASE | {"lora", "bpe", "quantize"}, "eval_harness": BASE | {"sample"}, "eval_hellaswag": BASE,
     "interp": BASE | {"plot"}, "rag": BASE | {"sample", "finetune"},
-    "train": BASE | {"eval_hellaswag", "bpe"}, "moe": BASE, "distill": BASE | {"plot"},
+    "train": BASE | {"eval_hellaswag", "bpe", "sample"}, "moe": BASE, "distill": BASE | {"plot"},
     "scaling_laws": BASE | {"plot"}, "bert": BASE | {"bpe"},
 }
 CAPS = {"gpt.py": 560, "data.py": 300, "lora.py": 300, "bpe.py": 800, "serve.py": 500}

@@ -1,11 +1,15 @@
 """tokenizer.py: specs (gpt2, char:, chat:, a bpe.py file, a tokenizer.json), GPT-2's encoding built
 from the shipped files == tiktoken's (and nothing written to any cache), the merges of a tiktoken
 encoding recovered, Hugging Face tokenizer.json read and written == `tokenizers` token for token,
-chat templates == transformers' apply_chat_template, the command line."""
+chat templates == transformers' apply_chat_template, bpe.py's files (trained on a file == on its
+text, saved and read, corrupt files refused), the command line (also run as `python bpe.py`)."""
 
 import json
 import re
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +17,7 @@ import bpe
 import sft
 import tokenizer
 from common import NanoError
-from test_bpe import EOT, LLAMA3_PATTERN, QWEN2_PATTERN, TRICKY, one_line_error, shakespeare
+from test_bpe import BAD_PATTERNS, EOT, LLAMA3_PATTERN, QWEN2_PATTERN, TRICKY, one_line_error, shakespeare
 
 BASE = " 0123456789:" + string.ascii_lowercase  # ' ' = 0, '0'..'9' = 1..10, ':' = 11, 'a'..'z' = 12..37
 
@@ -47,7 +51,7 @@ def test_gpt2_encoding_is_tiktokens_and_writes_nothing(tmp_path, monkeypatch, ti
 
 def test_load_bpe_reads_every_byte_level_spec(tmp_path, gpt2, small):
     assert tokenizer.load_bpe("gpt2").merges == gpt2.merges
-    small.save(tmp_path / "small.bpe")
+    tokenizer.save_bpe(small, tmp_path / "small.bpe")
     tokenizer.save_tokenizer_json(small, tmp_path / "small.json")
     for spec in ("small.bpe", "small.json"):
         assert tokenizer.load_bpe(str(tmp_path / spec)).vocab == small.vocab
@@ -59,10 +63,10 @@ def test_the_train_py_contract(tmp_path):
     """train.py trains and saves with these calls; tokenizer.load_tokenizer reads the file."""
     src = tmp_path / "input.txt"
     src.write_text(shakespeare()[:50_000], encoding="utf-8")
-    vocab, merges = bpe.train_bpe_file(src, 400, special_tokens=(EOT,))
+    vocab, merges = bpe.train_bpe(src.read_text(encoding="utf-8"), 400, special_tokens=(EOT,))
     assert len(vocab) == 400 and len(merges) == 400 - 256 - 1
-    bpe.Tokenizer(vocab, merges, (EOT,)).save(tmp_path / "tok.bpe")
-    tok = bpe.Tokenizer.load(tmp_path / "tok.bpe")
+    tokenizer.save_bpe(bpe.Tokenizer(vocab, merges, (EOT,)), tmp_path / "tok.bpe")
+    tok = tokenizer.read_bpe(tmp_path / "tok.bpe")
     assert tok.vocab_size == 400 and tok.eot_id == 399
     assert tok.encode("to be" + EOT, allowed_special="all")[-1] == 399
     wrapped = tokenizer.load_tokenizer(str(tmp_path / "tok.bpe"))
@@ -72,6 +76,84 @@ def test_the_train_py_contract(tmp_path):
     tokenizer.save_tokenizer_json(tok, tmp_path / "tokenizer.json")  # a .json spec is a tokenizer.json
     from_json = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert (from_json.vocab_size, from_json.eot_id) == (400, 399) and from_json.encode("To be, or not" + EOT) == ids
+
+
+# ---- bpe.py's files: trained on a file, saved, read ---------------------------------------
+
+
+def test_file_training_equals_text_training(tmp_path):
+    docs = shakespeare()[:300_000].split("\n\n")
+    text = EOT.join(docs)
+    path = tmp_path / "docs.txt"
+    path.write_text(text, encoding="utf-8")
+    bounds = tokenizer.find_chunk_boundaries(path, [EOT], chunk_bytes=40_000)
+    raw = path.read_bytes()
+    assert len(bounds) > 4 and bounds[0] == 0 and bounds[-1] == len(raw)
+    assert all(raw[b:b + len(EOT)] == EOT.encode() for b in bounds[1:-1])
+    serial = bpe.count_text_pretokens(text, [EOT])
+    assert tokenizer.count_file_pretokens(path, [EOT], num_workers=2, chunk_bytes=40_000) == serial
+    assert tokenizer.count_file_pretokens(str(path), [EOT], num_workers=1, chunk_bytes=40_000) == serial
+    assert EOT not in serial and "<|" not in serial
+    assert tokenizer.train_bpe_file(path, 400, [EOT], num_workers=1) == bpe.train_bpe(text, 400, [EOT])
+
+
+def test_empty_or_missing_training_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(bpe.BPEError) as e:
+        tokenizer.train_bpe_file(tmp_path / "empty.txt", 300)
+    assert "empty" in one_line_error(e)
+    with pytest.raises(NanoError) as e:
+        tokenizer.train_bpe_file(tmp_path / "missing.txt", 300)
+    assert "not found" in one_line_error(e)
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(NanoError) as e:
+        tokenizer.train_bpe_file(tmp_path / "latin1.txt", 300, num_workers=1)
+    assert "not UTF-8" in one_line_error(e)
+
+
+def test_save_read(tmp_path, gpt2, small):
+    text = shakespeare()[-5000:] + "".join(TRICKY)
+    for name, tok in (("small.bpe", small), ("gpt2.bpe", gpt2)):
+        path = tmp_path / name
+        tokenizer.save_bpe(tok, path)
+        lines = path.read_text(encoding="utf-8").split("\n")
+        assert lines[0] == tokenizer.FILE_VERSION
+        vocab_listing = path.with_suffix(".vocab").read_text(encoding="utf-8").splitlines()
+        assert len(vocab_listing) == len(tok.vocab)
+        loaded = tokenizer.read_bpe(path)
+        assert loaded.merges == tok.merges and loaded.vocab == tok.vocab
+        assert loaded.special_tokens == tok.special_tokens and loaded.pattern == tok.pattern
+        assert loaded.eot_id == tok.eot_id and loaded.vocab_size == tok.vocab_size
+        assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+        assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+def test_corrupt_tokenizer_file(tmp_path, small):
+    good = tmp_path / "good.bpe"
+    tokenizer.save_bpe(small, good)
+    lines = good.read_text(encoding="utf-8").split("\n")
+    cases = {
+        "garbage": "this is not a tokenizer\n",
+        "version": "\n".join(["nanollm-bpe v9"] + lines[1:]),
+        "truncated": "\n".join(lines[:-20]),
+        "bad merge": "\n".join(lines[:-3] + ["Ġ", lines[-2]]),
+        "bad bytes": "\n".join(line if not line.startswith("bytes") else "bytes 1 2 3" for line in lines),
+        "bad merge line": "\n".join(lines[:-2] + ["a b c 999", ""]),
+        "not the alphabet": "\n".join(lines[:-2] + ["a\x01 b 999", ""]),
+    }
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.bpe"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(NanoError) as e:
+            tokenizer.read_bpe(path)
+        one_line_error(e)
+    (tmp_path / "binary.bpe").write_bytes(bytes(range(256)))
+    with pytest.raises(NanoError) as e:
+        tokenizer.read_bpe(tmp_path / "binary.bpe")
+    one_line_error(e)
+    with pytest.raises(NanoError) as e:
+        tokenizer.read_bpe(tmp_path / "missing.bpe")
+    assert "not found" in one_line_error(e)
 
 
 # ---- chat tokens and templates ---------------------------------------------------------
@@ -319,7 +401,7 @@ def test_written_tokenizer_json_loads_in_hf_tokenizers(tmp_path, gpt2, small):
 def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
     base = {"version": "1.0", "added_tokens": [], "normalizer": None,
             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
-            "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(bpe.bytes_to_unicode().values())},
+            "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(tokenizer.bytes_to_unicode().values())},
                       "merges": []}}
     sentencepiece = {**base, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
                      "model": {**base["model"], "byte_fallback": True}}
@@ -349,27 +431,59 @@ def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
     path.write_text(json.dumps(base), encoding="utf-8")
     tok = tokenizer.bpe_from_tokenizer_json(path)  # the minimal byte-level file is fine
     assert tok.decode(tok.encode("hi ü")) == "hi ü" and len(tok.encode("hi ü")) == 5
-    with pytest.raises(bpe.BPEError) as e:  # a pipeline the .bpe format cannot hold
-        tokenizer.bpe_from_tokenizer_json(path).save(tmp_path / "x.bpe")
+    with pytest.raises(NanoError) as e:  # a pipeline the .bpe format cannot hold
+        tokenizer.save_bpe(tokenizer.bpe_from_tokenizer_json(path), tmp_path / "x.bpe")
     assert "save_tokenizer_json" in one_line_error(e)
 
 
 # ---- command line --------------------------------------------------------------------
 
 
+def cli_error(capsys, argv) -> str:
+    """tokenizer.main(argv) must stop with exit status 2 and one `error:` line on stderr: returns it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tokenizer.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("pattern, says", BAD_PATTERNS)
+def test_train_cli_refuses_bad_split_patterns(tmp_path, capsys, pattern, says):
+    src = tmp_path / "input.txt"
+    src.write_text("hello foo world\n" * 50, encoding="utf-8")
+    out = tmp_path / "tok.bpe"
+    assert says in cli_error(capsys, ["train", "--input", str(src), "--out", str(out), "--pattern", pattern,
+                                       "--num_workers", "1"])
+    assert not out.exists()
+
+
+def test_bpe_py_runs_this_command_line(capsys):
+    """`python bpe.py encode ...` (the README's command) prints what tokenizer.main does."""
+    tokenizer.main(["encode", "Hello world"])
+    ran = subprocess.run([sys.executable, "bpe.py", "encode", "Hello world"], cwd=Path(tokenizer.__file__).parent,
+                         capture_output=True, text=True, check=True)
+    assert ran.stdout == capsys.readouterr().out and ran.stdout.startswith("[15496, 995]")
+
+
 def test_cli(tmp_path, capsys):
     src = tmp_path / "input.txt"
     src.write_text(shakespeare()[:30_000], encoding="utf-8")
     out = tmp_path / "tok.bpe"
-    bpe.main(["train", "--input", str(src), "--vocab_size", "300", "--out", str(out), "--num_workers", "1"])
-    capsys.readouterr()
+    tokenizer.main(["train", "--input", str(src), "--vocab_size", "300", "--out", str(out), "--num_workers", "1"])
+    assert "trained 43 merges" in capsys.readouterr().out
+    assert tokenizer.read_bpe(out).vocab_size == 300 and out.with_suffix(".vocab").is_file()
+    for out_dir in (tmp_path, tmp_path / "no" / "tok.bpe"):  # checked before training
+        assert cli_error(capsys, ["train", "--input", str(src), "--out", str(out_dir)]).startswith("error: --out")
+    assert "not found" in cli_error(capsys, ["train", "--input", str(tmp_path / "missing.txt")])
     tokenizer.main(["encode", "--tokenizer", str(out), "First Citizen"])
     ids_line, _pieces, _ = capsys.readouterr().out.splitlines()
-    assert bpe.Tokenizer.load(out).decode(json.loads(ids_line)) == "First Citizen"
+    assert tokenizer.read_bpe(out).decode(json.loads(ids_line)) == "First Citizen"
     tokenizer.main(["compare", "--input", str(src), "--tokenizer", str(out), "--reference", "gpt2"])
     report = capsys.readouterr().out
     assert "tokens/byte" in report and str(out) in report and "gpt2: vocab 50,257" in report
-    tokenizer.save_tokenizer_json(bpe.Tokenizer.load(out), tmp_path / "tokenizer.json")  # a .json is a tokenizer.json
+    tokenizer.save_tokenizer_json(tokenizer.read_bpe(out), tmp_path / "tokenizer.json")  # a .json is a tokenizer.json
     tokenizer.main(["encode", "--tokenizer", str(tmp_path / "tokenizer.json"), "First Citizen"])
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == json.loads(ids_line)
     tokenizer.main(["encode", "Hello world"])  # gpt2, the default
