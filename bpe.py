@@ -148,7 +148,7 @@ def encode_naive(text: str, ranks: dict[bytes, int], pattern=GPT2_PATTERN) -> li
 # The incremental trainer: the same merges without re-counting
 
 
-def _reversed_order_key(token: bytes) -> str:
+def reversed_order_key(token: bytes) -> str:
     """A string whose order is the reverse of the order of `token` among byte strings:
     each byte b becomes chr(255 - b), and a final chr(256), larger than any of them, makes
     a prefix ("ab") sort after its extensions ("abc"), the reverse of bytes order. The key
@@ -179,7 +179,7 @@ def learn_merges(pretoken_counts: dict[bytes, int], num_merges: int, verbose=Fal
     that pair is merged the word is scanned and nothing happens (cheaper than keeping the
     sets exact)."""
     token_bytes = [bytes([i]) for i in range(256)]
-    order_key = [_reversed_order_key(t) for t in token_bytes]
+    order_key = [reversed_order_key(t) for t in token_bytes]
     words, freqs = [list(w) for w in pretoken_counts], list(pretoken_counts.values())
     pair_counts, pair_words = index_pairs(words, freqs)
     heap = [(-c, order_key[a] + order_key[b], (a, b)) for (a, b), c in pair_counts.items()]
@@ -191,7 +191,7 @@ def learn_merges(pretoken_counts: dict[bytes, int], num_merges: int, verbose=Fal
             continue  # stale entry: this pair's count has changed since it was pushed
         new_id = len(token_bytes)
         token_bytes.append(token_bytes[pair[0]] + token_bytes[pair[1]])
-        order_key.append(_reversed_order_key(token_bytes[new_id]))
+        order_key.append(reversed_order_key(token_bytes[new_id]))
         merges.append((token_bytes[pair[0]], token_bytes[pair[1]]))
         del pair_counts[pair]
         delta = defaultdict(int)  # how the merge changes the count of each neighbouring pair

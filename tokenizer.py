@@ -655,11 +655,11 @@ SUPPORTED = "nanollm reads the byte-level BPE of GPT-2, Llama 3, Qwen2/3, SmolLM
 _BOUNDED_PLUS = regex.compile(r"(\\p\{\w+\}|\\.|\[(?:\\.|[^\]\\])*\]|[^\\()\[\]{}|])(\{\d+(?:,\d*)?\})\+")
 
 
-def _to_onig(pattern: str) -> str:
+def to_onig(pattern: str) -> str:
     return _BOUNDED_PLUS.sub(r"(?>\1\2)", pattern)
 
 
-def _from_onig(pattern: str) -> str:
+def from_onig(pattern: str) -> str:
     return _BOUNDED_PLUS.sub(r"(?:\1\2)+", pattern)
 
 
@@ -693,7 +693,7 @@ def _read_tokenizer_json(spec: dict, where) -> dict:
         kind = step.get("type")
         if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
             pattern = step.get("pattern", {})
-            steps.append(_from_onig(pattern["Regex"]) if "Regex" in pattern else regex.escape(pattern.get("String", "")))
+            steps.append(from_onig(pattern["Regex"]) if "Regex" in pattern else regex.escape(pattern.get("String", "")))
         elif kind == "Digits":  # is_numeric(): \p{N}; runs of digits are one piece unless individual_digits
             steps.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
         elif kind == "ByteLevel" and step is pre[-1]:
@@ -767,7 +767,7 @@ def to_tokenizer_json(tok: bpe.Tokenizer) -> dict:
         byte_level["add_prefix_space"] = bool(steps.pop())
     if PREFIX_SPACE in steps:
         raise NanoError("a space prefix before other split steps has no tokenizer.json form")
-    pre = [{"type": "Split", "pattern": {"Regex": _to_onig(s)}, "behavior": "Isolated", "invert": False}
+    pre = [{"type": "Split", "pattern": {"Regex": to_onig(s)}, "behavior": "Isolated", "invert": False}
            for s in steps] + [byte_level]
     norms = [{"type": form} for form in tok.normalizer]
     added_ids = {i: s for s, i in (tok.special_tokens | tok.added_tokens).items()}

@@ -91,7 +91,7 @@ def test_ties_go_to_the_lexicographically_greater_pair():
     rng = random.Random(0)
     tokens = [bytes(rng.choice(b"ab\x00\xff") for _ in range(rng.randint(1, 4))) for _ in range(400)]
     pairs = list(pairwise(tokens))
-    key = lambda p: bpe._reversed_order_key(p[0]) + bpe._reversed_order_key(p[1])
+    key = lambda p: bpe.reversed_order_key(p[0]) + bpe.reversed_order_key(p[1])
     assert sorted(pairs, key=key) == sorted(pairs, reverse=True)
 
 

@@ -385,7 +385,7 @@ def test_written_tokenizer_json_loads_in_hf_tokenizers(tmp_path, gpt2, small):
         assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
     # Oniguruma reads GPT-4's possessive \p{N}{1,3}+ as (\p{N}{1,3})+, any run of digits: written
     # as an atomic group; a file that has it raw is read as Oniguruma reads it
-    assert tokenizer._to_onig(bpe.GPT4_PATTERN).count(r"(?>\p{N}{1,3})") == 1
+    assert tokenizer.to_onig(bpe.GPT4_PATTERN).count(r"(?>\p{N}{1,3})") == 1
     spec = json.loads(path.read_text(encoding="utf-8"))
     spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = bpe.GPT4_PATTERN
     path.write_text(json.dumps(spec), encoding="utf-8")
