@@ -14,7 +14,8 @@ in tests/test_export.py by the library that owns it:
   gpt.load_pretrained.
 - GGUF v3 (`--to gguf FILE`), the one-file format of llama.cpp and Ollama: a header, typed
   metadata (the architecture's hyperparameters, the tokenizer as tokenizer.ggml.*), tensor
-  infos, then aligned tensor data in F32, F16 or Q8_0 (8-bit blocks: quantize_q8_0). The
+  infos, then aligned tensor data in F32, F16, Q8_0 (8-bit blocks: quantize_q8_0), Q4_0 or
+  Q4_K (4-bit blocks: quantize_q4_0, quantize_q4_k; quantize.py teaches the idea). The
   names, tensor layouts (Llama's q/k rows reordered for llama.cpp's RoPE) and metadata keys
   are those of llama.cpp's own converter, convert_hf_to_gguf.py, and the bytes equal what
   gguf-py's GGUFWriter writes of them; the writer here is ~100 lines.
@@ -70,9 +71,12 @@ U8, I8, U16, I16, U32, I32, F32_VALUE, BOOL, STRING, ARRAY, U64, I64, F64_VALUE 
 _SCALAR_FORMAT = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32_VALUE: "<f",
                   BOOL: "<?", U64: "<Q", I64: "<q", F64_VALUE: "<d"}
 # tensor types (ggml_type) and what general.file_type (llama_ftype) calls a file of mostly that type
-GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
-GGUF_TYPES = {"f32": (GGML_F32, 0), "f16": (GGML_F16, 1), "q8_0": (GGML_Q8_0, 7)}
-Q8_0_BLOCK = 32
+# (q4_k: every 2-D weight Q4_K, llama.cpp's MOSTLY_Q4_K_S; its Q4_K_M mixes in Q6_K tensors)
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q8_0, GGML_Q4_K = 0, 1, 2, 8, 12
+GGUF_TYPES = {"f32": (GGML_F32, 0), "f16": (GGML_F16, 1), "q8_0": (GGML_Q8_0, 7), "q4_0": (GGML_Q4_0, 2),
+              "q4_k": (GGML_Q4_K, 14)}
+Q8_0_BLOCK, Q4_0_BLOCK, QK_K = 32, 32, 256
+BLOCKS = {GGML_Q8_0: (Q8_0_BLOCK, 34), GGML_Q4_0: (Q4_0_BLOCK, 18), GGML_Q4_K: (QK_K, 144)}  # weights, bytes
 
 
 def _gguf_string(s: str) -> bytes:
@@ -120,6 +124,92 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
+    """Q4_0, ggml's plain 4-bit format: blocks of 32 consecutive weights, each an fp16 scale
+    d = m / -8 (m: the block's value of largest magnitude, sign kept) and 32 codes q in 0..15,
+    x ~ d * (q - 8), two codes a byte (weight j low nibble, weight j + 16 high): 18 bytes per
+    32 weights (4.5 bits). The extreme value lands exactly on code 0; the other end of the
+    range, one step short, is clamped to 15. q = trunc(x / d + 8.5) with the scale's fp32
+    reciprocal, as ggml's quantize_row_q4_0_ref and gguf-py, so the bytes are llama.cpp's.
+    x: (..., K) with K % 32 == 0 -> uint8 (n_blocks, 18), blocks in row-major order."""
+    if x.shape[-1] % Q4_0_BLOCK:
+        raise NanoError(f"Q4_0 needs rows of a multiple of {Q4_0_BLOCK} values (got {x.shape[-1]}; use f16)")
+    blocks = x.detach().float().reshape(-1, Q4_0_BLOCK)
+    out = torch.empty(blocks.shape[0], 2 + Q4_0_BLOCK // 2, dtype=torch.uint8)
+    for start in range(0, blocks.shape[0], 1 << 15):
+        b = blocks[start:start + (1 << 15)]
+        d = b.gather(1, b.abs().argmax(dim=1, keepdim=True)) / -8  # argmax: the first of equal maxima
+        q = (b * torch.where(d == 0, torch.zeros_like(d), 1.0 / d) + 8.5).trunc_().clamp_(max=15).to(torch.uint8)
+        out[start:start + len(b), :2] = d.half().view(torch.uint8)
+        out[start:start + len(b), 2:] = q[:, :16] | (q[:, 16:] << 4)
+    return out
+
+
+def fit_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20):
+    """ggml's make_qkx2_quants for rows of x (n, 32): x ~ scale * L - m with codes L in 0..nmax.
+    Start from the row's [min(x, 0), max x]; then try 21 slightly stretched grids, and for each
+    the least-squares scale and offset of the resulting codes (weighted by `weights`); keep the
+    best (a later grid starts from the best offset so far, as ggml's loop does). A flat row gets
+    scale 0 and L = 0. Returns (scale (n,), m (n,) >= 0, L (n, 32))."""
+    lo, hi = x.amin(1).clamp(max=0), x.amax(1)
+    flat = hi == lo
+    sum_w, sum_x = weights.sum(1), (weights * x).sum(1)
+
+    def codes(iscale, lo):
+        return torch.round(iscale[:, None] * (x - lo[:, None])).clamp_(0, nmax)
+
+    scale = (hi - lo) / nmax
+    L = codes(nmax / (hi - lo).where(~flat, 1.0), lo)
+    best = (weights * (scale[:, None] * L + lo[:, None] - x) ** 2).sum(1)
+    for step in range(nstep + 1):
+        aux = codes((rmin + rdelta * step + nmax) / (hi - lo).where(hi > lo, 1.0), lo)
+        sum_l, sum_l2, sum_xl = (weights * aux).sum(1), (weights * aux * aux).sum(1), (weights * aux * x).sum(1)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        positive = this_min > 0  # the offset may only lower the grid: else fit the scale alone
+        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        err = (weights * (this_scale[:, None] * aux + this_min[:, None] - x) ** 2).sum(1)
+        better = (D > 0) & (err < best) & ~flat
+        L, best = torch.where(better[:, None], aux, L), torch.where(better, err, best)
+        scale, lo = torch.where(better, this_scale, scale), torch.where(better, this_min, lo)
+    return scale.where(~flat, 0.0), -lo, L.where(~flat[:, None], 0.0)
+
+
+def quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
+    """Q4_K, llama.cpp's k-quant 4-bit format: super-blocks of 256 weights = 8 sub-blocks of 32.
+    A sub-block has its own scale and offset, x ~ d * sc * q - dmin * m, with q in 0..15 and
+    sc, m 6-bit integers relative to the super-block's fp16 d and dmin: 144 bytes per 256
+    weights (4.5 bits), layout d | dmin | 12 bytes of packed (sc, m) | 128 bytes of codes (each
+    64 weights: the first 32 in the low nibbles, the next 32 in the high). Scales and offsets
+    are fitted per sub-block as ggml's quantize_row_q4_K_ref (fit_scale_min, weights
+    mean-square + |x|), then rounded to 6 bits, and the codes recomputed against the rounded
+    ones. x: (..., K) with K % 256 == 0 -> uint8 (n_superblocks, 144)."""
+    if x.shape[-1] % QK_K:
+        raise NanoError(f"Q4_K needs rows of a multiple of {QK_K} values (got {x.shape[-1]}; use q4_0)")
+    sub = x.detach().float().reshape(-1, 32)
+    weights = sub.pow(2).mean(1, keepdim=True).sqrt() + sub.abs()
+    scale, m, L = fit_scale_min(sub, weights)
+    scale, m, L = scale.view(-1, 8), m.view(-1, 8), L.view(-1, 8, 32)
+    max_scale, max_min = scale.amax(1, keepdim=True), m.amax(1, keepdim=True)
+    ls = torch.round(scale * torch.where(max_scale > 0, 63 / max_scale, 0.0)).clamp(max=63)
+    lm = torch.round(m * torch.where(max_min > 0, 63 / max_min, 0.0)).clamp(max=63)
+    d, dmin = (max_scale / 63).half(), (max_min / 63).half()
+    step = (d.float() * ls)[..., None]  # codes again, against the scales as stored
+    fresh = torch.round((sub.view(-1, 8, 32) + (dmin.float() * lm)[..., None]) / step.where(step != 0, 1.0)).clamp(0, 15)
+    L = torch.where(step != 0, fresh, L).to(torch.uint8)
+    ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
+    packed = torch.cat([ls[:, :4] | (ls[:, 4:] >> 4 << 6), lm[:, :4] | (lm[:, 4:] >> 4 << 6),
+                        (ls[:, 4:] & 0xF) | (lm[:, 4:] << 4)], dim=1)  # 12 bytes: gguf-py's get_scale_min
+    L = L.view(-1, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([d.view(torch.uint8), dmin.view(torch.uint8), packed, qs], dim=1)
+
+
+QUANTIZERS = {GGML_Q8_0: quantize_q8_0, GGML_Q4_0: quantize_q4_0, GGML_Q4_K: quantize_q4_k}
+
+
 def tensor_bytes(t: torch.Tensor, ggml_type: int):
     """The tensor's data as ggml stores it: a uint8 numpy array (a buffer, no extra copy)."""
     if ggml_type == GGML_F32:
@@ -127,13 +217,16 @@ def tensor_bytes(t: torch.Tensor, ggml_type: int):
     elif ggml_type == GGML_F16:
         out = t.detach().half()
     else:
-        out = quantize_q8_0(t)
+        out = QUANTIZERS[ggml_type](t)
     return out.contiguous().cpu().view(torch.uint8).numpy().reshape(-1)
 
 
 def _nbytes(shape, ggml_type: int) -> int:
     n = math.prod(shape)
-    return {GGML_F32: 4 * n, GGML_F16: 2 * n, GGML_Q8_0: n // Q8_0_BLOCK * (2 + Q8_0_BLOCK)}[ggml_type]
+    if ggml_type in BLOCKS:
+        size, nbytes = BLOCKS[ggml_type]
+        return n // size * nbytes
+    return {GGML_F32: 4 * n, GGML_F16: 2 * n}[ggml_type]
 
 
 def write_gguf(path, metadata: dict, tensors: list[tuple[str, torch.Tensor, int]]):
@@ -289,10 +382,13 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def gguf_tensor_type(gguf_name: str, t: torch.Tensor, wanted: int) -> int:
     """The converter's rule: 1-D tensors (norms, biases) and the position embedding stay F32;
-    a Q8_0 tensor whose rows do not split into 32-blocks falls back to F16."""
+    a quantized tensor whose rows do not split into its blocks falls back: Q4_K (256) to Q4_0
+    (llama.cpp's quantizer picks Q5_0 there; Q4_0 keeps the bits), Q4_0 and Q8_0 (32) to F16."""
     if t.dim() <= 1 or gguf_name.endswith("_norm.weight") or gguf_name.startswith("position_embd"):
         return GGML_F32
-    if wanted == GGML_Q8_0 and t.shape[-1] % Q8_0_BLOCK:
+    if wanted == GGML_Q4_K and t.shape[-1] % QK_K:
+        wanted = GGML_Q4_0
+    if wanted in BLOCKS and t.shape[-1] % BLOCKS[wanted][0]:
         return GGML_F16
     return wanted
 
@@ -616,7 +712,7 @@ class ExportConfig:
     to: str = field(default="hf", metadata={"help": "hf | gguf | peft"})
     out: str = field(default="", metadata={"help": "output folder (hf, peft) or .gguf file; also accepted as the word after --to"})
     adapter: str = field(default="", metadata={"help": "a lora.py adapter.pt (or PEFT folder): --to peft exports it; with hf/gguf it is merged into --ckpt first"})
-    gguf_type: str = field(default="f16", metadata={"help": "f32 | f16 | q8_0: type of the 2-D weights (1-D ones stay f32, as llama.cpp's converter)"})
+    gguf_type: str = field(default="f16", metadata={"help": "f32 | f16 | q8_0 | q4_0 | q4_k: type of the 2-D weights (1-D ones stay f32, as llama.cpp's converter)"})
     dtype: str = field(default="float32", metadata={"help": "hf: dtype of model.safetensors (float32, bfloat16, float16)"})
     name: str = field(default="", metadata={"help": "gguf: general.name ('': the checkpoint's file name)"})
     force: bool = field(default=False, metadata={"help": "replace an existing output"})

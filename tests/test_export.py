@@ -274,7 +274,7 @@ def check_gguf_hparams(fields, config: gpt.GPTConfig, gguf_type: str):
     """The keys llama.cpp's gpt2 loader reads, with their values."""
     assert fields["general.architecture"] == "gpt2"
     assert set(fields) <= gguf_known_keys("gpt2")
-    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[gguf_type]
+    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_k": 14}[gguf_type]
     for key, value in {"context_length": config.block_size, "embedding_length": config.n_embd,
                        "block_count": config.n_layer, "feed_forward_length": 4 * config.n_embd,
                        "attention.head_count": config.n_head}.items():
@@ -371,6 +371,108 @@ def test_q8_0_bytes_equal_ggml_reference():
     assert (ours.numpy().reshape(-1) == quantize(x.numpy(), Q.Q8_0).reshape(-1)).all()
     q = ours[6:7, 2:].view(torch.int8)[0, :5].tolist()  # block 0 of row 2 (3 blocks per row)
     assert q == [127, 1, -1, 2, -3]
+
+
+def test_q4_0_bytes_equal_ggml_reference():
+    """Q4_0: the block's value of largest magnitude (first of equal ones, sign kept) on code 0,
+    an all-zero block, a positive and a negative maximum, tiny and huge scales, codes that land
+    on the .5 boundary of trunc(x / d + 8.5): gguf-py's bytes (a port of quantize_row_q4_0_ref)."""
+    pytest.importorskip("gguf", reason="gguf-py is the GGUF reference (requirements-dev)")
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 96, generator=g)
+    x[0, :32] = 0.0
+    x[1, :32] = torch.arange(32.0) - 16  # d = -(-16) / -8 = -2: every x / d + 8.5 on a half
+    x[2, 32:64] = torch.tensor([-3.0, 3.0] + [0.1] * 30)  # equal magnitudes: the first (-3) wins
+    x[3] = x[3] * 1e-30
+    x[4] = x[4] * 1e4
+    x[5, 7] = 50.0
+    ours = export.quantize_q4_0(x)
+    assert ours.shape == (8 * 96 // 32, 18)
+    assert (ours.numpy().reshape(-1) == quantize(x.numpy(), Q.Q4_0).reshape(-1)).all()
+    with pytest.raises(NanoError, match="Q4_0 needs rows of a multiple of 32"):
+        export.quantize_q4_0(torch.zeros(2, 48))
+
+
+def q4_k_steps(blocks: torch.Tensor) -> torch.Tensor:
+    """Each 32-weight sub-block's step d * sc, read with gguf-py's unpacking of the 6-bit scales."""
+    from gguf.quants import Q4_K
+
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    sc, _ = Q4_K.get_scale_min(blocks[:, 4:16].numpy())
+    return (d * torch.from_numpy(sc.astype("float32"))).reshape(-1)
+
+
+def test_q4_k_read_back_by_gguf_py_within_its_error():
+    """Q4_K (ggml's k-quant layout, 144 bytes per 256 weights) as gguf-py dequantizes it: a value
+    is within half its sub-block's step d * sc plus half the offset's 6-bit step dmin (> 99% of
+    them), except values clipped at the ends of a range that the 6-bit rounding of the scale left
+    short: those stay within 1.5x that (measured up to 1.27x). On Gaussian weights the error is
+    below Q4_0's (a fitted scale and offset per 32 weights against one absmax scale): measured
+    0.073 vs 0.096 relative RMS here."""
+    pytest.importorskip("gguf", reason="gguf-py is the GGUF reference (requirements-dev)")
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(1))
+    x[0, :32] = 0.0  # a flat sub-block
+    x[1, :32] = -0.25  # a flat negative sub-block: all of it is the offset
+    x[2, 100] = 40.0  # an outlier: its super-block's other scales fall to a few 6-bit steps
+    x[3] = x[3].abs()  # one-sided rows: the offset is 0
+    blocks = export.quantize_q4_k(x)
+    assert blocks.shape == (16 * 512 // 256, 144)
+    deq = torch.from_numpy(dequantize(blocks.numpy().reshape(16, -1), Q.Q4_K)).reshape(x.shape)
+    err = (deq - x).reshape(-1, 32).abs()
+    half = q4_k_steps(blocks)[:, None] / 2 + blocks[:, 2:4].contiguous().view(torch.float16).float().repeat_interleave(8, 0) / 2
+    assert (err <= half + 1e-6).float().mean() > 0.99
+    assert (err <= 3 * half + 1e-6).all()
+    q4_0 = torch.from_numpy(dequantize(export.quantize_q4_0(x).numpy().reshape(16, -1), Q.Q4_0)).reshape(x.shape)
+    assert (deq - x).norm() < 0.85 * (q4_0 - x).norm()
+
+
+@pytest.mark.parametrize("gguf_type", ["q4_0", "q4_k"])
+def test_gguf_q4_files(tmp_path, gguf_type):
+    """A 4-bit GGUF read back by GGUFReader: each 2-D weight in its type (Q4_K rows of 256, else
+    Q4_0; 1-D ones F32), holding our quantizer's bytes (Q4_0: gguf-py's too), the metadata
+    llama.cpp reads, the file byte for byte GGUFWriter's where gguf-py can quantize (Q4_0)."""
+    gguf = pytest.importorskip("gguf", reason="gguf-py is the GGUF reference (requirements-dev)")
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    spec = char_spec()
+    config = gpt.GPTConfig(block_size=32, vocab_size=len(spec) - 5, n_layer=1, n_head=2, n_embd=256)
+    model = train_tiny(config, spec, steps=2)
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, spec)
+    export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--to", "gguf", str(tmp_path / "m.gguf"), "--gguf_type", gguf_type])
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    check_gguf_hparams(gguf_fields(reader), config, gguf_type)
+    tensors = {t.name: t for t in reader.tensors}
+    wanted = {"q4_0": Q.Q4_0, "q4_k": Q.Q4_K}[gguf_type]
+    for name, ours in gguf_expected(model).items():
+        t = tensors[name]
+        if ours.dim() == 1 or name.startswith("position_embd"):
+            assert t.tensor_type == Q.F32
+            continue
+        assert t.tensor_type == wanted, name
+        quantizer = export.quantize_q4_0 if wanted == Q.Q4_0 else export.quantize_q4_k
+        assert (t.data.reshape(-1) == quantizer(ours).numpy().reshape(-1)).all(), name
+        if wanted == Q.Q4_0:
+            assert (t.data.reshape(-1) == quantize(ours.numpy(), Q.Q4_0).reshape(-1)).all()
+    # the fallbacks: Q4_K rows that are no multiple of 256 become Q4_0, rows of no 32-multiple F16
+    assert export.gguf_tensor_type("blk.0.ffn_up.weight", torch.zeros(8, 384), export.GGML_Q4_K) == export.GGML_Q4_0
+    assert export.gguf_tensor_type("blk.0.ffn_up.weight", torch.zeros(8, 48), export.GGML_Q4_K) == export.GGML_F16
+    assert export.gguf_tensor_type("blk.0.ffn_up.weight", torch.zeros(8, 48), export.GGML_Q4_0) == export.GGML_F16
+    if gguf_type == "q4_0":
+        ggml_type, file_type = export.GGUF_TYPES[gguf_type]
+        metadata = export.gguf_metadata(config, "ckpt", file_type, 4 * config.n_embd) | export.gguf_tokenizer(
+            spec, config.vocab_size)
+        del metadata["tokenizer.ggml.merges"]
+        tensors = export.gguf_tensors(model, ggml_type)
+        export.write_gguf(tmp_path / "ours.gguf", metadata, tensors)
+        reference_gguf(tmp_path / "ref.gguf", metadata, tensors)
+        assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
 
 
 # ----------------------------------------------------------------------------------------
@@ -562,8 +664,8 @@ def test_bad_inputs(gpt2_ckpt, hf_dir, tmp_path):
         export.main(["--ckpt", str(not_ckpt), "--to", "hf", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match=r"error: unknown --to 'onnx' \(choose one of hf, gguf, peft\)"):
         export.main(["--ckpt", str(gpt2_ckpt), "--to", "onnx", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match=r"error: unknown --gguf_type 'q4_k'"):
-        export.main(["--ckpt", str(gpt2_ckpt), "--to", "gguf", str(tmp_path / "a.gguf"), "--gguf_type", "q4_k"])
+    with pytest.raises(SystemExit, match=r"error: unknown --gguf_type 'q2_k'"):
+        export.main(["--ckpt", str(gpt2_ckpt), "--to", "gguf", str(tmp_path / "a.gguf"), "--gguf_type", "q2_k"])
     with pytest.raises(SystemExit, match=r"error: --to peft exports a LoRA adapter"):
         export.main(["--ckpt", str(gpt2_ckpt), "--to", "peft", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match=r"error: .*ckpt.pt is not a LoRA adapter"):
