@@ -72,7 +72,7 @@ def loglikelihood_tokens(model, pairs, batch_size=16, dtype=torch.float32) -> li
     tokens) pair; the context holds at least one token. A row longer than block_size + 1
     loses tokens on the left, as lm-eval's `hf` model does."""
     block = model.config.block_size
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))  # longest first
     results = [None] * len(pairs)
     for start in range(0, len(order), batch_size):
@@ -183,9 +183,10 @@ def bits_per_byte(model, tokenizer, text: str, batch_size=16, dtype=torch.float3
 
 def load_model(ckpt="", init_from="", device="cpu"):
     """(model in eval mode, tokenizer) from a checkpoint, or a GPT-2 name / Hugging Face
-    folder / hub name (gpt.load_pretrained, with the folder's tokenizer)."""
-    model, spec = gpt.load_pretrained(init_from) if init_from else gpt.load_checkpoint(ckpt, device)
-    return model.to(device).eval(), load_tokenizer(spec)
+    folder / hub name (gpt.load_pretrained, with the folder's tokenizer); a quantize.py checkpoint
+    runs on its own kernels."""
+    model, spec = sample.load_source(init_from or ckpt, device, None, checkpoint=not init_from)  # quantized too
+    return model.eval(), load_tokenizer(spec)
 
 
 class NanoLM(TemplateLM):

@@ -701,7 +701,7 @@ def load_quantized(path_or_ckpt, device="cpu"):
     """(model in eval mode, tokenizer spec) of a quantized checkpoint (a path or its dict). The
     model is built without memory (meta device), its Linears replaced by empty quantized layers,
     then every tensor is assigned from the file: no float copy of a quantized weight exists."""
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else data.read_checkpoint(path_or_ckpt)
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else gpt.read_checkpoint(path_or_ckpt)
     where = "checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
     if not is_quantized(ckpt):
         raise NanoError(f"{where} is not a quantized checkpoint (load it with gpt.load_checkpoint)")
@@ -816,7 +816,7 @@ def main(argv=None):
     check_config(cfg)
     out = Path(cfg.out or Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}-{cfg.method}"
                                                    f"{cfg.bits if cfg.method in ('rtn', 'gptq', 'awq') else 8}.pt"))
-    ckpt = data.read_checkpoint(cfg.ckpt)
+    ckpt = gpt.read_checkpoint(cfg.ckpt)
     if is_quantized(ckpt):
         raise NanoError(f"{cfg.ckpt} is quantized already (quantize the float checkpoint)")
     model, spec = gpt.model_from_checkpoint(ckpt, cfg.ckpt).eval(), ckpt.get("tokenizer")

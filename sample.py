@@ -103,7 +103,7 @@ class KVCache(nn.Module):
 def make_cache(model, batch_size, max_len) -> list[KVCache]:
     """One KVCache per layer, on the model's device and in its dtype, of n_kv_head heads."""
     cfg = model.config
-    weight = model.lm_head.weight
+    weight = model.transformer.wte.weight  # (a quantized model's head has no float weight)
     return [KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, weight.device, weight.dtype)
             for _ in range(cfg.n_layer)]
 
@@ -297,7 +297,7 @@ def forward_no_cache(model, rows, head=None):
     the given windows, causal. RoPE: every query sees the last block_size tokens at every
     layer, as the ring cache does, over the last n_layer * (block_size - 1) + 1 tokens
     (all that the last token's output depends on), at their true positions."""
-    cfg, device = model.config, model.lm_head.weight.device
+    cfg, device = model.config, model.transformer.wte.weight.device
     starts = [max(0, len(r) - cfg.n_layer * (cfg.block_size - 1) - 1) if cfg.rope_theta else 0 for r in rows]
     idx, pad = left_pad([r[s:] for r, s in zip(rows, starts)], device)
     if not pad.any() and idx.shape[1] <= cfg.block_size:  # plain causal attention, as nanoGPT's generate
@@ -393,7 +393,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if max_new_tokens <= 0:
         return
     rope = bool(model.config.rope_theta)  # the ring cache slides by one token: no re-prefill
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     head = LogitsHead(model, vocab_size, batch_size=len(rows))
     generator = sample_generator(seed, device)
     start = [0] * len(rows)  # where each row's window begins in its token list
@@ -653,6 +653,10 @@ def load_source(source: str, device, dtype, checkpoint=None):
         if is_moe_checkpoint(ckpt):  # a GPT would list every expert key it lacks: say what the file is instead
             raise NanoError(f"{source} is an MoE checkpoint (sample it with moe.py's model: "
                             "model, spec = moe.load_moe_checkpoint(path), then sample.generate(model, ...))")
+        if "quantization" in ckpt:  # written by quantize.py: its layers, already in their own dtypes
+            import quantize
+
+            return quantize.load_quantized(ckpt, device)
         model, spec = gpt.model_from_checkpoint(ckpt, source), ckpt.get("tokenizer")
     else:
         model, spec = gpt.load_pretrained(source, dtype=dtype)
@@ -808,6 +812,10 @@ class LogitsHead:
     place), so a short generation does not pay the 150 MB copy each time."""
 
     def __init__(self, model, vocab_size=None, batch_size=None):
+        self.module, self.vocab_size = model.lm_head, vocab_size
+        if not isinstance(model.lm_head, nn.Linear):  # a quantized head (quantize.py) runs its own kernel
+            self.weight = self.weight_t = None
+            return
         weight = model.lm_head.weight
         self.weight = weight.detach()[:vocab_size] if vocab_size else weight.detach()  # (V, C)
         self.weight_t = None
@@ -819,6 +827,8 @@ class LogitsHead:
             self.weight_t = copy
 
     def __call__(self, hidden):  # (B, C) -> (B, V) in fp32 for sampling
+        if self.weight is None:
+            return self.module(hidden)[:, :self.vocab_size].float()
         if self.weight_t is not None and hidden.shape[0] == 1:
             return (hidden @ self.weight_t).float()
         return F.linear(hidden, self.weight).float()

@@ -127,7 +127,7 @@ class Engine:
         if max_batch < 1 or max_queue < 1:
             raise NanoError(f"max_batch and max_queue must be >= 1 (got {max_batch}, {max_queue})")
         self.model, self.block_size = model, model.config.block_size
-        self.device = model.lm_head.weight.device
+        self.device = model.transformer.wte.weight.device
         self.head = sample.LogitsHead(model, vocab_size, batch_size=1)  # a 1-row step gets the fast layout
         self.cache = sample.make_cache(model, max_batch, self.block_size)  # (max_batch, n_head, block, hd) per layer
         self.rows: list[Request | None] = [None] * max_batch

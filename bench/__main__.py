@@ -39,6 +39,7 @@ SECTIONS = {
     "research": ("research.bench_research", "knowledge-distillation loss, chunked vs naive: memory, time"),
     "sft": ("sft.bench_sft", "packed vs padded SFT batches; the built-in task before / after"),
     "llama": ("llama.bench_llama", "Llama: load vs transformers, decode vs bound, GQA KV bytes, QLoRA"),
+    "quant": ("quant.bench_quant", "quantize.py: val loss, bytes and batch-1 decode of fp32 ... GPTQ/AWQ-4, vs llama.cpp"),
     "gpu": ("gpu.bench_gpu", "the CUDA check: every CUDA figure, then pytest -m gpu (not run by default)"),
 }
 

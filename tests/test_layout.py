@@ -12,7 +12,8 @@ SCRIPTS = {p.stem: p for p in ROOT.glob("*.py")}
 BASE = {"common", "tokenizer", "data", "hf_io", "gpt"}  # what any script may import
 # The idea each file builds on, beyond BASE (DESIGN.md's import graph). Deviations, said in the
 # README: sft -> sample (its greedy answers are sample.generate), sft -> qlora_nf4 (lazily, for
-# --qlora, as finetune's QLoRA), train -> sample (lazily, the lines it prints at the end);
+# --qlora, as finetune's QLoRA), train -> sample (lazily, the lines it prints at the end), sample ->
+# quantize (lazily, to run a quantize.py checkpoint: serve and eval_harness load through sample);
 # distill/scaling_laws/interp/rl -> plot for their pictures.
 ALLOWED = {
     "common": set(), "bpe": set(), "plot": {"common"},
@@ -24,7 +25,7 @@ ALLOWED = {
     "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample"}, "reward": BASE | {"finetune", "lora"},
     "rl": BASE | {"sample", "reward", "lora", "finetune", "plot"},
     "fsdp2_train": BASE | {"lora", "qlora_nf4"}, "quantize": BASE | {"qlora_nf4"},
-    "sample": BASE, "serve": BASE | {"sample", "openai_api"},
+    "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api"},
     "export": BASE | {"lora", "bpe", "quantize"}, "eval_harness": BASE | {"sample"}, "eval_hellaswag": BASE,
     "interp": BASE | {"plot"}, "rag": BASE | {"sample", "finetune"},
     "train": BASE | {"eval_hellaswag", "bpe", "sample"}, "moe": BASE, "distill": BASE | {"plot"},

@@ -1,4 +1,4 @@
-"""bench quant: quantize.py's table. (Temporary top-level file: bench/quant.py in the bench package.)
+"""bench quant: quantize.py's table.
 
 1. A model trained here (4 layers x 256, GPT-2 BPE, Tiny Shakespeare, block 256; quick: a tiny
    one): val loss (perplexity) and model bytes for fp32, bf16, int8 absmax, LLM.int8, NF4, RTN-4,
@@ -13,7 +13,7 @@
    $NANOLLM_LLAMA_CPP_PYTHON names (python -m venv v && v/bin/pip install llama-cpp-python);
    without either, a printed note.
 
-Run: python -c "import bench_quant; bench_quant.bench_quant(quick=False)"
+Run: python -m bench quant [--quick]
 """
 
 from __future__ import annotations
@@ -30,26 +30,11 @@ from pathlib import Path
 
 import torch
 
-from bench import row, shakespeare_text
+from .util import row
+
+LLAMA_CPP_CHILD = Path(__file__).resolve().parent / "children" / "llama_cpp.py"
 
 S = "quant"
-LLAMA_CPP_CHILD = r"""
-import json, sys, time
-import llama_cpp
-args = json.loads(sys.argv[1])
-llm = llama_cpp.Llama(model_path=args["path"], n_ctx=args["n_ctx"], n_batch=64, n_threads=args["threads"],
-                      verbose=False)
-out = []
-for _ in range(args["rounds"]):
-    tokens, stamps = [], []
-    for tok in llm.generate(args["prompt"], temp=0.0, top_k=1, reset=True):
-        tokens.append(tok)
-        stamps.append(time.perf_counter())
-        if len(tokens) == args["n_new"]:
-            break
-    out.append({"tokens": tokens, "decode_s": stamps[-1] - stamps[0]})
-print(json.dumps(out))
-"""
 
 
 # ----------------------------------------------------------------------------------------
@@ -61,10 +46,11 @@ def train_model(quick: bool):
     import common
     import data
     import gpt
+    import tokenizer
 
-    text = shakespeare_text()
+    text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
     cut = int(len(text) * (1 - data.VAL_FRACTION))
-    tok = data.load_tokenizer("gpt2")
+    tok = tokenizer.load_tokenizer("gpt2")
     train_ids, val_ids = (torch.tensor(tok.encode(t), dtype=torch.long) for t in (text[:cut], text[cut:]))
     if quick:
         config, steps, batch = gpt.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64), 15, 4
@@ -281,7 +267,7 @@ def llama_cpp_python() -> list[str] | None:
     """How to run llama-cpp-python: this interpreter if it imports llama_cpp, else the one named by
     $NANOLLM_LLAMA_CPP_PYTHON (a virtualenv's python), else None."""
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp  # noqa: F401  (only whether it imports)
         return [sys.executable]
     except ImportError:
         pass
@@ -294,7 +280,7 @@ def llama_cpp_python() -> list[str] | None:
 def run_llama_cpp(python, path, prompt, n_new, rounds=1, n_ctx=256):
     args = {"path": str(path), "prompt": prompt, "n_new": n_new, "threads": torch.get_num_threads(),
             "rounds": rounds, "n_ctx": n_ctx}
-    done = subprocess.run(python + ["-c", LLAMA_CPP_CHILD, json.dumps(args)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(python + [str(LLAMA_CPP_CHILD), json.dumps(args)], capture_output=True, text=True, timeout=600)
     if done.returncode:  # measured here: llama-cpp-python 0.3.36 ends with signal 11 on our Q8_0/Q4_0/Q4_K files
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
