@@ -436,7 +436,9 @@ def main(argv=None):
         lora.merge_lora(model.body)
     save_reward_model(out_dir / "ckpt.pt", model, spec, step=cfg.max_iters, reward_config=asdict(cfg), base=init_from)
     print(f"saved {out_dir / 'ckpt.pt'}")
-    print(f"next: python rl.py --reward_model {out_dir / 'ckpt.pt'}" + (f" --init_from {init_from}" if cfg.data else ""))
+    # beta 1: against a learned reward the KL anchor is needed (rl.py's docstring: reward hacking)
+    print(f"next: python rl.py --reward_model {out_dir / 'ckpt.pt'} --beta 1.0"
+          + (f" --init_from {init_from} --data {cfg.data}" if cfg.data else ""))
     print(f"pairwise accuracy: {100 * last['accuracy']:.1f}%")
     return last
 

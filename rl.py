@@ -41,10 +41,20 @@ then A is whitened over the batch's tokens. Losses: the clipped policy loss max(
 pg + vf_coef * vf, over num_ppo_epochs passes (--epochs; 4 by default). Every formula is TRL 0.19.1's
 PPOTrainer (the last TRL with PPO; transcribed as the reference in tests/test_rl.py).
 
-The reward can be gamed. What the policy maximises is the reward, not what was meant: add
-rl:longer_is_better (a proxy that likes long answers, as reward models often do) with enough weight and
-the policy learns to pad its answers, whatever that does to them. The KL term is what stops it: beta (GRPO)
-or kl_coef (PPO) prices every step away from the reference, measured in the README's table.
+The reward can be gamed. What the policy maximises is the reward, not what was meant. Against
+reward.py's model of the built-in task (95% pairwise accuracy on held-out pairs of the right sum against
+the carry mistake), GRPO with beta 0 first raises the exact match (39.5% -> 61.5% at step 20), then finds
+answers the reward model never saw and scores higher than right sums ("175" for 56 + 79, "1<|system|>1"):
+at step 100 its score has risen to 11.5 and the exact match fallen to 12%. The KL term is what stops it:
+beta prices every step away from the reference (measured, one seed, 100 steps; KL per token, k3):
+
+    beta                      0       0.1     0.3     1.0
+    reward model's score      11.5    10.1    7.6     4.1
+    KL to the reference       4.27    2.66    1.38    0.21
+    exact match (was 39.5%)   12.0%   27.5%   47.0%   84.5%
+
+(reward.py prints its next command with --beta 1.0 for that reason.) rl:longer_is_better is a simpler
+proxy to game: a reward for length, as reward models often favour long answers.
 
 Built-in task (no --data): reward.py's two-digit addition, "add 47 38" -> "85". Its SFT model learned
 from a teacher who forgets the carry 60% of the time, so its greedy answers are wrong on most problems
@@ -55,7 +65,7 @@ needs: the exact answer on 200 held-out problems is printed before and after.
 Run:
   python rl.py --algo grpo                            # built-in task (prints exact match before/after)
   python rl.py --algo ppo
-  python rl.py --reward_model out-reward/ckpt.pt      # score with reward.py's model instead
+  python rl.py --reward_model out-reward/ckpt.pt --beta 1.0   # reward.py's model instead (--beta 0: it hacks)
   python rl.py --reward_fn rl:exact_answer,rl:longer_is_better --reward_weights 1,0.5 --beta 0.0
   python rl.py --init_from out-sft/ckpt.pt --data prompts.jsonl --reward_fn mymodule:my_reward --lora True
   -> out-rl/ckpt.pt (a plain checkpoint: sample.py, serve.py), out-rl/metrics.jsonl, out-rl/rl.png
@@ -66,7 +76,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 import random
 import sys
 import time
@@ -387,8 +396,8 @@ def load_prompts(cfg, tok, rows):
         return train, test
     rows = [(tok.encode(p), cols) for p, cols in rows]
     random.Random(cfg.seed).shuffle(rows)
-    n_test = min(cfg.n_test, len(rows) // 5)
-    return rows[n_test:], rows[:n_test]
+    n_test = min(cfg.n_test, max(1, len(rows) // 5))
+    return rows[n_test:] or rows, rows[:n_test]  # one prompt alone: trained on and tested
 
 
 def batch_columns(examples):
@@ -415,7 +424,7 @@ class RLConfig:
     out_dir: str = field(default="out-rl", metadata={"help": "ckpt.pt, metrics.jsonl, rl.png (and adapter.pt) go here"})
     task_ckpt: str = field(default="out-addition/sft.pt", metadata={
         "help": "built-in task: its SFT model (trained here if missing; shared with reward.py)"})
-    steps: int = field(default=60, metadata={"help": "rollout + update steps"})
+    steps: int = field(default=100, metadata={"help": "rollout + update steps"})
     prompts_per_step: int = 16
     num_generations: int = field(default=8, metadata={"help": "completions per prompt (GRPO's group size)"})
     max_new_tokens: int = field(default=6, metadata={"help": "longest completion"})

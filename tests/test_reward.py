@@ -8,7 +8,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 import data
@@ -115,7 +114,7 @@ def test_tiny_builtin_run(task_ckpt, tmp_path, capsys):
                         "--log_interval", "10", "--out_dir", str(out), "--device", "cpu"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"pairwise accuracy: {100 * last['accuracy']:.1f}%"
-    assert lines[-2] == f"next: python rl.py --reward_model {out / 'ckpt.pt'}"
+    assert lines[-2] == f"next: python rl.py --reward_model {out / 'ckpt.pt'} --beta 1.0"
     rows = read_rows(out / "metrics.jsonl")
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # it learns something even in 40 steps
     assert {"loss", "lr", "accuracy", "margin", "tok_per_s"} <= rows[-1].keys()

@@ -12,7 +12,6 @@ from collections import defaultdict
 import pytest
 import torch
 
-import data
 import gpt
 import lora
 import plot
@@ -20,20 +19,8 @@ import reward
 import rl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run as fast on one thread, and a busy 2-core machine makes two threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def task_ckpt(tmp_path_factory):
-    """The built-in task's SFT model after 10 steps: a valid policy for tiny runs."""
-    torch.set_num_threads(1)
-    return reward.task_sft_model(tmp_path_factory.mktemp("task") / "sft.pt", "cpu", iters=10)
+# the fixtures of test_reward.py: one thread (autouse), the built-in task's SFT model after 10 steps
+from test_reward import one_thread, task_ckpt  # noqa: E402,F401
 
 
 def random_batch(B=6, C=7, seed=0):
@@ -164,7 +151,7 @@ def trl_0_19_1_ppo(scores, logprobs, ref_logprobs, values, sequence_lengths, new
     rewards = non_score_reward.clone()
     actual_start = torch.arange(rewards.size(0), device=rewards.device)
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
-    rewards[[actual_start, actual_end]] += scores
+    rewards[(actual_start, actual_end)] += scores  # TRL writes [[...]], which torch 2.9+ warns about
     # 5. whiten rewards
     if args.whiten_rewards:
         rewards = masked_whiten(rewards, mask=~padding_mask_p1, shift_mean=False)
@@ -261,7 +248,6 @@ def test_token_logps_equal_each_sequence_alone():
 
 def test_lora_reference_is_the_model_with_adapters_off(tmp_path):
     model = tiny_model()
-    base = [p.detach().clone() for p in model.parameters()]
     cfg = rl.RLConfig(lora=True, lora_r=2, lora_targets="c_attn,c_proj,c_fc")
     policy = rl.Policy(model, cfg, base="tiny")
     assert policy.ref_model is None and all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -335,7 +321,7 @@ def test_draw_writes_the_picture(tmp_path):
 
 def test_pretrain_sft_reward_rl_serve(tmp_path, shakespeare_path, monkeypatch, capsys):
     """One checkpoint all the way: train.py -> sft.py (a .jsonl of conversations) -> reward.py (pairs) ->
-    rl.py (GRPO on the exact answer plus the reward model) -> serve.py --chat answers."""
+    rl.py (GRPO against the reward model, as reward.py prints it) -> serve.py --chat (as rl.py prints it)."""
     import serve
     import sft
     import train
@@ -353,15 +339,16 @@ def test_pretrain_sft_reward_rl_serve(tmp_path, shakespeare_path, monkeypatch, c
     prompt = "<|user|>reverse: {}<|end|><|assistant|>"
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": prompt.format(w), "chosen": w[::-1],
                                                               "rejected": w}) + "\n" for w in words))
+    capsys.readouterr()
     reward.main(["--init_from", str(tmp_path / "sft" / "ckpt.pt"), "--data", str(tmp_path / "pairs.jsonl"), "--max_iters",
                  "3", "--batch_size", "4", "--val_fraction", "0.25", "--out_dir", str(tmp_path / "rm"), "--device", "cpu"])
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": prompt.format(w), "answer": w[::-1]}) + "\n"
-                                                    for w in words))
-    rl.main(["--init_from", str(tmp_path / "sft" / "ckpt.pt"), "--data", str(tmp_path / "prompts.jsonl"),
-             "--reward_fn", "rl:exact_answer", "--reward_model", str(tmp_path / "rm" / "ckpt.pt"), "--reward_weights", "1,0.1",
-             "--steps", "2", "--prompts_per_step", "2", "--num_generations", "2", "--n_test", "2",
-             "--out_dir", str(tmp_path / "rl"), "--device", "cpu", "--plot", "False"])
-    next_command = capsys.readouterr().out.strip().splitlines()[-3]
+    rl_command = capsys.readouterr().out.strip().splitlines()[-2]  # the command reward.py prints, run as printed
+    assert rl_command.startswith("next: python rl.py --reward_model ") and "--data" in rl_command
+    rl.main(rl_command.split()[3:] + ["--steps", "2", "--prompts_per_step", "2", "--num_generations", "2", "--n_test", "2",
+                                      "--out_dir", str(tmp_path / "rl"), "--device", "cpu", "--plot", "False"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("held-out reward before: ")  # pairs have no "answer": the reward model's score
+    next_command = lines[-3]
     assert next_command == f"next: python serve.py --ckpt {tmp_path / 'rl' / 'ckpt.pt'} --chat"
     monkeypatch.setattr(sys, "stdin", io.StringIO("reverse: dog\n/quit\n"))
     serve.main(next_command.split()[3:] + ["--device", "cpu", "--temperature", "0", "--max_tokens", "4"])
