@@ -29,13 +29,14 @@ GPT2ForSequenceClassification reads the last non-pad token. Pairs are batched as
 the B chosen sequences then the B rejected, right-padded: causal attention never lets a real token
 see a later pad, so no attention mask is needed. --lora True trains adapters on the body (and the
 head in full) and merges them at the end. `score(model, prompts, completions)` scores token lists;
-`load_reward_model` reads the checkpoint back (a plain GPT checkpoint with the head beside it:
-gpt.load_checkpoint reads its body, e.g. to start PPO's value head from it).
+`load_reward_model` reads the checkpoint back (a plain GPT checkpoint with the head beside it, so
+gpt.load_checkpoint reads its body as any other GPT).
 
 Data: --data a .jsonl of {"prompt", "chosen", "rejected"} (+ an optional numeric "margin"): the rows
 dpo.py reads, read and cut as dpo.py does (each answer ends with end-of-text; a chat model's prompt
 holds its chat tokens, e.g. "<|user|>add 47 38<|end|><|assistant|>").
-Without --data, the built-in task: two-digit addition, "add 47 38" -> "85", shared with rl.py. Its SFT
+Without --data, the built-in task: two-digit addition, "add 47 38" -> "85", shared with rl.py, drawn as a
+worksheet on carrying (two problems in three need a carry from the ones into the tens). Its SFT
 model learned from a sloppy teacher who forgets the carry 60% of the time (47 + 38 -> 75), so its
 greedy answers are wrong on most problems with a carry: SFT imitates the demonstrations, mistakes and
 all (see rl.py for what RL makes of it). It is trained on first use with sft.py's loop (about a minute
@@ -48,7 +49,7 @@ token: 70% after 1500 steps at this size, so the built-in task sticks to the car
 Run:
   python reward.py                                      # built-in task: prints pairwise accuracy last
   python reward.py --init_from out-sft/ckpt.pt --data pairs.jsonl --lora True --learning_rate 1e-4
-  -> out-reward/ckpt.pt (python rl.py --reward_model out-reward/ckpt.pt), out-reward/metrics.jsonl
+  -> out-reward/ckpt.pt (python rl.py --reward_model out-reward/ckpt.pt --beta 1.0), out-reward/metrics.jsonl
 """
 
 from __future__ import annotations

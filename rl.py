@@ -8,8 +8,9 @@ The loop, one step:
 2. score: every completion gets one number, the sum of the reward functions (--reward_fn, e.g. the
    exact answer: 1 or 0) and of the reward model (--reward_model), each times its --reward_weights;
 3. log-probs: one forward pass without gradients gives each completion token's log-probability under
-   the policy that sampled it ("old"), and one under the reference (the SFT model we started from: the
-   same LoRA model with its adapters switched off, as in dpo.py, or a frozen copy);
+   the policy that sampled it ("old"; GRPO with one update per rollout skips it, as TRL does: at that
+   update the policy still is the old one), and one under the reference (the SFT model we started
+   from: the same LoRA model with its adapters switched off, as in dpo.py, or a frozen copy);
 4. advantages: how much better than expected each token turned out (below, per algorithm);
 5. update: a clipped policy-gradient loss over `epochs` passes of `minibatches` minibatches.
 
@@ -176,7 +177,8 @@ def k3_kl(ref_logps, logps):
 def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta=0.0, epsilon=0.2, epsilon_high=None,
               loss_type="dapo", importance_sampling_level="token", max_completion_length=None, num_items=None):
     """(loss, per-token losses (N, C) with 0 outside the mask, stats). logps (N, C) with gradients,
-    old_logps and ref_logps (N, C) without, advantages (N,), mask (N, C) bool. num_items (dapo): the
+    old_logps and ref_logps (N, C) without (ref_logps may be None when beta is 0; given, its KL is in
+    the stats), advantages (N,), mask (N, C) bool. num_items (dapo): the
     rollout's completion tokens per optimizer step; max_completion_length (dr_grpo)."""
     mask = mask.float()
     log_ratio = logps - old_logps
@@ -188,7 +190,7 @@ def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta=0.0, epsi
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, clipped * adv)
-    kl = k3_kl(ref_logps, logps) if beta else None
+    kl = k3_kl(ref_logps, logps) if ref_logps is not None else None
     if beta:
         per_token = per_token + beta * kl
     masked = per_token * mask  # (N, C) also where per_token is one value per completion
@@ -340,7 +342,10 @@ class Scorer:
         count = len(self.fns) + (self.model is not None)
         if not count:
             raise NanoError("no reward: give --reward_fn module:function or --reward_model")
-        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * count
+        try:
+            weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * count
+        except ValueError:
+            raise NanoError(f"--reward_weights {cfg.reward_weights!r} is not comma-separated numbers (e.g. 1,0.5)") from None
         if len(weights) != count:
             raise NanoError(f"--reward_weights has {len(weights)} weights for {count} rewards (one per --reward_fn, "
                             "then the reward model)")
@@ -356,6 +361,9 @@ class Scorer:
                 values = fn(prompts, completions, **columns)
             except TypeError as e:  # e.g. exact_answer without an "answer" column
                 raise NanoError(f"reward function {name}: {e} (give the column in --data)") from None
+            if len(values) != len(completions):
+                raise NanoError(f"reward function {name} returned {len(values)} rewards for {len(completions)} "
+                                "completions (one number each)")
             parts[name] = torch.tensor([float(v) for v in values])
         if self.model is not None:
             ids = [c[:int(k.sum())] for c, k in zip(ro.completion.tolist(), ro.mask)]
@@ -530,22 +538,23 @@ def make_batch(policy, examples, cfg, step, stop_id, vocab_size, scorer, ctx):
     t1 = time.time()
     scores, parts, _ = scorer(ro, batch_columns(group), stop_id)
     t2 = time.time()
-    with torch.no_grad(), ctx:
-        old_logps, values = token_logps(policy.model, ro, cfg.temperature, policy.value_head)
-    ref_logps = policy.ref_logps(ro, ctx)
-    batch = {"ro": ro, "old_logps": old_logps, "ref_logps": ref_logps, "scores": scores}
-    if cfg.algo == "grpo":
-        batch["advantages"] = group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
-        kl = k3_kl(ref_logps, old_logps)
-    else:
-        batch["advantages"], batch["returns"], batch["values"], kl = ppo_advantages(
-            scores, old_logps, ref_logps, values, ro.mask, cfg)
+    batch = {"ro": ro, "ref_logps": policy.ref_logps(ro, ctx), "scores": scores, "old_logps": None}
     mask = ro.mask.float()
     stats = {"reward": scores.mean().item(), "reward_std": scores.std().item(), **parts,
-             "completion_length": mask.sum(1).mean().item(),
-             "kl": (kl * mask).sum().item() / mask.sum().item(),
-             "time/rollout": t1 - t0, "time/score": t2 - t1, "time/logps": time.time() - t2,
-             "rollout_tokens": int(mask.sum().item())}
+             "completion_length": mask.sum(1).mean().item()}
+    if cfg.algo == "grpo":
+        batch["advantages"] = group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
+        if (cfg.epochs or 1) > 1 or cfg.minibatches > 1:  # else old = the policy itself, at its only update (TRL)
+            with torch.no_grad(), ctx:
+                batch["old_logps"] = token_logps(policy.model, ro, cfg.temperature)[0]
+    else:
+        with torch.no_grad(), ctx:
+            batch["old_logps"], values = token_logps(policy.model, ro, cfg.temperature, policy.value_head)
+        batch["advantages"], batch["returns"], batch["values"], kl = ppo_advantages(
+            scores, batch["old_logps"], batch["ref_logps"], values, ro.mask, cfg)
+        stats["kl"] = (kl * mask).sum().item() / mask.sum().item()
+    stats.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/logps": time.time() - t2,
+                  "rollout_tokens": int(mask.sum().item())})
     return batch, stats
 
 
@@ -563,7 +572,8 @@ def minibatch_loss(policy, mb, cfg, num_items, ctx):
     if cfg.algo == "ppo":
         return ppo_loss(logps, mb["old_logps"], mb["advantages"], mb["ro"].mask, vpred, mb["values"], mb["returns"],
                         cfg.epsilon, cfg.cliprange_value, cfg.vf_coef)
-    loss, _, stats = grpo_loss(logps, mb["old_logps"], mb["advantages"], mb["ro"].mask, mb["ref_logps"], cfg.beta,
+    old_logps = logps.detach() if mb["old_logps"] is None else mb["old_logps"]
+    loss, _, stats = grpo_loss(logps, old_logps, mb["advantages"], mb["ro"].mask, mb["ref_logps"], cfg.beta,
                                cfg.epsilon, cfg.epsilon_high or None, cfg.loss_type, cfg.importance_sampling_level,
                                cfg.max_new_tokens, num_items)
     return loss, stats

@@ -375,6 +375,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     ("bad_line", "prompts.jsonl line 2: needs a non-empty string 'prompt'"),
     ("no_answer", "reward function exact_answer"),
     ("weights", "--reward_weights has 2 weights for 1 rewards"),
+    ("bad_weights", "--reward_weights 'x' is not comma-separated numbers"),
     ("lm_as_rm", "is a language model, not a reward model"),
 ])
 def test_bad_inputs_are_one_line_errors(task_ckpt, tmp_path, capsys, setup, message):
@@ -385,7 +386,8 @@ def test_bad_inputs_are_one_line_errors(task_ckpt, tmp_path, capsys, setup, mess
     if setup == "no_answer":
         rows = [{"prompt": r["prompt"]} for r in rows]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    extra = {"weights": ["--reward_weights", "1,2"], "lm_as_rm": ["--reward_model", str(task_ckpt)]}.get(setup, [])
+    extra = {"weights": ["--reward_weights", "1,2"], "bad_weights": ["--reward_weights", "x"],
+             "lm_as_rm": ["--reward_model", str(task_ckpt)]}.get(setup, [])
     with pytest.raises(SystemExit) as e:
         rl.main(["--init_from", str(task_ckpt), "--data", str(prompts), "--steps", "1", "--prompts_per_step", "2",
                  "--num_generations", "2", "--out_dir", str(tmp_path / "o"), "--device", "cpu"] + extra)
