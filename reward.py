@@ -67,12 +67,12 @@ from torch.nn import functional as F
 
 import common
 from common import NanoError, cli
-import data
 import dpo
 import finetune
 import gpt
 import lora
 import sft
+import tokenizer
 
 # ----------------------------------------------------------------------------------------
 # The model and the loss
@@ -139,7 +139,7 @@ def save_reward_model(path, model: RewardModel, spec, **extra):
 
 def load_reward_model(path, device="cpu"):
     """(RewardModel, tokenizer spec) from save_reward_model's file."""
-    ckpt = data.read_checkpoint(path, device)
+    ckpt = gpt.read_checkpoint(path, device)
     if "reward_head" not in ckpt:
         raise NanoError(f"{path} is a language model, not a reward model (no 'reward_head'; train one with reward.py)")
     model = RewardModel(gpt.model_from_checkpoint(ckpt, path).to(device))
@@ -237,7 +237,7 @@ def task_items(rng, n, test=False, carry_share=2 / 3):
 
 def task_prompt(tok, item):
     """The ids of a problem as a user turn, ready for the assistant's answer."""
-    return data.apply_chat_template([{"role": "user", "content": PROMPT(item)}], tok, add_generation_prompt=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": PROMPT(item)}], tok, add_generation_prompt=True)
 
 
 def task_sft_model(path, device, seed=1337, iters=1500, forget=0.6):
@@ -247,7 +247,7 @@ def task_sft_model(path, device, seed=1337, iters=1500, forget=0.6):
     if path.is_file():
         print(f"SFT model: {path} (delete it to train again)")
         return str(path)
-    tok = data.ChatTokenizer(data.load_tokenizer("char:" + TASK_ALPHABET))
+    tok = tokenizer.ChatTokenizer(tokenizer.load_tokenizer("char:" + TASK_ALPHABET))
     rng = random.Random(seed)
 
     def examples(n, test):
@@ -418,7 +418,7 @@ def main(argv=None):
         body, spec, _ = finetune.load_base(init_from, device)
     except NanoError as e:
         raise NanoError(f"--init_from: {e}") from None
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     if not cfg.data and getattr(tok, "spec", "") != "chat:char:" + TASK_ALPHABET:
         raise NanoError(f"{init_from} is not the built-in task's model (give --data, or leave --init_from empty)")
     train_pairs, val_pairs = load_pairs(cfg, tok, body.config.block_size, rows)

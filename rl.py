@@ -94,6 +94,7 @@ import gpt
 import lora
 import reward
 import sample
+import tokenizer
 
 # ----------------------------------------------------------------------------------------
 # Rollouts: sample completions, and their per-token log-probabilities
@@ -681,7 +682,7 @@ def load_policy(cfg, device):
         model, spec, base = finetune.load_base(init_from, device)
     except NanoError as e:
         raise NanoError(f"--init_from: {e}") from None
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     if tok.vocab_size > model.config.vocab_size:
         raise NanoError(f"tokenizer {str(spec)[:40]!r} has {tok.vocab_size} tokens, the model only "
                         f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
@@ -699,8 +700,8 @@ def main(argv=None):
     ctx = common.autocast(device, common.pick_dtype(device, cfg.dtype))
     common.set_seed(cfg.seed)
     model, tok, spec, base = load_policy(cfg, device)
-    template = data.HFChatTemplate.find(spec)
-    stop_id = data.stop_id(tok, template) if template or isinstance(tok, data.ChatTokenizer) else tok.eot_id
+    template = tokenizer.HFChatTemplate.find(spec)
+    stop_id = tokenizer.stop_id(tok, template) if template or isinstance(tok, tokenizer.ChatTokenizer) else tok.eot_id
     train_set, test_set = load_prompts(cfg, tok, rows)
     longest = max(len(p) for p, _ in train_set + test_set) + cfg.max_new_tokens
     if longest > model.config.block_size:
@@ -731,7 +732,7 @@ def main(argv=None):
             print(f"wrote {draw(rows_logged, out_dir / 'rl.png')}")
         except NanoError as e:
             print(f"note: no picture ({e})")
-    chat = template is not None or isinstance(tok, data.ChatTokenizer)
+    chat = template is not None or isinstance(tok, tokenizer.ChatTokenizer)
     print(f"next: python {'serve.py' if chat else 'sample.py'} --ckpt {out_dir / 'ckpt.pt'}{' --chat' if chat else ''}")
     print(f"plot: python plot.py {out_dir / 'metrics.jsonl'}")
     if "eval/exact_match" in first:

@@ -40,6 +40,7 @@ SECTIONS = {
     "sft": ("sft.bench_sft", "packed vs padded SFT batches; the built-in task before / after"),
     "llama": ("llama.bench_llama", "Llama: load vs transformers, decode vs bound, GQA KV bytes, QLoRA"),
     "quant": ("quant.bench_quant", "quantize.py: val loss, bytes and batch-1 decode of fp32 ... GPTQ/AWQ-4, vs llama.cpp"),
+    "rl": ("rl.bench_rl", "rl.py: GRPO and PPO on the built-in task, where a step's time goes, rollout vs training"),
     "gpu": ("gpu.bench_gpu", "the CUDA check: every CUDA figure, then pytest -m gpu (not run by default)"),
 }
 

@@ -14,6 +14,7 @@ BASE = {"common", "tokenizer", "data", "hf_io", "gpt"}  # what any script may im
 # README: sft -> sample (its greedy answers are sample.generate), sft -> qlora_nf4 (lazily, for
 # --qlora, as finetune's QLoRA), train -> sample (lazily, the lines it prints at the end), sample ->
 # quantize (lazily, to run a quantize.py checkpoint: serve and eval_harness load through sample);
+# reward -> dpo (the same preference rows), sft (its built-in task's SFT model and loop);
 # distill/scaling_laws/interp/rl -> plot for their pictures.
 ALLOWED = {
     "common": set(), "bpe": set(), "plot": {"common"},
@@ -22,7 +23,7 @@ ALLOWED = {
     "openai_api": {"common"},
     "lora": BASE, "finetune": BASE | {"lora", "qlora_nf4"},
     "qlora_nf4": BASE | {"finetune", "lora"}, "dpo": BASE | {"finetune", "lora"},
-    "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample"}, "reward": BASE | {"finetune", "lora"},
+    "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample"}, "reward": BASE | {"finetune", "lora", "dpo", "sft"},
     "rl": BASE | {"sample", "reward", "lora", "finetune", "plot"},
     "fsdp2_train": BASE | {"lora", "qlora_nf4"}, "quantize": BASE | {"qlora_nf4"},
     "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api"},

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import common
-import data
 import gpt
 import plot
 import reward
+import tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +120,7 @@ def test_tiny_builtin_run(task_ckpt, tmp_path, capsys):
     assert {"loss", "lr", "accuracy", "margin", "tok_per_s"} <= rows[-1].keys()
     assert plot.plot_runs({"rm": plot.read_metrics(out / "metrics.jsonl")}, tmp_path / "rm.png").is_file()
     rm, spec = reward.load_reward_model(out / "ckpt.pt")
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     train, val = reward.task_pairs(tok, 4, 4, seed=0)
     chosen, rejected, _ = reward.pair_rewards(rm, val, "cpu", common.autocast("cpu", torch.float32))
     assert chosen.shape == rejected.shape == (4,)
@@ -131,7 +131,7 @@ def test_jsonl_pairs_with_margin_and_lora(task_ckpt, tmp_path):
     rows = [{"prompt": f"<|user|>add {a} {b}<|end|><|assistant|>", "chosen": str(a + b), "rejected": str(a + b + 10),
              "margin": 0.5 * (i % 2)} for i, (a, b) in enumerate([(12, 34), (21, 43), (50, 40), (33, 22), (61, 17)])]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = data.load_tokenizer("chat:char:" + reward.TASK_ALPHABET)
+    tok = tokenizer.load_tokenizer("chat:char:" + reward.TASK_ALPHABET)
     got, _ = reward.tokenize_rows(list(enumerate(rows, 1)), tok, 32, "row")
     assert [m for *_, m in got] == [0.0, 0.5, 0.0, 0.5, 0.0]
     assert got[0][0] == reward.task_prompt(tok, "12 34") and got[0][1] == tok.encode("46") + [tok.eot_id]

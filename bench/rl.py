@@ -1,9 +1,9 @@
-"""Benchmark of rl.py (a section for bench/; the lead moves it there): the built-in task end to end with
+"""bench rl: rl.py's built-in task end to end with
 GRPO and PPO (held-out exact match before / after, wall and CPU time), where one RL step's time goes
 (rollout, scoring, log-probs of the old policy and the reference, the update), and rollout tokens/s
 against training tokens/s on a GPT-2-124M-shaped model, where generation is what RL waits for.
 
-Run: python bench_rl.py [--quick]
+Run: python -m bench rl [--quick]
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import contextlib
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench import row
+from .util import row
 
 
 def run_builtin(algo, task_ckpt, out, quick):
@@ -99,7 +98,3 @@ def bench_rollout_vs_training(quick):
 def bench_rl(quick: bool) -> None:
     bench_builtin(quick)
     bench_rollout_vs_training(quick)
-
-
-if __name__ == "__main__":
-    bench_rl("--quick" in sys.argv[1:])
