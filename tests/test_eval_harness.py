@@ -261,7 +261,8 @@ def test_bad_inputs(char_model, tmp_path, monkeypatch, capsys):
     # a path that cannot be written (below a file; a read-only folder is the same OSError, but root
     # writes anyway): the results are printed first, then one line
     with pytest.raises(SystemExit, match=r"^error: cannot write .*notes.txt/r.json \(.*; pick a writable path\)$"):
-        eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--output_path", str(tmp_path / "notes.txt" / "r.json")])
+        eh.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--output_path", str(tmp_path / "notes.txt" / "r.json"),
+                 "--bpb_text", str(tmp_path / "notes.txt")])
     assert "bits per byte" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "ckpt.pt", "empty.txt", "notes.txt"]
     monkeypatch.setattr(eh, "TemplateLM", object)  # as if lm-eval were not installed

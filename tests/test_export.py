@@ -432,7 +432,7 @@ def test_q4_k_read_back_by_gguf_py_within_its_error():
     assert (deq - x).norm() < 0.85 * (q4_0 - x).norm()
 
 
-@pytest.mark.parametrize("gguf_type", ["q4_0", "q4_k"])
+@pytest.mark.parametrize("gguf_type", ["q4_0", pytest.param("q4_k", marks=pytest.mark.slow)])  # q4_k: ~20 s
 def test_gguf_q4_files(tmp_path, gguf_type):
     """A 4-bit GGUF read back by GGUFReader: each 2-D weight in its type (Q4_K rows of 256, else
     Q4_0; 1-D ones F32), holding our quantizer's bytes (Q4_0: gguf-py's too), the metadata
