@@ -658,6 +658,8 @@ def load_source(source: str, device, dtype, checkpoint=None):
 
             return quantize.load_quantized(ckpt, device)
         model, spec = gpt.model_from_checkpoint(ckpt, source), ckpt.get("tokenizer")
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # else a sampling traceback later
+            raise NanoError(f"{source}: the weights hold NaN or inf (the run diverged: use an earlier checkpoint)")
     else:
         model, spec = gpt.load_pretrained(source, dtype=dtype)
         if spec is None:

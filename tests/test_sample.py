@@ -514,6 +514,26 @@ def test_cli_bad_input_is_a_one_line_error(ckpt, args, message):
     assert text.startswith("error:") and "\n" not in text and message in text
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: c.update(model="a string"), "is not a nanollm checkpoint (needs 'model' and 'config' dicts)"),
+    (lambda c: c.update(tokenizer=42), "has a damaged tokenizer record"),
+    (lambda c: c.update(tokenizer_file={"name": "t.bpe", "data": "not bytes"}), "has a damaged tokenizer record"),
+    (lambda c: c.update(tokenizer_file={"data": b"x"}), "has a damaged tokenizer record"),
+    (lambda c: c["config"].update(n_embd=2**17), "does not match its config (lm_head.weight: (28, 32) in the file, (28, 131072) for the config)"),
+    (lambda c: c["model"]["transformer.wte.weight"].fill_(float("nan")), "the weights hold NaN or inf"),
+])
+def test_cli_crafted_checkpoints_are_one_line_errors(ckpt, tmp_path, capsys, damage, message):
+    """Each crafted file: one line, exit 2, no traceback and no allocation of what a lying config asks
+    (n_embd 2**17 would be 200+ GB: the shapes are compared on the meta device first)."""
+    crafted = torch.load(ckpt, weights_only=True)
+    damage(crafted)
+    torch.save(crafted, tmp_path / "crafted.pt")
+    with pytest.raises(SystemExit) as e:
+        run_cli("--ckpt", tmp_path / "crafted.pt", "--prompt", "a")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+
+
 def test_cli_bad_checkpoints(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="^error: checkpoint .* not found"):
         run_cli("--ckpt", tmp_path / "missing.pt")
