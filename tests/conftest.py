@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,3 +103,14 @@ def small():
 
     vocab, merges = bpe.train_bpe(SHAKESPEARE.read_text(encoding="utf-8")[:100_000], 512, special_tokens=(bpe.ENDOFTEXT,))
     return bpe.Tokenizer(vocab, merges, (bpe.ENDOFTEXT,))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and on a busy 2-core machine OpenMP's second thread
+    is a straggler; the setting is restored for the other tests. Use it per file with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

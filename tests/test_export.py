@@ -27,6 +27,7 @@ import hf_io
 import lora
 import sample
 import tokenizer
+from bench.export import reference_gguf  # gguf-py's GGUFWriter: the reference writer
 from common import NanoError
 
 
@@ -237,29 +238,6 @@ def check_gguf_tensors(reader, model: gpt.GPT, gguf_type: str):
 
 def gguf_fields(reader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def reference_gguf(path, metadata: dict, tensors: list):
-    """The same metadata and tensors written by gguf-py's GGUFWriter (llama.cpp's converter's
-    writer), the tensors quantized by gguf-py's reference quantizers."""
-    import gguf
-    from gguf.constants import GGMLQuantizationType as Q
-    from gguf.constants import GGUFValueType as V
-    from gguf.quants import quantize
-
-    writer = gguf.GGUFWriter(path, arch=metadata["general.architecture"][1])  # writes that key first
-    for key, (kind, value) in metadata.items():
-        if key != "general.architecture":
-            if kind == export.ARRAY:
-                writer.add_key_value(key, value[1], V(kind), sub_type=V(value[0]))
-            else:
-                writer.add_key_value(key, value, V(kind))
-    for name, t, ggml_type in tensors:
-        writer.add_tensor(name, quantize(t.detach().float().numpy(), Q(ggml_type)), raw_dtype=Q(ggml_type))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def gguf_known_keys(arch: str) -> set:

@@ -24,8 +24,9 @@ import test_serve
 import tokenizer
 from test_serve import BLOCK, PROMPTS, idle, reference, wait_until
 
-# test_serve's fixtures: the character tokenizer, the random model, one thread, slow decode steps
-tok, model, one_thread, slow_steps = test_serve.tok, test_serve.model, test_serve.one_thread, test_serve.slow_steps
+# test_serve's fixtures: the character tokenizer, the random model, slow decode steps
+tok, model, slow_steps = test_serve.tok, test_serve.model, test_serve.slow_steps
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def start(model, tok, **kw):

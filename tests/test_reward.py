@@ -16,13 +16,7 @@ import reward
 import tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run as fast on one thread, and a busy 2-core machine makes two threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,10 @@ import reward
 import rl
 
 
-# the fixtures of test_reward.py: one thread (autouse), the built-in task's SFT model after 10 steps
-from test_reward import one_thread, task_ckpt  # noqa: E402,F401
+# test_reward.py's fixture: the built-in task's SFT model after 10 steps
+from test_reward import task_ckpt  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def random_batch(B=6, C=7, seed=0):

@@ -10,14 +10,7 @@ import sample
 from common import NanoError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models are faster on one thread, and a busy 2-core machine makes OpenMP's
-    # second thread a straggler; restore the setting for the other test files
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def random_gpt(seed, block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, std=0.3):

@@ -24,13 +24,7 @@ PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "a", "KING RICHARD III
            "To be, or not", "O", "What say you?\n", "HAMLET: Words, words, words."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models are fastest on one thread (the engine thread's ops are tiny); restore after
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
