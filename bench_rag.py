@@ -70,10 +70,9 @@ def bench_index_speed(quick: bool):
 def trained(name: str, quick: bool, tmp: Path) -> str:
     """out-rag/<name>'s checkpoint (trained with rag.py's defaults if missing); --quick: 2 steps."""
     cls = {"encoder": rag.EncoderConfig, "reranker": rag.RerankerConfig, "generator": rag.GeneratorConfig}[name]
-    file = "ckpt_merged.pt" if name == "generator" else "ckpt.pt"
     out = (tmp if quick else OUT) / name
-    if not quick and (out / file).is_file():
-        return str(out / file)
+    if not quick and (out / "ckpt.pt").is_file():
+        return str(out / "ckpt.pt")
     small = dict(max_iters=2, eval_interval=2, log_interval=1) if quick else {}
     if quick and not (tmp / "base" / "ckpt.pt").is_file():
         rag.pretrain_base(rag.BaseConfig(out_dir=str(tmp / "base"), max_iters=2, eval_interval=2, log_interval=1))

@@ -22,23 +22,27 @@ ids so that every answer points at its source. This file builds each part from s
   nprobe nearest cells; `index` prints its recall@10 against exact search and its speed-up.
 - hybrid: reciprocal rank fusion (Cormack et al. 2009): score(d) = sum over rankings of
   1 / (60 + rank), no score scales to calibrate.
-- a reranker: a cross-encoder (our GPT reads passage and question together, a linear head on
+- a reranker: a cross-encoder (our GPT reads question and passage together, a linear head on
   its last token scores them) reorders the hybrid top-k; trained listwise, one relevant chunk
   against hard negatives.
-- grounded generation: the top passages go into the prompt as "[1] ...", the model answers
-  "Nenbrou [1]"; an SFT task (finetune.py's loop: LoRA on prompt/response pairs, merged) teaches
-  a small GPT to answer from context.
+- grounded generation: the question and the top passages go into the prompt as "[1] ...", the
+  model answers "Nenbrou [1]"; an SFT task (prompt/response pairs in finetune.py's format, the
+  loss on the response) teaches a small GPT to answer from context, some answers swapped for
+  others so that only reading gives them (counterfactual passages).
 
 No embedding model can be downloaded here: the retriever, the reranker and the reader are all
-trained from one small GPT (out-rag/base), pretrained on the training documents.
+trained from one small GPT (out-rag/base), pretrained on documents no question asks about (a
+base that knew the training people's facts let the reranker and the reader answer from memory:
+they then failed on unseen people).
 
-The shipped QA set (assets/rag/, 0.5 MB, written by assets/rag/make_qa.py, seed 30): 300
+The shipped QA set (assets/rag/, 0.57 MB, written by assets/rag/make_qa.py, seed 30): 450
 biographies of invented people (names, towns, firms and numbers drawn at random, so no model
 can know a fact without retrieval; first names and surnames come from small pools, so people
-share them), 2,535 questions with their answer's document and character offsets, half worded
-unlike their sentence ("What is the birthplace of X?" for "X was born in Y"), split by person
-80/20 into train and test (no test fact is in any training text), and tok.bpe, a 1,024-token
-byte-level BPE (bpe.py) learned on the training split.
+share them, and spouses, friends and mothers are named too), 2,100 questions with their
+answer's document and character offsets, half worded unlike their sentence ("What is the
+birthplace of X?" for "X was born in Y"), 240 training and 60 test people (no test fact is
+in any training text), 150 people without questions (the base's pretraining text), and tok.bpe,
+a 1,024-token byte-level BPE (bpe.py) learned on every document but the test people's.
 
 Run (each command prints the next one):
   python rag.py index assets/rag/docs.jsonl --out out-rag/idx     # BM25; any .jsonl or text files
@@ -46,8 +50,8 @@ Run (each command prints the next one):
   python rag.py train_encoder      # -> out-rag/encoder/ckpt.pt (pretrains out-rag/base first)
   python rag.py index assets/rag/docs.jsonl --out out-rag/idx --encoder out-rag/encoder/ckpt.pt
   python rag.py train_reranker     # -> out-rag/reranker/ckpt.pt
-  python rag.py train_generator    # -> out-rag/generator/ckpt_merged.pt (grounded SFT)
-  python rag.py eval out-rag/idx --reranker out-rag/reranker/ckpt.pt --generator out-rag/generator/ckpt_merged.pt
+  python rag.py train_generator    # -> out-rag/generator/ckpt.pt (grounded SFT)
+  python rag.py eval out-rag/idx --reranker out-rag/reranker/ckpt.pt --generator out-rag/generator/ckpt.pt
   python rag.py ask out-rag/idx "Where was Fosvou Geltonbrem born?" --reranker ... --generator ...
 """
 
@@ -296,6 +300,12 @@ def pad_batch(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     return ids.to(device), mask.to(device)
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) hidden states -> (B, C): the mean over each row's real tokens (mask True)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
 class Encoder:
     """Texts -> unit vectors (B, n_embd): the GPT's final hidden states averaged over the text's
     tokens, then L2-normalised, so a dot product is a cosine. The GPT is causal, so token t has
@@ -314,10 +324,7 @@ class Encoder:
 
     def forward(self, rows: list[list[int]]) -> torch.Tensor:
         ids, mask = pad_batch(rows, self.device)
-        hidden = self.model.hidden_states(ids)  # (B, T, C)
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1)  # mean over the real tokens
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(mean_pool(self.model.hidden_states(ids), mask), dim=-1)
 
     @torch.no_grad()
     def vectors(self, texts, batch_size=64) -> torch.Tensor:
@@ -423,13 +430,14 @@ class IVF:
     def search(self, queries: torch.Tensor, k: int, nprobe: int = 8):
         """(scores, ids), each a list of Q tensors of at most k entries, best first."""
         probes = torch.topk(queries @ self.centroids.T, min(nprobe, len(self.centroids)), dim=1).indices
+        offsets = self.offsets.tolist()
         out_scores, out_ids = [], []
         for q, cells in zip(queries, probes.tolist()):
-            rows = torch.cat([torch.arange(self.offsets[c], self.offsets[c + 1]) for c in cells])
-            scores = self.vectors[rows] @ q
-            best = torch.topk(scores, min(k, len(rows)))
+            spans = [(offsets[c], offsets[c + 1]) for c in cells]  # each cell is one slice: no gather
+            scores = torch.cat([self.vectors[a:b] for a, b in spans]) @ q
+            best = torch.topk(scores, min(k, len(scores)))
             out_scores.append(best.values)
-            out_ids.append(self.ids[rows[best.indices]])
+            out_ids.append(torch.cat([self.ids[a:b] for a, b in spans])[best.indices])
         return out_scores, out_ids
 
     def state(self) -> dict:
@@ -485,27 +493,32 @@ def reciprocal_rank_fusion(rankings, k: int = 60) -> list[int]:
 
 
 class Reranker(nn.Module):
-    """score(question, passage) = w . h_last + c, h_last the GPT's final hidden state at the
-    last token of "Question: question\nPassage: passage". Unlike the bi-encoder, the two are read
-    together: with the question first, every passage token can attend to it (a causal model
-    cannot look ahead), so the model can check that the asked name and fact meet in the
-    passage. That costs one forward pass per pair, so it only reorders the top k."""
+    """A cross-encoder: one forward pass reads the question's tokens, then the passage's, so every
+    passage token attends to the question (a causal model cannot look ahead) and can notice that
+    it matches the asked name or fact. score = scale * cos(mean of the question's final states,
+    mean of the passage's): the bi-encoder's score, except that the passage has read the question.
+    Started from the trained bi-encoder it ranks like the bi-encoder on its first step (a linear
+    head on the pooled states, started from scratch, learnt far slower here) and training teaches
+    the passage what to look for. One pass per pair: it only reorders the top k."""
 
-    def __init__(self, model: gpt.GPT, tok, spec: str):
+    def __init__(self, model: gpt.GPT, tok, spec: str, temperature: float = 0.05):
         super().__init__()
         self.model, self.tok, self.spec = model, tok, spec
-        self.head = nn.Linear(model.config.n_embd, 1)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
-    def pair_ids(self, question: str, passage: str) -> list[int]:
-        """The pair's tokens, the passage cut to fit the block."""
-        q = self.tok.encode(f"Question: {question}\nPassage:")[:self.model.config.block_size - 1]
-        return q + self.tok.encode(" " + passage)[:self.model.config.block_size - len(q)]
+    def pair_ids(self, question: str, passage: str) -> tuple[list[int], int]:
+        """(the question's tokens then the passage's, cut to the block; the question's length)."""
+        block = self.model.config.block_size
+        q = self.tok.encode(question or " ")[:block // 2]
+        return q + self.tok.encode(passage or " ")[:block - len(q)], len(q)
 
-    def forward(self, rows: list[list[int]]) -> torch.Tensor:
-        ids, mask = pad_batch(rows, self.head.weight.device)
+    def forward(self, rows: list[tuple[list[int], int]]) -> torch.Tensor:
+        ids, mask = pad_batch([r for r, _ in rows], self.log_scale.device)
         hidden = self.model.hidden_states(ids)
-        last = mask.sum(1) - 1  # the last real token of each row
-        return self.head(hidden[torch.arange(len(rows)), last]).squeeze(-1)
+        in_question = torch.arange(ids.shape[1], device=ids.device)[None] < torch.tensor([n for _, n in rows],
+                                                                                    device=ids.device)[:, None]
+        q, p = mean_pool(hidden, in_question), mean_pool(hidden, mask & ~in_question)
+        return self.log_scale.exp() * F.cosine_similarity(q, p, dim=-1)
 
     @torch.no_grad()
     def scores(self, question: str, passages: list[str]) -> list[float]:
@@ -513,14 +526,13 @@ class Reranker(nn.Module):
         return self.forward([self.pair_ids(question, p) for p in passages]).float().tolist()
 
     def save(self, path, **extra):
-        gpt.save_checkpoint(path, self.model, self.spec, rag="reranker",
-                            score_head={k: v.cpu() for k, v in self.head.state_dict().items()}, **extra)
+        gpt.save_checkpoint(path, self.model, self.spec, rag="reranker", log_scale=self.log_scale.item(), **extra)
 
     @classmethod
     def load(cls, path, device="cpu") -> Reranker:
         model, spec, ckpt = load_rag_model(path, "reranker", device)
         reranker = cls(model, data.load_tokenizer(spec), spec).to(device)
-        reranker.head.load_state_dict(ckpt["score_head"])
+        reranker.log_scale.data.fill_(ckpt["log_scale"])
         return reranker
 
 
@@ -866,6 +878,12 @@ def check_train_config(cfg: TrainConfig):
                                         "log_interval"),
                          non_negative=("chunk_overlap", "warmup_iters", "weight_decay", "grad_clip"),
                          ranges={"min_lr_ratio": (0.0, 1.0)})
+    own = ("temperature", "group_size", "rerank_k", "val_questions", "passages", "copies", "r", "alpha", "n_layer",
+           "n_head", "n_embd", "block_size")  # the options of one trainer or another
+    common.check_options(cfg, positive=[n for n in own if hasattr(cfg, n)],
+                         ranges={"substitute": (0.0, 1.0)} if hasattr(cfg, "substitute") else None)
+    if getattr(cfg, "group_size", 2) < 2:
+        raise NanoError(f"--group_size must be at least 2: one relevant passage and a negative (got {cfg.group_size})")
     if cfg.chunk_overlap >= cfg.chunk_tokens:
         raise NanoError(f"--chunk_overlap {cfg.chunk_overlap} must be below --chunk_tokens {cfg.chunk_tokens}")
     for name in ("docs", "qa"):
@@ -958,6 +976,7 @@ def pretrain_base(cfg: BaseConfig) -> str:
     fit(list(model.parameters()), batch_loss, evaluate,
         lambda it: gpt.save_checkpoint(path, model, tok.spec, step=it), cfg, "base")
     print(f"saved {path}")
+    print_next(["train_encoder", "--init_from", str(path)])
     return str(path)
 
 
@@ -970,6 +989,28 @@ def base_checkpoint(cfg: TrainConfig) -> str:
         print(f"no base model at {base_dir / 'ckpt.pt'}: pretraining it (python rag.py pretrain --out_dir {base_dir})")
         pretrain_base(BaseConfig(docs=cfg.docs, qa=cfg.qa, out_dir=str(base_dir), device=cfg.device))
     return str(base_dir / "ckpt.pt")
+
+
+def print_next(*commands):
+    """The command(s) to run next, exactly as they run from the repository root."""
+    print("next: " + " && ".join(shlex.join(["python", "rag.py", *c]) for c in commands))
+
+
+def index_command(cfg: TrainConfig, encoder: str) -> list[str]:
+    return ["index", cfg.docs, "--out", str(Path(cfg.out_dir).parent / "idx"), "--encoder", encoder]
+
+
+def eval_commands(cfg: TrainConfig, **checkpoints) -> list[list[str]]:
+    """eval on the index beside out_dir with this checkpoint and the others found there (the index
+    built first when it is not there yet)."""
+    out = Path(cfg.out_dir).parent
+    found = {"encoder": out / "encoder" / "ckpt.pt", "reranker": out / "reranker" / "ckpt.pt",
+             "generator": out / "generator" / "ckpt.pt"}
+    paths = {k: str(v) for k, v in found.items() if v.is_file()} | checkpoints
+    command = ["eval", str(out / "idx")] + [a for k in ("reranker", "generator") if k in paths for a in (f"--{k}", paths[k])]
+    meta = out / "idx" / "meta.json"
+    dense = meta.is_file() and json.loads(meta.read_text()).get("encoder")
+    return ([] if dense or "encoder" not in paths else [index_command(cfg, paths["encoder"])]) + [command]
 
 
 def load_base(cfg: TrainConfig, device):
@@ -1026,36 +1067,61 @@ def train_encoder(cfg: EncoderConfig) -> str:
           f"nDCG@10 {bm25['ndcg@10']:.4f}")
     fit(list(model.parameters()), batch_loss, evaluate, lambda it: encoder.save(path, step=it), cfg, "encoder")
     print(f"saved {path}")
+    print_next(index_command(cfg, str(path)))
     return str(path)
 
 
 @dataclass
 class RerankerConfig(TrainConfig):
-    """Train the cross-encoder: each question's relevant chunk against group_size - 1 BM25 hard negatives."""
+    """Train the cross-encoder, starting from the bi-encoder: each question's relevant chunk against
+    group_size - 1 hard negatives from the hybrid search it will rerank."""
+    init_from: str = field(default="", metadata={
+        "help": "the rag.py bi-encoder to start from and mine negatives with (empty: out_dir/../encoder/ckpt.pt, "
+                "trained first when missing)"})
     out_dir: str = "out-rag/reranker"
     batch_size: int = field(default=8, metadata={"help": "questions per step (each with group_size passages)"})
     group_size: int = field(default=8, metadata={"help": "passages per question: 1 relevant + hard negatives"})
-    rerank_k: int = field(default=10, metadata={"help": "validation: rerank BM25's top k"})
+    rerank_k: int = field(default=10, metadata={"help": "validation: rerank the hybrid top k"})
     val_questions: int = field(default=64, metadata={"help": "validation questions per evaluation"})
+
+
+def encoder_checkpoint(cfg: TrainConfig) -> str:
+    """--init_from, or the bi-encoder beside out_dir (trained first, with the defaults, if missing)."""
+    if cfg.init_from:
+        return cfg.init_from
+    path = Path(cfg.out_dir).parent / "encoder" / "ckpt.pt"
+    if not path.is_file():
+        print(f"no encoder at {path}: training it (python rag.py train_encoder --out_dir {path.parent})")
+        train_encoder(EncoderConfig(docs=cfg.docs, qa=cfg.qa, out_dir=str(path.parent), device=cfg.device))
+    return str(path)
+
+
+def hybrid_rankings(encoder: Encoder, chunks, questions, depth: int) -> list[list[int]]:
+    """RRF of BM25 and the encoder's exact search, each question's top `depth`."""
+    vectors = encoder.vectors([c.passage() for c in chunks])
+    dense = exact_search(vectors, encoder.vectors([q["question"] for q in questions]), depth).indices.tolist()
+    bm25 = bm25_rankings(chunks, questions, depth)
+    return [reciprocal_rank_fusion([b, d])[:depth] for b, d in zip(bm25, dense)]
 
 
 def train_reranker(cfg: RerankerConfig) -> str:
     device = common.pick_device(cfg.device)
-    model, tok, spec = load_base(cfg, device)
-    reranker = Reranker(model, tok, spec).to(device)
-    train, val = load_training_qa(cfg.docs, cfg.qa, tok, cfg.chunk_tokens, cfg.chunk_overlap)
-    negatives = mine_negatives(train.chunks, train.questions, train.relevant)
-    passages = [c.passage() for c in train.chunks]
-    val_ranked = bm25_rankings(val.chunks, val.questions[:cfg.val_questions], cfg.rerank_k)
+    encoder = Encoder.load(encoder_checkpoint(cfg), device)
+    train, val = load_training_qa(cfg.docs, cfg.qa, encoder.tok, cfg.chunk_tokens, cfg.chunk_overlap)
+    ranked = hybrid_rankings(encoder, train.chunks, train.questions, 3 * cfg.group_size)
+    negatives = [[d for d in r if d not in rel] for r, rel in zip(ranked, train.relevant)]
+    val_ranked = hybrid_rankings(encoder, val.chunks, val.questions[:cfg.val_questions], cfg.rerank_k)
     val_relevant = val.relevant[:cfg.val_questions]
+    reranker = Reranker(encoder.model, encoder.tok, encoder.spec).to(device)  # mined: now it may change
+    passages = [c.passage() for c in train.chunks]
     print(f"reranker: {len(train.questions)} training questions, groups of 1 relevant + {cfg.group_size - 1} "
-          f"hard negatives; validation: BM25's top {cfg.rerank_k} of {len(val_ranked)} questions reranked")
+          f"hybrid hard negatives; validation: the hybrid top {cfg.rerank_k} of {len(val_ranked)} questions reranked")
 
     def batch_loss(gen):
         reranker.train()
         rows = []
         for i in torch.randint(len(train.questions), (cfg.batch_size,), generator=gen).tolist():
-            pool = negatives[i][:3 * cfg.group_size]
+            pool = negatives[i]
             negs = [pool[j] for j in torch.randperm(len(pool), generator=gen)[:cfg.group_size - 1].tolist()]
             negs += [d for d in torch.randint(len(passages), (cfg.group_size,), generator=gen).tolist()
                      if d not in train.relevant[i]][:cfg.group_size - 1 - len(negs)]  # too few: random ones
@@ -1070,80 +1136,110 @@ def train_reranker(cfg: RerankerConfig) -> str:
             reranked.append([ranked[i] for i in sorted(range(len(ranked)), key=lambda i: -scores[i])])
         return {f"val_{k}": v for k, v in retrieval_metrics(reranked, val_relevant).items()}
 
-    bm25 = retrieval_metrics(val_ranked, val_relevant)
-    print(f"for reference, BM25 alone: recall@5 {bm25['recall@5']:.4f}, nDCG@10 {bm25['ndcg@10']:.4f}")
+    hybrid = retrieval_metrics(val_ranked, val_relevant)
+    print(f"for reference, hybrid alone: recall@5 {hybrid['recall@5']:.4f}, nDCG@10 {hybrid['ndcg@10']:.4f}")
     path = Path(cfg.out_dir) / "ckpt.pt"
     fit(list(reranker.parameters()), batch_loss, evaluate, lambda it: reranker.save(path, step=it), cfg, "reranker")
     print(f"saved {path}")
+    print_next(*eval_commands(cfg, reranker=str(path)))
     return str(path)
 
 
 # ----------------------------------------------------------------------------------------
-# The reader: grounded SFT through finetune.py's loop (LoRA on prompt/response pairs, merged)
+# The reader: grounded SFT on prompt/response pairs (finetune.py's data and batches; every weight
+# trains: LoRA adapters on this 1M-parameter base learnt the task far slower, loss 2.4 vs 1.1 at step 200)
 
 
 @dataclass
 class GeneratorConfig(TrainConfig):
-    """Grounded SFT: prompts of `passages` chunks (the relevant one among BM25 hard negatives,
-    in random order) and a question; the response is the answer and the id of its passage."""
+    """Grounded SFT of the reader: prompts of up to `passages` chunks (the relevant one among BM25
+    hard negatives, in random order) and the question; the response is the answer and its id."""
     out_dir: str = "out-rag/generator"
-    passages: int = field(default=3, metadata={"help": "passages per prompt"})
+    passages: int = field(default=3, metadata={"help": "passages per prompt (training: 1 to this many)"})
     copies: int = field(default=3, metadata={"help": "prompts per training question (other negatives, other order)"})
-    r: int = field(default=32, metadata={"help": "LoRA rank"})
-    alpha: float = 64.0
+    substitute: float = field(default=0.5, metadata={
+        "help": "share of training prompts whose answer is swapped for another (counterfactual), in [0, 1]"})
     batch_size: int = 16
-    max_iters: int = 1000
-    learning_rate: float = 3e-3
-    eval_interval: int = 200
-    val_questions: int = field(default=100, metadata={"help": "exact match printed at the end on this many"})
+    max_iters: int = 3000
+    eval_interval: int = 250
+    val_questions: int = field(default=64, metadata={"help": "validation questions for exact match at each eval"})
 
 
-def grounded_examples(qa_data: QAData, negatives, n_passages: int, copies: int, rng) -> list[dict]:
-    """{"prompt", "response", "question", "cite"} rows: the relevant chunk at a random place among
-    hard negatives; the response is " <answer> [<its place>]"."""
+def substitute_answer(chunk: Chunk, q: dict, new: str) -> Chunk:
+    """The chunk with the question's answer span replaced by `new` (a counterfactual passage)."""
+    start, end = q["start"] - chunk.start, q["end"] - chunk.start
+    return Chunk(chunk.doc, chunk.title, chunk.start, chunk.end, chunk.text[:start] + new + chunk.text[end:])
+
+
+def grounded_examples(qa_data: QAData, negatives, n_passages: int, copies: int, substitute: float, rng,
+                      mixed=True) -> list[dict]:
+    """{"prompt", "response"} rows: the relevant chunk at a random place among hard negatives, the
+    response " <answer> [<its place>]". mixed: 1 to n_passages passages (uniformly), so that some
+    prompts hold the relevant chunk alone: copying from one passage is learnt first, choosing
+    among several builds on it (else n_passages). With probability `substitute` the answer is swapped, in the
+    passage and the response, for another answer of its kind (a number for a number): the reader
+    cannot answer those from facts it memorised in earlier epochs, only by reading (the
+    counterfactual contexts of Longpre et al. 2021, arXiv:2109.05052)."""
+    pools = [[q["answer"] for q in qa_data.questions if q["answer"].isdigit() == digits] for digits in (False, True)]
     rows = []
     for q, rel, negs in zip(qa_data.questions, qa_data.relevant, negatives):
         for _ in range(copies):
-            chosen = [rng.choice(sorted(rel))] + rng.sample(negs[:10], min(n_passages - 1, len(negs[:10])))
+            gold, k = rng.choice(sorted(rel)), rng.randint(1, n_passages) if mixed else n_passages
+            chosen = [gold] + rng.sample(negs[:10], min(k - 1, len(negs[:10])))
             rng.shuffle(chosen)
-            cite = next(i for i, d in enumerate(chosen, 1) if d in rel)
-            rows.append({"prompt": grounded_prompt(q["question"], [qa_data.chunks[d].passage() for d in chosen]),
-                         "response": grounded_response(q["answer"], cite)})
+            passages = {d: qa_data.chunks[d] for d in chosen}
+            answer = q["answer"]
+            if rng.random() < substitute:
+                answer = rng.choice(pools[answer.isdigit()])
+                passages[gold] = substitute_answer(passages[gold], q, answer)
+            rows.append({"prompt": grounded_prompt(q["question"], [passages[d].passage() for d in chosen]),
+                         "response": grounded_response(answer, chosen.index(gold) + 1)})
     return rows
 
 
 def train_generator(cfg: GeneratorConfig) -> str:
-    """Write out_dir/grounded.jsonl, run finetune.py on it (LoRA, merged into ckpt_merged.pt),
-    then print exact match on validation questions, each with its relevant chunk in the prompt."""
-    base = base_checkpoint(cfg)
-    tok = data.load_tokenizer(data.read_checkpoint(base)["tokenizer"])
+    """Write out_dir/grounded.jsonl (prompt/response pairs, finetune.py's format; the validation
+    questions last, each with exactly `passages` passages) and train every weight of the base on
+    the responses (finetune.py's batches, the loss on the response tokens only). Each evaluation
+    prints the val loss and the exact match (answer and citation) of greedy answers."""
+    device = common.pick_device(cfg.device)
+    model, tok, spec = load_base(cfg, device)
     train, val = load_training_qa(cfg.docs, cfg.qa, tok, cfg.chunk_tokens, cfg.chunk_overlap)
     rng = random.Random(cfg.seed)
     rows = (grounded_examples(train, mine_negatives(train.chunks, train.questions, train.relevant), cfg.passages,
-                              cfg.copies, rng)
-            + grounded_examples(val, mine_negatives(val.chunks, val.questions, val.relevant), cfg.passages, 1, rng))
-    out_dir = Path(cfg.out_dir)
+                              cfg.copies, cfg.substitute, rng)
+            + grounded_examples(val, mine_negatives(val.chunks, val.questions, val.relevant), cfg.passages, 1, 0.0, rng,
+                                mixed=False))
+    out_dir, n_val = Path(cfg.out_dir), len(val.questions)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "grounded.jsonl"
-    common.atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    n_val = len(val.questions)
-    print(f"generator: wrote {len(rows) - n_val} training prompts ({cfg.copies} per question) and {n_val} "
-          f"validation prompts to {path}, e.g.\n{rows[0]['prompt']}{rows[0]['response']}")
-    finetune.main(["--init_from", base, "--data", str(path), "--out_dir", str(out_dir), "--merge", "True",
-                   "--r", str(cfg.r), "--alpha", str(cfg.alpha), "--lora_dropout", "0",
-                   "--batch_size", str(cfg.batch_size), "--max_iters", str(cfg.max_iters),
-                   "--learning_rate", str(cfg.learning_rate), "--min_lr_ratio", str(cfg.min_lr_ratio),
-                   "--warmup_iters", str(cfg.warmup_iters), "--grad_clip", str(cfg.grad_clip),
-                   "--val_fraction", str((n_val + 0.5) / len(rows)), "--eval_interval", str(cfg.eval_interval),
-                   "--log_interval", str(cfg.log_interval), "--device", cfg.device, "--seed", str(cfg.seed)])
-    ckpt = out_dir / "ckpt_merged.pt"
-    model, _ = gpt.load_checkpoint(ckpt, common.pick_device(cfg.device))
+    common.atomic_write(out_dir / "grounded.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    print(f"generator: {len(rows) - n_val} training prompts ({cfg.copies} per question, {100 * cfg.substitute:.0f}% "
+          f"counterfactual) and {n_val} validation prompts in {out_dir / 'grounded.jsonl'}, e.g.\n"
+          f"{rows[-1]['prompt']}{rows[-1]['response']}")
+    train_ex, val_ex = finetune.load_jsonl(out_dir / "grounded.jsonl", tok, (n_val + 0.5) / len(rows),
+                                           model.config.block_size)
     picked = rows[-n_val:][:cfg.val_questions]
-    answers = generate_answers(model, tok, [r["prompt"] for r in picked])
-    em = sum(split_citations(a) == split_citations(r["response"]) for a, r in zip(answers, picked)) / len(picked)
-    print(f"exact match (answer and citation) on {len(picked)} validation questions, relevant chunk in the "
-          f"prompt: {100 * em:.1f}% (e.g. {answers[0]!r}, want {picked[0]['response']!r})")
-    return str(ckpt)
+
+    def batch_loss(gen):
+        model.train()
+        return model(*finetune.jsonl_batch(train_ex, cfg.batch_size, model.config.block_size, gen, device))[1]
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        val_loss = sum(model(*finetune.jsonl_batch(val_ex, 32, model.config.block_size, g, device))[1].item()
+                       for _ in range(4)) / 4
+        answers = generate_answers(model, tok, [r["prompt"] for r in picked])
+        em = sum(split_citations(a) == split_citations(r["response"]) for a, r in zip(answers, picked))
+        return {"val_loss": val_loss, "val_exact_match": em / len(picked)}
+
+    path = out_dir / "ckpt.pt"
+    fit(list(model.parameters()), batch_loss, evaluate,
+        lambda it: gpt.save_checkpoint(path, model, spec, step=it, rag="generator"), cfg, "generator")
+    print(f"saved {path}")
+    print_next(*eval_commands(cfg, generator=str(path)))
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1156,7 +1252,7 @@ class EvalConfig:
     split: str = field(default="test", metadata={"help": "which questions of --qa"})
     encoder: str = field(default="", metadata={"help": "query encoder (empty: the index's)"})
     reranker: str = field(default="", metadata={"help": "a rag.py reranker checkpoint: adds '+ reranker' rows"})
-    generator: str = field(default="", metadata={"help": "a grounded reader (train_generator's ckpt_merged.pt): "
+    generator: str = field(default="", metadata={"help": "a grounded reader (train_generator's ckpt.pt): "
                                                         "exact match without and with retrieval"})
     rerank_k: int = field(default=20, metadata={"help": "the reranker reorders this many of the top"})
     passages: int = field(default=3, metadata={"help": "passages in the reader's prompt"})
@@ -1346,7 +1442,7 @@ def run_index(paths, cfg: IndexConfig) -> Index:
     first = index.chunks([0])[0]
     shipped = first.title == "Fosvou Geltonbrem"  # the shipped documents: a question of the QA set
     example = "Where was Fosvou Geltonbrem born?" if shipped else first.title or first.text[:60]
-    print("next: " + shlex.join(["python", "rag.py", "ask", str(out), example]))
+    print_next(["ask", str(out), example])
     return index
 
 
@@ -1368,7 +1464,7 @@ COMMANDS = {  # name: (positional arguments, config, run, what it does)
     "pretrain": ("", BaseConfig, pretrain_base, "pretrain the shared base GPT on the training documents"),
     "train_encoder": ("", EncoderConfig, train_encoder, "train the bi-encoder (dense retriever), InfoNCE"),
     "train_reranker": ("", RerankerConfig, train_reranker, "train the cross-encoder reranker, listwise"),
-    "train_generator": ("", GeneratorConfig, train_generator, "grounded SFT of the reader (finetune.py's loop)"),
+    "train_generator": ("", GeneratorConfig, train_generator, "grounded SFT of the reader on prompt/response pairs"),
     "eval": ("INDEX", EvalConfig, run_eval, "recall@5 / nDCG@10 of each retriever, the reader's exact match "
              "without and with retrieval"),
 }

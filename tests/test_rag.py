@@ -209,17 +209,27 @@ def test_info_nce_is_cross_entropy_over_in_batch_negatives():
     torch.testing.assert_close(masked, (row0 + sum(-torch.log_softmax(q[i] @ p.T / 0.1, 0)[i] for i in (1, 2, 3))) / 4)
 
 
-def test_reranker_scores_last_token_and_round_trips(tiny_model, tok, tmp_path):
-    reranker = rag.Reranker(tiny_model, tok, str(rag.TOKENIZER))
-    passages = ["A: born in Osk.", "B: keeps 3 goats on a farm near Vel " * 3]
-    scores = reranker.scores("Where was A born?", passages)
-    rows = [reranker.pair_ids("Where was A born?", p) for p in passages]
-    alone = [reranker.forward([r]).item() for r in rows]
-    assert scores == pytest.approx(alone, abs=1e-5)
-    long_row = reranker.pair_ids("question?", "word " * 500)
-    assert len(long_row) == 64 and tok.decode(long_row).startswith("Question: question?\nPassage: word word")
+def test_reranker_is_the_bi_encoders_cosine_with_the_passage_reading_the_question(tiny_model, tok, tmp_path):
+    encoder = rag.Encoder(tiny_model, tok, str(rag.TOKENIZER))
+    reranker = rag.Reranker(tiny_model, tok, str(rag.TOKENIZER), temperature=0.05)
+    question, passages = "Where was A born?", ["A: born in Osk.", "B: keeps 3 goats on a farm near Vel " * 3]
+    scores = reranker.scores(question, passages)
+    assert scores == pytest.approx([reranker.forward([reranker.pair_ids(question, p)]).item() for p in passages],
+                                   abs=1e-4)  # a pair scores the same alone and in a padded batch
+    ids, n = reranker.pair_ids(question, passages[0])
+    assert ids == tok.encode(question) + tok.encode(passages[0]) and n == len(tok.encode(question))
+    with torch.no_grad():  # the question part is causal: exactly the bi-encoder's question vector
+        hidden = tiny_model.hidden_states(torch.tensor([ids]))[0]
+        q, p = F.normalize(hidden[:n].mean(0), dim=0), F.normalize(hidden[n:].mean(0), dim=0)
+    torch.testing.assert_close(q, encoder.vectors([question])[0], atol=1e-5, rtol=0)
+    assert scores[0] == pytest.approx(20 * (q @ p).item(), abs=1e-4)
+    long_ids, long_n = reranker.pair_ids("question " * 100, "word " * 500)
+    assert len(long_ids) == 64 and long_n == 32
+    reranker.log_scale.data.fill_(1.5)
     reranker.save(tmp_path / "rr.pt")
-    assert rag.Reranker.load(tmp_path / "rr.pt").scores("Where was A born?", passages) == pytest.approx(scores)
+    loaded = rag.Reranker.load(tmp_path / "rr.pt")
+    assert loaded.log_scale.item() == 1.5 and loaded.scores(question, passages) == pytest.approx(
+        reranker.scores(question, passages), abs=1e-5)
     assert rag.listwise_loss(torch.tensor([[5.0, 0.0], [0.0, 5.0]])).item() == pytest.approx(
         (math.log(1 + math.exp(-5)) + math.log(1 + math.exp(5))) / 2)
 
