@@ -161,10 +161,13 @@ def test_ivf_add_and_reload_keep_every_vector():
         assert a[0].item() in range(5)  # a stored vector finds itself
 
 
-def test_reciprocal_rank_fusion():
+def test_reciprocal_rank_fusion_and_rerank():
     fused = rag.reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]], k=60)
     # 1: 1/61 + 1/62, 3: 1/63 + 1/61, 2: 1/62, 4: 1/63
     assert fused == [1, 3, 2, 4]
+    # the head (3 scores) reordered to 6, 7, 5, then fused with the first order 5, 6, 7, 8
+    assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5]) == rag.reciprocal_rank_fusion([[5, 6, 7, 8], [6, 7, 5, 8]])
+    assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5])[:2] == [6, 5]
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,6 +246,39 @@ def test_grounded_prompt_citations_and_exact_match(tiny_model, tok):
     assert rag.normalize_answer("The  Hothfuth Mill.") == rag.normalize_answer("hothfuth mill")
     out = rag.generate_answers(tiny_model, tok, [prompt, "Question: Who?\nAnswer:"], max_new_tokens=4)
     assert len(out) == 2 and all("\n" not in a for a in out)
+
+
+def test_grounded_examples_cite_the_relevant_passage_and_swap_answers(tok):
+    chunks = list(rag.chunk_docs(rag.read_docs([rag.DOCS]), tok, 32, 8))[:60]
+    docs = {c.doc for c in chunks}
+    questions = [q for q in rag.read_qa(rag.QA) if q["doc"] in docs]
+    relevant = rag.relevant_chunks(questions, chunks)
+    qa = rag.QAData(chunks, [q for q, r in zip(questions, relevant) if r], [r for r in relevant if r])
+    negatives = rag.mine_negatives(qa.chunks, qa.questions, qa.relevant)
+    rng = random.Random(0)
+    for i in range(len(qa.questions)):
+        q, true = rag.grounded_example(qa, i, negatives, 3, 0.0, rng), rag.grounded_example(qa, i, negatives, 3, 1.0, rng)
+        for ex, want in ((q, qa.questions[i]["answer"]), (true, None)):
+            answer, (cite,) = rag.split_citations(ex["response"])
+            passages = ex["prompt"].split("\n")[1:-2]
+            assert len(passages) == 3 and passages[cite - 1].startswith(f"[{cite}] ")
+            assert answer in passages[cite - 1] and (want is None or answer == want)
+        assert rag.split_citations(true["response"])[0].isdigit() == qa.questions[i]["answer"].isdigit()
+    chunk, q = qa.chunks[0], next(q for q, r in zip(qa.questions, qa.relevant) if 0 in r)
+    swapped = rag.substitute_answer(chunk, q, "Zzz")
+    assert swapped.text == chunk.text.replace(q["answer"], "Zzz", 1) and swapped.start == chunk.start
+
+
+def test_sft_batch_puts_the_loss_on_the_response_only(tok):
+    examples = [{"prompt": "Question: a?\nAnswer:", "response": " x [1]"}, {"prompt": "Q", "response": " yy"}]
+    x, y = rag.sft_batch(tok, examples, 64, "cpu")
+    for row, ex in enumerate(examples):
+        prompt, response = tok.encode(ex["prompt"]), tok.encode(ex["response"]) + [tok.eot_id]
+        n = len(prompt) + len(response) - 1
+        assert x[row, :n].tolist() == (prompt + response)[:-1]
+        assert y[row, :n].tolist() == [-1] * (len(prompt) - 1) + response and (y[row, n:] == -1).all()
+    x, y = rag.sft_batch(tok, [{"prompt": "word " * 100, "response": " end"}], 16, "cpu")
+    assert x.shape == (1, 16) and y[0, -2:].tolist() == tok.encode(" end")[-1:] + [tok.eot_id]
 
 
 def test_metrics():
