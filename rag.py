@@ -608,6 +608,7 @@ class IndexConfig:
     tokenizer: str = field(default=str(TOKENIZER), metadata={"help": "tokenizer spec that counts chunk tokens"})
     chunk_tokens: int = field(default=32, metadata={"help": "tokens per chunk at most"})
     chunk_overlap: int = field(default=8, metadata={"help": "tokens repeated from the end of the previous chunk"})
+    bm25_terms: str = field(default="words", metadata={"help": "BM25's terms: words (lowercased) or tokens (--tokenizer's)"})
     k1: float = field(default=1.5, metadata={"help": "BM25 term-frequency saturation"})
     b: float = field(default=0.75, metadata={"help": "BM25 length normalisation, in [0, 1]"})
     encoder: str = field(default="", metadata={"help": "a rag.py encoder checkpoint: also dense vectors + IVF"})
@@ -876,6 +877,8 @@ class BaseConfig(TrainConfig):
     n_head: int = 4
     n_embd: int = 128
     block_size: int = field(default=256, metadata={"help": "the reader's prompt (3 passages + question) must fit"})
+    rope_theta: float = field(default=10000.0, metadata={
+        "help": "rotary positions (0: GPT-2's learned ones): the reader copies from a passage wherever it sits"})
     max_iters: int = 300
     learning_rate: float = 3e-3
     batch_size: int = 16
@@ -957,9 +960,9 @@ def pretrain_base(cfg: BaseConfig) -> str:
     ids = torch.tensor([t for line in lines for t in tok.encode(line) + [tok.eot_id]], dtype=torch.long)
     n_val = len(ids) // 10
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]
-    T = cfg.block_size // 2  # documents are short: half a block per window trains twice the batch
+    T = cfg.block_size  # every position the reader's prompts reach is trained here
     config = gpt.GPTConfig(block_size=cfg.block_size, vocab_size=tok.vocab_size, n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
+                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, rope_theta=cfg.rope_theta)
     common.set_seed(cfg.seed)
     model = gpt.GPT(config).to(device)
     print(f"base: {model.num_params() / 1e6:.2f}M parameters, {len(ids):,} tokens of {len(lines)} documents no "
@@ -1330,9 +1333,9 @@ def run_eval(args, cfg: EvalConfig) -> dict:
         progress.close(len(questions))
         results[method] = retrieval_metrics(rankings[method], relevant)
     print(f"{len(questions)} {cfg.split} questions, {len(chunks)} chunks ({time.time() - t0:.0f} s):")
-    print(f"{'retrieval':<22} {'recall@5':>9} {'nDCG@10':>9}")
+    print(f"{'retrieval':<28} {'recall@5':>9} {'nDCG@10':>9}")
     for method, m in results.items():
-        print(f"{method:<22} {m['recall@5']:>9.4f} {m['ndcg@10']:>9.4f}")
+        print(f"{method:<28} {m['recall@5']:>9.4f} {m['ndcg@10']:>9.4f}")
     if cfg.generator:
         results["reader"] = eval_reader(cfg, device, questions, relevant, rankings[list(rankings)[-1]], chunks,
                                         list(rankings)[-1])
@@ -1349,9 +1352,9 @@ def eval_reader(cfg, device, questions, relevant, ranked, chunks, method) -> dic
     closed = reader_scores(model, tok, questions, lambda i: [], lambda i: relevant[i])
     top = lambda i: [(d, chunks[d].passage()) for d in ranked[i][:cfg.passages]]  # noqa: E731
     opened = reader_scores(model, tok, questions, top, lambda i: relevant[i])
-    print(f"{'reader':<22} {'exact match':>12} {'citations right':>16}")
-    print(f"{'no retrieval':<22} {100 * closed['exact_match']:>11.1f}% {'-':>16}")
-    print(f"{f'top {cfg.passages} of {method}':<22} {100 * opened['exact_match']:>11.1f}% "
+    print(f"{'reader':<28} {'exact match':>12} {'citations right':>16}")
+    print(f"{'no retrieval':<28} {100 * closed['exact_match']:>11.1f}% {'-':>16}")
+    print(f"{f'top {cfg.passages} of {method}':<28} {100 * opened['exact_match']:>11.1f}% "
           f"{100 * opened['citation_precision']:>15.1f}%")
     return {"no_retrieval": closed, "with_retrieval": opened}
 
@@ -1402,6 +1405,8 @@ def check_index_config(paths, cfg: IndexConfig):
                          ranges={"b": (0.0, 1.0)})
     if cfg.chunk_overlap >= cfg.chunk_tokens:
         raise NanoError(f"--chunk_overlap {cfg.chunk_overlap} must be below --chunk_tokens {cfg.chunk_tokens}")
+    if cfg.bm25_terms not in ("words", "tokens"):
+        raise NanoError(f"--bm25_terms must be words or tokens (got {cfg.bm25_terms!r})")
     if not paths:
         raise NanoError("no documents given (python rag.py index DOCS... --out idx/; .jsonl or text files)")
     for p in map(Path, paths):
@@ -1420,7 +1425,7 @@ def check_index_config(paths, cfg: IndexConfig):
 
 def new_index(folder, cfg: IndexConfig, encoder_path: str) -> Index:
     meta = {"tokenizer": cfg.tokenizer, "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap,
-            "bm25_terms": "words", "encoder": str(Path(encoder_path).resolve()) if encoder_path else "",
+            "bm25_terms": cfg.bm25_terms, "encoder": str(Path(encoder_path).resolve()) if encoder_path else "",
             "nlist": cfg.nlist}
     Path(folder).mkdir(parents=True)
     (Path(folder) / "chunks.jsonl").touch()

@@ -122,6 +122,15 @@ def test_index_add_equals_rebuild_through_the_cli(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "grown", "whole"]
 
 
+def test_bm25_on_tokenizer_ids(tmp_path, tok):
+    (tmp_path / "few.jsonl").write_text("\n".join(rag.DOCS.read_text().splitlines()[:20]) + "\n")
+    rag.main(["index", str(tmp_path / "few.jsonl"), "--out", str(tmp_path / "idx"), "--bm25_terms", "tokens"])
+    index = rag.Index.load(tmp_path / "idx")
+    assert set(index.bm25.vocab) <= {str(i) for i in range(tok.vocab_size)}
+    top = rag.Retriever(index).search("Where was Fosvou Geltonbrem born?", "bm25", 1)
+    assert index.chunks(top)[0].doc == "d000"
+
+
 # ----------------------------------------------------------------------------------------
 # Vectors: exact search, IVF, fusion
 
@@ -332,6 +341,7 @@ def test_index_and_ask_on_the_shipped_documents(tmp_path, capsys):
     (["index", "--out", "x"], "index takes DOCS... before its options (got 0"),
     (["index", "missing.jsonl"], "missing.jsonl is not found"),
     (["index", "assets/rag/docs.jsonl", "--chunk_overlap", "40"], "--chunk_overlap 40 must be below --chunk_tokens 32"),
+    (["index", "assets/rag/docs.jsonl", "--bm25_terms", "chars"], "--bm25_terms must be words or tokens"),
     (["index", "assets/rag/docs.jsonl", "--encoder", "nope.pt"], "--encoder nope.pt not found"),
     (["ask", "assets/rag", "question"], "assets/rag is not a rag.py index"),
     (["ask", "only-one-argument"], "takes INDEX QUESTION before its options"),
