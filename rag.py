@@ -82,6 +82,7 @@ import data
 import finetune
 import gpt
 import sample
+import tokenizer
 from common import NanoError
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "rag"
@@ -351,12 +352,12 @@ class Encoder:
     @classmethod
     def load(cls, path, device="cpu") -> Encoder:
         model, spec, ckpt = load_rag_model(path, "encoder", device)
-        return cls(model, data.load_tokenizer(spec), spec)
+        return cls(model, tokenizer.load_tokenizer(spec), spec)
 
 
 def load_rag_model(path, kind: str, device):
     """(model, tokenizer spec, checkpoint dict) of a checkpoint this file wrote as `kind`."""
-    ckpt = data.read_checkpoint(path, device)
+    ckpt = gpt.read_checkpoint(path, device)
     if ckpt.get("rag") != kind:
         raise NanoError(f"{path} is not a rag.py {kind} (train one with python rag.py train_{kind})")
     return gpt.model_from_checkpoint(ckpt, path).to(device), ckpt["tokenizer"], ckpt
@@ -532,7 +533,7 @@ class Reranker(nn.Module):
     @classmethod
     def load(cls, path, device="cpu") -> Reranker:
         model, spec, ckpt = load_rag_model(path, "reranker", device)
-        reranker = cls(model, data.load_tokenizer(spec), spec).to(device)
+        reranker = cls(model, tokenizer.load_tokenizer(spec), spec).to(device)
         reranker.log_scale.data.fill_(ckpt["log_scale"])
         return reranker
 
@@ -723,7 +724,7 @@ class Retriever:
                  nprobe: int = 0, depth: int = 100, rerank_k: int = 20):
         self.index, self.encoder, self.reranker = index, encoder, reranker
         self.nprobe, self.depth, self.rerank_k = nprobe, depth, rerank_k
-        self.terms_of = terms_function(index.meta["bm25_terms"], data.load_tokenizer(index.meta["tokenizer"]))
+        self.terms_of = terms_function(index.meta["bm25_terms"], tokenizer.load_tokenizer(index.meta["tokenizer"]))
 
     def bm25(self, question: str, k: int) -> list[int]:
         return top_k(self.index.bm25.scores(self.terms_of(question)), k)
@@ -950,7 +951,7 @@ def pretrain_base(cfg: BaseConfig) -> str:
     tested on (a base that had memorised the training people's facts would let the reranker and
     the reader answer from memory and never learn to read: they failed on unseen people)."""
     device = common.pick_device(cfg.device)
-    tok = data.load_tokenizer(cfg.tokenizer)
+    tok = tokenizer.load_tokenizer(cfg.tokenizer)
     asked = {q["doc"] for q in read_qa(cfg.qa)}
     lines = [f"{title}: {text}" for doc, title, text, _ in read_docs([cfg.docs]) if doc not in asked]
     if len(lines) < 10:
@@ -1027,7 +1028,7 @@ def eval_commands(cfg: TrainConfig, **checkpoints) -> list[list[str]]:
 def load_base(cfg: TrainConfig, device):
     """(model, tokenizer, spec) of base_checkpoint(cfg)."""
     model, spec, _ = finetune.load_base(base_checkpoint(cfg), device)
-    return model, data.load_tokenizer(spec), spec
+    return model, tokenizer.load_tokenizer(spec), spec
 
 
 @dataclass
@@ -1348,7 +1349,7 @@ def eval_reader(cfg, device, questions, relevant, ranked, chunks, method) -> dic
     if not Path(cfg.generator).is_file():
         raise NanoError(f"--generator {cfg.generator} not found (train it: python rag.py train_generator)")
     model, spec = gpt.load_checkpoint(cfg.generator, device)
-    tok = data.load_tokenizer(spec)
+    tok = tokenizer.load_tokenizer(spec)
     closed = reader_scores(model, tok, questions, lambda i: [], lambda i: relevant[i])
     top = lambda i: [(d, chunks[d].passage()) for d in ranked[i][:cfg.passages]]  # noqa: E731
     opened = reader_scores(model, tok, questions, top, lambda i: relevant[i])
@@ -1387,7 +1388,7 @@ def run_ask(args, cfg: AskConfig) -> dict:
             raise NanoError(f"--generator {cfg.generator} not found (train it: python rag.py train_generator)")
         model, spec = gpt.load_checkpoint(cfg.generator, device)
         prompt = grounded_prompt(question, [c.passage() for c in chunks])
-        out = generate_answers(model, data.load_tokenizer(spec), [prompt])[0]
+        out = generate_answers(model, tokenizer.load_tokenizer(spec), [prompt])[0]
         answer, cites = split_citations(out)
         sources = [f"[{n}] {chunks[n - 1].doc} characters {chunks[n - 1].start}-{chunks[n - 1].end}"
                    for n in cites if 1 <= n <= len(chunks)]
@@ -1444,7 +1445,7 @@ def run_index(paths, cfg: IndexConfig) -> Index:
     else:
         common.remove_stale_temps(out, tags=("tmp", "old"))
         index, n_before = new_index(out.with_name(f".{out.name}.tmp{os.getpid()}"), cfg, cfg.encoder), 0
-    tok = data.load_tokenizer(index.meta["tokenizer"])
+    tok = tokenizer.load_tokenizer(index.meta["tokenizer"])
     encoder = Encoder.load(index.meta["encoder"], device) if index.meta["encoder"] else None
     n = index.add(paths, tok, encoder, cfg.batch_size)
     index.save()

@@ -41,6 +41,7 @@ SECTIONS = {
     "llama": ("llama.bench_llama", "Llama: load vs transformers, decode vs bound, GQA KV bytes, QLoRA"),
     "quant": ("quant.bench_quant", "quantize.py: val loss, bytes and batch-1 decode of fp32 ... GPTQ/AWQ-4, vs llama.cpp"),
     "rl": ("rl.bench_rl", "rl.py: GRPO and PPO on the built-in task, where a step's time goes, rollout vs training"),
+    "rag": ("rag.bench_rag", "rag.py: IVF vs exact search at 100k vectors, BM25 indexing, the retrieval / reader table"),
     "gpu": ("gpu.bench_gpu", "the CUDA check: every CUDA figure, then pytest -m gpu (not run by default)"),
 }
 

@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 
 import common
-import data
 import gpt
 import rag
+import tokenizer
 from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.load_tokenizer(str(rag.TOKENIZER))
+    return tokenizer.load_tokenizer(str(rag.TOKENIZER))
 
 
 def zipf_corpus(seed, n_docs, vocab=400):

@@ -1,5 +1,5 @@
 """bench rag: IVF against exact search at 100k vectors, BM25 indexing speed, and the retrieval /
-reader table on the shipped test questions (temporary top-level file; bench.py's `rag` section)."""
+reader table on the shipped test questions (`python -m bench rag`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import common
 import rag
-from bench import row
+from .util import row
 
 OUT = Path("out-rag")
 
@@ -105,8 +105,3 @@ def bench_rag(quick: bool) -> None:
     bench_index_speed(quick)
     bench_quality(quick)
 
-
-if __name__ == "__main__":
-    import sys
-
-    bench_rag("--quick" in sys.argv)
