@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one process per core, so one thread each
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHAKESPEARE = ROOT / "assets" / "tinyshakespeare.txt"
