@@ -32,11 +32,22 @@ character tokenizer (`show_mask` prints this; tests/test_sft.py checks it):
     token  <|user|>  a  d  d  ␣  2  ␣  3  <|end|>  <|assistant|>  5  <|end|>
     mask      0      0  0  0  0  0  0  0     0           0        1     1
 
-A Jinja template is one string, so its assistant spans are found by rendering prefixes
-(tokenizer.HFChatTemplate.segments): the text of messages[:i] with the generation prompt ends where
-assistant message i starts, the text of messages[:i+1] where it ends; that span (the answer
-plus what the template closes it with, e.g. "<|im_end|>\n") is learned. Each span is tokenized
-on its own, so a token never straddles a boundary.
+A Hugging Face template renders the whole conversation to one text, tokenized once (its ids are
+transformers' apply_chat_template(..., tokenize=True); tokenizing pieces separately would cut a BPE
+piece at an answer's edge, e.g. Qwen2.5's "assistant\n" + "\n\n- apple" is 'ĊĊ','Ċ' whole and
+'Ċ','ĊĊ' in pieces). A token carries loss where it overlaps an answer's characters, as
+transformers' return_assistant_tokens_mask marks tokens. Where the answers are:
+- the template marks them with {% generation %} (TRL's training templates): those spans, so the
+  mask equals return_assistant_tokens_mask (tested);
+- no markers: completion-only, this file's convention. Prefixes are rendered
+  (tokenizer.HFChatTemplate.answer_spans): the text of messages[:i] with the generation prompt ends
+  where assistant message i starts, the text of messages[:i+1] where it ends; that span (the answer
+  plus what the template closes it with, e.g. "<|im_end|>\n") is learned, the role header not.
+  transformers has no mask without markers, and TRL's training templates for Qwen2.5/Qwen3 put
+  the header inside the markers: they train on "assistant\n" too, which this convention does not.
+  Templates that render a conversation's beginning differently from the beginning of its text
+  (Qwen3, Phi-3.5/4-mini, Mistral-Nemo with a system message) have no such spans: SFT asks for a
+  template with markers there. Serving never needs spans.
 
 Batches are packed: conversations are laid one after another into rows of block_size tokens
 (next fit: one that does not fit starts a new row). Each conversation's positions restart at
@@ -96,7 +107,7 @@ from common import NanoError
 # the chat tokenizer (a base tokenizer plus <|system|> <|user|> <|assistant|> <|end|>, spec
 # "chat:<base spec>") and the rendering of a conversation to ids live in tokenizer.py beside the other
 # tokenizer specs, so every script loads them; this file adds the loss mask
-from tokenizer import ROLES, ChatTokenizer, HFChatTemplate, chat_pieces, load_tokenizer, stop_id
+from tokenizer import ROLES, ChatTokenizer, HFChatTemplate, chat_pieces, load_tokenizer, stop_id, token_spans
 
 # ----------------------------------------------------------------------------------------
 # Rendering a conversation: ids and the loss mask
@@ -121,16 +132,29 @@ def check_messages(messages, where="conversation", need_assistant=True):
 
 
 def render_conversation(messages, tok, add_generation_prompt=False, template=None):
-    """(ids, mask): the conversation's token ids (tokenizer.apply_chat_template's) and 1 where a
-    token carries loss, 0 elsewhere: the loss is on the answers of tokenizer.chat_pieces, each
-    assistant message's content and what closes its turn; the role tokens and every other
-    message are given, never predicted. add_generation_prompt appends the opening of an
-    assistant turn (for generation). template: an HFChatTemplate, else nanollm's template,
-    which needs a ChatTokenizer."""
-    ids, mask = [], []
-    for piece, answer in chat_pieces(messages, tok, template, add_generation_prompt):
-        ids += piece
-        mask += [int(answer)] * len(piece)
+    """(ids, mask): the conversation's token ids (tokenizer.apply_chat_template's, equal to
+    transformers') and 1 where a token carries loss, 0 elsewhere. nanollm's template (template
+    None, a ChatTokenizer): the loss is on each assistant message's content and the <|end|>
+    closing it; the role tokens and every other message are given, never predicted. A Hugging
+    Face template: the whole text is tokenized once (so no BPE piece is cut at an answer's edge)
+    and a token carries loss where it overlaps an answer's characters (HFChatTemplate.answer_spans:
+    the {% generation %} blocks, or the completion-only spans). add_generation_prompt appends the
+    opening of an assistant turn (for generation)."""
+    if template is None:
+        ids, mask = [], []
+        for piece, answer in chat_pieces(messages, tok, add_generation_prompt):
+            ids += piece
+            mask += [int(answer)] * len(piece)
+        return ids, mask
+    text, spans = template.answer_spans(messages, add_generation_prompt)
+    ids = tok.encode(text)
+    mask, k = [0] * len(ids), 0
+    for t, (start, end) in enumerate(token_spans(tok, text, ids)):  # as return_assistant_tokens_mask
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        mask[t] = int(end > spans[k][0])
     return ids, mask
 
 

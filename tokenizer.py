@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -140,6 +141,9 @@ class BPEFileTokenizer:
         with self.as_nano_error():
             return self.tok.encode(text, allowed_special="all")
 
+    def token_bytes(self, i) -> bytes:
+        return self.tok.decode_bytes([i])
+
     def decode(self, ids):
         with self.as_nano_error():
             return self.tok.decode(list(ids))
@@ -213,12 +217,45 @@ def load_tokenizer(spec: str):
 # keeps this on the tokenizer (apply_chat_template); sft.py builds its loss mask on the same pieces.
 
 
+# {% generation %} ... {% endgeneration %} (TRL's training templates): the block renders as it is,
+# and while a render is tracked, the character span it fills is recorded (transformers'
+# AssistantTracker; return_assistant_tokens_mask marks the tokens that overlap those spans)
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_TRACKED = contextvars.ContextVar("generation_spans", default=None)  # (chunks so far, spans)
+
+
+@functools.lru_cache(maxsize=1)
+def _generation_extension():
+    import jinja2.ext
+    from jinja2 import nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
+
+        def _track(self, caller):
+            text = caller()
+            if (tracked := _TRACKED.get()) is not None:  # template.generate() has yielded all before it
+                chunks, spans = tracked
+                start = sum(map(len, chunks))
+                spans.append((start, start + len(text)))
+            return text
+
+    return Generation
+
+
 class HFChatTemplate:
     """A Hugging Face `chat_template` (Jinja), rendered as transformers renders it: a sandboxed
-    environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now` and a
-    `tojson` that keeps non-ASCII text (tests/test_sft.py compares with apply_chat_template)."""
+    environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson`
+    that keeps non-ASCII text, the tokenizer's special tokens as variables (bos_token, eos_token,
+    ...) and `{% generation %}` blocks (tests/test_chat_templates.py compares with transformers on
+    the templates of Llama 3.1, Qwen2.5/3, Mistral, Gemma, Phi)."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", tokens=None):
         import jinja2  # comes with torch; only Hugging Face templates need it
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -229,7 +266,7 @@ class HFChatTemplate:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=[_generation_extension(), "jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
@@ -238,36 +275,55 @@ class HFChatTemplate:
         except jinja2.TemplateError as e:
             raise NanoError(f"the chat template does not parse ({e.__class__.__name__}: {e})") from None
         self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
+        self.tokens = {k: v for k, v in (tokens or {}).items() if v} | {"bos_token": bos_token, "eos_token": eos_token}
+        self.has_generation = bool(GENERATION_TAG.search(source))
+        self.stop_tokens = [eos_token] if eos_token else []  # the template's end of a turn, and (find)
+        self.stop_token_ids = []  # generation_config.json's eos_token_id(s)
 
-    def text(self, messages, add_generation_prompt=False) -> str:
+    def render(self, messages, add_generation_prompt=False) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as text, and the character spans of its {% generation %} blocks."""
         import jinja2
 
+        chunks, spans = [], []
+        tracking = _TRACKED.set((chunks, spans))
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+            chunks.extend(self.template.generate(messages=messages, tools=None, documents=None,
+                                                 add_generation_prompt=add_generation_prompt, **self.tokens))
         except jinja2.TemplateError as e:
             raise NanoError(f"the chat template failed ({e.__class__.__name__}: {e})") from None
+        finally:
+            _TRACKED.reset(tracking)
+        return "".join(chunks), spans
 
-    def segments(self, messages, add_generation_prompt=False) -> list[tuple[str, bool]]:
-        """The rendered text cut at the assistant's answers, [(text, is an answer)], found by
+    def text(self, messages, add_generation_prompt=False) -> str:
+        return self.render(messages, add_generation_prompt)[0]
+
+    def answer_spans(self, messages, add_generation_prompt=False) -> tuple[str, list[tuple[int, int]]]:
+        """The text of a whole conversation and the character spans that carry loss (sft.py).
+        With {% generation %} markers, the spans they enclose (transformers'
+        return_assistant_tokens_mask). Without, sft.py's completion-only spans, found by
         rendering prefixes: the text of messages[:i] with the generation prompt ends where
-        assistant message i starts, the text of messages[:i+1] where it ends; that span is the
-        answer plus whatever the template closes it with (e.g. "<|im_end|>\\n")."""
-        segments, done = [], ""  # and the text covered so far
+        assistant message i starts, the text of messages[:i+1] where it ends; the span is the
+        answer plus whatever the template closes it with (e.g. "<|im_end|>\\n"). That needs a
+        template that renders a conversation's beginning as the beginning of its text, which
+        Qwen3 (its last answer gets an empty <think> block), Phi-3.5/4 (eos after the last
+        turn) and Mistral-Nemo (the system message goes into the last user turn) do not: for
+        those, SFT asks for a template with {% generation %} markers. Serving never needs it."""
+        text, spans = self.render(messages, add_generation_prompt)
+        if self.has_generation:
+            return text, spans
+        spans, done = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
             prompt, full = self.text(messages[:i], True), self.text(messages[:i + 1])
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise NanoError("the chat template renders a conversation differently from its beginning "
-                                "(it rewrites earlier turns), so the assistant's tokens cannot be found")
-            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
-        rest = self.text(messages, add_generation_prompt)
-        if not rest.startswith(done):
-            raise NanoError("the chat template renders a conversation differently from its beginning")
-        segments.append((rest[len(done):], False))
-        return segments
+            if not (full.startswith(prompt) and text.startswith(full) and len(prompt) >= done):
+                raise NanoError("the chat template renders a conversation differently from its beginning (it "
+                                "rewrites earlier turns), so its answers cannot be found for the loss mask (give sft.py "
+                                "a template that marks them with {% generation %}, as TRL's training templates do)")
+            spans.append((len(prompt), len(full)))
+            done = len(full)
+        return text, spans
 
     @classmethod
     def find(cls, spec):
@@ -276,8 +332,7 @@ class HFChatTemplate:
         if not isinstance(spec, str) or spec.startswith(CHAT_PREFIX) or not spec.endswith("tokenizer.json"):
             return None
         folder = Path(spec).parent
-        config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = _read_json(folder / "tokenizer_config.json")
         source = config.get("chat_template")
         if isinstance(source, list):  # several named templates: the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
@@ -290,21 +345,57 @@ class HFChatTemplate:
             value = config.get(name) or ""
             return value.get("content", "") if isinstance(value, dict) else value
 
-        return cls(source, token("bos_token"), token("eos_token"))
+        template = cls(source, token("bos_token"), token("eos_token"),
+                       {name: token(name) for name in ("unk_token", "pad_token", "sep_token", "cls_token", "mask_token")})
+        # generation_config.json's eos_token_id (an int or a list: Llama 3 instruct stops at <|eot_id|>
+        # and <|end_of_text|>) names more tokens that end a reply, by id
+        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        template.stop_token_ids = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+        return template
 
 
-def chat_pieces(messages, tok, template=None, add_generation_prompt=False) -> list[tuple[list[int], bool]]:
-    """A conversation as token pieces [(ids, is an answer)]: an answer is an assistant message's
-    content with what closes its turn (transformers marks the same spans with
-    return_assistant_tokens_mask). Joined, the pieces are the conversation's ids. template: an
-    HFChatTemplate, else nanollm's own, <|role|> content <|end|> per message, which needs a
-    ChatTokenizer; content is encoded as plain text, so a user cannot forge a turn by typing
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NanoError(f"{path} is not valid JSON ({type(e).__name__}: {e}; fix or delete it)") from None
+    return value if isinstance(value, dict) else {}
+
+
+def token_spans(tok, text: str, ids) -> list[tuple[int, int]]:
+    """The character span of `text` each token of `ids` (tok.encode(text)) stands for, as
+    `tokenizers`' offsets: walk the text's UTF-8 bytes with each token's bytes (a token that
+    splits a character covers all of it; a SentencePiece word-start "▁" that the tokenizer
+    prepended covers nothing of the text). Normalized text (NFC, ...) is walked as if equal."""
+    data = text.encode("utf-8")
+    char_at = [0] * (len(data) + 1)  # byte offset -> index of the character it falls in
+    pos = 0
+    for k, ch in enumerate(text):
+        n = len(ch.encode("utf-8"))
+        char_at[pos:pos + n] = [k] * n
+        pos += n
+    char_at[len(data)] = len(text)
+    piece_bytes = getattr(tok, "token_bytes", None) or (lambda i: tok.decode([i]).encode("utf-8"))
+    spans, at = [], 0
+    for i in ids:
+        piece = piece_bytes(i)
+        if not data.startswith(piece, at) and piece.startswith(b" ") and data.startswith(piece[1:], at):
+            piece = piece[1:]  # the prepended word start
+        end = min(at + len(piece), len(data))
+        start_char = char_at[at]
+        end_char = char_at[end - 1] + 1 if end > at else start_char
+        spans.append((start_char, max(end_char, start_char)))
+        at = end
+    return spans
+
+
+def chat_pieces(messages, tok, add_generation_prompt=False) -> list[tuple[list[int], bool]]:
+    """nanollm's own template as token pieces [(ids, is an answer)]: <|role|> content <|end|> per
+    message, which needs a ChatTokenizer; an answer is an assistant message's content with the
+    <|end|> closing it. Content is encoded as plain text, so a user cannot forge a turn by typing
     "<|assistant|>". add_generation_prompt appends the opening of an assistant turn."""
-    if template is not None:
-        # segment by segment, so a token never straddles an answer's edge (the edges sit at the
-        # template's special tokens and newlines, where BPE splits anyway)
-        return [(tok.encode(text) if text else [], answer)
-                for text, answer in template.segments(messages, add_generation_prompt)]
     if not isinstance(tok, ChatTokenizer):
         raise NanoError(f"tokenizer {tok.spec[:40]!r} has no chat tokens (wrap it: ChatTokenizer(tok), "
                         "or finetune the model with sft.py first)")
@@ -318,9 +409,13 @@ def chat_pieces(messages, tok, template=None, add_generation_prompt=False) -> li
 
 
 def apply_chat_template(messages, tok, template=None, add_generation_prompt=False) -> list[int]:
-    """The conversation's ids, as transformers' tokenizer.apply_chat_template gives them; with
-    add_generation_prompt, the prompt a chat model answers (serve.py)."""
-    return [i for ids, _ in chat_pieces(messages, tok, template, add_generation_prompt) for i in ids]
+    """The conversation's ids, as transformers' tokenizer.apply_chat_template(..., tokenize=True)
+    gives them; with add_generation_prompt, the prompt a chat model answers (serve.py). A Hugging
+    Face template renders the whole conversation to text, tokenized once (special tokens written
+    in the text become their ids, as in transformers: content is not escaped)."""
+    if template is not None:
+        return tok.encode(template.text(messages, add_generation_prompt))
+    return [i for ids, _ in chat_pieces(messages, tok, add_generation_prompt) for i in ids]
 
 
 def load_chat(spec):
@@ -333,15 +428,26 @@ def load_chat(spec):
     return tok, template
 
 
-def stop_id(tok, template=None) -> int:
-    """The token that ends an assistant turn: <|end|>, or the template's eos token."""
+def stop_ids(tok, template=None) -> list[int]:
+    """The tokens that end an assistant turn, first the one the template writes: <|end|>, or
+    the template's eos_token, then generation_config.json's eos_token_id(s)."""
     if template is None:
-        return tok.end_id
-    ids = tok.encode(template.eos_token) if template.eos_token else []
-    if len(ids) != 1:
-        raise NanoError(f"the chat template's eos_token {template.eos_token!r} is not one token "
-                        "(check tokenizer_config.json)")
-    return ids[0]
+        return [tok.end_id]
+    found = []
+    for name in template.stop_tokens:
+        ids = tok.encode(name)
+        if len(ids) != 1:
+            raise NanoError(f"the chat template's eos_token {name!r} is not one token (check tokenizer_config.json)")
+        found.append(ids[0])
+    found += [i for i in template.stop_token_ids if i not in found and 0 <= i < tok.vocab_size]
+    if not found:
+        raise NanoError("the chat template names no eos_token (set it in tokenizer_config.json)")
+    return found
+
+
+def stop_id(tok, template=None) -> int:
+    """The token that ends an assistant turn as the template writes it (stop_ids' first)."""
+    return stop_ids(tok, template)[0]
 
 
 class ChatTemplate:
@@ -349,11 +455,11 @@ class ChatTemplate:
     "chat:" tokenizer's chat tokens, content encoded as plain text so a user cannot forge a turn;
     or a Hugging Face chat_template): the prompt ids of a conversation, the reply's stop ids."""
 
-    stop = ()  # no stop strings: the reply ends at its stop token
+    stop = ()  # no stop strings: the reply ends at a stop token
 
     def __init__(self, tok, hf_template=None):
         self.tok, self.hf_template = tok, hf_template
-        self.stop_ids = frozenset({stop_id(tok, hf_template)})
+        self.stop_ids = frozenset(stop_ids(tok, hf_template))
 
     def render(self, messages) -> list[int]:
         return apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True)
