@@ -416,6 +416,56 @@ def train_on_counts(counts, vocab_size: int, special_tokens=(), verbose=False, t
 PREFIX_SPACE = " "  # a pre_tokenizer step: prepend a space to a piece that lacks one (HF ByteLevel's add_prefix_space)
 
 
+def apply_merges(ids: list[int], ranks: dict, merged_id: list[int]) -> tuple[int, ...]:
+    """Merge the adjacent pair of the earliest learned merge, the leftmost if it occurs twice,
+    until no pair is a merge (what GPT-2's encoder.py, tiktoken and HF `tokenizers` do).
+    ranks: (left id, right id) -> priority; merged_id[priority]: the id of left + right.
+    A short list takes the plain loop (O(n^2)), a long one (a page of CJK text, a blob) the heap."""
+    return _merge_short(ids, ranks, merged_id) if len(ids) <= 128 else _merge_long(ids, ranks, merged_id)
+
+
+def _merge_short(ids, ranks, merged_id) -> tuple[int, ...]:
+    """ranks_at[i] is the priority of the pair (ids[i], ids[i + 1]): a merge changes only its neighbours'."""
+    rank_of, none = ranks.get, len(merged_id)
+    ranks_at = list(map(rank_of, pairwise(ids), repeat(none)))
+    while ranks_at:
+        best = min(ranks_at)
+        if best == none:
+            break  # no pair left that the merges know
+        i = ranks_at.index(best)
+        ids[i] = merged_id[best]
+        del ids[i + 1], ranks_at[i]
+        if i > 0:
+            ranks_at[i - 1] = rank_of((ids[i - 1], ids[i]), none)
+        if i < len(ranks_at):
+            ranks_at[i] = rank_of((ids[i], ids[i + 1]), none)
+    return tuple(ids)
+
+
+def _merge_long(ids, ranks, merged_id) -> tuple[int, ...]:
+    """The same in O(n log n): a heap of (priority, position) over a linked list of the
+    tokens, so the earliest merge, then the leftmost, pops first. An entry is stale when
+    the pair at its position changed since it was pushed (a pair's priority is its own)."""
+    rank_of, none = ranks.get, len(merged_id)
+    n = len(ids)
+    after, before, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
+    heap = [(r, i) for i, r in enumerate(map(rank_of, pairwise(ids), repeat(none))) if r != none]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = after[i]
+        if not alive[i] or j == n or rank_of((ids[i], ids[j])) != rank:
+            continue
+        ids[i], alive[j] = merged_id[rank], False
+        after[i] = after[j]
+        for left in (before[i], i) if after[i] < n else (before[i],):
+            if left >= 0 and (r := rank_of((ids[left], ids[after[left]]), none)) != none:
+                heapq.heappush(heap, (r, left))
+        if after[i] < n:
+            before[after[i]] = i
+    return tuple(t for t, keep in zip(ids, alive) if keep)
+
+
 def render_token(token: bytes) -> str:
     """A token for people: its text if valid UTF-8, else its bytes; control chars escaped."""
     try:
@@ -515,52 +565,14 @@ class Tokenizer:
         return (whole,) if whole is not None else self.merge_bytes(data)
 
     def merge_bytes(self, data: bytes) -> tuple[int, ...]:
-        """Token ids of `data` by the merges: start from its bytes, then merge the adjacent
-        pair of the earliest learned merge, the leftmost if it occurs twice, until no pair is
-        a merge (what GPT-2's encoder.py, tiktoken and HF `tokenizers` do). ranks[i] is the
-        priority of the pair (ids[i], ids[i + 1]): a merge changes only its neighbours'."""
-        ids = list(map(self._byte_ids.__getitem__, data))
-        # _merge_short is O(n^2): a long piece (a page of CJK text, a blob) takes the heap
-        return self._merge_short(ids) if len(ids) <= 128 else self._merge_long(ids)
+        """Token ids of `data` by the merges (apply_merges), starting from its bytes."""
+        return apply_merges(list(map(self._byte_ids.__getitem__, data)), self._ranks, self._merged_id)
 
-    def _merge_short(self, ids: list[int]) -> tuple[int, ...]:
-        rank_of, none, merged_id = self._ranks.get, len(self.merges), self._merged_id
-        ranks = list(map(rank_of, pairwise(ids), repeat(none)))
-        while ranks:
-            best = min(ranks)
-            if best == none:
-                break  # no pair left that the merges know
-            i = ranks.index(best)
-            ids[i] = merged_id[best]
-            del ids[i + 1], ranks[i]
-            if i > 0:
-                ranks[i - 1] = rank_of((ids[i - 1], ids[i]), none)
-            if i < len(ranks):
-                ranks[i] = rank_of((ids[i], ids[i + 1]), none)
-        return tuple(ids)
+    def _merge_short(self, ids):  # each loop on its own (tests/test_bpe.py compares them)
+        return _merge_short(ids, self._ranks, self._merged_id)
 
-    def _merge_long(self, ids: list[int]) -> tuple[int, ...]:
-        """merge_bytes in O(n log n): a heap of (priority, position) over a linked list of the
-        tokens, so the earliest merge, then the leftmost, pops first. An entry is stale when
-        the pair at its position changed since it was pushed (a pair's priority is its own)."""
-        rank_of, none, merged_id = self._ranks.get, len(self.merges), self._merged_id
-        n = len(ids)
-        after, before, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
-        heap = [(r, i) for i, r in enumerate(map(rank_of, pairwise(ids), repeat(none))) if r != none]
-        heapq.heapify(heap)
-        while heap:
-            rank, i = heapq.heappop(heap)
-            j = after[i]
-            if not alive[i] or j == n or rank_of((ids[i], ids[j])) != rank:
-                continue
-            ids[i], alive[j] = merged_id[rank], False
-            after[i] = after[j]
-            for left in (before[i], i) if after[i] < n else (before[i],):
-                if left >= 0 and (r := rank_of((ids[left], ids[after[left]]), none)) != none:
-                    heapq.heappush(heap, (r, left))
-            if after[i] < n:
-                before[after[i]] = i
-        return tuple(t for t, keep in zip(ids, alive) if keep)
+    def _merge_long(self, ids):
+        return _merge_long(ids, self._ranks, self._merged_id)
 
     def _pretokenize(self, text: str) -> list[str]:
         steps = self._ascii_steps if text.isascii() else self._steps

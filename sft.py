@@ -43,8 +43,9 @@ transformers' return_assistant_tokens_mask marks tokens. Where the answers are:
   (tokenizer.HFChatTemplate.answer_spans): the text of messages[:i] with the generation prompt ends
   where assistant message i starts, the text of messages[:i+1] where it ends; that span (the answer
   plus what the template closes it with, e.g. "<|im_end|>\n") is learned, the role header not.
-  transformers has no mask without markers, and TRL's training templates for Qwen2.5/Qwen3 put
-  the header inside the markers: they train on "assistant\n" too, which this convention does not.
+  transformers has no mask without markers; the training templates of the Qwen2.5/Qwen3 family
+  that TRL users take put the "assistant\n" header inside the markers (loss on the header), this
+  convention does not.
   Templates that render a conversation's beginning differently from the beginning of its text
   (Qwen3, Phi-3.5/4-mini, Mistral-Nemo with a system message) have no such spans: SFT asks for a
   template with markers there. Serving never needs spans.

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import time
+import unicodedata
 from collections import Counter
 from datetime import datetime
 from itertools import pairwise
@@ -755,7 +756,7 @@ def load_bpe(spec: str) -> bpe.Tokenizer:
 # ----------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json: read and written
 
-SUPPORTED = "nanollm reads the byte-level BPE of GPT-2, Llama 3, Qwen2/3, SmolLM"
+SUPPORTED = "nanollm reads the byte-level BPE of GPT-2, Llama 3, Qwen2/3, SmolLM and SentencePiece-style BPE"
 # Oniguruma, the regex engine of `tokenizers`, reads "X{1,3}+" as (X{1,3})+, not as a
 # possessive X{1,3} (Python's regex and tiktoken's): rewrite one as the other both ways.
 _BOUNDED_PLUS = regex.compile(r"(\\p\{\w+\}|\\.|\[(?:\\.|[^\]\\])*\]|[^\\()\[\]{}|])(\{\d+(?:,\d*)?\})\+")
@@ -778,17 +779,25 @@ def _members(node, key) -> list[dict]:
     return [node]
 
 
+def _is_sentencepiece(spec: dict) -> bool:
+    """A SentencePiece-style model: Metaspace, Prepend or Replace, or byte fallback (else
+    byte-level BPE); a Unigram model is refused by name until unigram.py reads it."""
+    model = spec.get("model") or {}
+    if model.get("type") == "Unigram":
+        raise NanoError("Unigram tokenizer.json is not supported yet (T5-style Unigram models: SentencePiece-style "
+                        "BPE and byte-level BPE are)")
+    steps = _members(spec.get("pre_tokenizer"), "pretokenizers") + _members(spec.get("normalizer"), "normalizers")
+    return model.get("type") == "BPE" and (bool(model.get("byte_fallback"))
+                                           or bool({s.get("type") for s in steps} & {"Metaspace", "Prepend", "Replace"}))
+
+
 def _read_tokenizer_json(spec: dict, where) -> dict:
     """Tokenizer(...) arguments from a parsed tokenizer.json, or a one-line error."""
     model = spec.get("model") or {}
     pre = _members(spec.get("pre_tokenizer"), "pretokenizers")
     norms = _members(spec.get("normalizer"), "normalizers")
-    kinds = {step.get("type") for step in pre + norms}
     if model.get("type") != "BPE":
         raise NanoError(f"{where}: a {model.get('type')} tokenizer model is not supported ({SUPPORTED})")
-    if model.get("byte_fallback") or kinds & {"Metaspace", "Prepend"}:
-        raise NanoError(f"{where}: a SentencePiece-style BPE (Metaspace, byte fallback: Llama 2, Mistral "
-                        f"v0.1) is not supported ({SUPPORTED})")
     if not pre or pre[-1].get("type") != "ByteLevel":
         raise NanoError(f"{where}: not a byte-level BPE (its pre_tokenizer does not end in ByteLevel; {SUPPORTED})")
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
@@ -856,10 +865,173 @@ def bpe_from_tokenizer_json(path) -> bpe.Tokenizer:
         raise NanoError(f"{path} is not a tokenizer.json ({type(e).__name__}: {e})") from None
     if not isinstance(spec, dict):
         raise NanoError(f"{path} is not a tokenizer.json (a JSON object with a 'model')")
-    tok = bpe.Tokenizer(**_read_tokenizer_json(spec, path))
+    try:
+        if _is_sentencepiece(spec):
+            tok = _sentencepiece_from_json(spec, path)
+        else:
+            tok = bpe.Tokenizer(**_read_tokenizer_json(spec, path))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, NanoError):
+            raise
+        raise NanoError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
     ends = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>")  # the document separators of those models
     tok.eot_id = next((tok.special_tokens[s] for s in ends if s in tok.special_tokens), None)
     return tok
+
+
+# ----------------------------------------------------------------------------------------
+# SentencePiece-style tokenizer.json (Llama 2, Mistral 7B, TinyLlama, Gemma): text, not bytes, is
+# merged. Spaces become "▁" (a Replace normalizer or the Metaspace pre-tokenizer), a "▁" is put
+# before the text (Prepend, or Metaspace's prepend_scheme), the BPE starts from characters, and a
+# character missing from the vocabulary becomes the tokens of its UTF-8 bytes, <0xE6> <0x97> ...
+# (byte_fallback), else <unk>. The model is one small part: a Unigram model (T5-style, Viterbi
+# over pieces) fits the same pipeline with its own encode(word) -> ids.
+
+SENTENCEPIECE = "nanollm reads SentencePiece-style BPE: Metaspace, Prepend, Replace, byte_fallback (Llama 2, Mistral, Gemma)"
+
+
+class CharBPE:
+    """BPE over characters as `tokenizers` runs it: a word starts as its characters' ids (byte
+    fallback, else <unk>, runs of <unk> fused into one with fuse_unk), then bpe.apply_merges."""
+
+    def __init__(self, vocab: dict[str, int], merges, unk_id=None, byte_fallback=False, fuse_unk=False,
+                 ignore_merges=False, where=""):
+        self.vocab, self.unk_id, self.byte_fallback, self.fuse_unk = vocab, unk_id, byte_fallback, fuse_unk
+        self.ignore_merges = ignore_merges
+        self.byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
+        self.ranks, self.merged_id = {}, []
+        for rank, (left, right) in enumerate(merges):
+            try:
+                pair, new_id = (vocab[left], vocab[right]), vocab[left + right]
+            except KeyError:
+                raise NanoError(f"{where}: merge {rank} ({left!r} + {right!r}) uses a token missing from the "
+                                "vocabulary (malformed tokenizer.json)") from None
+            self.ranks.setdefault(pair, len(self.merged_id))
+            self.merged_id.append(new_id)
+        self.cache = {}
+
+    def encode(self, word: str) -> list[int]:
+        if (ids := self.cache.get(word)) is None:
+            ids = self.cache[word] = list(self._merge(word))
+        return ids
+
+    def _merge(self, word):
+        if self.ignore_merges and word in self.vocab:
+            return (self.vocab[word],)
+        ids, unknown = [], False  # unknown: the last character was <unk>
+        for ch in word:
+            byte_ids = [self.byte_ids[b] for b in ch.encode("utf-8")] if self.byte_fallback else [None]
+            if (i := self.vocab.get(ch)) is not None or None not in byte_ids:
+                ids += [i] if i is not None else byte_ids
+                unknown = False
+            elif self.unk_id is None:
+                raise NanoError(f"character {ch!r} is not in the vocabulary, which has no unk_token (and no byte fallback)")
+            elif not (self.fuse_unk and unknown):
+                ids.append(self.unk_id)
+                unknown = True
+        return bpe.apply_merges(ids, self.ranks, self.merged_id)
+
+
+class SentencePieceTokenizer:
+    """A tokenizer.json pipeline as `tokenizers` runs it: the text is cut at added tokens (longest
+    first); each other piece is normalized (Prepend, Replace, NFC/NFKC/...), split by Metaspace
+    (spaces -> "▁", a "▁" prepended: always, or only to the piece that starts the text ("first"),
+    words cut before each "▁" with split), and each word encoded by the model (CharBPE). ids ==
+    `tokenizers`' encode(text, add_special_tokens=False) (tests/test_tokenizer.py)."""
+
+    def __init__(self, model, pieces: dict[int, str], special_tokens: dict, added_tokens: dict, normalizer=(),
+                 metaspace=None, strip_left=0):
+        self.model, self.pieces = model, pieces  # pieces: id -> the token's string ("▁the", "<0x0A>")
+        self.special_tokens, self.added_tokens = special_tokens, added_tokens
+        self.normalizer, self.metaspace, self.strip_left = list(normalizer), metaspace, strip_left
+        self.matched = special_tokens | added_tokens
+        self.split = bpe.special_token_regex(frozenset(self.matched)) if self.matched else None
+        self.vocab_size = max(pieces) + 1
+        self.eot_id = None
+        self.merges = ()  # no byte-level merges (export.py asks)
+
+    def encode(self, text: str, allowed_special="all") -> list[int]:
+        ids, at = [], 0
+        for match in (self.split.finditer(text) if self.split else ()):
+            ids += self.encode_ordinary(text[at:match.start()], at == 0)
+            ids.append(self.matched[match.group()])
+            at = match.end()
+        return ids + self.encode_ordinary(text[at:], at == 0)
+
+    def encode_ordinary(self, text: str, starts_text=True) -> list[int]:
+        if not text:
+            return []
+        for kind, a, b in self.normalizer:
+            text = (b + text if kind == "Prepend" else text.replace(a, b) if kind == "Replace"
+                    else a.sub(lambda _: b, text) if kind == "Regex" else unicodedata.normalize(kind, text))
+        words = [text]
+        if self.metaspace is not None:
+            mark, scheme, split = self.metaspace
+            text = text.replace(" ", mark)
+            if (scheme == "always" or scheme == "first" and starts_text) and not text.startswith(mark):
+                text = mark + text
+            words = [w for w in re.split(f"(?={re.escape(mark)})", text) if w] if split else [text]
+        return [i for word in words for i in self.model.encode(word)]
+
+    def decode_bytes(self, ids) -> bytes:
+        """The tokens' bytes: <0xNN> is byte NN, "▁" a space (the decoder strips none here)."""
+        out = bytearray()
+        for i in ids:
+            piece = self.pieces[i]
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and i not in self.matched.values():
+                out.append(int(piece[3:5], 16))
+            else:
+                out += piece.replace("▁", " ").encode("utf-8")
+        return bytes(out)
+
+    def decode(self, ids) -> str:
+        text = self.decode_bytes(ids).decode("utf-8", errors="replace")
+        return text[self.strip_left:] if text[:self.strip_left] == " " * self.strip_left else text
+
+
+def _sentencepiece_from_json(spec: dict, where) -> SentencePieceTokenizer:
+    """A SentencePieceTokenizer from a parsed tokenizer.json, or a one-line error."""
+    model = spec["model"]
+    normalizer, metaspace = [], None
+    for step in _members(spec.get("normalizer"), "normalizers"):
+        kind = step.get("type")
+        if kind == "Prepend":
+            normalizer.append(("Prepend", "", step["prepend"]))
+        elif kind == "Replace" and "String" in step.get("pattern", {}):
+            normalizer.append(("Replace", step["pattern"]["String"], step["content"]))
+        elif kind == "Replace" and "Regex" in step.get("pattern", {}):  # Oniguruma's \z is Python's \Z
+            pattern = regex.compile(from_onig(step["pattern"]["Regex"]).replace(r"\z", r"\Z"))
+            normalizer.append(("Regex", pattern, step["content"]))
+        elif kind in ("NFC", "NFD", "NFKC", "NFKD"):
+            normalizer.append((kind, "", ""))
+        else:
+            raise NanoError(f"{where}: the normalizer {json.dumps(step)[:100]} is not supported ({SENTENCEPIECE})")
+    for step in _members(spec.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") != "Metaspace" or metaspace is not None:
+            raise NanoError(f"{where}: the pre-tokenizer {json.dumps(step)[:100]} is not supported ({SENTENCEPIECE})")
+        scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+        metaspace = (step.get("replacement", "▁"), scheme, step.get("split", True))
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise NanoError(f"{where}: BPE dropout and subword prefixes/suffixes are not supported ({SENTENCEPIECE})")
+    specials, added = {}, {}
+    for token in spec.get("added_tokens") or []:
+        if token.get("single_word") or token.get("lstrip") or token.get("rstrip"):
+            raise NanoError(f"{where}: added token {token.get('content')!r} sets single_word, lstrip or rstrip, "
+                            "which nanollm does not support")
+        if token.get("normalized") and normalizer:  # `tokenizers` would match its normalized form
+            raise NanoError(f"{where}: added token {token.get('content')!r} is matched after normalization "
+                            "(normalized: true), which nanollm does not support")
+        (specials if token.get("special") else added)[token["content"]] = int(token["id"])
+    vocab = {t: int(i) for t, i in model["vocab"].items()}
+    merges = [tuple(m.split(" ", 1) if isinstance(m, str) else m) for m in model["merges"]]
+    unk = model.get("unk_token")
+    bpe_model = CharBPE(vocab, merges, vocab.get(unk) if unk else None, bool(model.get("byte_fallback")),
+                        bool(model.get("fuse_unk")), bool(model.get("ignore_merges")), where)
+    decoders = _members(spec.get("decoder"), "decoders")
+    strip = sum(d.get("start", 0) for d in decoders if d.get("type") == "Strip" and d.get("content") == " ")
+    strip += any(d.get("type") == "Metaspace" and d.get("prepend_scheme", "always") != "never" for d in decoders)
+    pieces = {i: t for t, i in vocab.items()} | {i: s for s, i in (specials | added).items()}
+    return SentencePieceTokenizer(bpe_model, pieces, specials, added, normalizer, metaspace, strip)
 
 
 def to_tokenizer_json(tok: bpe.Tokenizer) -> dict:

@@ -398,15 +398,93 @@ def test_written_tokenizer_json_loads_in_hf_tokenizers(tmp_path, gpt2, small):
     assert pieces(raw, "1234567") == ["1234567"] and pieces(gpt4, "1234567") == ["123", "456", "7"]
 
 
+# ---- SentencePiece-style tokenizer.json (Llama 2, Mistral, TinyLlama, Gemma) --------------
+# The fixture is built offline: a sentencepiece BPE model with byte_fallback trained on Tiny
+# Shakespeare, its vocabulary and merges converted by transformers' convert_slow_tokenizer
+# (SpmConverter), then written in the shapes those repositories' tokenizer.json files have.
+
+SP_TEXTS = HARD + TRICKY[:-1] + ["KING RICHARD:\n  What say'st thou?  \n\n", " [INST] hi [/INST] ok</s>",
+                                 "<s>[INST] é 日本 [/INST]", "\u0000\u00ff\U0001F600 \u2581 ▁▁x"]
+SP_SHAPES = {  # normalizer, pre_tokenizer, decoder steps after ByteFallback/Fuse
+    "llama2": (["Prepend", "Replace"], None, True),  # Llama 2, Mistral 7B v0.1, TinyLlama (legacy)
+    "metaspace_first": ([], ("first", False), True),  # Mistral v0.3 and newer conversions
+    "gemma": (["Replace"], None, False),  # no word-start mark in front
+    "metaspace_split": ([], ("always", True), True),  # older files: words split before each ▁
+}
+
+
+@pytest.fixture(scope="module")
+def sp_base(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    prefix = tmp_path_factory.mktemp("sp") / "sp"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(shakespeare()[:100_000].split("\n")), model_prefix=str(prefix),
+                                   model_type="bpe", vocab_size=800, byte_fallback=True, character_coverage=1.0,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2)
+    proto = convert.import_protobuf().ModelProto()
+    proto.ParseFromString(Path(f"{prefix}.model").read_bytes())
+    converted = convert.SpmConverter.build_tokenizer_from_spm_proto(proto, {p.piece: i for i, p in enumerate(proto.pieces)})
+    return converted, json.loads(converted.to_str())["model"]
+
+
+def sp_tokenizer(path, base, shape, byte_fallback=True):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    norms, meta, strip = SP_SHAPES[shape]
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(
+        base["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in base["merges"]],
+        unk_token="<unk>", fuse_unk=True, byte_fallback=byte_fallback))
+    steps = {"Prepend": normalizers.Prepend("▁"), "Replace": normalizers.Replace(" ", "▁")}
+    if norms:
+        hf.normalizer = normalizers.Sequence([steps[n] for n in norms])
+    if meta:
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=meta[0], split=meta[1])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + [decoders.Strip(" ", 1, 0)] * strip)
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    hf.add_tokens([tokenizers.AddedToken("<think>", normalized=False)])
+    hf.save(str(path))
+    return hf
+
+
+@pytest.mark.parametrize("shape", SP_SHAPES)
+def test_sentencepiece_tokenizer_json_gives_the_ids_of_hf_tokenizers(tmp_path, sp_base, shape):
+    hf = sp_tokenizer(tmp_path / "tokenizer.json", sp_base[1], shape)
+    tok = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tok.vocab_size == hf.get_vocab_size() and tok.eot_id == hf.token_to_id("</s>")
+    for text in SP_TEXTS + [shakespeare()[-20_000:]]:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text) == ids, text
+        if "\ufffd" not in hf.decode(ids, skip_special_tokens=False):
+            assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False), text
+
+
+def test_sentencepiece_converted_file_and_unknown_characters(tmp_path, sp_base):
+    """The converter's own output (Replace normalizers, one a regex; Metaspace always) and, without
+    byte fallback, <unk> for unknown characters, runs of them fused into one."""
+    converted, base = sp_base
+    converted.save(str(tmp_path / "tokenizer.json"))
+    ours = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    for text in SP_TEXTS:
+        assert ours.encode(text) == converted.encode(text, add_special_tokens=False).ids, text
+    hf = sp_tokenizer(tmp_path / "unk.json", base, "llama2", byte_fallback=False)
+    ours = tokenizer.load_tokenizer(str(tmp_path / "unk.json"))
+    for text in SP_TEXTS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+    assert ours.encode("日本語") == [hf.token_to_id("▁"), hf.token_to_id("<unk>")]
+
+
 def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
     base = {"version": "1.0", "added_tokens": [], "normalizer": None,
             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
             "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(tokenizer.bytes_to_unicode().values())},
                       "merges": []}}
     sentencepiece = {**base, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
-                     "model": {**base["model"], "byte_fallback": True}}
+                     "normalizer": {"type": "Lowercase"}, "model": {**base["model"], "byte_fallback": True}}
     cases = {
-        "SentencePiece-style": sentencepiece,
+        "SentencePiece-style BPE": sentencepiece,
+        "Unigram tokenizer.json is not supported yet": {**base, "model": {"type": "Unigram", "vocab": []}},
         "WordPiece tokenizer": {**base, "model": {"type": "WordPiece", "vocab": {}}},
         "Whitespace": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Whitespace"}, base["pre_tokenizer"]]}},
