@@ -19,6 +19,7 @@ import serve
 import sft
 import tokenizer
 from common import NanoError
+from test_tokenizer import sp_base  # noqa: F401 (a fixture: the SentencePiece BPE trained offline)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for chat templates")
 TEMPLATES = Path(__file__).parent / "data" / "templates"
@@ -192,3 +193,37 @@ def test_served_turns_two_and_three_answer(name, system, ours, hf_base, loopback
             assert reply.usage.prompt_tokens == len(hf_ids(hf, messages, True))
     finally:
         srv.close()
+
+
+def test_mistral_shaped_folder_loads_with_its_inst_template(tmp_path, sp_base, capsys):
+    """A Mistral-7B-v0.1-shaped Hugging Face folder (SentencePiece BPE with byte fallback, built
+    offline as in test_tokenizer.py, the [INST] template): sample.py --init_from runs, and the
+    served prompt and greedy answer equal transformers' apply_chat_template + generate."""
+    import sample
+    from test_tokenizer import sp_tokenizer
+
+    sp_tokenizer(tmp_path / "tokenizer.json", sp_base[1], "llama2")
+    bos, eos, _ = MODELS["mistral-v0.1"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "unk_token": "<unk>",
+        "chat_template": (TEMPLATES / "mistral-v0.1.jinja").read_text()}))
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=803, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        sliding_window=None, bos_token_id=1, eos_token_id=2)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path)
+    sample.main(["--init_from", str(tmp_path), "--prompt", " [INST] Speak, man. [/INST]", "--max_new_tokens", "4",
+                 "--num_samples", "1", "--device", "cpu", "--temperature", "0"])
+    assert "Speak, man." in capsys.readouterr().out
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tok, chat = tokenizer.load_chat_template(str(tmp_path / "tokenizer.json"))
+    model, _ = sample.load_source(str(tmp_path), "cpu", torch.float32)
+    messages = [SYSTEM, {"role": "user", "content": "Héllo  👋🏽"}, {"role": "assistant", "content": " Fair day. "},
+                {"role": "user", "content": "Again?\n"}]
+    ids = chat.render(messages)
+    assert ids == hf_ids(hf_tok, messages, True) and chat.stop_ids == {hf_tok.eos_token_id}
+    want = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids):]
+    got = torch.stack(list(sample.generate(model, [ids], 6, temperature=0)), 1)[0]
+    assert got.tolist() == want.tolist()
