@@ -453,21 +453,32 @@ def gguf_metadata(config: gpt.GPTConfig, name: str, file_type: int, ffn_hidden: 
 
 @functools.lru_cache(maxsize=4)  # building GPT-2's 50k merges takes a second: once per spec
 def byte_bpe(spec: str) -> bpe.Tokenizer | None:
-    """The tokenizer spec as a bpe.Tokenizer (vocab, merges, specials), None for characters."""
+    """The tokenizer spec as a bpe.Tokenizer (vocab, merges, specials), None for characters; a
+    "chat:" spec's base tokenizer (its chat tokens are in tokenizer_json)."""
     if spec is None:
         raise NanoError("the checkpoint records no tokenizer (save it with a tokenizer spec, e.g. 'gpt2')")
+    spec = spec.removeprefix(tokenizer.CHAT_PREFIX)
     if spec.startswith("char:"):
         return None
     if spec == "gpt2":  # the GPT-2 files that ship in assets/
         return tokenizer.bpe_from_gpt2_files(tokenizer.GPT2_VOCAB_BPE, tokenizer.GPT2_ENCODER_JSON)
-    return tokenizer.load_bpe(spec)
+    tok = tokenizer.load_bpe(spec)
+    return tok if isinstance(tok, bpe.Tokenizer) else None  # SentencePiece-style: its tokenizer.json as it is
 
 
 @functools.lru_cache(maxsize=4)
 def tokenizer_json(spec: str) -> dict:
     """Hugging Face's tokenizer.json of a spec: a tokenizer.json spec as it is; a byte-level
     BPE from bpe.Tokenizer.to_tokenizer_json; characters as a BPE whose vocabulary is the
-    alphabet and which has no merges (every character one token), decoded by concatenation."""
+    alphabet and which has no merges (every character one token), decoded by concatenation;
+    a "chat:" spec as its base with sft.py's four chat tokens added (special, ids after the base's)."""
+    if spec.startswith(tokenizer.CHAT_PREFIX):
+        hf = json.loads(json.dumps(tokenizer_json(spec[len(tokenizer.CHAT_PREFIX):])))  # a copy
+        chat = tokenizer.load_tokenizer(spec)
+        hf["added_tokens"] = hf.get("added_tokens") or []
+        hf["added_tokens"] += [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                                "normalized": False, "special": True} for s, i in chat.special.items()]
+        return hf
     if spec.endswith(".json"):
         return json.loads(Path(spec).read_text(encoding="utf-8"))
     tok = byte_bpe(spec)
@@ -481,17 +492,32 @@ def tokenizer_json(spec: str) -> dict:
                       "vocab": {ch: i for i, ch in enumerate(alphabet)}, "merges": []}}
 
 
+@functools.lru_cache(maxsize=4)
+def chat_of(spec: str):
+    """(chat_template, the token string that ends a turn, the ids that end a reply) of a chat
+    model's spec: sft.py's "chat:" tokens (tokenizer.NANOLLM_CHAT_TEMPLATE, <|end|>), or the
+    template beside a tokenizer.json; None for a base model."""
+    if spec.startswith(tokenizer.CHAT_PREFIX):
+        return tokenizer.NANOLLM_CHAT_TEMPLATE, "<|end|>", (tokenizer.load_tokenizer(spec).end_id,)
+    template = tokenizer.HFChatTemplate.find(spec)
+    if template is None:
+        return None
+    return template.source, template.eos_token, tuple(tokenizer.stop_ids(tokenizer.load_tokenizer(spec), template))
+
+
 def _merge_strings(merges) -> list[str]:
     """tokenizer.json writes a merge as "left right" or as ["left", "right"]."""
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
 def write_hf_tokenizer(folder: Path, spec: str, block_size: int, eot_id):
+    """tokenizer.json, tokenizer_config.json (with a chat model's chat_template, its eos the
+    token that ends a turn), and for a byte-level BPE GPT-2's vocab.json and merges.txt."""
     hf = tokenizer_json(spec)
     _write_json(folder / "tokenizer.json", hf, indent=None)  # megabytes: one line
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "clean_up_tokenization_spaces": False}  # decode gives exactly what the tokens spell
-    if not spec.startswith("char:"):  # byte-level BPE: GPT-2's two files as well, for its slow tokenizer
+    if byte_bpe(spec) is not None:  # byte-level BPE: GPT-2's two files as well, for its slow tokenizer
         added = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
         _write_json(folder / "vocab.json", hf["model"]["vocab"] | added, indent=None)
         merges = "\n".join(["#version: 0.2"] + _merge_strings(hf["model"]["merges"]))
@@ -502,6 +528,8 @@ def write_hf_tokenizer(folder: Path, spec: str, block_size: int, eot_id):
         end = next((t["content"] for t in hf.get("added_tokens", []) if t["id"] == eot_id), None)
         if end is not None:
             config |= {"bos_token": end, "eos_token": end} | ({"unk_token": end} if spec == "gpt2" else {})
+    if (chat := chat_of(spec)) is not None:
+        config |= {"chat_template": chat[0], "eos_token": chat[1]}
     _write_json(folder / "tokenizer_config.json", config)
 
 
@@ -542,15 +570,19 @@ def gguf_tokenizer(spec: str, n_vocab: int) -> dict:
     3 control, 4 user-defined, 5 unused), the list padded with [PAD<i>] up to the
     embedding's rows, as the converter does. A character tokenizer becomes a byte-level
     BPE without merges, which is exact when every character is one byte (ASCII)."""
-    if spec.startswith("char:"):
-        alphabet = spec[len("char:"):]
+    if spec.removeprefix(tokenizer.CHAT_PREFIX).startswith("char:"):
+        alphabet = spec.removeprefix(tokenizer.CHAT_PREFIX)[len("char:"):]
         if not alphabet.isascii():
             raise NanoError("GGUF has no character tokenizer and this alphabet is not ASCII (only an "
                             "ASCII alphabet maps onto llama.cpp's byte-level tokenizer; export --to hf instead)")
         table = tokenizer.bytes_to_unicode()
         by_id, types, merges, pre, eot_id = {i: table[ord(ch)] for i, ch in enumerate(alphabet)}, {}, [], "gpt-2", None
+        for t in tokenizer_json(spec)["added_tokens"]:  # a chat model's chat tokens
+            by_id[t["id"]], types[t["id"]] = t["content"], 3
     else:
         tok, hf = byte_bpe(spec), tokenizer_json(spec)
+        if tok is None:
+            raise NanoError("GGUF export of a SentencePiece-style tokenizer is not supported yet (export --to hf)")
         pre = llama_cpp_pre(tok)
         by_id = {i: t for t, i in hf["model"]["vocab"].items()}
         types = {}
@@ -566,6 +598,9 @@ def gguf_tokenizer(spec: str, n_vocab: int) -> dict:
             "tokenizer.ggml.add_bos_token": (BOOL, False)}  # nanollm encodes text without a BOS
     if eot_id is not None:
         meta |= {"tokenizer.ggml.bos_token_id": (U32, eot_id), "tokenizer.ggml.eos_token_id": (U32, eot_id)}
+    if (chat := chat_of(spec)) is not None:  # llama.cpp reads the template and stops at the end of a turn
+        meta |= {"tokenizer.chat_template": (STRING, chat[0]), "tokenizer.ggml.eos_token_id": (U32, chat[2][0]),
+                 "tokenizer.ggml.eot_token_id": (U32, chat[2][0])}
     return meta
 
 
@@ -574,11 +609,22 @@ def gguf_tokenizer(spec: str, n_vocab: int) -> dict:
 
 
 def eot_of(spec: str):
-    return None if spec.startswith("char:") else byte_bpe(spec).eot_id
+    """The base tokenizer's end-of-text id (a "chat:" spec's base), or None."""
+    tok = byte_bpe(spec)
+    if tok is None and spec.endswith(".json"):
+        tok = tokenizer.load_bpe(spec)  # SentencePiece-style: </s>, <eos>
+    return None if tok is None else tok.eot_id
 
 
 def export_hf(model: gpt.GPT, spec: str, folder: Path, dtype=torch.float32):
+    """config.json, model.safetensors, the tokenizer files; a chat model's eos (config.json and
+    generation_config.json) is the token that ends a turn, as in the chat models of the hub."""
     config = hf_config(model, eot_of(spec), str(dtype).removeprefix("torch."))
+    if (chat := chat_of(spec)) is not None:
+        stops = list(chat[2])
+        config["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+        _write_json(folder / "generation_config.json", {"bos_token_id": config["bos_token_id"],
+                                                        "eos_token_id": config["eos_token_id"]})
     hf_io.write_safetensors(folder / "model.safetensors", {k: v.to(dtype) for k, v in hf_state_dict(model).items()})
     _write_json(folder / "config.json", config)
     write_hf_tokenizer(folder, spec, model.config.block_size, eot_of(spec))
@@ -649,8 +695,8 @@ def load_model(ckpt_path: str, adapter_path: str = ""):
 
 # What an export writes into its folder; --force replaces a folder only if it holds nothing else,
 # so a mistyped output (the run folder, the home folder) can never delete a user's files.
-EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-                "merges.txt", "adapter_config.json", "adapter_model.safetensors"}
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt", "adapter_config.json", "adapter_model.safetensors"}
 
 
 def check_output(out: Path, force: bool, is_dir: bool, sources=()):

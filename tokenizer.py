@@ -419,6 +419,16 @@ def apply_chat_template(messages, tok, template=None, add_generation_prompt=Fals
     return [i for ids, _ in chat_pieces(messages, tok, add_generation_prompt) for i in ids]
 
 
+# nanollm's <|role|> content <|end|> as a Hugging Face chat_template: what export.py writes for a
+# "chat:" checkpoint, so transformers' apply_chat_template gives chat_pieces' ids (content without
+# special-token strings in it: transformers turns those into their ids, ChatTokenizer does not)
+NANOLLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
 def load_chat(spec):
     """(tokenizer, template) for a checkpoint's tokenizer spec: the chat tokens of a "chat:"
     spec (template None), or a Hugging Face tokenizer with its chat_template."""
@@ -780,15 +790,17 @@ def _members(node, key) -> list[dict]:
 
 
 def _is_sentencepiece(spec: dict) -> bool:
-    """A SentencePiece-style model: Metaspace, Prepend or Replace, or byte fallback (else
-    byte-level BPE); a Unigram model is refused by name until unigram.py reads it."""
+    """A SentencePiece-style model: Metaspace, Prepend or Replace, or byte fallback, or a BPE
+    over characters without any ByteLevel step (export.py writes character tokenizers so); else
+    byte-level BPE. A Unigram model is refused by name until unigram.py reads it."""
     model = spec.get("model") or {}
     if model.get("type") == "Unigram":
         raise NanoError("Unigram tokenizer.json is not supported yet (T5-style Unigram models: SentencePiece-style "
                         "BPE and byte-level BPE are)")
-    steps = _members(spec.get("pre_tokenizer"), "pretokenizers") + _members(spec.get("normalizer"), "normalizers")
-    return model.get("type") == "BPE" and (bool(model.get("byte_fallback"))
-                                           or bool({s.get("type") for s in steps} & {"Metaspace", "Prepend", "Replace"}))
+    pre = {s.get("type") for s in _members(spec.get("pre_tokenizer"), "pretokenizers")}
+    norms = {s.get("type") for s in _members(spec.get("normalizer"), "normalizers")}
+    return model.get("type") == "BPE" and (bool(model.get("byte_fallback")) or "ByteLevel" not in pre
+                                           or bool((pre | norms) & {"Metaspace", "Prepend", "Replace"}))
 
 
 def _read_tokenizer_json(spec: dict, where) -> dict:
@@ -940,10 +952,11 @@ class SentencePieceTokenizer:
     `tokenizers`' encode(text, add_special_tokens=False) (tests/test_tokenizer.py)."""
 
     def __init__(self, model, pieces: dict[int, str], special_tokens: dict, added_tokens: dict, normalizer=(),
-                 metaspace=None, strip_left=0):
+                 metaspace=None, decoder=(None, False, 0)):
         self.model, self.pieces = model, pieces  # pieces: id -> the token's string ("▁the", "<0x0A>")
         self.special_tokens, self.added_tokens = special_tokens, added_tokens
-        self.normalizer, self.metaspace, self.strip_left = list(normalizer), metaspace, strip_left
+        self.normalizer, self.metaspace = list(normalizer), metaspace
+        self.space_mark, self.byte_pieces, self.strip_left = decoder  # "▁" -> " ", <0xNN> -> byte, strip
         self.matched = special_tokens | added_tokens
         self.split = bpe.special_token_regex(frozenset(self.matched)) if self.matched else None
         self.vocab_size = max(pieces) + 1
@@ -978,10 +991,10 @@ class SentencePieceTokenizer:
         out = bytearray()
         for i in ids:
             piece = self.pieces[i]
-            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and i not in self.matched.values():
+            if self.byte_pieces and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
                 out.append(int(piece[3:5], 16))
             else:
-                out += piece.replace("▁", " ").encode("utf-8")
+                out += (piece.replace(self.space_mark, " ") if self.space_mark else piece).encode("utf-8")
         return bytes(out)
 
     def decode(self, ids) -> str:
@@ -1028,10 +1041,14 @@ def _sentencepiece_from_json(spec: dict, where) -> SentencePieceTokenizer:
     bpe_model = CharBPE(vocab, merges, vocab.get(unk) if unk else None, bool(model.get("byte_fallback")),
                         bool(model.get("fuse_unk")), bool(model.get("ignore_merges")), where)
     decoders = _members(spec.get("decoder"), "decoders")
+    kinds = {d.get("type") for d in decoders}
+    mark = next((d["pattern"]["String"] for d in decoders if d.get("type") == "Replace" and d.get("content") == " "
+                 and "String" in d.get("pattern", {})), "▁" if "Metaspace" in kinds else None)
     strip = sum(d.get("start", 0) for d in decoders if d.get("type") == "Strip" and d.get("content") == " ")
     strip += any(d.get("type") == "Metaspace" and d.get("prepend_scheme", "always") != "never" for d in decoders)
     pieces = {i: t for t, i in vocab.items()} | {i: s for s, i in (specials | added).items()}
-    return SentencePieceTokenizer(bpe_model, pieces, specials, added, normalizer, metaspace, strip)
+    return SentencePieceTokenizer(bpe_model, pieces, specials, added, normalizer, metaspace,
+                                  (mark, "ByteFallback" in kinds, strip))
 
 
 def to_tokenizer_json(tok: bpe.Tokenizer) -> dict:

@@ -329,6 +329,69 @@ def test_gguf_types_and_char_tokenizer(tmp_path, gguf_type):
     assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
 
 
+# ----------------------------------------------------------------------------------------
+# An sft.py checkpoint keeps its chat: template, end-of-turn eos, in both formats
+
+
+@pytest.mark.parametrize("base", ["char", "gpt2"])
+def test_sft_checkpoint_exports_with_its_chat(tmp_path, base, capsys, one_thread, loopback):
+    """A "chat:" checkpoint (sft.py's tokens) exports to HF with chat_template and eos <|end|>
+    (tokenizer_config.json, config.json, generation_config.json): transformers' apply_chat_template
+    gives our prompt ids and its generate our served answer, token for token; the folder loads
+    back in sample.py and serve.py. GGUF carries tokenizer.chat_template and eos <|end|>."""
+    import threading
+
+    import serve
+
+    transformers = need_transformers()
+    openai = pytest.importorskip("openai", reason="the official openai client is the reference")
+    spec = "chat:" + (char_spec() if base == "char" else "gpt2")
+    tok, chat = tokenizer.load_chat_template(spec)
+    config = gpt.GPTConfig(block_size=128, vocab_size=tok.vocab_size if base == "char" else 50304, n_layer=2,
+                           n_head=2, n_embd=32, bias=True)
+    torch.manual_seed(0)
+    model = gpt.GPT(config).eval()
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, spec)
+    out = tmp_path / "hf"
+    export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--to", "hf", str(out)])
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == tokenizer.NANOLLM_CHAT_TEMPLATE and tok_config["eos_token"] == "<|end|>"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.end_id
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.end_id
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Speak, man."},
+                {"role": "assistant", "content": "I will not."}, {"role": "user", "content": "Why?"}]
+    ids = chat.render(messages)
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == ids
+    want = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    want = want[:want.index(tok.end_id)] if tok.end_id in want else want
+    srv = serve.make_server(model, tok, template=chat, log_requests=False)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.create(model="nanollm", messages=messages, max_tokens=12, temperature=0)
+    finally:
+        srv.close()
+    assert reply.choices[0].message.content == tok.decode(want) and reply.usage.completion_tokens >= len(want)
+
+    again, again_chat = tokenizer.load_chat_template(str(out / "tokenizer.json"))  # the export, read back
+    assert again_chat.render(messages) == ids and again_chat.stop_ids == {tok.end_id}
+    sample.main(["--init_from", str(out), "--prompt", "<|user|>Speak<|end|><|assistant|>", "--max_new_tokens", "3",
+                 "--num_samples", "1", "--device", "cpu"])
+    assert "<|user|>Speak<|end|><|assistant|>" in capsys.readouterr().out
+
+    if base == "char":  # GGUF reads 100k strings one by one for GPT-2's vocabulary: the char model only
+        gguf = pytest.importorskip("gguf", reason="gguf-py is the GGUF reference (requirements-dev)")
+        export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--to", "gguf", str(tmp_path / "m.gguf")])
+        fields = gguf_fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+        assert fields["tokenizer.chat_template"] == tokenizer.NANOLLM_CHAT_TEMPLATE
+        assert fields["tokenizer.ggml.eos_token_id"] == tok.end_id
+        assert fields["tokenizer.ggml.tokens"][tok.end_id] == "<|end|>"
+        assert fields["tokenizer.ggml.token_type"][tok.end_id] == 3
+
+
 def test_q8_0_bytes_equal_ggml_reference():
     """Ties at exactly .5 (round half away from zero), an all-zero block, one outlier per
     block, negative maxima, tiny and huge scales: the bytes of gguf-py's bit-exact port of

@@ -488,7 +488,6 @@ def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
         "WordPiece tokenizer": {**base, "model": {"type": "WordPiece", "vocab": {}}},
         "Whitespace": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Whitespace"}, base["pre_tokenizer"]]}},
-        "not a byte-level BPE": {**base, "pre_tokenizer": None},
         "normalizer Lowercase": {**base, "normalizer": {"type": "Lowercase"}},
         "lstrip": {**base, "added_tokens": [{"id": 256, "content": "<mask>", "lstrip": True, "special": True}]},
         "byte alphabet": {**base, "model": {**base["model"], "vocab": {**base["model"]["vocab"], "a b": 256}}},
