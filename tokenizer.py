@@ -795,8 +795,7 @@ def _is_sentencepiece(spec: dict) -> bool:
     byte-level BPE. A Unigram model is refused by name until unigram.py reads it."""
     model = spec.get("model") or {}
     if model.get("type") == "Unigram":
-        raise NanoError("Unigram tokenizer.json is not supported yet (T5-style Unigram models: SentencePiece-style "
-                        "BPE and byte-level BPE are)")
+        return True
     pre = {s.get("type") for s in _members(spec.get("pre_tokenizer"), "pretokenizers")}
     norms = {s.get("type") for s in _members(spec.get("normalizer"), "normalizers")}
     return model.get("type") == "BPE" and (bool(model.get("byte_fallback")) or "ByteLevel" not in pre
@@ -924,7 +923,9 @@ class CharBPE:
 
     def encode(self, word: str) -> list[int]:
         if (ids := self.cache.get(word)) is None:
-            ids = self.cache[word] = list(self._merge(word))
+            ids = list(self._merge(word))
+            if len(word) <= 64 and len(self.cache) < 1 << 16:  # words, not whole unsplit texts
+                self.cache[word] = ids
         return ids
 
     def _merge(self, word):
@@ -1035,11 +1036,15 @@ def _sentencepiece_from_json(spec: dict, where) -> SentencePieceTokenizer:
             raise NanoError(f"{where}: added token {token.get('content')!r} is matched after normalization "
                             "(normalized: true), which nanollm does not support")
         (specials if token.get("special") else added)[token["content"]] = int(token["id"])
+    if model["type"] == "Unigram":  # one branch to add: vocab from model["vocab"] ([piece, score] by id), and
+        # unigram.Unigram(pieces, model.get("unk_id"), byte_fallback) as the model (its encode(word) -> ids)
+        raise NanoError("Unigram tokenizer.json is not supported yet (T5-style Unigram models; SentencePiece-style "
+                        "BPE and byte-level BPE are)")
     vocab = {t: int(i) for t, i in model["vocab"].items()}
     merges = [tuple(m.split(" ", 1) if isinstance(m, str) else m) for m in model["merges"]]
     unk = model.get("unk_token")
-    bpe_model = CharBPE(vocab, merges, vocab.get(unk) if unk else None, bool(model.get("byte_fallback")),
-                        bool(model.get("fuse_unk")), bool(model.get("ignore_merges")), where)
+    piece_model = CharBPE(vocab, merges, vocab.get(unk) if unk else None, bool(model.get("byte_fallback")),
+                          bool(model.get("fuse_unk")), bool(model.get("ignore_merges")), where)
     decoders = _members(spec.get("decoder"), "decoders")
     kinds = {d.get("type") for d in decoders}
     mark = next((d["pattern"]["String"] for d in decoders if d.get("type") == "Replace" and d.get("content") == " "
@@ -1047,7 +1052,7 @@ def _sentencepiece_from_json(spec: dict, where) -> SentencePieceTokenizer:
     strip = sum(d.get("start", 0) for d in decoders if d.get("type") == "Strip" and d.get("content") == " ")
     strip += any(d.get("type") == "Metaspace" and d.get("prepend_scheme", "always") != "never" for d in decoders)
     pieces = {i: t for t, i in vocab.items()} | {i: s for s, i in (specials | added).items()}
-    return SentencePieceTokenizer(bpe_model, pieces, specials, added, normalizer, metaspace,
+    return SentencePieceTokenizer(piece_model, pieces, specials, added, normalizer, metaspace,
                                   (mark, "ByteFallback" in kinds, strip))
 
 

@@ -162,6 +162,8 @@ def test_hf_export_char_model_without_biases(tmp_path):
     ids = hf_tok(text)["input_ids"]
     assert ids == tokenizer.load_tokenizer(spec).encode(text)
     assert hf_tok.decode(ids) == text
+    exported = tokenizer.load_tokenizer(str(tmp_path / "hf" / "tokenizer.json"))  # the export reads back
+    assert exported.encode(text) == ids and exported.decode(ids) == text
 
 
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])

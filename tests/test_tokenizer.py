@@ -484,7 +484,8 @@ def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
                      "normalizer": {"type": "Lowercase"}, "model": {**base["model"], "byte_fallback": True}}
     cases = {
         "SentencePiece-style BPE": sentencepiece,
-        "Unigram tokenizer.json is not supported yet": {**base, "model": {"type": "Unigram", "vocab": []}},
+        "Unigram tokenizer.json is not supported yet": {**base, "pre_tokenizer": {"type": "Metaspace"},
+                                                        "model": {"type": "Unigram", "vocab": [["▁", 0.0]]}},
         "WordPiece tokenizer": {**base, "model": {"type": "WordPiece", "vocab": {}}},
         "Whitespace": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Whitespace"}, base["pre_tokenizer"]]}},
