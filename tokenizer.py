@@ -5,14 +5,18 @@ A checkpoint records its tokenizer as a spec, and `load_tokenizer(spec)` reads i
   so "gpt2" works offline;
 - "char:<alphabet>": one id per character of the alphabet;
 - "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens;
-- a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json (Llama 3,
-  Qwen, SmolLM, ...: byte-level BPE, read into a bpe.Tokenizer).
+- a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json: byte-level BPE
+  (GPT-2, Llama 3, Qwen2/3, SmolLM; read into a bpe.Tokenizer) or SentencePiece-style BPE (Llama 2,
+  Mistral 7B, TinyLlama, Gemma: Metaspace, Prepend/Replace, byte fallback; SentencePieceTokenizer),
+  also the character-level tokenizer.json export.py writes. Unigram (T5) is refused by name.
 A file-based tokenizer travels inside the checkpoint (gpt.py's `pack_tokenizer`, `unpack_tokenizer`).
 
 Chat templates, the tokenizer side (transformers keeps it on the tokenizer: apply_chat_template):
-a conversation rendered to ids with nanollm's <|role|> content <|end|> or a Hugging Face model's
-Jinja chat_template, the prompt serve.py generates from; sft.py builds its loss mask on the same
-pieces (`chat_pieces`).
+a conversation rendered to ids with nanollm's <|role|> content <|end|> (`chat_pieces`) or a
+Hugging Face model's Jinja chat_template, rendered to one text and tokenized once, so the ids are
+transformers' (tests/test_chat_templates.py: Llama 3.1, Qwen2.5/3, Mistral, Gemma, Phi). sft.py
+masks the loss by character spans (`HFChatTemplate.answer_spans`, `token_spans`); the tokens that
+end a reply come from tokenizer_config.json's eos_token and generation_config.json (`stop_ids`).
 
 bpe.py's own tokenizers: trained on a file of any size (`train_bpe_file`: pre-tokens counted in
 pieces cut at special tokens, by a process pool), saved and read as a human-readable
@@ -21,7 +25,8 @@ pieces cut at special tokens, by a process pool), saved and read as a human-read
 The formats of others, read into (and written from) bpe.py's Tokenizer with the ids of tiktoken
 and of `tokenizers`: OpenAI's GPT-2 files (vocab.bpe + encoder.json), any tiktoken encoding
 (only ranks: the merges are recovered with bpe.merge_by_rank), Hugging Face tokenizer.json
-files of byte-level BPE models (GPT-2, Llama 3, Qwen2/3, SmolLM).
+files of byte-level BPE models (GPT-2, Llama 3, Qwen2/3, SmolLM); SentencePiece-style ones are read
+into SentencePieceTokenizer (CharBPE: merges over characters, bpe.apply_merges).
 
 Run (`python bpe.py ...` runs the same command line):
     python tokenizer.py train --input input.txt --vocab_size 4096 --out tok.bpe
