@@ -384,7 +384,13 @@ def test_sft_checkpoint_exports_with_its_chat(tmp_path, base, capsys, one_thread
                  "--num_samples", "1", "--device", "cpu"])
     assert "<|user|>Speak<|end|><|assistant|>" in capsys.readouterr().out
 
-    if base == "char":  # GGUF reads 100k strings one by one for GPT-2's vocabulary: the char model only
+    if base == "gpt2":  # gguf-py reads 100k strings one by one: the values written, not read back
+        meta = {k: v for k, (_, v) in export.gguf_tokenizer(spec, config.vocab_size).items()}
+        assert meta["tokenizer.chat_template"] == tokenizer.NANOLLM_CHAT_TEMPLATE
+        assert meta["tokenizer.ggml.eos_token_id"] == tok.end_id and meta["tokenizer.ggml.bos_token_id"] == 50256
+        assert [meta["tokenizer.ggml.tokens"][1][i] for i in tok.special.values()] == list(tok.special)
+        assert {meta["tokenizer.ggml.token_type"][1][i] for i in tok.special.values()} == {3}
+    else:
         gguf = pytest.importorskip("gguf", reason="gguf-py is the GGUF reference (requirements-dev)")
         export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--to", "gguf", str(tmp_path / "m.gguf")])
         fields = gguf_fields(gguf.GGUFReader(tmp_path / "m.gguf"))
