@@ -6,11 +6,13 @@ import itertools
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import gpt
 import sft
 import tokenizer
@@ -289,6 +291,43 @@ def test_bad_json_and_missing_messages(tmp_path):
 
 # ----------------------------------------------------------------------------------------
 # Hugging Face chat templates
+
+
+@pytest.mark.slow
+def test_sft_on_a_hf_folder_with_a_generation_template(tmp_path):
+    """Slow (~20 s under load, most of it importing transformers' Qwen2). sft.py --init_from a Qwen2-shaped folder whose template marks answers with {% generation %}:
+    the training rows are transformers' ids and return_assistant_tokens_mask, the run finishes,
+    and the checkpoint serves with the folder's template."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference for chat templates")
+    import bpe
+
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    vocab, merges = bpe.train_bpe(data.SHAKESPEARE_PATH.read_text()[:20_000], 300, special_tokens=specials)
+    tokenizer.save_tokenizer_json(bpe.Tokenizer(vocab, merges, specials), tmp_path / "tokenizer.json")
+    source = (Path(__file__).parent / "data" / "templates" / "qwen2.5-training.jinja").read_text()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": source, "eos_token": "<|im_end|>"}))
+    config = transformers.Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    rows = [[{"role": "user", "content": f"Speak {k}, man."}, {"role": "assistant", "content": f"\n\nI will {k}."},
+             {"role": "user", "content": " Why?"}, {"role": "assistant", "content": "Because. "}] for k in range(8)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": m}) for m in rows))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok, template = tokenizer.load_chat(str(tmp_path / "tokenizer.json"))
+    for m in rows[:2]:
+        want = hf.apply_chat_template(m, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert sft.render_conversation(m, tok, template=template) == (want["input_ids"], want["assistant_masks"])
+    out = tmp_path / "out"
+    sft.main(["--init_from", str(tmp_path), "--data", str(tmp_path / "chat.jsonl"), "--max_iters", "3",
+              "--batch_size", "4", "--eval_interval", "3", "--log_interval", "1", "--device", "cpu",
+              "--out_dir", str(out)])
+    model, spec = gpt.load_checkpoint(out / "ckpt.pt")
+    tok, chat = tokenizer.load_chat_template(spec)
+    assert chat.hf_template.source == source and chat.stop_ids == {tok.encode("<|im_end|>")[0]}
+
 
 
 # ----------------------------------------------------------------------------------------
