@@ -226,7 +226,7 @@ def test_hf_template_renders_like_transformers(source, specials, tmp_path):
         for gen in (False, True):
             assert template.text(messages, gen) == hf.apply_chat_template(messages, tokenize=False,
                                                                           add_generation_prompt=gen)
-            # what serve.py generates from: the same text, tokenized segment by segment as the mask is
+            # what serve.py generates from: the same text, tokenized once (sft.py trains on the same ids)
             prompt = tokenizer.apply_chat_template(messages, toy, template, add_generation_prompt=gen)
             assert toy.decode(prompt) == template.text(messages, gen)
             assert prompt == sft.render_conversation(messages, toy, gen, template)[0]
