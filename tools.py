@@ -352,6 +352,221 @@ def check_tool_choice(choice, tools):
 
 
 # ----------------------------------------------------------------------------------------
+# Constrained decoding: arguments that are valid JSON for the tool's schema, by construction
+#
+# With tool_choice "required" (or a named function) the reply must be a call. The call's text
+# `{"name": "f", "arguments": {...}}` is a regular language once the schema is fixed (its nesting is
+# bounded by the schema; strings, numbers and arrays get length bounds), so it compiles to an
+# automaton over bytes: Thompson's construction (an NFA with empty moves), determinised lazily
+# (Rabin-Scott subsets, built only as generation reaches them). Before each token, every token whose
+# bytes would leave the automaton gets logit -inf (the mask of a state is computed once and
+# cached), so whatever is sampled, at any temperature, the arguments parse and fit the schema. Keys
+# come in the schema's order, all of them; strings hold printable ASCII and whole UTF-8 characters.
+
+STRING_BYTES = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
+UTF8_LEADS = {1: frozenset(range(0xC2, 0xE0)),                         # then 1 continuation byte
+              2: frozenset(range(0xE1, 0xED)) | {0xEE, 0xEF},          # 2 (no overlong forms, no surrogates)
+              3: frozenset(range(0xF1, 0xF4))}                         # 3 (below U+110000)
+UTF8_TAIL = frozenset(range(0x80, 0xC0))
+DIGITS, NONZERO = frozenset(b"0123456789"), frozenset(b"123456789")
+
+
+class NFA:
+    """States are numbers; edges[s] lists (bytes allowed or None for an empty move, target)."""
+
+    def __init__(self):
+        self.edges = []
+
+    def state(self):
+        self.edges.append([])
+        return len(self.edges) - 1
+
+    def chain(self, *classes):  # a sequence of byte classes -> (start, end)
+        start = end = self.state()
+        for allowed in classes:
+            nxt = self.state()
+            self.edges[end].append((frozenset(allowed), nxt))
+            end = nxt
+        return start, end
+
+    def literal(self, text):
+        return self.chain(*[{b} for b in text.encode("utf-8")])
+
+    def seq(self, *parts):
+        for (_, a_end), (b_start, _) in zip(parts, parts[1:]):
+            self.edges[a_end].append((None, b_start))
+        return parts[0][0], parts[-1][1]
+
+    def alt(self, *parts):
+        start, end = self.state(), self.state()
+        for a, b in parts:
+            self.edges[start].append((None, a))
+            self.edges[b].append((None, end))
+        return start, end
+
+    def repeat(self, make, low, high):  # make() builds one fresh copy of the fragment
+        parts = [make() for _ in range(high)]
+        if not parts:
+            return self.literal("")
+        start, end = self.state(), self.state()
+        self.seq((start, start), *parts, (end, end))
+        for i in range(low, high):  # stop after i copies
+            self.edges[parts[i - 1][1] if i else start].append((None, end))
+        return start, end
+
+
+def schema_fragment(nfa, schema, max_string=32, max_items=4, max_digits=12):
+    """The NFA fragment of the JSON texts a (JSON) schema allows, with the length bounds given."""
+    kind = schema.get("type", "object" if "properties" in schema else None)
+    if "enum" in schema or "const" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return nfa.alt(*[nfa.literal(json.dumps(v, ensure_ascii=False)) for v in values])
+    if isinstance(kind, list) or "anyOf" in schema or "oneOf" in schema:
+        options = [{**schema, "type": k} for k in kind] if isinstance(kind, list) else schema.get("anyOf", schema.get("oneOf"))
+        return nfa.alt(*[schema_fragment(nfa, o, max_string, max_items, max_digits) for o in options])
+    if kind == "string":
+        high = min(schema.get("maxLength", max_string), max_string)
+        return nfa.seq(nfa.literal('"'), nfa.repeat(lambda: utf8_char(nfa), schema.get("minLength", 0), high),
+                       nfa.literal('"'))
+    if kind in ("integer", "number"):
+        digits = nfa.alt(nfa.literal("0"), nfa.seq(nfa.chain(NONZERO), nfa.repeat(lambda: nfa.chain(DIGITS), 0, max_digits - 1)))
+        whole = nfa.seq(nfa.alt(nfa.literal("-"), nfa.literal("")), digits)
+        if kind == "integer":
+            return whole
+        fraction = nfa.seq(nfa.literal("."), nfa.repeat(lambda: nfa.chain(DIGITS), 1, 6))
+        return nfa.seq(whole, nfa.alt(fraction, nfa.literal("")))
+    if kind == "boolean":
+        return nfa.alt(nfa.literal("true"), nfa.literal("false"))
+    if kind == "null":
+        return nfa.literal("null")
+    if kind == "array":
+        item = lambda: schema_fragment(nfa, schema.get("items", {"type": "string"}), max_string, max_items, max_digits)  # noqa: E731
+        rest = lambda: nfa.seq(nfa.literal(", "), item())  # noqa: E731
+        high = min(schema.get("maxItems", max_items), max_items)
+        items = nfa.alt(nfa.seq(item(), nfa.repeat(rest, max(schema.get("minItems", 0) - 1, 0), high - 1)), nfa.literal(""))
+        return nfa.seq(nfa.literal("["), items, nfa.literal("]"))
+    if kind == "object":
+        parts, properties = [nfa.literal("{")], schema.get("properties", {})
+        for i, (key, sub) in enumerate(properties.items()):
+            parts += [nfa.literal((", " if i else "") + json.dumps(key, ensure_ascii=False) + ": "),
+                      schema_fragment(nfa, sub, max_string, max_items, max_digits)]
+        return nfa.seq(*parts, nfa.literal("}"))
+    raise NanoError(f"constrained decoding does not know the schema {json.dumps(schema)[:60]} "
+                    "(types: object, array, string, integer, number, boolean, null, enum, anyOf)")
+
+
+def utf8_char(nfa):
+    """One character inside a JSON string: printable ASCII but quote and backslash, or a whole
+    multi-byte UTF-8 character."""
+    ascii_char = nfa.chain(STRING_BYTES)
+    return nfa.alt(ascii_char, *[nfa.chain(UTF8_LEADS[n], *[UTF8_TAIL] * n) for n in UTF8_LEADS])
+
+
+def call_fragment(nfa, tools_list):
+    """{"name": "f", "arguments": <f's schema>} for any of the tools."""
+    return nfa.alt(*[nfa.seq(nfa.literal('{"name": ' + json.dumps(t["function"]["name"]) + ', "arguments": '),
+                             schema_fragment(nfa, t["function"].get("parameters", {"type": "object"})),
+                             nfa.literal("}")) for t in tools_list])
+
+
+def token_bytes(tok) -> list:
+    """Each token id's bytes (None for special tokens, which never appear inside JSON)."""
+    if hasattr(tok, "base") and hasattr(tok, "special"):  # tokenizer.ChatTokenizer
+        return token_bytes(tok.base) + [None] * (tok.vocab_size - tok.base.vocab_size)
+    if hasattr(tok, "enc"):  # tiktoken
+        special = set(tok.enc.special_tokens_set)
+        return [None if tok.enc.decode([i]) in special else tok.enc.decode_single_token_bytes(i)
+                for i in range(tok.vocab_size)]
+    if hasattr(tok, "tok") and hasattr(tok.tok, "vocab"):  # a bpe.Tokenizer behind a file
+        added = set(tok.tok.special_tokens.values()) | set(tok.tok.added_tokens.values())
+        return [None if i in added else tok.tok.vocab.get(i) for i in range(tok.vocab_size)]
+    return [tok.decode([i]).encode("utf-8") for i in range(tok.vocab_size)]
+
+
+class CallGrammar:
+    """The automaton of one tool call (call_fragment) and then a stop token, compiled for one
+    tokenizer: shared by every request with the same tools; its subsets, moves and each state's
+    mask over the vocabulary are cached, so a state's vocabulary scan is paid once."""
+
+    def __init__(self, tok, tools_list, stop_ids):
+        self.nfa = NFA()
+        start, self.accept = call_fragment(self.nfa, tools_list)
+        self.tokens = token_bytes(tok)
+        self.stop_ids = sorted(stop_ids)
+        self.by_first = {}
+        for i, b in enumerate(self.tokens):
+            if b:
+                self.by_first.setdefault(b[0], []).append(i)
+        self.moves, self.masks = {}, {}
+        self.start = self.closure({start})
+
+    def closure(self, states):
+        stack, seen = list(states), set(states)
+        while stack:
+            for allowed, target in self.nfa.edges[stack.pop()]:
+                if allowed is None and target not in seen:
+                    seen.add(target)
+                    stack.append(target)
+        return frozenset(seen)
+
+    def move(self, state, byte):
+        key = (state, byte)
+        if key not in self.moves:
+            targets = {t for s in state for allowed, t in self.nfa.edges[s] if allowed is not None and byte in allowed}
+            self.moves[key] = self.closure(targets) if targets else None
+        return self.moves[key]
+
+    def walk(self, state, data):
+        for byte in data:
+            state = self.move(state, byte)
+            if state is None:
+                return None
+        return state
+
+    def mask(self, state):
+        """Which token ids may come next in this state (a bool tensor over the vocabulary)."""
+        import torch
+
+        if state not in self.masks:
+            mask = torch.zeros(len(self.tokens), dtype=torch.bool)
+            firsts = {b for s in state for allowed, _ in self.nfa.edges[s] if allowed for b in allowed}
+            for first in firsts:
+                for i in self.by_first.get(first, ()):
+                    mask[i] = self.walk(state, self.tokens[i]) is not None
+            if self.accept in state:
+                mask[self.stop_ids] = True
+            if not mask.any():
+                raise NanoError("the tokenizer has no token that continues the tool call (it cannot write JSON)")
+            self.masks[state] = mask
+        return self.masks[state]
+
+
+class CallConstraint:
+    """One reply held to a CallGrammar: mask = c.allowed() before sampling, c.advance(id) after;
+    c.done once the stop token was sampled."""
+
+    def __init__(self, grammar: CallGrammar):
+        self.grammar, self.state = grammar, grammar.start
+
+    def allowed(self):
+        return self.grammar.mask(self.state)
+
+    def advance(self, token_id):
+        if token_id in self.grammar.stop_ids:
+            self.state = frozenset()
+            return
+        data = self.grammar.tokens[token_id]
+        nxt = self.grammar.walk(self.state, data) if data else None
+        if nxt is None:
+            raise NanoError(f"token {token_id} does not continue the tool call (sample from allowed())")
+        self.state = nxt
+
+    @property
+    def done(self):
+        return not self.state
+
+
+# ----------------------------------------------------------------------------------------
 # CLI
 
 

@@ -168,3 +168,105 @@ def test_format_of_template():
     assert tools.format_of_template("[TOOL_CALLS]").name == "mistral"
     assert tools.format_of_template("<|start_header_id|>ipython<|end_header_id|>").name == "llama3"
     assert tools.format_of_template(None).name == "nanollm"
+
+
+SCHEMA_TOOLS = [
+    {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"}, "hourly": {"type": "boolean"},
+        "points": {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+        "where": {"type": "object", "properties": {"lat": {"type": "number"}, "note": {"type": ["string", "null"]}}}},
+        "required": ["city"]}}},
+    tools.CALCULATOR_TOOL,
+]
+
+
+def valid_for(value, schema):
+    """A small JSON-schema check (the subset the constraint compiles), written independently."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        return any(valid_for(value, {**schema, "type": k}) for k in kind)
+    checks = {"string": lambda v: isinstance(v, str) and len(v) <= schema.get("maxLength", 10**9),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "boolean": lambda v: isinstance(v, bool), "null": lambda v: v is None,
+              "array": lambda v: isinstance(v, list) and len(v) <= schema.get("maxItems", 10**9)
+              and all(valid_for(x, schema["items"]) for x in v),
+              "object": lambda v: isinstance(v, dict) and set(schema.get("required", [])) <= set(v)
+              and all(k in schema["properties"] and valid_for(x, schema["properties"][k]) for k, x in v.items())}
+    return checks[kind](value)
+
+
+def constrained_samples(tok, n, seed, max_steps=400):
+    """n tool calls sampled at temperature 1 from a random tiny GPT, all rows in lockstep."""
+    import torch
+
+    import gpt
+
+    torch.manual_seed(seed)
+    model = gpt.GPT(gpt.GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
+    eos = tok.vocab_size - 1
+    grammar = tools.CallGrammar(tok, SCHEMA_TOOLS, {eos})
+    constraints = [tools.CallConstraint(grammar) for _ in range(n)]
+    idx = torch.zeros(n, 1, dtype=torch.long)
+    texts = [[] for _ in range(n)]
+    for _ in range(max_steps):
+        with torch.no_grad():
+            logits = model(idx[:, -8:])[0][:, -1].float()
+        for row, c in enumerate(constraints):
+            if c.done:
+                continue
+            masked = logits[row].masked_fill(~c.allowed(), float("-inf"))
+            token = torch.multinomial(torch.softmax(masked, -1), 1).item()
+            c.advance(token)
+            if not c.done:
+                texts[row].append(token)
+        idx = torch.cat([idx, torch.randint(tok.vocab_size, (n, 1))], 1)
+        if all(c.done for c in constraints):
+            break
+    assert all(c.done for c in constraints), "every call ends within the bounds"
+    return [tok.decode(t) for t in texts]
+
+
+def check_calls(texts):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in SCHEMA_TOOLS}
+    names = set()
+    for text in texts:
+        call = json.loads(text)
+        assert set(call) == {"name", "arguments"} and valid_for(call["arguments"], schemas[call["name"]]), text
+        names.add(call["name"])
+    return names
+
+
+def test_constrained_calls_are_schema_valid_at_temperature_one(one_thread):
+    import tokenizer
+
+    tok = tokenizer.load_tokenizer("char:" + "".join(map(chr, range(32, 127))) + "éü東京\x00")
+    texts = constrained_samples(tok, 200, seed=0)
+    assert check_calls(texts) == {"weather", "calculator"}  # both tools are reachable
+    assert any(any(ord(ch) > 127 for ch in t) for t in texts)  # and non-ASCII characters too
+
+
+@pytest.mark.slow
+def test_constrained_calls_with_gpt2_tokens(one_thread):
+    import tokenizer
+
+    class WithEos:  # GPT-2's <|endoftext|> is the last id: the stop token
+        def __init__(self, tok):
+            self.enc, self.vocab_size, self.decode = tok.enc, tok.vocab_size, tok.decode
+
+    texts = constrained_samples(WithEos(tokenizer.load_tokenizer("gpt2")), 50, seed=1)
+    check_calls(texts)
+
+
+def test_constraint_refuses_a_tokenizer_that_cannot_write_json():
+    import tokenizer
+
+    c = tools.CallConstraint(tools.CallGrammar(tokenizer.load_tokenizer("char:abc"), [tools.CALCULATOR_TOOL], {0}))
+    with pytest.raises(NanoError, match="cannot write JSON"):
+        c.allowed()
+    with pytest.raises(NanoError, match="does not know the schema"):
+        tools.CallGrammar(tokenizer.load_tokenizer("char:abc"), [{"function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "date"}}}}}], {0})
