@@ -108,6 +108,15 @@ def parse_config(config_cls, argv=None, description=None):
     return config_cls(**vars(args))
 
 
+TRACKERS = ("none", "wandb", "mlflow", "tensorboard")
+
+
+def tracker_option() -> dict:
+    """Every training script's `--tracker` option: `tracker: str = field(**common.tracker_option())`."""
+    return dict(default="none", metadata={"help": "also send metrics.jsonl's rows to none | wandb | mlflow | "
+                                                  "tensorboard (offline, under out_dir)"})
+
+
 @dataclass
 class TrainingConfig:
     """The options every pretraining script shares: nanoGPT's train.py config, its names and
@@ -143,7 +152,7 @@ class TrainingConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
-    tracker: str = field(default="none", metadata={"help": "also log to none | wandb | mlflow | tensorboard (offline, under out_dir)"})
+    tracker: str = field(**tracker_option())
     always_save_checkpoint: bool = field(default=False, metadata={"help": "save at every eval, not only on a better val loss"})
     out_dir: str = "out"
     # system
@@ -377,9 +386,6 @@ def rows_up_to(path: Path, last_iter) -> list[str]:
 
 # ----------------------------------------------------------------------------------------
 # Experiment trackers (--tracker): the rows of metrics.jsonl, sent on as they are written
-
-TRACKERS = ("none", "wandb", "mlflow", "tensorboard")
-
 
 def import_or_explain(module: str, pip: str, why: str):
     """An optional dependency, imported only when asked for; missing, it is one NanoError line."""
