@@ -157,3 +157,26 @@ def test_every_training_script_takes_tracker(script):
     assert common.parse_config(config_cls, []).tracker == "none"
     if script != "qlora_nf4":  # qlora_nf4 runs finetune's loop
         assert "tracker=cfg.tracker" in (ROOT / f"{script}.py").read_text(), f"{script}.py does not pass --tracker on"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sample_profile_writes_a_chrome_trace(tmp_path, capsys, arch):
+    import gpt
+    import sample
+
+    alphabet = "".join(chr(c) for c in range(32, 127)) + "\n"
+    shape = dict(block_size=32, vocab_size=len(alphabet), n_layer=2, n_head=2, n_embd=32)
+    config = gpt.llama_config(**shape) if arch == "llama" else gpt.GPTConfig(**shape)
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", gpt.GPT(config), "char:" + alphabet)
+    trace = tmp_path / "trace.json"
+    table = sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "ROMEO:", "--device", "cpu",
+                         "--profile", str(trace)])
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert {"prefill", "decode"} <= names
+    assert sum(e.get("name") == "decode" and e.get("ph") == "X" for e in events) == 8  # 8 decode steps
+    attention = {n for n in names if "scaled_dot_product" in n}
+    matmul = {n for n in names if n in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm")}
+    assert attention and matmul, sorted(names)
+    printed = capsys.readouterr().out
+    assert table in printed and "Name" in table and "aten::scaled_dot_product_attention" in table
