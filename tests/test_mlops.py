@@ -4,6 +4,7 @@ through its EventAccumulator), every training script takes --tracker, and the Do
 installs and tests with the README's own command lines."""
 
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -180,3 +181,63 @@ def test_sample_profile_writes_a_chrome_trace(tmp_path, capsys, arch):
     assert attention and matmul, sorted(names)
     printed = capsys.readouterr().out
     assert table in printed and "Name" in table and "aten::scaled_dot_product_attention" in table
+
+
+# ---- the container: Docker cannot build here (no daemon), so its commands are checked against the README's
+
+def readme_commands():
+    """The README's bash lines (`install && run`), and its CPU torch line."""
+    readme = (ROOT / "README.md").read_text()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S) for line in block.splitlines()]
+    main_job = next(line for line in lines if line.startswith("pip install -r requirements.txt && "))
+    tests = next(line for line in lines if line.startswith("pip install -r requirements-dev.txt && "))
+    cpu_torch = " ".join(re.search(r"`(pip install torch --index-url\s+\S+)`", readme).group(1).split())
+    return [part.strip() for part in main_job.split("&&")], [part.strip() for part in tests.split("&&")], cpu_torch
+
+
+def dockerfile_stages(text):
+    """{stage: {"from": base, "run": [commands], "cmd": command}} and the ARG defaults."""
+    text = re.sub(r"\\\n\s*", " ", re.sub(r"(?m)^\s*#.*\n", "", text))  # comments out, continuations joined
+    stages, args, current = {}, {}, None
+    for line in filter(None, (line.strip() for line in text.splitlines())):
+        word, _, rest = line.partition(" ")
+        if word == "FROM":
+            base, _, name = rest.partition(" AS ")
+            current = stages.setdefault(name.strip(), {"from": base.strip(), "run": [], "cmd": None})
+        elif word == "ARG" and "=" in rest:
+            key, value = rest.split("=", 1)
+            args[key] = value
+        elif word == "RUN":
+            current["run"] += [part.strip() for part in rest.split("&&")]
+        elif word == "CMD":
+            current["cmd"] = " ".join(json.loads(rest)) if rest.startswith("[") else rest
+    return stages, args
+
+
+def test_dockerfile_runs_the_readmes_commands():
+    (install, main_job), (dev_install, test_command), cpu_torch = readme_commands()
+    stages, args = dockerfile_stages((ROOT / "Dockerfile").read_text())
+    assert list(stages) == ["base", "test", "app"]  # the last stage is what `docker build .` makes
+    assert stages["test"]["from"] == stages["app"]["from"] == "base"
+    torch_line = next(r for r in stages["base"]["run"] if r.startswith("pip install torch"))
+    assert torch_line.replace("${TORCH_INDEX}", args["TORCH_INDEX"]) == cpu_torch  # the CPU build by default
+    assert install in stages["base"]["run"] and stages["app"]["cmd"] == main_job
+    assert dev_install in stages["test"]["run"] and stages["test"]["cmd"] == test_command
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]  # CI runs the same test command
+    assert ci == f"{dev_install} && {test_command}"
+    readme = (ROOT / "README.md").read_text()
+    assert "docker run --rm --gpus all" in readme and "torchrun --standalone --nproc_per_node=8 fsdp2_train.py" in readme
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"requirements.txt", "tests", "assets"}.isdisjoint(ignored) and {".git", "out*/", "data/"} <= set(ignored)
+
+
+@pytest.mark.slow
+def test_docker_builds_and_runs_the_suite():
+    """Where a Docker daemon answers: build the test stage and run the README's test command in it."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("docker") or subprocess.run(["docker", "info"], capture_output=True).returncode:
+        pytest.skip("no Docker daemon here")
+    subprocess.run(["docker", "build", "--target", "test", "-t", "nanollm-test", str(ROOT)], check=True)
+    subprocess.run(["docker", "run", "--rm", "nanollm-test"], check=True)
