@@ -414,8 +414,8 @@ class Tracker:
         if kind == "wandb":
             os.environ.setdefault("WANDB_MODE", "offline")
             wandb = import_or_explain("wandb", "wandb", "--tracker wandb")
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanollm"), dir=out_dir, config=config,
-                                  settings=wandb.Settings(console="off", silent=True))
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanollm"), name=out_dir.resolve().name,
+                                  dir=out_dir, config=config, settings=wandb.Settings(console="off", silent=True))
         elif kind == "mlflow":
             import_or_explain("mlflow", "mlflow", "--tracker mlflow")
             from mlflow.entities import Param
@@ -427,7 +427,8 @@ class Tracker:
             self.client = MlflowClient(uri)
             experiment = self.client.get_experiment_by_name("nanollm")
             self.run_id = self.client.create_run(experiment.experiment_id if experiment else
-                                                 self.client.create_experiment("nanollm")).info.run_id
+                                                 self.client.create_experiment("nanollm"),
+                                                 run_name=out_dir.resolve().name).info.run_id
             params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in config.items()]
             for i in range(0, len(params), 100):  # mlflow takes at most 100 params a call
                 self.client.log_batch(self.run_id, params=params[i:i + 100])

@@ -114,13 +114,37 @@ def test_tensorboard_event_files_read_back_the_rows(tmp_path):
     from tensorboard.util import tensor_util
 
     file_rows, config = log_rows(tmp_path, "tensorboard")
+    assert tensorboard_series(tmp_path / "tensorboard") == series(file_rows)
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
-    tags = [t for t in acc.Tags()["tensors"] if not t.startswith("config")]
-    got = {t: [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors(t)] for t in tags}
-    assert got == series(file_rows)
     (text,) = acc.Tensors("config/text_summary")
     assert json.loads(tensor_util.make_ndarray(text.tensor_proto).item().decode()) == config
+
+
+def tensorboard_series(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["tensors"] if not t.startswith("config")]
+    return {t: [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors(t)] for t in tags}
+
+
+def test_train_py_run_reaches_the_tracker(tmp_path, shakespeare_path):
+    """End to end: train.py --tracker tensorboard; its event files hold metrics.jsonl's rows."""
+    pytest.importorskip("tensorboard")
+    import train
+
+    src = tmp_path / "text.txt"
+    src.write_text(shakespeare_path.read_text()[:20_000])
+    out = tmp_path / "out"
+    train.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4",
+                "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "2", "--log_interval", "1",
+                "--sample_tokens", "0", "--device", "cpu", "--input", str(src), "--data_root", str(tmp_path / "data"),
+                "--out_dir", str(out), "--tracker", "tensorboard"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and tensorboard_series(out / "tensorboard") == series(rows)  # 4 steps, 3 evals
 
 
 def test_a_resumed_log_keeps_the_rows_up_to_its_checkpoint(tmp_path):
