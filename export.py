@@ -884,6 +884,9 @@ def export_onnx(model: gpt.GPT, spec: str, path: Path):
         raise NanoError("the model is over ONNX's 2 GiB single-file limit in fp32 (export --to torch_export instead)")
     step, c, meta = exportable(model), model.config, export_metadata(model, spec)
     T = torch.export.Dim("T", min=1, max=c.block_size)
+    import logging  # the exporter warns about every torchvision op it cannot register: not ours
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
     def write(tmp):
         with torch.no_grad():
