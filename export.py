@@ -885,11 +885,13 @@ def export_onnx(model: gpt.GPT, spec: str, path: Path):
     step, c, meta = exportable(model), model.config, export_metadata(model, spec)
     T = torch.export.Dim("T", min=1, max=c.block_size)
     import logging  # the exporter warns about every torchvision op it cannot register: not ours
+    import warnings
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
     def write(tmp):
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():  # two notes of the exporter's own, not ours
+            warnings.filterwarnings("ignore", message=r"(?s).*(The axis name|isinstance\(treespec)")
             program = torch.onnx.export(step, step_inputs(c, 2), dynamo=True, dynamic_shapes=({1: T}, {0: T}, None, None),
                                         input_names=["idx", "input_pos", "k_cache", "v_cache"],
                                         output_names=["logits", "k_cache_out", "v_cache_out"], verbose=False)

@@ -22,6 +22,12 @@ import sys
 PATTERN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 
 
+def fail(message):
+    """nanollm's convention: one `error:` line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 class Tokenizer:
     """The exported tokenizer: characters, or byte-level BPE (merge the lowest-ranked pair first)."""
 
@@ -36,6 +42,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "char":
+            missing = sorted(set(text) - set(self.alphabet))
+            if missing:
+                fail(f"{missing[0]!r} is not in the model's alphabet (change --prompt)")
             return [self.alphabet.index(ch) for ch in text]
         ids = []
         for piece in PATTERN.findall(text):
@@ -103,7 +112,7 @@ def generate(step, cache, meta, prompt_ids, max_new_tokens, temperature=0.0, see
 
     rng, ids = random.Random(seed), list(prompt_ids)
     if not 1 <= len(ids) < meta["block_size"]:
-        raise SystemExit(f"error: the prompt has {len(ids)} tokens; it needs 1 to {meta['block_size'] - 1}")
+        fail(f"the prompt has {len(ids)} tokens; it needs 1 to {meta['block_size'] - 1}")
     logits, cache = step(ids, 0, cache)
     logits = logits[-1].tolist()
     for _ in range(min(max_new_tokens, meta["block_size"] - len(ids))):

@@ -83,6 +83,9 @@ def test_exported_step_matches_gpt(tmp_path, shakespeare_path, capsys, arch, fmt
     step, cache, meta = runner.load(out)
     long = greedy(model, prompt[:1], meta["block_size"] - 1)  # a one-token prompt (decode only) runs to block_size
     assert runner.generate(step, cache, meta, prompt[:1], 40) == long[1:]
+    with pytest.raises(SystemExit) as exit_:
+        runner.main([str(out), "--prompt", "caf\u00e9"])
+    assert exit_.value.code == 2 and "error: '\u00e9' is not in the model's alphabet" in capsys.readouterr().err
 
 
 def test_runner_bpe_encodes_as_tiktoken(shakespeare_path):
