@@ -7,6 +7,8 @@
 - the warmup + cosine learning-rate schedule every trainer uses;
 - peak FLOP/s (for MFU), peak memory and a median timer;
 - rank-0-first for work that one rank of a torchrun job must do before the others;
+- metrics.jsonl (`MetricsLog`) and the experiment trackers it can feed (`Tracker`: W&B, MLflow,
+  TensorBoard, offline by default);
 - files written whole or not at all (`atomic_write`, `atomic_save`), downloads that are too
   (`download`), and the cache they go to (`nanollm_cache`).
 
@@ -106,6 +108,15 @@ def parse_config(config_cls, argv=None, description=None):
     return config_cls(**vars(args))
 
 
+TRACKERS = ("none", "wandb", "mlflow", "tensorboard")
+
+
+def tracker_option() -> dict:
+    """Every training script's `--tracker` option: `tracker: str = field(**common.tracker_option())`."""
+    return dict(default="none", metadata={"help": "also send metrics.jsonl's rows to none | wandb | mlflow | "
+                                                  "tensorboard (offline, under out_dir)"})
+
+
 @dataclass
 class TrainingConfig:
     """The options every pretraining script shares: nanoGPT's train.py config, its names and
@@ -141,6 +152,7 @@ class TrainingConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
+    tracker: str = field(**tracker_option())
     always_save_checkpoint: bool = field(default=False, metadata={"help": "save at every eval, not only on a better val loss"})
     out_dir: str = "out"
     # system
@@ -308,33 +320,150 @@ def write_error(path: Path, error: Exception) -> Exception:
 class MetricsLog:
     """A run's metrics.jsonl, one JSON row per line, flushed as it goes. The rows go to
     metrics.jsonl.new (plot.py reads it live) and replace metrics.jsonl only when the run ends
-    well: a run that dies (a full disk, Ctrl-C) never destroys the last good run's log."""
+    well: a run that dies (a full disk, Ctrl-C) never destroys the last good run's log.
+    `resume_iter`: a resumed run keeps the rows up to its checkpoint's iteration (a killed run may
+    have logged past it) and appends. `tracker` (wandb | mlflow | tensorboard) also sends each row
+    and, once, the run's `config` to an experiment tracker (`Tracker`). `active=False` (a DDP rank
+    other than 0) logs nothing."""
 
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, path, tracker="none", config=None, resume_iter=None, active=True):
+        self.path, self.file, self.tracker = Path(path), None, None
+        if not active:
+            return
         self.live = self.path.with_name(self.path.name + ".new")
+        kept = rows_up_to(self.live if self.live.is_file() else self.path, resume_iter)
+        self.tracker = Tracker(tracker, self.path.parent, config) if tracker != "none" else None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.live, "w", encoding="utf-8")
+            self.file.write("".join(line + "\n" for line in kept))
         except OSError as e:
             raise write_error(self.live, e) from None
 
     def log(self, row: dict):
+        if self.file is None:
+            return
         try:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
         except OSError as e:
             raise write_error(self.live, e) from None
+        if self.tracker:
+            self.tracker.log(row)
 
     def close(self, ok=True):
+        if self.file is None:
+            return
         self.file.close()
+        self.file = None
         if ok:
             os.replace(self.live, self.path)
+        if self.tracker:
+            self.tracker.close(ok)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, *_):
         self.close(ok=kind is None)
+
+
+def rows_up_to(path: Path, last_iter) -> list[str]:
+    """The lines of a metrics file whose "iter" is <= last_iter (torn or foreign lines dropped);
+    none when last_iter is None (a new run) or the file is missing."""
+    if last_iter is None or not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            it = json.loads(line).get("iter")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(it, int) and it <= last_iter:
+            kept.append(line)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------
+# Experiment trackers (--tracker): the rows of metrics.jsonl, sent on as they are written
+
+def import_or_explain(module: str, pip: str, why: str):
+    """An optional dependency, imported only when asked for; missing, it is one NanoError line."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NanoError(f"{why} needs the {pip} package (pip install {pip})") from None
+
+
+class Tracker:
+    """An experiment tracker fed the numbers of every metrics.jsonl row (text and None stay in
+    the file) and the run's config once. Offline by default, so no account or network is needed:
+    - wandb: WANDB_MODE=offline unless set; the run lands in OUT/wandb/ (`wandb sync` uploads it);
+    - mlflow: a local store OUT/mlruns/ unless MLFLOW_TRACKING_URI is set
+      (`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri OUT/mlruns`);
+    - tensorboard: event files in OUT/tensorboard/ (`tensorboard --logdir OUT/tensorboard`).
+    A row's step is its "iter" (or "step"), else its number in the run."""
+
+    def __init__(self, kind: str, out_dir, config: dict | None = None):
+        if kind not in TRACKERS[1:]:
+            raise NanoError(f"unknown --tracker {kind!r} (one of {', '.join(TRACKERS)})")
+        self.kind, self.rows, out_dir, config = kind, 0, Path(out_dir), dict(config or {})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if kind == "wandb":
+            os.environ.setdefault("WANDB_MODE", "offline")
+            wandb = import_or_explain("wandb", "wandb", "--tracker wandb")
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanollm"), name=out_dir.resolve().name,
+                                  dir=out_dir, config=config, settings=wandb.Settings(console="off", silent=True))
+        elif kind == "mlflow":
+            import_or_explain("mlflow", "mlflow", "--tracker mlflow")
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (out_dir / "mlruns").resolve().as_uri()
+            if uri.startswith("file:"):  # mlflow 3 asks for this opt-in to its plain-folder store
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            self.client = MlflowClient(uri)
+            experiment = self.client.get_experiment_by_name("nanollm")
+            self.run_id = self.client.create_run(experiment.experiment_id if experiment else
+                                                 self.client.create_experiment("nanollm"),
+                                                 run_name=out_dir.resolve().name).info.run_id
+            params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in config.items()]
+            for i in range(0, len(params), 100):  # mlflow takes at most 100 params a call
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+        else:
+            import_or_explain("tensorboard", "tensorboard", "--tracker tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self.writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))
+
+    def log(self, row: dict):
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = int(row.get("iter", row.get("step", self.rows)))
+        self.rows += 1
+        if self.kind == "wandb":
+            self.run.log(numbers)  # one wandb history row per metrics.jsonl row
+        elif self.kind == "mlflow":
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in numbers.items()])
+        else:
+            for k, v in numbers.items():  # float64 scalars: the values read back are the file's
+                self.writer.add_scalar(k, v, step, new_style=True, double_precision=True)
+
+    def close(self, ok=True):
+        if self.kind == "wandb":
+            self.run.finish(exit_code=0 if ok else 1)
+            import wandb
+
+            wandb.teardown()  # its service writes the run file after finish(): wait for it
+        elif self.kind == "mlflow":
+            self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+        else:
+            self.writer.close()
 
 
 def pid_alive(pid: int) -> bool:

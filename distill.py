@@ -34,7 +34,6 @@ Run:
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
 import time
@@ -46,7 +45,8 @@ import torch.nn.functional as F
 
 import data
 import gpt
-from common import NanoError, autocast, cli, cosine_lr, parse_config, pick_device, pick_dtype, set_seed
+from common import (MetricsLog, NanoError, autocast, cli, cosine_lr, parse_config, pick_device, pick_dtype, set_seed,
+                    tracker_option)
 
 
 # ----------------------------------------------------------------------------------------
@@ -161,6 +161,7 @@ class DistillConfig:
     eval_iters: int = 40
     loss_chunk_size: int = 1024
     log_interval: int = 50
+    tracker: str = field(**tracker_option())
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
@@ -186,13 +187,12 @@ def train(model, bins, cfg, device, ctx, seed, iters, teacher=None, name="", met
     opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.99), device.split(":")[0])
     tokens_per_iter = cfg.batch_size * cfg.block_size
     rows, t0, t_start = [], time.time(), time.time()
-    metrics = open(metrics_path, "w") if metrics_path else None
+    metrics = MetricsLog(metrics_path, tracker=cfg.tracker, config=asdict(cfg)) if metrics_path else None
 
     def log(row):
         rows.append(row)
         if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            metrics.log(row)
 
     for it in range(iters + 1):
         if it % cfg.eval_interval == 0 or it == iters:

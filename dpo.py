@@ -373,6 +373,7 @@ class DPOConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
     eval_interval: int = 50
     log_interval: int = 10
+    tracker: str = field(**common.tracker_option())
     n_pairs: int = field(default=2048, metadata={"help": "synthetic task: training pairs (plus 1/8 as many, at least 32, for eval)"})
     pretrain_iters: int = field(default=300, metadata={"help": "synthetic task: steps of pretraining the base model"})
     n_layer: int = field(default=2, metadata={"help": "synthetic task's model"})
@@ -576,7 +577,7 @@ def main(argv=None):
     reference = Reference(cfg, model, ref_model, train_pairs, val_pairs, average, ctx, device)
 
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
-    metrics = common.MetricsLog(out_dir / "metrics.jsonl")
+    metrics = common.MetricsLog(out_dir / "metrics.jsonl", tracker=cfg.tracker, config=asdict(cfg))
     log = metrics.log
 
     @torch.no_grad()

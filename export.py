@@ -28,6 +28,8 @@ Run:
   python export.py --ckpt out/ckpt.pt --to gguf out/model.gguf --gguf_type q8_0
   python export.py --adapter out-lora/adapter.pt --to peft out-peft
   python export.py --ckpt out/ckpt.pt --adapter out-lora/adapter.pt --to hf out-merged  (LoRA merged in)
+  python export.py --ckpt out/ckpt.pt --to torch_export out/model.pt2   (then: python examples/run_exported.py out/model.pt2)
+  python export.py --ckpt out/ckpt.pt --to onnx out/model.onnx          (inference without nanollm: see the end of this file)
 """
 
 from __future__ import annotations
@@ -755,7 +757,7 @@ def folder_bytes(path: Path) -> int:
 @dataclass
 class ExportConfig:
     ckpt: str = field(default="out/ckpt.pt", metadata={"help": "checkpoint to export (train.py, lora.py --merge, ...)"})
-    to: str = field(default="hf", metadata={"help": "hf | gguf | peft"})
+    to: str = field(default="hf", metadata={"help": "hf | gguf | peft | torch_export | onnx"})
     out: str = field(default="", metadata={"help": "output folder (hf, peft) or .gguf file; also accepted as the word after --to"})
     adapter: str = field(default="", metadata={"help": "a lora.py adapter.pt (or PEFT folder): --to peft exports it; with hf/gguf it is merged into --ckpt first"})
     gguf_type: str = field(default="f16", metadata={"help": "f32 | f16 | q8_0 | q4_0 | q4_k: type of the 2-D weights (1-D ones stay f32, as llama.cpp's converter)"})
@@ -764,7 +766,8 @@ class ExportConfig:
     force: bool = field(default=False, metadata={"help": "replace an existing output"})
 
 
-FORMATS = ("hf", "gguf", "peft")
+FORMATS = ("hf", "gguf", "peft", "torch_export", "onnx")
+FILE_FORMATS = ("gguf", "torch_export", "onnx")  # one file each; the others write a folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -793,16 +796,20 @@ def main(argv=None):
     if cfg.to == "peft" and not cfg.adapter:
         raise NanoError("--to peft exports a LoRA adapter (pass --adapter out-lora/adapter.pt)")
     out = Path(cfg.out)
-    if cfg.to != "gguf":
+    if cfg.to not in FILE_FORMATS:
         finish_interrupted_swap(out.resolve())  # first: the folder a kill left renamed aside is the user's
-    check_output(out, cfg.force, is_dir=cfg.to != "gguf", sources=(cfg.ckpt if cfg.to != "peft" else "", cfg.adapter))
+    check_output(out, cfg.force, is_dir=cfg.to not in FILE_FORMATS, sources=(cfg.ckpt if cfg.to != "peft" else "", cfg.adapter))
     t0 = time.perf_counter()
     if cfg.to == "peft":
         adapter = lora.read_adapter(cfg.adapter)
         write_folder(out, lambda tmp: export_peft(adapter, tmp))
     else:
         model, spec = load_model(cfg.ckpt, cfg.adapter)
-        if cfg.to == "gguf":  # tokenizer problems are one-line errors before anything is written
+        if cfg.to in ("torch_export", "onnx"):
+            runner_tokenizer(spec)  # tokenizer problems are one-line errors before the slow tracing
+            out.parent.mkdir(parents=True, exist_ok=True)
+            (export_torch if cfg.to == "torch_export" else export_onnx)(model, spec, out)
+        elif cfg.to == "gguf":  # tokenizer problems are one-line errors before anything is written
             gguf_tokenizer(spec, model.config.vocab_size)
             out.parent.mkdir(parents=True, exist_ok=True)  # write_gguf writes a temp file and renames it
             export_gguf(model, spec, out, cfg.gguf_type, cfg.name or Path(cfg.ckpt).stem)
@@ -814,6 +821,131 @@ def main(argv=None):
           f"{size / 2**10:,.1f} KiB)", f"in {time.perf_counter() - t0:.1f} s")
     return out
 
+
+
+# ----------------------------------------------------------------------------------------
+# Inference without nanollm: torch.export (`--to torch_export FILE.pt2`) and ONNX (`--to onnx FILE.onnx`)
+#
+# The model becomes one pure function, gpt-fast's prefill/decode step with a static cache:
+#   step(idx (1, T), input_pos (T,), k_cache, v_cache) -> (logits (1, T, V), k_cache, v_cache)
+# with caches (n_layer, 1, n_kv_head, block_size, head_dim), zeros at first, handed in and back
+# (ONNX graphs keep no state). Prefill is a step over the prompt (input_pos = 0..T-1), decode a step
+# over one token (input_pos = [p]): gpt.py's attention writes the new keys and values into slots
+# input_pos and lets each query see the slots up to its position. The .pt2 holds two exported
+# programs, "prefill" (T dynamic, 2..block_size) and "decode" (T = 1, every shape static); the .onnx
+# one graph with T dynamic. Both carry the config and the tokenizer (`runner_tokenizer`), so
+# examples/run_exported.py generates text from either with only torch or onnxruntime installed.
+
+
+class OutOfPlaceCache:
+    """One layer's slice of the stacked caches: sample.KVCache's `update`, written out of place."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def update(self, input_pos, k, v):
+        self.k, self.v = self.k.index_copy(2, input_pos, k), self.v.index_copy(2, input_pos, v)
+        return self.k, self.v
+
+
+class ExportStep(torch.nn.Module):
+    def __init__(self, model: gpt.GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, input_pos, k_cache, v_cache):
+        layers = [OutOfPlaceCache(k, v) for k, v in zip(k_cache.unbind(0), v_cache.unbind(0))]
+        logits, _ = self.model(idx, kv_cache=layers, input_pos=input_pos)
+        return logits, torch.stack([c.k for c in layers]), torch.stack([c.v for c in layers])
+
+
+def step_inputs(config: gpt.GPTConfig, T: int):
+    """Example inputs of step: T tokens at positions 0..T-1 and empty caches."""
+    shape = (config.n_layer, 1, config.n_kv_head, config.block_size, config.head_dim)
+    return torch.zeros(1, T, dtype=torch.long), torch.arange(T), torch.zeros(shape), torch.zeros(shape)
+
+
+def exportable(model: gpt.GPT) -> ExportStep:
+    """The model as step, fp32 and in eval mode; attention as SDPA (flash's Triton kernel is not traceable)."""
+    model = model.float().eval()
+    for block in model.transformer.h:
+        if block.attn.attn_impl == "flash":
+            block.attn.attn_impl = "sdpa"
+    return ExportStep(model).eval()
+
+
+def torch_export_programs(model: gpt.GPT) -> dict:
+    """{"prefill": T dynamic, "decode": T = 1}: torch.export's ExportedPrograms of step."""
+    step, c = exportable(model), model.config
+    if c.block_size < 2:
+        raise NanoError(f"block_size {c.block_size} leaves no room for a prompt and a new token (export a longer model)")
+    T = torch.export.Dim("T", min=2, max=c.block_size)
+    with torch.no_grad():
+        prefill = torch.export.export(step, step_inputs(c, 2), dynamic_shapes=({1: T}, {0: T}, None, None))
+        decode = torch.export.export(step, step_inputs(c, 1))
+    return {"prefill": prefill, "decode": decode}
+
+
+def runner_tokenizer(spec: str) -> dict:
+    """What a runner without nanollm needs to encode and decode: the alphabet of a character
+    tokenizer, or a byte-level BPE's token bytes (hex, by id), merges (by priority) and stop id."""
+    tok = byte_bpe(spec)
+    if tok is None:
+        return {"kind": "char", "alphabet": spec[len("char:"):]}
+    if tok.special_tokens and len(tok.special_tokens) > 1 or getattr(tok, "added_tokens", None):
+        raise NanoError("a tokenizer with chat or added tokens cannot go into the exported file (export --to hf instead)")
+    return {"kind": "bpe", "vocab": [tok.vocab[i].hex() for i in range(len(tok.vocab))],
+            "merges": [[a.hex(), b.hex()] for a, b in tok.merges], "eot_id": eot_of(spec)}
+
+
+def export_metadata(model: gpt.GPT, spec: str) -> str:
+    c = model.config
+    return json.dumps({"format": "nanollm step", "block_size": c.block_size, "n_layer": c.n_layer,
+                       "n_kv_head": c.n_kv_head, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+                       "tokenizer": runner_tokenizer(spec)})
+
+
+def export_torch(model: gpt.GPT, spec: str, path: Path):
+    from torch.export.pt2_archive._package import package_pt2  # the .pt2 archive: several programs, one file
+
+    programs, meta = torch_export_programs(model), export_metadata(model, spec)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            package_pt2(f, exported_programs=programs, extra_files={"nanollm.json": meta})
+
+    atomic_write(path, write)
+
+
+def export_onnx(model: gpt.GPT, spec: str, path: Path):
+    """One ONNX graph of step, T dynamic; the weights inside the file (protobuf's 2 GiB at most)."""
+    for module in ("onnx", "onnxscript"):  # torch.onnx's exporter needs both
+        try:
+            __import__(module)
+        except ImportError:
+            raise NanoError(f"--to onnx needs the {module} package (pip install onnx onnxscript)") from None
+    import onnx
+
+    if sum(p.numel() for p in model.parameters()) * 4 >= 2**31:
+        raise NanoError("the model is over ONNX's 2 GiB single-file limit in fp32 (export --to torch_export instead)")
+    step, c, meta = exportable(model), model.config, export_metadata(model, spec)
+    T = torch.export.Dim("T", min=1, max=c.block_size)
+    import logging  # the exporter warns about every torchvision op it cannot register: not ours
+    import warnings
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+    def write(tmp):
+        with torch.no_grad(), warnings.catch_warnings():  # two notes of the exporter's own, not ours
+            warnings.filterwarnings("ignore", message=r"(?s).*(The axis name|isinstance\(treespec)")
+            program = torch.onnx.export(step, step_inputs(c, 2), dynamo=True, dynamic_shapes=({1: T}, {0: T}, None, None),
+                                        input_names=["idx", "input_pos", "k_cache", "v_cache"],
+                                        output_names=["logits", "k_cache_out", "v_cache_out"], verbose=False)
+        proto = program.model_proto
+        proto.metadata_props.add(key="nanollm", value=meta)
+        onnx.save(proto, tmp)
+
+    atomic_write(path, write)
 
 if __name__ == "__main__":
     main()

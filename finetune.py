@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ class FinetuneConfig:
     eval_interval: int = 50
     eval_iters: int = 10
     log_interval: int = 10
+    tracker: str = field(**common.tracker_option())
     merge: bool = field(default=False, metadata={"help": "also write out_dir/ckpt_merged.pt (a plain checkpoint)"})
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "autocast dtype: auto, float32, bfloat16, float16"})
@@ -280,7 +281,7 @@ def train(model: nn.Module, tokenizer, cfg: FinetuneConfig, out_dir, dataset: Fi
         torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    with common.MetricsLog(out_dir / "metrics.jsonl") as metrics:
+    with common.MetricsLog(out_dir / "metrics.jsonl", tracker=cfg.tracker, config=asdict(cfg)) as metrics:
         val_loss = estimate_val_loss(model, dataset, cfg, device, dtype)
         print(f"step 0: val loss {val_loss:.4f} (the base model: B = 0)")
         metrics.log({"iter": 0, "val_loss": val_loss})

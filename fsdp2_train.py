@@ -782,7 +782,8 @@ def train(model, optimizer, bins, train_rng, cfg, ranks, dtype, model_config, it
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     local_seqs_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size // ranks.world
     log(f"tokens per iteration: {tokens_per_iter:,} ({cfg.batch_size // ranks.world} sequences per rank per micro-step)")
-    metrics = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", iter_num if cfg.resume else None) if ranks.rank == 0 else None
+    metrics = common.MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", tracker=cfg.tracker, config=asdict(cfg),
+                                resume_iter=iter_num if cfg.resume else None, active=ranks.rank == 0)
     losses, start_iter = [], iter_num
     t_last, iters_since_log, step_times = time.time(), 0, []
     model.train()
@@ -793,7 +794,7 @@ def train(model, optimizer, bins, train_rng, cfg, ranks, dtype, model_config, it
         if iter_num % cfg.eval_interval == 0 and (iter_num != start_iter or start_iter == 0):
             ev = estimate_loss(model, bins, cfg, ranks)
             log(f"iter {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
-            metrics and metrics.write({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
+            metrics.log({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
             if iter_num > 0 and (ev["val"] < best_val_loss or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, ev["val"])
                 save(iter_num, best_val_loss)
@@ -830,44 +831,13 @@ def train(model, optimizer, bins, train_rng, cfg, ranks, dtype, model_config, it
             log(f"iter {iter_num}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
                 f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu else "")
                 + f", peak mem/rank {peak_memory_text(ranks)} MiB, eta {dt * (cfg.max_iters - iter_num) / 60:.1f} min")
-            metrics and metrics.write({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_step": dt * 1000,
-                                       "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
+            metrics.log({"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_step": dt * 1000,
+                         "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
     if step_times:
         med = sorted(step_times)[len(step_times) // 2]
         log(f"done: {iter_num} iters, median {med * 1000:.1f} ms/iter, {tokens_per_iter / med:,.0f} tok/s")
-    if metrics:
-        metrics.close()
+    metrics.close()
     return iter_num, losses, best_val_loss
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON row per line (rank 0). A resumed run keeps the rows up to the
-    checkpoint's iteration (a killed run may have logged past it) and appends; else new."""
-
-    def __init__(self, path: Path, resume_iter: int | None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_iter is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if (it := _row_iter(line)) is not None and it <= resume_iter]
-        self.file = open(path, "w")
-        self.file.write("".join(line + "\n" for line in kept))
-
-    def write(self, row):
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-def _row_iter(line: str) -> int | None:
-    """The iteration of one metrics.jsonl row, None for a torn or foreign line."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row.get("iter") if isinstance(row, dict) and isinstance(row.get("iter"), int) else None
 
 
 def peak_memory_text(ranks: Ranks) -> str:

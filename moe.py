@@ -47,7 +47,6 @@ python moe.py --input path/to/tinyshakespeare.txt
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -360,6 +359,7 @@ class TrainConfig(MoEConfig):
     eval_interval: int = field(default=100, metadata={"help": "steps between val-loss estimates"})
     eval_iters: int = field(default=20, metadata={"help": "val batches per estimate"})
     log_interval: int = 10
+    tracker: str = field(**common.tracker_option())
     compare_dense: bool = field(default=True, metadata={"help": "also train the dense GPT and compare"})
     seed: int = 1337
     device: str = "auto"
@@ -414,7 +414,7 @@ def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             val_losses[step] = estimate_val_loss(model, bins["val"], cfg, device, dtype)
             print(f"{label} step {step}: val loss {val_losses[step]:.4f}")
-            metrics.write(json.dumps({"model": label, "step": step, "val_loss": val_losses[step]}) + "\n")
+            metrics.log({"model": label, "step": step, "val_loss": val_losses[step]})
             if step == cfg.max_iters:
                 break
             if step:
@@ -448,8 +448,7 @@ def train(model, label, cfg: TrainConfig, bins, device, dtype, metrics):
             extra = f" aux {aux.item():.4f} dropped {100 * step_dropped:.1f}%" if is_moe else ""
             print(f"{label} step {step}/{cfg.max_iters}: loss {lm:.4f}{extra} lr {lr_at(step, cfg):.2e} "
                   f"{tps:,.0f} tok/s ETA {eta:.0f}s")
-            metrics.write(json.dumps({"model": label, "step": step, "loss": lm, "aux_loss": aux.item(),
-                                      "tokens_per_s": tps}) + "\n")
+            metrics.log({"model": label, "step": step, "loss": lm, "aux_loss": aux.item(), "tokens_per_s": tps})
     summary = {"val_loss": val_losses[cfg.max_iters], "val_losses": val_losses,
                "tokens_per_s": timed_tokens / timed_s if timed_s else float("nan"),
                "params": model.num_params(),
@@ -484,7 +483,7 @@ def main(argv=None):
     config = replace(config, vocab_size=meta["vocab_size"])
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    with open(out_dir / "metrics.jsonl", "a") as metrics:
+    with common.MetricsLog(out_dir / "metrics.jsonl", tracker=cfg.tracker, config=asdict(cfg)) as metrics:
         common.set_seed(cfg.seed)
         moe_model = MoEGPT(config, moe_cfg, cfg.moe_every)
         print(f"MoE GPT: {moe_model.num_params() / 1e6:.2f}M params, {moe_model.num_active_params() / 1e6:.2f}M "

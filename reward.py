@@ -54,7 +54,6 @@ Run:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -313,6 +312,7 @@ class RewardConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
     eval_interval: int = 100
     log_interval: int = 20
+    tracker: str = field(**common.tracker_option())
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "autocast dtype: auto, float32, bfloat16, float16"})
     seed: int = 1337
@@ -357,7 +357,7 @@ def train(model, train_pairs, val_pairs, cfg, device, ctx, metrics):
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     last = evaluate(model, val_pairs, cfg, device, ctx)
-    metrics.write(json.dumps({"iter": 0, "val_loss": last["loss"], "eval/accuracy": last["accuracy"]}) + "\n")
+    metrics.log({"iter": 0, "val_loss": last["loss"], "eval/accuracy": last["accuracy"]})
     print(f"step 0: held-out loss {last['loss']:.4f}, pairwise accuracy {100 * last['accuracy']:.1f}%")
     t0 = t_log = time.time()
     tokens = 0
@@ -387,8 +387,7 @@ def train(model, train_pairs, val_pairs, cfg, device, ctx, metrics):
             last = evaluate(model, val_pairs, cfg, device, ctx)
             row.update({"val_loss": last["loss"], "eval/accuracy": last["accuracy"], "eval/margin": last["margin"]})
             print(f"step {it}: held-out loss {last['loss']:.4f}, pairwise accuracy {100 * last['accuracy']:.1f}%")
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
+        metrics.log(row)
     return last
 
 
@@ -431,7 +430,7 @@ def main(argv=None):
           f"{' (LoRA)' if cfg.lora else ''}; {len(train_pairs)} training / {len(val_pairs)} held-out pairs")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "metrics.jsonl", "w") as metrics:
+    with common.MetricsLog(out_dir / "metrics.jsonl", tracker=cfg.tracker, config=asdict(cfg)) as metrics:
         last = train(model, train_pairs, val_pairs, cfg, device, ctx, metrics)
     if cfg.lora:
         lora.merge_lora(model.body)

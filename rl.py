@@ -462,6 +462,7 @@ class RLConfig:
     n_test: int = field(default=200, metadata={"help": "held-out prompts for exact match (--data: at most a fifth)"})
     eval_interval: int = 20
     log_interval: int = 5
+    tracker: str = field(**common.tracker_option())
     plot: bool = field(default=True, metadata={"help": "draw out_dir/rl.png (needs matplotlib)"})
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "autocast dtype: auto, float32, bfloat16, float16"})
@@ -715,11 +716,10 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_logged = []
-    with open(out_dir / "metrics.jsonl", "w") as metrics:
+    with common.MetricsLog(out_dir / "metrics.jsonl", tracker=cfg.tracker, config=asdict(cfg)) as metrics:
         def log(row):
             rows_logged.append(row)
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            metrics.log(row)
 
         first, last = train(policy, train_set, test_set, cfg, stop_id, tok.vocab_size, scorer, ctx, log)
     if cfg.lora:

@@ -51,6 +51,7 @@ Run:
   python sample.py --init_from gpt2 --prompt "Hello, I'm a language model," --num_samples 3
   python sample.py --init_from HuggingFaceTB/SmolLM2-360M --draft HuggingFaceTB/SmolLM2-135M
   python sample.py --init_from gpt2-medium --draft out/small.pt --num_draft_tokens 4
+  python sample.py --ckpt out/ckpt.pt --profile trace.json   (torch.profiler: Chrome trace, top ops)
   python sample.py --init_from gpt2 --no_cache True     # the same text, much slower
 """
 
@@ -618,6 +619,7 @@ class SampleConfig:
     no_cache: bool = field(default=False, metadata={"help": "recompute the whole window every token (the slow baseline)"})
     draft: str = field(default="", metadata={"help": "a small draft model (checkpoint, folder or hub name) with the same tokenizer: speculative decoding"})
     num_draft_tokens: int = field(default=4, metadata={"help": "tokens the draft proposes per target forward"})
+    profile: str = field(default="", metadata={"help": "write a torch.profiler Chrome trace of prefill + 8 decode steps to this .json, print the top ops, and stop"})
 
 
 def check_config(cfg: SampleConfig):
@@ -713,6 +715,8 @@ def main(argv=None):
         elif cfg.num_samples == 1:
             decode_layout(model)
     print(kv_cache_line(model.config, dtype), file=sys.stderr)
+    if cfg.profile:
+        return profile_steps(model, ids, cfg.profile, device)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                   repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, vocab_size=tok.vocab_size,
                   eos_id=tok.eot_id if cfg.stop_at_eot else None)
@@ -720,6 +724,28 @@ def main(argv=None):
     if draft is None:
         return sample_batch(model, tok, ids, prompt, cfg, sampling)
     return sample_speculative(model, draft, tok, ids, prompt, cfg, sampling)
+
+
+def profile_steps(model, ids, path, device, steps=8):
+    """--profile: torch.profiler over prefill and `steps` greedy decode steps, each step labelled;
+    the Chrome trace (chrome://tracing, ui.perfetto.dev) goes to `path`, the ops that took the most
+    time are printed. Returns the table."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = "cuda" in device
+    cache = make_cache(model, 1, model.config.block_size)
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
+        with record_function("prefill"):
+            logits = prefill(model, torch.tensor([ids], device=device), cache)
+        for pos in range(len(ids), min(len(ids) + steps, model.config.block_size)):
+            with record_function("decode"):
+                logits = decode_one_token(model, logits.argmax(-1, keepdim=True), torch.tensor([pos], device=device), cache)
+        logits.cpu()  # wait for the device inside the profile
+    common.atomic_write(path, lambda tmp: prof.export_chrome_trace(str(tmp)))
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15)
+    print(table)
+    print(f"wrote {path}: open it in chrome://tracing or ui.perfetto.dev")
+    return table
 
 
 def kv_cache_line(config, dtype) -> str:

@@ -472,6 +472,7 @@ class SFTConfig:
     eval_interval: int = 100
     eval_iters: int = field(default=0, metadata={"help": "val batches per eval (0: all held-out conversations)"})
     log_interval: int = 50
+    tracker: str = field(**common.tracker_option())
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (lora.py) and the chat tokens' rows "
                                                         "only; merged into ckpt.pt at the end"})
     qlora: bool = field(default=False, metadata={"help": "LoRA on a frozen NF4 base (qlora_nf4.py)"})
@@ -599,7 +600,7 @@ def train(model, params, train_ex, val_ex, cfg, block_size, device, dtype, metri
     gen = torch.Generator().manual_seed(cfg.seed)
     stream = make_batches(train_ex, shuffled_forever(len(train_ex), gen), cfg.batch_size, block_size, cfg.pack)
     min_lr = cfg.learning_rate * cfg.min_lr_ratio
-    with common.MetricsLog(metrics_path) as metrics:
+    with common.MetricsLog(metrics_path, tracker=cfg.tracker, config=asdict(cfg)) as metrics:
         model.train()
         val_loss = evaluate(model, val_ex, cfg, block_size, device, dtype)
         print(f"{name} iter 0: val loss {val_loss:.4f}")

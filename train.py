@@ -20,7 +20,6 @@ Options keep nanoGPT's names (python train.py --help); booleans take a value: --
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import sys
@@ -64,7 +63,6 @@ class TrainConfig(common.TrainingConfig):  # nanoGPT's options (common.py), and 
     hellaswag_data: str = field(default="", metadata={"help": "local hellaswag_val.jsonl for --eval_hellaswag_every"})
     hellaswag_limit: int = 200
     sample_tokens: int = field(default=300, metadata={"help": "characters/tokens to sample at the end (0 = none)"})
-    wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases if the package is installed"})
     # system
     compile: bool = False
 
@@ -400,35 +398,15 @@ def build_optimizer(cfg: TrainConfig, run: Run, model, ckpt):
 
 
 def open_metrics(cfg: TrainConfig, run: Run, resumed_iter: int | None):
-    """metrics.jsonl: a new run starts it afresh; a resumed one keeps the rows up to its step
-    (a killed run may have logged past its last checkpoint) and appends. Stale temp files of
-    a killed save are removed. Returns write(row)."""
-    if not run.master:
-        return lambda row: None
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in run.out_dir.glob(".ckpt.pt.tmp*"):
-        tmp.unlink(missing_ok=True)
-    path = run.out_dir / "metrics.jsonl"
-    if resumed_iter is not None and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iter"] <= resumed_iter]
-        path.write_text("".join(line + "\n" for line in kept))
-    metrics = open(path, "a" if resumed_iter is not None else "w")
-    wandb_run = None
-    if cfg.wandb:
-        try:
-            import wandb
-
-            wandb_run = wandb.init(project="nanollm", config=asdict(cfg))
-        except ImportError:
-            run.log("wandb is not installed; logging to metrics.jsonl only")
-
-    def write(row):
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if wandb_run is not None:
-            wandb_run.log(row, step=row["iter"])
-
-    return write
+    """metrics.jsonl (and --tracker): a new run starts it afresh; a resumed one keeps the rows up
+    to its step (a killed run may have logged past its last checkpoint) and appends. Stale temp
+    files of a killed save are removed."""
+    if run.master:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in run.out_dir.glob(".ckpt.pt.tmp*"):
+            tmp.unlink(missing_ok=True)
+    return common.MetricsLog(run.out_dir / "metrics.jsonl", tracker=cfg.tracker, config=asdict(cfg),
+                             resume_iter=resumed_iter, active=run.master)
 
 
 def hellaswag_hook(cfg: TrainConfig, run: Run, raw_model, write_metrics):
@@ -476,11 +454,13 @@ def main(argv=None):
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if run.ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if run.device_type == "cuda" else None)
-    write_metrics = open_metrics(cfg, run, state["iter"] if cfg.init_from == "resume" else None)
+    metrics = open_metrics(cfg, run, state["iter"] if cfg.init_from == "resume" else None)
+    write_metrics = metrics.log
     hellaswag = hellaswag_hook(cfg, run, raw_model, write_metrics) if cfg.eval_hellaswag_every else None
     run.log(f"tokens per iteration: {cfg.gradient_accumulation_steps * run.world * cfg.batch_size * cfg.block_size:,}")
 
     train_loop(cfg, run, model, raw_model, optimizer, scaler, bins, state, write_metrics, hellaswag)
+    metrics.close()
 
     if run.master and cfg.sample_tokens:
         sample_text(cfg, run, raw_model)

@@ -711,8 +711,8 @@ def test_bad_inputs(gpt2_ckpt, hf_dir, tmp_path):
     not_ckpt.write_text("hello")
     with pytest.raises(SystemExit, match=r"error: .*notes.txt is not a readable checkpoint"):
         export.main(["--ckpt", str(not_ckpt), "--to", "hf", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match=r"error: unknown --to 'onnx' \(choose one of hf, gguf, peft\)"):
-        export.main(["--ckpt", str(gpt2_ckpt), "--to", "onnx", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"error: unknown --to 'tflite' \(choose one of hf, gguf, peft, torch_export, onnx\)"):
+        export.main(["--ckpt", str(gpt2_ckpt), "--to", "tflite", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match=r"error: unknown --gguf_type 'q2_k'"):
         export.main(["--ckpt", str(gpt2_ckpt), "--to", "gguf", str(tmp_path / "a.gguf"), "--gguf_type", "q2_k"])
     with pytest.raises(SystemExit, match=r"error: --to peft exports a LoRA adapter"):
