@@ -1168,9 +1168,11 @@ class GeneratorConfig(TrainConfig):
     out_dir: str = "out-rag/generator"
     passages: int = field(default=3, metadata={"help": "passages per prompt (training: 1 to this many)"})
     substitute: float = field(default=1.0, metadata={
-        "help": "share of training prompts whose answer is swapped for another (counterfactual), in [0, 1]"})
+        "help": "share of training prompts whose answer is swapped for another of its kind (counterfactual)"})
     batch_size: int = 16
-    max_iters: int = 3000
+    max_iters: int = 6000
+    learning_rate: float = 2e-3
+    warmup_iters: int = 100
     eval_interval: int = 250
     val_questions: int = field(default=64, metadata={"help": "validation questions for exact match at each eval"})
 
@@ -1181,21 +1183,27 @@ def substitute_answer(chunk: Chunk, q: dict, new: str) -> Chunk:
     return Chunk(chunk.doc, chunk.title, chunk.start, chunk.end, chunk.text[:start] + new + chunk.text[end:])
 
 
-def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substitute: float, rng) -> dict:
+def question_kind(q: dict, title: str) -> str:
+    """The question with its person's name taken out: "Where was {} born?" (its template)."""
+    return q["question"].replace(title, "{}")
+
+
+def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substitute: float, rng,
+                     answers_of_kind=None) -> dict:
     """{"prompt", "response"} for question i: its relevant chunk at a random place among BM25 hard
     negatives, the response " <answer> [<its place>]". With probability `substitute` the answer is
-    swapped, in the passage and the response, for the answer of another question of its kind (a
-    number for a number): the reader cannot give those from facts it memorised, only by reading
-    (the counterfactual contexts of Longpre et al. 2021, arXiv:2109.05052)."""
+    swapped, in the passage and the response, for the answer of another question of its kind
+    (answers_of_kind: question_kind -> answers; a job for a job): the reader cannot give those
+    from facts it memorised, only by reading (the counterfactual contexts of Longpre et al. 2021,
+    arXiv:2109.05052), and the kind of the answer still tells which sentence holds it."""
     q, rel = qa_data.questions[i], qa_data.relevant[i]
     gold, negs = rng.choice(sorted(rel)), negatives[i][:10]
     chosen = [gold] + rng.sample(negs, min(n_passages - 1, len(negs)))
     rng.shuffle(chosen)
     passages = {d: qa_data.chunks[d] for d in chosen}
     answer = q["answer"]
-    if rng.random() < substitute:
-        answer = rng.choice([o["answer"] for o in rng.sample(qa_data.questions, 20)
-                             if o["answer"].isdigit() == answer.isdigit()] or [answer])
+    if answers_of_kind and rng.random() < substitute:
+        answer = rng.choice(answers_of_kind[question_kind(q, passages[gold].title)])
         passages[gold] = substitute_answer(passages[gold], q, answer)
     return {"prompt": grounded_prompt(q["question"], [passages[d].passage() for d in chosen]),
             "response": grounded_response(answer, chosen.index(gold) + 1)}
@@ -1227,6 +1235,13 @@ def train_generator(cfg: GeneratorConfig) -> str:
     train, val = load_training_qa(cfg.docs, cfg.qa, tok, cfg.chunk_tokens, cfg.chunk_overlap)
     negatives = mine_negatives(train.chunks, train.questions, train.relevant)
     val_negatives = mine_negatives(val.chunks, val.questions, val.relevant)
+    kinds = {}
+    for q, rel in zip(train.questions, train.relevant):
+        kinds.setdefault(question_kind(q, train.chunks[min(rel)].title), []).append(q["answer"])
+    numbers = [a for answers in kinds.values() for a in answers if a.isdigit()]
+    for answers in kinds.values():  # a rare kind ("How many ponies does {} keep?") borrows any number
+        if len(set(answers)) < 5 and answers[0].isdigit():
+            answers += numbers
     rng = random.Random(cfg.seed)
     val_rows = [grounded_example(val, i, val_negatives, cfg.passages, 0.0, rng)
                 for i in range(min(cfg.val_questions, len(val.questions)))]
@@ -1241,7 +1256,7 @@ def train_generator(cfg: GeneratorConfig) -> str:
     def batch_loss(gen):
         model.train()
         picks = torch.randint(len(train.questions), (cfg.batch_size,), generator=gen).tolist()
-        examples = [grounded_example(train, i, negatives, rng.randint(1, cfg.passages), cfg.substitute, rng)
+        examples = [grounded_example(train, i, negatives, rng.randint(1, cfg.passages), cfg.substitute, rng, kinds)
                     for i in picks]  # one passage sometimes: copying is learnt first, choosing builds on it
         return model(*sft_batch(tok, examples, block, device))[1]
 
@@ -1457,9 +1472,13 @@ def run_index(paths, cfg: IndexConfig) -> Index:
           f"{out} ({size:.1f} MB)")
     if encoder is not None and len(index) >= 100:
         queries = index.vectors[torch.randperm(len(index), generator=torch.Generator().manual_seed(0))[:200]]
-        for nprobe, rec, speedup in ivf_tradeoff(index.ivf, index.vectors, queries):
+        rows = ivf_tradeoff(index.ivf, index.vectors, queries)
+        for nprobe, rec, speedup in rows:
             print(f"IVF {len(index.ivf.centroids)} cells, nprobe {nprobe:>3}: recall@10 vs exact {rec:.3f}, "
                   f"{speedup:.1f}x exact's speed (200 of the chunks as queries)")
+        if max(r[2] for r in rows) < 1:
+            print(f"(exact search of {len(index):,} vectors is one small product: IVF pays off near 10^5 vectors, "
+                  "bench's rag section; ask searches exactly unless given --nprobe)")
     first = index.chunks([0])[0]
     shipped = first.title == "Fosvou Geltonbrem"  # the shipped documents: a question of the QA set
     example = "Where was Fosvou Geltonbrem born?" if shipped else first.title or first.text[:60]
