@@ -842,7 +842,7 @@ def bm25_rankings(chunks, questions, depth: int, k1=1.5, b=0.75) -> list[list[in
 
 
 # ----------------------------------------------------------------------------------------
-# Training: one small loop for the base LM, the bi-encoder and the reranker
+# Training: one small loop for the base LM, the bi-encoder, the reranker and the reader
 
 
 @dataclass
@@ -877,6 +877,9 @@ class BaseConfig(TrainConfig):
     n_head: int = 4
     n_embd: int = 128
     block_size: int = field(default=256, metadata={"help": "the reader's prompt (3 passages + question) must fit"})
+    repeat: bool = field(default=True, metadata={
+        "help": "write each document twice: copying from the context, which the reader needs, is learnt "
+                "(induction heads, Olsson et al. 2022, arXiv:2209.11895)"})
     rope_theta: float = field(default=10000.0, metadata={
         "help": "rotary positions (0: GPT-2's learned ones): the reader copies from a passage wherever it sits"})
     max_iters: int = 300
@@ -957,6 +960,8 @@ def pretrain_base(cfg: BaseConfig) -> str:
         raise NanoError(f"{cfg.docs} has {len(lines)} documents that no question asks about (the base needs "
                         "some: give --init_from a checkpoint instead)")
     random.Random(cfg.seed).shuffle(lines)
+    if cfg.repeat:  # the second copy is predictable only by copying from the first
+        lines = [f"{line}\n{line}" for line in lines]
     ids = torch.tensor([t for line in lines for t in tok.encode(line) + [tok.eot_id]], dtype=torch.long)
     n_val = len(ids) // 10
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]
@@ -1170,10 +1175,11 @@ class GeneratorConfig(TrainConfig):
     substitute: float = field(default=1.0, metadata={
         "help": "share of training prompts whose answer is swapped for another of its kind (counterfactual)"})
     batch_size: int = 16
-    max_iters: int = 6000
+    max_iters: int = 9000
     learning_rate: float = 2e-3
     warmup_iters: int = 100
-    eval_interval: int = 250
+    eval_interval: int = 500
+    log_interval: int = 250
     val_questions: int = field(default=64, metadata={"help": "validation questions for exact match at each eval"})
 
 

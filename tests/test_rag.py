@@ -384,7 +384,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 # Slow: the whole pipeline with rag.py's defaults, and the figures
 
 
-@pytest.mark.slow  # ~40 min on 2 loaded CPU cores: pretraining, encoder, reranker, reader
+@pytest.mark.slow  # ~90 min on 2 CPU cores: pretraining, encoder, reranker, reader (9000 steps)
 def test_pipeline_figures(tmp_path):
     out = tmp_path / "out-rag"
     encoder = rag.main(["train_encoder", "--out_dir", str(out / "encoder")])
