@@ -281,6 +281,10 @@ def test_grounded_examples_cite_the_relevant_passage_and_swap_answers(tok):
         assert rag.split_citations(other["response"])[0] in kinds[kind]  # an answer of the same kind
         swapped += rag.split_citations(other["response"])[0] != qa.questions[i]["answer"]
     assert swapped > len(qa.questions) / 2
+    firsts = [rag.split_citations(rag.grounded_example(qa, i, negatives, 3, 0.0, rng, gold_first=g)["response"])[1]
+              for g in (1.0, 0.0) for i in range(len(qa.questions))]
+    n = len(qa.questions)
+    assert firsts[:n] == [[1]] * n and 0.2 < sum(c == [1] for c in firsts[n:]) / n < 0.5  # else uniform
     chunk, q = qa.chunks[0], next(q for q, r in zip(qa.questions, qa.relevant) if 0 in r)
     swapped = rag.substitute_answer(chunk, q, "Zzz")
     assert swapped.text == chunk.text.replace(q["answer"], "Zzz", 1) and swapped.start == chunk.start
