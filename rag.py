@@ -28,11 +28,13 @@ ids so that every answer points at its source. This file builds each part from s
   listwise, one relevant chunk against the hybrid search's hard negatives.
 - grounded generation: the question and the top passages go into the prompt as "[1] ...", the
   model answers "Nenbrou [1]"; an SFT task (prompt/response pairs in finetune.py's format, the
-  loss on the response) teaches a small GPT to answer from context, some answers swapped for
-  others so that only reading gives them (counterfactual passages).
+  loss on the response) teaches a small GPT to answer from context: prompts drawn afresh at every
+  step, their answers swapped for others of the same kind (counterfactual passages: only reading
+  gives them), the relevant passage mostly first, as the retrievers rank it.
 
 No embedding model can be downloaded here: the retriever, the reranker and the reader are all
-trained from one small GPT (out-rag/base), pretrained on documents no question asks about (a
+trained from one small GPT (out-rag/base: 4 layers, 128 wide, rotary positions), pretrained on
+documents no question asks about, each read twice so that copying from the context is learnt (a
 base that knew the training people's facts let the reranker and the reader answer from memory:
 they then failed on unseen people).
 
@@ -53,16 +55,17 @@ Run (each command prints the next one):
   python rag.py train_reranker     # -> out-rag/reranker/ckpt.pt
   python rag.py train_generator    # -> out-rag/generator/ckpt.pt (grounded SFT)
   python rag.py eval out-rag/idx --reranker out-rag/reranker/ckpt.pt --generator out-rag/generator/ckpt.pt
-  python rag.py ask out-rag/idx "Where was Fosvou Geltonbrem born?" --reranker ... --generator ...
+  python rag.py ask out-rag/idx "Where was Fosvou Geltonbrem born?" --reranker out-rag/reranker/ckpt.pt \
+      --generator out-rag/generator/ckpt.pt       # the passages, then the answer with its source
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
-import os
 import shlex
 import shutil
 import sys
@@ -843,7 +846,7 @@ def bm25_rankings(chunks, questions, depth: int, k1=1.5, b=0.75) -> list[list[in
 
 
 # ----------------------------------------------------------------------------------------
-# Training: one small loop for the base LM, the bi-encoder and the reranker
+# Training: one small loop for the base LM, the bi-encoder, the reranker and the reader
 
 
 @dataclass
@@ -878,6 +881,9 @@ class BaseConfig(TrainConfig):
     n_head: int = 4
     n_embd: int = 128
     block_size: int = field(default=256, metadata={"help": "the reader's prompt (3 passages + question) must fit"})
+    repeat: bool = field(default=True, metadata={
+        "help": "write each document twice: copying from the context, which the reader needs, is learnt "
+                "(induction heads, Olsson et al. 2022, arXiv:2209.11895)"})
     rope_theta: float = field(default=10000.0, metadata={
         "help": "rotary positions (0: GPT-2's learned ones): the reader copies from a passage wherever it sits"})
     max_iters: int = 300
@@ -893,7 +899,7 @@ def check_train_config(cfg: TrainConfig):
     own = ("temperature", "group_size", "rerank_k", "val_questions", "passages", "n_layer", "n_head", "n_embd",
            "block_size")  # the options of one trainer or another
     common.check_options(cfg, positive=[n for n in own if hasattr(cfg, n)],
-                         ranges={"substitute": (0.0, 1.0)} if hasattr(cfg, "substitute") else None)
+                         ranges={"substitute": (0.0, 1.0), "gold_first": (0.0, 1.0)} if hasattr(cfg, "substitute") else None)
     if getattr(cfg, "group_size", 2) < 2:
         raise NanoError(f"--group_size must be at least 2: one relevant passage and a negative (got {cfg.group_size})")
     if cfg.chunk_overlap >= cfg.chunk_tokens:
@@ -958,6 +964,8 @@ def pretrain_base(cfg: BaseConfig) -> str:
         raise NanoError(f"{cfg.docs} has {len(lines)} documents that no question asks about (the base needs "
                         "some: give --init_from a checkpoint instead)")
     random.Random(cfg.seed).shuffle(lines)
+    if cfg.repeat:  # the second copy is predictable only by copying from the first
+        lines = [f"{line}\n{line}" for line in lines]
     ids = torch.tensor([t for line in lines for t in tok.encode(line) + [tok.eot_id]], dtype=torch.long)
     n_val = len(ids) // 10
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]
@@ -1169,10 +1177,16 @@ class GeneratorConfig(TrainConfig):
     out_dir: str = "out-rag/generator"
     passages: int = field(default=3, metadata={"help": "passages per prompt (training: 1 to this many)"})
     substitute: float = field(default=1.0, metadata={
-        "help": "share of training prompts whose answer is swapped for another (counterfactual), in [0, 1]"})
+        "help": "share of training prompts whose answer is swapped for another of its kind (counterfactual)"})
+    gold_first: float = field(default=0.7, metadata={
+        "help": "share of prompts with the relevant passage first, as a good retriever ranks it (the others: "
+                "anywhere), in [0, 1]"})
     batch_size: int = 16
-    max_iters: int = 3000
-    eval_interval: int = 250
+    max_iters: int = 9000
+    learning_rate: float = 2e-3
+    warmup_iters: int = 100
+    eval_interval: int = 500
+    log_interval: int = 250
     val_questions: int = field(default=64, metadata={"help": "validation questions for exact match at each eval"})
 
 
@@ -1182,21 +1196,28 @@ def substitute_answer(chunk: Chunk, q: dict, new: str) -> Chunk:
     return Chunk(chunk.doc, chunk.title, chunk.start, chunk.end, chunk.text[:start] + new + chunk.text[end:])
 
 
-def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substitute: float, rng) -> dict:
-    """{"prompt", "response"} for question i: its relevant chunk at a random place among BM25 hard
-    negatives, the response " <answer> [<its place>]". With probability `substitute` the answer is
-    swapped, in the passage and the response, for the answer of another question of its kind (a
-    number for a number): the reader cannot give those from facts it memorised, only by reading
-    (the counterfactual contexts of Longpre et al. 2021, arXiv:2109.05052)."""
+def question_kind(q: dict, title: str) -> str:
+    """The question with its person's name taken out: "Where was {} born?" (its template)."""
+    return q["question"].replace(title, "{}")
+
+
+def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substitute: float, rng,
+                     answers_of_kind=None, gold_first: float = 0.0) -> dict:
+    """{"prompt", "response"} for question i: its relevant chunk among BM25 hard negatives, first
+    with probability gold_first (as a good retriever ranks it), else at a random place; the
+    response " <answer> [<its place>]". With probability `substitute` the answer is
+    swapped, in the passage and the response, for the answer of another question of its kind
+    (answers_of_kind: question_kind -> answers; a job for a job): the reader cannot give those
+    from facts it memorised, only by reading (the counterfactual contexts of Longpre et al. 2021,
+    arXiv:2109.05052), and the kind of the answer still tells which sentence holds it."""
     q, rel = qa_data.questions[i], qa_data.relevant[i]
     gold, negs = rng.choice(sorted(rel)), negatives[i][:10]
-    chosen = [gold] + rng.sample(negs, min(n_passages - 1, len(negs)))
-    rng.shuffle(chosen)
+    chosen = rng.sample(negs, min(n_passages - 1, len(negs)))
+    chosen.insert(0 if rng.random() < gold_first else rng.randint(0, len(chosen)), gold)
     passages = {d: qa_data.chunks[d] for d in chosen}
     answer = q["answer"]
-    if rng.random() < substitute:
-        answer = rng.choice([o["answer"] for o in rng.sample(qa_data.questions, 20)
-                             if o["answer"].isdigit() == answer.isdigit()] or [answer])
+    if answers_of_kind and rng.random() < substitute:
+        answer = rng.choice(answers_of_kind[question_kind(q, passages[gold].title)])
         passages[gold] = substitute_answer(passages[gold], q, answer)
     return {"prompt": grounded_prompt(q["question"], [passages[d].passage() for d in chosen]),
             "response": grounded_response(answer, chosen.index(gold) + 1)}
@@ -1228,8 +1249,15 @@ def train_generator(cfg: GeneratorConfig) -> str:
     train, val = load_training_qa(cfg.docs, cfg.qa, tok, cfg.chunk_tokens, cfg.chunk_overlap)
     negatives = mine_negatives(train.chunks, train.questions, train.relevant)
     val_negatives = mine_negatives(val.chunks, val.questions, val.relevant)
+    kinds = {}
+    for q, rel in zip(train.questions, train.relevant):
+        kinds.setdefault(question_kind(q, train.chunks[min(rel)].title), []).append(q["answer"])
+    numbers = [a for answers in kinds.values() for a in answers if a.isdigit()]
+    for answers in kinds.values():  # a rare kind ("How many ponies does {} keep?") borrows any number
+        if len(set(answers)) < 5 and answers[0].isdigit():
+            answers += numbers
     rng = random.Random(cfg.seed)
-    val_rows = [grounded_example(val, i, val_negatives, cfg.passages, 0.0, rng)
+    val_rows = [grounded_example(val, i, val_negatives, cfg.passages, 0.0, rng, gold_first=cfg.gold_first)
                 for i in range(min(cfg.val_questions, len(val.questions)))]
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1242,8 +1270,8 @@ def train_generator(cfg: GeneratorConfig) -> str:
     def batch_loss(gen):
         model.train()
         picks = torch.randint(len(train.questions), (cfg.batch_size,), generator=gen).tolist()
-        examples = [grounded_example(train, i, negatives, rng.randint(1, cfg.passages), cfg.substitute, rng)
-                    for i in picks]  # one passage sometimes: copying is learnt first, choosing builds on it
+        examples = [grounded_example(train, i, negatives, rng.randint(1, cfg.passages), cfg.substitute, rng, kinds,
+                                     cfg.gold_first) for i in picks]  # one passage sometimes: copying is learnt first, choosing builds on it
         return model(*sft_batch(tok, examples, block, device))[1]
 
     @torch.no_grad()
@@ -1458,9 +1486,13 @@ def run_index(paths, cfg: IndexConfig) -> Index:
           f"{out} ({size:.1f} MB)")
     if encoder is not None and len(index) >= 100:
         queries = index.vectors[torch.randperm(len(index), generator=torch.Generator().manual_seed(0))[:200]]
-        for nprobe, rec, speedup in ivf_tradeoff(index.ivf, index.vectors, queries):
+        rows = ivf_tradeoff(index.ivf, index.vectors, queries)
+        for nprobe, rec, speedup in rows:
             print(f"IVF {len(index.ivf.centroids)} cells, nprobe {nprobe:>3}: recall@10 vs exact {rec:.3f}, "
                   f"{speedup:.1f}x exact's speed (200 of the chunks as queries)")
+        if max(r[2] for r in rows) < 1:
+            print(f"(exact search of {len(index):,} vectors is one small product: IVF pays off near 10^5 vectors, "
+                  "bench's rag section; ask searches exactly unless given --nprobe)")
     first = index.chunks([0])[0]
     shipped = first.title == "Fosvou Geltonbrem"  # the shipped documents: a question of the QA set
     example = "Where was Fosvou Geltonbrem born?" if shipped else first.title or first.text[:60]
@@ -1483,7 +1515,7 @@ COMMANDS = {  # name: (positional arguments, config, run, what it does)
               "into a BM25 index (+ dense vectors and IVF with --encoder)"),
     "ask": ("INDEX QUESTION", AskConfig, run_ask, "the top passages for a question (and with --generator an "
             "answer citing them)"),
-    "pretrain": ("", BaseConfig, pretrain_base, "pretrain the shared base GPT on the training documents"),
+    "pretrain": ("", BaseConfig, pretrain_base, "pretrain the shared base GPT on the documents no question asks about"),
     "train_encoder": ("", EncoderConfig, train_encoder, "train the bi-encoder (dense retriever), InfoNCE"),
     "train_reranker": ("", RerankerConfig, train_reranker, "train the cross-encoder reranker, listwise"),
     "train_generator": ("", GeneratorConfig, train_generator, "grounded SFT of the reader on prompt/response pairs"),

@@ -264,15 +264,27 @@ def test_grounded_examples_cite_the_relevant_passage_and_swap_answers(tok):
     relevant = rag.relevant_chunks(questions, chunks)
     qa = rag.QAData(chunks, [q for q, r in zip(questions, relevant) if r], [r for r in relevant if r])
     negatives = rag.mine_negatives(qa.chunks, qa.questions, qa.relevant)
-    rng = random.Random(0)
+    kinds = {}
+    for q, rel in zip(qa.questions, qa.relevant):
+        kinds.setdefault(rag.question_kind(q, qa.chunks[min(rel)].title), []).append(q["answer"])
+    assert "Where was {} born?" in kinds
+    rng, swapped = random.Random(0), 0
     for i in range(len(qa.questions)):
-        q, true = rag.grounded_example(qa, i, negatives, 3, 0.0, rng), rag.grounded_example(qa, i, negatives, 3, 1.0, rng)
-        for ex, want in ((q, qa.questions[i]["answer"]), (true, None)):
+        true = rag.grounded_example(qa, i, negatives, 3, 0.0, rng, kinds)
+        other = rag.grounded_example(qa, i, negatives, 3, 1.0, rng, kinds)
+        for ex, want in ((true, qa.questions[i]["answer"]), (other, None)):
             answer, (cite,) = rag.split_citations(ex["response"])
             passages = ex["prompt"].split("\n")[1:-2]
             assert len(passages) == 3 and passages[cite - 1].startswith(f"[{cite}] ")
             assert answer in passages[cite - 1] and (want is None or answer == want)
-        assert rag.split_citations(true["response"])[0].isdigit() == qa.questions[i]["answer"].isdigit()
+        kind = rag.question_kind(qa.questions[i], qa.chunks[min(qa.relevant[i])].title)
+        assert rag.split_citations(other["response"])[0] in kinds[kind]  # an answer of the same kind
+        swapped += rag.split_citations(other["response"])[0] != qa.questions[i]["answer"]
+    assert swapped > len(qa.questions) / 2
+    firsts = [rag.split_citations(rag.grounded_example(qa, i, negatives, 3, 0.0, rng, gold_first=g)["response"])[1]
+              for g in (1.0, 0.0) for i in range(len(qa.questions))]
+    n = len(qa.questions)
+    assert firsts[:n] == [[1]] * n and 0.2 < sum(c == [1] for c in firsts[n:]) / n < 0.5  # else uniform
     chunk, q = qa.chunks[0], next(q for q, r in zip(qa.questions, qa.relevant) if 0 in r)
     swapped = rag.substitute_answer(chunk, q, "Zzz")
     assert swapped.text == chunk.text.replace(q["answer"], "Zzz", 1) and swapped.start == chunk.start
@@ -376,7 +388,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 # Slow: the whole pipeline with rag.py's defaults, and the figures
 
 
-@pytest.mark.slow  # ~40 min on 2 loaded CPU cores: pretraining, encoder, reranker, reader
+@pytest.mark.slow  # ~90 min on 2 CPU cores: pretraining, encoder, reranker, reader (9000 steps)
 def test_pipeline_figures(tmp_path):
     out = tmp_path / "out-rag"
     encoder = rag.main(["train_encoder", "--out_dir", str(out / "encoder")])
