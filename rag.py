@@ -320,7 +320,7 @@ class Encoder:
 
     def __init__(self, model: gpt.GPT, tok, spec: str):
         self.model, self.tok, self.spec = model, tok, spec
-        self.dim = model.config.n_embd
+        self.dim, self.name = model.config.n_embd, "encoder"
         self.device = next(model.parameters()).device
 
     def ids(self, texts) -> list[list[int]]:
@@ -332,10 +332,11 @@ class Encoder:
         return F.normalize(mean_pool(self.model.hidden_states(ids), mask), dim=-1)
 
     @torch.no_grad()
-    def vectors(self, texts, batch_size=64) -> torch.Tensor:
-        """(N, dim) float32 unit vectors, batch by batch (texts sorted by length: less padding)."""
+    def vectors(self, texts, batch_size=64, rows=None) -> torch.Tensor:
+        """(N, dim) float32 unit vectors, batch by batch (texts sorted by length: less padding);
+        rows: token ids instead of texts."""
         self.model.eval()
-        rows = self.ids(texts)
+        rows = self.ids(texts) if rows is None else rows
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out = torch.empty(len(rows), self.dim)
         for s in range(0, len(rows), batch_size):
@@ -343,11 +344,17 @@ class Encoder:
             out[pick] = self.forward([rows[i] for i in pick]).float().cpu()
         return out
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        return self.vectors(texts).tolist()
-
-    def count_tokens(self, texts: list[str]) -> int:
-        return sum(map(len, self.ids(texts)))
+    def embed(self, inputs) -> tuple[list[list[float]], int]:
+        """What /v1/embeddings serves: texts or token-id lists -> (their vectors, tokens read). Unlike
+        chunks, an input longer than the block or with ids outside the vocabulary is refused."""
+        rows = [self.tok.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        block, vocab = self.model.config.block_size, self.model.config.vocab_size
+        for i, r in enumerate(rows):
+            if not 0 < len(r) <= block:
+                raise NanoError(f"input {i} has {len(r)} tokens (this embedding model reads 1 to {block})")
+            if not all(0 <= t < vocab for t in r):
+                raise NanoError(f"input {i} holds token ids outside 0..{vocab - 1} (send text, or this model's ids)")
+        return self.vectors(None, rows=rows).tolist(), sum(map(len, rows))
 
     def save(self, path, **extra):
         gpt.save_checkpoint(path, self.model, self.spec, rag="encoder", **extra)
@@ -355,7 +362,9 @@ class Encoder:
     @classmethod
     def load(cls, path, device="cpu") -> Encoder:
         model, spec, ckpt = load_rag_model(path, "encoder", device)
-        return cls(model, tokenizer.load_tokenizer(spec), spec)
+        encoder = cls(model, tokenizer.load_tokenizer(spec), spec)
+        encoder.name = Path(path).parent.name  # its id in /v1/embeddings: out-rag/encoder/ckpt.pt -> "encoder"
+        return encoder
 
 
 def load_rag_model(path, kind: str, device):
