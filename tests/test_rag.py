@@ -6,9 +6,12 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import random
 import shlex
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ import gpt
 import rag
 import tokenizer
 from conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one query at a time
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +108,14 @@ def test_bm25_add_equals_rebuild():
     np.testing.assert_array_equal(state.scores(["t5", "t9"]), whole.scores(["t5", "t9"]))
 
 
-def test_index_add_equals_rebuild_through_the_cli(tmp_path):
+def test_index_add_equals_rebuild_through_the_cli(tmp_path, tiny_model, tok):
     lines = rag.DOCS.read_text().splitlines()
     (tmp_path / "a.jsonl").write_text("\n".join(lines[:40]) + "\n")
     (tmp_path / "b.jsonl").write_text("\n".join(lines[40:70]) + "\n")
-    rag.main(["index", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "whole")])
-    rag.main(["index", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "grown")])
+    rag.Encoder(tiny_model, tok, str(rag.TOKENIZER)).save(tmp_path / "enc.pt")
+    encoder = ["--encoder", str(tmp_path / "enc.pt")]
+    rag.main(["index", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "whole"), *encoder])
+    rag.main(["index", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "grown"), *encoder])
     rag.main(["index", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "grown"), "--add"])
     whole, grown = rag.Index.load(tmp_path / "whole"), rag.Index.load(tmp_path / "grown")
     assert len(whole) == len(grown) > 100
@@ -116,10 +123,12 @@ def test_index_add_equals_rebuild_through_the_cli(tmp_path):
     for q in ("Where was Fosvou Geltonbrem born?", "how many goats", "Shipyard"):
         np.testing.assert_allclose(grown.bm25.scores(rag.word_split(q)), whole.bm25.scores(rag.word_split(q)),
                                    rtol=0, atol=1e-12)
+    torch.testing.assert_close(grown.vectors, whole.vectors, atol=1e-5, rtol=0)  # the same vectors, and IVF
+    assert sorted(grown.ivf.ids.tolist()) == list(range(len(grown)))  # cells (grown's centroids are a's) hold all
     # a rebuild replaces the folder; nothing is left beside it
     rag.main(["index", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "whole")])
     assert len(rag.Index.load(tmp_path / "whole")) < len(whole)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "grown", "whole"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "enc.pt", "grown", "whole"]
 
 
 def test_bm25_on_tokenizer_ids(tmp_path, tok):
@@ -346,6 +355,46 @@ def test_index_and_ask_on_the_shipped_documents(tmp_path, capsys):
     result = rag.main(["ask", str(tmp_path / "idx"), "Where was Fosvou Geltonbrem born?", "--k", "2"])
     assert len(result["passages"]) == 2 and "born in Nenbrou" in result["passages"][0]["text"]
     assert "(d000, characters 0-" in capsys.readouterr().out
+
+
+OPENED = []  # (event, path) of every file opened while a test watches (an audit hook cannot be removed)
+WATCH = []  # the names of the files to watch
+
+
+def watch_opens(event, args):
+    if event == "open" and WATCH and isinstance(args[0], (str, os.PathLike)) and Path(args[0]).name in WATCH:
+        OPENED.append(Path(args[0]).name)
+
+
+def generated_corpus(path, mb: float):
+    """The shipped documents repeated (each copy its own ids) until the .jsonl holds `mb` megabytes."""
+    docs = [json.loads(line) for line in rag.DOCS.read_text().splitlines()]
+    with path.open("w", encoding="utf-8") as f:
+        written, copy = 0, 0
+        while written < mb * 1e6:
+            for doc in docs:
+                written += f.write(json.dumps(doc | {"id": f"{doc['id']}-{copy}"}) + "\n")
+            copy += 1
+
+
+def test_a_few_megabytes_index_in_one_read_with_a_progress_bar_and_a_query_reads_k_chunks(tmp_path, capsys):
+    generated_corpus(tmp_path / "corpus.jsonl", 2)
+    (tmp_path / "notes.txt").write_text("Ilse Varn keeps 12 goats near Osk. " * 2000)  # one big text document
+    sys.addaudithook(watch_opens)
+    WATCH[:] = ["corpus.jsonl", "notes.txt", "chunks.jsonl"]
+    try:
+        rag.main(["index", str(tmp_path / "corpus.jsonl"), str(tmp_path / "notes.txt"), "--out", str(tmp_path / "idx")])
+        assert OPENED.count("corpus.jsonl") == OPENED.count("notes.txt") == 1  # each file is read once, streamed
+        err = capsys.readouterr().err
+        assert "\rindex [" in err and "[####################] 2.1/2.1 MB" in err  # the bar reaches the total
+        OPENED.clear()
+        result = rag.main(["ask", str(tmp_path / "idx"), "How many goats does Ilse Varn keep?"])
+        assert OPENED == ["chunks.jsonl"]  # a query reads its k chunks by offset, never the documents
+    finally:
+        WATCH.clear()
+        OPENED.clear()
+    assert result["passages"][0]["doc"] == str(tmp_path / "notes.txt")
+    assert len(rag.Index.load(tmp_path / "idx")) > 20_000
 
 
 @pytest.mark.parametrize("argv,message", [
