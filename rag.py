@@ -57,6 +57,7 @@ Run (each command prints the next one):
   python rag.py eval out-rag/idx --reranker out-rag/reranker/ckpt.pt --generator out-rag/generator/ckpt.pt
   python rag.py ask out-rag/idx "Where was Fosvou Geltonbrem born?" --reranker out-rag/reranker/ckpt.pt \
       --generator out-rag/generator/ckpt.pt       # the passages, then the answer with its source
+  python rag.py pipeline           # all of the above with the defaults, then eval's table
 """
 
 from __future__ import annotations
@@ -1435,6 +1436,37 @@ def run_ask(args, cfg: AskConfig) -> dict:
     return result
 
 
+@dataclass
+class PipelineConfig:
+    out: str = field(default="out-rag", metadata={"help": "the folder of base/, encoder/, reranker/, generator/, idx/"})
+    retrain: bool = field(default=False, metadata={"help": "train the encoder, reranker and generator again even "
+                                                           "where their checkpoints exist"})
+    limit: int = field(default=0, metadata={"help": "evaluate the first N test questions only (0: all)"})
+    device: str = "auto"
+
+
+def run_pipeline(args, cfg: PipelineConfig) -> dict:
+    """Every step with its defaults on the shipped set, a step skipped where its checkpoint exists:
+    the base (pretrained on first use), encoder, reranker, reader, the index, then eval's table."""
+    out, t0 = Path(cfg.out), time.time()
+    trainers = {"encoder": (EncoderConfig, train_encoder), "reranker": (RerankerConfig, train_reranker),
+                "generator": (GeneratorConfig, train_generator)}
+    paths = {}
+    for name, (config_cls, train) in trainers.items():
+        path = out / name / "ckpt.pt"
+        if cfg.retrain or not path.is_file():
+            config = config_cls(out_dir=str(out / name), device=cfg.device)
+            check_train_config(config)
+            train(config)
+        paths[name] = str(path)
+    run_index([str(DOCS)], IndexConfig(out=str(out / "idx"), encoder=paths["encoder"], device=cfg.device))
+    results = run_eval([str(out / "idx")], EvalConfig(reranker=paths["reranker"], generator=paths["generator"],
+                                                      limit=cfg.limit, out_json=str(out / "eval.json"),
+                                                      device=cfg.device))
+    print(f"pipeline: {time.time() - t0:.0f} s (figures in {out / 'eval.json'})")
+    return results
+
+
 # ----------------------------------------------------------------------------------------
 # Building an index, and the CLI
 
@@ -1531,6 +1563,8 @@ COMMANDS = {  # name: (positional arguments, config, run, what it does)
     "train_generator": ("", GeneratorConfig, train_generator, "grounded SFT of the reader on prompt/response pairs"),
     "eval": ("INDEX", EvalConfig, run_eval, "recall@5 / nDCG@10 of each retriever, the reader's exact match "
              "without and with retrieval"),
+    "pipeline": ("", PipelineConfig, run_pipeline, "all of it with the defaults (each step skipped where its "
+                 "checkpoint exists), then eval's table"),
 }
 
 

@@ -397,6 +397,21 @@ def test_a_few_megabytes_index_in_one_read_with_a_progress_bar_and_a_query_reads
     assert len(rag.Index.load(tmp_path / "idx")) > 20_000
 
 
+def test_pipeline_skips_trained_steps_and_prints_the_table(tmp_path, tiny_model, tok, capsys):
+    out = tmp_path / "out-rag"
+    for name in ("encoder", "reranker", "generator"):
+        (out / name).mkdir(parents=True)
+    rag.Encoder(tiny_model, tok, str(rag.TOKENIZER)).save(out / "encoder" / "ckpt.pt")
+    rag.Reranker(tiny_model, tok, str(rag.TOKENIZER)).save(out / "reranker" / "ckpt.pt")
+    gpt.save_checkpoint(out / "generator" / "ckpt.pt", tiny_model, str(rag.TOKENIZER), rag="generator")
+    r = rag.main(["pipeline", "--out", str(out), "--limit", "4"])
+    assert list(r) == ["bm25", "dense", "hybrid", "hybrid + reranker", "reader"]
+    assert json.loads((out / "eval.json").read_text()) == r
+    printed = capsys.readouterr().out
+    assert "4 test questions, 2561 chunks" in printed and "top 3 of hybrid + reranker" in printed
+    assert "pipeline:" in printed and "encoder iter" not in printed  # nothing was trained
+
+
 @pytest.mark.parametrize("argv,message", [
     (["nope"], "unknown command 'nope'"),
     (["index", "--out", "x"], "index takes DOCS... before its options (got 0"),
@@ -437,14 +452,9 @@ def test_help_lists_every_option_with_its_default(capsys):
 # Slow: the whole pipeline with rag.py's defaults, and the figures
 
 
-@pytest.mark.slow  # ~90 min on 2 CPU cores: pretraining, encoder, reranker, reader (9000 steps)
+@pytest.mark.slow  # ~90 min on 2 idle CPU cores, hours under load: pretraining, encoder, reranker, reader (9000 steps)
 def test_pipeline_figures(tmp_path):
-    out = tmp_path / "out-rag"
-    encoder = rag.main(["train_encoder", "--out_dir", str(out / "encoder")])
-    reranker = rag.main(["train_reranker", "--out_dir", str(out / "reranker")])
-    generator = rag.main(["train_generator", "--out_dir", str(out / "generator")])
-    rag.main(["index", str(rag.DOCS), "--out", str(out / "idx"), "--encoder", encoder])
-    r = rag.main(["eval", str(out / "idx"), "--reranker", reranker, "--generator", generator])
+    r = rag.main(["pipeline", "--out", str(tmp_path / "out-rag")])
     for metric in ("recall@5", "ndcg@10"):
         assert r["hybrid"][metric] > max(r["bm25"][metric], r["dense"][metric])
     assert r["hybrid + reranker"]["ndcg@10"] >= r["hybrid"]["ndcg@10"] + 0.02
