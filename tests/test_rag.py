@@ -208,9 +208,10 @@ def test_encoder_mean_pools_real_tokens_only(tiny_model, tok, tmp_path):
     ids = torch.tensor([encoder.ids([short])[0]])
     want = F.normalize(tiny_model.hidden_states(ids).mean(1), dim=-1)[0]
     torch.testing.assert_close(alone[0], want.detach(), atol=1e-5, rtol=0)
-    out = encoder.embed(["a", "b c"])
+    out, n_tokens = encoder.embed(["a", tok.encode("b c")])  # /v1/embeddings: texts or token ids
     assert len(out) == 2 and len(out[0]) == encoder.dim == 32 and isinstance(out[0][0], float)
-    assert encoder.count_tokens(["a", "b c"]) == len(tok.encode("a")) + len(tok.encode("b c"))
+    assert n_tokens == len(tok.encode("a")) + len(tok.encode("b c"))
+    torch.testing.assert_close(torch.tensor(out), encoder.vectors(["a", "b c"]))
     encoder.save(tmp_path / "enc.pt")
     torch.testing.assert_close(rag.Encoder.load(tmp_path / "enc.pt").vectors([short]), alone)
     with pytest.raises(common.NanoError, match="is not a rag.py reranker"):
