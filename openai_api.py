@@ -12,10 +12,13 @@ template come in as arguments, and all it asks of them is
   queue.Full when too many wait;
 - tok: encode, decode, eot_id, vocab_size;
 - template: render(messages) -> prompt ids, stop_ids, stop (strings); by default
-  PlainChatTemplate below, for base models (tokenizer.load_chat_template gives a chat model's own).
+  PlainChatTemplate below, for base models (tokenizer.load_chat_template gives a chat model's own);
+- embedder (optional, for POST /v1/embeddings): name, dim, and embed(inputs) -> (vectors, tokens read)
+  for a list of texts or token-id lists (rag.py's Encoder); NanoError for an input it cannot read.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI's request and response
-shapes; "stream": true sends server-sent events ending in `data: [DONE]`), GET /v1/models,
+shapes; "stream": true sends server-sent events ending in `data: [DONE]`), POST /v1/embeddings
+(with an embedder; "encoding_format": "base64" sends little-endian float32), GET /v1/models,
 GET /health, GET / (a chat page, assets/chat.html: plain JavaScript, works offline).
 Bad requests get OpenAI-style error JSON with a 4xx status; a full queue gets 503 with
 Retry-After; a client that goes away cancels its request. One thread per connection.
@@ -28,6 +31,7 @@ Run (serve.py builds the engine and starts this server):
 
 from __future__ import annotations
 
+import base64
 import errno
 import hmac
 import json
@@ -35,6 +39,7 @@ import math
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -136,6 +141,22 @@ def parse_prompt(body, tok):
                    param="prompt")
 
 
+def parse_embedding_input(body) -> list:
+    """'input' in OpenAI's four shapes: a string, a list of strings, a list of token ids, a list of
+    such lists -> a list of strings or token-id lists (at most 2048; none empty)."""
+    def ids(v):
+        return isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    x = body.get("input")
+    items = [x] if isinstance(x, str) or ids(x) else x
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) or ids(v) for v in items):
+        raise APIError(400, "'input' is required: a string, a list of strings, a list of token ids, or a list of "
+                            "token-id lists", param="input")
+    if len(items) > 2048 or "" in items:
+        raise APIError(400, "'input' must hold 1 to 2048 inputs, none of them empty", param="input")
+    return items
+
+
 def parse_sampling(body, block_size, n_prompt):
     """The generation fields shared by both endpoints -> Request keyword arguments, stop, stream options."""
     max_tokens = get_field(body, "max_tokens", ["integer"], check=lambda v: v >= 1, hint=" >= 1")
@@ -196,7 +217,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method):
         routes = {"/v1/chat/completions": ("POST", self.chat_completions), "/v1/completions": ("POST", self.completions),
-                  "/v1/models": ("GET", self.models), "/health": ("GET", self.health),
+                  "/v1/embeddings": ("POST", self.embeddings), "/v1/models": ("GET", self.models),
+                  "/health": ("GET", self.health),
                   "/": ("GET", self.page), "/index.html": ("GET", self.page)}
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
@@ -288,8 +310,9 @@ class Handler(BaseHTTPRequestHandler):
                               "free_slots": len(engine.rows) - engine.running(), **engine.stats})
 
     def models(self, _):
-        self._send_json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                          "created": self.server.created, "owned_by": "nanollm"}]})
+        names = [self.server.model_name] + ([self.server.embedder.name] if self.server.embedder else [])
+        self._send_json(200, {"object": "list", "data": [{"id": n, "object": "model", "created": self.server.created,
+                                                          "owned_by": "nanollm"} for n in names]})
 
     def page(self, _):
         payload = self.server.page
@@ -316,10 +339,26 @@ class Handler(BaseHTTPRequestHandler):
         eot = self.server.tok.eot_id
         self._complete(body, ids, frozenset({eot} if eot is not None else ()), (), chat=False)
 
-    def _check_model(self, body):
-        model = get_field(body, "model", ["string"])
-        if model is not None and model != self.server.model_name:
-            raise APIError(404, f"the model {model!r} does not exist (this server has {self.server.model_name!r})",
+    def embeddings(self, body):
+        embedder = self.server.embedder
+        if embedder is None:
+            raise APIError(404, "this server has no embedding model (start serve.py with --embeddings ENCODER)",
+                           code="not_found")
+        self._check_model(body, embedder.name)
+        fmt = get_field(body, "encoding_format", ["string"], "float", lambda v: v in ("float", "base64"),
+                        ": 'float' or 'base64'")
+        get_field(body, "dimensions", ["integer"], check=lambda v: v == embedder.dim, hint=f", {embedder.dim} here")
+        vectors, n_tokens = embedder.embed(parse_embedding_input(body))
+        as_base64 = lambda v: base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()  # noqa: E731
+        data = [{"object": "embedding", "index": i, "embedding": as_base64(v) if fmt == "base64" else v}
+                for i, v in enumerate(vectors)]
+        self._send_json(200, {"object": "list", "data": data, "model": embedder.name,
+                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+    def _check_model(self, body, name=None):
+        model, name = get_field(body, "model", ["string"]), name or self.server.model_name
+        if model is not None and model != name:
+            raise APIError(404, f"the model {model!r} does not exist (this server has {name!r})",
                            param="model", code="model_not_found")
 
     def _complete(self, body, ids, stop_ids, stop, chat):
@@ -395,12 +434,12 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog; socketserver's 5 resets connections in a burst
 
     def __init__(self, address, engine, tok, template=None, model_name="nanollm", api_key="", log_requests=True,
-                 request_timeout=30.0):
+                 request_timeout=30.0, embedder=None):
         self.request_timeout = request_timeout  # seconds a client may take to send headers or body: 408 / hang-up
         self.connections, self._lock = set(), threading.Lock()  # first: a failed bind calls server_close
         super().__init__(address, Handler)
         self.engine, self.tok, self.template = engine, tok, template or PlainChatTemplate(tok)
-        self.model_name, self.api_key, self.log_requests = model_name, api_key, log_requests
+        self.model_name, self.api_key, self.log_requests, self.embedder = model_name, api_key, log_requests, embedder
         self.created = int(time.time())
         self.page = PAGE.read_bytes()
 

@@ -28,11 +28,13 @@ ids so that every answer points at its source. This file builds each part from s
   listwise, one relevant chunk against the hybrid search's hard negatives.
 - grounded generation: the question and the top passages go into the prompt as "[1] ...", the
   model answers "Nenbrou [1]"; an SFT task (prompt/response pairs in finetune.py's format, the
-  loss on the response) teaches a small GPT to answer from context, some answers swapped for
-  others so that only reading gives them (counterfactual passages).
+  loss on the response) teaches a small GPT to answer from context: prompts drawn afresh at every
+  step, their answers swapped for others of the same kind (counterfactual passages: only reading
+  gives them), the relevant passage mostly first, as the retrievers rank it.
 
 No embedding model can be downloaded here: the retriever, the reranker and the reader are all
-trained from one small GPT (out-rag/base), pretrained on documents no question asks about (a
+trained from one small GPT (out-rag/base: 4 layers, 128 wide, rotary positions), pretrained on
+documents no question asks about, each read twice so that copying from the context is learnt (a
 base that knew the training people's facts let the reranker and the reader answer from memory:
 they then failed on unseen people).
 
@@ -53,16 +55,18 @@ Run (each command prints the next one):
   python rag.py train_reranker     # -> out-rag/reranker/ckpt.pt
   python rag.py train_generator    # -> out-rag/generator/ckpt.pt (grounded SFT)
   python rag.py eval out-rag/idx --reranker out-rag/reranker/ckpt.pt --generator out-rag/generator/ckpt.pt
-  python rag.py ask out-rag/idx "Where was Fosvou Geltonbrem born?" --reranker ... --generator ...
+  python rag.py ask out-rag/idx "Where was Fosvou Geltonbrem born?" --reranker out-rag/reranker/ckpt.pt \
+      --generator out-rag/generator/ckpt.pt       # the passages, then the answer with its source
+  python rag.py pipeline           # all of the above with the defaults, then eval's table
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
-import os
 import shlex
 import shutil
 import sys
@@ -317,7 +321,7 @@ class Encoder:
 
     def __init__(self, model: gpt.GPT, tok, spec: str):
         self.model, self.tok, self.spec = model, tok, spec
-        self.dim = model.config.n_embd
+        self.dim, self.name = model.config.n_embd, "encoder"
         self.device = next(model.parameters()).device
 
     def ids(self, texts) -> list[list[int]]:
@@ -329,10 +333,11 @@ class Encoder:
         return F.normalize(mean_pool(self.model.hidden_states(ids), mask), dim=-1)
 
     @torch.no_grad()
-    def vectors(self, texts, batch_size=64) -> torch.Tensor:
-        """(N, dim) float32 unit vectors, batch by batch (texts sorted by length: less padding)."""
+    def vectors(self, texts, batch_size=64, rows=None) -> torch.Tensor:
+        """(N, dim) float32 unit vectors, batch by batch (texts sorted by length: less padding);
+        rows: token ids instead of texts."""
         self.model.eval()
-        rows = self.ids(texts)
+        rows = self.ids(texts) if rows is None else rows
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out = torch.empty(len(rows), self.dim)
         for s in range(0, len(rows), batch_size):
@@ -340,11 +345,17 @@ class Encoder:
             out[pick] = self.forward([rows[i] for i in pick]).float().cpu()
         return out
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        return self.vectors(texts).tolist()
-
-    def count_tokens(self, texts: list[str]) -> int:
-        return sum(map(len, self.ids(texts)))
+    def embed(self, inputs) -> tuple[list[list[float]], int]:
+        """What /v1/embeddings serves: texts or token-id lists -> (their vectors, tokens read). Unlike
+        chunks, an input longer than the block or with ids outside the vocabulary is refused."""
+        rows = [self.tok.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        block, vocab = self.model.config.block_size, self.model.config.vocab_size
+        for i, r in enumerate(rows):
+            if not 0 < len(r) <= block:
+                raise NanoError(f"input {i} has {len(r)} tokens (this embedding model reads 1 to {block})")
+            if not all(0 <= t < vocab for t in r):
+                raise NanoError(f"input {i} holds token ids outside 0..{vocab - 1} (send text, or this model's ids)")
+        return self.vectors(None, rows=rows).tolist(), sum(map(len, rows))
 
     def save(self, path, **extra):
         gpt.save_checkpoint(path, self.model, self.spec, rag="encoder", **extra)
@@ -352,7 +363,9 @@ class Encoder:
     @classmethod
     def load(cls, path, device="cpu") -> Encoder:
         model, spec, ckpt = load_rag_model(path, "encoder", device)
-        return cls(model, tokenizer.load_tokenizer(spec), spec)
+        encoder = cls(model, tokenizer.load_tokenizer(spec), spec)
+        encoder.name = Path(path).parent.name  # its id in /v1/embeddings: out-rag/encoder/ckpt.pt -> "encoder"
+        return encoder
 
 
 def load_rag_model(path, kind: str, device):
@@ -668,7 +681,8 @@ class Index:
             size, overlap = self.meta["chunk_tokens"], self.meta["chunk_overlap"]
             for chunk in chunk_docs(read_docs(paths), tok, size, overlap, progress):
                 offsets.append(f.tell())
-                f.write((json.dumps(asdict(chunk), ensure_ascii=False) + "\n").encode("utf-8"))
+                line = json.dumps(vars(chunk), ensure_ascii=False)  # vars: asdict without its deep copies
+                f.write((line + "\n").encode("utf-8"))
                 pending.append(chunk.passage())
                 if len(pending) == flush_every:
                     self._count_and_embed(pending, terms_of, encoder, batch_size, new_vectors)
@@ -843,7 +857,7 @@ def bm25_rankings(chunks, questions, depth: int, k1=1.5, b=0.75) -> list[list[in
 
 
 # ----------------------------------------------------------------------------------------
-# Training: one small loop for the base LM, the bi-encoder and the reranker
+# Training: one small loop for the base LM, the bi-encoder, the reranker and the reader
 
 
 @dataclass
@@ -878,6 +892,9 @@ class BaseConfig(TrainConfig):
     n_head: int = 4
     n_embd: int = 128
     block_size: int = field(default=256, metadata={"help": "the reader's prompt (3 passages + question) must fit"})
+    repeat: bool = field(default=True, metadata={
+        "help": "write each document twice: copying from the context, which the reader needs, is learnt "
+                "(induction heads, Olsson et al. 2022, arXiv:2209.11895)"})
     rope_theta: float = field(default=10000.0, metadata={
         "help": "rotary positions (0: GPT-2's learned ones): the reader copies from a passage wherever it sits"})
     max_iters: int = 300
@@ -893,7 +910,7 @@ def check_train_config(cfg: TrainConfig):
     own = ("temperature", "group_size", "rerank_k", "val_questions", "passages", "n_layer", "n_head", "n_embd",
            "block_size")  # the options of one trainer or another
     common.check_options(cfg, positive=[n for n in own if hasattr(cfg, n)],
-                         ranges={"substitute": (0.0, 1.0)} if hasattr(cfg, "substitute") else None)
+                         ranges={"substitute": (0.0, 1.0), "gold_first": (0.0, 1.0)} if hasattr(cfg, "substitute") else None)
     if getattr(cfg, "group_size", 2) < 2:
         raise NanoError(f"--group_size must be at least 2: one relevant passage and a negative (got {cfg.group_size})")
     if cfg.chunk_overlap >= cfg.chunk_tokens:
@@ -958,6 +975,8 @@ def pretrain_base(cfg: BaseConfig) -> str:
         raise NanoError(f"{cfg.docs} has {len(lines)} documents that no question asks about (the base needs "
                         "some: give --init_from a checkpoint instead)")
     random.Random(cfg.seed).shuffle(lines)
+    if cfg.repeat:  # the second copy is predictable only by copying from the first
+        lines = [f"{line}\n{line}" for line in lines]
     ids = torch.tensor([t for line in lines for t in tok.encode(line) + [tok.eot_id]], dtype=torch.long)
     n_val = len(ids) // 10
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]
@@ -1169,10 +1188,16 @@ class GeneratorConfig(TrainConfig):
     out_dir: str = "out-rag/generator"
     passages: int = field(default=3, metadata={"help": "passages per prompt (training: 1 to this many)"})
     substitute: float = field(default=1.0, metadata={
-        "help": "share of training prompts whose answer is swapped for another (counterfactual), in [0, 1]"})
+        "help": "share of training prompts whose answer is swapped for another of its kind (counterfactual)"})
+    gold_first: float = field(default=0.7, metadata={
+        "help": "share of prompts with the relevant passage first, as a good retriever ranks it (the others: "
+                "anywhere), in [0, 1]"})
     batch_size: int = 16
-    max_iters: int = 3000
-    eval_interval: int = 250
+    max_iters: int = 9000
+    learning_rate: float = 2e-3
+    warmup_iters: int = 100
+    eval_interval: int = 500
+    log_interval: int = 250
     val_questions: int = field(default=64, metadata={"help": "validation questions for exact match at each eval"})
 
 
@@ -1182,21 +1207,28 @@ def substitute_answer(chunk: Chunk, q: dict, new: str) -> Chunk:
     return Chunk(chunk.doc, chunk.title, chunk.start, chunk.end, chunk.text[:start] + new + chunk.text[end:])
 
 
-def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substitute: float, rng) -> dict:
-    """{"prompt", "response"} for question i: its relevant chunk at a random place among BM25 hard
-    negatives, the response " <answer> [<its place>]". With probability `substitute` the answer is
-    swapped, in the passage and the response, for the answer of another question of its kind (a
-    number for a number): the reader cannot give those from facts it memorised, only by reading
-    (the counterfactual contexts of Longpre et al. 2021, arXiv:2109.05052)."""
+def question_kind(q: dict, title: str) -> str:
+    """The question with its person's name taken out: "Where was {} born?" (its template)."""
+    return q["question"].replace(title, "{}")
+
+
+def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substitute: float, rng,
+                     answers_of_kind=None, gold_first: float = 0.0) -> dict:
+    """{"prompt", "response"} for question i: its relevant chunk among BM25 hard negatives, first
+    with probability gold_first (as a good retriever ranks it), else at a random place; the
+    response " <answer> [<its place>]". With probability `substitute` the answer is
+    swapped, in the passage and the response, for the answer of another question of its kind
+    (answers_of_kind: question_kind -> answers; a job for a job): the reader cannot give those
+    from facts it memorised, only by reading (the counterfactual contexts of Longpre et al. 2021,
+    arXiv:2109.05052), and the kind of the answer still tells which sentence holds it."""
     q, rel = qa_data.questions[i], qa_data.relevant[i]
     gold, negs = rng.choice(sorted(rel)), negatives[i][:10]
-    chosen = [gold] + rng.sample(negs, min(n_passages - 1, len(negs)))
-    rng.shuffle(chosen)
+    chosen = rng.sample(negs, min(n_passages - 1, len(negs)))
+    chosen.insert(0 if rng.random() < gold_first else rng.randint(0, len(chosen)), gold)
     passages = {d: qa_data.chunks[d] for d in chosen}
     answer = q["answer"]
-    if rng.random() < substitute:
-        answer = rng.choice([o["answer"] for o in rng.sample(qa_data.questions, 20)
-                             if o["answer"].isdigit() == answer.isdigit()] or [answer])
+    if answers_of_kind and rng.random() < substitute:
+        answer = rng.choice(answers_of_kind[question_kind(q, passages[gold].title)])
         passages[gold] = substitute_answer(passages[gold], q, answer)
     return {"prompt": grounded_prompt(q["question"], [passages[d].passage() for d in chosen]),
             "response": grounded_response(answer, chosen.index(gold) + 1)}
@@ -1228,8 +1260,15 @@ def train_generator(cfg: GeneratorConfig) -> str:
     train, val = load_training_qa(cfg.docs, cfg.qa, tok, cfg.chunk_tokens, cfg.chunk_overlap)
     negatives = mine_negatives(train.chunks, train.questions, train.relevant)
     val_negatives = mine_negatives(val.chunks, val.questions, val.relevant)
+    kinds = {}
+    for q, rel in zip(train.questions, train.relevant):
+        kinds.setdefault(question_kind(q, train.chunks[min(rel)].title), []).append(q["answer"])
+    numbers = [a for answers in kinds.values() for a in answers if a.isdigit()]
+    for answers in kinds.values():  # a rare kind ("How many ponies does {} keep?") borrows any number
+        if len(set(answers)) < 5 and answers[0].isdigit():
+            answers += numbers
     rng = random.Random(cfg.seed)
-    val_rows = [grounded_example(val, i, val_negatives, cfg.passages, 0.0, rng)
+    val_rows = [grounded_example(val, i, val_negatives, cfg.passages, 0.0, rng, gold_first=cfg.gold_first)
                 for i in range(min(cfg.val_questions, len(val.questions)))]
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1242,8 +1281,8 @@ def train_generator(cfg: GeneratorConfig) -> str:
     def batch_loss(gen):
         model.train()
         picks = torch.randint(len(train.questions), (cfg.batch_size,), generator=gen).tolist()
-        examples = [grounded_example(train, i, negatives, rng.randint(1, cfg.passages), cfg.substitute, rng)
-                    for i in picks]  # one passage sometimes: copying is learnt first, choosing builds on it
+        examples = [grounded_example(train, i, negatives, rng.randint(1, cfg.passages), cfg.substitute, rng, kinds,
+                                     cfg.gold_first) for i in picks]  # one passage sometimes: copying is learnt first, choosing builds on it
         return model(*sft_batch(tok, examples, block, device))[1]
 
     @torch.no_grad()
@@ -1397,6 +1436,37 @@ def run_ask(args, cfg: AskConfig) -> dict:
     return result
 
 
+@dataclass
+class PipelineConfig:
+    out: str = field(default="out-rag", metadata={"help": "the folder of base/, encoder/, reranker/, generator/, idx/"})
+    retrain: bool = field(default=False, metadata={"help": "train the encoder, reranker and generator again even "
+                                                           "where their checkpoints exist"})
+    limit: int = field(default=0, metadata={"help": "evaluate the first N test questions only (0: all)"})
+    device: str = "auto"
+
+
+def run_pipeline(args, cfg: PipelineConfig) -> dict:
+    """Every step with its defaults on the shipped set, a step skipped where its checkpoint exists:
+    the base (pretrained on first use), encoder, reranker, reader, the index, then eval's table."""
+    out, t0 = Path(cfg.out), time.time()
+    trainers = {"encoder": (EncoderConfig, train_encoder), "reranker": (RerankerConfig, train_reranker),
+                "generator": (GeneratorConfig, train_generator)}
+    paths = {}
+    for name, (config_cls, train) in trainers.items():
+        path = out / name / "ckpt.pt"
+        if cfg.retrain or not path.is_file():
+            config = config_cls(out_dir=str(out / name), device=cfg.device)
+            check_train_config(config)
+            train(config)
+        paths[name] = str(path)
+    run_index([str(DOCS)], IndexConfig(out=str(out / "idx"), encoder=paths["encoder"], device=cfg.device))
+    results = run_eval([str(out / "idx")], EvalConfig(reranker=paths["reranker"], generator=paths["generator"],
+                                                      limit=cfg.limit, out_json=str(out / "eval.json"),
+                                                      device=cfg.device))
+    print(f"pipeline: {time.time() - t0:.0f} s (figures in {out / 'eval.json'})")
+    return results
+
+
 # ----------------------------------------------------------------------------------------
 # Building an index, and the CLI
 
@@ -1457,10 +1527,14 @@ def run_index(paths, cfg: IndexConfig) -> Index:
           f"{len(index.bm25.vocab):,}{', dense vectors + IVF' if encoder else ''}) in {time.time() - t0:.1f} s: "
           f"{out} ({size:.1f} MB)")
     if encoder is not None and len(index) >= 100:
-        queries = index.vectors[torch.randperm(len(index), generator=torch.Generator().manual_seed(0))[:200]]
-        for nprobe, rec, speedup in ivf_tradeoff(index.ivf, index.vectors, queries):
+        queries = index.vectors[torch.randperm(len(index), generator=torch.Generator().manual_seed(0))[:100]]
+        rows = ivf_tradeoff(index.ivf, index.vectors, queries)
+        for nprobe, rec, speedup in rows:
             print(f"IVF {len(index.ivf.centroids)} cells, nprobe {nprobe:>3}: recall@10 vs exact {rec:.3f}, "
-                  f"{speedup:.1f}x exact's speed (200 of the chunks as queries)")
+                  f"{speedup:.1f}x exact's speed (100 of the chunks as queries)")
+        if max(r[2] for r in rows) < 1:
+            print(f"(exact search of {len(index):,} vectors is one small product: IVF pays off near 10^5 vectors, "
+                  "bench's rag section; ask searches exactly unless given --nprobe)")
     first = index.chunks([0])[0]
     shipped = first.title == "Fosvou Geltonbrem"  # the shipped documents: a question of the QA set
     example = "Where was Fosvou Geltonbrem born?" if shipped else first.title or first.text[:60]
@@ -1483,12 +1557,14 @@ COMMANDS = {  # name: (positional arguments, config, run, what it does)
               "into a BM25 index (+ dense vectors and IVF with --encoder)"),
     "ask": ("INDEX QUESTION", AskConfig, run_ask, "the top passages for a question (and with --generator an "
             "answer citing them)"),
-    "pretrain": ("", BaseConfig, pretrain_base, "pretrain the shared base GPT on the training documents"),
+    "pretrain": ("", BaseConfig, pretrain_base, "pretrain the shared base GPT on the documents no question asks about"),
     "train_encoder": ("", EncoderConfig, train_encoder, "train the bi-encoder (dense retriever), InfoNCE"),
     "train_reranker": ("", RerankerConfig, train_reranker, "train the cross-encoder reranker, listwise"),
     "train_generator": ("", GeneratorConfig, train_generator, "grounded SFT of the reader on prompt/response pairs"),
     "eval": ("INDEX", EvalConfig, run_eval, "recall@5 / nDCG@10 of each retriever, the reader's exact match "
              "without and with retrieval"),
+    "pipeline": ("", PipelineConfig, run_pipeline, "all of it with the defaults (each step skipped where its "
+                 "checkpoint exists), then eval's table"),
 }
 
 

@@ -45,6 +45,7 @@ import torch
 
 import common
 import openai_api
+import rag  # its bi-encoder answers /v1/embeddings (--embeddings)
 import sample
 import tokenizer
 from common import NanoError
@@ -445,6 +446,7 @@ class ServeConfig:
     model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: --init_from or the checkpoint's file name)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    embeddings: str = field(default="", metadata={"help": "a rag.py encoder checkpoint: also serve POST /v1/embeddings"})
     log_requests: bool = field(default=True, metadata={"help": "print one line per HTTP request"})
     chat: bool = field(default=False, metadata={"help": "chat in the terminal instead of serving HTTP"})
     system: str = field(default="", metadata={"help": "--chat: system prompt"})
@@ -480,7 +482,8 @@ def main(argv=None):
             engine.stop()
         return
     server = make_server(model, tok, cfg.host, cfg.port, cfg.max_batch, cfg.max_queue, template=template,
-                         model_name=name, api_key=cfg.api_key, log_requests=cfg.log_requests)
+                         model_name=name, api_key=cfg.api_key, log_requests=cfg.log_requests,
+                         embedder=rag.Encoder.load(cfg.embeddings, device) if cfg.embeddings else None)
     host, port = server.server_address[:2]
     try:
         print(f"serving {name!r} on http://{host}:{port}/ (max_batch {cfg.max_batch}, {device}); Ctrl-C stops",

@@ -26,7 +26,7 @@ ALLOWED = {
     "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample"}, "reward": BASE | {"finetune", "lora", "dpo", "sft"},
     "rl": BASE | {"sample", "reward", "lora", "finetune", "plot"},
     "fsdp2_train": BASE | {"lora", "qlora_nf4"}, "quantize": BASE | {"qlora_nf4"},
-    "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api"},
+    "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api", "rag"},
     "export": BASE | {"lora", "bpe", "quantize"}, "eval_harness": BASE | {"sample"}, "eval_hellaswag": BASE,
     "interp": BASE | {"plot"}, "rag": BASE | {"sample", "finetune"},
     "train": BASE | {"eval_hellaswag", "bpe", "sample"}, "moe": BASE, "distill": BASE | {"plot"},
