@@ -32,7 +32,7 @@ import torch
 
 from .util import row
 
-LLAMA_CPP_CHILD = Path(__file__).resolve().parent / "children" / "llama_cpp.py"
+LLAMA_CPP_CHILD = Path(__file__).resolve().parent / "children" / "llama_cpp_decode.py"
 
 S = "quant"
 
@@ -281,7 +281,7 @@ def run_llama_cpp(python, path, prompt, n_new, rounds=1, n_ctx=256):
     args = {"path": str(path), "prompt": prompt, "n_new": n_new, "threads": torch.get_num_threads(),
             "rounds": rounds, "n_ctx": n_ctx}
     done = subprocess.run(python + [str(LLAMA_CPP_CHILD), json.dumps(args)], capture_output=True, text=True, timeout=600)
-    if done.returncode:  # measured here: llama-cpp-python 0.3.36 ends with signal 11 on our Q8_0/Q4_0/Q4_K files
+    if done.returncode:  # the child turns llama.cpp's weight repacking off: with it, signal 11 here (AMX)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
