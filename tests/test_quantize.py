@@ -266,6 +266,34 @@ def test_awq_search_never_worse_than_rtn_and_alpha_zero_is_rtn():
     assert s.shape == (K,) and math.isclose((s.max() * s.min()).item(), 1.0, rel_tol=1e-4)
 
 
+def test_awq_clip_picks_the_best_range_of_each_group():
+    """K = 70: groups of 32, 32 and a short one of 6. A loop reference tries every shrink f of the
+    grid on each (channel, group) alone; awq_clip's pick has that loop's least error (to fp32
+    rounding of the two summation orders, 1e-5 relative) and is W clipped to f * [min, max]."""
+    N, K, g = 6, 70, 32
+    w = randn(N, K, seed=20)
+    w[:, 5] *= 6  # a large weight in every channel's first group: clipping it rounds the rest finer
+    x = correlated_inputs(64, K, 21)
+    clipped = Q.awq_clip(w, x, 4, g)
+    grid = [1 - i / 20 for i in range(10)]
+    for n in range(N):
+        for k in range(0, K, g):
+            part, xg = w[n, k:k + g], x[:, k:k + g]
+            lo, hi = min(part.min(), 0), max(part.max(), 0)
+
+            def error(f):
+                c = part.clamp(lo * f, hi * f)
+                return (xg @ Q.fake_quantize(c[None], 4, g)[0] - xg @ part).pow(2).mean().item(), c
+
+            errors = [error(f) for f in grid]
+            best = min(e for e, _ in errors)
+            ours = (xg @ Q.fake_quantize(clipped[n:n + 1, k:k + g], 4, g)[0] - xg @ part).pow(2).mean().item()
+            assert ours <= best * (1 + 1e-5) + 1e-12
+            assert any(torch.equal(clipped[n, k:k + g], c) for _, c in errors)
+            assert ours <= errors[0][0] * (1 + 1e-5) + 1e-12  # f = 1: never worse than no clipping
+    assert not torch.equal(clipped[:, :32], w[:, :32])  # the large weights did get clipped
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_awq_fold_leaves_the_float_block_unchanged(arch):
     config = gpt.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=64)
