@@ -17,7 +17,8 @@ in 4 bits is 8x fewer bytes than in fp32. The question is what the rounding cost
 5. AWQ (Lin et al. 2023, arXiv:2306.00978): weights that meet large activations matter most, so
    scale input channel j up by s_j = mean|x_j|^alpha before RTN (and the activations down by the
    same s, folded into the previous norm or linear: the float model is unchanged); alpha is the
-   one of a grid that gives the least output error on calibration data.
+   one of a grid that gives the least output error on calibration data. Then each group's range
+   is shrunk (its largest weights clipped) where that lowers the group's output error.
 
 The layers (`QuantLinear`, `LLMInt8Linear`) run on CPU through torch's weight-only kernels with
 bf16 activations (int8: `torch._weight_int8pack_mm`, per-channel scales; int4:
