@@ -507,7 +507,7 @@ class QuantLinear(nn.Module):
         if self._kernel is None:
             self._kernel = self.kernel_weights()
         weight, scales, pad_k = self._kernel
-        a = x.reshape(-1, self.in_features).to(torch.bfloat16)  # a view plus one cast; none for bf16 input
+        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # one cast (none for bf16 input)
         a = F.pad(a, (0, pad_k)) if pad_k else a
         if self.bits == 8:
             y = torch._weight_int8pack_mm(a, weight, scales)

@@ -331,7 +331,7 @@ def trained_char_model(steps=300, batch=8, T=128):
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = common.cosine_lr(step, 3e-3, 3e-4, steps // 10, steps)
+            group["lr"] = common.cosine_lr(step, 3e-3, 2e-4, steps // 10, steps)
         starts = torch.randint(0, cut - T - 1, (batch,), generator=g).tolist()
         x = torch.stack([ids[s:s + T] for s in starts])
         y = torch.stack([ids[s + 1:s + T + 1] for s in starts])
