@@ -304,7 +304,13 @@ class EvalConfig:
 def load_model(cfg: EvalConfig, device: str):
     """(model, tokenizer) from --ckpt or --init_from, with one-line errors."""
     if cfg.ckpt:
-        model, spec = gpt.load_checkpoint(cfg.ckpt, device)
+        ckpt = gpt.read_checkpoint(cfg.ckpt)
+        if "quantization" in ckpt:  # written by quantize.py: its own layers (int8/int4 kernels on CPU)
+            import quantize
+
+            model, spec = quantize.load_quantized(ckpt, device)
+        else:
+            model, spec = gpt.model_from_checkpoint(ckpt, cfg.ckpt).to(device), ckpt["tokenizer"]
         try:
             tokenizer = load_tokenizer(spec)
         except Exception as e:

@@ -17,7 +17,8 @@ in 4 bits is 8x fewer bytes than in fp32. The question is what the rounding cost
 5. AWQ (Lin et al. 2023, arXiv:2306.00978): weights that meet large activations matter most, so
    scale input channel j up by s_j = mean|x_j|^alpha before RTN (and the activations down by the
    same s, folded into the previous norm or linear: the float model is unchanged); alpha is the
-   one of a grid that gives the least output error on calibration data.
+   one of a grid that gives the least output error on calibration data. Then each group's range
+   is shrunk (its largest weights clipped) where that lowers the group's output error.
 
 The layers (`QuantLinear`, `LLMInt8Linear`) run on CPU through torch's weight-only kernels with
 bf16 activations (int8: `torch._weight_int8pack_mm`, per-channel scales; int4:
@@ -344,11 +345,44 @@ def awq_search(weights: list, x: torch.Tensor, bits=4, group_size=128, n_grid=20
         alpha = i / n_grid
         s = x_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        w_hat = dequantize_groups(*rtn_quantize(w * s, bits, group_size), group_size) / s
+        w_hat = fake_quantize(w * s, bits, group_size) / s
         err = (y - x @ w_hat.t()).pow(2).mean().item()
         if err < best[2]:
             best = (s, alpha, err)
     return best
+
+
+def fake_quantize(w: torch.Tensor, bits=4, group_size=128) -> torch.Tensor:
+    """RTN there and back: what W looks like to the kernel (quantize, then dequantize)."""
+    return dequantize_groups(*rtn_quantize(w, bits, group_size), group_size)
+
+
+def awq_clip(w: torch.Tensor, x: torch.Tensor, bits=4, group_size=128, n_grid=20, max_shrink=0.5, chunk=1024):
+    """AWQ's second search (llm-awq's auto_clip): a group's largest weights stretch its grid, so
+    shrinking its range [min, max] to f * [min, max] (the weights beyond it clipped) rounds the
+    rest finer. For every output channel and group, f in {1, 0.95, ..., 0.55}: the one whose
+    RTN gives the least error of that group's share of the output, x_g w_g^T, on the rows x (M, K).
+    Returns W with each group clipped to its best range (then quantized by plain RTN)."""
+    N, K = w.shape
+    G = math.ceil(K / group_size)
+    pad = G * group_size - K  # zero columns: they neither move a range that holds 0 nor add output
+    xg = F.pad(x.reshape(-1, K).float(), (0, pad)).view(-1, G, group_size).transpose(0, 1)  # (G, M, g)
+    out = []
+    for n0 in range(0, N, chunk):  # a chunk of output channels at a time: (G, M, chunk) outputs
+        wg = F.pad(w[n0:n0 + chunk].detach().float(), (0, pad)).view(-1, G, group_size).transpose(0, 1)  # (G, n, g)
+        y = xg @ wg.transpose(1, 2)
+        lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
+        best, best_err = wg, torch.full((G, wg.shape[1]), float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            f = 1 - i / n_grid
+            clipped = torch.maximum(torch.minimum(wg, hi * f), lo * f)
+            w_hat = fake_quantize(clipped.reshape(-1, group_size), bits, group_size).view_as(wg)
+            err = (xg @ w_hat.transpose(1, 2) - y).pow(2).mean(dim=1)  # (G, n)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better[..., None], clipped, best)
+        out.append(best.transpose(0, 1).reshape(best.shape[1], -1)[:, :K])
+    return torch.cat(out)
 
 
 def scale_output_down(module: nn.Module, s: torch.Tensor, rows: slice | None = None):
@@ -381,6 +415,19 @@ def awq_pairs(block: nn.Module) -> list:
     pairs = [(block.ln_1, None, [attn.q_proj, attn.k_proj, attn.v_proj])]
     pairs += [(attn.v_proj, None, [attn.o_proj])] if own_v else []
     return pairs + [(block.ln_2, None, [mlp.gate_proj, mlp.up_proj]), (mlp.up_proj, None, [mlp.down_proj])]
+
+
+def awq_clip_targets(block: nn.Module) -> list:
+    """(Linear, its rows) that AWQ clips: all but the query and key rows, as llm-awq (a clipped
+    q or k moves the attention scores, which the per-Linear error does not see)."""
+    attn = block.attn
+    if hasattr(attn, "c_attn"):
+        q_dim, kv_dim, _ = attn.split
+        keep = [(attn.c_attn, slice(q_dim + kv_dim, None))]
+    else:
+        keep = [(attn.v_proj, slice(None))]
+    qkv = {id(m) for m in (getattr(attn, n, None) for n in ("c_attn", "q_proj", "k_proj", "v_proj")) if m is not None}
+    return keep + [(m, slice(None)) for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in qkv]
 
 
 # ----------------------------------------------------------------------------------------
@@ -460,13 +507,17 @@ class QuantLinear(nn.Module):
         if self._kernel is None:
             self._kernel = self.kernel_weights()
         weight, scales, pad_k = self._kernel
-        a = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # one cast (none for bf16 input)
         a = F.pad(a, (0, pad_k)) if pad_k else a
         if self.bits == 8:
             y = torch._weight_int8pack_mm(a, weight, scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, weight, self.group_size, scales)[:, :self.out_features]
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, weight, self.group_size, scales)
+            y = y[:, :self.out_features] if y.shape[1] != self.out_features else y
+        y = y.view(*x.shape[:-1], self.out_features)
+        if self.bias is not None and self.bias.dtype == x.dtype:
+            return torch.add(self.bias, y)  # the cast back to x's dtype happens inside the add (type promotion)
+        y = y.to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
     def _apply(self, fn, recurse=True):
@@ -536,21 +587,21 @@ def run_block(block, x, args, batch=8):
 
 
 @torch.no_grad()
-def layer_inputs(module: nn.Module, names: list[str], fn, keep_rows=0):
+def layer_inputs(module: nn.Module, names: list[str], fn, stride=0):
     """Run fn() with hooks on the named Linears of module. Returns ({name: HessianAccumulator}
-    (GPTQ), or with keep_rows {name: its first keep_rows input rows} (AWQ), fn's output)."""
+    (GPTQ), or with a stride {name: every stride-th input row} (AWQ), fn's output)."""
     hessians, rows, hooks = {}, {}, []
     for name in names:
         linear = module.get_submodule(name)
-        if not keep_rows:
+        if not stride:
             hessians[name] = HessianAccumulator(linear.in_features)
 
         def hook(m, args, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            if not keep_rows:
+            if not stride:
                 hessians[name].add(x)
-            elif sum(len(r) for r in rows.setdefault(name, [])) < keep_rows:
-                rows[name].append(x[:keep_rows])
+            else:
+                rows.setdefault(name, []).append(x[::stride])
 
         hooks.append(linear.register_forward_pre_hook(hook))
     try:
@@ -558,8 +609,8 @@ def layer_inputs(module: nn.Module, names: list[str], fn, keep_rows=0):
     finally:
         for h in hooks:
             h.remove()
-    if keep_rows:
-        return {k: torch.cat(v)[:keep_rows] for k, v in rows.items()}, out
+    if stride:
+        return {k: torch.cat(v) for k, v in rows.items()}, out
     return hessians, out
 
 
@@ -609,29 +660,34 @@ def quantize_gptq(model: gpt.GPT, calib: torch.Tensor, cfg: QuantizeConfig, log=
 
 @torch.no_grad()
 def quantize_awq(model: gpt.GPT, calib: torch.Tensor, cfg: QuantizeConfig, log=print):
-    """AWQ: search and fold the scales block by block on the float model (which the folding leaves
-    unchanged, so one pass per block gives the next block's inputs), then RTN everything."""
+    """AWQ block by block on the float model. (1) Each fold's scale s is searched and folded away:
+    the float model still computes the same function, so one pass per block gives the next block's
+    inputs. (2) Each Linear's clipping ranges are searched on its inputs as they now are (divided
+    by s) and its weight clipped. Then plain RTN of everything."""
     x, args = block_inputs(model, calib)
+    stride = max(1, x.shape[0] * x.shape[1] // cfg.awq_rows)  # awq_rows rows, spread over every sequence
     for i, block in enumerate(model.transformer.h):
-        pairs = awq_pairs(block)
-        names = {id(m): n for n, m in block.named_modules()}
-        first = [names[id(linears[0])] for _, _, linears in pairs]
-        rows, out = layer_inputs(block, first, lambda: run_block(block, x, args), keep_rows=cfg.awq_rows)
-        for (prev, prev_rows, linears), name in zip(pairs, first):
-            s, alpha, _ = awq_search([m.weight for m in linears], rows[name], cfg.bits, cfg.group_size)
+        names = {id(m): n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        rows, out = layer_inputs(block, list(names.values()), lambda: run_block(block, x, args), stride=stride)
+        for prev, prev_rows, linears in awq_pairs(block):
+            s, alpha, _ = awq_search([m.weight for m in linears], rows[names[id(linears[0])]], cfg.bits, cfg.group_size)
             scale_output_down(prev, s, prev_rows)
             for m in linears:
                 m.weight.mul_(s)
-            log(f"transformer.h.{i}.{name}: AWQ alpha {alpha:.2f}")
+                rows[names[id(m)]] = rows[names[id(m)]] / s  # what it reads from now on
+            log(f"transformer.h.{i}.{names[id(linears[0])]}: AWQ alpha {alpha:.2f}")
+        for linear, clip_rows in awq_clip_targets(block):
+            linear.weight[clip_rows] = awq_clip(linear.weight[clip_rows], rows[names[id(linear)]], cfg.bits, cfg.group_size)
         x = out
     if cfg.quantize_head:  # ln_f feeds only the head
-        # the head's outputs are the whole vocabulary: its search runs on an eighth of the rows
-        hidden = model.transformer.ln_f(x).reshape(-1, model.config.n_embd)[:max(64, cfg.awq_rows // 8)]
+        # the head's outputs are the whole vocabulary: its searches run on an eighth of the rows
+        hidden = model.transformer.ln_f(x).reshape(-1, model.config.n_embd)[::stride * 8]
         if model.config.tie_embeddings:  # the head gets its own copy: the embedding must not be scaled
             model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         s, alpha, _ = awq_search([model.lm_head.weight], hidden, cfg.bits, cfg.group_size)
         scale_output_down(model.transformer.ln_f, s)
         model.lm_head.weight.mul_(s)
+        model.lm_head.weight.copy_(awq_clip(model.lm_head.weight, hidden / s, cfg.bits, cfg.group_size))
         log(f"lm_head: AWQ alpha {alpha:.2f}")
     return quantize_plain(model, "rtn", cfg, log)
 
@@ -789,7 +845,7 @@ class QuantizeConfig:
     damp: float = field(default=0.01, metadata={"help": "gptq: damping, a fraction of the mean Hessian diagonal"})
     block_size: int = field(default=128, metadata={"help": "gptq: columns per lazy batch update"})
     threshold: float = field(default=6.0, metadata={"help": "llm_int8: |activation| from which a column stays float"})
-    awq_rows: int = field(default=2048, metadata={"help": "awq: calibration rows per layer in the scale search (the head: 1/8)"})
+    awq_rows: int = field(default=2048, metadata={"help": "awq: calibration rows per layer in the searches, spread over all sequences (the head: 1/8)"})
     quantize_head: bool = field(default=True, metadata={"help": "quantize lm_head too (the largest matrix of a small model)"})
     calib: str = field(default="auto", metadata={"help": "auto (the model's training text) | text:FILE"})
     n_calib: int = field(default=64, metadata={"help": "gptq/awq: calibration sequences"})

@@ -32,7 +32,7 @@ import torch
 
 from .util import row
 
-LLAMA_CPP_CHILD = Path(__file__).resolve().parent / "children" / "llama_cpp.py"
+LLAMA_CPP_CHILD = Path(__file__).resolve().parent / "children" / "llama_cpp_decode.py"
 
 S = "quant"
 
@@ -83,28 +83,29 @@ def windows(ids, n, T, seed):
     return xy[:, :-1], xy[:, 1:]
 
 
-def make_cache(model, max_len, dtype):
+def make_cache(model, max_len, dtype, batch=1):
     import sample
 
     c = model.config
-    return [sample.KVCache(1, c.n_kv_head or c.n_head, max_len, c.head_dim or c.n_embd // c.n_head, dtype=dtype)
+    return [sample.KVCache(batch, c.n_kv_head or c.n_head, max_len, c.head_dim or c.n_embd // c.n_head, dtype=dtype)
             for _ in range(c.n_layer)]
 
 
 @torch.no_grad()
-def greedy(model, prompt: list[int], n: int, dtype=torch.float32, head=None):
-    """(tokens, seconds from the first new token to the last): batch-1 greedy decode with a KV
-    cache, through sample.prefill / decode_one_token; a quantized lm_head is called as a module."""
+def greedy(model, prompt: list[int], n: int, dtype=torch.float32, head=None, batch=1):
+    """(tokens of row 0, seconds from the first new token to the last): greedy decode of `batch`
+    copies of the prompt with a KV cache, through sample.prefill / decode_one_token; a quantized
+    lm_head is called as a module."""
     import sample
 
-    cache = make_cache(model, len(prompt) + n, dtype)
-    logits = sample.prefill(model, torch.tensor([prompt]), cache, head=head)
-    out = [int(logits.argmax(-1))]
+    cache = make_cache(model, len(prompt) + n, dtype, batch)
+    logits = sample.prefill(model, torch.tensor([prompt] * batch), cache, head=head)
+    out = [logits.argmax(-1)]
     t0 = time.perf_counter()
     for pos in range(len(prompt), len(prompt) + n - 1):
-        logits = sample.decode_one_token(model, torch.tensor([[out[-1]]]), torch.tensor([pos]), cache, head=head)
-        out.append(int(logits.argmax(-1)))
-    return out, time.perf_counter() - t0
+        logits = sample.decode_one_token(model, out[-1][:, None], torch.tensor([pos]), cache, head=head)
+        out.append(logits.argmax(-1))
+    return [int(t[0]) for t in out], time.perf_counter() - t0
 
 
 def variant(model, kind: str, calib=None, seed=0, bits=4):
@@ -225,37 +226,42 @@ def speed_model(quick: bool):
     return gpt.GPT(gpt.GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)).eval(), "124M"
 
 
-def speed_rows(model, name, quick: bool, llama: dict | None = None):
-    """ms per decode step of every format, interleaved over rounds; llama: {label: fn() -> seconds per step}."""
+def speed_rows(model, name, quick: bool, llama: dict | None = None, batch: int = 1):
+    """ms per decode step of every format at `batch` rows, interleaved over rounds; llama: {label:
+    fn() -> seconds per step}. "bf16 around": the quantized model's other tensors (norms,
+    embedding, biases) in bf16 too, so no cast in or out of the kernels."""
     import quantize as Q
     import sample
     prompt, n, rounds = list(range(1, 33)), (16 if quick else 64), (2 if quick else 3)
     sides = {}
-    fp32 = sample.decode_layout(copy.deepcopy(model))  # the CLI's CPU batch-1 path
-    sides["fp32 (decode_layout + LogitsHead)"] = (fp32, torch.float32, sample.LogitsHead(fp32, batch_size=1))
-    bf16 = sample.decode_layout(copy.deepcopy(model)).to(torch.bfloat16)
-    sides["bf16"] = (bf16, torch.bfloat16, sample.LogitsHead(bf16, batch_size=1))
-    for kind, label in (("int8", "int8 weight-only (_weight_int8pack_mm)"), ("rtn", "int4 g128 (_weight_int4pack_mm)"),
-                        ("llm_int8", "LLM.int8"), ("nf4", "NF4 (dequantize per step)")):
+    fp32 = sample.decode_layout(copy.deepcopy(model)) if batch == 1 else copy.deepcopy(model)  # the CLI's CPU path
+    sides["fp32"] = (fp32, torch.float32, sample.LogitsHead(fp32, batch_size=batch))
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    sides["bf16"] = (bf16, torch.bfloat16, sample.LogitsHead(bf16, batch_size=batch))
+    kinds = [("int8", "int8 weight-only (_weight_int8pack_mm)"), ("rtn", "int4 g128 (_weight_int4pack_mm)")]
+    kinds += [("llm_int8", "LLM.int8"), ("nf4", "NF4 (dequantize per step)")] if batch == 1 else []
+    for kind, label in kinds:
         sides[label] = (variant(model, kind, bits=8 if kind in ("int8", "llm_int8") else 4), torch.float32, None)
+    for kind, label in kinds[:2]:
+        sides[label.split(" (")[0] + ", bf16 around"] = (copy.deepcopy(sides[label][0]).to(torch.bfloat16), torch.bfloat16, None)
     times = {label: [] for label in list(sides) + list(llama or {})}
-    tokens = {}
     for label, (m, dtype, head) in sides.items():  # warm-up: kernels' packed copies, allocator
-        greedy(m, prompt, 4, dtype, head)
+        greedy(m, prompt, 4, dtype, head, batch)
     for _ in range(rounds):
         for label, (m, dtype, head) in sides.items():
-            tokens[label], seconds = greedy(m, prompt, n, dtype, head)
+            seconds = greedy(m, prompt, n, dtype, head, batch)[1]
             times[label].append(seconds / (n - 1))
         for label, fn in (llama or {}).items():
             times[label].append(fn())
-    base = statistics.median(times["fp32 (decode_layout + LogitsHead)"])
+    base = statistics.median(times["fp32"])
     load = os.getloadavg()[0]
     for label, ts in times.items():
         ms = statistics.median(ts) * 1e3
         mib = Q.quantized_bytes(sides[label][0]) / 2**20 if label in sides else None
-        row(S, f"{name} batch-1 decode: {label}" + (f", {mib:.0f} MiB" if mib else ""),
-            f"{ms:.2f} ms/step = {1e3 / ms:.1f} tok/s = {base * 1e3 / ms:.2f}x fp32")
-    row(S, f"{name} decode: {rounds} rounds x {n} tokens, {torch.get_num_threads()} threads", f"load average {load:.1f}")
+        row(S, f"{name} batch-{batch} decode: {label}" + (f", {mib:.0f} MiB" if mib else ""),
+            f"{ms:.2f} ms/step = {batch * 1e3 / ms:.1f} tok/s = {base * 1e3 / ms:.2f}x fp32")
+    row(S, f"{name} batch-{batch} decode: {rounds} rounds x {n} tokens, {torch.get_num_threads()} threads",
+        f"load average {load:.1f}")
     return times
 
 
@@ -281,7 +287,7 @@ def run_llama_cpp(python, path, prompt, n_new, rounds=1, n_ctx=256):
     args = {"path": str(path), "prompt": prompt, "n_new": n_new, "threads": torch.get_num_threads(),
             "rounds": rounds, "n_ctx": n_ctx}
     done = subprocess.run(python + [str(LLAMA_CPP_CHILD), json.dumps(args)], capture_output=True, text=True, timeout=600)
-    if done.returncode:  # measured here: llama-cpp-python 0.3.36 ends with signal 11 on our Q8_0/Q4_0/Q4_K files
+    if done.returncode:  # the child turns llama.cpp's weight repacking off: with it, signal 11 here (AMX)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -340,10 +346,12 @@ def bench_quant(quick: bool) -> None:
     if python is None:
         row(S, "llama.cpp", "skipped: llama-cpp-python not importable and $NANOLLM_LLAMA_CPP_PYTHON not set")
         speed_rows(model, name, quick)
+        speed_rows(model, name, quick, batch=8)
         return
     llama_rows(python, trained, val_ids, quick)
     with tempfile.TemporaryDirectory() as tmp:
         speed_rows(model, name, quick, llama_speed_fns(python, model, Path(tmp), quick))
+    speed_rows(model, name, quick, batch=8)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,24 @@ def test_memorised_model_scores_one(memorised, data_path):
     assert json.loads(out.read_text())["lm_eval"]["n"] == 4
 
 
+
+@pytest.mark.parametrize("method", ["absmax", "rtn"])
+def test_quantized_checkpoint_scores_like_its_model(memorised, data_path, method):
+    """A quantize.py checkpoint (int8 absmax; RTN 4-bit at group 32) loads through --ckpt and gets
+    the accuracies its own model gets through evaluate() (offline: the example file is local)."""
+    import quantize
+
+    model, tok, ckpt = memorised
+    out = data_path.parent / f"ckpt-{method}.pt"
+    quantize.main(["--ckpt", str(ckpt), "--method", method, "--group_size", "32", "--out", str(out)])
+    qmodel, spec = quantize.load_quantized(out)
+    assert isinstance(qmodel.transformer.h[0].mlp.c_fc, quantize.QuantLinear) and spec == tok.spec
+    examples = hs.load_examples(data_path)
+    expected = {s: hs.evaluate(qmodel, tok, examples, s, batch_size=3) for s in hs.STYLES}
+    results = hs.main(["--ckpt", str(out), "--data", str(data_path), "--device", "cpu"])
+    assert results == expected and results["completion"]["n"] == 5
+    assert results["completion"]["acc"] >= 0.8  # the memorised answers survive quantization
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

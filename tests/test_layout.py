@@ -27,7 +27,7 @@ ALLOWED = {
     "rl": BASE | {"sample", "reward", "lora", "finetune", "plot"},
     "fsdp2_train": BASE | {"lora", "qlora_nf4"}, "quantize": BASE | {"qlora_nf4"},
     "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api", "rag"},
-    "export": BASE | {"lora", "bpe", "quantize"}, "eval_harness": BASE | {"sample"}, "eval_hellaswag": BASE,
+    "export": BASE | {"lora", "bpe", "quantize"}, "eval_harness": BASE | {"sample"}, "eval_hellaswag": BASE | {"quantize"},
     "interp": BASE | {"plot"}, "rag": BASE | {"sample", "finetune"},
     "train": BASE | {"eval_hellaswag", "bpe", "sample"}, "moe": BASE, "distill": BASE | {"plot"},
     "scaling_laws": BASE | {"plot"}, "bert": BASE | {"bpe"}, "tools": {"common"},

@@ -266,6 +266,34 @@ def test_awq_search_never_worse_than_rtn_and_alpha_zero_is_rtn():
     assert s.shape == (K,) and math.isclose((s.max() * s.min()).item(), 1.0, rel_tol=1e-4)
 
 
+def test_awq_clip_picks_the_best_range_of_each_group():
+    """K = 70: groups of 32, 32 and a short one of 6. A loop reference tries every shrink f of the
+    grid on each (channel, group) alone; awq_clip's pick has that loop's least error (to fp32
+    rounding of the two summation orders, 1e-5 relative) and is W clipped to f * [min, max]."""
+    N, K, g = 6, 70, 32
+    w = randn(N, K, seed=20)
+    w[:, 5] *= 6  # a large weight in every channel's first group: clipping it rounds the rest finer
+    x = correlated_inputs(64, K, 21)
+    clipped = Q.awq_clip(w, x, 4, g)
+    grid = [1 - i / 20 for i in range(10)]
+    for n in range(N):
+        for k in range(0, K, g):
+            part, xg = w[n, k:k + g], x[:, k:k + g]
+            lo, hi = min(part.min(), 0), max(part.max(), 0)
+
+            def error(f):
+                c = part.clamp(lo * f, hi * f)
+                return (xg @ Q.fake_quantize(c[None], 4, g)[0] - xg @ part).pow(2).mean().item(), c
+
+            errors = [error(f) for f in grid]
+            best = min(e for e, _ in errors)
+            ours = (xg @ Q.fake_quantize(clipped[n:n + 1, k:k + g], 4, g)[0] - xg @ part).pow(2).mean().item()
+            assert ours <= best * (1 + 1e-5) + 1e-12
+            assert any(torch.equal(clipped[n, k:k + g], c) for _, c in errors)
+            assert ours <= errors[0][0] * (1 + 1e-5) + 1e-12  # f = 1: never worse than no clipping
+    assert not torch.equal(clipped[:, :32], w[:, :32])  # the large weights did get clipped
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_awq_fold_leaves_the_float_block_unchanged(arch):
     config = gpt.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=64)
@@ -284,6 +312,62 @@ def test_awq_fold_leaves_the_float_block_unchanged(arch):
                 m.weight.mul_(s)
     assert (model(idx)[0] - before).abs().max() <= 1e-4
 
+
+
+def trained_char_model(steps=300, batch=8, T=128):
+    """A 3-layer x 128 character-level GPT trained on the shipped Tiny Shakespeare (AdamW, cosine
+    schedule, seed 0), and its (train ids, val ids): data.py's split, the last 10% held out."""
+    import common
+    import data
+
+    text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([stoi[c] for c in text])
+    cut = int(len(ids) * (1 - data.VAL_FRACTION))
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(block_size=T, vocab_size=len(chars), n_layer=3, n_head=4, n_embd=128))
+    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = common.cosine_lr(step, 3e-3, 2e-4, steps // 10, steps)
+        starts = torch.randint(0, cut - T - 1, (batch,), generator=g).tolist()
+        x = torch.stack([ids[s:s + T] for s in starts])
+        y = torch.stack([ids[s + 1:s + T + 1] for s in starts])
+        model(x, y)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval(), ids[:cut], ids[cut:]
+
+
+@pytest.mark.slow
+def test_awq_and_gptq_beat_rtn_on_a_trained_model():
+    """The goal of both papers at 4 bits, group 128: on a model trained here, the val loss above
+    fp32 is smaller for AWQ and for GPTQ than for plain RTN, for each of 3 calibration seeds
+    (32 windows of the training split each; 64 held-out windows scored). ~1 min of CPU."""
+    model, train_ids, val_ids = trained_char_model()
+    T = model.config.block_size
+
+    def windows(ids, n, seed):
+        starts = torch.randint(0, len(ids) - T - 1, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        xy = torch.stack([ids[s:s + T + 1] for s in starts])
+        return xy[:, :-1], xy[:, 1:]
+
+    x, y = windows(val_ids, 64, 1234)
+    base = Q.eval_loss(model, x, y, batch=8)
+
+    def gap(method, seed=0):
+        cfg = Q.QuantizeConfig(method=method, bits=4, group_size=128, seed=seed)
+        qmodel = Q.quantize_model(copy.deepcopy(model), cfg, windows(train_ids, 32, seed)[0], log=lambda s: None)
+        return Q.eval_loss(qmodel, x, y, batch=8) - base
+
+    rtn = gap("rtn")
+    assert rtn > 0
+    for seed in (0, 1, 2):
+        awq, gptq = gap("awq", seed), gap("gptq", seed)
+        assert awq < rtn and gptq < rtn, (seed, awq, gptq, rtn)
 
 # ----------------------------------------------------------------------------------------
 # The layers: CPU kernels vs the dequantize path
