@@ -118,3 +118,10 @@ class Scheduler:
 
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit / self.prefix_queried if self.prefix_queried else 0.0
+
+    def gauges(self) -> dict:
+        """What GET /metrics reports of the scheduler and the KV cache (vLLM's names)."""
+        used, total = self.blocks.num_blocks - self.blocks.num_free(), self.blocks.num_blocks
+        return {"num_requests_running": len(self.running), "num_requests_waiting": len(self.waiting),
+                "kv_blocks_used": used, "kv_blocks_total": total, "kv_cache_usage_perc": used / total,
+                "prefix_cache_hit_rate": self.prefix_hit_rate(), "num_preemptions": self.preemptions}

@@ -108,9 +108,8 @@ class Engine:
         self.device = model.transformer.wte.weight.device
         self.head = sample.LogitsHead(model, vocab_size, batch_size=1)  # a 1-row step gets the fast layout
         dtype = model.transformer.wte.weight.dtype
-        per_block = sample.kv_bytes_per_token(model.config, dtype) * block_size
-        num_blocks = (max_num_seqs * -(-self.block_size // block_size) if kv_mib is None
-                      else int(kv_mib * 2**20 // per_block))
+        num_blocks = (max_num_seqs * -(-self.block_size // block_size) if kv_mib is None else
+                      int(kv_mib * 2**20 // (sample.kv_bytes_per_token(model.config, dtype) * block_size)))
         self.blocks = kv_blocks.BlockManager(num_blocks, block_size, prefix_caching)
         self.kv = kv_blocks.PagedKV(model, num_blocks, block_size, dtype)
         self.scheduler = scheduler.Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
@@ -170,12 +169,12 @@ class Engine:
         if not batch:
             return
         try:
-            self._postprocess(batch, self._run(batch))
+            self.postprocess(batch, self.run(batch))
         except Exception:  # noqa: BLE001  which request broke the batch is unknowable: each alone
             traceback.print_exc()
             for r, n in batch:
                 try:
-                    self._postprocess([(r, n)], self._run([(r, n)]))
+                    self.postprocess([(r, n)], self.run([(r, n)]))
                 except Exception as e:  # noqa: BLE001  this one fails, the others went on
                     self._finish(r, "error", f"{type(e).__name__}: {e}")
 
@@ -194,15 +193,11 @@ class Engine:
                 req.events.put(Finished("cancelled", 0))
                 self.stats["cancelled"] += 1
                 continue
-            try:
-                req.generator = sample.sample_generator(req.seed, self.device)
-            except Exception as e:  # noqa: BLE001
-                req.events.put(Finished("error", 0, f"{type(e).__name__}: {e}"))
-                continue
+            req.generator = sample.sample_generator(req.seed, self.device)  # (the seed was checked by submit)
             req.tokens = list(req.prompt)
             self.scheduler.add(req)
 
-    def _run(self, batch):
+    def run(self, batch):
         """One forward pass over [(request, n tokens)] -> the logits (k, V) of the k requests whose
         tokens are now all computed. All decoding (1 token each): one row per request, keys
         gathered per row; else one row of every request's tokens side by side (a block-diagonal
@@ -214,15 +209,11 @@ class Engine:
         with torch.no_grad():
             hidden = self.model.hidden_states(idx, kv_cache=views, input_pos=pos, position_ids=pos, attn_mask=mask)
         ends = [i for i, (r, n) in enumerate(batch) if r.num_computed + n == len(r.tokens)]
-        if decode:
-            last = hidden[:, 0][ends] if len(ends) < len(batch) else hidden[:, 0]
-        else:
-            offsets = torch.tensor([n for _, n in batch]).cumsum(0) - 1
-            last = hidden[0, offsets[ends].to(self.device)]
+        last = (torch.tensor([n for _, n in batch]).cumsum(0) - 1)[ends]  # each one's last token, flat
         self.stats["steps"] += 1
-        return self.head(last) if ends else None
+        return self.head(hidden.flatten(0, 1)[last.to(self.device)]) if ends else None
 
-    def _postprocess(self, batch, logits):
+    def postprocess(self, batch, logits):
         done = [r for r, n in batch if self.scheduler.computed(r, n)]
         now = time.monotonic()
         self.metrics.step(batch, now)
@@ -278,12 +269,9 @@ class Engine:
 
     def prometheus(self) -> str:
         """GET /metrics: vLLM's gauges and histograms, in Prometheus' text format."""
-        blocks = self.blocks
-        return self.metrics.text({
-            "num_requests_running": self.running(), "num_requests_waiting": len(self.scheduler.waiting)
-            + self.waiting.qsize(), "kv_blocks_used": blocks.num_blocks - blocks.num_free(),
-            "kv_blocks_total": blocks.num_blocks, "kv_cache_usage_perc": 1 - blocks.num_free() / blocks.num_blocks,
-            "prefix_cache_hit_rate": self.scheduler.prefix_hit_rate(), "num_preemptions": self.scheduler.preemptions})
+        gauges = self.scheduler.gauges()
+        gauges["num_requests_waiting"] += self.waiting.qsize()  # the inbox too
+        return self.metrics.text(gauges)
 
 
 # ----------------------------------------------------------------------------------------

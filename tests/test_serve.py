@@ -76,13 +76,13 @@ def idle(srv):
 def slow_steps(monkeypatch):
     """Make every engine step take at least `delay` seconds, so a stream lasts long enough
     to be cut, watched or overlapped (the tiny model otherwise finishes in milliseconds)."""
-    real = serve.Engine._run
+    real = serve.Engine.run
 
     def set_delay(delay):
         def slow(*args, **kwargs):
             time.sleep(delay)
             return real(*args, **kwargs)
-        monkeypatch.setattr(serve.Engine, "_run", slow)
+        monkeypatch.setattr(serve.Engine, "run", slow)
     return set_delay
 
 
