@@ -401,3 +401,20 @@ def test_cli_errors(tmp_path):
         serve.main(["--ckpt", str(tmp_path / "nope.pt"), "--max_num_seqs", "0"])
     with pytest.raises(SystemExit, match="error: top_p must be in"):
         serve.main(["--top_p", "0"])
+
+
+def test_engine_serves_an_int8_checkpoint(model, tmp_path):
+    """A quantize.py checkpoint (int8 absmax weights, the head too) loads as serve.main loads it and
+    the engine gives the static-cache path's greedy tokens of the same quantized model."""
+    import copy
+
+    import quantize
+
+    qmodel = quantize.quantize_model(copy.deepcopy(model), quantize.QuantizeConfig(method="absmax"), log=lambda *a: None)
+    quantize.save_quantized(tmp_path / "int8.pt", qmodel, "char:abc")
+    loaded, _ = sample.load_source(str(tmp_path / "int8.pt"), "cpu", torch.float32)
+    assert isinstance(loaded.lm_head, quantize.QuantLinear)
+    requests = requests_with_random_arrival(12)
+    want = [[int(t) for t in sample.generate(loaded, [p], n, temperature=0)] for _, p, n in requests]
+    engine = serve.Engine(loaded, None, max_num_seqs=4, block_size=8)
+    assert run_engine(engine, [(t, serve.Request(p, n)) for t, p, n in requests]) == want
