@@ -125,10 +125,11 @@ def bench_serve(quick: bool, vllm: str = "") -> None:
     step_ms = {1: [], n_requests: []}
     for b in step_ms:  # requests with `length` tokens in the cache, each one token to compute
         engine = serve.Engine(model, tok.vocab_size, max_num_seqs=b)
-        reqs = [engine.submit(serve.Request([1] * (length - 1), 2)) for _ in range(b)]
-        engine.step()
+        reqs = [engine.submit(serve.Request([1] * (length - 1), 8)) for _ in range(b)]
+        while any(r.n_generated == 0 for r in reqs):  # prefills (in chunks of the token budget)
+            engine.step()
         for r in reqs:
-            engine.scheduler.grow(r, length)
+            engine.scheduler.grow(r, r.num_computed + 1)
         step_ms[b] = (engine, [(r, 1) for r in reqs])
     times = {b: [] for b in step_ms}
     for _ in range(3 if quick else 10):

@@ -150,9 +150,12 @@ def requests_with_random_arrival(n=64, seed=0, vocab=65):
 
 @pytest.fixture(scope="module")
 def static_outputs(model):
-    """sample.generate's greedy tokens (the static KV cache, each request alone)."""
-    return [[int(t) for t in sample.generate(model, [p], n, temperature=0)]
-            for _, p, n in requests_with_random_arrival()]
+    """sample.generate's greedy tokens (the static KV cache): all 64 prompts as one left-padded
+    batch of 40 new tokens, each row cut to its request's max_tokens (greedy: a prefix of a longer
+    answer is the shorter answer)."""
+    requests = requests_with_random_arrival()
+    rows = list(zip(*[t.tolist() for t in sample.generate(model, [p for _, p, _ in requests], 40, temperature=0)]))
+    return [list(row[:n]) for row, (_, _, n) in zip(rows, requests)]
 
 
 def test_static_cache_reference_equals_hugging_face(model, static_outputs):
