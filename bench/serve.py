@@ -198,7 +198,7 @@ def stream_completion(port, prompt, max_tokens, stamps, i, delay=0.0):
     stamps[i] = (send time, [time of each chunk with text], completion tokens, text)."""
     time.sleep(delay)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
-    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "ignore_eos": True, "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
