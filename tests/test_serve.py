@@ -421,3 +421,17 @@ def test_engine_serves_an_int8_checkpoint(model, tmp_path):
     want = [[int(t) for t in sample.generate(loaded, [p], n, temperature=0)] for _, p, n in requests]
     engine = serve.Engine(loaded, None, max_num_seqs=4, block_size=8)
     assert run_engine(engine, [(t, serve.Request(p, n)) for t, p, n in requests]) == want
+
+
+def test_dtype_auto_picks_bf16_where_the_cpu_has_amx(capsys):
+    """--dtype auto on a CPU: bf16 where the CPU says it has AMX bf16 units (Linux: the amx_bf16
+    flag of /proc/cpuinfo, read independently of torch's detection), fp32 elsewhere; a named dtype wins."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo to check the CPU's flags against")
+    amx = "amx_bf16" in info.read_text().split()
+    assert serve.pick_dtype("cpu", "auto") == (torch.bfloat16 if amx else torch.float32)
+    assert ("AMX" in capsys.readouterr().out) == amx
+    assert serve.pick_dtype("cpu", "float32") == torch.float32
