@@ -260,7 +260,7 @@ def bench_vs_vllm(quick: bool, python: str, repeats: int = 3, dtypes=("float32",
     and ITL p50/p95; medians over repeats, the two servers interleaved (ours, vLLM, ours, ...); the
     ratios are ours / vLLM's. In fp32 it also counts the requests whose texts are the same."""
     import os
-    import subprocess
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -278,38 +278,52 @@ def bench_vs_vllm(quick: bool, python: str, repeats: int = 3, dtypes=("float32",
     arrivals = {rate: torch.distributions.Exponential(rate).sample((16,)).cumsum(0).tolist() for rate in (1.0, 4.0)}
     env = {**os.environ, "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     root = Path(__file__).resolve().parent.parent
-    for dtype in dtypes:
-        ports = {"serve.py": 18201, "vLLM": 18202}
-        cmds = {"serve.py": [sys.executable, str(root / "serve.py"), "--init_from", str(folder), "--dtype", dtype,
-                             "--port", str(ports["serve.py"]), "--max_num_seqs", "16", "--kv_mib", "1024",
-                             "--model_name", "m", "--log_requests", "False"],
-                "vLLM": [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", dtype,
-                         "--port", str(ports["vLLM"]), "--max-num-seqs", "16", "--served-model-name", "m",
-                         "--disable-log-requests"]}
-        procs, logs = {}, {}
-        try:
-            for key, cmd in cmds.items():
-                logs[key] = tempfile.NamedTemporaryFile("w", prefix=f"bench-{key}-", suffix=".log", delete=False)
-                procs[key] = start_server(cmd, env, ports[key], logs[key])
-            for port in ports.values():  # warm-up
-                run_workload(port, prompts[:2], 4, [0, 0])
-            runs = {}
-            for _ in range(repeats):
-                for key, port in ports.items():
-                    for work, (ps, n, delays) in {
-                            "offline 16": (prompts, new, [0.0] * 16), "batch 1": (prompts[:1], one_new, [0.0]),
-                            **{f"online {r:g} req/s": (prompts, new, d) for r, d in arrivals.items()}}.items():
-                        runs.setdefault((work, key), []).append(run_workload(port, ps, n, delays))
-                        print(f"  vllm bench {dtype} {work} {key}: {runs[work, key][-1]['tok_s']:.1f} tok/s",
-                              file=sys.stderr)
-        finally:
-            for proc in procs.values():
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        report_vs_vllm(runs, f"{name} {dtype}")
+    try:
+        for dtype in dtypes:
+            side_by_side(folder, root, python, dtype, env, prompts, arrivals, (new, one_new, repeats), name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def side_by_side(folder, root, python, dtype, env, prompts, arrivals, sizes, name):
+    """One dtype: both servers up, the workloads interleaved, then the table."""
+    import subprocess
+    import tempfile
+
+    new, one_new, repeats = sizes
+    ports = {"serve.py": 18201, "vLLM": 18202}
+    cmds = {"serve.py": [sys.executable, str(root / "serve.py"), "--init_from", str(folder), "--dtype", dtype,
+                         "--port", str(ports["serve.py"]), "--max_num_seqs", "16", "--kv_mib", "1024",
+                         "--model_name", "m", "--log_requests", "False"],
+            "vLLM": [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", dtype,
+                     "--port", str(ports["vLLM"]), "--max-num-seqs", "16", "--served-model-name", "m",
+                     "--disable-log-requests"]}
+    procs, logs = {}, {}
+    try:
+        for key, cmd in cmds.items():
+            logs[key] = tempfile.NamedTemporaryFile("w", prefix=f"bench-{key}-", suffix=".log", delete=False)
+            procs[key] = start_server(cmd, env, ports[key], logs[key])
+        for port in ports.values():  # warm-up
+            run_workload(port, prompts[:2], 4, [0, 0])
+        runs = {}
+        works = {"offline 16": (prompts, new, [0.0] * 16), "batch 1": (prompts[:1], one_new, [0.0]),
+                 **{f"online {r:g} req/s": (prompts, new, d) for r, d in arrivals.items()}}
+        for _ in range(repeats):
+            for work, (ps, n, delays) in works.items():
+                for key, port in ports.items():  # interleaved: ours, vLLM, ours, ...
+                    runs.setdefault((work, key), []).append(run_workload(port, ps, n, delays))
+                    print(f"  vllm bench {dtype} {work} {key}: {runs[work, key][-1]['tok_s']:.1f} tok/s",
+                          file=sys.stderr)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs.values():
+            log.close()
+    report_vs_vllm(runs, f"{name} {dtype}")
 
 
 def report_vs_vllm(runs, what):
