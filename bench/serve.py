@@ -259,6 +259,7 @@ def bench_vs_vllm(quick: bool, python: str, repeats: int = 3, dtypes=("float32",
     prompt, 256 new tokens), online (16 requests, Poisson arrivals at 2 rates). Figures: tokens/s, TTFT
     and ITL p50/p95; medians over repeats, the two servers interleaved (ours, vLLM, ours, ...); the
     ratios are ours / vLLM's. In fp32 it also counts the requests whose texts are the same."""
+    import dataclasses
     import os
     import shutil
     import tempfile
@@ -267,12 +268,12 @@ def bench_vs_vllm(quick: bool, python: str, repeats: int = 3, dtypes=("float32",
     import export
 
     config, name = gpt2_shape(quick)
+    config = dataclasses.replace(config, vocab_size=50257)  # GPT-2's tokenizer.json, which both servers read
     torch.manual_seed(0)
     folder = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    export.export_hf(gpt.GPT(config).eval(), "char:" + "".join(chr(32 + i) for i in range(config.vocab_size))
-                     if quick else "gpt2", folder)
+    export.export_hf(gpt.GPT(config).eval(), "gpt2", folder)
     g = torch.Generator().manual_seed(2)
-    vocab = 95 if quick else config.vocab_size
+    vocab = config.vocab_size
     new, one_new, repeats = (8, 16, 1) if quick else (64, 256, repeats)
     prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in torch.randint(24, 41, (16,), generator=g)]
     arrivals = {rate: torch.distributions.Exponential(rate).sample((16,)).cumsum(0).tolist() for rate in (1.0, 4.0)}
@@ -296,8 +297,7 @@ def side_by_side(folder, root, python, dtype, env, prompts, arrivals, sizes, nam
                          "--port", str(ports["serve.py"]), "--max_num_seqs", "16", "--kv_mib", "1024",
                          "--model_name", "m", "--log_requests", "False"],
             "vLLM": [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", dtype,
-                     "--port", str(ports["vLLM"]), "--max-num-seqs", "16", "--served-model-name", "m",
-                     "--disable-log-requests"]}
+                     "--port", str(ports["vLLM"]), "--max-num-seqs", "16", "--served-model-name", "m"]}
     procs, logs = {}, {}
     try:
         for key, cmd in cmds.items():
