@@ -4,8 +4,8 @@
 serve.py teaches the engine (continuous batching); this file is the plumbing that lets any
 OpenAI client talk to it. It imports no script: the engine, the tokenizer and the chat
 template come in as arguments, and all it asks of them is
-- engine: block_size, rows (one entry per cache row, None when free), running(), waiting (a
-  queue.Queue), stats (a dict), stop(), and complete(tok, prompt_ids, stop_ids, stop,
+- engine: block_size, max_num_seqs, running(), waiting (a queue.Queue), stats (a dict),
+  prometheus() (the /metrics text; Metrics below renders it), stop(), and complete(tok, prompt_ids, stop_ids, stop,
   max_tokens=, temperature=, top_p=, top_k=, seed=) -> a completion with deltas(client_gone)
   (text pieces; RuntimeError if the engine failed it), cancel(), finish_reason and
   completion_tokens. complete() raises NanoError for a request it cannot take and
@@ -19,7 +19,8 @@ template come in as arguments, and all it asks of them is
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI's request and response
 shapes; "stream": true sends server-sent events ending in `data: [DONE]`), POST /v1/embeddings
 (with an embedder; "encoding_format": "base64" sends little-endian float32), GET /v1/models,
-GET /health, GET / (a chat page, assets/chat.html: plain JavaScript, works offline).
+GET /health, GET /metrics (Prometheus text: vLLM's gauges and histograms), GET / (a chat page,
+assets/chat.html: plain JavaScript, works offline).
 Bad requests get OpenAI-style error JSON with a 4xx status; a full queue gets 503 with
 Retry-After; a client that goes away cancels its request. One thread per connection.
 
@@ -44,6 +45,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -51,6 +53,71 @@ from urllib.parse import urlsplit
 from common import NanoError
 
 PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
+
+# ----------------------------------------------------------------------------------------
+# Metrics in Prometheus' text format (GET /metrics), named as vLLM names them
+
+
+class Metrics:
+    """What the engine counts as it runs: tokens computed and generated, time to first token
+    (arrival -> first token) and inter-token latency as histograms, generated tokens/s over the
+    last 10 s. The engine calls step() after each forward pass and token() for each new token;
+    text(gauges) renders everything, with the engine's gauges (running, waiting, KV blocks...)."""
+
+    BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+    def __init__(self):
+        self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "num_steps_total": 0}
+        self.hist = {name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in ("time_to_first_token_seconds",
+                                                                           "inter_token_latency_seconds")}
+        self.recent: deque = deque()  # times of the tokens generated in the last 10 s
+        self.lock = threading.Lock()
+
+    def step(self, batch, now):
+        """batch: [(request, tokens computed)]; a token computed past the prompt was generated before."""
+        with self.lock:
+            self.counters["num_steps_total"] += 1
+            self.counters["prompt_tokens_total"] += sum(max(0, min(r.num_computed, len(r.prompt)) -
+                                                            max(0, r.num_computed - n)) for r, n in batch)
+
+    def token(self, req, now):
+        with self.lock:
+            self.counters["generation_tokens_total"] += 1
+            first = req.n_generated == 0
+            self.observe("time_to_first_token_seconds" if first else "inter_token_latency_seconds",
+                         now - (req.arrived if first else req.last_time))
+            req.last_time = now
+            self.recent.append(now)
+            while self.recent[0] < now - 10:
+                self.recent.popleft()
+
+    def observe(self, name, seconds):
+        h = self.hist[name]
+        h[next((i for i, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))] += 1
+        h[-1] += seconds
+
+    def tokens_per_second(self) -> float:
+        with self.lock:
+            if len(self.recent) < 2:
+                return 0.0
+            return len(self.recent) / max(self.recent[-1] - self.recent[0], 1e-9)
+
+    def text(self, gauges: dict) -> str:
+        lines = []
+        for name, value in {**gauges, "generation_tokens_per_second": self.tokens_per_second()}.items():
+            lines += [f"# TYPE nanollm:{name} gauge", f"nanollm:{name} {value}"]
+        with self.lock:
+            for name, value in self.counters.items():
+                lines += [f"# TYPE nanollm:{name} counter", f"nanollm:{name} {value}"]
+            for name, h in self.hist.items():
+                lines.append(f"# TYPE nanollm:{name} histogram")
+                total = 0
+                for bound, count in zip((*self.BUCKETS, "+Inf"), h[:-1]):
+                    total += count
+                    lines.append(f'nanollm:{name}_bucket{{le="{bound}"}} {total}')
+                lines += [f"nanollm:{name}_sum {h[-1]}", f"nanollm:{name}_count {total}"]
+        return "\n".join(lines) + "\n"
+
 
 # ----------------------------------------------------------------------------------------
 # The chat template of base models: a conversation -> prompt ids
@@ -218,7 +285,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method):
         routes = {"/v1/chat/completions": ("POST", self.chat_completions), "/v1/completions": ("POST", self.completions),
                   "/v1/embeddings": ("POST", self.embeddings), "/v1/models": ("GET", self.models),
-                  "/health": ("GET", self.health),
+                  "/health": ("GET", self.health), "/metrics": ("GET", self.metrics),
                   "/": ("GET", self.page), "/index.html": ("GET", self.page)}
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
@@ -305,9 +372,18 @@ class Handler(BaseHTTPRequestHandler):
     # -- routes
     def health(self, _):
         engine = self.server.engine
-        self._send_json(200, {"status": "ok", "model": self.server.model_name, "max_batch": len(engine.rows),
+        self._send_json(200, {"status": "ok", "model": self.server.model_name, "max_num_seqs": engine.max_num_seqs,
                               "running": engine.running(), "waiting": engine.waiting.qsize(),
-                              "free_slots": len(engine.rows) - engine.running(), **engine.stats})
+                              "free_slots": engine.max_num_seqs - engine.running(), **engine.stats})
+
+    def metrics(self, _):
+        payload = self.server.engine.prometheus().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if not self.head_only:
+            self.wfile.write(payload)
 
     def models(self, _):
         names = [self.server.model_name] + ([self.server.embedder.name] if self.server.embedder else [])

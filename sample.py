@@ -849,7 +849,7 @@ class LogitsHead:
         self.weight_t = None
         if batch_size == 1 and weight.device.type == "cpu":
             version, vocab, copy = _transposed_heads.get(weight, (None, None, None))
-            if (version, vocab) != (weight._version, self.weight.shape[0]):
+            if (version, vocab) != (weight._version, self.weight.shape[0]) or copy.dtype != weight.dtype:
                 copy = self.weight.t().contiguous()  # (C, V)
                 _transposed_heads[weight] = (weight._version, self.weight.shape[0], copy)
             self.weight_t = copy

@@ -1,34 +1,35 @@
-"""Continuous batching: an inference engine that schedules per decode step, behind an
+"""Continuous batching over a paged KV cache: an inference engine that schedules per step, behind an
 OpenAI-compatible server (openai_api.py, which takes the engine as an argument) and a terminal chat.
 
-The idea: iteration-level scheduling (Yu et al. 2022, "Orca"; the scheduler of vLLM, Kwon
-et al. 2023, arXiv:2309.06180). sample.py generates a static batch: all rows start together
-and run until the slowest is done, so a short answer's row sits idle and a late request
-waits for the whole batch. A server schedules per decode step instead:
-- one engine thread owns the model and a static KV cache of --max_batch rows (slots);
-- every row has its own length: the token at position p of row b lives in cache slot p of
-  row b, so per-row position ids and a per-row attention mask (slot <= the row's own
-  position) let rows of different lengths share one forward pass;
-- each engine step: retire cancelled requests, admit waiting requests into free rows
-  (prefill each), then ONE decode step for every running request at once;
-- so a new request joins the running batch at the step after its prefill, and a finished
-  one leaves at the step it finishes, its row free at once; nobody waits for the slowest.
+The idea: iteration-level scheduling (Yu et al. 2022, "Orca") over PagedAttention (Kwon et al.
+2023, arXiv:2309.06180, vLLM). sample.py generates a static batch: all rows start together and
+run until the slowest is done, so a short answer's row sits idle and a late request waits for the
+whole batch. A server schedules per step instead, in one engine thread that owns the model:
+- the KV cache is a pool of fixed-size blocks (kv_blocks.py): a request holds a block table and
+  takes blocks as it grows, so memory follows the tokens in flight, not max_batch x max_len;
+  full blocks are named by a chained hash of their tokens, so a prompt that starts like an
+  earlier one reuses its keys and skips that part of the prefill (prefix caching);
+- the scheduler (scheduler.py) decides each step which requests compute how many tokens: one
+  for every decoding request, chunks of waiting prompts in what is left of the token budget
+  (chunked prefill: a long prompt does not stall the running streams); when blocks run out the
+  newest request is preempted and recomputed later;
+- each step is schedule -> run (ONE forward pass over all scheduled tokens: attention reads
+  every request's keys through its block table) -> postprocess (a request whose tokens are all
+  computed samples its next token; a finished one frees its blocks at once).
+So a new request joins at the next step, and a finished one leaves the step it finishes.
 In parallel: the client threads (openai_api.py: one per connection; parse, tokenize, turn
-tokens back into text, stream); all positions of one prompt inside its prefill (one forward
-pass, big matmuls, compute-bound); all running requests inside a decode step (one B-row
-forward reads each weight once for B tokens; decode is memory-bound, so B rows cost little
-more than one until the matmuls turn compute-bound, at hundreds of rows on a GPU and far
-fewer on a CPU: that is where the throughput comes from).
-In sequence: the engine's steps (step t+1 feeds the tokens sampled at step t); the prefills
-of several new requests, each stalling the running requests' decode step for its duration
-(vLLM's chunked prefill bounds that stall by splitting long prompts; not done here).
-The cache is allocated once, --max_batch rows of block_size slots; vLLM's PagedAttention
-hands out cache blocks on demand instead, so short requests do not reserve a full row.
+tokens back into text, stream); all tokens of one step (one forward reads each weight once for
+B tokens; decode is memory-bound, so B rows cost little more than one until the matmuls turn
+compute-bound, at hundreds of rows on a GPU and far fewer on a CPU: the throughput).
+In sequence: the engine's steps (step t+1 feeds the tokens sampled at step t).
+On a CPU with AMX (bf16 matrix units) --dtype auto runs in bf16: products of 8+ rows are
+several times faster than fp32 there. A quantize.py checkpoint (int8 weights) serves as is.
 
 Run:
   python serve.py --ckpt out/ckpt.pt                 # then open http://127.0.0.1:8000/
-  python serve.py --init_from gpt2 --max_batch 16 --api_key secret
+  python serve.py --init_from gpt2 --max_num_seqs 16 --kv_mib 64 --api_key secret
   python serve.py --ckpt out-sft/ckpt.pt --chat      # a model from sft.py, in the terminal
+  curl http://127.0.0.1:8000/metrics                 # running, waiting, KV blocks, TTFT, ...
 """
 
 from __future__ import annotations
@@ -44,46 +45,16 @@ from pathlib import Path
 import torch
 
 import common
+import kv_blocks
 import openai_api
 import rag  # its bi-encoder answers /v1/embeddings (--embeddings)
 import sample
+import scheduler
 import tokenizer
 from common import NanoError
 
 # ----------------------------------------------------------------------------------------
-# A KV cache whose rows have different lengths
-
-
-class SlotCache:
-    """One layer's keys and values (rows, n_kv_head, slots, head_dim): a view of the engine's buffers
-    (sample.make_cache). sample.KVCache writes all rows at the same slots (left padding aligns them);
-    here input_pos is (rows, T): each row writes at its own positions, so any lengths decode in one step."""
-
-    def __init__(self, k, v):
-        self.k, self.v = k, v
-
-    def update(self, input_pos, k, v):  # k, v: (rows, n_head, T, head_dim)
-        if input_pos.dim() == 1:  # one prompt's slots 0..T-1 (sample.prefill passes (T,))
-            input_pos = input_pos.expand(k.shape[0], -1)
-        index = input_pos[:, None, :, None].expand_as(k)  # (rows, n_head, T, head_dim)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        return self.k, self.v
-
-
-@torch.no_grad()
-def decode_step(model, tokens, pos, cache, head):
-    """One decode step for rows of different lengths: tokens (B, 1) go into slot pos[b] (B,)
-    of their own row, which is also their position; row b's query sees slots 0..pos[b]."""
-    slots = torch.arange(cache[0].k.shape[2], device=pos.device)
-    mask = (slots[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S): per-row causal mask
-    hidden = model.hidden_states(tokens, kv_cache=cache, input_pos=pos[:, None], position_ids=pos[:, None],
-                                 attn_mask=mask)
-    return head(hidden[:, -1])  # (B, V)
-
-
-# ----------------------------------------------------------------------------------------
-# The engine: one thread, the model, max_batch rows
+# The engine: one thread, the model, a paged KV cache, a scheduler
 
 
 @dataclass
@@ -97,8 +68,8 @@ class Finished:
 @dataclass(eq=False)  # compared by identity
 class Request:
     """One generation as the engine sees it. The engine puts each new token id into
-    `events`, then a Finished; any thread may set `cancelled`, and the engine frees the
-    row before its next step."""
+    `events`, then a Finished; any thread may set `cancelled`, and the engine frees its
+    blocks before its next step."""
     prompt: list[int]
     max_tokens: int
     temperature: float = 0.0
@@ -109,11 +80,13 @@ class Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     n_generated: int = 0
-    # engine side: the row, the slot of the next token fed, the newest token, the sampler
-    row: int = -1
-    pos: int = 0
-    last: int = 0
+    # engine side: prompt + generated ids, how many have cached keys, the block table, the sampler
+    tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    arrived: float = 0.0  # monotonic times, for TTFT and inter-token latency
+    last_time: float = 0.0
 
     def cancel(self):
         self.cancelled = True
@@ -124,15 +97,26 @@ class Overloaded(queue.Full):
 
 
 class Engine:
-    def __init__(self, model, vocab_size=None, max_batch=8, max_queue=64):
-        if max_batch < 1 or max_queue < 1:
-            raise NanoError(f"max_batch and max_queue must be >= 1 (got {max_batch}, {max_queue})")
+    """The engine: max_num_seqs requests at most decode together, max_num_batched_tokens tokens at
+    most in one forward pass; the KV cache is kv_mib MiB of block_size-token blocks (None: as much as
+    a static cache of max_num_seqs full contexts would take)."""
+
+    def __init__(self, model, vocab_size=None, max_num_seqs=8, max_queue=64, max_num_batched_tokens=512,
+                 block_size=16, kv_mib=None, prefix_caching=True):
+        if max_queue < 1:
+            raise NanoError(f"max_queue must be >= 1 (got {max_queue})")
         self.model, self.block_size = model, model.config.block_size
         self.device = model.transformer.wte.weight.device
         self.head = sample.LogitsHead(model, vocab_size, batch_size=1)  # a 1-row step gets the fast layout
-        self.cache = sample.make_cache(model, max_batch, self.block_size)  # (max_batch, n_head, block, hd) per layer
-        self.rows: list[Request | None] = [None] * max_batch
-        self.waiting: queue.Queue = queue.Queue(max_queue)
+        dtype = model.transformer.wte.weight.dtype
+        num_blocks = (max_num_seqs * -(-self.block_size // block_size) if kv_mib is None else
+                      int(kv_mib * 2**20 // (sample.kv_bytes_per_token(model.config, dtype) * block_size)))
+        self.blocks = kv_blocks.BlockManager(num_blocks, block_size, prefix_caching)
+        self.kv = kv_blocks.PagedKV(model, num_blocks, block_size, dtype)
+        self.scheduler = scheduler.Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.max_num_seqs = max_num_seqs
+        self.waiting: queue.Queue = queue.Queue(max_queue)  # the inbox: HTTP threads put, the engine takes
+        self.metrics = openai_api.Metrics()
         self.stats = {"steps": 0, "prefills": 0, "finished": 0, "cancelled": 0}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -156,8 +140,12 @@ class Engine:
         if not req.prompt or req.max_tokens < 1 or len(req.prompt) + req.max_tokens > self.block_size:
             raise NanoError(f"prompt ({len(req.prompt)} tokens, at least 1) + max_tokens ({req.max_tokens}, at least 1) "
                             f"must fit in the context of {self.block_size} (shorten the prompt or lower max_tokens)")
+        if self.blocks.blocks_for(len(req.prompt) + req.max_tokens) > self.blocks.num_blocks:
+            raise NanoError(f"prompt + max_tokens ({len(req.prompt) + req.max_tokens}) exceed the whole KV cache "
+                            f"({self.blocks.num_blocks} blocks of {self.blocks.block_size}; raise --kv_mib)")
         if self._stopping.is_set():
             raise Overloaded("the server is shutting down")
+        req.arrived = time.monotonic()
         try:
             self.waiting.put_nowait(req)
         except queue.Full:
@@ -169,54 +157,34 @@ class Engine:
         return Completion(self, tok, Request(prompt, stop_ids=stop_ids, **sampling), stop)
 
     def running(self) -> int:
-        return sum(r is not None for r in self.rows)
+        return len(self.scheduler.running)
 
     # -- the loop: one step after another
     def step(self, block=False):
-        """One iteration, nano-vllm's schedule -> run -> postprocess. Schedule: free cancelled
-        requests' rows, admit waiting requests into free rows (each prefilled, its first token
-        sampled; block: wait briefly for one). Run: one decode step for every running row.
-        Postprocess: each row's token goes to its request; a finished request frees its row."""
-        for req in self.rows:  # a cancelled request's row is free before the next step
-            if req is not None and req.cancelled:
+        """One iteration, nano-vllm's schedule -> run -> postprocess. Schedule: new requests in,
+        cancelled ones out, then the scheduler picks (request, tokens) pairs. Run: one forward
+        pass over all of them. Postprocess: a request whose tokens are all computed samples its
+        next one; a finished request frees its blocks."""
+        self._take_new(block)
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        try:
+            self.postprocess(batch, self.run(batch))
+        except Exception:  # noqa: BLE001  which request broke the batch is unknowable: each alone
+            traceback.print_exc()
+            for r, n in batch:
+                try:
+                    self.postprocess([(r, n)], self.run([(r, n)]))
+                except Exception as e:  # noqa: BLE001  this one fails, the others went on
+                    self._finish(r, "error", f"{type(e).__name__}: {e}")
+
+    def _take_new(self, block):
+        """Cancelled requests out; requests from the inbox into the scheduler (block: wait briefly)."""
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            if req.cancelled:
                 self._finish(req, "cancelled")
-        self._admit(block)
-        running = [r for r in self.rows if r is not None]
-        if running:
-            try:
-                self._postprocess(running, self._decode(running))  # logits (len(running), V)
-            except Exception:  # noqa: BLE001  which row broke the batch is unknowable: each alone
-                traceback.print_exc()
-                for r in running:
-                    try:
-                        self._postprocess([r], self._decode([r]))
-                    except Exception as e:  # noqa: BLE001  this one: it fails, the others went on
-                        self._finish(r, "error", f"{type(e).__name__}: {e}")
-
-    def _postprocess(self, reqs, logits):
-        for r, token in zip(reqs, self._sample(logits, reqs)):
-            if token is not None:  # None: its sampling failed and finished it
-                self._emit(r, token)
-
-    def _loop(self):
-        while not self._stopping.is_set():
-            try:
-                self.step(block=self.running() == 0)
-            except Exception as e:  # noqa: BLE001  a bug must not take the server down: fail what ran, go on
-                traceback.print_exc()
-                for req in self.rows:
-                    if req is not None:
-                        self._finish(req, "error", f"{type(e).__name__}: {e}")
-        for req in self.rows:
-            if req is not None:
-                self._finish(req, "cancelled")
-        while not self.waiting.empty():
-            req = self.waiting.get_nowait()
-            req.events.put(Finished("cancelled", 0))
-
-    def _admit(self, block):
-        """Move waiting requests into free rows, prefilling each (one after the other)."""
-        while None in self.rows:
+        while len(self.scheduler.waiting) < self.max_num_seqs:
             try:
                 req = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
             except queue.Empty:
@@ -226,40 +194,48 @@ class Engine:
                 req.events.put(Finished("cancelled", 0))
                 self.stats["cancelled"] += 1
                 continue
-            req.row, req.pos = self.rows.index(None), len(req.prompt)
-            self.rows[req.row] = req
-            try:
-                req.generator = sample.sample_generator(req.seed, self.device)
-                ids = torch.tensor([req.prompt], device=self.device)  # (1, T)
-                logits = sample.prefill(self.model, ids, self.views(slice(req.row, req.row + 1), len(req.prompt)),
-                                        head=self.head)  # all T positions in one forward pass
-            except Exception as e:  # noqa: BLE001  (e.g. out of memory): this request fails, the server goes on
-                traceback.print_exc()
-                self._finish(req, "error", f"{type(e).__name__}: {e}")
-                continue
-            self.stats["prefills"] += 1
-            self._postprocess([req], logits)
+            req.generator = sample.sample_generator(req.seed, self.device)  # (the seed was checked by submit)
+            req.tokens = list(req.prompt)
+            self.scheduler.add(req)
 
-    def _decode(self, running):
-        """One step for these running rows (sorted by row) -> their logits. Rows lo..hi go through
-        the model as one batch (free rows between them compute a dummy token at slot 0, harmless,
-        since a new request overwrites its row from slot 0)."""
-        lo, hi = running[0].row, running[-1].row + 1
-        tokens = torch.zeros(hi - lo, 1, dtype=torch.long)
-        pos = torch.zeros(hi - lo, dtype=torch.long)
-        for r in running:
-            tokens[r.row - lo, 0], pos[r.row - lo] = r.last, r.pos
-        length = int(pos.max()) + 1  # attention reads slots 0..longest row, not the whole block
-        logits = decode_step(self.model, tokens.to(self.device), pos.to(self.device),
-                             self.views(slice(lo, hi), length), self.head)  # (hi - lo, V)
+    def run(self, batch):
+        """One forward pass over [(request, n tokens)] -> the logits (k, V) of the k requests whose
+        tokens are now all computed. All decoding (1 token each): one row per request, keys
+        gathered per row; else one row of every request's tokens side by side (a block-diagonal
+        causal mask keeps requests apart): no padding of prompts to the longest."""
+        segments = [(r.tokens[r.num_computed:r.num_computed + n], r.num_computed, r.table) for r, n in batch]
+        decode = all(n == 1 for _, n in batch)
+        rows = [[i] for i in range(len(batch))] if decode else [list(range(len(batch)))]
+        idx, pos, mask, views = self.kv.batch(segments, rows)
+        with torch.no_grad():
+            hidden = self.model.hidden_states(idx, kv_cache=views, input_pos=pos, position_ids=pos, attn_mask=mask)
+        ends = [i for i, (r, n) in enumerate(batch) if r.num_computed + n == len(r.tokens)]
+        last = (torch.tensor([n for _, n in batch]).cumsum(0) - 1)[ends]  # each one's last token, flat
         self.stats["steps"] += 1
-        for r in running:  # each fed token is cached now: the next one goes one slot further
-            r.pos += 1
-        return logits[torch.tensor([r.row - lo for r in running], device=self.device)]
+        return self.head(hidden.flatten(0, 1)[last.to(self.device)]) if ends else None
 
-    def views(self, rows, length):
-        """The cache of these rows (a slice), slots 0..length-1, as one SlotCache per layer."""
-        return [SlotCache(c.k[rows, :, :length], c.v[rows, :, :length]) for c in self.cache]
+    def postprocess(self, batch, logits):
+        done = [r for r, n in batch if self.scheduler.computed(r, n)]
+        now = time.monotonic()
+        self.metrics.step(batch, now)
+        self.stats["prefills"] += sum(r.n_generated == 0 for r in done)
+        for r, token in zip(done, self._sample(logits, done) if done else []):
+            if token is not None:  # None: its sampling failed and finished it
+                self._emit(r, token, now)
+
+    def _loop(self):
+        while not self._stopping.is_set():
+            try:
+                self.step(block=self.running() == 0 and not self.scheduler.waiting)
+            except Exception as e:  # noqa: BLE001  a bug must not take the server down: fail what ran, go on
+                traceback.print_exc()
+                for req in [*self.scheduler.running, *self.scheduler.waiting]:
+                    self._finish(req, "error", f"{type(e).__name__}: {e}")
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            self._finish(req, "cancelled")
+        while not self.waiting.empty():
+            req = self.waiting.get_nowait()
+            req.events.put(Finished("cancelled", 0))
 
     def _sample(self, logits, reqs) -> list[int | None]:
         """(k, V) logits -> one token per request, each with its own settings and generator
@@ -276,9 +252,10 @@ class Engine:
                 tokens.append(None)
         return tokens
 
-    def _emit(self, req, token):
+    def _emit(self, req, token, now):
+        self.metrics.token(req, now)
         req.n_generated += 1
-        req.last = token
+        req.tokens.append(token)
         if token in req.stop_ids:
             self._finish(req, "stop")
             return
@@ -287,9 +264,15 @@ class Engine:
             self._finish(req, "length")
 
     def _finish(self, req, reason, error=None):
-        self.rows[req.row] = None
+        self.scheduler.finish(req)
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
         req.events.put(Finished(reason, req.n_generated, error))
+
+    def prometheus(self) -> str:
+        """GET /metrics: vLLM's gauges and histograms, in Prometheus' text format."""
+        gauges = self.scheduler.gauges()
+        gauges["num_requests_waiting"] += self.waiting.qsize()  # the inbox too
+        return self.metrics.text(gauges)
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,13 +361,14 @@ class Completion:
 # for chat models, openai_api.PlainChatTemplate for base models)
 
 
-def make_server(model, tok, host="127.0.0.1", port=0, max_batch=8, max_queue=64, **kwargs) -> openai_api.Server:
+def make_server(model, tok, host="127.0.0.1", port=0, engine_args=None, **kwargs) -> openai_api.Server:
     """An OpenAI-compatible server (engine thread started) on host:port (0: any free port); run it
-    with serve_forever(), close() stops both. kwargs: openai_api.Server's (template, model_name, ...)."""
+    with serve_forever(), close() stops both. engine_args: Engine's keywords (max_num_seqs, kv_mib...);
+    kwargs: openai_api.Server's (template, model_name, ...)."""
     if tok.vocab_size > model.config.vocab_size:
         raise NanoError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size} "
                         "(load the checkpoint's own tokenizer)")
-    engine = Engine(model.eval(), tok.vocab_size, max_batch, max_queue).start()
+    engine = Engine(model.eval(), tok.vocab_size, **(engine_args or {})).start()
     return openai_api.make_server(engine, tok, host, port, **kwargs)
 
 
@@ -441,11 +425,15 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 exposes it to the network)"})
     port: int = field(default=8000, metadata={"help": "port (0 = any free one)"})
     api_key: str = field(default="", metadata={"help": "require 'Authorization: Bearer <key>' on /v1/* (empty = open)"})
-    max_batch: int = field(default=8, metadata={"help": "cache rows: requests decoded together in one step"})
-    max_queue: int = field(default=64, metadata={"help": "requests that may wait for a row; beyond that: 503"})
+    max_num_seqs: int = field(default=16, metadata={"help": "requests running together (decoded in one step)"})
+    max_num_batched_tokens: int = field(default=512, metadata={"help": "tokens in one forward pass (prefill chunks)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    kv_mib: float = field(default=0, metadata={"help": "KV cache size in MiB (0: max_num_seqs full contexts)"})
+    prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of shared prompt prefixes"})
+    max_queue: int = field(default=64, metadata={"help": "requests that may wait in the inbox; beyond that: 503"})
     model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: --init_from or the checkpoint's file name)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU, or a CPU with AMX) | float32 | bfloat16 | float16"})
     embeddings: str = field(default="", metadata={"help": "a rag.py encoder checkpoint: also serve POST /v1/embeddings"})
     log_requests: bool = field(default=True, metadata={"help": "print one line per HTTP request"})
     chat: bool = field(default=False, metadata={"help": "chat in the terminal instead of serving HTTP"})
@@ -454,6 +442,14 @@ class ServeConfig:
     temperature: float = field(default=0.8, metadata={"help": "--chat: 0 = greedy"})
     top_p: float = field(default=0.95, metadata={"help": "--chat: nucleus sampling mass"})
     top_k: int = field(default=0, metadata={"help": "--chat: sample among the k most likely tokens (0 = all)"})
+
+
+def pick_dtype(device, name="auto") -> torch.dtype:
+    """common.pick_dtype, but auto on a CPU with AMX (bf16 matrix units; detected, and said) is bf16."""
+    if name == "auto" and device == "cpu" and torch.cpu._is_amx_tile_supported():
+        print("dtype auto: bfloat16 (this CPU has AMX bf16 matrix units)", flush=True)
+        return torch.bfloat16
+    return common.pick_dtype(device, name)
 
 
 @common.cli
@@ -466,28 +462,31 @@ def main(argv=None):
     error = sample.check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, 1.0)
     if error:
         raise NanoError(error)
-    if cfg.max_tokens < 1 or cfg.max_batch < 1 or cfg.max_queue < 1:
-        raise NanoError("max_tokens, max_batch and max_queue must be >= 1")
+    if min(cfg.max_tokens, cfg.max_num_seqs, cfg.max_queue, cfg.max_num_batched_tokens, cfg.block_size) < 1:
+        raise NanoError("max_tokens, max_num_seqs, max_num_batched_tokens, block_size and max_queue must be >= 1")
     if not cfg.init_from and not Path(cfg.ckpt).is_file():
         raise NanoError(f"checkpoint {cfg.ckpt} not found (train one with train.py, or pass --init_from gpt2)")
     device = common.pick_device(cfg.device)
-    model, spec = sample.load_model(cfg, device, common.pick_dtype(device, cfg.dtype))
+    model, spec = sample.load_model(cfg, device, pick_dtype(device, cfg.dtype))
     tok, template = tokenizer.load_chat_template(spec)
     name = cfg.model_name or cfg.init_from or Path(cfg.ckpt).stem
+    args = dict(max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                block_size=cfg.block_size, kv_mib=cfg.kv_mib or None, prefix_caching=cfg.prefix_caching)
     if cfg.chat:
-        engine = Engine(model, tok.vocab_size, max_batch=1).start()
+        engine = Engine(model, tok.vocab_size, **args).start()
         try:
             chat_cli(engine, tok, template or openai_api.PlainChatTemplate(tok), cfg)
         finally:
             engine.stop()
         return
-    server = make_server(model, tok, cfg.host, cfg.port, cfg.max_batch, cfg.max_queue, template=template,
+    server = make_server(model, tok, cfg.host, cfg.port, args, template=template,
                          model_name=name, api_key=cfg.api_key, log_requests=cfg.log_requests,
                          embedder=rag.Encoder.load(cfg.embeddings, device) if cfg.embeddings else None)
     host, port = server.server_address[:2]
     try:
-        print(f"serving {name!r} on http://{host}:{port}/ (max_batch {cfg.max_batch}, {device}); Ctrl-C stops",
-              flush=True)
+        blocks = server.engine.blocks
+        print(f"serving {name!r} on http://{host}:{port}/ ({device}, {next(model.parameters()).dtype}, max_num_seqs "
+              f"{cfg.max_num_seqs}, KV cache {blocks.num_blocks} blocks of {blocks.block_size}); Ctrl-C stops", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopping", flush=True)

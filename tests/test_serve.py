@@ -74,40 +74,160 @@ def idle(srv):
 
 @pytest.fixture
 def slow_steps(monkeypatch):
-    """Make every decode step take at least `delay` seconds, so a stream lasts long enough
+    """Make every engine step take at least `delay` seconds, so a stream lasts long enough
     to be cut, watched or overlapped (the tiny model otherwise finishes in milliseconds)."""
-    real = serve.decode_step
+    real = serve.Engine.run
 
     def set_delay(delay):
         def slow(*args, **kwargs):
             time.sleep(delay)
             return real(*args, **kwargs)
-        monkeypatch.setattr(serve, "decode_step", slow)
+        monkeypatch.setattr(serve.Engine, "run", slow)
     return set_delay
 
 
+def run_engine(engine, arrivals):
+    """Drive an engine (no thread) step by step; arrivals: [(step, Request)], each submitted at
+    the start of its step. Returns the tokens each request generated, in the order given."""
+    pending = sorted(arrivals, key=lambda a: a[0])
+    reqs, step = [r for _, r in arrivals], 0
+    while pending or engine.running() or engine.scheduler.waiting or engine.waiting.qsize():
+        while pending and pending[0][0] <= step:
+            engine.submit(pending.pop(0)[1])
+        engine.step()
+        step += 1
+        assert step < 20_000
+    return [r.tokens[len(r.prompt):] for r in reqs]
+
+
 # ---------------------------------------------------------------------------------------
-# The batched step itself
+# The paged step itself
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_decode_step_rows_of_different_lengths_match_full_forward(arch):
-    """Three rows at lengths 5, 11, 2 decode in one step; each row's logits equal a plain
-    uncached forward pass over that row alone. Tolerance 1e-5 absolute on logits of size
-    ~1-10: fp32 with different reduction orders (masked slots contribute exact zeros)."""
+def test_paged_step_matches_full_forward(arch):
+    """Three requests at lengths 5, 11, 2 (blocks of 4, scattered over the pool) compute in one
+    forward pass through their block tables, both layouts: decode (a row per request, one token
+    each) and prefill chunks (one row, the requests side by side, a block-diagonal mask). Each
+    request's logits equal a plain uncached forward pass over it alone. Tolerance 1e-5 absolute
+    on logits of size ~1-10: fp32 with different reduction orders (masked keys add exact zeros)."""
     model = random_model(65, arch)
-    engine = serve.Engine(model, max_batch=3)
+    engine = serve.Engine(model, max_num_seqs=3, block_size=4)
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, 65, (n,), generator=g).tolist() for n in (5, 11, 2)]
-    for b, r in enumerate(rows):  # prefill each row alone, leaving out its last token
-        sample.prefill(model, torch.tensor([r[:-1]]), engine.views(slice(b, b + 1), len(r) - 1), head=engine.head)
-    pos = torch.tensor([len(r) - 1 for r in rows])
-    last = torch.tensor([[r[-1]] for r in rows])
-    got = serve.decode_step(model, last, pos, engine.views(slice(0, 3), int(pos.max()) + 1), engine.head)
-    for b, r in enumerate(rows):
+    tables = [[7, 2], [0, 5, 9], [4]]  # any blocks, in any order
+    for split in ([n - 1 for n in map(len, rows)], [1, 4, 0]):  # decode the last token; prefill from 1, 4, 0
+        segments = [(r[:k], 0, t) for r, k, t in zip(rows, split, tables) if k]
+        if segments:
+            idx, pos, mask, views = engine.kv.batch(segments, [list(range(len(segments)))])
+            with torch.no_grad():
+                model.hidden_states(idx, kv_cache=views, input_pos=pos, position_ids=pos, attn_mask=mask)
+        segments = [(r[k:], k, t) for r, k, t in zip(rows, split, tables)]
+        decode = all(len(s[0]) == 1 for s in segments)
+        layout = [[i] for i in range(3)] if decode else [[0, 1, 2]]
+        idx, pos, mask, views = engine.kv.batch(segments, layout)
         with torch.no_grad():
-            want = model(torch.tensor([r]))[0][0, -1]
-        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=0)
+            hidden = model.hidden_states(idx, kv_cache=views, input_pos=pos, position_ids=pos, attn_mask=mask)
+        last = hidden[:, -1] if decode else hidden[0, torch.tensor([len(s[0]) for s in segments]).cumsum(0) - 1]
+        for b, r in enumerate(rows):
+            with torch.no_grad():
+                want = model(torch.tensor([r]))[0][0, -1]
+            torch.testing.assert_close(model.lm_head(last[b]), want, atol=1e-5, rtol=0)
+
+
+def requests_with_random_arrival(n=64, seed=0, vocab=65):
+    """n requests of mixed lengths (prompts 1..72 tokens, 1..40 new): half start with one of two
+    shared prefixes of 32 tokens (whole blocks of 8 and 16), arriving at random steps."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    prefixes = [torch.randint(0, vocab, (32,), generator=g).tolist() for _ in range(2)]
+    out = []
+    for i in range(n):
+        own = torch.randint(0, vocab, (rand(0 if i % 2 else 1, 41),), generator=g).tolist()
+        out.append((rand(0, 120), (prefixes[i % 4 // 2] if i % 2 else []) + own, rand(1, 41)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def static_outputs(model):
+    """sample.generate's greedy tokens (the static KV cache): all 64 prompts as one left-padded
+    batch of 40 new tokens, each row cut to its request's max_tokens (greedy: a prefix of a longer
+    answer is the shorter answer)."""
+    requests = requests_with_random_arrival()
+    rows = list(zip(*[t.tolist() for t in sample.generate(model, [p for _, p, _ in requests], 40, temperature=0)]))
+    return [list(row[:n]) for row, (_, _, n) in zip(rows, requests)]
+
+
+def test_static_cache_reference_equals_hugging_face(model, static_outputs):
+    """The reference of the engine tests: sample.generate equals Hugging Face's generate, request by request."""
+    transformers = pytest.importorskip("transformers", reason="reference implementation of GPT-2 generation")
+    c = model.config
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).eval()
+    hf.load_state_dict(model.to_hf_state_dict(), strict=False)
+    for (_, p, n), want in zip(requests_with_random_arrival(), static_outputs):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+        assert out[0, len(p):].tolist() == want
+
+
+@pytest.mark.parametrize("setting", ["prefix cache", "no prefix cache", "tiny KV: preemption", "chunked prefill"])
+def test_engine_matches_the_static_cache_over_64_requests(model, static_outputs, setting):
+    """64 mixed-length requests arriving at random steps, greedy: every request gets exactly the
+    tokens of the static-cache path (and so of Hugging Face's generate, above), with prefix hits,
+    without, with a KV cache so small that requests are preempted and recomputed, and with a token
+    budget that splits prompts into chunks."""
+    args = {"prefix cache": {}, "no prefix cache": {"prefix_caching": False},
+            "tiny KV: preemption": {"kv_mib": 120 * 512 / 2**20, "block_size": 4},  # 120 tokens of 512 bytes
+            "chunked prefill": {"max_num_batched_tokens": 12, "block_size": 16}}[setting]
+    engine = serve.Engine(model, None, max_num_seqs=8, max_queue=64, **args)
+    arrivals = [(t, serve.Request(p, n)) for t, p, n in requests_with_random_arrival()]
+    assert run_engine(engine, arrivals) == static_outputs
+    hit = engine.scheduler.prefix_hit_rate()
+    assert (hit > 0.1) if engine.blocks.prefix_caching else hit == 0
+    assert (engine.scheduler.preemptions > 0) == (setting == "tiny KV: preemption")
+    assert engine.blocks.num_free() == engine.blocks.num_blocks  # every block given back
+
+
+def test_prefix_cache_skips_the_shared_prefix_and_recomputes_a_whole_cached_prompt(model):
+    """A prompt of exactly 3 blocks sent twice: the second time 2 blocks come from the cache and
+    the last block is recomputed (its last token's logits are needed), with the same tokens.
+    A shared 64-token prefix: the next requests skip it (>= 90% of their prefill)."""
+    engine = serve.Engine(model, None, max_num_seqs=4, block_size=8)
+    prompt = list(range(1, 25))
+    first = run_engine(engine, [(0, serve.Request(prompt, 10))])
+    assert engine.scheduler.prefix_hit == 0
+    again = run_engine(engine, [(0, serve.Request(prompt, 10))])
+    assert again == first == [[int(t) for t in sample.generate(model, [prompt], 10, temperature=0)]]
+    assert engine.scheduler.prefix_hit == 16
+    shared = torch.randint(0, 65, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+    run_engine(engine, [(0, serve.Request(shared + [1], 2))])
+    hit0, queried0 = engine.scheduler.prefix_hit, engine.scheduler.prefix_queried
+    run_engine(engine, [(0, serve.Request(shared + [i, i], 2)) for i in range(4)])
+    assert (engine.scheduler.prefix_hit - hit0) / (engine.scheduler.prefix_queried - queried0) >= 0.9
+
+
+def test_kv_memory_follows_the_tokens_in_flight(model):
+    """Blocks in use = the blocks the running requests' tokens fill, step by step; with request
+    lengths varying 10x the peak is <= half of a static cache of max_num_seqs full contexts."""
+    engine = serve.Engine(model, None, max_num_seqs=8, prefix_caching=False)
+    arrivals = [(0, serve.Request([i % 60 + 1] * (4 + 4 * (i % 10)), 4)) for i in range(16)]  # prompts of 4..40
+    peak, real_step = 0, engine.step
+
+    def step(block=False):
+        nonlocal peak
+        real_step(block)
+        used = engine.blocks.num_blocks - engine.blocks.num_free()
+        assert used == sum(engine.blocks.blocks_for(r.num_computed) for r in engine.scheduler.running)
+        peak = max(peak, used)
+
+    engine.step = step
+    run_engine(engine, arrivals)
+    static = 8 * BLOCK  # slots a static cache of 8 rows holds
+    assert 0 < peak * 16 <= 0.5 * static
 
 
 def test_engine_batches_a_llama_model(tok):
@@ -117,7 +237,7 @@ def test_engine_batches_a_llama_model(tok):
     model = random_model(tok.vocab_size, "llama")
     prompts = [tok.encode(p) for p in PROMPTS[:5]]
     lengths = [30, 7, 19, 25, 12]
-    engine = serve.Engine(model, tok.vocab_size, max_batch=3).start()
+    engine = serve.Engine(model, tok.vocab_size, max_num_seqs=3).start()
     try:
         reqs = [engine.submit(serve.Request(p, n)) for p, n in zip(prompts, lengths)]
         got = []
@@ -160,7 +280,7 @@ def test_engine_stops_at_a_stop_token(model, tok):
     ids = tok.encode("ROMEO:")
     _, ref = reference(model, tok, ids, 30, temperature=0)
     stop = ref[5]
-    engine = serve.Engine(model, tok.vocab_size, max_batch=2).start()
+    engine = serve.Engine(model, tok.vocab_size, max_num_seqs=2).start()
     try:
         req = engine.submit(serve.Request(ids, 30, stop_ids=frozenset({stop})))
         events = [req.events.get(timeout=10)]
@@ -177,7 +297,7 @@ def test_engine_checks_requests_before_queueing(model):
     engine thread is not started, so nothing leaves the queue)."""
     from common import NanoError
 
-    engine = serve.Engine(model, max_batch=1, max_queue=1)
+    engine = serve.Engine(model, max_num_seqs=1, max_queue=1)
     for bad in (serve.Request([], 5), serve.Request([1], 0), serve.Request([1] * 100, BLOCK - 99),
                 serve.Request([1], 5, temperature=-1.0), serve.Request([1], 5, temperature=1.0, top_p=0.0)):
         with pytest.raises(NanoError):
@@ -225,7 +345,8 @@ def test_terminal_chat(ckpt, model, tok, monkeypatch, capsys):
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("Good morrow.\n/new\nHail!\n/quit\n"))
-    serve.main(["--ckpt", str(ckpt), "--device", "cpu", "--chat", "--temperature", "0", "--max_tokens", "15"])
+    serve.main(["--ckpt", str(ckpt), "--device", "cpu", "--dtype", "float32", "--chat", "--temperature", "0",
+                "--max_tokens", "15"])
     out = capsys.readouterr().out
     template = openai_api.PlainChatTemplate(tok)
     for msg in ("Good morrow.", "Hail!"):  # /new: the second reply sees only its own turn
@@ -279,7 +400,38 @@ def test_ctrl_c_stops_cleanly(ckpt, capsys, loopback):
 def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="error: checkpoint .* not found"):
         serve.main(["--ckpt", str(tmp_path / "nope.pt")])
-    with pytest.raises(SystemExit, match="error: max_tokens, max_batch and max_queue must be >= 1"):
-        serve.main(["--ckpt", str(tmp_path / "nope.pt"), "--max_batch", "0"])
+    with pytest.raises(SystemExit, match="error: max_tokens, max_num_seqs, .* must be >= 1"):
+        serve.main(["--ckpt", str(tmp_path / "nope.pt"), "--max_num_seqs", "0"])
     with pytest.raises(SystemExit, match="error: top_p must be in"):
         serve.main(["--top_p", "0"])
+
+
+def test_engine_serves_an_int8_checkpoint(model, tmp_path):
+    """A quantize.py checkpoint (int8 absmax weights, the head too) loads as serve.main loads it and
+    the engine gives the static-cache path's greedy tokens of the same quantized model."""
+    import copy
+
+    import quantize
+
+    qmodel = quantize.quantize_model(copy.deepcopy(model), quantize.QuantizeConfig(method="absmax"), log=lambda *a: None)
+    quantize.save_quantized(tmp_path / "int8.pt", qmodel, "char:abc")
+    loaded, _ = sample.load_source(str(tmp_path / "int8.pt"), "cpu", torch.float32)
+    assert isinstance(loaded.lm_head, quantize.QuantLinear)
+    requests = requests_with_random_arrival(12)
+    want = [[int(t) for t in sample.generate(loaded, [p], n, temperature=0)] for _, p, n in requests]
+    engine = serve.Engine(loaded, None, max_num_seqs=4, block_size=8)
+    assert run_engine(engine, [(t, serve.Request(p, n)) for t, p, n in requests]) == want
+
+
+def test_dtype_auto_picks_bf16_where_the_cpu_has_amx(capsys):
+    """--dtype auto on a CPU: bf16 where the CPU says it has AMX bf16 units (Linux: the amx_bf16
+    flag of /proc/cpuinfo, read independently of torch's detection), fp32 elsewhere; a named dtype wins."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo to check the CPU's flags against")
+    amx = "amx_bf16" in info.read_text().split()
+    assert serve.pick_dtype("cpu", "auto") == (torch.bfloat16 if amx else torch.float32)
+    assert ("AMX" in capsys.readouterr().out) == amx
+    assert serve.pick_dtype("cpu", "float32") == torch.float32
