@@ -5,6 +5,7 @@ bad requests get 4xx JSON; serve.py's option hands the encoder to the server."""
 import base64
 import http.client
 import json
+import types
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def encoder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(encoder, loopback):
-    srv = start(encoder.model, encoder.tok, max_batch=1, model_name="gen", embedder=encoder)
+    srv = start(encoder.model, encoder.tok, max_num_seqs=1, model_name="gen", embedder=encoder)
     yield srv
     srv.close()
 
@@ -94,7 +95,7 @@ def test_bad_requests_get_400(server, body, param):
 def test_wrong_model_and_no_embedder_get_404(server, encoder, loopback):
     status, reply = post(server, {"model": "gen", "input": "a"})
     assert status == 404 and reply["error"]["code"] == "model_not_found"
-    srv = start(encoder.model, encoder.tok, max_batch=1)
+    srv = start(encoder.model, encoder.tok, max_num_seqs=1)
     try:
         status, reply = post(srv, {"model": "nanollm", "input": "a"})
         assert status == 404 and "--embeddings" in reply["error"]["message"]
@@ -110,6 +111,7 @@ def test_serve_cli_loads_the_encoder(encoder, tmp_path, monkeypatch):
     class Stopped:  # what main() needs of a server and its engine: it serves until Ctrl-C
         server_address = ("127.0.0.1", 0)
         engine = property(lambda self: self)
+        blocks = types.SimpleNamespace(num_blocks=0, block_size=16)  # the engine's KV pool, as main prints it
 
         def serve_forever(self):
             raise KeyboardInterrupt
