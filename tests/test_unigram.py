@@ -110,3 +110,36 @@ def test_sample_draws_segmentations_in_proportion(spm_model):
     assert ours.sample(word, alpha=1000.0, rng=rng) == ours.encode(word)
     draws = {tuple(ours.sample(word, alpha=0.1, rng=rng)) for _ in range(200)}
     assert len(draws) > 5 and all(ours.decode(d) == word for d in draws)
+
+
+def test_trainer_reaches_the_size_and_tokens_per_byte_of_sentencepiece(tmp_path):
+    """Training is not bit-identical across references (sentencepiece and tokenizers differ
+    too): the check is the vocabulary size, every character kept, and tokens per byte on
+    held-out text within 5% of sentencepiece's Unigram trainer on the same text and settings."""
+    text = SHAKESPEARE.read_text()
+    (tmp_path / "train.txt").write_text(text[:100_000])
+    ours = unigram.train_unigram(text[:100_000], 500)
+    assert len(ours) == 500 and len(set(ours.pieces)) == 500
+    assert set(text[:100_000]) - {" ", "\n"} <= set(ours.pieces)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "m"),
+                                   model_type="unigram", vocab_size=500, character_coverage=1.0,
+                                   normalization_rule_name="identity", minloglevel=2, num_threads=1)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
+    lines = [" ".join(line.split()) for line in text[1_000_000:1_060_000].splitlines()]
+    lines = [line for line in lines if line]
+    n_ours = sum(len(unigram.encode_text(ours, line)) for line in lines)
+    n_ref = sum(len(sp.encode(line)) for line in lines)
+    assert abs(n_ours / n_ref - 1) < 0.05, (n_ours, n_ref)
+
+
+def test_cli_writes_a_tokenizer_json_that_tokenizers_reads(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(SHAKESPEARE.read_text()[:30_000])
+    out = tmp_path / "u.json"
+    assert unigram.main(["train", "--input", str(tmp_path / "in.txt"), "--vocab_size", "200", "--out", str(out)]) == 0
+    ours, ref = unigram.load(out), Tokenizer.from_file(str(out))
+    text = "To be, or not to be: that is the question. 語"
+    assert unigram.encode_text(ours, text) == ref.encode(text).ids
+    assert unigram.detokenize(ours.decode(ref.encode(text).ids)) == ref.decode(ref.encode(text).ids, skip_special_tokens=False)
+    assert unigram.main(["encode", "--tokenizer", str(out), "--alpha", "0.1", text]) == 0
+    assert "question" in capsys.readouterr().out
+    assert unigram.main(["encode", "--tokenizer", str(tmp_path / "missing.json"), "x"]) == 2
