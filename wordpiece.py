@@ -95,6 +95,7 @@ class WordPiece:
         self.unk_token, self.prefix, self.max_chars = unk_token, prefix, max_input_chars_per_word
         self.lowercase, self.strip_accents = lowercase, strip_accents
         self.max_len = max(map(len, self.vocab))
+        self.cache: dict[str, list[int]] = {}
 
     def __len__(self):
         return len(self.vocab)
@@ -121,7 +122,14 @@ class WordPiece:
         return pretokenize(normalize(text, self.lowercase, self.strip_accents))
 
     def encode(self, text: str) -> list[int]:
-        return [i for w in self.words(text) for i in self.encode_word(w)]
+        ids = []
+        for w in self.words(text):
+            if w not in self.cache:
+                if len(self.cache) > 100_000:
+                    self.cache.clear()
+                self.cache[w] = self.encode_word(w)
+            ids += self.cache[w]
+        return ids
 
     def decode(self, ids, cleanup: bool = True) -> str:
         """Tokens joined by spaces, `##` pieces glued to the one before; cleanup as tokenizers'
