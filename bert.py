@@ -238,6 +238,9 @@ def load_hf(name_or_dir: str) -> Bert:
     tensors = {}
     for f in files:
         tensors.update(hf_io.read_safetensors(folder / f))
+    if not hf.get("tie_word_embeddings", True):
+        raise NanoError(f"{folder}: tie_word_embeddings is false; the MLM decoder here is the embedding matrix "
+                        "(use a folder with tied weights, as BERT's)")
     model = Bert(BertConfig.from_hf(hf, nsp="cls.seq_relationship.weight" in tensors))
     with torch.no_grad():
         for name, param in model.state_dict().items():
@@ -263,11 +266,11 @@ class BertTrainConfig:
     vocab_size: int = 2000  # of the WordPiece vocabulary trained on the text first
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 256
-    block_size: int = 128
+    n_embd: int = 128
+    block_size: int = 64
     nsp: bool = False
     batch_size: int = 32
-    max_iters: int = 1000
+    max_iters: int = 800
     lr: float = 1e-3
     warmup_iters: int = 50
     weight_decay: float = 0.01
