@@ -205,8 +205,9 @@ def detokenize(text: str) -> str:
 def train_unigram(text: str, vocab_size: int, seed_size: int = 1_000_000, max_piece_length: int = 16,
                   shrinking_factor: float = 0.75, sub_iterations: int = 2, verbose: bool = False) -> Unigram:
     """A Unigram tokenizer of exactly vocab_size pieces (id 0 = <unk>) learned from text: words
-    are the whitespace-separated runs with a leading `▁`; every character seen is kept."""
-    words = Counter(SPACE + w for w in text.split())
+    are pretokenize's (split at spaces, each with its leading `▁`; a newline is a character like
+    any other, so encode_text loses nothing); every character seen is kept."""
+    words = Counter(pretokenize(text))
     chars = Counter()
     for w, f in words.items():
         for c in w:
