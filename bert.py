@@ -22,7 +22,7 @@ Tokenizer: WordPiece (wordpiece.py), trained on the text first. Weights load fro
 folder with BertForMaskedLM / BertForPreTraining names (load_hf), equal logits.
 
 Run: python bert.py        (Tiny Shakespeare on a CPU: trains a 1000-piece WordPiece vocab, then a
-                            2-layer, 128-wide BERT, 1800 steps of 32 x 64 tokens (~20-25 min on two
+                            2-layer, 128-wide BERT, 1000 steps of 32 x 64 tokens (~15-20 min on two
                             busy shared cores, one thread); prints held-out masked-token accuracy
                             vs the unigram-frequency baseline; --n_layer 12 --n_head 12 --n_embd 768
                             are BERT-base's shapes)
@@ -272,8 +272,8 @@ class BertTrainConfig:
     block_size: int = 64
     nsp: bool = False
     batch_size: int = 32
-    max_iters: int = 1800
-    lr: float = 1e-3
+    max_iters: int = 1000
+    lr: float = 2e-3
     warmup_iters: int = 50
     weight_decay: float = 0.01
     dropout: float = 0.0  # BERT's 0.1 slows these short runs down
