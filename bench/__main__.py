@@ -27,6 +27,7 @@ SECTIONS = {
     "loss": ("loss.bench_loss", "peak memory of lm_head + cross-entropy, naive vs chunked"),
     "sample": ("sample.bench_sample", "KV-cached decode vs no cache, vs HF generate, vs the memory bound"),
     "bpe": ("bpe.bench_bpe", "bpe.py encode vs tiktoken, training vs HF tokenizers"),
+    "encoders": ("encoders.bench_encoders", "BPE / WordPiece / Unigram at one vocab: tokens/byte, longest, GPT bits/byte"),
     "nf4": ("nf4.bench_nf4", "NF4 dequantize: PyTorch, Triton, bitsandbytes; NF4 vs bf16 bytes"),
     "lora": ("lora.bench_lora", "LoRA vs full finetune: trainable params, optimizer state, file, step"),
     "fsdp2": ("fsdp2.bench_fsdp2", "bytes per rank, full vs QLoRA; CPU step time, 2 ranks vs 1"),

@@ -1,0 +1,148 @@
+"""bert.py against transformers: logits of a BertForMaskedLM / BertForPreTraining folder built
+offline (random weights, fp32, 1e-5), masking draw for draw as DataCollatorForLanguageModeling
+and its statistics over 1M tokens, a short training run and --fill."""
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig as HFBertConfig
+from transformers import BertForMaskedLM, BertForPreTraining, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+import bert
+import wordpiece
+from common import CLIError
+from conftest import SHAKESPEARE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def hf_folder(tmp_path, cls):
+    torch.manual_seed(0)
+    cfg = HFBertConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=96, max_position_embeddings=40, type_vocab_size=2)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # weights far from their init, so every parameter matters
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("cls", [BertForMaskedLM, BertForPreTraining])
+def test_logits_equal_transformers(tmp_path, cls):
+    ref = hf_folder(tmp_path, cls)
+    ours = bert.load_hf(str(tmp_path))
+    assert ours.cfg.nsp == (cls is BertForPreTraining)
+    g = torch.Generator().manual_seed(1)
+    idx, types = torch.randint(101, (3, 23), generator=g), torch.randint(2, (3, 23), generator=g)
+    mask = torch.ones(3, 23, dtype=torch.long)
+    mask[1, 15:] = 0  # padding
+    with torch.no_grad():
+        out = ref(input_ids=idx, token_type_ids=types, attention_mask=mask)
+        logits, nsp_logits, _ = ours(idx, types, mask)
+    ref_logits = out.logits if cls is BertForMaskedLM else out.prediction_logits
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    if cls is BertForPreTraining:
+        torch.testing.assert_close(nsp_logits, out.seq_relationship_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and the loss at selected positions is transformers' MLM loss
+        labels = torch.where(torch.rand(3, 23, generator=g) < 0.3, idx, -100)
+        ref_loss = BertForMaskedLM.from_pretrained(tmp_path).eval()(input_ids=idx, token_type_ids=types,
+                                                                    labels=labels).loss
+        torch.testing.assert_close(ours(idx, types, labels=labels)[2], ref_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tok_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wp")
+    tok = wordpiece.train_wordpiece(SHAKESPEARE.read_text()[:50_000], 400)
+    wordpiece.save(tok, folder / "tokenizer.json")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), unk_token="[UNK]",
+                                 pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return tok, hf
+
+
+def batch_with_specials(tok, rows=64, cols=40, seed=0):
+    """Token windows framed by [CLS] / [SEP], with [UNK] and [PAD] sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(wordpiece.SPECIALS), len(tok), (rows, cols), generator=g)
+    ids[:, 0], ids[:, -1] = tok.vocab["[CLS]"], tok.vocab["[SEP]"]
+    ids[torch.rand(rows, cols, generator=g) < 0.02] = tok.vocab["[UNK]"]
+    ids[:, -5:-1][torch.rand(rows, 4, generator=g) < 0.5] = tok.vocab["[PAD]"]
+    return ids
+
+
+def test_masking_is_the_collators_draw_for_draw(tok_files):
+    tok, hf = tok_files
+    collator = DataCollatorForLanguageModeling(hf, mlm_probability=0.15)
+    assert len(hf) == len(tok)
+    for seed in range(3):
+        ids = batch_with_specials(tok, seed=seed)
+        collator.generator = torch.Generator().manual_seed(seed)
+        ref_inputs, ref_labels = collator.torch_mask_tokens(ids.clone())
+        inputs, labels = bert.mask_tokens(ids, bert.special_mask(ids, tok), len(tok), tok.vocab["[MASK]"], 0.15,
+                                          torch.Generator().manual_seed(seed))
+        assert torch.equal(inputs, ref_inputs) and torch.equal(labels, ref_labels)
+        assert (labels != -100).any() and (inputs != ids).any()
+
+
+def test_masking_statistics_over_a_million_tokens(tok_files):
+    """15% of the non-special positions selected; of those 80% [MASK], 10% random, 10% kept,
+    each within 3 standard errors (a random draw can hit the original or [MASK]: 1/V each).
+    The tokens come as training draws them: batches from one generator. (One
+    1000 x 1000 draw from manual_seed(0) lands 5.9 standard errors low on the [MASK] share, in
+    transformers' collator too, draw for draw: successive torch.bernoulli calls of one CPU
+    generator are not quite independent; other seeds and batched draws are in line.)"""
+    tok, _ = tok_files
+    mask_id, V, g = tok.vocab["[MASK]"], len(tok), torch.Generator().manual_seed(0)
+    n = k = became_mask = kept = 0
+    for step in range(32):
+        ids = batch_with_specials(tok, rows=256, cols=128, seed=step)
+        special = bert.special_mask(ids, tok)
+        inputs, labels = bert.mask_tokens(ids, special, V, mask_id, 0.15, g)
+        selected = labels != -100
+        assert not selected[special].any() and torch.equal(inputs[~selected], ids[~selected])
+        assert torch.equal(labels[selected], ids[selected])
+        n += int((~special).sum())
+        k += int(selected.sum())
+        became_mask += int((inputs[selected] == mask_id).sum())
+        kept += int((inputs[selected] == ids[selected]).sum())
+
+    def within_3_se(count, n, p):
+        return abs(count / n - p) < 3 * math.sqrt(p * (1 - p) / n)
+
+    assert n > 950_000 and within_3_se(k, n, 0.15)
+    assert within_3_se(became_mask, k, 0.8 + 0.1 / V)
+    assert within_3_se(kept, k, 0.1 + 0.1 / V)
+    assert within_3_se(k - became_mask - kept, k, 0.1 * (1 - 2 / V))
+
+
+TINY = ["--vocab_size", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--batch_size", "8", "--max_iters", "10", "--eval_windows", "16"]
+
+
+@pytest.mark.parametrize("nsp", [False, True])
+def test_training_run_saves_a_model_that_fills_masks(tmp_path, capsys, nsp):
+    text = tmp_path / "in.txt"
+    text.write_text(SHAKESPEARE.read_text()[:30_000])
+    out = tmp_path / "out"
+    result = bert.main(TINY + ["--input", str(text), "--out_dir", str(out), "--nsp", str(nsp)])
+    assert result["after"]["predicted"] > 50 and math.isfinite(result["after"]["loss"])
+    assert result["after"]["loss"] < result["before"]["loss"]
+    capsys.readouterr()
+    bert.main(["--out_dir", str(out), "--fill", "To be or [MASK] to be, [MASK]", "--top_k", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[MASK] 1:") and len(lines[0].split()) == 2 + 2 * 3
+    with pytest.raises(CLIError, match="no \\[MASK\\]"):
+        bert.main(["--out_dir", str(out), "--fill", "no mask here"])
+    with pytest.raises(CLIError, match="train one first"):
+        bert.main(["--out_dir", str(tmp_path / "none"), "--fill", "a [MASK]"])
+
+
+@pytest.mark.slow
+def test_default_run_beats_the_unigram_baseline(tmp_path):
+    """The default configuration (minutes on a CPU): held-out accuracy at the selected 15% above
+    always predicting the most frequent token. (At the [MASK]ed positions alone it is not above
+    it yet: README, bert rows.)"""
+    result = bert.main(["--out_dir", str(tmp_path / "out")])
+    assert result["after"]["acc"] > result["after"]["baseline_acc"] + 0.05
