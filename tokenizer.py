@@ -8,7 +8,7 @@ A checkpoint records its tokenizer as a spec, and `load_tokenizer(spec)` reads i
 - a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json: byte-level BPE
   (GPT-2, Llama 3, Qwen2/3, SmolLM; read into a bpe.Tokenizer) or SentencePiece-style BPE (Llama 2,
   Mistral 7B, TinyLlama, Gemma: Metaspace, Prepend/Replace, byte fallback; SentencePieceTokenizer),
-  also the character-level tokenizer.json export.py writes. Unigram (T5) is refused by name.
+  also the character-level tokenizer.json export.py writes, and Unigram models (T5-style; unigram.py).
 A file-based tokenizer travels inside the checkpoint (gpt.py's `pack_tokenizer`, `unpack_tokenizer`).
 
 Chat templates, the tokenizer side (transformers keeps it on the tokenizer: apply_chat_template):
@@ -56,6 +56,7 @@ from pathlib import Path
 import regex
 
 import bpe
+import unigram
 from bpe import ENDOFTEXT, GPT2_PATTERN, PATTERNS, PREFIX_SPACE, render_token
 from common import NanoError, atomic_write, cli
 
@@ -797,7 +798,7 @@ def _members(node, key) -> list[dict]:
 def _is_sentencepiece(spec: dict) -> bool:
     """A SentencePiece-style model: Metaspace, Prepend or Replace, or byte fallback, or a BPE
     over characters without any ByteLevel step (export.py writes character tokenizers so); else
-    byte-level BPE. A Unigram model is refused by name until unigram.py reads it."""
+    byte-level BPE. A Unigram model (unigram.py) goes through the same pipeline."""
     model = spec.get("model") or {}
     if model.get("type") == "Unigram":
         return True
@@ -1041,15 +1042,24 @@ def _sentencepiece_from_json(spec: dict, where) -> SentencePieceTokenizer:
             raise NanoError(f"{where}: added token {token.get('content')!r} is matched after normalization "
                             "(normalized: true), which nanollm does not support")
         (specials if token.get("special") else added)[token["content"]] = int(token["id"])
-    if model["type"] == "Unigram":  # one branch to add: vocab from model["vocab"] ([piece, score] by id), and
-        # unigram.Unigram(pieces, model.get("unk_id"), byte_fallback) as the model (its encode(word) -> ids)
-        raise NanoError("Unigram tokenizer.json is not supported yet (T5-style Unigram models; SentencePiece-style "
-                        "BPE and byte-level BPE are)")
+    if model["type"] == "Unigram":  # T5-style: Viterbi over scored pieces (unigram.py), same pipeline
+        vocab = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
+        piece_model = unigram.Unigram([(p, float(score)) for p, score in model["vocab"]], model.get("unk_id"),
+                                      bool(model.get("byte_fallback")))
+        pieces, decoder = sentencepiece_decoding(spec, vocab, specials, added)
+        return SentencePieceTokenizer(piece_model, pieces, specials, added, normalizer, metaspace, decoder)
     vocab = {t: int(i) for t, i in model["vocab"].items()}
     merges = [tuple(m.split(" ", 1) if isinstance(m, str) else m) for m in model["merges"]]
     unk = model.get("unk_token")
     piece_model = CharBPE(vocab, merges, vocab.get(unk) if unk else None, bool(model.get("byte_fallback")),
                           bool(model.get("fuse_unk")), bool(model.get("ignore_merges")), where)
+    pieces, decoder = sentencepiece_decoding(spec, vocab, specials, added)
+    return SentencePieceTokenizer(piece_model, pieces, specials, added, normalizer, metaspace, decoder)
+
+
+def sentencepiece_decoding(spec, vocab, specials, added):
+    """(id -> piece, how to decode) for a SentencePieceTokenizer: the decoder's space mark, whether
+    <0xNN> pieces are bytes, and how many leading spaces it strips."""
     decoders = _members(spec.get("decoder"), "decoders")
     kinds = {d.get("type") for d in decoders}
     mark = next((d["pattern"]["String"] for d in decoders if d.get("type") == "Replace" and d.get("content") == " "
@@ -1057,8 +1067,7 @@ def _sentencepiece_from_json(spec: dict, where) -> SentencePieceTokenizer:
     strip = sum(d.get("start", 0) for d in decoders if d.get("type") == "Strip" and d.get("content") == " ")
     strip += any(d.get("type") == "Metaspace" and d.get("prepend_scheme", "always") != "never" for d in decoders)
     pieces = {i: t for t, i in vocab.items()} | {i: s for s, i in (specials | added).items()}
-    return SentencePieceTokenizer(piece_model, pieces, specials, added, normalizer, metaspace,
-                                  (mark, "ByteFallback" in kinds, strip))
+    return pieces, (mark, "ByteFallback" in kinds, strip)
 
 
 def to_tokenizer_json(tok: bpe.Tokenizer) -> dict:

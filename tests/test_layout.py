@@ -18,7 +18,7 @@ BASE = {"common", "tokenizer", "data", "hf_io", "gpt"}  # what any script may im
 # distill/scaling_laws/interp/rl -> plot for their pictures.
 ALLOWED = {
     "common": set(), "bpe": set(), "plot": {"common"},
-    "tokenizer": {"common", "bpe"}, "hf_io": {"common"}, "data": {"common", "tokenizer"},
+    "tokenizer": {"common", "bpe", "unigram"}, "hf_io": {"common"}, "data": {"common", "tokenizer"},
     "gpt": {"common", "hf_io", "flash_attention"}, "flash_attention": {"common"},
     "openai_api": {"common"},
     "lora": BASE, "finetune": BASE | {"lora", "qlora_nf4"},

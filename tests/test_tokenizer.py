@@ -475,6 +475,35 @@ def test_sentencepiece_converted_file_and_unknown_characters(tmp_path, sp_base):
     assert ours.encode("日本語") == [hf.token_to_id("▁"), hf.token_to_id("<unk>")]
 
 
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_unigram_tokenizer_json_gives_the_ids_of_hf_tokenizers(tmp_path, byte_fallback):
+    """A T5-style file: a sentencepiece Unigram model trained here (offline) on Tiny Shakespeare,
+    its scored pieces in a `tokenizers` Unigram model behind a Metaspace pre-tokenizer, with the
+    special and added tokens such files carry."""
+    spm = pytest.importorskip("sentencepiece")
+    tokenizers = pytest.importorskip("tokenizers")
+    prefix = tmp_path / "uni"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(shakespeare()[:100_000].split("\n")), model_prefix=str(prefix),
+                                   model_type="unigram", vocab_size=600, byte_fallback=byte_fallback,
+                                   character_coverage=1.0, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    hf = tokenizers.Tokenizer(tokenizers.models.Unigram(pieces, sp.unk_id(), byte_fallback))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    hf.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.ByteFallback(),
+                                               tokenizers.decoders.Fuse(), tokenizers.decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    hf.add_tokens([tokenizers.AddedToken("<think>", normalized=False)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    for text in SP_TEXTS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+        if byte_fallback:
+            assert ours.decode(ours.encode(text)) == hf.decode(hf.encode(text, add_special_tokens=False).ids,
+                                                               skip_special_tokens=False), text
+
+
 def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
     base = {"version": "1.0", "added_tokens": [], "normalizer": None,
             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
@@ -484,8 +513,6 @@ def test_tokenizer_json_of_another_kind_is_one_line_error(tmp_path):
                      "normalizer": {"type": "Lowercase"}, "model": {**base["model"], "byte_fallback": True}}
     cases = {
         "SentencePiece-style BPE": sentencepiece,
-        "Unigram tokenizer.json is not supported yet": {**base, "pre_tokenizer": {"type": "Metaspace"},
-                                                        "model": {"type": "Unigram", "vocab": [["▁", 0.0]]}},
         "WordPiece tokenizer": {**base, "model": {"type": "WordPiece", "vocab": {}}},
         "Whitespace": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Whitespace"}, base["pre_tokenizer"]]}},
