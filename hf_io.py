@@ -46,30 +46,69 @@ def hf_config_fields(hf: dict) -> dict:
         return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                     n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu=gelu)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    bias = hf.get("attention_bias", False)
     unsupported = [what for what, bad in (
-        (f"rope type {rope_type!r}", rope_type not in ("default", "llama3")),
         (f"hidden_act {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
-        ("sliding-window layers", hf.get("use_sliding_window", False)),
-        ("attention_bias != mlp_bias", kind == "llama" and bias != hf.get("mlp_bias", False))) if bad]
+        ("mlp_bias without attention_bias", hf.get("mlp_bias", False) and not hf.get("attention_bias", False)),
+        (f"partial_rotary_factor {hf.get('partial_rotary_factor')}", hf.get("partial_rotary_factor", 1.0) != 1.0)) if bad]
     if unsupported:
         raise NanoError(f"{kind} config.json with {unsupported[0]} is not supported (only what Llama 3, "
                         "Mistral, Qwen2/3 use)")
-    block_size = hf.get("max_position_embeddings", 2048)
-    if kind == "mistral" and hf.get("sliding_window"):  # a window of W keys = block_size W (sample.py slides it)
-        block_size = min(block_size, hf["sliding_window"])
-    llama3 = dict(rope_scaling=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
-                  rope_high_freq_factor=rope["high_freq_factor"],
-                  rope_original_max_position=rope["original_max_position_embeddings"]) if rope_type == "llama3" else {}
-    return dict(**llama3,
-        arch="llama", block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-        n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], bias=bias and kind != "qwen2",
-        mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim") or 0,
-        qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False), qk_norm=kind == "qwen3")
+    attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    return dict(**rope_fields(hf), sliding_window=sliding_window(hf), arch="llama", vocab_size=hf["vocab_size"],
+                n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+                n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim") or 0,
+                bias=attention_bias and mlp_bias, attn_bias=attention_bias and not mlp_bias and kind != "qwen2",
+                qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False), qk_norm=kind == "qwen3")
+
+
+ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn")
+
+
+def rope_fields(hf: dict) -> dict:
+    """block_size and the rope_* fields of GPTConfig from config.json's rope_parameters (5.x) or
+    rope_scaling (4.x). block_size is the context the scaled model is meant for: linear and dynamic
+    configs keep max_position_embeddings at the pretraining length and stretch it by the factor
+    (dynamic's original context is max_position_embeddings, as transformers computes it); yarn and
+    llama3 name original_max_position_embeddings and reach at least factor times it."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind, max_pos = rope.get("rope_type", rope.get("type", "default")), hf.get("max_position_embeddings", 2048)
+    fields = dict(block_size=max_pos, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind not in ROPE_TYPES:
+        raise NanoError(f"config.json with rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return fields
+    orig = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    factor = rope.get("factor") or max_pos / orig  # yarn may leave it out
+    fields.update(rope_type=kind, rope_scaling=factor, rope_original_max_position=orig)
+    if kind in ("linear", "dynamic"):
+        fields.update(block_size=int(max_pos * factor), rope_original_max_position=max_pos)
+    elif kind == "llama3":
+        fields.update(rope_low_freq_factor=rope["low_freq_factor"], rope_high_freq_factor=rope["high_freq_factor"])
+    else:  # yarn: attention_factor given, or 0.1 ln(factor) + 1 (with mscale/mscale_all_dim: a ratio of two)
+        def mscale(m=1.0):
+            return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+        mscales = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = rope.get("attention_factor") or (mscale(mscales[0]) / mscale(mscales[1]) if all(mscales) else mscale())
+        fields.update(block_size=max(max_pos, int(orig * factor)), rope_attention_factor=attention,
+                      rope_low_freq_factor=rope.get("beta_slow") or 1.0, rope_high_freq_factor=rope.get("beta_fast") or 32.0,
+                      rope_truncate=rope.get("truncate", True))
+    return fields
+
+
+def sliding_window(hf: dict) -> int:
+    """GPTConfig.sliding_window: Mistral's sliding_window (every layer), Qwen2/3's with use_sliding_window
+    on the layers from max_window_layers on (or as layer_types lists them). Only all or none: 0 = none."""
+    window, n = hf.get("sliding_window") or 0, hf["num_hidden_layers"]
+    if hf.get("model_type") != "mistral" and not hf.get("use_sliding_window", False):
+        window = 0
+    first = 0 if hf.get("model_type") == "mistral" else hf.get("max_window_layers", 0)
+    types = hf.get("layer_types") or ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
+    sliding = sum(t == "sliding_attention" for t in types)
+    if set(types) - {"sliding_attention", "full_attention"} or 0 < sliding < n:
+        raise NanoError(f"config.json with a sliding window on {sliding} of {n} layers is not supported "
+                        "(only on all layers or none: set max_window_layers 0, or use_sliding_window false)")
+    return window if sliding else 0
 
 
 def gpt2_config_fields(shapes: dict) -> dict:
