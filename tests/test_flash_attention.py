@@ -379,12 +379,13 @@ def test_main_help_and_bad_option(capsys):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [16, 32, 64, 128])
 def test_kernel_on_cuda(dtype, D):
-    for B, H, H_kv, T, S, causal in [(2, 8, 2, 1000, 1000, True), (1, 4, 4, 333, 517, False), (3, 2, 1, 1, 1, True)]:
+    for B, H, H_kv, T, S, causal, window in [(2, 8, 2, 1000, 1000, True, 0), (1, 4, 4, 333, 517, False, 0),
+                                             (3, 2, 1, 1, 1, True, 0), (1, 4, 2, 1000, 1000, True, 100)]:
         q, k, v, do = (t.cuda() for t in make_inputs(B, H, H_kv, T, S, D, dtype, "bthd", seed=D))
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-        out = fa.flash_attention(qg, kg, vg, causal=causal)
+        out = fa.flash_attention(qg, kg, vg, causal=causal, window=window)
         got = dict(zip(("out", "dq", "dk", "dv"), (out, *torch.autograd.grad(out, (qg, kg, vg), do))))
-        want = exact_attention(q, k, v, do, causal, None)
+        want = exact_attention(q, k, v, do, causal, None, window)
         for key, value in got.items():
             if want[key].abs().max() > 0:
                 assert rel_err(value, want[key]) <= TOL[dtype], (key, B, H, T, S, causal)
