@@ -140,8 +140,8 @@ def rope_inv_freq(config: GPTConfig, seq_len):
     (llama3: linearly in turns; yarn: linearly in channel index)."""
     c, hd = config, config.head_dim
     exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=seq_len.device).float() / hd
-    inv_freq = 1.0 / c.rope_theta ** exponent
-    factor, orig = c.rope_scaling, c.rope_original_max_position
+    freqs = c.rope_theta ** exponent
+    inv_freq, factor, orig = 1.0 / freqs, c.rope_scaling, c.rope_original_max_position
     if not factor or c.rope_type == "linear":
         return inv_freq / (factor or 1.0)
     if c.rope_type == "dynamic":  # seq_len <= orig: plain RoPE; longer: base * (factor * seq_len / orig - factor + 1)^(hd/(hd-2))
@@ -150,13 +150,14 @@ def rope_inv_freq(config: GPTConfig, seq_len):
     if c.rope_type == "llama3":
         turns = orig * inv_freq / (2 * math.pi)  # turns per pretraining context
         keep = ((turns - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)).clamp(0, 1)
-    else:  # yarn: the (fractional) channel turning beta times per original context, for beta_fast, beta_slow
-        low, high = (hd * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(c.rope_theta))
-                     for beta in (c.rope_high_freq_factor, c.rope_low_freq_factor))
-        low, high = (math.floor(low), math.ceil(high)) if c.rope_truncate else (low, high)
-        low, high = max(low, 0), min(high, hd - 1)
-        keep = 1 - ((torch.arange(hd // 2, device=seq_len.device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
-    return (1 - keep) * inv_freq / factor + keep * inv_freq
+        return (1 - keep) * inv_freq / factor + keep * inv_freq
+    # yarn: the (fractional) channel turning beta times per original context, for beta_fast, beta_slow
+    low, high = (hd * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+                 for beta in (c.rope_high_freq_factor, c.rope_low_freq_factor))
+    low, high = (math.floor(low), math.ceil(high)) if c.rope_truncate else (low, high)
+    low, high = max(low, 0), min(high, hd - 1)
+    keep = 1 - ((torch.arange(hd // 2, device=seq_len.device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return 1.0 / (factor * freqs) * (1 - keep) + inv_freq * keep  # (transformers' order of operations)
 
 
 def apply_rope(x, cos, sin):  # x: (B, heads, T, head_dim)

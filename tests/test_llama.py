@@ -129,6 +129,62 @@ def test_llama3_rope_scaling_is_applied(tmp_path):
         assert (unscaled(idx)[0] - model(idx)[0]).abs().max() > 1e-2
 
 
+# RoPE scaling past the pretraining context: head_dim 16, base 100 (so several channel pairs turn
+# more than once per original context and the blends have channels on both sides), 120 tokens.
+# linear/dynamic configs give the original context as max_position_embeddings (32, stretched x4);
+# yarn configs name original_max_position_embeddings (32) and reach max_position_embeddings (128).
+ROPES = {
+    "linear": (32, dict(rope_type="linear", factor=4.0)),
+    "dynamic": (32, dict(rope_type="dynamic", factor=4.0)),
+    "yarn": (128, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)),
+    "yarn-betas-mscale": (128, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=8.0,
+                                    beta_slow=0.5, mscale=1.0, mscale_all_dim=0.5)),
+    "yarn-attention-factor-untruncated": (128, dict(rope_type="yarn", factor=3.0, original_max_position_embeddings=32,
+                                                    attention_factor=1.25, truncate=False)),
+}
+
+
+@pytest.fixture(scope="module", params=list(ROPES))
+def scaled(request, tmp_path_factory):
+    max_pos, rope = ROPES[request.param]
+    hf = hf_model("LlamaConfig", "LlamaForCausalLM", num_attention_heads=2, num_key_value_heads=1,
+                  max_position_embeddings=max_pos, rope_parameters={**rope, "rope_theta": 100.0})
+    model, _ = gpt.load_pretrained(str(saved(hf, tmp_path_factory.mktemp(request.param))))
+    return hf, model.eval()
+
+
+def test_rope_scaling_inv_freq_equals_transformers(scaled):
+    """inv_freq and the cos/sin factor == modeling_rope_utils' for sequences within and past the
+    original context (dynamic's depends on the length); fp32, default tolerance (same formulas,
+    a different order of a few float operations)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf, model = scaled
+    assert model.config.block_size == 128 and model.config.rope_type == hf.config.rope_parameters["rope_type"]
+    for seq_len in (20, 60, 120):
+        theirs, factor = ROPE_INIT_FUNCTIONS[model.config.rope_type](hf.config, "cpu", seq_len=seq_len)
+        torch.testing.assert_close(gpt.rope_inv_freq(model.config, torch.tensor(seq_len)), theirs)
+        assert model.config.rope_attention_factor == pytest.approx(factor, rel=1e-12)
+
+
+def test_rope_scaling_logits_and_greedy_equal_transformers(scaled):
+    """Logits of 120 tokens (past the original 32) and 40 greedy tokens after an 80-token prompt,
+    KV-cached: transformers' forward and generate (dynamic recomputes its frequencies as the
+    sequence grows, in both). Without the scaling the logits differ: the test sees it."""
+    hf, model = scaled
+    idx = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        torch.testing.assert_close(model(idx)[0], theirs, rtol=0, atol=1e-5)
+        plain = gpt.GPT.from_hf_state_dict(hf.state_dict(), dataclasses.replace(model.config, rope_scaling=0.0))
+        assert (plain(idx)[0] - theirs).abs().max() > 1e-2
+        prompt = idx[:1, :80]
+        hf.model.rotary_emb.__init__(hf.config)  # dynamic: transformers keeps the longest call's frequencies
+        ref = hf.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0)[:, 80:]
+    ours = torch.stack(list(sample.generate(model, prompt.tolist(), 40, temperature=0)), dim=1)
+    assert ours.tolist() == ref.tolist()
+
+
 def test_greedy_equals_transformers_generate_with_left_padding(pair):
     """A batch of prompts of different lengths (left-padded on both sides), KV-cached greedy."""
     _, hf, model, _ = pair
