@@ -5,7 +5,8 @@ self-attention, written out in `naive_attention` or run by a fused kernel, then 
 LayerNorm, a head tied to the token embedding. The Llama family (arXiv:2307.09288, 2407.21783;
 Mistral, Qwen2/3, SmolLM) swaps parts, one GPTConfig switch each: RMSNorm, rotary positions (RoPE,
 arXiv:2104.09864), SwiGLU (arXiv:2002.05202), grouped-query attention (arXiv:2305.13245), no biases,
-an untied head, QK-norm. Module names are Hugging Face's, so weights load by name and PEFT's LoRA
+an untied head, QK-norm; sliding-window attention (Mistral: a band mask) and stretched RoPE for
+long contexts (linear, dynamic NTK, Llama 3.1's, YaRN: arXiv:2309.00071). Module names are Hugging Face's, so weights load by name and PEFT's LoRA
 targets apply. After the model: the chunked loss (the (B*T, vocab) logits never exist at once:
 Wijmans et al. 2024, arXiv:2411.09009), Hugging Face weights both ways, checkpoints. Use:
 `gpt.GPT.from_pretrained("gpt2")`, `model, spec = gpt.load_checkpoint("out/ckpt.pt")`,
@@ -74,13 +75,11 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise NanoError(f"dropout must be in [0, 1) (got {self.dropout})")
         for name, allowed in (("attn_impl", ("sdpa", "naive", "flash")), ("arch", ("gpt2", "llama")),
-                              ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact"))):
+                              ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact")), ("rope_type", hf_io.ROPE_TYPES)):
             if getattr(self, name) not in allowed:
                 raise NanoError(f"unknown {name} {getattr(self, name)!r} ({' or '.join(allowed)})")
         if min(self.rope_theta, self.rope_scaling, self.head_dim, self.mlp_hidden, self.sliding_window) < 0:
             raise NanoError("rope_theta, rope_scaling, head_dim, mlp_hidden, sliding_window must be >= 0 (0: off/default)")
-        if self.rope_type not in hf_io.ROPE_TYPES:
-            raise NanoError(f"unknown rope_type {self.rope_type!r} ({', '.join(hf_io.ROPE_TYPES)})")
         if self.rope_scaling and self.rope_type == "default":
             self.rope_type = "llama3"  # checkpoints from before rope_type: a factor meant llama3
         if self.rope_type in ("llama3", "yarn") and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
@@ -117,47 +116,17 @@ def make_norm(config: GPTConfig, dim):
 
 def rope_angles(config: GPTConfig, position_ids, dtype):
     """RoPE: channel i of a head and channel i + head_dim/2 (Hugging Face's pairing) rotate by
-    position * inv_freq[i], so q_m . k_n depends on m - n only. Computed from the position ids
+    position * theta^(-2i/head_dim), so q_m . k_n depends on m - n only (past the pretraining
+    context, rope_scaling stretches the slow channels: hf_io.rope_inv_freq). Computed from the position ids
     (T,) or (B, T), not read from a table: any position works (sample.py's sliding window).
     Returns cos, sin of shape (T, head_dim) or (B, 1, T, head_dim)."""
-    inv_freq = rope_inv_freq(config, position_ids.max() + 1)
+    inv_freq = hf_io.rope_inv_freq(config, position_ids.max() + 1)  # stretched as rope_scaling says
     angles = position_ids[..., None].float() * inv_freq  # (..., T, head_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, head_dim): one set of positions per row, all heads
     scale = config.rope_attention_factor if config.rope_scaling else 1.0  # yarn: both q and k, so scores x scale^2
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
-
-
-def rope_inv_freq(config: GPTConfig, seq_len):
-    """Channel pair i turns theta^(-2i/head_dim) radians per position. rope_scaling stretches that
-    past the pretraining context, as transformers' modeling_rope_utils does: "linear" divides every
-    frequency by the factor (positions squeezed; Chen et al. 2023, arXiv:2306.15595); "dynamic"
-    (NTK-aware) raises the base once the sequence (seq_len, a tensor: largest position + 1) is longer
-    than the original context, so fast channels barely change and slow ones are interpolated;
-    "llama3" and "yarn" (Peng et al. 2023, arXiv:2309.00071) keep the channels that turn many times
-    per original context, divide those that turn less than once by the factor and blend in between
-    (llama3: linearly in turns; yarn: linearly in channel index)."""
-    c, hd = config, config.head_dim
-    exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=seq_len.device).float() / hd
-    freqs = c.rope_theta ** exponent
-    inv_freq, factor, orig = 1.0 / freqs, c.rope_scaling, c.rope_original_max_position
-    if not factor or c.rope_type == "linear":
-        return inv_freq / (factor or 1.0)
-    if c.rope_type == "dynamic":  # seq_len <= orig: plain RoPE; longer: base * (factor * seq_len / orig - factor + 1)^(hd/(hd-2))
-        base = c.rope_theta * (factor * seq_len.clamp(min=orig) / orig - (factor - 1)) ** (hd / (hd - 2))
-        return 1.0 / base ** exponent
-    if c.rope_type == "llama3":
-        turns = orig * inv_freq / (2 * math.pi)  # turns per pretraining context
-        keep = ((turns - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)).clamp(0, 1)
-        return (1 - keep) * inv_freq / factor + keep * inv_freq
-    # yarn: the (fractional) channel turning beta times per original context, for beta_fast, beta_slow
-    low, high = (hd * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(c.rope_theta))
-                 for beta in (c.rope_high_freq_factor, c.rope_low_freq_factor))
-    low, high = (math.floor(low), math.ceil(high)) if c.rope_truncate else (low, high)
-    low, high = max(low, 0), min(high, hd - 1)
-    keep = 1 - ((torch.arange(hd // 2, device=seq_len.device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
-    return 1.0 / (factor * freqs) * (1 - keep) + inv_freq * keep  # (transformers' order of operations)
 
 
 def apply_rope(x, cos, sin):  # x: (B, heads, T, head_dim)
@@ -167,8 +136,7 @@ def apply_rope(x, cos, sin):  # x: (B, heads, T, head_dim)
 
 def causal_mask(T, window, device):
     """(T, T) bool, True = may attend: query t sees keys t - window < s <= t (window 0: all s <= t).
-    A sliding window (Mistral) is this band: each layer looks back window - 1 tokens, but what a key
-    carries was itself computed from its own window, so the reach grows by window - 1 per layer."""
+    A sliding window (Mistral): each layer looks back window - 1 tokens, n_layer layers that many times."""
     mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     return mask.triu(1 - window) if window else mask
 
@@ -195,7 +163,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout, self.attn_impl, self.fused = config.dropout, config.attn_impl, config.arch == "gpt2"
-        self.window = config.sliding_window
+        self.window = config.sliding_window  # Mistral: keys more than window - 1 back are masked too
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
         if self.fused:  # GPT-2: q, k, v in one matrix
@@ -225,9 +193,8 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # rotate q and k by their positions (keys enter the cache rotated)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            # The cache writes this step's keys/values into its slots and hands back every slot
-            # (B, n_kv_head, S, head_dim); prefill (T = prompt) and decode (T = 1) are the same
-            # code, only the mask says which slots each query may see.
+            # The cache writes this step's keys/values into its slots and hands back all (B, n_kv_head, S, hd);
+            # prefill (T = prompt) and decode (T = 1) are the same code, the mask says which slots each query sees.
             k, v = kv_cache.update(input_pos, k, v)
             if attn_mask is None:  # query at slot p sees slots 0..p (p - window < s): the causal mask from positions
                 back = input_pos[:, None] - torch.arange(k.shape[2], device=x.device)[None, :]
@@ -342,8 +309,7 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise NanoError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             input_pos = torch.arange(T, device=idx.device)
-        if position_ids is None:
-            position_ids = input_pos  # (T,), broadcast over the batch
+        position_ids = input_pos if position_ids is None else position_ids  # (T,): broadcast over the batch
         x, rope = self.transformer.wte(idx), None
         if self.config.rope_theta:
             rope = rope_angles(self.config, position_ids, x.dtype)
@@ -408,20 +374,11 @@ class GPT(nn.Module):
     def from_hf_state_dict(cls, sd, config: GPTConfig | None = None, dtype=None):
         """A GPT from a Hugging Face state dict (GPT2LMHeadModel/GPT2Model names, or with a
         config of arch "llama" LlamaForCausalLM's and its family's); tensors are copied."""
-        if config is None:  # GPT-2: the shapes are read off the tensors
-            sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-            config = GPTConfig(**hf_io.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
-        model = empty_model(config)
-        for name, key in hf_io.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
-            hf_io.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
-        return model.tie_weights()
+        return hf_io.fill_from_state_dict(lambda fields: empty_model(config or GPTConfig(**fields)), sd, dtype, config is None)
 
     def to_hf_state_dict(self) -> dict:
-        """The inverse of from_hf_state_dict: Hugging Face's names (GPT-2's Conv1D weights transposed
-        back to (in, out)); a tied lm_head.weight is included, as HF's state_dict() has it."""
-        arch = self.config.arch
-        return {hf_io.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(hf_io.HF_CONV1D_WEIGHTS) else v
-                for k, v in clean_state_dict(self).items()}
+        """The inverse of from_hf_state_dict (hf_io.to_hf_state_dict: Hugging Face's names)."""
+        return hf_io.to_hf_state_dict(clean_state_dict(self), self.config.arch)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, cache_dir: str | None = None, dtype=None):
@@ -501,19 +458,10 @@ def empty_model(config: GPTConfig) -> GPT:
 
 
 def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
-    """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size
-    (hf_io.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
-    and shape is checked from the safetensors headers before any weight is read; the model is
-    built on the meta device and filled one tensor at a time: peak memory is the model plus one
-    tensor, never an fp32 copy of it."""
-    folder, hf_config, files, spec = hf_io.hf_folder(name_or_dir, cache_dir)
-    model = empty_model(GPTConfig(**hf_io.hf_config_fields(hf_config)))
-    headers = [hf_io.safetensors_header(folder / name)[0] for name in files]
-    plan = hf_io.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
-    for name in files:  # one shard at a time, one tensor at a time
-        for key, tensor in hf_io.read_safetensors(folder / name, names=plan).items():
-            hf_io.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
-    return model.tie_weights(), spec or ("gpt2" if model.config.arch == "gpt2" else None)
+    """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size, in the
+    checkpoint's dtype (or `dtype`): built on the meta device, filled one tensor at a time after
+    every name and shape was checked (hf_io.load_folder), so peak memory is the model plus one tensor."""
+    return hf_io.load_folder(lambda fields: empty_model(GPTConfig(**fields)), name_or_dir, cache_dir, dtype)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 A folder holds config.json (the architecture), one or more safetensors shards (the weights,
 listed by model.safetensors.index.json when sharded) and usually tokenizer.json. Here:
-- config.json -> gpt.GPTConfig's fields (GPT-2, Llama 3, Mistral, Qwen2/3), and the fields of
-  a bare GPT-2 state dict read off its tensor shapes;
+- config.json -> gpt.GPTConfig's fields (GPT-2, Llama 3, Mistral, Qwen2/3: sliding windows, attention
+  biases, the rope types linear/dynamic/llama3/yarn and their frequencies, rope_inv_freq), and the
+  fields of a bare GPT-2 state dict read off its tensor shapes;
 - tensor names both ways (GPT-2's Conv1D weights are transposed against nn.Linear's; the Llama
   family's containers are renamed), and the plan that checks every name and shape before a
   weight is read;
@@ -111,6 +112,39 @@ def sliding_window(hf: dict) -> int:
     return window if sliding else 0
 
 
+def rope_inv_freq(config, seq_len):
+    """RoPE's inverse frequencies (head_dim / 2,) for a gpt.GPTConfig: pair i turns theta^(-2i/head_dim)
+    radians per position, and rope_scaling stretches that past the pretraining context as the rope
+    types of Hugging Face configs do (transformers' modeling_rope_utils, same formulas and order):
+    - linear (Chen et al. 2023, arXiv:2306.15595): every frequency / factor (positions squeezed);
+    - dynamic (NTK-aware): once the sequence (seq_len, a tensor: largest position + 1) is longer than
+      the original context, a larger base: the fast channels barely change, the slow ones interpolate;
+    - llama3 and yarn (Peng et al. 2023, arXiv:2309.00071): channels that turn many times per original
+      context are kept, those that turn less than once are divided by the factor, blended in between
+      (llama3: linearly in turns; yarn: linearly in channel index, and gpt.rope_angles scales cos and
+      sin by rope_attention_factor)."""
+    c, hd = config, config.head_dim
+    exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=seq_len.device).float() / hd
+    freqs = c.rope_theta ** exponent
+    inv_freq, factor, orig = 1.0 / freqs, c.rope_scaling, c.rope_original_max_position
+    if not factor or c.rope_type == "linear":
+        return inv_freq / (factor or 1.0)
+    if c.rope_type == "dynamic":  # seq_len <= orig: plain RoPE; longer: base * (factor * seq_len / orig - factor + 1)^(hd/(hd-2))
+        base = c.rope_theta * (factor * seq_len.clamp(min=orig) / orig - (factor - 1)) ** (hd / (hd - 2))
+        return 1.0 / base ** exponent
+    if c.rope_type == "llama3":
+        turns = orig * inv_freq / (2 * math.pi)  # turns per pretraining context
+        keep = ((turns - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)).clamp(0, 1)
+        return (1 - keep) * inv_freq / factor + keep * inv_freq
+    # yarn: the (fractional) channel turning beta times per original context, for beta_fast, beta_slow
+    low, high = (hd * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+                 for beta in (c.rope_high_freq_factor, c.rope_low_freq_factor))
+    low, high = (math.floor(low), math.ceil(high)) if c.rope_truncate else (low, high)
+    low, high = max(low, 0), min(high, hd - 1)
+    keep = 1 - ((torch.arange(hd // 2, device=seq_len.device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return 1.0 / (factor * freqs) * (1 - keep) + inv_freq * keep  # (transformers' order of operations)
+
+
 def gpt2_config_fields(shapes: dict) -> dict:
     """GPTConfig's fields read off a GPT-2 state dict's tensor shapes (names without "transformer.")."""
     if "wte.weight" not in shapes:
@@ -179,6 +213,39 @@ def hf_plan(model, shapes: dict, where="the state dict") -> dict:
         raise NanoError(f"{where} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0], arch)} "
                         "(a shard missing, or weights of another model)")
     return plan
+
+
+def fill_from_state_dict(empty_model, sd: dict, dtype=None, gpt2=False):
+    """empty_model(fields) (a meta-device model) filled with a copy of a Hugging Face state dict, names and
+    shapes checked first; gpt2: the fields of a GPT-2 state dict, read off its tensor shapes."""
+    if gpt2:
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    model = empty_model(gpt2_config_fields({k: v.shape for k, v in sd.items()}) if gpt2 else None)
+    for name, key in hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
+        fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
+    return model.tie_weights()
+
+
+def to_hf_state_dict(sd: dict, arch: str) -> dict:
+    """Our state dict in Hugging Face's names (GPT-2's Conv1D weights transposed back to (in, out));
+    a tied lm_head.weight is included, as HF's state_dict() has it."""
+    return {to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(HF_CONV1D_WEIGHTS) else v
+            for k, v in sd.items()}
+
+
+def load_folder(empty_model, name_or_dir: str, cache_dir=None, dtype=None):
+    """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size:
+    empty_model(GPTConfig fields) builds the model on the meta device; every name and shape is
+    checked from the safetensors headers before any weight is read, then the shards are read one
+    tensor at a time into it (in their dtype, or `dtype`)."""
+    folder, hf_config, files, spec = hf_folder(name_or_dir, cache_dir)
+    model = empty_model(hf_config_fields(hf_config))
+    headers = [safetensors_header(folder / name)[0] for name in files]
+    plan = hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
+    for name in files:  # one shard at a time, one tensor at a time
+        for key, tensor in read_safetensors(folder / name, names=plan).items():
+            fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
+    return model.tie_weights(), spec or ("gpt2" if model.config.arch == "gpt2" else None)
 
 
 def is_hub_name(name: str) -> bool:

@@ -163,7 +163,7 @@ def test_rope_scaling_inv_freq_equals_transformers(scaled):
     assert model.config.block_size == 128 and model.config.rope_type == hf.config.rope_parameters["rope_type"]
     for seq_len in (20, 60, 120):
         theirs, factor = ROPE_INIT_FUNCTIONS[model.config.rope_type](hf.config, "cpu", seq_len=seq_len)
-        torch.testing.assert_close(gpt.rope_inv_freq(model.config, torch.tensor(seq_len)), theirs)
+        torch.testing.assert_close(hf_io.rope_inv_freq(model.config, torch.tensor(seq_len)), theirs)
         assert model.config.rope_attention_factor == pytest.approx(factor, rel=1e-12)
 
 
