@@ -125,7 +125,7 @@ def rope_angles(config: GPTConfig, position_ids, dtype):
     angles = torch.cat((angles, angles), dim=-1)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, head_dim): one set of positions per row, all heads
-    scale = config.rope_attention_factor if config.rope_scaling else 1.0  # yarn: both q and k, so scores x scale^2
+    scale = config.rope_attention_factor if config.rope_scaling and config.rope_type == "yarn" else 1.0  # q, k: scores x scale^2
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
