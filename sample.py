@@ -33,9 +33,10 @@ Past the window, two kinds of position embedding call for two strategies:
   on m - n only, and positions can grow without limit. The window then slides one token
   at a time with no re-prefill: the cache is a ring buffer of block_size slots, token i goes
   into slot i % block_size over the oldest one, and every query attends to the last
-  block_size tokens at every layer. That is sliding-window attention (Mistral's; cached
-  keys of old tokens were computed from their own windows, so with more than one layer it
-  is not the same as re-running only the last window).
+  block_size tokens at every layer (config.sliding_window tokens, when the model has
+  Mistral's window). That is sliding-window attention (cached keys of old tokens were
+  computed from their own windows, so with more than one layer it is not the same as
+  re-running only the last window).
 `use_cache=False` recomputes the same windows, so cached and uncached generation give the same tokens.
 
 Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023,
