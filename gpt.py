@@ -5,10 +5,11 @@ self-attention, written out in `naive_attention` or run by a fused kernel, then 
 LayerNorm, a head tied to the token embedding. The Llama family (arXiv:2307.09288, 2407.21783;
 Mistral, Qwen2/3, SmolLM) swaps parts, one GPTConfig switch each: RMSNorm, rotary positions (RoPE,
 arXiv:2104.09864), SwiGLU (arXiv:2002.05202), grouped-query attention (arXiv:2305.13245), no biases,
-an untied head, QK-norm; sliding-window attention (Mistral: a band mask) and stretched RoPE for
-long contexts (linear, dynamic NTK, Llama 3.1's, YaRN: arXiv:2309.00071). Module names are Hugging Face's, so weights load by name and PEFT's LoRA
-targets apply. After the model: the chunked loss (the (B*T, vocab) logits never exist at once:
-Wijmans et al. 2024, arXiv:2411.09009), Hugging Face weights both ways, checkpoints. Use:
+an untied head, QK-norm, sliding-window attention (Mistral: a band mask), RoPE stretched past the
+pretraining context (linear, dynamic NTK, Llama 3.1's, YaRN: arXiv:2309.00071). Module names are
+Hugging Face's, so weights load by name and PEFT's LoRA targets apply. After the model: the chunked
+loss (the (B*T, vocab) logits never exist at once: Wijmans et al. 2024, arXiv:2411.09009), Hugging
+Face weights both ways, checkpoints. Use:
 `gpt.GPT.from_pretrained("gpt2")`, `model, spec = gpt.load_checkpoint("out/ckpt.pt")`,
 `python sample.py --init_from gpt2`.
 """
@@ -49,7 +50,7 @@ class GPTConfig:
     rope_type: str = "default"  # how rope_scaling stretches RoPE: "llama3" (Llama 3.1), "linear", "dynamic" (NTK), "yarn"
     rope_scaling: float = 0.0  # the stretch factor (Llama 3.1: 8; the context grows by about this); 0 = off
     rope_low_freq_factor: float = 1.0  # llama3 / yarn (beta_slow): channels turning fewer times than this per
-    rope_high_freq_factor: float = 4.0  # original context are slowed, above high (yarn: beta_fast 32) kept, blended between
+    rope_high_freq_factor: float = 4.0  # original context slowed, above high (yarn: beta_fast 32) kept, blended between
     rope_original_max_position: int = 8192  # llama3, yarn, dynamic: the context length of pretraining
     rope_attention_factor: float = 1.0  # yarn: cos and sin times this (0.1 ln(factor) + 1): sharper attention
     rope_truncate: bool = True  # yarn: round the blend's ends to whole channels (transformers' default)
@@ -125,7 +126,8 @@ def rope_angles(config: GPTConfig, position_ids, dtype):
     angles = torch.cat((angles, angles), dim=-1)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, head_dim): one set of positions per row, all heads
-    scale = config.rope_attention_factor if config.rope_scaling and config.rope_type == "yarn" else 1.0  # q, k: scores x scale^2
+    yarn = config.rope_scaling and config.rope_type == "yarn"
+    scale = config.rope_attention_factor if yarn else 1.0  # yarn: on q and k, so the scores grow by scale^2
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 

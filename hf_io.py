@@ -13,7 +13,7 @@ listed by model.safetensors.index.json when sharded) and usually tokenizer.json.
 - hub downloads (requests; HF_TOKEN for gated models) into ~/.cache/nanollm;
 - PEFT adapter folders (adapter_config.json + adapter_model.safetensors) as lora.py's dict.
 
-gpt.py builds the model and asks these to fill it (gpt.load_pretrained). Imports `common` only.
+gpt.py builds the (meta-device) model and load_folder fills it (gpt.load_pretrained). Imports `common` only.
 """
 
 from __future__ import annotations

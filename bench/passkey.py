@@ -4,11 +4,13 @@ NTK and linear scaling (no finetuning). The test is the one of Mohtashami & Jagg
 Attention", arXiv:2305.16300), also used by YaRN (Peng et al. 2023, arXiv:2309.00071).
 
 A 2-layer Llama-style model on characters is trained from scratch on sequences of exactly T
-characters: filler sentences, "The pass key is 73914. Remember it." at a random depth, more filler,
-and "What is the pass key? The pass key is 73914", the loss on the five digits only. It is then
-asked at lengths T, 2T and 4T (the key at a uniformly random depth, fresh keys) and greedy-decodes
-five characters: accuracy = exact five-digit retrievals. Scaled rows use factor = length / T and
-original context T, as a config.json would say (gpt.GPTConfig's rope_type, rope_scaling).
+characters: filler sentences with "The pass key is 73914. " at a random depth, then "Again: the pass
+key is 73914", the loss on those last five digits only. It is then asked at lengths T, 2T and 4T
+(the key at a uniformly random depth, fresh keys) and greedy-decodes five characters, KV-cached:
+accuracy = exact five-digit retrievals. Scaled rows use factor = length / T and original context T,
+as a config.json would say (gpt.GPTConfig's rope_type, rope_scaling); at 1x dynamic is plain RoPE.
+What to expect: a model this small extrapolates badly with plain RoPE (it never saw a distance past
+T); the scaled rows show how much of that the frequency stretch alone, without finetuning, recovers.
 
 Run: python -m bench passkey [--quick]"""
 
@@ -28,7 +30,7 @@ from .util import row
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY = "The pass key is {}. "
-QUESTION = "What is the pass key? The pass key is "
+QUESTION = "Again: the pass key is "
 ALPHABET = sorted(set(FILLER + KEY + QUESTION + "0123456789"))
 STOI = {c: i for i, c in enumerate(ALPHABET)}
 
@@ -53,7 +55,8 @@ def passkey_text(length: int, rng: random.Random) -> tuple[str, str]:
 
 def training_batch(batch_size: int, T: int, rng: random.Random):
     """(idx, targets) of shape (B, T - 1): prompt + key of T characters, shifted by one; the targets
-    are -1 except the key's five digits (the loss is on the retrieval only)."""
+    are -1 except the key's five digits at the end (the loss is on the retrieval only: measured, it
+    learns several times faster than with the loss on every character)."""
     rows, targets = [], []
     for _ in range(batch_size):
         prompt, key = passkey_text(T - 5, rng)
@@ -84,10 +87,10 @@ def train(T: int, steps: int, seed: int = 0) -> gpt.GPT:
 def accuracy(model: gpt.GPT, length: int, n: int, rope: dict, seed: int = 1) -> float:
     """Exact five-digit retrievals among n prompts of `length` characters, greedy, KV-cached."""
     rng = random.Random(seed)
-    config = dataclasses.replace(model.config, block_size=length + 5, **rope)
+    config = dataclasses.replace(model.config, block_size=length, **rope)
     scaled = gpt.GPT(config).eval()
     scaled.load_state_dict(model.state_dict())
-    prompts, keys = zip(*(passkey_text(length, rng) for _ in range(n)))
+    prompts, keys = zip(*(passkey_text(length - 5, rng) for _ in range(n)))  # prompt + key = length
     idx = torch.tensor([encode(p) for p in prompts])
     out = torch.stack(list(sample.generate(scaled, idx, 5, temperature=0)), dim=1)
     return sum("".join(ALPHABET[i] for i in r) == k for r, k in zip(out.tolist(), keys)) / n
@@ -96,7 +99,7 @@ def accuracy(model: gpt.GPT, length: int, n: int, rope: dict, seed: int = 1) -> 
 def bench_passkey(quick: bool) -> None:
     """The table: accuracy per (length, rope) of one model trained at T."""
     section = "passkey"
-    T, steps, n = (96, 40, 8) if quick else (160, 1500, 100)
+    T, steps, n = (64, 20, 8) if quick else (64, 1200, 100)
     t0 = time.perf_counter()
     model = train(T, steps)
     row(section, f"trained: 2 layers, 64 dims, T={T} chars, {steps} steps of 32", f"{time.perf_counter() - t0:.0f} s")
