@@ -118,9 +118,9 @@ def make_norm(config: GPTConfig, dim):
 def rope_angles(config: GPTConfig, position_ids, dtype):
     """RoPE: channel i of a head and channel i + head_dim/2 (Hugging Face's pairing) rotate by
     position * theta^(-2i/head_dim), so q_m . k_n depends on m - n only (past the pretraining
-    context, rope_scaling stretches the slow channels: hf_io.rope_inv_freq). Computed from the position ids
-    (T,) or (B, T), not read from a table: any position works (sample.py's sliding window).
-    Returns cos, sin of shape (T, head_dim) or (B, 1, T, head_dim)."""
+    context, rope_scaling stretches the slow channels: hf_io.rope_inv_freq). Computed from the
+    position ids (T,) or (B, T), not read from a table: any position works (sample.py's sliding
+    window). Returns cos, sin of shape (T, head_dim) or (B, 1, T, head_dim)."""
     inv_freq = hf_io.rope_inv_freq(config, position_ids.max() + 1)  # stretched as rope_scaling says
     angles = position_ids[..., None].float() * inv_freq  # (..., T, head_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)
