@@ -44,7 +44,9 @@ Here:
 Shapes: q (B, H, T, D), k and v (B, H_kv, S, D) where H_kv divides H (grouped-query attention:
 query head h reads K/V head h // (H / H_kv)); the kernels take D in {16, 32, 64, 128} and any T;
 fp32, fp16 or bf16 inputs, fp32 accumulation, output in the input dtype. `scale` defaults to
-1/sqrt(D). gpt.py uses it with `attn_impl="flash"`.
+1/sqrt(D). `window=W` (causal): query t sees keys t - W < s <= t only (sliding-window attention,
+Mistral); the tiles wholly before every query's window are skipped, those crossing its edge masked.
+gpt.py uses it with `attn_impl="flash"`.
 
 Run:
   python flash_attention.py                        # kernel (or reference) vs naive attention
