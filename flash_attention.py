@@ -44,7 +44,9 @@ Here:
 Shapes: q (B, H, T, D), k and v (B, H_kv, S, D) where H_kv divides H (grouped-query attention:
 query head h reads K/V head h // (H / H_kv)); the kernels take D in {16, 32, 64, 128} and any T;
 fp32, fp16 or bf16 inputs, fp32 accumulation, output in the input dtype. `scale` defaults to
-1/sqrt(D). gpt.py uses it with `attn_impl="flash"`.
+1/sqrt(D). `window=W` (causal): query t sees keys t - W < s <= t only (sliding-window attention,
+Mistral); the tiles wholly before every query's window are skipped, those crossing its edge masked.
+gpt.py uses it with `attn_impl="flash"`.
 
 Run:
   python flash_attention.py                        # kernel (or reference) vs naive attention
@@ -74,15 +76,16 @@ LOG2E = 1.4426950408889634  # the kernels use exp2: e^x = 2^(x * log2(e)) is one
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 
 
-def naive_attention(q, k, v, causal=False, scale=None):
+def naive_attention(q, k, v, causal=False, scale=None, window=0):
     """softmax(Q K^T * scale + mask) V with the whole (B, H, T, S) score matrix: the baseline.
-    K/V heads are repeated for grouped-query attention."""
+    K/V heads are repeated for grouped-query attention. window (with causal): query t sees only
+    keys t - window < s <= t (sliding-window attention, Mistral); 0 = all s <= t."""
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if causal:
         T, S = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        scores = scores.masked_fill(_masked(0, T, 0, S, window, q.device), float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -99,12 +102,21 @@ def _tiles(n, size):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _causal_mask(q0, q1, k0, k1, device):
-    """True where key position > query position, for one tile: those scores are -inf."""
-    return torch.arange(k0, k1, device=device)[None, :] > torch.arange(q0, q1, device=device)[:, None]
+def _masked(q0, q1, k0, k1, window, device):
+    """True where key position > query position, or (window) <= query position - window, for
+    one tile: those scores are -inf."""
+    back = torch.arange(q0, q1, device=device)[:, None] - torch.arange(k0, k1, device=device)[None, :]
+    return (back < 0) | (back >= window) if window else back < 0
 
 
-def reference_forward(q, k, v, causal, scale, block_size=128):
+def _outside(q0, q1, k0, k1, causal, window):
+    """Whether a tile of queries [q0, q1) x keys [k0, k1) is wholly masked (skipped), and whether
+    it needs the mask at all (it crosses the diagonal or the window's edge)."""
+    skip = causal and (q1 <= k0 or bool(window) and k1 - 1 <= q0 - window)
+    return skip, causal and (k1 - 1 > q0 or bool(window) and k0 <= q1 - 1 - window)
+
+
+def reference_forward(q, k, v, causal, scale, block_size=128, window=0):
     """(o, lse): o (B, H, T, D) in q's dtype, lse (B, H, T) the logsumexp of each row of scores.
     fp32 accumulation (fp64 for fp64 inputs)."""
     B, H, T, D = q.shape
@@ -119,12 +131,17 @@ def reference_forward(q, k, v, causal, scale, block_size=128):
         l = torch.zeros(B, H, q1 - q0, dtype=acc_dtype, device=q.device)  # running sum of exp(s - m)
         acc = torch.zeros(B, H, q1 - q0, D, dtype=acc_dtype, device=q.device)  # running sum of exp(s - m) V
         for k0, k1 in _tiles(q1 if causal else S, block_size):  # causal: keys past the tile's last query never count
+            skip, crosses = _outside(q0, q1, k0, k1, causal, window)
+            if skip:  # (window) keys before every query's window
+                continue
             s = (q_i @ k[:, :, k0:k1].transpose(-2, -1)) * scale  # (B, H, bq, bk): the only scores that exist
-            if causal and k1 - 1 > q0:  # the tile crosses the diagonal
-                s = s.masked_fill(_causal_mask(q0, q1, k0, k1, q.device), float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))  # finite: key 0 is visible to every query
-            p = torch.exp(s - m_new[..., None])
-            alpha = torch.exp(m - m_new)  # rescales what was summed under the old max
+            if crosses:  # the tile crosses the diagonal or the window's edge
+                s = s.masked_fill(_masked(q0, q1, k0, k1, window, q.device), float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            # -inf where a row has seen no key yet (a window starts later): subtract 0 then, not -inf (NaN)
+            shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+            p = torch.exp(s - shift[..., None])
+            alpha = torch.exp(m - shift)  # rescales what was summed under the old max
             l = alpha * l + p.sum(dim=-1)
             acc = alpha[..., None] * acc + p @ v[:, :, k0:k1]
             m = m_new
@@ -133,7 +150,7 @@ def reference_forward(q, k, v, causal, scale, block_size=128):
     return o, lse
 
 
-def reference_backward(do, q, k, v, o, lse, causal, scale, block_size=128):
+def reference_backward(do, q, k, v, o, lse, causal, scale, block_size=128, window=0):
     """(dq, dk, dv) from the tensors the forward kept: every probability tile is recomputed
     from Q, K and the saved logsumexp, P = exp(Q K^T scale - L)."""
     B, H, T, D = q.shape
@@ -148,11 +165,12 @@ def reference_backward(do, q, k, v, o, lse, causal, scale, block_size=128):
     for k0, k1 in _tiles(S, block_size):
         k_j, v_j = k_full[:, :, k0:k1], v_full[:, :, k0:k1]
         for q0, q1 in _tiles(T, block_size):
-            if causal and q1 <= k0:  # every query of this tile is before every key: all masked
+            skip, crosses = _outside(q0, q1, k0, k1, causal, window)
+            if skip:  # every query of this tile is before every key (or past its window): all masked
                 continue
             s = (q[:, :, q0:q1] @ k_j.transpose(-2, -1)) * scale  # (B, H, bq, bk)
-            if causal and k1 - 1 > q0:
-                s = s.masked_fill(_causal_mask(q0, q1, k0, k1, q.device), float("-inf"))
+            if crosses:
+                s = s.masked_fill(_masked(q0, q1, k0, k1, window, q.device), float("-inf"))
             p = torch.exp(s - lse[:, :, q0:q1, None])  # the forward's probabilities, recomputed
             do_i = do[:, :, q0:q1]
             dv[:, :, k0:k1] += p.transpose(-2, -1) @ do_i
@@ -171,22 +189,22 @@ class _TiledAttention(torch.autograd.Function):
     not autograd through the loops (which would keep every tile of P)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, block_size):
-        o, lse = reference_forward(q, k, v, causal, scale, block_size)
+    def forward(ctx, q, k, v, causal, scale, block_size, window):
+        o, lse = reference_forward(q, k, v, causal, scale, block_size, window)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.block_size = causal, scale, block_size
+        ctx.args = causal, scale, block_size, window
         return o
 
     @staticmethod
     def backward(ctx, do):
-        dq, dk, dv = reference_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.block_size)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = reference_backward(do, *ctx.saved_tensors, *ctx.args)
+        return dq, dk, dv, None, None, None, None
 
 
-def flash_attention_reference(q, k, v, causal=False, scale=None, block_size=128):
+def flash_attention_reference(q, k, v, causal=False, scale=None, block_size=128, window=0):
     """FlashAttention in plain PyTorch: memory O(T * block_size) per head instead of O(T^2)."""
-    scale = _check_inputs(q, k, v, causal, scale, kernel=False)
-    return _TiledAttention.apply(q, k, v, causal, scale, block_size)
+    scale = _check_inputs(q, k, v, causal, scale, kernel=False, window=window)
+    return _TiledAttention.apply(q, k, v, causal, scale, block_size, window)
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,7 +246,22 @@ if triton is not None:
         return y
 
     @_device_function
-    def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, S, qk_scale,
+    def _key_tiles(start_m, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """The key tiles of a query tile [start_m, start_m + BLOCK_M): [lo, band_end) may hold keys
+        before some query's window (masked), [band_end, full_end) are seen by every query (no mask),
+        [full_end, end) cross the diagonal or the end (masked). Without a window, window > S."""
+        if CAUSAL:  # full tiles: every key <= the tile's first query; then the diagonal, masked
+            full_end = (start_m + 1) // BLOCK_N * BLOCK_N
+            end = tl.minimum(start_m + BLOCK_M, S)  # later keys: after every query, skipped
+            lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N  # earlier: before every window
+            band_end = tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
+            band_end = tl.minimum(tl.maximum(band_end, lo), full_end)
+        else:  # full tiles, then the ragged last one
+            lo, band_end, full_end, end = 0, 0, S // BLOCK_N * BLOCK_N, S
+        return lo, band_end, full_end, end
+
+    @_device_function
+    def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, S, qk_scale, window,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                    INTERPRET: tl.constexpr):
         """The online softmax of one query tile over the key tiles in [lo, hi). Scores are in
@@ -239,14 +272,18 @@ if triton is not None:
         for _ in range(lo, hi, BLOCK_N):
             k = tl.load(k_ptrs, mask=offs_n[:, None] < S, other=0.0)
             s = _dot(q, tl.trans(k), None, INTERPRET) * qk_scale  # (BLOCK_M, BLOCK_N), on chip only
-            if MASK:  # keys past the end, and (causal) keys after the query
+            if MASK:  # keys past the end, and (causal) keys after the query or before its window
                 keep = offs_n[None, :] < S
                 if CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                    back = offs_m[:, None] - offs_n[None, :]
+                    keep = keep & (back >= 0) & (back < window)
                 s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first tile of every row
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            shift = m_new
+            if MASK:  # -inf for a row that has seen no key yet (its window starts later): subtract 0, no NaN
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - shift[:, None])
+            alpha = tl.exp2(m_i - shift)  # rescales what was summed under the old max
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < S, other=0.0)
             acc = _dot(_cast_like(p, v, INTERPRET), v, acc * alpha[:, None], INTERPRET)
@@ -257,7 +294,7 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
-    def _attn_fwd_kernel(Q, K, V, O, LSE, T, S, qk_scale, GROUP: tl.constexpr, D: tl.constexpr,
+    def _attn_fwd_kernel(Q, K, V, O, LSE, T, S, qk_scale, window, GROUP: tl.constexpr, D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                          INTERPRET: tl.constexpr):
         # grid (cdiv(T, BLOCK_M), B * H): BLOCK_M query rows of one (batch, head)
@@ -271,23 +308,20 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(s - m)
         acc = tl.zeros([BLOCK_M, D], tl.float32)  # running sum of exp(s - m) V
-        if CAUSAL:  # full tiles: every key <= the tile's first query; then the diagonal, masked
-            full_end = (start_m + 1) // BLOCK_N * BLOCK_N
-            end = tl.minimum(start_m + BLOCK_M, S)  # later keys: after every query, skipped
-        else:  # full tiles, then the ragged last one
-            full_end = S // BLOCK_N * BLOCK_N
-            end = S
+        lo, band_end, full_end, end = _key_tiles(start_m, S, window, BLOCK_M, BLOCK_N, CAUSAL)
         k_base, v_base = K + bh_kv * S * D, V + bh_kv * S * D
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, full_end, S, qk_scale,
-                                   D, BLOCK_N, CAUSAL, False, INTERPRET)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, full_end, end, S, qk_scale,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, band_end, S, qk_scale, window,
+                                   D, BLOCK_N, CAUSAL, True, INTERPRET)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, band_end, full_end, S, qk_scale,
+                                   window, D, BLOCK_N, CAUSAL, False, INTERPRET)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, offs_m, full_end, end, S, qk_scale, window,
                                    D, BLOCK_N, CAUSAL, True, INTERPRET)
         tl.store(LSE + bh * T + offs_m, (m_i + tl.log2(l_i)) / LOG2E_CONST, mask=in_t)  # natural log
         o_ptrs = O + bh * T * D + offs_m[:, None] * D + tl.arange(0, D)[None, :]
         tl.store(o_ptrs, _cast_like(acc / l_i[:, None], q, INTERPRET), mask=in_t[:, None])
 
     @_device_function
-    def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, hi, T, qk_scale,
+    def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, hi, T, qk_scale, window,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, INTERPRET: tl.constexpr):
         """dK, dV of one key tile from the query tiles in [lo, hi), computed transposed (keys as
         rows: P^T, dP^T, dS^T), so no tile needs a transpose. Query rows past T load as zeros
@@ -302,8 +336,9 @@ if triton is not None:
             lse = tl.load(lse_base + offs_m, mask=in_t, other=0.0) * LOG2E_CONST
             delta = tl.load(delta_base + offs_m, mask=in_t, other=0.0)
             s_t = _dot(k, tl.trans(q), None, INTERPRET) * qk_scale  # (BLOCK_N, BLOCK_M)
-            if MASK:  # causal: key after query
-                s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+            if MASK:  # causal: key after query, or before the query's window
+                back = offs_m[None, :] - offs_n[:, None]
+                s_t = tl.where((back >= 0) & (back < window), s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse[None, :])  # P^T: the forward's probabilities, recomputed
             dv = _dot(_cast_like(p_t, do, INTERPRET), do, dv, INTERPRET)  # dV_j += P^T dO
             dp_t = _dot(v, tl.trans(do), None, INTERPRET)  # dP^T = (dO V^T)^T
@@ -315,7 +350,7 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, T, S, qk_scale, scale, GROUP: tl.constexpr,
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, T, S, qk_scale, scale, window, GROUP: tl.constexpr,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               CAUSAL: tl.constexpr, INTERPRET: tl.constexpr):
         # grid (cdiv(S, BLOCK_N), B * H_kv): one key tile of one K/V head, summed over the GROUP
@@ -330,25 +365,29 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         if CAUSAL:  # queries before start_n see none of these keys: start at their tile; the
-            # tiles holding a query before the tile's last key are masked
+            # tiles holding a query before the tile's last key are masked, and (window) so are those
+            # holding a query past the first key's window; queries past the last key's window: skipped
             lo = start_n // BLOCK_M * BLOCK_M
             diag_end = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, T)
+            hi = tl.minimum(start_n + BLOCK_N - 1 + window, T)
+            band_start = tl.maximum(diag_end, tl.minimum((start_n + window) // BLOCK_M * BLOCK_M, hi))
         else:
-            lo = 0
-            diag_end = 0
+            lo, diag_end, band_start, hi = 0, 0, T, T
         for g in range(GROUP):
             bh = bh_kv * GROUP + g  # the query head b * H + h
             q_base, do_base = Q + bh * T * D, DO + bh * T * D
             lse_base, delta_base = LSE + bh * T, DELTA + bh * T
             dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, diag_end,
-                                     T, qk_scale, D, BLOCK_M, True, INTERPRET)
-            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, diag_end, T,
-                                     T, qk_scale, D, BLOCK_M, False, INTERPRET)
+                                     T, qk_scale, window, D, BLOCK_M, True, INTERPRET)
+            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, diag_end,
+                                     band_start, T, qk_scale, window, D, BLOCK_M, False, INTERPRET)
+            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, band_start, hi,
+                                     T, qk_scale, window, D, BLOCK_M, True, INTERPRET)
         tl.store(DK + kv_offs, _cast_like(dk * scale, k, INTERPRET), mask=in_s)
         tl.store(DV + kv_offs, _cast_like(dv, v, INTERPRET), mask=in_s)
 
     @_device_function
-    def _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, lo, hi, S, qk_scale,
+    def _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, lo, hi, S, qk_scale, window,
                       D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                       INTERPRET: tl.constexpr):
         """dQ of one query tile from the key tiles in [lo, hi): the forward's loop once more."""
@@ -362,7 +401,8 @@ if triton is not None:
             if MASK:
                 keep = offs_n[None, :] < S
                 if CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                    back = offs_m[:, None] - offs_n[None, :]
+                    keep = keep & (back >= 0) & (back < window)
                 s = tl.where(keep, s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             dp = _dot(do, tl.trans(v), None, INTERPRET)
@@ -374,7 +414,7 @@ if triton is not None:
         return dq
 
     @triton.jit
-    def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, S, qk_scale, scale, GROUP: tl.constexpr,
+    def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, S, qk_scale, scale, window, GROUP: tl.constexpr,
                             D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             CAUSAL: tl.constexpr, INTERPRET: tl.constexpr):
         # grid (cdiv(T, BLOCK_M), B * H): one query tile, the key tiles as in the forward
@@ -389,16 +429,13 @@ if triton is not None:
         lse = tl.load(LSE + bh * T + offs_m, mask=in_t, other=0.0) * LOG2E_CONST
         delta = tl.load(DELTA + bh * T + offs_m, mask=in_t, other=0.0)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
-        if CAUSAL:
-            full_end = (start_m + 1) // BLOCK_N * BLOCK_N
-            end = tl.minimum(start_m + BLOCK_M, S)
-        else:
-            full_end = S // BLOCK_N * BLOCK_N
-            end = S
+        lo, band_end, full_end, end = _key_tiles(start_m, S, window, BLOCK_M, BLOCK_N, CAUSAL)
         k_base, v_base = K + bh_kv * S * D, V + bh_kv * S * D
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, 0, full_end, S, qk_scale,
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, lo, band_end, S, qk_scale, window,
+                           D, BLOCK_N, CAUSAL, True, INTERPRET)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, band_end, full_end, S, qk_scale, window,
                            D, BLOCK_N, CAUSAL, False, INTERPRET)
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, full_end, end, S, qk_scale,
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, offs_m, full_end, end, S, qk_scale, window,
                            D, BLOCK_N, CAUSAL, True, INTERPRET)
         tl.store(DQ + q_offs, _cast_like(dq * scale, q, INTERPRET), mask=in_t[:, None])
 
@@ -425,7 +462,7 @@ def _kernel_available(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or TRITON_INTERPRET)
 
 
-def _forward_triton(q, k, v, causal, scale):
+def _forward_triton(q, k, v, causal, scale, window):
     q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels index rows of D contiguous values
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
@@ -433,12 +470,12 @@ def _forward_triton(q, k, v, causal, scale):
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     tiles = kernel_tiles(D, q.dtype)["forward"]
     grid = (triton.cdiv(T, tiles["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, T, S, scale * LOG2E, GROUP=H // H_kv, D=D, CAUSAL=causal,
+    _attn_fwd_kernel[grid](q, k, v, o, lse, T, S, scale * LOG2E, window or S + T, GROUP=H // H_kv, D=D, CAUSAL=causal,
                            INTERPRET=TRITON_INTERPRET, **tiles)
     return o, lse
 
 
-def _backward_triton(do, q, k, v, o, lse, causal, scale):
+def _backward_triton(do, q, k, v, o, lse, causal, scale, window):
     do, q, k, v = (t.contiguous() for t in (do, q, k, v))
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
@@ -447,10 +484,10 @@ def _backward_triton(do, q, k, v, o, lse, causal, scale):
     tiles = kernel_tiles(D, q.dtype)
     common_args = dict(GROUP=H // H_kv, D=D, CAUSAL=causal, INTERPRET=TRITON_INTERPRET)
     grid = (triton.cdiv(S, tiles["dkdv"]["BLOCK_N"]), B * H_kv)
-    _attn_bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, T, S, scale * LOG2E, scale,
+    _attn_bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, T, S, scale * LOG2E, scale, window or S + T,
                                 **common_args, **tiles["dkdv"])
     grid = (triton.cdiv(T, tiles["dq"]["BLOCK_M"]), B * H)
-    _attn_bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, T, S, scale * LOG2E, scale,
+    _attn_bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, T, S, scale * LOG2E, scale, window or S + T,
                               **common_args, **tiles["dq"])
     return dq, dk, dv
 
@@ -459,54 +496,56 @@ def _backward_triton(do, q, k, v, o, lse, causal, scale):
 # dtypes), so the kernels run as written and a model using them compiles as one graph.
 @torch.library.custom_op("nanollm::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     if _kernel_available(q):
-        return _forward_triton(q, k, v, causal, scale)
-    o, lse = reference_forward(q, k, v, causal, scale)
+        return _forward_triton(q, k, v, causal, scale, window)
+    o, lse = reference_forward(q, k, v, causal, scale, window=window)
     return o, lse.float()
 
 
 @_forward_op.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, window):
     B, H, T, D = q.shape
     return q.new_empty(B, H, T, D), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanollm::flash_attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, causal: bool, scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _kernel_available(q):
-        return _backward_triton(do, q, k, v, o, lse, causal, scale)
-    return reference_backward(do, q, k, v, o, lse, causal, scale)
+        return _backward_triton(do, q, k, v, o, lse, causal, scale, window)
+    return reference_backward(do, q, k, v, o, lse, causal, scale, window=window)
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
+def _(do, q, k, v, o, lse, causal, scale, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = _forward_op(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, causal, scale, window):
+        o, lse = _forward_op(q, k, v, causal, scale, window)
         ctx.save_for_backward(q, k, v, o, lse)  # O(T * D): no (T, T) tensor is kept
-        ctx.causal, ctx.scale = causal, scale
+        ctx.args = causal, scale, window
         return o
 
     @staticmethod
     def backward(ctx, do):
-        dq, dk, dv = _backward_op(do, *ctx.saved_tensors, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward_op(do, *ctx.saved_tensors, *ctx.args)
+        return dq, dk, dv, None, None, None
 
 
-def flash_attention(q, k, v, causal=False, scale=None):
+def flash_attention(q, k, v, causal=False, scale=None, window=0):
     """softmax(q k^T * scale + causal mask) v for q (B, H, T, D), k, v (B, H_kv, S, D), by the
-    Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), else by the PyTorch reference."""
-    scale = _check_inputs(q, k, v, causal, scale, kernel=True)
-    return _FlashAttention.apply(q, k, v, causal, scale)
+    Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), else by the PyTorch reference.
+    window > 0 (causal only): query t sees keys t - window < s <= t; the tiles wholly outside
+    the band are skipped, so the work grows as T * window, not T^2."""
+    scale = _check_inputs(q, k, v, causal, scale, kernel=True, window=window)
+    return _FlashAttention.apply(q, k, v, causal, scale, window)
 
 
-def _check_inputs(q, k, v, causal, scale, kernel: bool) -> float:
+def _check_inputs(q, k, v, causal, scale, kernel: bool, window=0) -> float:
     """Bad shapes fail here, in one line, before any kernel starts. Returns the scale. `kernel`:
     the limits of the Triton kernels apply (also where the reference stands in for them)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -533,6 +572,8 @@ def _check_inputs(q, k, v, causal, scale, kernel: bool) -> float:
     if kernel and D not in KERNEL_HEAD_DIMS:
         raise NanoError(f"head size {D} is not one the kernels take {KERNEL_HEAD_DIMS} "
                         "(pad the head size, or use flash_attention_reference)")
+    if window and not (causal and isinstance(window, int) and window > 0):
+        raise NanoError(f"window {window!r} needs causal=True and a positive int (0: no window)")
     scale = 1 / math.sqrt(D) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise NanoError(f"scale must be a finite number, got {scale}")

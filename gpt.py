@@ -5,9 +5,11 @@ self-attention, written out in `naive_attention` or run by a fused kernel, then 
 LayerNorm, a head tied to the token embedding. The Llama family (arXiv:2307.09288, 2407.21783;
 Mistral, Qwen2/3, SmolLM) swaps parts, one GPTConfig switch each: RMSNorm, rotary positions (RoPE,
 arXiv:2104.09864), SwiGLU (arXiv:2002.05202), grouped-query attention (arXiv:2305.13245), no biases,
-an untied head, QK-norm. Module names are Hugging Face's, so weights load by name and PEFT's LoRA
-targets apply. After the model: the chunked loss (the (B*T, vocab) logits never exist at once:
-Wijmans et al. 2024, arXiv:2411.09009), Hugging Face weights both ways, checkpoints. Use:
+an untied head, QK-norm, sliding-window attention (Mistral: a band mask), RoPE stretched past the
+pretraining context (linear, dynamic NTK, Llama 3.1's, YaRN: arXiv:2309.00071). Module names are
+Hugging Face's, so weights load by name and PEFT's LoRA targets apply. After the model: the chunked
+loss (the (B*T, vocab) logits never exist at once: Wijmans et al. 2024, arXiv:2411.09009), Hugging
+Face weights both ways, checkpoints. Use:
 `gpt.GPT.from_pretrained("gpt2")`, `model, spec = gpt.load_checkpoint("out/ckpt.pt")`,
 `python sample.py --init_from gpt2`.
 """
@@ -45,13 +47,18 @@ class GPTConfig:
     norm: str = "layernorm"  # GPT-2: LayerNorm (centre, scale by 1/std, bias); Llama: "rmsnorm" (scale by 1/RMS only)
     norm_eps: float = 1e-5  # GPT-2 and Llama 1e-5; Qwen, SmolLM, Mistral 1e-6
     rope_theta: float = 0.0  # GPT-2: 0 = learned positions; Llama: rotary positions of this base (1e4; Llama 3: 5e5)
-    rope_scaling: float = 0.0  # Llama 3.1+ rope_scaling "llama3": long wavelengths slowed by this factor (8); 0 = off
-    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_position / this are slowed
-    rope_high_freq_factor: float = 4.0  # llama3: below original_max_position / this kept; in between blended
-    rope_original_max_position: int = 8192  # llama3: the context length of pretraining
+    rope_type: str = "default"  # how rope_scaling stretches RoPE: "llama3" (Llama 3.1), "linear", "dynamic" (NTK), "yarn"
+    rope_scaling: float = 0.0  # the stretch factor (Llama 3.1: 8; the context grows by about this); 0 = off
+    rope_low_freq_factor: float = 1.0  # llama3 / yarn (beta_slow): channels turning fewer times than this per
+    rope_high_freq_factor: float = 4.0  # original context slowed, above high (yarn: beta_fast 32) kept, blended between
+    rope_original_max_position: int = 8192  # llama3, yarn, dynamic: the context length of pretraining
+    rope_attention_factor: float = 1.0  # yarn: cos and sin times this (0.1 ln(factor) + 1): sharper attention
+    rope_truncate: bool = True  # yarn: round the blend's ends to whole channels (transformers' default)
+    sliding_window: int = 0  # Mistral: each query sees only the last sliding_window keys (a band mask); 0 = all
     n_kv_head: int = 0  # GPT-2: 0 -> n_head, own keys/values per head; Llama 3: 8 shared by groups (GQA; 1 = MQA)
     head_dim: int = 0  # 0 -> n_embd // n_head (GPT-2, Llama); Qwen3 sets its own (128 at n_embd 1024, 16 heads)
     qkv_bias: bool = False  # Qwen2: biases on q, k and v only (with bias False); GPT-2 and Llama: no such case
+    attn_bias: bool = False  # attention_bias of Llama/Qwen3 configs: q, k, v and o_proj (not the MLP)
     tie_embeddings: bool = True  # GPT-2: lm_head is the token embedding; Llama-3-8B: its own (small ones: tied)
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k before RoPE; GPT-2 and Llama: none
     gelu: str = "tanh"  # GPT-2's MLP: the tanh approximation (HF "gelu_new"); "exact": erf, as nanoGPT (cheaper on CPU)
@@ -69,13 +76,15 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise NanoError(f"dropout must be in [0, 1) (got {self.dropout})")
         for name, allowed in (("attn_impl", ("sdpa", "naive", "flash")), ("arch", ("gpt2", "llama")),
-                              ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact"))):
+                              ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact")), ("rope_type", hf_io.ROPE_TYPES)):
             if getattr(self, name) not in allowed:
                 raise NanoError(f"unknown {name} {getattr(self, name)!r} ({' or '.join(allowed)})")
-        if min(self.rope_theta, self.rope_scaling, self.head_dim, self.mlp_hidden) < 0:
-            raise NanoError("rope_theta, rope_scaling, head_dim and mlp_hidden must be >= 0 (0: off or default)")
-        if self.rope_scaling and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
-            raise NanoError("llama3 rope scaling needs rope_high_freq_factor > rope_low_freq_factor > 0")
+        if min(self.rope_theta, self.rope_scaling, self.head_dim, self.mlp_hidden, self.sliding_window) < 0:
+            raise NanoError("rope_theta, rope_scaling, head_dim, mlp_hidden, sliding_window must be >= 0 (0: off/default)")
+        if self.rope_scaling and self.rope_type == "default":
+            self.rope_type = "llama3"  # checkpoints from before rope_type: a factor meant llama3
+        if self.rope_type in ("llama3", "yarn") and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            raise NanoError(f"{self.rope_type} rope scaling needs rope_high_freq_factor > rope_low_freq_factor > 0")
         # 0 means "as GPT-2": from here on both hold the number every caller uses (as HF's configs do)
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
@@ -108,26 +117,30 @@ def make_norm(config: GPTConfig, dim):
 
 def rope_angles(config: GPTConfig, position_ids, dtype):
     """RoPE: channel i of a head and channel i + head_dim/2 (Hugging Face's pairing) rotate by
-    position * theta^(-2i/head_dim), so q_m . k_n depends on m - n only. Computed from the
-    position ids (T,) or (B, T), not read from a table: any position works (sample.py's
-    sliding window). Returns cos, sin of shape (T, head_dim) or (B, 1, T, head_dim)."""
-    hd = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device).float() / hd)
-    if config.rope_scaling:  # Llama 3.1: slow down the channels that turn < low_freq_factor times
-        c = config  # per pretraining context by rope_scaling, keep those > high_freq_factor, blend between
-        turns = c.rope_original_max_position / (2 * math.pi / inv_freq)  # context / wavelength
-        keep = ((turns - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)).clamp(0, 1)
-        inv_freq = (1 - keep) * inv_freq / c.rope_scaling + keep * inv_freq
+    position * theta^(-2i/head_dim), so q_m . k_n depends on m - n only (past the pretraining
+    context, rope_scaling stretches the slow channels: hf_io.rope_inv_freq). Computed from the
+    position ids (T,) or (B, T), not read from a table: any position works (sample.py's sliding
+    window). Returns cos, sin of shape (T, head_dim) or (B, 1, T, head_dim)."""
+    inv_freq = hf_io.rope_inv_freq(config, position_ids.max() + 1)  # stretched as rope_scaling says
     angles = position_ids[..., None].float() * inv_freq  # (..., T, head_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, head_dim): one set of positions per row, all heads
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    yarn = config.rope_scaling and config.rope_type == "yarn"
+    scale = config.rope_attention_factor if yarn else 1.0  # yarn: on q and k, so the scores grow by scale^2
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def apply_rope(x, cos, sin):  # x: (B, heads, T, head_dim)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def causal_mask(T, window, device):
+    """(T, T) bool, True = may attend: query t sees keys t - window < s <= t (window 0: all s <= t).
+    A sliding window (Mistral): each layer looks back window - 1 tokens, n_layer layers that many times."""
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return mask.triu(1 - window) if window else mask
 
 
 def naive_attention(q, k, v, mask, dropout_p=0.0):
@@ -152,17 +165,18 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout, self.attn_impl, self.fused = config.dropout, config.attn_impl, config.arch == "gpt2"
+        self.window = config.sliding_window  # Mistral: keys more than window - 1 back are masked too
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
         if self.fused:  # GPT-2: q, k, v in one matrix
             self.c_attn = nn.Linear(config.n_embd, sum(self.split), bias=config.bias)
             self.c_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
         else:  # Hugging Face's Llama names: its weights load by name, PEFT's target names apply
-            qkv_bias = config.bias or config.qkv_bias
+            qkv_bias = config.bias or config.qkv_bias or config.attn_bias
             self.q_proj = nn.Linear(config.n_embd, q_dim, bias=qkv_bias)
             self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=qkv_bias)
             self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=qkv_bias)
-            self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+            self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias or config.attn_bias)
         (self.c_proj if self.fused else self.o_proj).RESIDUAL_SCALE_INIT = True
         self.qk_norm = config.qk_norm
         if config.qk_norm:
@@ -181,24 +195,26 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # rotate q and k by their positions (keys enter the cache rotated)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            # The cache writes this step's keys/values into its slots and hands back every slot
-            # (B, n_kv_head, S, head_dim); prefill (T = prompt) and decode (T = 1) are the same
-            # code, only the mask says which slots each query may see.
+            # The cache writes this step's keys/values into its slots and hands back all (B, n_kv_head, S, hd);
+            # prefill (T = prompt) and decode (T = 1) are the same code, the mask says which slots each query sees.
             k, v = kv_cache.update(input_pos, k, v)
-            if attn_mask is None:  # query at slot p sees slots 0..p: the causal mask from positions
-                slots = torch.arange(k.shape[2], device=x.device)
-                attn_mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, S)
+            if attn_mask is None:  # query at slot p sees slots 0..p (p - window < s): the causal mask from positions
+                back = input_pos[:, None] - torch.arange(k.shape[2], device=x.device)[None, :]
+                attn_mask = ((back >= 0) & ((back < self.window) if self.window else True))[None, None]  # (1, 1, T, S)
         causal = attn_mask is None and kv_cache is None  # a whole sequence: query t sees keys 0..t
+        band = self.window if causal and self.window < T else 0  # ... and only t - window < s (sliding window)
         dropout_p = self.dropout if self.training else 0.0
         group = self.n_head // self.n_kv_head  # GQA: each key/value head serves this many query heads
         if self.attn_impl == "naive":
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if causal else attn_mask
+            mask = causal_mask(T, band, x.device) if causal else attn_mask
             y = naive_attention(q, repeat_kv(k, group), repeat_kv(v, group), mask, dropout_p)
         elif self.attn_impl == "flash" and causal and dropout_p == 0.0:
             from flash_attention import flash_attention  # imported only when asked for
 
-            y = flash_attention(q, repeat_kv(k, group), repeat_kv(v, group), causal=True)
+            y = flash_attention(q, repeat_kv(k, group), repeat_kv(v, group), causal=True, window=band)
         else:  # PyTorch's fused kernel (SDPA): the same softmax attention, GQA without copies
+            if band:  # SDPA's is_causal has no window: the band as a mask
+                attn_mask, causal = causal_mask(T, band, x.device), False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                is_causal=causal, enable_gqa=group > 1)
         y = y.transpose(1, 2).reshape(B, T, -1)  # re-assemble the heads side by side
@@ -295,8 +311,7 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise NanoError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             input_pos = torch.arange(T, device=idx.device)
-        if position_ids is None:
-            position_ids = input_pos  # (T,), broadcast over the batch
+        position_ids = input_pos if position_ids is None else position_ids  # (T,): broadcast over the batch
         x, rope = self.transformer.wte(idx), None
         if self.config.rope_theta:
             rope = rope_angles(self.config, position_ids, x.dtype)
@@ -361,20 +376,11 @@ class GPT(nn.Module):
     def from_hf_state_dict(cls, sd, config: GPTConfig | None = None, dtype=None):
         """A GPT from a Hugging Face state dict (GPT2LMHeadModel/GPT2Model names, or with a
         config of arch "llama" LlamaForCausalLM's and its family's); tensors are copied."""
-        if config is None:  # GPT-2: the shapes are read off the tensors
-            sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-            config = GPTConfig(**hf_io.gpt2_config_fields({k: v.shape for k, v in sd.items()}))
-        model = empty_model(config)
-        for name, key in hf_io.hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
-            hf_io.fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
-        return model.tie_weights()
+        return hf_io.fill_from_state_dict(lambda fields: empty_model(config or GPTConfig(**fields)), sd, dtype, config is None)
 
     def to_hf_state_dict(self) -> dict:
-        """The inverse of from_hf_state_dict: Hugging Face's names (GPT-2's Conv1D weights transposed
-        back to (in, out)); a tied lm_head.weight is included, as HF's state_dict() has it."""
-        arch = self.config.arch
-        return {hf_io.to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(hf_io.HF_CONV1D_WEIGHTS) else v
-                for k, v in clean_state_dict(self).items()}
+        """The inverse of from_hf_state_dict (hf_io.to_hf_state_dict: Hugging Face's names)."""
+        return hf_io.to_hf_state_dict(clean_state_dict(self), self.config.arch)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, cache_dir: str | None = None, dtype=None):
@@ -454,19 +460,10 @@ def empty_model(config: GPTConfig) -> GPT:
 
 
 def load_pretrained(name_or_dir: str, cache_dir: str | None = None, dtype=None):
-    """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size
-    (hf_io.hf_folder finds or downloads it), in the checkpoint's dtype (or `dtype`). Every name
-    and shape is checked from the safetensors headers before any weight is read; the model is
-    built on the meta device and filled one tensor at a time: peak memory is the model plus one
-    tensor, never an fp32 copy of it."""
-    folder, hf_config, files, spec = hf_io.hf_folder(name_or_dir, cache_dir)
-    model = empty_model(GPTConfig(**hf_io.hf_config_fields(hf_config)))
-    headers = [hf_io.safetensors_header(folder / name)[0] for name in files]
-    plan = hf_io.hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
-    for name in files:  # one shard at a time, one tensor at a time
-        for key, tensor in hf_io.read_safetensors(folder / name, names=plan).items():
-            hf_io.fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
-    return model.tie_weights(), spec or ("gpt2" if model.config.arch == "gpt2" else None)
+    """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size, in the
+    checkpoint's dtype (or `dtype`): built on the meta device, filled one tensor at a time after
+    every name and shape was checked (hf_io.load_folder), so peak memory is the model plus one tensor."""
+    return hf_io.load_folder(lambda fields: empty_model(GPTConfig(**fields)), name_or_dir, cache_dir, dtype)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 A folder holds config.json (the architecture), one or more safetensors shards (the weights,
 listed by model.safetensors.index.json when sharded) and usually tokenizer.json. Here:
-- config.json -> gpt.GPTConfig's fields (GPT-2, Llama 3, Mistral, Qwen2/3), and the fields of
-  a bare GPT-2 state dict read off its tensor shapes;
+- config.json -> gpt.GPTConfig's fields (GPT-2, Llama 3, Mistral, Qwen2/3: sliding windows, attention
+  biases, the rope types linear/dynamic/llama3/yarn and their frequencies, rope_inv_freq), and the
+  fields of a bare GPT-2 state dict read off its tensor shapes;
 - tensor names both ways (GPT-2's Conv1D weights are transposed against nn.Linear's; the Llama
   family's containers are renamed), and the plan that checks every name and shape before a
   weight is read;
@@ -12,7 +13,7 @@ listed by model.safetensors.index.json when sharded) and usually tokenizer.json.
 - hub downloads (requests; HF_TOKEN for gated models) into ~/.cache/nanollm;
 - PEFT adapter folders (adapter_config.json + adapter_model.safetensors) as lora.py's dict.
 
-gpt.py builds the model and asks these to fill it (gpt.load_pretrained). Imports `common` only.
+gpt.py builds the (meta-device) model and load_folder fills it (gpt.load_pretrained). Imports `common` only.
 """
 
 from __future__ import annotations
@@ -46,30 +47,102 @@ def hf_config_fields(hf: dict) -> dict:
         return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                     n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 0,
                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu=gelu)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    bias = hf.get("attention_bias", False)
     unsupported = [what for what, bad in (
-        (f"rope type {rope_type!r}", rope_type not in ("default", "llama3")),
         (f"hidden_act {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
-        ("sliding-window layers", hf.get("use_sliding_window", False)),
-        ("attention_bias != mlp_bias", kind == "llama" and bias != hf.get("mlp_bias", False))) if bad]
+        ("mlp_bias without attention_bias", hf.get("mlp_bias", False) and not hf.get("attention_bias", False)),
+        (f"partial_rotary_factor {hf.get('partial_rotary_factor')}", hf.get("partial_rotary_factor", 1.0) != 1.0)) if bad]
     if unsupported:
         raise NanoError(f"{kind} config.json with {unsupported[0]} is not supported (only what Llama 3, "
                         "Mistral, Qwen2/3 use)")
-    block_size = hf.get("max_position_embeddings", 2048)
-    if kind == "mistral" and hf.get("sliding_window"):  # a window of W keys = block_size W (sample.py slides it)
-        block_size = min(block_size, hf["sliding_window"])
-    llama3 = dict(rope_scaling=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
-                  rope_high_freq_factor=rope["high_freq_factor"],
-                  rope_original_max_position=rope["original_max_position_embeddings"]) if rope_type == "llama3" else {}
-    return dict(**llama3,
-        arch="llama", block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-        n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], bias=bias and kind != "qwen2",
-        mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim") or 0,
-        qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False), qk_norm=kind == "qwen3")
+    attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    return dict(**rope_fields(hf), sliding_window=sliding_window(hf), arch="llama", vocab_size=hf["vocab_size"],
+                n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+                n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim") or 0,
+                bias=attention_bias and mlp_bias, attn_bias=attention_bias and not mlp_bias and kind != "qwen2",
+                qkv_bias=kind == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False), qk_norm=kind == "qwen3")
+
+
+ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn")
+
+
+def rope_fields(hf: dict) -> dict:
+    """block_size and the rope_* fields of GPTConfig from config.json's rope_parameters (5.x) or
+    rope_scaling (4.x). block_size is the context the scaled model is meant for: linear and dynamic
+    configs keep max_position_embeddings at the pretraining length and stretch it by the factor
+    (dynamic's original context is max_position_embeddings, as transformers computes it); yarn and
+    llama3 name original_max_position_embeddings and reach at least factor times it."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind, max_pos = rope.get("rope_type", rope.get("type", "default")), hf.get("max_position_embeddings", 2048)
+    fields = dict(block_size=max_pos, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind not in ROPE_TYPES:
+        raise NanoError(f"config.json with rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return fields
+    orig = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    factor = rope.get("factor") or max_pos / orig  # yarn may leave it out
+    fields.update(rope_type=kind, rope_scaling=factor, rope_original_max_position=orig)
+    if kind in ("linear", "dynamic"):
+        fields.update(block_size=int(max_pos * factor), rope_original_max_position=max_pos)
+    elif kind == "llama3":
+        fields.update(rope_low_freq_factor=rope["low_freq_factor"], rope_high_freq_factor=rope["high_freq_factor"])
+    else:  # yarn: attention_factor given, or 0.1 ln(factor) + 1 (with mscale/mscale_all_dim: a ratio of two)
+        def mscale(m=1.0):
+            return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+        mscales = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = rope.get("attention_factor") or (mscale(mscales[0]) / mscale(mscales[1]) if all(mscales) else mscale())
+        fields.update(block_size=max(max_pos, int(orig * factor)), rope_attention_factor=attention,
+                      rope_low_freq_factor=rope.get("beta_slow") or 1.0, rope_high_freq_factor=rope.get("beta_fast") or 32.0,
+                      rope_truncate=rope.get("truncate", True))
+    return fields
+
+
+def sliding_window(hf: dict) -> int:
+    """GPTConfig.sliding_window: Mistral's sliding_window (every layer), Qwen2/3's with use_sliding_window
+    on the layers from max_window_layers on (or as layer_types lists them). Only all or none: 0 = none."""
+    window, n = hf.get("sliding_window") or 0, hf["num_hidden_layers"]
+    if hf.get("model_type") != "mistral" and not hf.get("use_sliding_window", False):
+        window = 0
+    first = 0 if hf.get("model_type") == "mistral" else hf.get("max_window_layers", 0)
+    types = hf.get("layer_types") or ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
+    sliding = sum(t == "sliding_attention" for t in types)
+    if set(types) - {"sliding_attention", "full_attention"} or 0 < sliding < n:
+        raise NanoError(f"config.json with a sliding window on {sliding} of {n} layers is not supported "
+                        "(only on all layers or none: set max_window_layers 0, or use_sliding_window false)")
+    return window if sliding else 0
+
+
+def rope_inv_freq(config, seq_len):
+    """RoPE's inverse frequencies (head_dim / 2,) for a gpt.GPTConfig: pair i turns theta^(-2i/head_dim)
+    radians per position, and rope_scaling stretches that past the pretraining context as the rope
+    types of Hugging Face configs do (transformers' modeling_rope_utils, same formulas and order):
+    - linear (Chen et al. 2023, arXiv:2306.15595): every frequency / factor (positions squeezed);
+    - dynamic (NTK-aware): once the sequence (seq_len, a tensor: largest position + 1) is longer than
+      the original context, a larger base: the fast channels barely change, the slow ones interpolate;
+    - llama3 and yarn (Peng et al. 2023, arXiv:2309.00071): channels that turn many times per original
+      context are kept, those that turn less than once are divided by the factor, blended in between
+      (llama3: linearly in turns; yarn: linearly in channel index, and gpt.rope_angles scales cos and
+      sin by rope_attention_factor)."""
+    c, hd = config, config.head_dim
+    exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=seq_len.device).float() / hd
+    freqs = c.rope_theta ** exponent
+    inv_freq, factor, orig = 1.0 / freqs, c.rope_scaling, c.rope_original_max_position
+    if not factor or c.rope_type == "linear":
+        return inv_freq / (factor or 1.0)
+    if c.rope_type == "dynamic":  # seq_len <= orig: plain RoPE; longer: base * (factor * seq_len / orig - factor + 1)^(hd/(hd-2))
+        base = c.rope_theta * (factor * seq_len.clamp(min=orig) / orig - (factor - 1)) ** (hd / (hd - 2))
+        return 1.0 / base ** exponent
+    if c.rope_type == "llama3":
+        turns = orig * inv_freq / (2 * math.pi)  # turns per pretraining context
+        keep = ((turns - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)).clamp(0, 1)
+        return (1 - keep) * inv_freq / factor + keep * inv_freq
+    # yarn: the (fractional) channel turning beta times per original context, for beta_fast, beta_slow
+    low, high = (hd * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+                 for beta in (c.rope_high_freq_factor, c.rope_low_freq_factor))
+    low, high = (math.floor(low), math.ceil(high)) if c.rope_truncate else (low, high)
+    low, high = max(low, 0), min(high, hd - 1)
+    keep = 1 - ((torch.arange(hd // 2, device=seq_len.device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return 1.0 / (factor * freqs) * (1 - keep) + inv_freq * keep  # (transformers' order of operations)
 
 
 def gpt2_config_fields(shapes: dict) -> dict:
@@ -140,6 +213,39 @@ def hf_plan(model, shapes: dict, where="the state dict") -> dict:
         raise NanoError(f"{where} lacks {len(missing)} tensors, e.g. {to_hf_name(missing[0], arch)} "
                         "(a shard missing, or weights of another model)")
     return plan
+
+
+def fill_from_state_dict(empty_model, sd: dict, dtype=None, gpt2=False):
+    """empty_model(fields) (a meta-device model) filled with a copy of a Hugging Face state dict, names and
+    shapes checked first; gpt2: the fields of a GPT-2 state dict, read off its tensor shapes."""
+    if gpt2:
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    model = empty_model(gpt2_config_fields({k: v.shape for k, v in sd.items()}) if gpt2 else None)
+    for name, key in hf_plan(model, {k: v.shape for k, v in sd.items()}).items():
+        fill(model, key, sd[name].to(dtype or sd[name].dtype, copy=True))
+    return model.tie_weights()
+
+
+def to_hf_state_dict(sd: dict, arch: str) -> dict:
+    """Our state dict in Hugging Face's names (GPT-2's Conv1D weights transposed back to (in, out));
+    a tied lm_head.weight is included, as HF's state_dict() has it."""
+    return {to_hf_name(k, arch): v.t().contiguous() if arch == "gpt2" and k.endswith(HF_CONV1D_WEIGHTS) else v
+            for k, v in sd.items()}
+
+
+def load_folder(empty_model, name_or_dir: str, cache_dir=None, dtype=None):
+    """(model, tokenizer spec) from a Hugging Face model folder, a hub name or a GPT-2 size:
+    empty_model(GPTConfig fields) builds the model on the meta device; every name and shape is
+    checked from the safetensors headers before any weight is read, then the shards are read one
+    tensor at a time into it (in their dtype, or `dtype`)."""
+    folder, hf_config, files, spec = hf_folder(name_or_dir, cache_dir)
+    model = empty_model(hf_config_fields(hf_config))
+    headers = [safetensors_header(folder / name)[0] for name in files]
+    plan = hf_plan(model, {k: v["shape"] for h in headers for k, v in h.items()}, str(folder))
+    for name in files:  # one shard at a time, one tensor at a time
+        for key, tensor in read_safetensors(folder / name, names=plan).items():
+            fill(model, plan[key], tensor.to(dtype) if dtype else tensor)
+    return model.tie_weights(), spec or ("gpt2" if model.config.arch == "gpt2" else None)
 
 
 def is_hub_name(name: str) -> bool:

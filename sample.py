@@ -33,9 +33,10 @@ Past the window, two kinds of position embedding call for two strategies:
   on m - n only, and positions can grow without limit. The window then slides one token
   at a time with no re-prefill: the cache is a ring buffer of block_size slots, token i goes
   into slot i % block_size over the oldest one, and every query attends to the last
-  block_size tokens at every layer. That is sliding-window attention (Mistral's; cached
-  keys of old tokens were computed from their own windows, so with more than one layer it
-  is not the same as re-running only the last window).
+  block_size tokens at every layer (config.sliding_window tokens, when the model has
+  Mistral's window). That is sliding-window attention (cached keys of old tokens were
+  computed from their own windows, so with more than one layer it is not the same as
+  re-running only the last window).
 `use_cache=False` recomputes the same windows, so cached and uncached generation give the same tokens.
 
 Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023,
@@ -255,7 +256,7 @@ def prefill(model, idx, cache, pad=None, head=None):
     slots = torch.arange(idx.shape[1], device=idx.device)
     pad = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device) if pad is None else pad
     hidden = model.hidden_states(idx, kv_cache=cache, input_pos=slots, position_ids=position_ids(pad, slots),
-                                 attn_mask=attention_mask(pad, slots, cache[0].k.shape[2]))
+                                 attn_mask=attention_mask(pad, slots, cache[0].k.shape[2], model.config.sliding_window or None))
     return last_logits(model, hidden, head)
 
 
@@ -268,7 +269,7 @@ def decode_one_token(model, tok, pos, cache, pad=None, head=None):
     num_slots = cache[0].k.shape[2]
     pad = torch.zeros(tok.shape[0], dtype=torch.long, device=tok.device) if pad is None else pad
     hidden = model.hidden_states(tok, kv_cache=cache, input_pos=pos % num_slots, position_ids=position_ids(pad, pos),
-                                 attn_mask=attention_mask(pad, pos, num_slots))
+                                 attn_mask=attention_mask(pad, pos, num_slots, model.config.sliding_window or None))
     return last_logits(model, hidden, head)
 
 
@@ -299,14 +300,15 @@ def forward_no_cache(model, rows, head=None):
     layer, as the ring cache does, over the last n_layer * (block_size - 1) + 1 tokens
     (all that the last token's output depends on), at their true positions."""
     cfg, device = model.config, model.transformer.wte.weight.device
-    starts = [max(0, len(r) - cfg.n_layer * (cfg.block_size - 1) - 1) if cfg.rope_theta else 0 for r in rows]
+    window = cfg.sliding_window or cfg.block_size  # Mistral's sliding window, else the ring's
+    starts = [max(0, len(r) - cfg.n_layer * (window - 1) - 1) if cfg.rope_theta else 0 for r in rows]
     idx, pad = left_pad([r[s:] for r, s in zip(rows, starts)], device)
     if not pad.any() and idx.shape[1] <= cfg.block_size:  # plain causal attention, as nanoGPT's generate
         return last_logits(model, model.hidden_states(idx), head)
     slots = torch.arange(idx.shape[1], device=device)
     hidden = model.hidden_states(idx, input_pos=slots,
                                  position_ids=position_ids(pad, slots) + torch.tensor(starts, device=device)[:, None],
-                                 attn_mask=attention_mask(pad, slots, idx.shape[1], window=cfg.block_size))
+                                 attn_mask=attention_mask(pad, slots, idx.shape[1], window=window))
     return last_logits(model, hidden, head)
 
 
@@ -498,7 +500,8 @@ class WindowedModel:
         pos = torch.arange(self.filled, self.filled + len(feed), device=device)
         hidden = self.model.hidden_states(torch.tensor([feed], device=device), kv_cache=self.cache,
                                           input_pos=pos % num_slots, position_ids=pos,
-                                          attn_mask=attention_mask(pos.new_zeros(1), pos, num_slots, self.block_size))
+                                          attn_mask=attention_mask(pos.new_zeros(1), pos, num_slots,
+                                                                   self.model.config.sliding_window or self.block_size))
         self.filled += len(feed)
         self.forwards += 1
         return self.head(hidden[0, -n_last:])  # (n_last, V)

@@ -43,6 +43,7 @@ SECTIONS = {
     "quant": ("quant.bench_quant", "quantize.py: val loss, bytes and batch-1 decode of fp32 ... GPTQ/AWQ-4, vs llama.cpp"),
     "rl": ("rl.bench_rl", "rl.py: GRPO and PPO on the built-in task, where a step's time goes, rollout vs training"),
     "rag": ("rag.bench_rag", "rag.py: IVF vs exact search at 100k vectors, BM25 indexing, the retrieval / reader table"),
+    "passkey": ("passkey.bench_passkey", "a key hidden in filler, greedy retrieval at 1-4x the trained length: RoPE vs YaRN/NTK"),
     "gpu": ("gpu.bench_gpu", "the CUDA check: every CUDA figure, then pytest -m gpu (not run by default)"),
 }
 

@@ -48,7 +48,12 @@ CASES = {
     "causal_gqa_bf16_d64": (1, 4, 2, 150, 150, 64, True, torch.bfloat16, None, "bthd"),
     "cross_bf16_d128": (1, 2, 2, 70, 130, 128, False, torch.bfloat16, None, "bhtd"),
     "causal_fp16_d32": (1, 2, 1, 150, 150, 32, True, torch.float16, None, "bhtd"),
+    "window7_gqa_fp32_d16": (1, 4, 2, 100, 100, 16, True, torch.float32, None, "bhtd"),
+    "window40_bf16_d32": (1, 2, 1, 150, 150, 32, True, torch.bfloat16, None, "bthd"),
 }
+# sliding-window cases: query t sees keys t - window < s <= t; 7 leaves whole key tiles before the
+# window (skipped), tiles crossing its edge and full tiles; 40 crosses 16-bit tiles of 64 and 128
+WINDOWS = {"window7_gqa_fp32_d16": 7, "window40_bf16_d32": 40}
 
 
 def make_inputs(B, H, H_kv, T, S, D, dtype, layout, seed):
@@ -62,7 +67,7 @@ def make_inputs(B, H, H_kv, T, S, D, dtype, layout, seed):
     return rand(H, T), rand(H_kv, S), rand(H_kv, S), rand(H, T)  # q, k, v, dO
 
 
-def exact_attention(q, k, v, do, causal, scale):
+def exact_attention(q, k, v, do, causal, scale, window=0):
     """Naive attention and its gradients in fp64, written out here (not fa.naive_attention)."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
@@ -70,6 +75,8 @@ def exact_attention(q, k, v, do, causal, scale):
     scores = q @ kf.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        if window:  # and keys more than window - 1 back
+            mask |= torch.ones_like(mask).tril(-window)
         scores = scores.masked_fill(mask, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vf
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do.double())
@@ -108,7 +115,7 @@ results = {}
 for name, case in job["cases"].items():
     q, k, v, do = (t.requires_grad_() if i < 3 else t for i, t in enumerate(case["inputs"]))
     before = {n: s.launches for n, s in spies.items()}
-    out = fa.flash_attention(q, k, v, causal=case["causal"], scale=case["scale"])
+    out = fa.flash_attention(q, k, v, causal=case["causal"], scale=case["scale"], window=case["window"])
     lse = out.grad_fn.saved_tensors[4]  # what the forward kept for the backward
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     launches = {n: s.launches - before[n] for n, s in spies.items()}
@@ -194,7 +201,7 @@ def kernel_results(tmp_path_factory):
         for seed, name in enumerate(chunk):
             B, H, H_kv, T, S, D, causal, dtype, scale, layout = CASES[name]
             inputs[name] = make_inputs(B, H, H_kv, T, S, D, dtype, layout, seed)
-            job["cases"][name] = dict(inputs=inputs[name], causal=causal, scale=scale)
+            job["cases"][name] = dict(inputs=inputs[name], causal=causal, scale=scale, window=WINDOWS.get(name, 0))
         torch.save(job, tmp / f"job{part}.pt")
         procs.append(subprocess.Popen([sys.executable, "-c", KERNEL_WORKER, str(tmp / f"job{part}.pt"),
                                        str(tmp / f"out{part}.pt")], env=env, stderr=subprocess.PIPE, text=True))
@@ -215,7 +222,7 @@ def test_kernel_matches_naive_fp64(kernel_results, name):
     T, causal, dtype, scale = CASES[name][3], CASES[name][6], CASES[name][7], CASES[name][8]
     got = kernel_results["cases"][name]
     q, k, v, do = kernel_results["inputs"][name]
-    want = exact_attention(q, k, v, do, causal, scale)
+    want = exact_attention(q, k, v, do, causal, scale, WINDOWS.get(name, 0))
     assert got["launches"] == {"_attn_fwd_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}
     assert got["out"].shape == q.shape and got["out"].dtype == dtype
     assert got["dk"].shape == k.shape and got["dk"].dtype == dtype
@@ -229,12 +236,12 @@ def test_kernel_matches_naive_fp64(kernel_results, name):
         assert want["dq"].abs().max() == 0 and got["dq"].abs().max() <= 1e-6 and got["dk"].abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("name", ["causal_fp32_d64", "causal_gqa_bf16_d64", "cross_bf16_d128"])
+@pytest.mark.parametrize("name", ["causal_fp32_d64", "causal_gqa_bf16_d64", "cross_bf16_d128", "window40_bf16_d32"])
 def test_kernel_agrees_with_reference(kernel_results, name):
     causal, dtype, scale = CASES[name][6:9]
     got = kernel_results["cases"][name]
     q, k, v, do = (t.clone().requires_grad_(i < 3) for i, t in enumerate(kernel_results["inputs"][name]))
-    out = fa.flash_attention_reference(q, k, v, causal=causal, scale=scale)
+    out = fa.flash_attention_reference(q, k, v, causal=causal, scale=scale, window=WINDOWS.get(name, 0))
     ref = dict(zip(("out", "dq", "dk", "dv"), (out, *torch.autograd.grad(out, (q, k, v), do))))
     # both are errors of size <= TOL from the exact values, so they agree within twice that
     for key, value in ref.items():
@@ -263,17 +270,18 @@ def test_gpt_trains_the_same_with_flash_attention(kernel_results):
 # The tiled PyTorch reference (in this process)
 
 
-@pytest.mark.parametrize("B,H,H_kv,T,S,D,block,causal", [
-    (2, 3, 3, 37, 37, 8, 16, True), (2, 3, 3, 37, 37, 8, 16, False),  # 37 = 2 tiles of 16 + 5
-    (1, 4, 2, 50, 50, 48, 7, True), (1, 4, 2, 50, 50, 48, 7, False),  # GQA, tiles of 7
-    (1, 2, 1, 1, 1, 16, 128, True), (2, 2, 2, 33, 20, 16, 8, False)])  # T = 1; S != T
-def test_reference_matches_naive_fp64(B, H, H_kv, T, S, D, block, causal):
+@pytest.mark.parametrize("B,H,H_kv,T,S,D,block,causal,window", [
+    (2, 3, 3, 37, 37, 8, 16, True, 0), (2, 3, 3, 37, 37, 8, 16, False, 0),  # 37 = 2 tiles of 16 + 5
+    (1, 4, 2, 50, 50, 48, 7, True, 0), (1, 4, 2, 50, 50, 48, 7, False, 0),  # GQA, tiles of 7
+    (1, 2, 1, 1, 1, 16, 128, True, 0), (2, 2, 2, 33, 20, 16, 8, False, 0),  # T = 1; S != T
+    (1, 4, 2, 50, 50, 8, 7, True, 10), (1, 2, 1, 37, 37, 8, 16, True, 1), (1, 2, 2, 20, 20, 8, 8, True, 64)])  # windows
+def test_reference_matches_naive_fp64(B, H, H_kv, T, S, D, block, causal, window):
     q, k, v, do = make_inputs(B, H, H_kv, T, S, D, torch.float64, "bhtd", seed=T)
-    want = exact_attention(q, k, v, do, causal, None)
+    want = exact_attention(q, k, v, do, causal, None, window)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    out = fa.flash_attention_reference(qg, kg, vg, causal=causal, block_size=block)
+    out = fa.flash_attention_reference(qg, kg, vg, causal=causal, block_size=block, window=window)
     got = dict(zip(("out", "dq", "dk", "dv"), (out, *torch.autograd.grad(out, (qg, kg, vg), do))))
-    _, lse = fa.reference_forward(q, k, v, causal, 1 / math.sqrt(D), block)
+    _, lse = fa.reference_forward(q, k, v, causal, 1 / math.sqrt(D), block, window)
     for key, value in got.items():
         if want[key].abs().max() > 0:
             assert rel_err(value, want[key]) <= TOL[torch.float64], key
@@ -325,6 +333,8 @@ def test_flash_attention_on_cpu_without_interpreter_is_the_reference():
     (((2, 4, 8, 16), (2, 4, 8, 32), (2, 4, 8, 32)), {}, "alike"),
     (((2, 4, 0, 16), (2, 4, 0, 16), (2, 4, 0, 16)), {}, "empty"),
     (((2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16)), {"scale": float("nan")}, "finite"),
+    (((2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16)), {"window": 4}, "needs causal=True"),
+    (((2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16)), {"window": -2, "causal": True}, "positive int"),
 ])
 def test_bad_inputs_raise_one_line_errors(shapes, kwargs, match):
     q, k, v = (torch.randn(s) for s in shapes)
@@ -369,12 +379,13 @@ def test_main_help_and_bad_option(capsys):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [16, 32, 64, 128])
 def test_kernel_on_cuda(dtype, D):
-    for B, H, H_kv, T, S, causal in [(2, 8, 2, 1000, 1000, True), (1, 4, 4, 333, 517, False), (3, 2, 1, 1, 1, True)]:
+    for B, H, H_kv, T, S, causal, window in [(2, 8, 2, 1000, 1000, True, 0), (1, 4, 4, 333, 517, False, 0),
+                                             (3, 2, 1, 1, 1, True, 0), (1, 4, 2, 1000, 1000, True, 100)]:
         q, k, v, do = (t.cuda() for t in make_inputs(B, H, H_kv, T, S, D, dtype, "bthd", seed=D))
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-        out = fa.flash_attention(qg, kg, vg, causal=causal)
+        out = fa.flash_attention(qg, kg, vg, causal=causal, window=window)
         got = dict(zip(("out", "dq", "dk", "dv"), (out, *torch.autograd.grad(out, (qg, kg, vg), do))))
-        want = exact_attention(q, k, v, do, causal, None)
+        want = exact_attention(q, k, v, do, causal, None, window)
         for key, value in got.items():
             if want[key].abs().max() > 0:
                 assert rel_err(value, want[key]) <= TOL[dtype], (key, B, H, T, S, causal)

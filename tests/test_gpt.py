@@ -337,3 +337,43 @@ def test_naive_attention_model_equals_sdpa(tiny_config, arch):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
     tokens = [torch.stack(list(sample.generate(m.eval(), prompts, 45, temperature=0)), dim=1) for m in (model, naive)]
     assert tokens[0].tolist() == tokens[1].tolist()
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "sdpa", "flash"])
+def test_sliding_window_is_a_band_in_every_path(attn_impl):
+    """A window of 5 over 23 tokens: each path's logits, loss and gradients equal the attention written
+    out with the band as its mask (naive); a KV cache without a mask (gpt.py's own positions mask) gives
+    the same logits; a window at least as long as the sequence changes nothing. The reference is the
+    same model's naive path (fp32; rounding only, atol 1e-5 as the other attention tests)."""
+    torch.manual_seed(0)
+    config = gpt.llama_config(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50, sliding_window=5,
+                              attn_impl=attn_impl)
+    model, naive = GPT(config), GPT(dataclasses.replace(config, attn_impl="naive"))
+    naive.load_state_dict(model.state_dict())
+    idx, targets = torch.randint(0, 50, (2, 23)), torch.randint(0, 50, (2, 23))
+    torch.testing.assert_close(model(idx)[0], naive(idx)[0], rtol=0, atol=1e-5)
+    losses = [m(idx, targets)[1] for m in (model, naive)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    grads = [torch.autograd.grad(loss, m.transformer.wte.weight)[0] for loss, m in zip(losses, (model, naive))]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        cached = model(idx, kv_cache=sample.make_cache(model, 2, 23), input_pos=torch.arange(23))[0]
+        torch.testing.assert_close(cached, naive(idx)[0], rtol=0, atol=1e-5)
+        wide = GPT(dataclasses.replace(config, sliding_window=23))
+        wide.load_state_dict(model.state_dict())
+        plain = GPT(dataclasses.replace(config, sliding_window=0))
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(wide(idx)[0], plain(idx)[0], rtol=0, atol=1e-5)
+        assert (plain(idx)[0] - model(idx)[0]).abs().max() > 1e-3
+
+
+def test_rope_config_checks_and_old_checkpoints():
+    """A checkpoint written before rope_type (a factor alone) still means llama3; bad values are one line."""
+    assert gpt.llama_config(rope_scaling=8.0).rope_type == "llama3"
+    assert gpt.llama_config().rope_type == "default"
+    with pytest.raises(NanoError, match=r"unknown rope_type 'ntk' \(default or llama3 or linear or dynamic or yarn\)"):
+        gpt.llama_config(rope_type="ntk")
+    with pytest.raises(NanoError, match="yarn rope scaling needs rope_high_freq_factor > rope_low_freq_factor"):
+        gpt.llama_config(rope_type="yarn", rope_scaling=4.0, rope_low_freq_factor=32.0, rope_high_freq_factor=1.0)
+    with pytest.raises(NanoError, match="sliding_window must be >= 0"):
+        gpt.llama_config(sliding_window=-1)

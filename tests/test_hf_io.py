@@ -3,6 +3,7 @@ byte the reference package's format, bad files as one-line errors; config.json f
 names both ways."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -105,3 +106,33 @@ def test_names_both_ways(tiny_config):
             assert hf_io.from_hf_name(hf_io.to_hf_name(name, arch), arch) == name
     assert hf_io.to_hf_name("transformer.h.0.attn.q_proj.weight", "llama") == "model.layers.0.self_attn.q_proj.weight"
     assert hf_io.is_hub_name("HuggingFaceTB/SmolLM2-135M") and not hf_io.is_hub_name("out/ckpt.pt")
+
+
+LLAMA = dict(model_type="llama", vocab_size=10, num_hidden_layers=2, num_attention_heads=2, hidden_size=8,
+             intermediate_size=16, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("extra, want", [
+    (dict(model_type="mistral", sliding_window=16), dict(sliding_window=16, block_size=64)),
+    (dict(model_type="mistral", sliding_window=None), dict(sliding_window=0)),
+    (dict(model_type="qwen2", use_sliding_window=False, sliding_window=16), dict(sliding_window=0)),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2), dict(sliding_window=0)),
+    (dict(model_type="qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=0), dict(sliding_window=16)),
+    (dict(attention_bias=True), dict(attn_bias=True, bias=False)),
+    (dict(attention_bias=True, mlp_bias=True), dict(attn_bias=False, bias=True)),
+    (dict(model_type="qwen3", attention_bias=True), dict(attn_bias=True, qk_norm=True)),
+    (dict(rope_scaling=dict(type="linear", factor=4.0)), dict(rope_type="linear", block_size=256)),
+    (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)),
+     dict(rope_type="dynamic", block_size=128, rope_original_max_position=64)),
+    (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=1e4)),
+     dict(rope_type="yarn", block_size=128, rope_original_max_position=32, rope_high_freq_factor=32.0,
+          rope_attention_factor=0.1 * math.log(4.0) + 1)),
+    (dict(rope_parameters=dict(rope_type="yarn", original_max_position_embeddings=16, rope_theta=1e4, mscale=1.0,
+                               mscale_all_dim=1.0)), dict(rope_scaling=4.0, rope_attention_factor=1.0)),
+])
+def test_config_json_fields(extra, want):
+    """What config.json spellings become (the models themselves: tests/test_llama.py against transformers)."""
+    fields = hf_io.hf_config_fields({**LLAMA, **extra})
+    for key, value in want.items():
+        assert fields[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    gpt.GPTConfig(**fields)  # a valid config

@@ -31,6 +31,7 @@ ARCHS = {
     "mistral-mqa": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1, sliding_window=None)),
     "qwen2-qkv-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3-qk-norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "qwen3-attention-bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, attention_bias=True)),
 }
 
 
@@ -44,9 +45,9 @@ def hf_model(config_cls, model_cls, std=0.3, **extra):
     if not hasattr(transformers, model_cls):
         pytest.skip(f"this transformers has no {model_cls}")
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(
+    config = getattr(transformers, config_cls)(**{**dict(  # no eos: no early stop
         vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=0, **extra)  # no eos: no early stop
+        max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=0), **extra})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,6 +92,8 @@ def test_logits_equal_transformers(pair):
         assert model.transformer.h[0].attn.q_proj.bias is not None and model.transformer.h[0].attn.o_proj.bias is None
     if name.startswith("qwen3"):
         assert hasattr(model.transformer.h[0].attn, "q_norm")
+    if name.endswith("attention-bias"):  # q, k, v and o_proj, not the MLP
+        assert model.transformer.h[0].attn.o_proj.bias is not None and model.transformer.h[0].mlp.up_proj.bias is None
 
 
 def naive_copy(model):
@@ -126,6 +129,62 @@ def test_llama3_rope_scaling_is_applied(tmp_path):
         assert (unscaled(idx)[0] - model(idx)[0]).abs().max() > 1e-2
 
 
+# RoPE scaling past the pretraining context: head_dim 16, base 100 (so several channel pairs turn
+# more than once per original context and the blends have channels on both sides), 120 tokens.
+# linear/dynamic configs give the original context as max_position_embeddings (32, stretched x4);
+# yarn configs name original_max_position_embeddings (32) and reach max_position_embeddings (128).
+ROPES = {
+    "linear": (32, dict(rope_type="linear", factor=4.0)),
+    "dynamic": (32, dict(rope_type="dynamic", factor=4.0)),
+    "yarn": (128, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)),
+    "yarn-betas-mscale": (128, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=8.0,
+                                    beta_slow=0.5, mscale=1.0, mscale_all_dim=0.5)),
+    "yarn-attention-factor-untruncated": (128, dict(rope_type="yarn", factor=3.0, original_max_position_embeddings=32,
+                                                    attention_factor=1.25, truncate=False)),
+}
+
+
+@pytest.fixture(scope="module", params=list(ROPES))
+def scaled(request, tmp_path_factory):
+    max_pos, rope = ROPES[request.param]
+    hf = hf_model("LlamaConfig", "LlamaForCausalLM", num_attention_heads=2, num_key_value_heads=1,
+                  max_position_embeddings=max_pos, rope_parameters={**rope, "rope_theta": 100.0})
+    model, _ = gpt.load_pretrained(str(saved(hf, tmp_path_factory.mktemp(request.param))))
+    return hf, model.eval()
+
+
+def test_rope_scaling_inv_freq_equals_transformers(scaled):
+    """inv_freq and the cos/sin factor == modeling_rope_utils' for sequences within and past the
+    original context (dynamic's depends on the length); fp32, default tolerance (same formulas,
+    a different order of a few float operations)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf, model = scaled
+    assert model.config.block_size == 128 and model.config.rope_type == hf.config.rope_parameters["rope_type"]
+    for seq_len in (20, 60, 120):
+        theirs, factor = ROPE_INIT_FUNCTIONS[model.config.rope_type](hf.config, "cpu", seq_len=seq_len)
+        torch.testing.assert_close(hf_io.rope_inv_freq(model.config, torch.tensor(seq_len)), theirs)
+        assert model.config.rope_attention_factor == pytest.approx(factor, rel=1e-12)
+
+
+def test_rope_scaling_logits_and_greedy_equal_transformers(scaled):
+    """Logits of 120 tokens (past the original 32) and 40 greedy tokens after an 80-token prompt,
+    KV-cached: transformers' forward and generate (dynamic recomputes its frequencies as the
+    sequence grows, in both). Without the scaling the logits differ: the test sees it."""
+    hf, model = scaled
+    idx = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        torch.testing.assert_close(model(idx)[0], theirs, rtol=0, atol=1e-5)
+        plain = gpt.GPT.from_hf_state_dict(hf.state_dict(), dataclasses.replace(model.config, rope_scaling=0.0))
+        assert (plain(idx)[0] - theirs).abs().max() > 1e-2
+        prompt = idx[:1, :80]
+        hf.model.rotary_emb.__init__(hf.config)  # dynamic: transformers keeps the longest call's frequencies
+        ref = hf.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0)[:, 80:]
+    ours = torch.stack(list(sample.generate(model, prompt.tolist(), 40, temperature=0)), dim=1)
+    assert ours.tolist() == ref.tolist()
+
+
 def test_greedy_equals_transformers_generate_with_left_padding(pair):
     """A batch of prompts of different lengths (left-padded on both sides), KV-cached greedy."""
     _, hf, model, _ = pair
@@ -141,24 +200,64 @@ def test_greedy_equals_transformers_generate_with_left_padding(pair):
     assert ours.tolist() == ref.tolist()
 
 
+# Sliding windows of 12 keys on every layer (Mistral's sliding_window; Qwen2's use_sliding_window with
+# max_window_layers 0), over sequences of 40 tokens: more than 3x the window. Two heads of 16: the
+# size the flash kernels take.
+SLIDING = {"mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=12)),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=12, max_window_layers=0))}
+
+
+@pytest.fixture(scope="module", params=list(SLIDING))
+def windowed(request, tmp_path_factory):
+    config_cls, model_cls, extra = SLIDING[request.param]
+    hf = hf_model(config_cls, model_cls, num_attention_heads=2, num_key_value_heads=1, **extra)
+    model, _ = gpt.load_pretrained(str(saved(hf, tmp_path_factory.mktemp(request.param))))
+    return hf, model.eval()
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "naive", "flash"])
+def test_sliding_window_logits_equal_transformers(windowed, attn_impl):
+    """block_size stays max_position_embeddings and the window is a band mask in every path:
+    logits of 40 tokens (fp32, atol 1e-5 as above), the loss of scoring/training against the
+    cross-entropy of transformers' logits, its gradient at the embedding, and the KV-cached
+    prefill. flash: flash_attention.py's window (its kernels: tests/test_flash_attention.py)."""
+    hf, model = windowed
+    assert model.config.sliding_window == 12 and model.config.block_size == 128
+    model = gpt.GPT(dataclasses.replace(model.config, attn_impl=attn_impl)).eval()
+    model.load_state_dict(windowed[1].state_dict())
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx).logits
+        torch.testing.assert_close(model(idx)[0], theirs, rtol=0, atol=1e-5)
+        cache = sample.make_cache(model, 2, 40)
+        torch.testing.assert_close(sample.prefill(model, idx, cache), theirs[:, -1], rtol=0, atol=1e-5)
+        unwindowed = gpt.GPT(dataclasses.replace(model.config, sliding_window=0)).eval()
+        unwindowed.load_state_dict(model.state_dict())
+        assert (unwindowed(idx)[0][:, 12:] - theirs[:, 12:]).abs().max() > 1e-2  # the window matters
+    loss = model(idx[:, :-1], targets=idx[:, 1:])[1]
+    ref = torch.nn.functional.cross_entropy(hf(idx[:, :-1]).logits.flatten(0, 1), idx[:, 1:].flatten())
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+    loss.backward(), ref.backward()
+    torch.testing.assert_close(model.transformer.wte.weight.grad, hf.model.embed_tokens.weight.grad, rtol=0, atol=1e-5)
+    hf.zero_grad()
+
+
 @pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
-def test_sliding_window_generation_equals_mistral(tmp_path, attn_impl):
-    """Mistral's sliding-window attention (each query sees the last W keys at every layer)
-    is what sample.py's RoPE ring cache computes: block_size = sliding_window, and 50+
-    tokens through a 12-token window equal transformers' generate, batch included; the
-    same with the attention written out (the window is in the mask both paths take)."""
-    hf = hf_model("MistralConfig", "MistralForCausalLM", num_key_value_heads=2, sliding_window=12)
-    model, _ = gpt.load_pretrained(str(saved(hf, tmp_path)))
+def test_sliding_window_generation_equals_transformers(windowed, attn_impl):
+    """Greedy generation past the window, KV-cached and uncached, a prompt longer than the window
+    (30 tokens) and a short one in one left-padded batch: token for token transformers' generate."""
+    hf, model = windowed
     model = naive_copy(model) if attn_impl == "naive" else model
-    assert model.config.block_size == 12
-    prompts = [[5, 17, 3, 9, 44, 2, 8], [60, 1, 33]]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (30, 3)]
     ids, pad = sample.left_pad(prompts, "cpu")
     mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
     with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=45, do_sample=False,
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
                           pad_token_id=0)[:, ids.shape[1]:]
-    ours = torch.stack(list(sample.generate(model, prompts, 45, temperature=0)), dim=1)
-    assert ours.tolist() == ref.tolist()
+    for use_cache in (True, False):
+        ours = torch.stack(list(sample.generate(model, prompts, 30, temperature=0, use_cache=use_cache)), dim=1)
+        assert ours.tolist() == ref.tolist()
 
 
 def test_to_hf_state_dict_loads_into_transformers():
@@ -224,7 +323,11 @@ def broken_copy(src, dst, edit_config=None, drop_shard=False):
     (lambda c: c.update(intermediate_size=64), False, r"has shape \((56, 32|32, 56)\), the config wants \((64, 32|32, 64)\)"),
     (lambda c: c.update(num_hidden_layers=3), False, r"lacks \d+ tensors, e\.g\. model\.layers\.2\."),
     (lambda c: c.update(num_key_value_heads=3), False, r"not a multiple of n_kv_head 3"),
-    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), False, r"rope type 'yarn'"),
+    (lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}), False,
+     r"rope type 'longrope' is not supported \(supported: default, llama3, linear, dynamic, yarn\)"),
+    (lambda c: c.update(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
+     False, r"sliding window on 1 of 2 layers is not supported"),
+    (lambda c: c.update(partial_rotary_factor=0.5), False, r"partial_rotary_factor 0.5 is not supported"),
 ])
 def test_bad_folders_are_one_line_errors(llama_dir, tmp_path, monkeypatch, edit, drop, message):
     folder = broken_copy(llama_dir, tmp_path / "broken", edit, drop)
