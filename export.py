@@ -281,10 +281,13 @@ def hf_model_type(config: gpt.GPTConfig) -> str:
         return "qwen3"
     if c.qkv_bias:
         return "qwen2"  # Qwen2: biases on q, k and v, none elsewhere
+    if c.sliding_window:
+        return "mistral"  # Llama's block and names with a sliding window
     return "llama"  # bias=True: Llama's attention_bias and mlp_bias
 
 
-HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM",
                     "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -300,24 +303,42 @@ def hf_config(model: gpt.GPT, eot_id, dtype: str = "float32") -> dict:
             "n_head": c.n_head, "n_inner": c.mlp_hidden or None, "activation_function": {"tanh": "gelu_new", "exact": "gelu"}[c.gelu],
             "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
             "layer_norm_epsilon": c.norm_eps, "initializer_range": 0.02, "scale_attn_weights": True}
-    rope_scaling = None
-    if c.rope_scaling:  # Llama 3.1's "llama3" rope scaling
-        rope_scaling = {"rope_type": "llama3", "factor": c.rope_scaling, "low_freq_factor": c.rope_low_freq_factor,
-                        "high_freq_factor": c.rope_high_freq_factor,
-                        "original_max_position_embeddings": c.rope_original_max_position}
+    rope_scaling, max_positions = rope_config(c)
     out = common | {
         "hidden_size": c.n_embd, "intermediate_size": model.transformer.h[0].mlp.gate_proj.out_features,
         "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
-        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.block_size,
+        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": max_positions,
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": rope_scaling,
         "attention_dropout": c.dropout, "initializer_range": 0.02}
     if kind == "llama":
-        out |= {"attention_bias": c.bias, "mlp_bias": c.bias}
-    if kind in ("qwen2", "qwen3"):
-        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": c.n_layer}
+        out |= {"attention_bias": c.bias or c.attn_bias, "mlp_bias": c.bias}
+    if kind == "mistral":
+        if c.bias or c.attn_bias:
+            raise NanoError("Mistral has no biases (drop bias/attn_bias, or the sliding window)")
+        out |= {"sliding_window": c.sliding_window}
+    if kind in ("qwen2", "qwen3"):  # max_window_layers 0: the window (if any) on every layer
+        out |= {"use_sliding_window": bool(c.sliding_window), "sliding_window": c.sliding_window or None,
+                "max_window_layers": 0 if c.sliding_window else c.n_layer}
     if kind == "qwen3":
-        out |= {"attention_bias": False}
+        out |= {"attention_bias": c.attn_bias}
     return out
+
+
+def rope_config(c: gpt.GPTConfig) -> tuple[dict | None, int]:
+    """(rope_scaling, max_position_embeddings) of config.json: the inverse of hf_io.rope_fields
+    (linear and dynamic name the pretraining length, the others the scaled context)."""
+    if not c.rope_scaling:
+        return None, c.block_size
+    scaling = {"rope_type": c.rope_type, "factor": c.rope_scaling}
+    if c.rope_type in ("linear", "dynamic"):
+        return scaling, c.rope_original_max_position
+    scaling["original_max_position_embeddings"] = c.rope_original_max_position
+    if c.rope_type == "llama3":
+        scaling |= {"low_freq_factor": c.rope_low_freq_factor, "high_freq_factor": c.rope_high_freq_factor}
+    else:  # yarn
+        scaling |= {"beta_slow": c.rope_low_freq_factor, "beta_fast": c.rope_high_freq_factor,
+                    "attention_factor": c.rope_attention_factor, "truncate": c.rope_truncate}
+    return scaling, c.block_size
 
 
 def hf_state_dict(model: gpt.GPT) -> dict:
@@ -414,6 +435,9 @@ def gguf_tensors(model: gpt.GPT, wanted: int) -> list[tuple[str, torch.Tensor, i
     c, kind = model.config, hf_model_type(model.config)
     table = [(re.compile(pattern), new) for pattern, new in GGUF_NAMES["gpt2" if kind == "gpt2" else "llama"]]
     out = []
+    if c.rope_scaling and c.rope_type != "llama3" or c.sliding_window:
+        raise NanoError("GGUF export writes Llama 3.1's rope scaling and no sliding window (this model has "
+                        f"{'a sliding window' if c.sliding_window else repr(c.rope_type) + ' rope scaling'}; export --to hf)")
     if c.rope_scaling:
         out.append(("rope_freqs.weight", llama3_rope_factors(c), GGML_F32))
     for name, t in hf_state_dict(model).items():

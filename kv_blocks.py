@@ -139,14 +139,15 @@ class PagedKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def batch(self, segments, rows):
+    def batch(self, segments, rows, window=0):
         """One forward pass's layout. segments: (token ids, first position, block table) per
         request, the tokens to compute this step; rows: lists of segment indices, one list per
         batch row, every row the same number of tokens (decode: a row per request, one token
         each; prefill chunks: one row holding every segment one after the other). Returns idx
         and positions (R, T), the write slots (R*T,), and one layer view per layer, each reading
         keys through a gather index (R, S) under a mask (R, 1, T, S): a query sees the keys of
-        its own request at positions up to its own, padding sees nothing but slot 0."""
+        its own request at positions up to its own (and, with a sliding window, fewer than window
+        back), padding sees nothing but slot 0."""
         bs, idx, pos, write, gather, key_seg, key_pos, q_seg = self.block_size, [], [], [], [], [], [], []
         for row in rows:
             idx.append([t for s in row for t in segments[s][0]])
@@ -169,6 +170,8 @@ class PagedKV:
         key_pos = torch.tensor([g + [0] * n for g, n in zip(key_pos, pad)])
         pos_t, q_seg = torch.tensor(pos), torch.tensor(q_seg)
         mask = (key_seg[:, None, :] == q_seg[:, :, None]) & (key_pos[:, None, :] <= pos_t[:, :, None])
+        if window:  # Mistral's band: keys window or more positions back are masked too
+            mask &= key_pos[:, None, :] > pos_t[:, :, None] - window
         device = self.k[0].device
         write, gather, mask = torch.tensor(write, device=device), gather.to(device), mask[:, None].to(device)
         views = [LayerView(k, v, write, gather) for k, v in zip(self.k, self.v)]

@@ -206,7 +206,7 @@ class Engine:
         segments = [(r.tokens[r.num_computed:r.num_computed + n], r.num_computed, r.table) for r, n in batch]
         decode = all(n == 1 for _, n in batch)
         rows = [[i] for i in range(len(batch))] if decode else [list(range(len(batch)))]
-        idx, pos, mask, views = self.kv.batch(segments, rows)
+        idx, pos, mask, views = self.kv.batch(segments, rows, self.model.config.sliding_window)
         with torch.no_grad():
             hidden = self.model.hidden_states(idx, kv_cache=views, input_pos=pos, position_ids=pos, attn_mask=mask)
         ends = [i for i, (r, n) in enumerate(batch) if r.num_computed + n == len(r.tokens)]

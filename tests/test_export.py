@@ -786,3 +786,39 @@ def test_an_interrupted_swap_is_finished_and_stale_temps_removed(gpt2_ckpt, tmp_
     said = capsys.readouterr().out
     assert "finished the export into" in said and f"(pid {dead} is gone)" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "x.gguf"]
+
+
+HF_ONLY = {  # rope types and switches export.py writes to config.json but not to GGUF
+    "mistral-window": ("mistral", {"n_head": 4, "n_kv_head": 2, "sliding_window": 12}),
+    "qwen2-window": ("qwen2", {"n_head": 4, "n_kv_head": 1, "qkv_bias": True, "sliding_window": 12}),
+    "qwen3-attn-bias": ("qwen3", {"n_head": 4, "n_kv_head": 2, "qk_norm": True, "attn_bias": True}),
+    "llama-yarn": ("llama", {"n_head": 4, "n_kv_head": 2, "rope_type": "yarn", "rope_scaling": 4.0, "rope_original_max_position": 16,
+                             "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 32.0, "rope_attention_factor": 1.2}),
+    "llama-linear": ("llama", {"n_head": 4, "n_kv_head": 2, "rope_type": "linear", "rope_scaling": 2.0, "rope_original_max_position": 32}),
+    "llama-dynamic": ("llama", {"n_head": 4, "n_kv_head": 2, "rope_type": "dynamic", "rope_scaling": 2.0, "rope_original_max_position": 32}),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_ONLY))
+def test_hf_export_keeps_windows_rope_types_and_biases(tmp_path, case):
+    """config.json written by export.py reads back in transformers with equal logits (a sequence
+    past the window and past the original context) and in gpt.load_pretrained as the same config;
+    GGUF, which has no field for them, refuses in one line."""
+    transformers = need_transformers()
+    kind, switches = HF_ONLY[case]
+    config = gpt.llama_config(block_size=64, vocab_size=96, n_layer=2, n_embd=64, **switches)
+    torch.manual_seed(0)
+    model = gpt.GPT(config).eval()
+    gpt.save_checkpoint(tmp_path / "ckpt.pt", model, "char:" + "".join(map(chr, range(32, 128))))
+    export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--to", "hf", str(tmp_path / "hf")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert hf.config.model_type == kind
+    x = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert max_diff(hf(x).logits, model(x)[0]) <= 1e-5
+    back, _ = gpt.load_pretrained(str(tmp_path / "hf"))
+    assert all(getattr(back.config, k) == getattr(config, k) for k in switches), case
+    if "sliding_window" in switches or "rope_type" in switches:
+        with pytest.raises(SystemExit, match="GGUF export writes Llama 3.1's rope scaling and no sliding window") as e:
+            export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--to", "gguf", str(tmp_path / "m.gguf")])
+        assert e.value.code == 2 and not (tmp_path / "m.gguf").exists()

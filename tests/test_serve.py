@@ -252,6 +252,23 @@ def test_engine_batches_a_llama_model(tok):
     assert engine.stats["steps"] < sum(lengths) - len(lengths)  # rows shared steps
 
 
+def test_engine_keeps_a_sliding_window_past_it(tok):
+    """A Mistral-style model (window 8) on prompts and replies 3-6x the window, prefilled in
+    chunks beside decoding rows: sample.generate's greedy tokens (whose band mask test_llama.py
+    checks against transformers)."""
+    model = random_model(tok.vocab_size, "llama")
+    model.config.sliding_window = 8
+    for block in model.transformer.h:
+        block.attn.window = 8
+    prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    lengths = [30, 7, 19, 25]
+    engine = serve.Engine(model, tok.vocab_size, max_num_seqs=2, max_num_batched_tokens=16)
+    got = run_engine(engine, [(2 * i, serve.Request(p, n)) for i, (p, n) in enumerate(zip(prompts, lengths))])
+    assert got == [reference(model, tok, p, n, temperature=0)[1] for p, n in zip(prompts, lengths)]
+    unwindowed = random_model(tok.vocab_size, "llama")
+    assert got != [reference(unwindowed, tok, p, n, temperature=0)[1] for p, n in zip(prompts, lengths)]
+
+
 def test_text_stream_holds_back_split_characters_and_stop_strings():
     """GPT-2's byte-level BPE splits a character across tokens: no piece carries a half
     character (U+FFFD), the pieces add up to the text, and a stop string split across
