@@ -168,6 +168,8 @@ def hooked_attention(attn, x, rope, hook, prefix):
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
     future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    if attn.window:  # Mistral's sliding window: keys window or more back are masked too
+        future |= torch.ones_like(future).tril(-attn.window)
     scores = hook(prefix + "hook_attn_scores", scores.masked_fill(future, float("-inf")))
     pattern = hook(prefix + "hook_pattern", scores.softmax(dim=-1))
     z = hook(prefix + "hook_z", (pattern @ v).transpose(1, 2))  # (B, T, heads, head_dim)

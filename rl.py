@@ -139,7 +139,8 @@ def token_logps(model, ro: Rollout, temperature, value_head=None):
     if ro.pad.any():
         slots = torch.arange(idx.shape[1], device=idx.device)
         hidden = model.hidden_states(idx, position_ids=sample.position_ids(ro.pad, slots),
-                                     attn_mask=sample.attention_mask(ro.pad, slots, idx.shape[1]))
+                                     attn_mask=sample.attention_mask(ro.pad, slots, idx.shape[1],
+                                                                     model.config.sliding_window or None))
     else:
         hidden = model.hidden_states(idx)
     hidden = hidden[:, -C - 1:-1]  # the positions that predict completion tokens 0..C-1

@@ -29,6 +29,7 @@ MODELS = {
     "llama-gqa": lambda: tiny("llama", n_kv_head=2, tie_embeddings=False),
     "qwen3-qk-norm": lambda: tiny("llama", n_kv_head=2, qk_norm=True, head_dim=16),
     "llama3-rope-scaling": lambda: tiny("llama", rope_scaling=8.0, rope_original_max_position=16),
+    "mistral-sliding-window": lambda: tiny("llama", n_kv_head=2, sliding_window=6),  # 20 tokens: past it
     "attention-only": lambda: interp.attention_only(tiny(rope_theta=10000.0)),
 }
 
