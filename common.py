@@ -112,7 +112,7 @@ class TrainingConfig:
     defaults. train.py and fsdp2_train.py subclass it, add their own options and re-declare a
     field whose default or help differs there (a re-declared field keeps its place in --help)."""
     # data
-    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | text:<path>"})
+    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | tinystories | text:<path>"})
     input: str = field(default="", metadata={"help": "local copy of the raw text instead of downloading it"})
     data_root: str = "data"
     # model
