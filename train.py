@@ -94,7 +94,6 @@ PRESETS = {
     # nanoGPT's GPU shakespeare_char run: a 10.7M-parameter "baby GPT", val loss ~1.47
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
                 max_iters=5000, lr_decay_iters=5000, compile=True, eval_iters=200),
-    # GPT-2 124M on FineWeb-Edu, build-nanogpt's recipe: 0.5M tokens per step
     # karpathy/nanoGPT's own CPU run, exactly (its README's line: no biases, fp32, 20 eval batches)
     "nanogpt": dict(bias=False, dtype="float32", dropout=0.0, eval_iters=20, log_interval=1),
     # the speedrun (bench speedrun): nanoGPT's CPU data and model size class, a third of its time,
@@ -102,8 +101,9 @@ PRESETS = {
     # untied head, zero-init projections, Muon, WSD with a 1-sqrt cooldown; the whole val split scored
     "speedrun": dict(arch="llama", qk_norm=True, tie_embeddings=False, zero_init=True, optimizer="muon",
                      muon_lr=0.05, learning_rate=3e-3, min_lr=0.0, lr_schedule="wsd", cooldown="1-sqrt",
-                     cooldown_ratio=0.4, warmup_ratio=0.05, max_iters=600, lr_decay_iters=600, eval_interval=50,
+                     cooldown_ratio=0.4, warmup_ratio=0.05, max_iters=350, lr_decay_iters=350, eval_interval=25,
                      eval_full_val=True, weight_decay=0.0),
+    # GPT-2 124M on FineWeb-Edu, build-nanogpt's recipe: 0.5M tokens per step
     "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16,
                       gradient_accumulation_steps=32, max_iters=19073, lr_decay_iters=19073,
                       learning_rate=6e-4, min_lr=6e-5, warmup_iters=715, beta2=0.95,
@@ -196,8 +196,9 @@ def muon_optimizer(model, cfg: TrainConfig):
     adamw = dict(use_muon=False, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     muon = dict(use_muon=True, lr=cfg.muon_lr, lr_scale=cfg.muon_lr / cfg.learning_rate,
                 momentum=cfg.muon_momentum, weight_decay=0.0)
-    groups = [dict(muon, params=[p for n, p in hidden.items() if n.endswith("c_attn.weight")], split=3),
-              dict(muon, params=[p for n, p in hidden.items() if not n.endswith("c_attn.weight")], split=1),
+    fused = {n for n, p in hidden.items() if n.endswith("c_attn.weight") and p.size(0) == 3 * p.size(1)}  # q|k|v
+    groups = [dict(muon, params=[p for n, p in hidden.items() if n in fused], split=3),
+              dict(muon, params=[p for n, p in hidden.items() if n not in fused], split=1),
               dict(adamw, params=[p for p in rest if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(adamw, params=[p for p in rest if p.dim() < 2], weight_decay=0.0)]
     return Muon([g for g in groups if g["params"]])
@@ -480,9 +481,10 @@ def setup(cfg: TrainConfig) -> Run:
                peak_flops=common.device_peak_flops(device, dtype, cfg.peak_flops))
 
 
-# Where bf16 autocast beats fp32 on a CPU with bf16 matrix units (measured, bench speedrun): below
-# this width the casts around each small matmul cost more than the matmul saves.
-BF16_MIN_WIDTH = 512
+# Where bf16 autocast beats fp32 on a CPU with bf16 matrix units (AMX, measured: a step's CPU time
+# bf16 / fp32 was 1.19x at n_embd 128, T 64 and 0.62x at 256, T 128): below this width the casts
+# around each small matmul cost more than the matmul saves.
+BF16_MIN_WIDTH = 256
 
 
 def cpu_bf16_units():

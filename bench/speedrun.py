@@ -138,6 +138,7 @@ def bench_speedrun(quick: bool, nanogpt: str, seeds=SEEDS, levers=True, equal_ti
             lever_table(seeds[0], target[seeds[0]], tmp, iters, quick, parallel)
         if plot:
             picture(curves, target, Path(plot))
+            schedule_picture(Path(plot).with_name("lr_schedules.png"))
 
 
 def report(seeds, curves, target, ng_time):
@@ -299,3 +300,28 @@ def memory_child(mode: str, quick: bool):
 
 if __name__ == "__main__":  # python -m bench.speedrun memory plain|checkpointed 0|1
     memory_child(sys.argv[2], bool(int(sys.argv[3])))
+
+
+def schedule_picture(path: Path, iters=2000, warmup=100):
+    """The learning-rate schedules of --lr_schedule (common.schedule_lr) over one run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import common
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, kw in (("cosine (nanoGPT's)", dict(schedule="cosine")),
+                     ("wsd, linear cooldown (last 40%)", dict(schedule="wsd", cooldown_iters=int(0.4 * iters))),
+                     ("wsd, 1-sqrt cooldown (last 40%)", dict(schedule="wsd", cooldown_iters=int(0.4 * iters),
+                                                              cooldown="1-sqrt")),
+                     ("constant", dict(schedule="constant"))):
+        ax.plot([common.schedule_lr(it, max_lr=1.0, min_lr=0.1 if kw["schedule"] == "cosine" else 0.0,
+                                    warmup_iters=warmup, decay_iters=iters, **kw) for it in range(iters)], label=name)
+    ax.set(xlabel="iteration", ylabel="learning rate / max", title="--lr_schedule")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    row("speedrun", "picture: the learning-rate schedules", str(path))
