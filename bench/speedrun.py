@@ -175,7 +175,7 @@ def lever_table(seed, target, tmp: Path, iters: int, quick: bool, parallel: bool
             + f", final {curve[-1][1]:.4f}, {curve[-1][2] / curve[-1][0] * 1000:.1f} ms/iter")
 
 
-def picture(curves, target, path: Path):
+def picture(curves, target, path: Path, xlabel="training time, s (evaluations left out, one thread)"):
     try:
         import matplotlib
 
@@ -185,13 +185,14 @@ def picture(curves, target, path: Path):
         row("speedrun", "picture", "skipped (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"nanoGPT": "tab:gray", "speedrun": "tab:red", "speedrun, nanoGPT's time": "tab:orange"}
+    colors = {"nanoGPT": "tab:gray", "speedrun": "tab:red", "speedrun, nanoGPT's time": "tab:orange",
+              "speedrun, 600 iters": "tab:orange"}
     for side, by_seed in curves.items():
         for i, (seed, curve) in enumerate(by_seed.items()):
             ax.plot([t for *_, t in curve], [v for _, v, _ in curve], "o-", ms=3, color=colors[side], alpha=0.8,
                     label=f"{side if side != 'speedrun' else 'train.py --preset speedrun'}" if i == 0 else None)
     ax.axhline(statistics.median(target.values()), color="k", ls=":", lw=1, label="nanoGPT's final loss (whole val)")
-    ax.set(xlabel="training time, s (evaluations left out; one thread, under load)", ylabel="val loss",
+    ax.set(xlabel=xlabel, ylabel="val loss",
            title="Tiny Shakespeare, 4L/4H/128: nanoGPT vs train.py --preset speedrun", ylim=(1.4, 3.0))
     ax.legend()
     fig.tight_layout()
