@@ -102,14 +102,17 @@ def bench_speedrun(quick: bool, nanogpt: str, seeds=SEEDS, levers=True, equal_ti
         copy = prepare_nanogpt(Path(nanogpt).expanduser().resolve(), tmp)
         prepare_char_data(tmp)
         val_dir = tmp / "shakespeare_char"
+        steps = step_cpu_ms(copy, tmp, *((1, 2) if quick else (5, 10)))
+        row("speedrun", "one step's thread CPU time: " + " / ".join(steps), " / ".join(f"{v:.1f}" for v in steps.values())
+            + f" ms ({steps['train.py --preset speedrun'] / steps['nanoGPT']:.2f}x nanoGPT's)")
         groups, names = [], []
         for seed in seeds:  # alternately: the machine's drift hits both sides alike
-            jobs = []
-            jobs.append(([sys.executable, "train.py", *NANOGPT_ARGS, f"--max_iters={iters}", f"--lr_decay_iters={iters}",
-                          f"--eval_interval={eval_interval}", f"--seed={seed}", f"--out_dir={tmp}/ng{seed}", "--always_save_checkpoint=True"], copy))
-            jobs.append(trainpy(["--preset", "speedrun", "--seed", str(seed), *short], tmp / f"sr{seed}", tmp))
+            theirs = [sys.executable, "train.py", *NANOGPT_ARGS, f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+                      f"--eval_interval={eval_interval}", f"--seed={seed}", f"--out_dir={tmp}/ng{seed}",
+                      "--always_save_checkpoint=True"]
+            groups.append([(theirs, copy), trainpy(["--preset", "speedrun", "--seed", str(seed), *short],
+                                                   tmp / f"sr{seed}", tmp)])
             names += [("nanoGPT", seed), ("speedrun", seed)]
-            groups.append(jobs)
         outputs = dict(zip(names, in_parallel(groups, parallel)))
         curves = {"nanoGPT": {}, "speedrun": {}}
         target, ng_time = {}, {}
@@ -123,8 +126,8 @@ def bench_speedrun(quick: bool, nanogpt: str, seeds=SEEDS, levers=True, equal_ti
         if equal_time:  # the recipe given nanoGPT's whole time: its step time sets the iterations
             groups = []
             for seed in seeds:
-                ms = curves["speedrun"][seed][-1][2] / curves["speedrun"][seed][-1][0]
-                n = max(16, int(ng_time[seed] / ms))
+                per_iter = curves["speedrun"][seed][-1][2] / curves["speedrun"][seed][-1][0]
+                n = max(16, int(ng_time[seed] / per_iter))
                 groups.append([trainpy(["--preset", "speedrun", "--seed", str(seed), "--max_iters", str(n),
                                         "--eval_interval", str(max(4, n // 12))], tmp / f"eq{seed}", tmp)])
             in_parallel(groups, parallel)

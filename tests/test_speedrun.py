@@ -173,3 +173,21 @@ def test_dtype_auto_on_cpu(capsys):
     assert (f"CPU bf16 matrix units: {units}" in capsys.readouterr().out) == bool(units)
     small = train.setup(train.TrainConfig(device="cpu", n_embd=128, out_dir="unused"))
     assert small.dtype == torch.float32  # below BF16_MIN_WIDTH the casts cost more than bf16 saves
+
+
+def test_bench_reads_time_to_loss_from_both_logs(tmp_path):
+    """bench speedrun's clock: nanoGPT's step times summed, its eval iterations (whose time holds the
+    evaluation) counted at the median step; train.py's eval rows; the first eval at or below a target."""
+    from bench.speedrun import loss_at, nanogpt_curve, time_to, trainpy_curve
+
+    log = "\n".join(["step 0: train loss 4.2, val loss 4.2"] + [f"iter {k}: loss 3.0, time {500 if k % 4 == 0 else 10}.00ms, "
+                     "mfu 1.00%" + (f"\nstep {k + 1}: train loss 2.0, val loss {3 - k / 8}" if k % 4 == 3 else "")
+                     for k in range(8)])
+    curve = nanogpt_curve(log, eval_interval=4)
+    assert curve == [(0, 4.2, 0.0), (4, 2.625, 0.04), (8, 2.125, 0.08)]  # 10 ms steps: the 500 ms evals left out
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"iter": 0, "val_loss": 4.0, "time_s": 0.0}, {"iter": 1, "loss": 3.9}, {"iter": 5, "val_loss": 2.9, "time_s": 0.02},
+        {"iter": 10, "val_loss": 2.4, "time_s": 0.05}]) + "\n")
+    ours = trainpy_curve(tmp_path)
+    assert time_to(ours, curve[1][1]) == 0.05 and time_to(ours, curve[2][1]) is None
+    assert loss_at(ours, 0.04) == 2.9
