@@ -4,7 +4,7 @@
 - a dataclass config turned into an argparse CLI (`parse_config`), and the options every
   pretraining script shares (`TrainingConfig`);
 - device, dtype and autocast choice; seeds;
-- the warmup + cosine learning-rate schedule every trainer uses;
+- the learning-rate schedules (warmup + cosine, as every trainer uses; warmup-stable-decay);
 - peak FLOP/s (for MFU), peak memory and a median timer;
 - rank-0-first for work that one rank of a torchrun job must do before the others;
 - metrics.jsonl (`MetricsLog`) and the experiment trackers it can feed (`Tracker`: W&B, MLflow,
@@ -123,7 +123,7 @@ class TrainingConfig:
     defaults. train.py and fsdp2_train.py subclass it, add their own options and re-declare a
     field whose default or help differs there (a re-declared field keeps its place in --help)."""
     # data
-    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | text:<path>"})
+    dataset: str = field(default="shakespeare_char", metadata={"help": "shakespeare_char | shakespeare | fineweb_edu | tinystories | text:<path>"})
     input: str = field(default="", metadata={"help": "local copy of the raw text instead of downloading it"})
     data_root: str = "data"
     # model
@@ -221,6 +221,37 @@ def cosine_lr(it, max_lr, min_lr, warmup_iters, decay_iters):
         return min_lr
     ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+def wsd_lr(it, max_lr, min_lr, warmup_iters, decay_iters, cooldown_iters, cooldown="linear"):
+    """Warmup-stable-decay (MiniCPM, arXiv:2404.06395; Hägele et al. 2024, arXiv:2405.18392): the
+    warmup above, then max_lr held, then a cooldown to min_lr over the last cooldown_iters before
+    decay_iters: linear, or "1-sqrt" (lr falls as 1 - sqrt(progress): fast at first, which the
+    paper found better than linear). The stable phase needs no end date: a run can be extended and
+    cooled down from any point. cooldown_iters 0: constant after warmup."""
+    if it < warmup_iters:
+        return max_lr * (it + 1) / (warmup_iters + 1)
+    start = decay_iters - cooldown_iters
+    if it < start or cooldown_iters <= 0:
+        return max_lr
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - start) / cooldown_iters
+    left = 1 - math.sqrt(progress) if cooldown == "1-sqrt" else 1 - progress
+    return min_lr + left * (max_lr - min_lr)
+
+
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def schedule_lr(it, schedule, max_lr, min_lr, warmup_iters, decay_iters, cooldown_iters=0, cooldown="linear"):
+    """The learning rate at step `it` of a named schedule: cosine (nanoGPT's), wsd, or constant
+    (warmup, then max_lr)."""
+    if schedule == "cosine":
+        return cosine_lr(it, max_lr, min_lr, warmup_iters, decay_iters)
+    if schedule not in LR_SCHEDULES:
+        raise NanoError(f"unknown lr schedule {schedule!r} ({', '.join(LR_SCHEDULES)})")
+    return wsd_lr(it, max_lr, min_lr, warmup_iters, decay_iters, cooldown_iters if schedule == "wsd" else 0, cooldown)
 
 
 # dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets

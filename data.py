@@ -28,6 +28,10 @@ SHAKESPEARE_PATH = ASSETS / "tinyshakespeare.txt"  # Tiny Shakespeare (public do
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FINEWEB_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/{:03d}_00000.parquet"
 FINEWEB_SHARD_TOKENS = 100_000_000
+# TinyStories (Eldan & Li 2023, arXiv:2305.07759; CDLA-Sharing-1.0): GPT-4's short stories in a child's
+# words, ~470M GPT-2 tokens, one file per split; assets/ ships five of them for tests
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+TINYSTORIES_SAMPLE = ASSETS / "tinystories_sample.txt"
 
 
 def read_text_file(path, option: str = "") -> str:
@@ -72,7 +76,7 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
     """Tokenize a dataset once into data_root/<name>/{train,val}.bin + meta.json; returns the folder.
 
     name: "shakespeare_char" (characters), "shakespeare" (GPT-2 BPE), "fineweb_edu"
-    (FineWeb-Edu sample-10BT, 100M-token shards), or "text:<path>" (any local text file,
+    (FineWeb-Edu sample-10BT, 100M-token shards), "tinystories" (TinyStoriesV2-GPT4), or "text:<path>" (any local text file,
     tokenizer spec from `tokenizer`, default gpt2). input: another copy of the raw text
     instead of the shipped Tiny Shakespeare."""
     if name.startswith("text:"):
@@ -84,8 +88,11 @@ def prepare_dataset(name: str, input=None, tokenizer=None, data_root="data", val
         spec = tokenizer or ("gpt2" if name == "shakespeare" else None)
     elif name == "fineweb_edu":
         return prepare_fineweb(Path(data_root) / name, tokenizer or "gpt2")
+    elif name == "tinystories":
+        return prepare_tinystories(Path(data_root) / name, tokenizer or "gpt2", input, val_fraction)
     else:
-        raise NanoError(f"unknown dataset {name!r} (shakespeare_char, shakespeare, fineweb_edu, text:<path>)")
+        raise NanoError(f"unknown dataset {name!r} (shakespeare_char, shakespeare, fineweb_edu, tinystories, "
+                        "text:<path>)")
     if src is None:
         src = SHAKESPEARE_PATH
         if not src.is_file():  # a copy of the code without assets/: fetch the canonical file
@@ -174,6 +181,64 @@ def prepare_fineweb(folder: Path, spec: str, n_files: int = 14) -> Path:
     return folder
 
 
+def stories(path):
+    """The stories of a TinyStories file, one at a time: they are separated by <|endoftext|> lines."""
+    story = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() == "<|endoftext|>":
+                if "".join(story).strip():
+                    yield "".join(story).strip("\n")
+                story = []
+            else:
+                story.append(line)
+    if "".join(story).strip():
+        yield "".join(story).strip("\n")
+
+
+def prepare_tinystories(folder: Path, spec: str, input=None, val_fraction=VAL_FRACTION) -> Path:
+    """TinyStoriesV2-GPT4's train and valid files (2.2 GB and 22 MB, downloaded), or one local file
+    (`input`, e.g. the shipped sample: its last val_fraction of stories is the val split), each story
+    after an end-of-text token, tokenized by a worker pool with progress on stderr."""
+    source = str(input) if input else TINYSTORIES_URL.format("*")
+    meta_path = folder / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("source") == source:
+        return folder
+    tok = load_tokenizer(spec)
+    if tok.eot_id is None:
+        raise NanoError(f"tokenizer {spec!r} has no end-of-text token to delimit the stories (use one that has)")
+    if input:
+        if not Path(input).is_file():
+            raise NanoError(f"input file {input} not found (check --input)")
+        texts = list(stories(input))
+        if len(texts) < 2:
+            raise NanoError(f"{input} holds {len(texts)} stories (a train and a val split need two, "
+                            "separated by <|endoftext|> lines)")
+        n_val = max(1, int(len(texts) * val_fraction))
+        splits = {"train": texts[:-n_val], "val": texts[-n_val:]}
+    else:
+        splits = {split: stories(download(TINYSTORIES_URL.format(name), folder / "raw" / f"{name}.txt"))
+                  for split, name in (("train", "train"), ("val", "valid"))}
+    import multiprocessing as mp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    meta = {"tokenizer": spec, "vocab_size": tok.vocab_size, "token_dtype": dtype, "source": source}
+    with mp.Pool(max(1, os.cpu_count() // 2), initializer=_init_worker, initargs=(spec,)) as pool:
+        for split, texts in splits.items():
+            parts, sizes = [], []  # token ids and UTF-8 bytes per story (bytes: for bits per byte)
+            feed = (sizes.append(len(text.encode("utf-8"))) or text for text in texts)
+            for ids in pool.imap(_tokenize_doc, feed, chunksize=64):
+                parts.append(ids)
+                if len(parts) % 100_000 == 0:
+                    print(f"tinystories {split}: {len(parts):,} stories, {sum(map(len, parts)):,} tokens", file=sys.stderr)
+            write_tokens(folder / f"{split}.bin", np.concatenate(parts), dtype)
+            print(f"tinystories {split}: {len(parts):,} stories, {sum(map(len, parts)):,} tokens", file=sys.stderr)
+            meta[f"{split}_tokens"], meta[f"{split}_bytes"] = sum(map(len, parts)), sum(sizes)
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    return folder
+
+
 def read_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
@@ -195,7 +260,9 @@ class TokenBins:
 
     def get_batch(self, batch_size, block_size, generator, device="cpu"):
         """x, y: int64 (B, T), y shifted by one. The generator's state is the data position."""
-        usable = (self.sizes - block_size - 1).clamp(min=0)
+        # a window is block_size + 1 tokens (x and y shifted by one): starts 0 .. size - block_size - 1,
+        # size - block_size of them per shard, the last one included (as nanoGPT's randint(len - block_size))
+        usable = (self.sizes - block_size).clamp(min=0)
         if usable.sum() == 0:
             raise NanoError(f"the data is shorter than block_size + 1 = {block_size + 1} tokens")
         shard_ids = torch.multinomial(usable, batch_size, replacement=True, generator=generator)

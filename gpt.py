@@ -61,7 +61,7 @@ class GPTConfig:
     attn_bias: bool = False  # attention_bias of Llama/Qwen3 configs: q, k, v and o_proj (not the MLP)
     tie_embeddings: bool = True  # GPT-2: lm_head is the token embedding; Llama-3-8B: its own (small ones: tied)
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k before RoPE; GPT-2 and Llama: none
-    gelu: str = "tanh"  # GPT-2's MLP: the tanh approximation (HF "gelu_new"); "exact": erf, as nanoGPT (cheaper on CPU)
+    gelu: str = "tanh"  # GPT-2's MLP: the tanh approximation (HF "gelu_new"); "exact": erf, as nanoGPT; "relu2": ReLU²
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -76,7 +76,8 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise NanoError(f"dropout must be in [0, 1) (got {self.dropout})")
         for name, allowed in (("attn_impl", ("sdpa", "naive", "flash")), ("arch", ("gpt2", "llama")),
-                              ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact")), ("rope_type", hf_io.ROPE_TYPES)):
+                              ("norm", ("layernorm", "rmsnorm")), ("gelu", ("tanh", "exact", "relu2")),
+                              ("rope_type", hf_io.ROPE_TYPES)):
             if getattr(self, name) not in allowed:
                 raise NanoError(f"unknown {name} {getattr(self, name)!r} ({' or '.join(allowed)})")
         if min(self.rope_theta, self.rope_scaling, self.head_dim, self.mlp_hidden, self.sliding_window) < 0:
@@ -226,7 +227,9 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
+        gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
+        # relu2: ReLU squared (So et al. 2021, arXiv:2109.08668), as modded-nanogpt; in llama's block too
+        self.gelu = (lambda x: F.relu(x).square()) if config.gelu == "relu2" else gelu
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.dropout = nn.Dropout(config.dropout)
@@ -258,7 +261,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config, config.n_embd)  # Hugging Face's Llama: input_layernorm
         self.attn = CausalSelfAttention(config)  # self_attn
         self.ln_2 = make_norm(config, config.n_embd)  # post_attention_layernorm
-        self.mlp = MLP(config) if config.arch == "gpt2" else SwiGLU(config)
+        self.mlp = MLP(config) if config.arch == "gpt2" or config.gelu == "relu2" else SwiGLU(config)
 
     def forward(self, x, kv_cache=None, input_pos=None, attn_mask=None, rope=None):
         # pre-LN: normalise the input of each sublayer, keep the residual stream untouched

