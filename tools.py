@@ -373,7 +373,7 @@ def normalize_messages(messages, fmt: ToolFormat | None = None) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool"):
             raise NanoError(f"{where}.role must be system, user, assistant or tool (got {str(role)[:20]!r})")
         message = {"role": role, "content": message_text(m.get("content"), where, role == "assistant"
-                                                          and bool(m.get("tool_calls")))}
+                                                          and m.get("tool_calls") is not None)}
         if role == "assistant" and m.get("tool_calls") is not None:
             message["tool_calls"] = [normalize_call(c, f"{where}.tool_calls[{k}]", fmt)
                                      for k, c in enumerate(checked_list(m["tool_calls"], f"{where}.tool_calls"))]
