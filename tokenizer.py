@@ -471,6 +471,24 @@ NANOLLM_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
+# ... and with the tool tokens ("chat:tools:" specs): chat_pieces' calls and results
+NANOLLM_TOOLS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'tool' %}"
+    "{{ '<|tool_result|>' + message['content'] + '<|end|>' }}"
+    "{% elif message['role'] in ['system', 'user', 'assistant'] %}"
+    "{{ '<|' + message['role'] + '|>' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}{% set f = call['function'] if call['function'] is defined else call %}"
+    "{{ '<|tool_call|>{\"name\": ' + f['name'] | tojson + ', \"arguments\": ' + f['arguments'] | tojson + '}' }}"
+    "{% endfor %}{{ '<|end|>' }}"
+    "{% else %}{{ raise_exception('roles are system, user, assistant and tool') }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def nanollm_chat_template(tok) -> str:
+    """The Hugging Face chat_template of a ChatTokenizer (export.py writes it): with or without tools."""
+    return NANOLLM_TOOLS_CHAT_TEMPLATE if getattr(tok, "tools", False) else NANOLLM_CHAT_TEMPLATE
+
+
 def load_chat(spec):
     """(tokenizer, template) for a checkpoint's tokenizer spec: the chat tokens of a "chat:"
     spec (template None), or a Hugging Face tokenizer with its chat_template."""

@@ -352,3 +352,23 @@ def test_nanollm_tool_tokens_render_and_parse_back():
     with pytest.raises(NanoError, match="no tool tokens") as e:
         tokenizer.apply_chat_template(messages, old)
     assert "\n" not in str(e.value)
+
+
+def test_nanollm_tools_chat_template_renders_as_chat_pieces():
+    """export.py's template for a "chat:tools:" model: transformers renders the text whose tokens
+    are chat_pieces' ids (parallel calls, unicode arguments, a result, a system message)."""
+    chat_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    import tokenizer
+
+    tok = tokenizer.load_tokenizer("chat:tools:char:" + "".join(map(chr, range(32, 127))) + "ü°東京🗼")
+    a, b = tools.openai_call("weather", ARGS_W), tools.openai_call("time", ARGS_T)
+    messages = tools.normalize_messages([
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "Zürich? 東京?"},
+        {"role": "assistant", "content": "Both.", "tool_calls": [a, b]},
+        {"role": "tool", "tool_call_id": a["id"], "content": "21"}, {"role": "tool", "tool_call_id": b["id"], "content": "23:05"},
+        {"role": "assistant", "content": "21 °C; 23:05"}])
+    source = tokenizer.nanollm_chat_template(tok)
+    for n, gen in ((len(messages), False), (len(messages) - 1, True), (2, True)):
+        text = chat_utils.render_jinja_template([messages[:n]], chat_template=source, add_generation_prompt=gen)[0][0]
+        assert tok.encode(text) == tokenizer.apply_chat_template(messages[:n], tok, add_generation_prompt=gen)
+    assert tokenizer.nanollm_chat_template(tokenizer.load_tokenizer("chat:gpt2")) == tokenizer.NANOLLM_CHAT_TEMPLATE
