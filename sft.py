@@ -71,8 +71,26 @@ after (100% in the runs measured). --tasks reverse,upper,add mixes in "upper: ab
 and "add 12 34" -> "46"; two-digit addition is learned far more slowly at this size (1-3%
 after 1000 steps of a 4-layer model, when reversal was at 100%), so it is not in the default.
 
+Tool use (--tasks calculator). Conversations may call tools (OpenAI's form: assistant
+`tool_calls`, `tool` messages; a --data row in the wire form, arguments as JSON strings, is read
+through tools.normalize_messages). nanollm's template then needs two more tokens, so the chat
+tokenizer becomes "chat:tools:<base>" (<|tool_call|> <|tool_result|> after the four; "chat:"
+checkpoints keep their four): the call is part of the answer, the tool's result is given:
+
+    <|user|>what is 3487 * 291?<|end|>
+    <|assistant|>[<|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>]
+    <|tool_result|>1014717<|end|><|assistant|>[1014717<|end|>]
+
+The built-in calculator task asks for 3-4 digit products and 4-digit sums, beyond a 2-layer char
+model's head; a quarter of its conversations answer directly under the system message "answer
+without tools". The evaluation is the agent loop (answers_with_tools): the model's call is run by
+the real calculator (tools.calculator_text), the result fed back, the answer read; then the same
+model is asked under "answer without tools". Printed last:
+`exact match with the tool: X% without: Y%`. CALC_FIGURE
+
 Run:
   python sft.py                                             # built-in task, ~40 s on 2 idle CPU cores (more on a busy machine)
+  python sft.py --tasks calculator --base_iters 0          # tool calls (from scratch: Shakespeare does not help)
   python sft.py --init_from out/ckpt.pt --data chat.jsonl   # {"messages": [...]} per line
   python sft.py --init_from gpt2 --data chat.jsonl --lora True --learning_rate 2e-4
   python sft.py --init_from path/to/hf_model --data chat.jsonl --qlora True   # its chat_template
@@ -429,8 +447,11 @@ NO_TOOLS = "answer without tools"
 
 
 def arithmetic(rng):
+    """4-digit times 3-digit, or 4-digit plus 4-digit: fixed widths, so the call copies the
+    question's digits from fixed distances (a small model learns that far sooner than copying
+    from wherever they are)."""
     if rng.random() < 0.5:
-        return f"{rng.randint(100, 9999)} * {rng.randint(10, 999)}"
+        return f"{rng.randint(1000, 9999)} * {rng.randint(100, 999)}"
     return f"{rng.randint(1000, 9999)} + {rng.randint(1000, 9999)}"
 
 

@@ -4,7 +4,8 @@ A checkpoint records its tokenizer as a spec, and `load_tokenizer(spec)` reads i
 - "gpt2" (also r50k_base, p50k_base, cl100k_base, o200k_base): tiktoken; GPT-2's files ship in assets/,
   so "gpt2" works offline;
 - "char:<alphabet>": one id per character of the alphabet;
-- "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens;
+- "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens; "chat:tools:<base spec>" also
+  <|tool_call|> and <|tool_result|> (a model that calls tools);
 - a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json: byte-level BPE
   (GPT-2, Llama 3, Qwen2/3, SmolLM; read into a bpe.Tokenizer) or SentencePiece-style BPE (Llama 2,
   Mistral 7B, TinyLlama, Gemma: Metaspace, Prepend/Replace, byte fallback; SentencePieceTokenizer),
@@ -14,7 +15,8 @@ A file-based tokenizer travels inside the checkpoint (gpt.py's `pack_tokenizer`,
 Chat templates, the tokenizer side (transformers keeps it on the tokenizer: apply_chat_template):
 a conversation rendered to ids with nanollm's <|role|> content <|end|> (`chat_pieces`) or a
 Hugging Face model's Jinja chat_template, rendered to one text and tokenized once, so the ids are
-transformers' (tests/test_chat_templates.py: Llama 3.1, Qwen2.5/3, Mistral, Gemma, Phi). sft.py
+transformers' (tests/test_chat_templates.py: Llama 3.1, Qwen2.5/3, Mistral, Gemma, Phi), also with
+OpenAI `tools`, assistant `tool_calls` and `tool` messages (apply_chat_template(..., tools=tools)). sft.py
 masks the loss by character spans (`HFChatTemplate.answer_spans`, `token_spans`); the tokens that
 end a reply come from tokenizer_config.json's eos_token and generation_config.json (`stop_ids`).
 
