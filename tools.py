@@ -16,6 +16,14 @@ wrote, never a server error. Streaming gives the same result as the whole reply:
 be the start of a call is held back until it is known to be one; a call is sent as OpenAI's
 `delta.tool_calls` chunks (index, id and name first, then argument fragments) once it is complete.
 
+A server speaks OpenAI's tools API with this file's public functions: `check_tools`, `check_tool_choice`
+(400 on what they refuse); `normalize_messages(messages, tool_format(template))` for the request's
+assistant `tool_calls` (arguments arrive as JSON strings; templates write dicts) and `tool` messages;
+`template.render(messages, tools=tools)` (tokenizer.ChatTemplate) for the prompt; `parse_tool_calls`
+or `ToolStream` for the reply (finish_reason "tool_calls" when it holds calls); `CallGrammar` and
+`CallConstraint` for tool_choice "required" or a named function; `run_tool_call` with
+{"calculator": calculator_text} where the server itself runs the calculator (serve.py --chat).
+
 The calculator is the tool sft.py's `calculator` task teaches: arithmetic a small model cannot do
 in its head. It evaluates an expression by walking its syntax tree with a whitelist (numbers,
 + - * / // % **, unary minus, parentheses); names, calls, attributes, huge powers and huge numbers
