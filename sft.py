@@ -81,7 +81,7 @@ checkpoints keep their four): the call is part of the answer, the tool's result 
     <|assistant|>[<|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>]
     <|tool_result|>1014717<|end|><|assistant|>[1014717<|end|>]
 
-The built-in calculator task asks for 3-4 digit products and 4-digit sums, beyond a 2-layer char
+The built-in calculator task asks for 4-digit times 3-digit products and 4-digit sums, beyond a 2-layer char
 model's head; a quarter of its conversations answer directly under the system message "answer
 without tools". The evaluation is the agent loop (answers_with_tools): the model's call is run by
 the real calculator (tools.calculator_text), the result fed back, the answer read; then the same
@@ -435,8 +435,8 @@ def synthetic_conversation(rng, names=("reverse",), test=False):
     return messages
 
 
-# The calculator task (--tasks calculator): arithmetic beyond a small model's head (3-4 digit
-# products, 4-digit sums), which it learns to hand to tools.calculator_text. Each conversation is
+# The calculator task (--tasks calculator): arithmetic beyond a small model's head (4-digit times
+# 3-digit, 4-digit plus 4-digit), which it learns to hand to tools.calculator_text. A conversation:
 #   <|user|>what is 3487 * 291?<|end|>
 #   <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>
 #   <|tool_result|>1014717<|end|><|assistant|>1014717<|end|>
@@ -466,7 +466,7 @@ def calculator_conversation(rng, test=False, direct=None):
     call = {"id": "call_0", "type": "function",
             "function": {"name": "calculator", "arguments": {"expression": expression}}}
     return [{"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_0", "content": tools.calculator_text(expression)},
+            {"role": "tool", "tool_call_id": "call_0", "content": answer},
             {"role": "assistant", "content": answer}]
 
 
