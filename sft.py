@@ -595,7 +595,7 @@ class SFTConfig:
     # the built-in task
     tasks: str = field(default="reverse", metadata={
         "help": "built-in task: a comma-separated mix of reverse, upper, add (two-digit addition learns "
-                "far slower at this size), calculator (tool calls for 3-4 digit arithmetic; its base is "
+                "far slower at this size), calculator (tool calls for 4-digit arithmetic; its base is "
                 "pretrained with a block of at least 128)"})
     n_train: int = field(default=6000, metadata={"help": "built-in task: training conversations"})
     n_test: int = field(default=200, metadata={"help": "built-in task: held-out prompts for exact match"})
