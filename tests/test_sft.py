@@ -461,10 +461,3 @@ def test_calculator_task_smoke(tmp_path, capsys):
     assert gpt.load_checkpoint(str(tmp_path / "ckpt.pt"))[1].startswith("chat:tools:char:")
     assert (tmp_path / "base-128.pt").is_file()
 
-
-@pytest.mark.slow
-def test_calculator_task_full_run(tmp_path):
-    """The figure in sft.py's docstring: with the tool >= 90%, without <= 20% (held out)."""
-    with one_thread():
-        result = sft.main(["--tasks", "calculator", "--base_iters", "0", "--out_dir", str(tmp_path)])
-    assert result["with_tool"] >= 0.9 and result["without_tool"] <= 0.2
