@@ -89,7 +89,8 @@ model is asked under "answer without tools". Printed last:
 `exact match with the tool: X% without: Y%`. Measured under load (2 shared CPU cores): `--base_iters 0 --max_iters 500 --batch_size 8`
 (18 min) gives 71.0% with the tool and 0.0% without on 100 held-out questions; 100% of them call
 the calculator with the right expression, the misses are a digit of the result copied wrong into
-the answer; 400 more iterations (--init_from that checkpoint) gave 66% and 69%. The issue's target
+the answer; 400 more iterations (--init_from that checkpoint) gave 66% and 69%, 4 layers
+(--base_layer 4, 900 iterations) 67%. The issue's target
 (>= 90% with the tool) is not reached by these runs.
 
 Run:
