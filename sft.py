@@ -71,8 +71,31 @@ after (100% in the runs measured). --tasks reverse,upper,add mixes in "upper: ab
 and "add 12 34" -> "46"; two-digit addition is learned far more slowly at this size (1-3%
 after 1000 steps of a 4-layer model, when reversal was at 100%), so it is not in the default.
 
+Tool use (--tasks calculator). Conversations may call tools (OpenAI's form: assistant
+`tool_calls`, `tool` messages; a --data row in the wire form, arguments as JSON strings, is read
+through tools.normalize_messages). nanollm's template then needs two more tokens, so the chat
+tokenizer becomes "chat:tools:<base>" (<|tool_call|> <|tool_result|> after the four; "chat:"
+checkpoints keep their four): the call is part of the answer, the tool's result is given:
+
+    <|user|>what is 3487 * 291?<|end|>
+    <|assistant|>[<|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>]
+    <|tool_result|>1014717<|end|><|assistant|>[1014717<|end|>]
+
+The built-in calculator task asks for 4-digit times 3-digit products and 4-digit sums, beyond a 2-layer char
+model's head; a quarter of its conversations answer directly under the system message "answer
+without tools". The evaluation is the agent loop (answers_with_tools): the model's call is run by
+the real calculator (tools.calculator_text), the result fed back, the answer read; then the same
+model is asked under "answer without tools". Printed last:
+`exact match with the tool: X% without: Y%`. Measured under load (2 shared CPU cores): `--base_iters 0 --max_iters 500 --batch_size 8`
+(18 min) gives 71.0% with the tool and 0.0% without on 100 held-out questions; 100% of them call
+the calculator with the right expression, the misses are a digit of the result copied wrong into
+the answer; 400 more iterations (--init_from that checkpoint) gave 66% and 69%, 4 layers
+(--base_layer 4, 900 iterations) 67%. The issue's target
+(>= 90% with the tool) is not reached by these runs.
+
 Run:
   python sft.py                                             # built-in task, ~40 s on 2 idle CPU cores (more on a busy machine)
+  python sft.py --tasks calculator --base_iters 0          # tool calls (from scratch: Shakespeare does not help)
   python sft.py --init_from out/ckpt.pt --data chat.jsonl   # {"messages": [...]} per line
   python sft.py --init_from gpt2 --data chat.jsonl --lora True --learning_rate 2e-4
   python sft.py --init_from path/to/hf_model --data chat.jsonl --qlora True   # its chat_template
@@ -103,6 +126,7 @@ import gpt
 import lora
 import sample
 import tokenizer
+import tools
 from common import NanoError
 
 # the chat tokenizer (a base tokenizer plus <|system|> <|user|> <|assistant|> <|end|>, spec
@@ -121,12 +145,12 @@ def check_messages(messages, where="conversation", need_assistant=True):
     for i, m in enumerate(messages, 1):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise NanoError(f"{where}: message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise NanoError(f"{where}: message {i} has unknown role {m['role']!r} (use system, user or assistant)")
+        if m["role"] not in ROLES + ("tool",):
+            raise NanoError(f"{where}: message {i} has unknown role {m['role']!r} (use system, user, assistant or tool)")
         if not isinstance(m["content"], str):
             raise NanoError(f"{where}: message {i} ({m['role']}) has {type(m['content']).__name__} content "
                             "(content must be a string)")
-        if not m["content"].strip():
+        if not m["content"].strip() and not m.get("tool_calls"):
             raise NanoError(f"{where}: message {i} ({m['role']}) has empty content (fill it in or drop the message)")
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise NanoError(f"{where}: no assistant message (nothing to learn; every conversation needs one)")
@@ -337,8 +361,15 @@ def read_conversations(path):
             raise NanoError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or "messages" not in row:
             raise NanoError(f"{where}: expected an object with a 'messages' list")
-        check_messages(row["messages"], where)
-        rows.append((where, row["messages"]))
+        messages = row["messages"]
+        if isinstance(messages, list) and any(isinstance(m, dict) and (m.get("role") == "tool" or "tool_calls" in m)
+                                              for m in messages):
+            try:  # OpenAI's wire form (arguments as JSON strings) -> what templates read
+                messages = tools.normalize_messages(messages)
+            except NanoError as e:
+                raise NanoError(f"{where}: {e}") from None
+        check_messages(messages, where)
+        rows.append((where, messages))
     if not rows:
         raise NanoError(f"{path} has no conversations (one {{\"messages\": [...]}} per line)")
     return rows
@@ -409,14 +440,49 @@ def synthetic_conversation(rng, names=("reverse",), test=False):
     return messages
 
 
+# The calculator task (--tasks calculator): arithmetic beyond a small model's head (4-digit times
+# 3-digit, 4-digit plus 4-digit), which it learns to hand to tools.calculator_text. A conversation:
+#   <|user|>what is 3487 * 291?<|end|>
+#   <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>
+#   <|tool_result|>1014717<|end|><|assistant|>1014717<|end|>
+# (the loss on the call and on the answer). A quarter of them show the other way, under the system
+# message NO_TOOLS: the answer straight away, so the same model can be asked without the tool.
+
+NO_TOOLS = "answer without tools"
+
+
+def arithmetic(rng):
+    """4-digit times 3-digit, or 4-digit plus 4-digit: fixed widths, so the call copies the
+    question's digits from fixed distances (a small model learns that far sooner than copying
+    from wherever they are)."""
+    if rng.random() < 0.5:
+        return f"{rng.randint(1000, 9999)} * {rng.randint(100, 999)}"
+    return f"{rng.randint(1000, 9999)} + {rng.randint(1000, 9999)}"
+
+
+def calculator_conversation(rng, test=False, direct=None):
+    while held_out(expression := arithmetic(rng)) != test:
+        pass
+    direct = rng.random() < 0.25 if direct is None else direct
+    question, answer = f"what is {expression}?", tools.calculator_text(expression)
+    if direct:
+        return [{"role": "system", "content": NO_TOOLS}, {"role": "user", "content": question},
+                {"role": "assistant", "content": answer}]
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "calculator", "arguments": {"expression": expression}}}
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_0", "content": answer},
+            {"role": "assistant", "content": answer}]
+
+
 @torch.no_grad()
-def greedy_answers(model, tok, prompts, max_new_tokens, template=None):
-    """Greedy answer to each single-turn prompt (sample.generate at temperature 0, the prompts
-    as one left-padded batch), up to the end of the assistant's turn."""
+def greedy_replies(model, tok, conversations, max_new_tokens, template=None):
+    """Greedy reply to each conversation (sample.generate at temperature 0, the prompts as one
+    left-padded batch), up to the end of the assistant's turn, decoded."""
     was_training = model.training
     model.eval()
     stop = stop_id(tok, template)
-    rows = [render_conversation([{"role": "user", "content": p}], tok, True, template)[0] for p in prompts]
+    rows = [render_conversation(c, tok, True, template)[0] for c in conversations]
     steps = min(max_new_tokens, model.config.block_size - max(len(r) for r in rows))  # no window slides
     answers = [[] for _ in rows]
     for token in sample.generate(model, rows, steps, temperature=0, eos_id=stop):
@@ -424,6 +490,53 @@ def greedy_answers(model, tok, prompts, max_new_tokens, template=None):
             answer.append(t)
     model.train(was_training)
     return [tok.decode(a[:a.index(stop)] if stop in a else a) for a in answers]
+
+
+def greedy_answers(model, tok, prompts, max_new_tokens, template=None):
+    """Greedy answer to each single-turn prompt."""
+    return greedy_replies(model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens, template)
+
+
+def answers_with_tools(model, tok, questions, functions, max_new_tokens=96, use_tools=True):
+    """The agent loop, batched and greedy: each question is asked; a reply that calls tools
+    (tools.parse_tool_calls) has them run (tools.run_tool_call: the real functions), the results
+    fed back as tool messages, and the model asked again, up to 3 rounds. use_tools=False asks
+    under NO_TOOLS, and a call the model makes anyway is not run (its answer is the call's text).
+    Returns the final replies and how many of them called a tool."""
+    fmt = tools.FORMATS["nanollm"]
+    system = [] if use_tools else [{"role": "system", "content": NO_TOOLS}]
+    conversations = [system + [{"role": "user", "content": q}] for q in questions]
+    final, pending, called = [None] * len(questions), list(range(len(questions))), 0
+    for _ in range(3):
+        replies = greedy_replies(model, tok, [conversations[k] for k in pending], max_new_tokens)
+        still = []
+        for k, reply in zip(pending, replies):
+            content, calls = tools.parse_tool_calls(reply, fmt)
+            if not (calls and use_tools):
+                final[k] = reply
+                continue
+            called += 1
+            conversations[k] += tools.normalize_messages(
+                [{"role": "assistant", "content": content, "tool_calls": calls}]
+                + [{"role": "tool", "tool_call_id": c["id"], "content": tools.run_tool_call(c, functions)}
+                   for c in calls])
+            still.append(k)
+        pending = [k for k in still if len(render_conversation(conversations[k], tok, True)[0]) < model.config.block_size]
+        for k in set(still) - set(pending):
+            final[k] = ""  # no room left to answer
+        if not pending:
+            break
+    return [f if f is not None else "" for f in final], called
+
+
+def calculator_exact_match(model, tok, tests):
+    """(exact match with the tool, without it, share of questions that called the tool) on
+    held-out (question, answer) pairs."""
+    questions = [q for q, _ in tests]
+    with_tool, called = answers_with_tools(model, tok, questions, {"calculator": tools.calculator_text})
+    without, _ = answers_with_tools(model, tok, questions, {}, use_tools=False)
+    score = lambda got: sum(a == want for a, (_, want) in zip(got, tests)) / len(tests)  # noqa: E731
+    return score(with_tool), score(without), called / len(tests)
 
 
 def exact_match(model, tok, tests, template=None):
@@ -488,7 +601,8 @@ class SFTConfig:
     # the built-in task
     tasks: str = field(default="reverse", metadata={
         "help": "built-in task: a comma-separated mix of reverse, upper, add (two-digit addition learns "
-                "far slower at this size)"})
+                "far slower at this size), calculator (tool calls for 4-digit arithmetic; its base is "
+                "pretrained with a block of at least 128)"})
     n_train: int = field(default=6000, metadata={"help": "built-in task: training conversations"})
     n_test: int = field(default=200, metadata={"help": "built-in task: held-out prompts for exact match"})
     base_iters: int = field(default=300, metadata={"help": "built-in task: pretraining iterations of its base"})
@@ -496,6 +610,27 @@ class SFTConfig:
     base_head: int = 4
     base_embd: int = 128
     base_block: int = 64
+
+
+def builtin_rows(cfg):
+    """The built-in task's (train rows, held-out rows, reverse/upper/add tests, calculator tests):
+    with the calculator among other tasks, half the conversations are calculator ones."""
+    rng, names = random.Random(cfg.seed), cfg.tasks.split(",")
+    others = [n for n in names if n != "calculator"]
+
+    def conversation(test):
+        if "calculator" in names and (not others or rng.random() < 0.5):
+            return calculator_conversation(rng, test)
+        return synthetic_conversation(rng, others, test)
+
+    rows = [(f"synthetic conversation {i}", conversation(False)) for i in range(cfg.n_train)]
+    val_rows = [(f"held-out conversation {i}", conversation(True)) for i in range(200)]
+    tests = [task(rng, others, test=True) for _ in range(cfg.n_test)] if others else None
+    calculator_tests = None
+    if "calculator" in names:
+        calculator_tests = [(m[0]["content"], m[-1]["content"])
+                            for m in (calculator_conversation(rng, True, direct=False) for _ in range(cfg.n_test))]
+    return rows, val_rows, tests, calculator_tests
 
 
 def check_config(cfg: SFTConfig):
@@ -510,7 +645,7 @@ def check_config(cfg: SFTConfig):
         raise NanoError("--dropout and --lora_dropout must be in [0, 1)")
     if cfg.chat_init not in ("gaussian", "mean"):
         raise NanoError(f"--chat_init must be gaussian or mean (got {cfg.chat_init!r})")
-    unknown = set(cfg.tasks.split(",")) - set(TASKS)
+    unknown = set(cfg.tasks.split(",")) - set(TASKS) - {"calculator"}
     if unknown:
         raise NanoError(f"unknown task {min(unknown)!r} in --tasks (choose from {', '.join(TASKS)})")
     if cfg.data and not cfg.init_from:
@@ -526,14 +661,18 @@ def set_dropout(model, p):
             m.dropout = p
 
 
-def prepare_model(model, spec, cfg):
+def prepare_model(model, spec, cfg, tool_tokens=False):
     """The chat tokenizer / template for the model, the embedding grown, LoRA or QLoRA
-    applied. Returns (model, tok, template, trainable params)."""
+    applied. tool_tokens: the data calls tools, so a new chat tokenizer gets <|tool_call|> and
+    <|tool_result|> too ("chat:tools:" spec). Returns (model, tok, template, trainable params)."""
     template = HFChatTemplate.find(spec)
     tok = load_tokenizer(spec)
     if template is None and not isinstance(tok, ChatTokenizer):
-        tok = ChatTokenizer(tok)
+        tok = ChatTokenizer(tok, tools=tool_tokens)
         add_chat_tokens(model, tok, cfg.chat_init, cfg.seed)
+    if template is None and tool_tokens and not tok.tools:
+        raise NanoError(f"the model's chat tokenizer {tok.spec[:40]!r} has no tool tokens (finetune its base "
+                        "model, not a \"chat:\" checkpoint, on conversations with tool calls)")
     if tok.vocab_size > model.config.vocab_size:
         raise NanoError(f"tokenizer {tok.spec[:40]!r} has {tok.vocab_size} tokens, the model only "
                         f"{model.config.vocab_size} (a checkpoint with another tokenizer?)")
@@ -649,26 +788,32 @@ def train(model, params, train_ex, val_ex, cfg, block_size, device, dtype, metri
     return val_loss
 
 
+def base_block(cfg):
+    """The built-in base's block: --base_block, at least 128 for the calculator's conversations."""
+    return max(cfg.base_block, 128) if "calculator" in cfg.tasks.split(",") else cfg.base_block
+
+
 def builtin_base(cfg, device, dtype, out_dir):
     """out_dir/base.pt: a character-level GPT pretrained on Tiny Shakespeare, trained here
     (the same loop, every token a target) unless it exists already."""
-    path = out_dir / "base.pt"
+    block = base_block(cfg)
+    path = out_dir / ("base.pt" if block == cfg.base_block else f"base-{block}.pt")
     if path.is_file():
         print(f"base model: {path} (delete it to pretrain again)")
         return str(path)
     text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
-    tok = tokenizer.load_tokenizer("char:" + "".join(sorted(set(text) | set("0123456789"))))
-    config = gpt.GPTConfig(block_size=cfg.base_block, vocab_size=tok.vocab_size, n_layer=cfg.base_layer,
+    tok = tokenizer.load_tokenizer("char:" + "".join(sorted(set(text) | set("0123456789") | set('{}"*+_'))))
+    config = gpt.GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=cfg.base_layer,
                            n_head=cfg.base_head, n_embd=cfg.base_embd, dropout=0.0)
     model = gpt.GPT(config).to(device)
-    train_ex, val_ex = shakespeare_examples(tok, cfg.base_block)
+    train_ex, val_ex = shakespeare_examples(tok, block)
     pre = replace(cfg, max_iters=cfg.base_iters, learning_rate=3e-3, min_lr_ratio=0.1, batch_size=32,
                   grad_accum=1, warmup_iters=50, weight_decay=0.0, eval_iters=8, eval_interval=cfg.base_iters,
                   pack=True)
     print(f"pretraining the base: {model.num_params() / 1e6:.2f}M parameters on Tiny Shakespeare "
-          f"({pre.max_iters} iters of {pre.batch_size} x {cfg.base_block} characters)")
+          f"({pre.max_iters} iters of {pre.batch_size} x {block} characters)")
     if pre.max_iters:
-        train(model, list(model.parameters()), train_ex, val_ex, pre, cfg.base_block, device, dtype,
+        train(model, list(model.parameters()), train_ex, val_ex, pre, block, device, dtype,
               out_dir / "base_metrics.jsonl", name="pretrain")
     gpt.save_checkpoint(path, model, tok.spec, step=pre.max_iters)
     return str(path)
@@ -691,17 +836,15 @@ def main(argv=None):
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise NanoError(f"--block_size {block_size} exceeds the model's {model.config.block_size} (lower it)")
-    model, tok, template, params = prepare_model(model, spec, cfg)
-
+    calculator_tests = None
     if rows is None:  # the built-in task
-        rng, names = random.Random(cfg.seed), cfg.tasks.split(",")
-        rows = [(f"synthetic conversation {i}", synthetic_conversation(rng, names)) for i in range(cfg.n_train)]
-        val_rows = [(f"held-out conversation {i}", synthetic_conversation(rng, names, test=True)) for i in range(200)]
-        tests = [task(rng, names, test=True) for _ in range(cfg.n_test)]
+        rows, val_rows, tests, calculator_tests = builtin_rows(cfg)
     else:
         random.Random(cfg.seed).shuffle(rows)
         n_val = int(len(rows) * cfg.val_fraction)
         rows, val_rows, tests = rows[n_val:], rows[:n_val] or rows, None
+    calls_tools = any(m["role"] == "tool" or m.get("tool_calls") for _, messages in rows for m in messages)
+    model, tok, template, params = prepare_model(model, spec, cfg, tool_tokens=calls_tools)
     train_ex, truncated, dropped = encode_conversations(rows, tok, template, block_size)
     val_ex, _, _ = encode_conversations(val_rows, tok, template, block_size)
     if not train_ex or not val_ex:
@@ -740,6 +883,13 @@ def main(argv=None):
               f"prompts (e.g. {tests[0][0]!r} -> {answers[0]!r}); {result['seconds']:.0f} s in all")
         result.update(accuracy_before=before, accuracy_after=after)
     print(f"peak memory: {common.peak_memory_mib(device):,.0f} MiB")
+    if calculator_tests:  # last: the agent loop with the real calculator, then the same model without it
+        with_tool, without, called = calculator_exact_match(model, tok, calculator_tests)
+        result.update(with_tool=with_tool, without_tool=without, called_tool=called)
+        print(f"calculator task, {len(calculator_tests)} held-out questions (e.g. {calculator_tests[0][0]!r}): "
+              f"{100 * called:.0f}% called the tool; without it the same model answers under the system "
+              f"message {NO_TOOLS!r}")
+        print(f"exact match with the tool: {100 * with_tool:.1f}% without: {100 * without:.1f}%")
     return result
 
 

@@ -4,7 +4,8 @@ A checkpoint records its tokenizer as a spec, and `load_tokenizer(spec)` reads i
 - "gpt2" (also r50k_base, p50k_base, cl100k_base, o200k_base): tiktoken; GPT-2's files ship in assets/,
   so "gpt2" works offline;
 - "char:<alphabet>": one id per character of the alphabet;
-- "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens;
+- "chat:<base spec>": the base tokenizer plus sft.py's four chat tokens; "chat:tools:<base spec>" also
+  <|tool_call|> and <|tool_result|> (a model that calls tools);
 - a path to a tokenizer saved by bpe.py, or to a Hugging Face tokenizer.json: byte-level BPE
   (GPT-2, Llama 3, Qwen2/3, SmolLM; read into a bpe.Tokenizer) or SentencePiece-style BPE (Llama 2,
   Mistral 7B, TinyLlama, Gemma: Metaspace, Prepend/Replace, byte fallback; SentencePieceTokenizer),
@@ -14,7 +15,8 @@ A file-based tokenizer travels inside the checkpoint (gpt.py's `pack_tokenizer`,
 Chat templates, the tokenizer side (transformers keeps it on the tokenizer: apply_chat_template):
 a conversation rendered to ids with nanollm's <|role|> content <|end|> (`chat_pieces`) or a
 Hugging Face model's Jinja chat_template, rendered to one text and tokenized once, so the ids are
-transformers' (tests/test_chat_templates.py: Llama 3.1, Qwen2.5/3, Mistral, Gemma, Phi). sft.py
+transformers' (tests/test_chat_templates.py: Llama 3.1, Qwen2.5/3, Mistral, Gemma, Phi), also with
+OpenAI `tools`, assistant `tool_calls` and `tool` messages (apply_chat_template(..., tools=tools)). sft.py
 masks the loss by character spans (`HFChatTemplate.answer_spans`, `token_spans`); the tokens that
 end a reply come from tokenizer_config.json's eos_token and generation_config.json (`stop_ids`).
 
@@ -158,28 +160,37 @@ class BPEFileTokenizer:
 
 ROLES = ("system", "user", "assistant")
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids: base vocab_size + 0..3
+TOOL_TOKENS = ("<|tool_call|>", "<|tool_result|>")  # "chat:tools:" specs only: ids base vocab_size + 4, 5
 CHAT_PREFIX = "chat:"
+# a chat tokenizer with the tool tokens too: its own spec prefix, so a "chat:" checkpoint (4 chat
+# tokens, vocab = base + 4) loads as it always did, and a tool model's spec says that it has 6
+TOOLS_PREFIX = CHAT_PREFIX + "tools:"
 
 
 class ChatTokenizer:
     """A base tokenizer (load_tokenizer) with the chat tokens appended after its
-    vocabulary, ids base.vocab_size + 0..3. Spec "chat:<base spec>". eot_id is <|end|>, so
+    vocabulary, ids base.vocab_size + 0..3. Spec "chat:<base spec>". With tools=True also
+    <|tool_call|> and <|tool_result|> (ids + 4, + 5), spec "chat:tools:<base spec>": an assistant
+    turn that calls a tool is <|assistant|><|tool_call|>{"name": ..., "arguments": {...}}<|end|>,
+    a tool's result <|tool_result|>content<|end|> (chat_pieces). eot_id is <|end|>, so
     sample.py --stop_at_eot and dpo.py (which appends eot_id to answers) end an assistant
     turn where the template does. encode() turns the special strings in a text into their
     ids (a prompt typed for sample.py / dpo.py works); encode_ordinary() never does: the
     template uses it for content."""
 
-    def __init__(self, base):
+    def __init__(self, base, tools=False):
         if base.spec.startswith(CHAT_PREFIX):
             raise NanoError(f"tokenizer {base.spec[:40]!r} already has chat tokens (use it as it is)")
-        self.base = base
-        self.special = {s: base.vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.base, self.tools = base, tools
+        names = SPECIAL_TOKENS + (TOOL_TOKENS if tools else ())
+        self.special = {s: base.vocab_size + i for i, s in enumerate(names)}
         self.role_id = dict(zip(ROLES, self.special.values()))
         self.assistant_id, self.end_id = self.special["<|assistant|>"], self.special["<|end|>"]
-        self.vocab_size = base.vocab_size + len(SPECIAL_TOKENS)
+        self.tool_call_id, self.tool_result_id = self.special.get(TOOL_TOKENS[0]), self.special.get(TOOL_TOKENS[1])
+        self.vocab_size = base.vocab_size + len(names)
         self.eot_id = self.end_id
-        self.spec = CHAT_PREFIX + base.spec
-        self._split = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
+        self.spec = (TOOLS_PREFIX if tools else CHAT_PREFIX) + base.spec
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")")
         self._names = {i: s for s, i in self.special.items()}
 
     def encode_ordinary(self, text):
@@ -206,6 +217,8 @@ class ChatTokenizer:
 
 
 def load_tokenizer(spec: str):
+    if isinstance(spec, str) and spec.startswith(TOOLS_PREFIX):  # the chat tokens and the tool tokens
+        return ChatTokenizer(load_tokenizer(spec[len(TOOLS_PREFIX):]), tools=True)
     if isinstance(spec, str) and spec.startswith(CHAT_PREFIX):  # sft.py's chat tokens on a base tokenizer
         return ChatTokenizer(load_tokenizer(spec[len(CHAT_PREFIX):]))
     if spec is None:
@@ -287,14 +300,17 @@ class HFChatTemplate:
         self.stop_tokens = [eos_token] if eos_token else []  # the template's end of a turn, and (find)
         self.stop_token_ids = []  # generation_config.json's eos_token_id(s)
 
-    def render(self, messages, add_generation_prompt=False) -> tuple[str, list[tuple[int, int]]]:
-        """The conversation as text, and the character spans of its {% generation %} blocks."""
+    def render(self, messages, add_generation_prompt=False, tools=None) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as text, and the character spans of its {% generation %} blocks.
+        tools: OpenAI's list of {"type": "function", "function": {...}} as the template's `tools`
+        (transformers' apply_chat_template(tools=...)); messages may hold assistant `tool_calls`
+        (arguments as dicts: tools.normalize_messages) and `tool` messages."""
         import jinja2
 
         chunks, spans = [], []
         tracking = _TRACKED.set((chunks, spans))
         try:
-            chunks.extend(self.template.generate(messages=messages, tools=None, documents=None,
+            chunks.extend(self.template.generate(messages=messages, tools=tools, documents=None,
                                                  add_generation_prompt=add_generation_prompt, **self.tokens))
         except jinja2.TemplateError as e:
             raise NanoError(f"the chat template failed ({e.__class__.__name__}: {e})") from None
@@ -302,10 +318,10 @@ class HFChatTemplate:
             _TRACKED.reset(tracking)
         return "".join(chunks), spans
 
-    def text(self, messages, add_generation_prompt=False) -> str:
-        return self.render(messages, add_generation_prompt)[0]
+    def text(self, messages, add_generation_prompt=False, tools=None) -> str:
+        return self.render(messages, add_generation_prompt, tools)[0]
 
-    def answer_spans(self, messages, add_generation_prompt=False) -> tuple[str, list[tuple[int, int]]]:
+    def answer_spans(self, messages, add_generation_prompt=False, tools=None) -> tuple[str, list[tuple[int, int]]]:
         """The text of a whole conversation and the character spans that carry loss (sft.py).
         With {% generation %} markers, the spans they enclose (transformers'
         return_assistant_tokens_mask). Without, sft.py's completion-only spans, found by
@@ -316,14 +332,14 @@ class HFChatTemplate:
         Qwen3 (its last answer gets an empty <think> block), Phi-3.5/4 (eos after the last
         turn) and Mistral-Nemo (the system message goes into the last user turn) do not: for
         those, SFT asks for a template with {% generation %} markers. Serving never needs it."""
-        text, spans = self.render(messages, add_generation_prompt)
+        text, spans = self.render(messages, add_generation_prompt, tools)
         if self.has_generation:
             return text, spans
         spans, done = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt, full = self.text(messages[:i], True), self.text(messages[:i + 1])
+            prompt, full = self.text(messages[:i], True, tools), self.text(messages[:i + 1], False, tools)
             if not (full.startswith(prompt) and text.startswith(full) and len(prompt) >= done):
                 raise NanoError("the chat template renders a conversation differently from its beginning (it "
                                 "rewrites earlier turns), so its answers cannot be found for the loss mask (give sft.py "
@@ -402,26 +418,49 @@ def chat_pieces(messages, tok, add_generation_prompt=False) -> list[tuple[list[i
     """nanollm's own template as token pieces [(ids, is an answer)]: <|role|> content <|end|> per
     message, which needs a ChatTokenizer; an answer is an assistant message's content with the
     <|end|> closing it. Content is encoded as plain text, so a user cannot forge a turn by typing
-    "<|assistant|>". add_generation_prompt appends the opening of an assistant turn."""
+    "<|assistant|>". add_generation_prompt appends the opening of an assistant turn.
+    With the tool tokens ("chat:tools:" specs), an assistant message's `tool_calls` follow its
+    content, each <|tool_call|>{"name": ..., "arguments": {...}} (part of the answer), and a `tool`
+    message is <|tool_result|>content<|end|> (given: the model reads results, never writes them).
+    nanollm's template does not write the `tools` list into the prompt: a small model learns its
+    tools in SFT (its context is short), so apply_chat_template's tools are ignored here."""
     if not isinstance(tok, ChatTokenizer):
         raise NanoError(f"tokenizer {tok.spec[:40]!r} has no chat tokens (wrap it: ChatTokenizer(tok), "
                         "or finetune the model with sft.py first)")
     pieces = []
     for m in messages:  # the role token opens the turn: given, never part of the answer
-        pieces += [([tok.role_id[m["role"]]], False),
-                   (tok.encode_ordinary(m["content"]) + [tok.end_id], m["role"] == "assistant")]
+        role, content = m["role"], m.get("content") or ""
+        if (role == "tool" or m.get("tool_calls")) and not tok.tools:
+            raise NanoError(f"tokenizer {tok.spec[:40]!r} has no tool tokens, so it cannot show a tool call or "
+                            "result (finetune with tool conversations: sft.py --tasks calculator)")
+        if role == "tool":
+            pieces += [([tok.tool_result_id], False), (tok.encode_ordinary(content) + [tok.end_id], False)]
+            continue
+        ids = tok.encode_ordinary(content)
+        for call in m.get("tool_calls") or ():
+            ids += [tok.tool_call_id] + tok.encode_ordinary(tool_call_text(call))
+        pieces += [([tok.role_id[role]], False), (ids + [tok.end_id], role == "assistant")]
     if add_generation_prompt:
         pieces.append(([tok.assistant_id], False))
     return pieces
 
 
-def apply_chat_template(messages, tok, template=None, add_generation_prompt=False) -> list[int]:
+def tool_call_text(call) -> str:
+    """An OpenAI tool call as nanollm's format writes it: {"name": "f", "arguments": {...}}."""
+    function = call.get("function", call)
+    arguments = function.get("arguments") or {}
+    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    return json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
+
+
+def apply_chat_template(messages, tok, template=None, add_generation_prompt=False, tools=None) -> list[int]:
     """The conversation's ids, as transformers' tokenizer.apply_chat_template(..., tokenize=True)
     gives them; with add_generation_prompt, the prompt a chat model answers (serve.py). A Hugging
     Face template renders the whole conversation to text, tokenized once (special tokens written
-    in the text become their ids, as in transformers: content is not escaped)."""
+    in the text become their ids, as in transformers: content is not escaped). tools: OpenAI's
+    tool list, as apply_chat_template(tools=...) passes it to the template."""
     if template is not None:
-        return tok.encode(template.text(messages, add_generation_prompt))
+        return tok.encode(template.text(messages, add_generation_prompt, tools))
     return [i for ids, _ in chat_pieces(messages, tok, add_generation_prompt) for i in ids]
 
 
@@ -433,6 +472,24 @@ NANOLLM_CHAT_TEMPLATE = (
     "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
     "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+# ... and with the tool tokens ("chat:tools:" specs): chat_pieces' calls and results
+NANOLLM_TOOLS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'tool' %}"
+    "{{ '<|tool_result|>' + message['content'] + '<|end|>' }}"
+    "{% elif message['role'] in ['system', 'user', 'assistant'] %}"
+    "{{ '<|' + message['role'] + '|>' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}{% set f = call['function'] if call['function'] is defined else call %}"
+    "{{ '<|tool_call|>{\"name\": ' + f['name'] | tojson + ', \"arguments\": ' + f['arguments'] | tojson + '}' }}"
+    "{% endfor %}{{ '<|end|>' }}"
+    "{% else %}{{ raise_exception('roles are system, user, assistant and tool') }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def nanollm_chat_template(tok) -> str:
+    """The Hugging Face chat_template of a ChatTokenizer (export.py writes it): with or without tools."""
+    return NANOLLM_TOOLS_CHAT_TEMPLATE if getattr(tok, "tools", False) else NANOLLM_CHAT_TEMPLATE
 
 
 def load_chat(spec):
@@ -478,8 +535,20 @@ class ChatTemplate:
         self.tok, self.hf_template = tok, hf_template
         self.stop_ids = frozenset(stop_ids(tok, hf_template))
 
-    def render(self, messages) -> list[int]:
-        return apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True)
+    def render(self, messages, tools=None) -> list[int]:
+        """Prompt ids; messages as tools.normalize_messages returns them (tool_calls, tool results),
+        tools: the request's OpenAI tool list (given to a Hugging Face template)."""
+        return apply_chat_template(messages, self.tok, self.hf_template, add_generation_prompt=True, tools=tools)
+
+    @property
+    def source(self) -> str | None:
+        """The Jinja source (None: nanollm's template), which names the tool-call format."""
+        return self.hf_template.source if self.hf_template is not None else None
+
+
+def base_spec(spec: str) -> str:
+    """The base tokenizer's spec of a chat spec ("chat:gpt2", "chat:tools:gpt2" -> "gpt2")."""
+    return spec.removeprefix(TOOLS_PREFIX) if spec.startswith(TOOLS_PREFIX) else spec.removeprefix(CHAT_PREFIX)
 
 
 def load_chat_template(spec):

@@ -16,6 +16,14 @@ wrote, never a server error. Streaming gives the same result as the whole reply:
 be the start of a call is held back until it is known to be one; a call is sent as OpenAI's
 `delta.tool_calls` chunks (index, id and name first, then argument fragments) once it is complete.
 
+A server speaks OpenAI's tools API with this file's public functions: `check_tools`, `check_tool_choice`
+(400 on what they refuse); `normalize_messages(messages, tool_format(template))` for the request's
+assistant `tool_calls` (arguments arrive as JSON strings; templates write dicts) and `tool` messages;
+`template.render(messages, tools=tools)` (tokenizer.ChatTemplate) for the prompt; `parse_tool_calls`
+or `ToolStream` for the reply (finish_reason "tool_calls" when it holds calls); `CallGrammar` and
+`CallConstraint` for tool_choice "required" or a named function; `run_tool_call` with
+{"calculator": calculator_text} where the server itself runs the calculator (serve.py --chat).
+
 The calculator is the tool sft.py's `calculator` task teaches: arithmetic a small model cannot do
 in its head. It evaluates an expression by walking its syntax tree with a whitelist (numbers,
 + - * / // % **, unary minus, parentheses); names, calls, attributes, huge powers and huge numbers
@@ -130,8 +138,10 @@ def run_tool_call(call: dict, functions: dict) -> str:
 # Parsing a reply into OpenAI tool_calls, one parser per family
 
 
-def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
+def new_call_id(length=None) -> str:
+    """OpenAI's style "call_<24 hex>", or `length` alphanumeric characters (Mistral's templates
+    refuse any id that is not 9 of them)."""
+    return uuid.uuid4().hex[:length] if length else "call_" + uuid.uuid4().hex[:24]
 
 
 def openai_call(name, arguments, call_id=None) -> dict:
@@ -198,15 +208,23 @@ def parse_mistral(text):
             name, args_marker, arguments = part.partition("[ARGS]")
             value = json_value(arguments) if args_marker else None
             calls.append(openai_call(name.strip(), value) if name.strip() and isinstance(value, dict) else None)
-    return (head.rstrip(), calls) if None not in calls else None
+    if None in calls:
+        return None
+    for call in calls:  # the ids its template accepts back: 9 letters and digits
+        call["id"] = new_call_id(MISTRAL_ID_LENGTH)
+    return head.rstrip(), calls
 
 
 def parse_nanollm(text):
-    head, marker, body = text.partition("<|tool_call|>")
-    if not marker:
+    """<|tool_call|>{...} once per call (several: parallel calls), after any content."""
+    head, *bodies = text.split("<|tool_call|>")
+    if not bodies:
         return None
-    call = call_from_json(json_value(body.strip()))
-    return (head.rstrip(), [call]) if call else None
+    calls = [call_from_json(json_value(body.strip())) for body in bodies]
+    return (head.rstrip(), calls) if None not in calls else None
+
+
+MISTRAL_ID_LENGTH = 9
 
 
 @dataclass(frozen=True)
@@ -214,12 +232,13 @@ class ToolFormat:
     name: str
     starts: tuple[str, ...]   # text that opens a call (held back while streaming)
     parse: callable           # reply text -> (content, calls), or None when it holds no valid call
+    id_length: int | None = None  # tool call ids the template accepts: any (None), or this many alphanumerics
 
 
 FORMATS = {f.name: f for f in (
     ToolFormat("hermes", ("<tool_call>",), parse_hermes),
     ToolFormat("llama3", ("<|python_tag|>", "{"), parse_llama3),
-    ToolFormat("mistral", ("[TOOL_CALLS]",), parse_mistral),
+    ToolFormat("mistral", ("[TOOL_CALLS]",), parse_mistral, MISTRAL_ID_LENGTH),
     ToolFormat("nanollm", ("<|tool_call|>",), parse_nanollm),
 )}
 
@@ -234,6 +253,13 @@ def format_of_template(source: str | None) -> ToolFormat:
     if "<|python_tag|>" in source or "ipython" in source:
         return FORMATS["llama3"]
     return FORMATS["nanollm"]
+
+
+def tool_format(template) -> ToolFormat:
+    """The format of a tokenizer.ChatTemplate (or HFChatTemplate, or a Jinja source, or None for
+    nanollm's own template)."""
+    source = getattr(template, "source", template)
+    return format_of_template(source if isinstance(source, str) else None)
 
 
 def parse_tool_calls(text: str, fmt: ToolFormat) -> tuple[str, list[dict]]:
@@ -333,6 +359,90 @@ def check_tools(tools) -> list[dict]:
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise NanoError(f"tools[{i}].function.parameters must be a JSON schema object ({{\"type\": \"object\", ...}})")
     return tools
+
+
+def normalize_messages(messages, fmt: ToolFormat | None = None) -> list[dict]:
+    """OpenAI's request `messages` -> the messages chat templates read (tokenizer.ChatTemplate.render,
+    transformers' apply_chat_template): roles system ("developer" too), user, assistant, tool;
+    content a string (text parts joined; an assistant's null content with tool_calls -> "");
+    assistant `tool_calls` as {"id", "type": "function", "function": {"name", "arguments": dict}}
+    (the wire's JSON string decoded: templates write arguments with tojson); a tool message's
+    `tool_call_id` must answer an earlier call. fmt: a ToolFormat whose template accepts only short
+    ids (Mistral: 9 alphanumerics) gets every id cut to its last characters of that kind, calls and
+    results alike (vLLM's convention). Raises NanoError naming the bad field."""
+    if not isinstance(messages, list) or not messages:
+        raise NanoError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out, call_ids = [], set()
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise NanoError(f"{where} must be an object with 'role' and 'content'")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise NanoError(f"{where}.role must be system, user, assistant or tool (got {str(role)[:20]!r})")
+        message = {"role": role, "content": message_text(m.get("content"), where, role == "assistant"
+                                                          and m.get("tool_calls") is not None)}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = [normalize_call(c, f"{where}.tool_calls[{k}]", fmt)
+                                     for k, c in enumerate(checked_list(m["tool_calls"], f"{where}.tool_calls"))]
+            call_ids.update(c["id"] for c in message["tool_calls"])
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise NanoError(f"{where}.tool_call_id is required: the id of the call this message answers")
+            message["tool_call_id"] = short_id(call_id, fmt)
+            if message["tool_call_id"] not in call_ids:
+                raise NanoError(f"{where}.tool_call_id {call_id[:40]!r} answers no earlier assistant tool call "
+                                "(send the assistant message with its tool_calls first)")
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
+    return out
+
+
+def message_text(content, where, may_be_null=False) -> str:
+    if content is None and may_be_null:
+        return ""
+    if isinstance(content, list):  # content parts: a text model reads the text ones
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise NanoError(f"{where}.content parts must be {{\"type\": \"text\", \"text\": ...}}")
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise NanoError(f"{where}.content must be a string" + (" (or null with tool_calls)" if may_be_null else ""))
+    return content
+
+
+def checked_list(value, where):
+    if not isinstance(value, list) or not value:
+        raise NanoError(f"{where} must be a non-empty list")
+    return value
+
+
+def normalize_call(call, where, fmt=None) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or call.get("type", "function") != "function":
+        raise NanoError(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+    name, arguments = function.get("name"), function.get("arguments", "{}")
+    if not isinstance(name, str) or not name:
+        raise NanoError(f"{where}.function.name must be a non-empty string")
+    if isinstance(arguments, str):
+        arguments = json_value(arguments) if arguments.strip() else {}
+    if not isinstance(arguments, dict):
+        raise NanoError(f"{where}.function.arguments must be a JSON object (as a string: '{{\"x\": 1}}')")
+    call_id = call.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        raise NanoError(f"{where}.id must be a non-empty string (the id the tool message answers)")
+    return {"id": short_id(call_id, fmt), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def short_id(call_id, fmt):
+    if fmt is None or not fmt.id_length:
+        return call_id
+    letters = re.sub(r"[^A-Za-z0-9]", "", call_id)
+    if len(letters) < fmt.id_length:
+        raise NanoError(f"tool call id {call_id[:40]!r} has fewer than {fmt.id_length} letters and digits, "
+                        f"which this model's template needs")
+    return letters[-fmt.id_length:]
 
 
 def check_tool_choice(choice, tools):

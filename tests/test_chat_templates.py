@@ -18,6 +18,7 @@ import gpt
 import serve
 import sft
 import tokenizer
+import tools
 from common import NanoError
 from test_tokenizer import sp_base  # noqa: F401 (a fixture: the SentencePiece BPE trained offline)
 
@@ -32,6 +33,7 @@ MODELS = {
     "qwen3": (None, "<|im_end|>", ["<|im_end|>", "<|endoftext|>"]),
     "mistral-v0.1": ("<s>", "</s>", ["</s>"]),
     "mistral-nemo": ("<s>", "</s>", ["</s>"]),
+    "mistral-v0.3": ("<s>", "</s>", ["</s>"]),
     "gemma-2": ("<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
     "gemma-3": ("<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
     "phi-3.5": (None, "<|endoftext|>", ["<|end|>", "<|assistant|>", "<|endoftext|>"]),
@@ -40,13 +42,17 @@ MODELS = {
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<|eom_id|>", "<|python_tag|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>", "[INST]",
             "[/INST]", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>",
-            "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>"]
-ADDED = ["<think>", "</think>"]  # Qwen3's: added tokens that are not special
+            "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+            "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]  # Mistral v0.3's control tokens
+# Qwen's: added tokens that are not special
+ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 SYSTEM = {"role": "system", "content": "You are brief.  Answer in one line. "}
 TURNS = [("Héllo wörld 👋🏽, 日本語?", "\n\n- apple\n- pear  "), ("  and then?\n", "Ça va.\n\nFin 🍐"),
          (" a\tb  c\n\n", " ok ")]
-NO_SYSTEM = {"gemma-2"}  # its template refuses a system message
+NO_SYSTEM = {"gemma-2"}
+TOOL_TEMPLATES = {"llama3.1": "llama3", "qwen2.5": "hermes", "qwen3": "hermes", "mistral-v0.3": "mistral",
+                  "mistral-nemo": "mistral"}  # its template refuses a system message
 
 
 def conversation(system, n_turns, answer_last=True):
@@ -117,7 +123,7 @@ def test_prompt_ids_equal_transformers_turn_after_turn(name, system, ours, hf_ba
     try:
         text, spans = template.answer_spans(messages)
     except NanoError as e:
-        assert name in ("qwen3", "phi-3.5", "phi-4-mini") or (name == "mistral-nemo" and system), name
+        assert name in ("qwen3", "phi-3.5", "phi-4-mini") or (name in ("mistral-nemo", "mistral-v0.3") and system), name
         assert "{% generation %}" in str(e)
         return
     got_ids, mask = sft.render_conversation(messages, ours, template=template)
@@ -227,3 +233,102 @@ def test_mistral_shaped_folder_loads_with_its_inst_template(tmp_path, sp_base, c
     want = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids):]
     got = torch.stack(list(sample.generate(model, [ids], 6, temperature=0)), 1)[0]
     assert got.tolist() == want.tolist()
+
+
+# ----------------------------------------------------------------------------------------
+# Tools: OpenAI's `tools`, assistant `tool_calls` and `tool` messages, rendered as transformers'
+# apply_chat_template(messages, tools=tools) renders them (Llama 3.1, Qwen2.5/3, Mistral v0.3/Nemo)
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city, now.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "e.g. Zürich"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "local_time", "description": "Local time in a time zone.",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}},
+    tools.CALCULATOR_TOOL,
+]
+
+
+def wire_call(call_id, name, arguments):
+    """A tool call as the openai client sends it back: arguments as a JSON string."""
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def tool_conversations():
+    """name -> OpenAI wire messages: one call per turn over several turns, parallel calls with
+    results, unicode arguments and results, a system message, content beside a call."""
+    weather = wire_call("call_Wx7k2P9qLm", "get_weather", {"city": "Zürich", "unit": "celsius"})
+    time = wire_call("call_T0ky0abc12", "local_time", {"zone": "東京 🗼"})
+    calc = wire_call("call_c4lc9999ab", "calculator", {"expression": "3487 * 29"})
+    return {
+        "single, multi-turn": [
+            SYSTEM, {"role": "user", "content": "Wie ist das Wetter in Zürich? 🌦"},
+            {"role": "assistant", "content": None, "tool_calls": [weather]},
+            {"role": "tool", "tool_call_id": weather["id"], "content": '{"temp": 21, "sky": "heiter ☀"}'},
+            {"role": "assistant", "content": "21 °C, heiter."},
+            {"role": "user", "content": "und 3487 * 29?"},
+            {"role": "assistant", "content": None, "tool_calls": [calc]},
+            {"role": "tool", "tool_call_id": calc["id"], "content": "101123"}],
+        "parallel": [
+            {"role": "user", "content": "Weather in Zürich and the time in 東京?"},
+            {"role": "assistant", "content": "Checking both.", "tool_calls": [weather, time]},
+            {"role": "tool", "tool_call_id": weather["id"], "content": "21"},
+            {"role": "tool", "tool_call_id": time["id"], "content": "23:05"},
+            {"role": "assistant", "content": "21 °C in Zürich; 23:05 in 東京."},
+            {"role": "user", "content": "thanks"}],
+    }
+
+
+@pytest.mark.parametrize("name", TOOL_TEMPLATES)
+@pytest.mark.parametrize("case", ["single, multi-turn", "parallel"])
+def test_tools_render_as_transformers(name, case, ours, hf_base):
+    """ids == apply_chat_template(messages, tools=tools, tokenize=True) for every prefix a server
+    renders (after each tool result and each user turn) and for the whole conversation, from the
+    wire messages tools.normalize_messages makes ready (arguments as dicts, Mistral's 9-character
+    ids); Llama 3.1 refuses parallel calls in both."""
+    template, hf = pair(name, hf_base)
+    fmt = tools.FORMATS[TOOL_TEMPLATES[name]]
+    assert tools.tool_format(template) is fmt and tools.tool_format(tokenizer.ChatTemplate(ours, template)) is fmt
+    messages = tools.normalize_messages(tool_conversations()[case], fmt)
+    if name == "llama3.1" and case == "parallel":
+        with pytest.raises(NanoError, match="single tool-calls"):
+            tokenizer.apply_chat_template(messages, ours, template, True, tools=TOOLS)
+        with pytest.raises(Exception, match="single tool-calls"):
+            hf.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+        return
+    ends = [k + 1 for k, m in enumerate(messages) if m["role"] in ("user", "tool")
+            and (k + 1 == len(messages) or messages[k + 1]["role"] != "tool")]
+    for end in ends:
+        prefix = messages[:end]
+        want = hf.apply_chat_template(prefix, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        assert template.text(prefix, True, tools=TOOLS) == want
+        assert ("Zürich" in want or "東京" in want) and "local_time" in want
+        want_ids = list(hf.apply_chat_template(prefix, tools=TOOLS, tokenize=True, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"])
+        assert tokenizer.ChatTemplate(ours, template).render(prefix, tools=TOOLS) == want_ids
+    whole = hf.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.apply_chat_template(messages, ours, template, tools=TOOLS) == list(whole)
+
+
+@pytest.mark.parametrize("name", TOOL_TEMPLATES)
+def test_parsed_reply_renders_back_as_the_model_wrote_it(name, ours, hf_base):
+    """A call the model writes, parsed by its family's parser (tools.parse_tool_calls) and sent back
+    by the client as the assistant message, renders to the text the model wrote."""
+    template, _ = pair(name, hf_base)
+    fmt = tools.tool_format(template)
+    messages = tools.normalize_messages([{"role": "user", "content": "Zürich?"}], fmt)
+    call = tools.normalize_call(wire_call("call_00000000ab", "get_weather", {"city": "Zürich"}), "call", fmt)
+    prompt = template.text(messages, True, tools=TOOLS)
+    written = template.text(messages + [{"role": "assistant", "content": "", "tool_calls": [call]}], tools=TOOLS)
+    assert written.startswith(prompt)
+    reply = written[len(prompt):].removesuffix(template.eos_token).removesuffix("<|im_end|>\n")
+    content, calls = tools.parse_tool_calls(reply, fmt)
+    content = content.removeprefix("<think>\n\n</think>")  # Qwen3's empty thoughts on the last answer
+    assert content == "" and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Zürich"}
+    back = tools.normalize_messages([messages[0], {"role": "assistant", "content": content, "tool_calls": calls}], fmt)
+    assert template.text(back, tools=TOOLS) == written.replace(call["id"], back[1]["tool_calls"][0]["id"])

@@ -23,7 +23,7 @@ ALLOWED = {
     "openai_api": {"common"},
     "lora": BASE, "finetune": BASE | {"lora", "qlora_nf4"},
     "qlora_nf4": BASE | {"finetune", "lora"}, "dpo": BASE | {"finetune", "lora"},
-    "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample"}, "reward": BASE | {"finetune", "lora", "dpo", "sft"},
+    "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample", "tools"}, "reward": BASE | {"finetune", "lora", "dpo", "sft"},
     "rl": BASE | {"sample", "reward", "lora", "finetune", "plot"},
     "fsdp2_train": BASE | {"lora", "qlora_nf4"}, "quantize": BASE | {"qlora_nf4"},
     "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api", "kv_blocks", "scheduler", "rag"},

@@ -16,6 +16,7 @@ import data
 import gpt
 import sft
 import tokenizer
+import tools
 from common import NanoError
 
 BASE = " 0123456789:abcdefghijklmnopqrstuvwxyz"  # ' ' = 0, '0'..'9' = 1..10, ':' = 11, 'a'..'z' = 12..37
@@ -398,3 +399,65 @@ def test_checkpoint_loads_in_sample_and_dpo(builtin_run, tmp_path, capsys):
     dpo.main(["--init_from", ckpt, "--data", str(pairs), "--max_iters", "2", "--batch_size", "4",
               "--val_fraction", "0.25", "--out_dir", str(tmp_path / "dpo"), "--device", "cpu"])
     assert (tmp_path / "dpo" / "ckpt.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------
+# The calculator task: tool calls in the data, the agent loop in the evaluation
+
+
+def test_calculator_conversations_learn_the_call_and_the_answer():
+    """A calculator conversation renders with the tool tokens; the loss is on the call and the
+    answer, never on the question or the tool's result; held-out expressions never train."""
+    rng = random.Random(0)
+    tok = sft.ChatTokenizer(tokenizer.load_tokenizer("char:" + "".join(map(chr, range(32, 127)))), tools=True)
+    messages = sft.calculator_conversation(rng, direct=False)
+    expression = messages[1]["tool_calls"][0]["function"]["arguments"]["expression"]
+    ids, mask = sft.render_conversation(messages, tok)
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    answer = tools.calculator_text(expression)
+    assert learned == ('<|tool_call|>{"name": "calculator", "arguments": {"expression": "' + expression
+                       + '"}}<|end|>' + answer + "<|end|>")
+    train = {sft.calculator_conversation(rng)[-2]["content"] for _ in range(300)}
+    assert all(sft.held_out(sft.calculator_conversation(rng, test=True)[1]["content"][8:-1]) for _ in range(50))
+    assert not any(sft.held_out(q[8:-1]) for q in train if q.startswith("what is"))
+
+
+def test_agent_loop_runs_the_real_calculator_and_feeds_the_result_back(monkeypatch):
+    """answers_with_tools with a stand-in for the model: it calls the calculator when asked, and
+    answers with the last tool result it reads; without tools its call is not run."""
+    seen = []
+
+    def replies(model, tok, conversations, max_new_tokens, template=None):
+        seen.append([c[-1]["role"] for c in conversations])
+        out = []
+        for c in conversations:
+            if c[-1]["role"] == "tool":
+                out.append(c[-1]["content"])
+            else:
+                expression = c[-1]["content"].removeprefix("what is ").removesuffix("?")
+                out.append('<|tool_call|>{"name": "calculator", "arguments": {"expression": "%s"}}' % expression)
+        return out
+
+    monkeypatch.setattr(sft, "greedy_replies", replies)
+    model = tiny_model(10, block_size=4096)
+    tok = sft.ChatTokenizer(tokenizer.load_tokenizer("char:" + "".join(map(chr, range(32, 127)))), tools=True)
+    questions = ["what is 3487 * 291?", "what is 1 / 0?"]
+    answers, called = sft.answers_with_tools(model, tok, questions, {"calculator": tools.calculator_text})
+    assert answers == [str(3487 * 291), "error: calculator: division by zero"] and called == 2
+    assert seen == [["user", "user"], ["tool", "tool"]]
+    answers, called = sft.answers_with_tools(model, tok, questions, {}, use_tools=False)
+    assert called == 0 and all(a.startswith("<|tool_call|>") for a in answers)
+
+
+def test_calculator_task_smoke(tmp_path, capsys):
+    """python sft.py --tasks calculator, tiny: a "chat:tools:" checkpoint, the with/without line last."""
+    with one_thread():
+        result = sft.main(["--tasks", "calculator", "--out_dir", str(tmp_path), "--base_iters", "0", "--max_iters", "1",
+                           "--n_train", "16", "--n_test", "3", "--base_layer", "1", "--base_embd", "16",
+                           "--base_head", "2", "--eval_iters", "1", "--device", "cpu"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"exact match with the tool: \d+\.\d% without: \d+\.\d%", last)
+    assert {"with_tool", "without_tool", "called_tool"} <= set(result)
+    assert gpt.load_checkpoint(str(tmp_path / "ckpt.pt"))[1].startswith("chat:tools:char:")
+    assert (tmp_path / "base-128.pt").is_file()
+

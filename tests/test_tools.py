@@ -71,6 +71,9 @@ REPLIES = {  # (format, reply as the family's model writes it, expected content,
                     "", [("weather", ARGS_W), ("time", {})]),
     "nanollm": ("nanollm", "<|tool_call|>" + json.dumps({"name": "calculator", "arguments": {"expression": "2*3"}}),
                 "", [("calculator", {"expression": "2*3"})]),
+    "nanollm-two": ("nanollm", "Both: <|tool_call|>" + json.dumps({"name": "weather", "arguments": ARGS_W})
+                    + "<|tool_call|>" + json.dumps({"name": "time", "arguments": ARGS_T}, ensure_ascii=False),
+                    "Both:", [("weather", ARGS_W), ("time", ARGS_T)]),
     "arguments-as-string": ("hermes", "<tool_call>" + json.dumps({"name": "f", "arguments": json.dumps({"a": 1})})
                             + "</tool_call>", "", [("f", {"a": 1})]),
 }
@@ -87,6 +90,11 @@ MALFORMED = {  # these stay content, as they are
 }
 
 
+def id_ok(call_id, fmt):
+    """OpenAI's "call_..." ids; Mistral's templates take back only 9 letters and digits."""
+    return call_id.isalnum() and len(call_id) == 9 if fmt == "mistral" else call_id.startswith("call_")
+
+
 def calls_of(calls):
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
@@ -96,7 +104,7 @@ def test_parsers_turn_each_familys_calls_into_openai_tool_calls(case):
     fmt, reply, content, expected = REPLIES[case]
     got_content, calls = tools.parse_tool_calls(reply, tools.FORMATS[fmt])
     assert got_content == content and calls_of(calls) == expected
-    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    assert all(id_ok(c["id"], fmt) and c["type"] == "function" for c in calls)
     assert len({c["id"] for c in calls}) == len(calls)
 
 
@@ -132,7 +140,7 @@ def test_a_stream_adds_up_to_the_whole_reply(case):
         got_content, got_calls = stream(reply, fmt, rng)
         assert got_content == content
         assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == calls_of(calls)
-        assert all(c["id"].startswith("call_") for c in got_calls)
+        assert all(id_ok(c["id"], fmt) for c in got_calls)
 
 
 def test_a_stream_sends_plain_text_as_it_comes():
@@ -270,3 +278,97 @@ def test_constraint_refuses_a_tokenizer_that_cannot_write_json():
     with pytest.raises(NanoError, match="does not know the schema"):
         tools.CallGrammar(tokenizer.load_tokenizer("char:abc"), [{"function": {
             "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "date"}}}}}], {0})
+
+
+# ----------------------------------------------------------------------------------------
+# Request messages -> template messages; nanollm's own tool tokens
+
+
+def test_normalize_messages_decodes_arguments_and_checks_ids():
+    call = {"id": "call_9f8e7d6c5b4a", "type": "function",
+            "function": {"name": "calculator", "arguments": "{\"expression\": \"12 * 12\"}"}}
+    wire = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+            {"role": "user", "content": "12 * 12?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "144"}]
+    got = tools.normalize_messages(wire)
+    assert got[0] == {"role": "system", "content": "be brief"}
+    assert got[2] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": call["id"], "type": "function", "function": {"name": "calculator", "arguments": {"expression": "12 * 12"}}}]}
+    assert got[3] == {"role": "tool", "content": "144", "tool_call_id": call["id"]}
+    assert wire[2]["tool_calls"][0]["function"]["arguments"].startswith("{")  # the request is not changed
+    short = tools.normalize_messages(wire, tools.FORMATS["mistral"])
+    assert short[2]["tool_calls"][0]["id"] == short[3]["tool_call_id"] == "8e7d6c5b4a"[-9:]
+
+
+@pytest.mark.parametrize("bad, says", [
+    ([], "non-empty list"),
+    ([{"role": "robot", "content": "x"}], r"messages\[0\].role"),
+    ([{"role": "user", "content": 3}], r"messages\[0\].content must be a string"),
+    ([{"role": "assistant", "content": None}], "content must be a string"),
+    ([{"role": "assistant", "content": None, "tool_calls": []}], "tool_calls must be a non-empty list"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{"}}]}],
+     "arguments must be a JSON object"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "[1]"}}]}],
+     "arguments must be a JSON object"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}], r"\.id must be"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"id": "a", "function": {"arguments": "{}"}}]}], "name must be"),
+    ([{"role": "tool", "content": "1"}], "tool_call_id is required"),
+    ([{"role": "tool", "content": "1", "tool_call_id": "nope"}], "answers no earlier"),
+])
+def test_normalize_messages_refuses_with_one_line(bad, says):
+    with pytest.raises(NanoError, match=says) as e:
+        tools.normalize_messages(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_nanollm_tool_tokens_render_and_parse_back():
+    """"chat:tools:" specs add <|tool_call|> and <|tool_result|> after the four chat tokens; a call is
+    part of the answer (loss), a result is given; the reply the model writes parses back to the call.
+    "chat:" specs keep 4 tokens and refuse tool messages."""
+    import sft
+    import tokenizer
+
+    alphabet = "char:" + "".join(sorted(set("abcdefghijklmnopqrstuvwxyz0123456789{}[]\":,* _")))
+    old, tok = tokenizer.load_tokenizer("chat:" + alphabet), tokenizer.load_tokenizer("chat:tools:" + alphabet)
+    n = len(alphabet) - len("char:")
+    assert (old.vocab_size, tok.vocab_size, tok.spec) == (n + 4, n + 6, "chat:tools:" + alphabet)
+    assert (tok.end_id, tok.tool_call_id, tok.tool_result_id) == (n + 3, n + 4, n + 5)
+    assert tokenizer.base_spec(tok.spec) == tokenizer.base_spec(old.spec) == alphabet
+    call = tools.openai_call("calculator", {"expression": "12 * 12"})
+    wire = [{"role": "user", "content": "what is 12 * 12"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "144"}, {"role": "assistant", "content": "144"}]
+    messages = tools.normalize_messages(wire)
+    ids, mask = sft.render_conversation(messages, tok)
+    text = tok.decode(ids)
+    assert text == ('<|user|>what is 12 * 12<|end|><|assistant|><|tool_call|>{"name": "calculator", "arguments": '
+                    '{"expression": "12 * 12"}}<|end|><|tool_result|>144<|end|><|assistant|>144<|end|>')
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == '<|tool_call|>{"name": "calculator", "arguments": {"expression": "12 * 12"}}<|end|>144<|end|>'
+    prompt = tokenizer.apply_chat_template(messages[:1], tok, add_generation_prompt=True)
+    reply = tok.decode(ids[len(prompt):ids.index(tok.end_id, len(prompt))])
+    content, calls = tools.parse_tool_calls(reply, tools.tool_format(tokenizer.ChatTemplate(tok)))
+    assert content == "" and calls_of(calls) == [("calculator", {"expression": "12 * 12"})]
+    assert tokenizer.apply_chat_template(messages[:1], old, add_generation_prompt=True) == prompt[:len(prompt)]
+    with pytest.raises(NanoError, match="no tool tokens") as e:
+        tokenizer.apply_chat_template(messages, old)
+    assert "\n" not in str(e.value)
+
+
+def test_nanollm_tools_chat_template_renders_as_chat_pieces():
+    """export.py's template for a "chat:tools:" model: transformers renders the text whose tokens
+    are chat_pieces' ids (parallel calls, unicode arguments, a result, a system message)."""
+    chat_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    import tokenizer
+
+    tok = tokenizer.load_tokenizer("chat:tools:char:" + "".join(map(chr, range(32, 127))) + "ü°東京🗼")
+    a, b = tools.openai_call("weather", ARGS_W), tools.openai_call("time", ARGS_T)
+    messages = tools.normalize_messages([
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "Zürich? 東京?"},
+        {"role": "assistant", "content": "Both.", "tool_calls": [a, b]},
+        {"role": "tool", "tool_call_id": a["id"], "content": "21"}, {"role": "tool", "tool_call_id": b["id"], "content": "23:05"},
+        {"role": "assistant", "content": "21 °C; 23:05"}])
+    source = tokenizer.nanollm_chat_template(tok)
+    for n, gen in ((len(messages), False), (len(messages) - 1, True), (2, True)):
+        text = chat_utils.render_jinja_template([messages[:n]], chat_template=source, add_generation_prompt=gen)[0][0]
+        assert tok.encode(text) == tokenizer.apply_chat_template(messages[:n], tok, add_generation_prompt=gen)
+    assert tokenizer.nanollm_chat_template(tokenizer.load_tokenizer("chat:gpt2")) == tokenizer.NANOLLM_CHAT_TEMPLATE
