@@ -483,7 +483,7 @@ def byte_bpe(spec: str) -> bpe.Tokenizer | None:
     "chat:" spec's base tokenizer (its chat tokens are in tokenizer_json)."""
     if spec is None:
         raise NanoError("the checkpoint records no tokenizer (save it with a tokenizer spec, e.g. 'gpt2')")
-    spec = spec.removeprefix(tokenizer.CHAT_PREFIX)
+    spec = tokenizer.base_spec(spec)
     if spec.startswith("char:"):
         return None
     if spec == "gpt2":  # the GPT-2 files that ship in assets/
@@ -499,7 +499,7 @@ def tokenizer_json(spec: str) -> dict:
     alphabet and which has no merges (every character one token), decoded by concatenation;
     a "chat:" spec as its base with sft.py's four chat tokens added (special, ids after the base's)."""
     if spec.startswith(tokenizer.CHAT_PREFIX):
-        hf = json.loads(json.dumps(tokenizer_json(spec[len(tokenizer.CHAT_PREFIX):])))  # a copy
+        hf = json.loads(json.dumps(tokenizer_json(tokenizer.base_spec(spec))))  # a copy
         chat = tokenizer.load_tokenizer(spec)
         hf["added_tokens"] = hf.get("added_tokens") or []
         hf["added_tokens"] += [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
@@ -524,7 +524,8 @@ def chat_of(spec: str):
     model's spec: sft.py's "chat:" tokens (tokenizer.NANOLLM_CHAT_TEMPLATE, <|end|>), or the
     template beside a tokenizer.json; None for a base model."""
     if spec.startswith(tokenizer.CHAT_PREFIX):
-        return tokenizer.NANOLLM_CHAT_TEMPLATE, "<|end|>", (tokenizer.load_tokenizer(spec).end_id,)
+        tok = tokenizer.load_tokenizer(spec)
+        return tokenizer.nanollm_chat_template(tok), "<|end|>", (tok.end_id,)
     template = tokenizer.HFChatTemplate.find(spec)
     if template is None:
         return None
@@ -596,8 +597,8 @@ def gguf_tokenizer(spec: str, n_vocab: int) -> dict:
     3 control, 4 user-defined, 5 unused), the list padded with [PAD<i>] up to the
     embedding's rows, as the converter does. A character tokenizer becomes a byte-level
     BPE without merges, which is exact when every character is one byte (ASCII)."""
-    if spec.removeprefix(tokenizer.CHAT_PREFIX).startswith("char:"):
-        alphabet = spec.removeprefix(tokenizer.CHAT_PREFIX)[len("char:"):]
+    if tokenizer.base_spec(spec).startswith("char:"):
+        alphabet = tokenizer.base_spec(spec)[len("char:"):]
         if not alphabet.isascii():
             raise NanoError("GGUF has no character tokenizer and this alphabet is not ASCII (only an "
                             "ASCII alphabet maps onto llama.cpp's byte-level tokenizer; export --to hf instead)")

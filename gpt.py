@@ -478,12 +478,12 @@ def clean_state_dict(model: nn.Module) -> dict:
     return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
 
 
-CHAT_SPEC = "chat:"  # tokenizer.CHAT_PREFIX: a chat model's spec is "chat:" + its base tokenizer's
+CHAT_SPECS = ("chat:tools:", "chat:")  # tokenizer.TOOLS_PREFIX, CHAT_PREFIX: + the base tokenizer's spec
 
 
 def tokenizer_file(spec) -> Path | None:
     """The file a spec names (a bpe.py model or a tokenizer.json, also after "chat:"), or None."""
-    base = spec.removeprefix(CHAT_SPEC) if isinstance(spec, str) else None
+    base = spec.removeprefix(chat_prefix(spec)) if isinstance(spec, str) else None
     return Path(base) if base and not base.startswith("char:") and Path(base).is_file() else None
 
 
@@ -494,8 +494,7 @@ def pack_tokenizer(spec) -> dict | None:
 
 
 def unpack_tokenizer(spec, packed: dict | None):
-    """The spec to load a checkpoint's tokenizer with: the recorded path while it still holds the
-    same bytes, else a copy of the packed file under ~/.cache/nanollm/tokenizers (by content hash)."""
+    """The spec to load a checkpoint's tokenizer with: the recorded path while it holds the same bytes, else a copy."""
     path = tokenizer_file(spec)
     if not packed or (path is not None and path.read_bytes() == packed["data"]):
         return spec
@@ -503,7 +502,11 @@ def unpack_tokenizer(spec, packed: dict | None):
     copy = common.nanollm_cache() / "tokenizers" / f"{digest}-{Path(packed['name']).name}"
     if not copy.is_file():
         common.atomic_write(copy, lambda tmp: tmp.write_bytes(packed["data"]))
-    return (CHAT_SPEC if spec.startswith(CHAT_SPEC) else "") + str(copy)
+    return chat_prefix(spec) + str(copy)
+
+
+def chat_prefix(spec: str) -> str:
+    return next((p for p in CHAT_SPECS if spec.startswith(p)), "")
 
 
 def save_checkpoint(path, model, tokenizer_spec, step=0, **extra):

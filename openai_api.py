@@ -50,6 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import tools
 from common import NanoError
 
 PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
@@ -132,7 +133,9 @@ class PlainChatTemplate:
     def __init__(self, tok):
         self.tok, self.stop_ids = tok, frozenset({tok.eot_id} if tok.eot_id is not None else ())
 
-    def render(self, messages) -> list[int]:
+    def render(self, messages, tools=None) -> list[int]:
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise NanoError("this base model has no chat template, so no tools (serve a chat model: sft.py)")
         names = {"user": "User", "assistant": "Assistant"}
         text = "".join(m["content"] + "\n\n" if m["role"] == "system" else f"{names[m['role']]}: {m['content']}\n"
                        for m in messages)
@@ -256,6 +259,42 @@ def parse_sampling(body, block_size, n_prompt):
 
 # ----------------------------------------------------------------------------------------
 # HTTP
+
+
+def parse_tools(body) -> list | None:
+    """The request's `tools` (None without), checked: a bad schema is a 400."""
+    if body.get("tools") is None:
+        return None
+    try:
+        return tools.check_tools(body["tools"])
+    except NanoError as e:
+        raise APIError(400, str(e), param="tools") from None
+
+
+class ToolCalls:
+    """How one chat request uses its tools: the reply is parsed into tool_calls with the
+    template's format; with tool_choice "required" or a named function the reply is forced to be
+    a call: the prompt ends with the format's opening (`opening` ids, `prefix` text), and the
+    engine masks every token that would leave the call's grammar (tools.CallConstraint; the
+    grammar of a tool list is compiled once per server)."""
+
+    OPENINGS = {"nanollm": ("<|tool_call|>", ""), "hermes": ("<tool_call>\n", "\n</tool_call>"), "llama3": ("", "")}
+
+    def __init__(self, fmt, choice, tool_list, server):
+        self.fmt, self.opening, self.prefix, self.suffix, self.constraint = fmt, [], "", "", None
+        if choice in ("auto", "none"):
+            return
+        if fmt.name not in self.OPENINGS:
+            raise APIError(400, f"tool_choice {json.dumps(choice)} is not supported for {fmt.name} templates (use auto)",
+                           param="tool_choice")
+        if isinstance(choice, dict):  # a named function: only its grammar
+            tool_list = [t for t in tool_list if t["function"]["name"] == choice["function"]["name"]]
+        self.prefix, self.suffix = self.OPENINGS[fmt.name]
+        self.opening = server.tok.encode(self.prefix) if self.prefix else []
+        key = json.dumps(tool_list, sort_keys=True)
+        if key not in server.grammars:
+            server.grammars[key] = tools.CallGrammar(server.tok, tool_list, server.template.stop_ids)
+        self.constraint = tools.CallConstraint(server.grammars[key])
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -401,9 +440,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat_completions(self, body):
         self._check_model(body)
-        template = self.server.template
-        ids = template.render(parse_messages(body))
-        self._complete(body, ids, template.stop_ids, template.stop, chat=True)
+        template, tool_list = self.server.template, parse_tools(body)
+        choice = tools.check_tool_choice(body.get("tool_choice", "auto" if tool_list else "none"), tool_list)
+        fmt = tools.tool_format(template)
+        messages = body.get("messages")
+        if tool_list or isinstance(messages, list) and any(
+                isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages):
+            ids = template.render(tools.normalize_messages(messages, fmt), tools=tool_list)
+        else:
+            ids = template.render(parse_messages(body))
+        calls = ToolCalls(fmt, choice, tool_list, self.server) if tool_list and choice != "none" else None
+        self._complete(body, ids + (calls.opening if calls else []), template.stop_ids, template.stop, chat=True,
+                       calls=calls)
 
     def completions(self, body):
         self._check_model(body)
@@ -437,9 +485,11 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(404, f"the model {model!r} does not exist (this server has {name!r})",
                            param="model", code="model_not_found")
 
-    def _complete(self, body, ids, stop_ids, stop, chat):
+    def _complete(self, body, ids, stop_ids, stop, chat, calls=None):
         engine, tok = self.server.engine, self.server.tok
         options, user_stop, flags = parse_sampling(body, engine.block_size, len(ids))
+        if calls is not None and calls.constraint is not None:
+            options["constraint"] = calls.constraint
         try:
             comp = engine.complete(tok, ids, frozenset() if flags["ignore_eos"] else stop_ids,
                                    tuple(stop) + tuple(user_stop), **options)
@@ -450,20 +500,25 @@ class Handler(BaseHTTPRequestHandler):
                 "model": self.server.model_name}
         try:
             if flags["stream"]:
-                self._stream(comp, head, chat, flags["include_usage"], len(ids))
+                self._stream(comp, head, chat, flags["include_usage"], len(ids), calls)
             else:
                 text = "".join(comp.deltas(self._client_gone))
                 if comp.finish_reason is None:  # the client left
                     self.close_connection = True
                     return
-                choice = {"index": 0, "finish_reason": comp.finish_reason, "logprobs": None,
-                          **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+                message, finish = {"role": "assistant", "content": text}, comp.finish_reason
+                if calls is not None:
+                    content, found = tools.parse_tool_calls(calls.prefix + text + calls.suffix, calls.fmt)
+                    if found:
+                        message, finish = {"role": "assistant", "content": content or None, "tool_calls": found}, "tool_calls"
+                choice = {"index": 0, "finish_reason": finish, "logprobs": None,
+                          **({"message": message} if chat else {"text": text})}
                 self._send_json(200, {**head, "object": "chat.completion" if chat else "text_completion",
                                       "choices": [choice], "usage": usage(len(ids), comp.completion_tokens)})
         finally:
             comp.cancel()
 
-    def _stream(self, comp, head, chat, include_usage, n_prompt):
+    def _stream(self, comp, head, chat, include_usage, n_prompt, calls=None):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -481,17 +536,35 @@ class Handler(BaseHTTPRequestHandler):
             choice.update({"delta": piece} if chat else {"text": piece.get("content", "")})
             return {**head, "object": kind, "choices": [choice]}
 
+        def send_parts(content, call_deltas):  # content, then tool-call chunks (OpenAI's delta.tool_calls)
+            if content:
+                send(chunk({"content": content}))
+            for delta in call_deltas:
+                send(chunk({"tool_calls": [delta]}))
+
         if chat:
             send(chunk({"role": "assistant", "content": ""}))
+        stream = tools.ToolStream(calls.fmt) if calls is not None else None
+        if stream is not None:
+            stream.feed(calls.prefix)  # the opening the prompt forced is part of the reply
         try:
             for piece in comp.deltas(self._client_gone):
-                send(chunk({"content": piece}))
+                if stream is None:
+                    send(chunk({"content": piece}))
+                else:
+                    send_parts(*stream.feed(piece))
         except RuntimeError as e:  # the engine failed this request: say so in the stream
             send(APIError(500, str(e), kind="server_error").body())
         else:
             if comp.finish_reason is None:  # the client left
                 return
-            send(chunk({}, comp.finish_reason))
+            finish = comp.finish_reason
+            if stream is not None:
+                stream.feed(calls.suffix)
+                content, call_deltas = stream.finish()
+                send_parts(content, call_deltas)
+                finish = "tool_calls" if call_deltas else finish
+            send(chunk({}, finish))
             if include_usage:
                 send({**head, "object": kind, "choices": [], "usage": usage(n_prompt, comp.completion_tokens)})
         self.wfile.write(b"data: [DONE]\n\n")
@@ -518,6 +591,7 @@ class Server(ThreadingHTTPServer):
         self.model_name, self.api_key, self.log_requests, self.embedder = model_name, api_key, log_requests, embedder
         self.created = int(time.time())
         self.page = PAGE.read_bytes()
+        self.grammars = {}  # tools.CallGrammar per tool list (tool_choice required or named)
 
     def process_request(self, request, client_address):
         with self._lock:

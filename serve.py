@@ -17,10 +17,8 @@ whole batch. A server schedules per step instead, in one engine thread that owns
   every request's keys through its block table) -> postprocess (a request whose tokens are all
   computed samples its next token; a finished one frees its blocks at once).
 So a new request joins at the next step, and a finished one leaves the step it finishes.
-In parallel: the client threads (openai_api.py: one per connection; parse, tokenize, turn
-tokens back into text, stream); all tokens of one step (one forward reads each weight once for
-B tokens; decode is memory-bound, so B rows cost little more than one until the matmuls turn
-compute-bound, at hundreds of rows on a GPU and far fewer on a CPU: the throughput).
+In parallel: the client threads (openai_api.py: parse, tokenize, detokenize, stream) and all
+tokens of one step (one forward reads each weight once for B tokens: decode is memory-bound).
 In sequence: the engine's steps (step t+1 feeds the tokens sampled at step t).
 On a CPU with AMX (bf16 matrix units) --dtype auto runs in bf16: products of 8+ rows are
 several times faster than fp32 there. A quantize.py checkpoint (int8 weights) serves as is.
@@ -35,7 +33,6 @@ Run:
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -67,9 +64,8 @@ class Finished:
 
 @dataclass(eq=False)  # compared by identity
 class Request:
-    """One generation as the engine sees it. The engine puts each new token id into
-    `events`, then a Finished; any thread may set `cancelled`, and the engine frees its
-    blocks before its next step."""
+    """One generation as the engine sees it: each new token id goes into `events`, then a
+    Finished; any thread may set `cancelled` (the engine frees its blocks before its next step)."""
     prompt: list[int]
     max_tokens: int
     temperature: float = 0.0
@@ -77,6 +73,7 @@ class Request:
     top_k: int | None = None
     seed: int | None = None
     stop_ids: frozenset = frozenset()
+    constraint: object = None  # a forced tool call (tools.CallConstraint): tokens outside its grammar masked
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     n_generated: int = 0
@@ -245,8 +242,14 @@ class Engine:
         tokens = []
         for i, r in enumerate(reqs):
             try:
+                row = logits[i:i + 1]
+                if r.constraint is not None:  # a forced tool call: only its grammar's tokens
+                    row = row.masked_fill(~r.constraint.allowed().to(row.device), float("-inf"))
+                    greedy[i] = int(row.argmax())
                 tokens.append(greedy[i] if r.temperature == 0 else
-                              int(sample.sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)))
+                              int(sample.sample_next(row, r.temperature, r.top_k, r.top_p, r.generator)))
+                if r.constraint is not None:
+                    r.constraint.advance(tokens[-1])
             except Exception as e:  # noqa: BLE001  this request fails, the others go on
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
                 tokens.append(None)
@@ -454,11 +457,7 @@ def pick_dtype(device, name="auto") -> torch.dtype:
 
 @common.cli
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(argv):  # a bare `--chat` means `--chat True`
-        if a == "--chat" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            argv[i:i + 1] = ["--chat", "True"]
-    cfg = common.parse_config(ServeConfig, argv, __doc__)
+    cfg = common.parse_config(ServeConfig, argv, __doc__)  # (a bare --chat means --chat True)
     error = sample.check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, 1.0)
     if error:
         raise NanoError(error)

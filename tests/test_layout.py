@@ -20,7 +20,7 @@ ALLOWED = {
     "common": set(), "bpe": set(), "plot": {"common"},
     "tokenizer": {"common", "bpe", "unigram"}, "hf_io": {"common"}, "data": {"common", "tokenizer"},
     "gpt": {"common", "hf_io", "flash_attention"}, "flash_attention": {"common"},
-    "openai_api": {"common"},
+    "openai_api": {"common", "tools"},
     "lora": BASE, "finetune": BASE | {"lora", "qlora_nf4"},
     "qlora_nf4": BASE | {"finetune", "lora"}, "dpo": BASE | {"finetune", "lora"},
     "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample", "tools"}, "reward": BASE | {"finetune", "lora", "dpo", "sft"},

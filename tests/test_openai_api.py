@@ -404,11 +404,12 @@ def test_browser_chat_page_streams_a_reply(model, tok, slow_steps, loopback):
 
 
 def test_imports_no_script():
-    """openai_api imports the standard library and common.py, nothing else of ours (DESIGN.md)."""
+    """openai_api imports the standard library, common.py and tools.py (the tool-call formats, itself
+    importing only common), nothing else of ours (DESIGN.md, with tools as the README says)."""
     tree = ast.parse(Path(openai_api.__file__).read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert names - set(sys.stdlib_module_names) == {"common"}
+    assert names - set(sys.stdlib_module_names) == {"common", "tools"}
 
 
 class StubCompletion:
