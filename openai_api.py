@@ -293,6 +293,8 @@ class ToolCalls:
         self.opening = server.tok.encode(self.prefix) if self.prefix else []
         key = json.dumps(tool_list, sort_keys=True)
         if key not in server.grammars:
+            if len(server.grammars) >= 16:  # many clients' tool lists: forget the oldest grammar
+                server.grammars.pop(next(iter(server.grammars)))
             server.grammars[key] = tools.CallGrammar(server.tok, tool_list, server.template.stop_ids)
         self.constraint = tools.CallConstraint(server.grammars[key])
 

@@ -610,6 +610,8 @@ class SFTConfig:
     base_head: int = 4
     base_embd: int = 128
     base_block: int = 64
+    base_arch: str = field(default="gpt2", metadata={
+        "help": "built-in task: the base's block, gpt2 | llama (RoPE, RMSNorm, SwiGLU: relative positions copy better)"})
 
 
 def builtin_rows(cfg):
@@ -645,6 +647,8 @@ def check_config(cfg: SFTConfig):
         raise NanoError("--dropout and --lora_dropout must be in [0, 1)")
     if cfg.chat_init not in ("gaussian", "mean"):
         raise NanoError(f"--chat_init must be gaussian or mean (got {cfg.chat_init!r})")
+    if cfg.base_arch not in ("gpt2", "llama"):
+        raise NanoError(f"--base_arch must be gpt2 or llama (got {cfg.base_arch!r})")
     unknown = set(cfg.tasks.split(",")) - set(TASKS) - {"calculator"}
     if unknown:
         raise NanoError(f"unknown task {min(unknown)!r} in --tasks (choose from {', '.join(TASKS)})")
@@ -797,14 +801,16 @@ def builtin_base(cfg, device, dtype, out_dir):
     """out_dir/base.pt: a character-level GPT pretrained on Tiny Shakespeare, trained here
     (the same loop, every token a target) unless it exists already."""
     block = base_block(cfg)
-    path = out_dir / ("base.pt" if block == cfg.base_block else f"base-{block}.pt")
+    name = "base" + ("" if block == cfg.base_block else f"-{block}") + ("" if cfg.base_arch == "gpt2" else f"-{cfg.base_arch}")
+    path = out_dir / f"{name}.pt"
     if path.is_file():
         print(f"base model: {path} (delete it to pretrain again)")
         return str(path)
     text = data.SHAKESPEARE_PATH.read_text(encoding="utf-8")
     tok = tokenizer.load_tokenizer("char:" + "".join(sorted(set(text) | set("0123456789") | set('{}"*+_'))))
-    config = gpt.GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=cfg.base_layer,
-                           n_head=cfg.base_head, n_embd=cfg.base_embd, dropout=0.0)
+    make = gpt.llama_config if cfg.base_arch == "llama" else gpt.GPTConfig
+    config = make(block_size=block, vocab_size=tok.vocab_size, n_layer=cfg.base_layer,
+                  n_head=cfg.base_head, n_embd=cfg.base_embd, dropout=0.0)
     model = gpt.GPT(config).to(device)
     train_ex, val_ex = shakespeare_examples(tok, block)
     pre = replace(cfg, max_iters=cfg.base_iters, learning_rate=3e-3, min_lr_ratio=0.1, batch_size=32,

@@ -267,6 +267,7 @@ def test_bad_rows_are_one_line_errors_naming_the_row(tmp_path, capsys, messages,
     (["--data", "{tmp}/missing.jsonl"], "data file {tmp}/missing.jsonl not found"),
     (["--out_dir", "{tmp}/a_file"], "--out_dir {tmp}/a_file is a file or below one (pick a folder)"),
     (["--out_dir", "{tmp}/a_file/sub"], "--out_dir {tmp}/a_file/sub is a file or below one"),
+    (["--base_arch", "rnn"], "--base_arch must be gpt2 or llama (got 'rnn')"),
 ])
 def test_bad_files_are_one_line_errors_before_any_work(tmp_path, capsys, args, expect):
     (tmp_path / "binary.jsonl").write_bytes(b"\x00\x01\x02PK")
