@@ -573,6 +573,45 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+# ----------------------------------------------------------------------------------------
+# Tokens back to text, stop strings
+
+
+class TextStream:
+    """Token ids in, text out, piece by piece. Holds back a half-decoded UTF-8 character
+    (byte-level BPE splits characters) and any tail that might be the start of a stop
+    string, so a stop string never reaches the client, even split across tokens."""
+
+    def __init__(self, tok, stop=()):
+        self.tok, self.stop = tok, [s for s in stop if s]
+        self.ids, self.sent = [], 0  # sent: characters of the text handed out so far
+
+    def push(self, token) -> tuple[str, bool]:
+        """-> (new text, whether a stop string ended the text)"""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        hits = [i for i in (text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            return self._take(text, min(hits)), True
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        for k in range(min(safe - self.sent, max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(text[safe - k:safe]) for s in self.stop):
+                safe -= k
+                break
+        return self._take(text, safe), False
+
+    def flush(self) -> str:
+        return self._take(self.tok.decode(self.ids), None)
+
+    def _take(self, text, end):
+        piece = text[self.sent:end]
+        self.sent += len(piece)
+        return piece
+
+
+
 def usage(n_prompt, n_completion):
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 

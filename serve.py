@@ -48,6 +48,7 @@ import rag  # its bi-encoder answers /v1/embeddings (--embeddings)
 import sample
 import scheduler
 import tokenizer
+import tools
 from common import NanoError
 
 # ----------------------------------------------------------------------------------------
@@ -279,41 +280,7 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------------------
-# Tokens back to text, stop strings
-
-
-class TextStream:
-    """Token ids in, text out, piece by piece. Holds back a half-decoded UTF-8 character
-    (byte-level BPE splits characters) and any tail that might be the start of a stop
-    string, so a stop string never reaches the client, even split across tokens."""
-
-    def __init__(self, tok, stop=()):
-        self.tok, self.stop = tok, [s for s in stop if s]
-        self.ids, self.sent = [], 0  # sent: characters of the text handed out so far
-
-    def push(self, token) -> tuple[str, bool]:
-        """-> (new text, whether a stop string ended the text)"""
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        hits = [i for i in (text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            return self._take(text, min(hits)), True
-        safe = len(text)
-        while safe > self.sent and text[safe - 1] == "\ufffd":
-            safe -= 1
-        for k in range(min(safe - self.sent, max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(text[safe - k:safe]) for s in self.stop):
-                safe -= k
-                break
-        return self._take(text, safe), False
-
-    def flush(self) -> str:
-        return self._take(self.tok.decode(self.ids), None)
-
-    def _take(self, text, end):
-        piece = text[self.sent:end]
-        self.sent += len(piece)
-        return piece
+# The client side: a request's tokens back to text (openai_api.TextStream holds back stop strings)
 
 
 class Completion:
@@ -322,7 +289,7 @@ class Completion:
 
     def __init__(self, engine, tok, req: Request, stop=()):
         self.engine, self.req = engine, req
-        self.text = TextStream(tok, stop)
+        self.text = openai_api.TextStream(tok, stop)
         self.finish_reason, self.completion_tokens = None, 0
         engine.submit(req)
 
@@ -381,10 +348,15 @@ def make_server(model, tok, host="127.0.0.1", port=0, engine_args=None, **kwargs
 
 def chat_cli(engine, tok, template, cfg):
     """A read-eval-print loop over the same engine: /new starts over, /quit (or Ctrl-D)
-    leaves, Ctrl-C stops the reply being written."""
+    leaves, Ctrl-C stops the reply being written. A model that calls tools (sft.py --tasks
+    calculator, or a template that writes tool calls) gets the calculator: each call is run
+    (tools.run_tool_call), shown with its result, and the result fed back for the answer."""
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(system)
-    print("nanollm chat (/new starts over, /quit leaves)", flush=True)
+    fmt = tools.tool_format(template)
+    calculator = [tools.CALCULATOR_TOOL] if getattr(tok, "tools", False) or "tool_call" in str(
+        getattr(template, "source", "")) else None
+    print("nanollm chat (/new starts over, /quit leaves)" + (" with a calculator" if calculator else ""), flush=True)
     while True:
         try:
             line = input("\nyou> ")
@@ -396,29 +368,44 @@ def chat_cli(engine, tok, template, cfg):
         if line.strip() == "/new":
             messages = list(system)
             continue
-        messages.append({"role": "user", "content": line})
-        try:
-            ids = template.render(messages)
-            room = engine.block_size - len(ids)
-            if room < 1:
-                raise NanoError(f"the conversation fills the context of {engine.block_size} tokens; /new starts over")
-            comp = engine.complete(tok, ids, template.stop_ids, template.stop, max_tokens=min(cfg.max_tokens, room),
-                                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
-        except NanoError as e:
-            print(f"[{e}]")
-            messages.pop()
-            continue
-        print("assistant>", end="", flush=True)
-        reply = []
-        try:
-            for piece in comp.deltas():
-                reply.append(piece)
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            comp.cancel()
-            print(" [stopped]", end="")
-        print(flush=True)
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        turn = [{"role": "user", "content": line}]
+        for _ in range(3):  # a reply, and up to two more after tool results
+            reply = chat_reply(engine, tok, template, tools.normalize_messages(messages + turn, fmt), cfg, calculator)
+            content, calls = tools.parse_tool_calls(reply, fmt) if calculator and reply else (reply, [])
+            if not calls:
+                break
+            turn.append({"role": "assistant", "content": content, "tool_calls": calls})
+            for call in calls:
+                result = tools.run_tool_call(call, {"calculator": tools.calculator_text})
+                print(f"[{call['function']['name']}({call['function']['arguments']}) -> {result}]", flush=True)
+                turn.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        if reply is not None:  # None: the reply could not start (said why); the turn is dropped
+            messages += turn + [{"role": "assistant", "content": reply}]
+
+
+def chat_reply(engine, tok, template, messages, cfg, tool_list=None) -> str | None:
+    """One assistant reply, printed as it streams; None (and why) when it cannot start."""
+    try:
+        ids = template.render(messages, tools=tool_list) if tool_list else template.render(messages)
+        room = engine.block_size - len(ids)
+        if room < 1:
+            raise NanoError(f"the conversation fills the context of {engine.block_size} tokens; /new starts over")
+        comp = engine.complete(tok, ids, template.stop_ids, template.stop, max_tokens=min(cfg.max_tokens, room),
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    except NanoError as e:
+        print(f"[{e}]")
+        return None
+    print("assistant>", end="", flush=True)
+    reply = []
+    try:
+        for piece in comp.deltas():
+            reply.append(piece)
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        comp.cancel()
+        print(" [stopped]", end="")
+    print(flush=True)
+    return "".join(reply)
 
 
 @dataclass

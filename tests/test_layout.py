@@ -26,7 +26,7 @@ ALLOWED = {
     "sft": BASE | {"finetune", "lora", "qlora_nf4", "sample", "tools"}, "reward": BASE | {"finetune", "lora", "dpo", "sft"},
     "rl": BASE | {"sample", "reward", "lora", "finetune", "plot"},
     "fsdp2_train": BASE | {"lora", "qlora_nf4"}, "quantize": BASE | {"qlora_nf4"},
-    "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api", "kv_blocks", "scheduler", "rag"},
+    "sample": BASE | {"quantize"}, "serve": BASE | {"sample", "openai_api", "kv_blocks", "scheduler", "rag", "tools"},
     "kv_blocks": {"common"}, "scheduler": {"common", "kv_blocks"},
     "export": BASE | {"lora", "bpe", "quantize"}, "eval_harness": BASE | {"sample"}, "eval_hellaswag": BASE | {"quantize"},
     "interp": BASE | {"plot"}, "rag": BASE | {"sample", "finetune"},

@@ -277,11 +277,11 @@ def test_text_stream_holds_back_split_characters_and_stop_strings():
     text = "héllo wörld, 日本語のテキスト 🙂 end"
     ids = tok.encode(text)
     assert len(ids) > len(text.split())  # some characters really are split over tokens
-    stream = serve.TextStream(tok)
+    stream = openai_api.TextStream(tok)
     pieces = [stream.push(t)[0] for t in ids]
     pieces.append(stream.flush())
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
-    stream = serve.TextStream(tok, stop=["語のテ"])
+    stream = openai_api.TextStream(tok, stop=["語のテ"])
     out = ""
     for t in ids:
         piece, stopped = stream.push(t)
@@ -369,6 +369,34 @@ def test_terminal_chat(ckpt, model, tok, monkeypatch, capsys):
     for msg in ("Good morrow.", "Hail!"):  # /new: the second reply sees only its own turn
         want, _ = reference(model, tok, template.render([{"role": "user", "content": msg}]), 15, temperature=0)
         assert "assistant>" + want.split("\nUser:")[0] + "\n" in out
+
+
+def test_terminal_chat_runs_the_calculator(monkeypatch, capsys):
+    """--chat with a tool-calling model (a "chat:tools:" tokenizer): the reply's call is run by the
+    real calculator, shown with its result, and the result is in the prompt of the next reply."""
+    import io
+    import types
+
+    import tools
+
+    tok = tokenizer.load_tokenizer("chat:tools:char:" + "".join(map(chr, range(32, 127))))
+    call = '<|tool_call|>{"name": "calculator", "arguments": {"expression": "12*34"}}'
+    replies, prompts = iter([call, "408"]), []
+
+    class ScriptedEngine:  # what chat_cli needs of an engine: the scripted replies of a model that calls
+        block_size = 512
+
+        def complete(self, tok, ids, *args, **kwargs):
+            prompts.append(tok.decode(ids))
+            text = next(replies)
+            return types.SimpleNamespace(deltas=lambda: iter([text]), cancel=lambda: None)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what is 12*34?\n/quit\n"))
+    cfg = types.SimpleNamespace(system="", max_tokens=50, temperature=0.0, top_p=1.0, top_k=0)
+    serve.chat_cli(ScriptedEngine(), tok, tokenizer.ChatTemplate(tok), cfg)
+    out = capsys.readouterr().out
+    assert "with a calculator" in out and '[calculator({"expression": "12*34"}) -> 408]' in out
+    assert prompts[1].endswith("<|tool_result|>408<|end|><|assistant|>") and tools.calculator_text("12*34") == "408"
 
 
 def test_ctrl_c_stops_cleanly(ckpt, capsys, loopback):
