@@ -205,6 +205,8 @@ class Engine:
         decode = all(n == 1 for _, n in batch)
         rows = [[i] for i in range(len(batch))] if decode else [list(range(len(batch)))]
         idx, pos, mask, views = self.kv.batch(segments, rows, self.model.config.sliding_window)
+        if self.model.config.attn_impl != "naive":  # SDPA adds a float mask: made once here, not in every layer
+            mask = torch.zeros(mask.shape, dtype=self.kv.k[0].dtype).masked_fill_(~mask, float("-inf"))
         with torch.no_grad():
             hidden = self.model.hidden_states(idx, kv_cache=views, input_pos=pos, position_ids=pos, attn_mask=mask)
         ends = [i for i, (r, n) in enumerate(batch) if r.num_computed + n == len(r.tokens)]
@@ -420,6 +422,7 @@ class ServeConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     kv_mib: float = field(default=0, metadata={"help": "KV cache size in MiB (0: max_num_seqs full contexts)"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of shared prompt prefixes"})
+    prepack: bool = field(default=True, metadata={"help": "CPU: weights reordered once for oneDNN (sample.PackedLinear)"})
     max_queue: int = field(default=64, metadata={"help": "requests that may wait in the inbox; beyond that: 503"})
     model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: --init_from or the checkpoint's file name)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
@@ -454,6 +457,8 @@ def main(argv=None):
         raise NanoError(f"checkpoint {cfg.ckpt} not found (train one with train.py, or pass --init_from gpt2)")
     device = common.pick_device(cfg.device)
     model, spec = sample.load_model(cfg, device, pick_dtype(device, cfg.dtype))
+    if cfg.prepack:  # several rows per product: oneDNN's blocked weights are faster (a no-op off CPU)
+        sample.pack_linears(model, cfg.max_num_seqs)
     tok, template = tokenizer.load_chat_template(spec)
     name = cfg.model_name or cfg.init_from or Path(cfg.ckpt).stem
     args = dict(max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue, max_num_batched_tokens=cfg.max_num_batched_tokens,

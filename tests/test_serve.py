@@ -192,6 +192,54 @@ def test_engine_matches_the_static_cache_over_64_requests(model, static_outputs,
     assert engine.blocks.num_free() == engine.blocks.num_blocks  # every block given back
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("gelu", ["tanh", "exact", "relu2"])
+def test_prepacked_linears_equal_nn_linear(gelu):
+    """sample.PackedLinear (oneDNN's reordered weight, what serve.py runs on a CPU) computes
+    nn.Linear, with and without a bias, on odd shapes, one row, a batch of rows and a (B, T, C)
+    input; GPT-2's MLP with its GELU (tanh or exact) fused into the first product equals the plain MLP. fp32 at
+    1e-5 (another summation order); bf16 within one bf16 rounding of the fp32 result."""
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(n_embd=40, n_head=4, gelu=gelu, bias=True)
+    mlp = gpt.MLP(config).eval()
+    x = torch.randn(3, 5, 40)
+    with torch.no_grad():
+        want = mlp(x)
+        packed = sample.pack_linears(torch.nn.ModuleDict({"transformer": torch.nn.ModuleDict(
+            {"wte": torch.nn.Embedding(2, 2)}), "mlp": mlp}))["mlp"]
+        assert isinstance(packed.c_fc, sample.PackedLinear)
+        assert isinstance(packed.gelu, torch.nn.Identity) == (gelu != "relu2")  # ReLU² stays apart
+        torch.testing.assert_close(packed(x), want, atol=1e-5, rtol=1e-5)
+        for bias in (True, False):
+            for dtype in (torch.float32, torch.bfloat16):
+                linear = torch.nn.Linear(37, 61, bias=bias).to(dtype)
+                layer = sample.PackedLinear(linear, rows=16)
+                for shape in ((1, 37), (7, 37), (2, 3, 37)):
+                    a = torch.randn(shape, dtype=dtype)
+                    exact = torch.nn.functional.linear(a.float(), linear.weight.float(),
+                                                       None if linear.bias is None else linear.bias.float())
+                    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.01}
+                    torch.testing.assert_close(layer(a).float(), exact, **tol)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_engine_on_prepacked_weights_gives_the_same_tokens(model, static_outputs, arch):
+    """serve.main packs the weights for oneDNN on a CPU: the engine then gives the same greedy
+    tokens as the plain model's static-cache path (GPT-2: the 64 mixed requests above; Llama:
+    SwiGLU and grouped kv heads, 12 of them)."""
+    import copy
+
+    plain = model if arch == "gpt2" else random_model(65, "llama")
+    requests = requests_with_random_arrival(64 if arch == "gpt2" else 12)
+    want = static_outputs if arch == "gpt2" else [
+        [int(t) for t in sample.generate(plain, [p], n, temperature=0)] for _, p, n in requests]
+    packed = sample.pack_linears(copy.deepcopy(plain), rows=8)
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    engine = serve.Engine(packed, None, max_num_seqs=8)
+    assert run_engine(engine, [(t, serve.Request(p, n)) for t, p, n in requests]) == want
+
+
 def test_prefix_cache_skips_the_shared_prefix_and_recomputes_a_whole_cached_prompt(model):
     """A prompt of exactly 3 blocks sent twice: the second time 2 blocks come from the cache and
     the last block is recomputed (its last token's logits are needed), with the same tokens.
