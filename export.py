@@ -597,8 +597,9 @@ def gguf_tokenizer(spec: str, n_vocab: int) -> dict:
     3 control, 4 user-defined, 5 unused), the list padded with [PAD<i>] up to the
     embedding's rows, as the converter does. A character tokenizer becomes a byte-level
     BPE without merges, which is exact when every character is one byte (ASCII)."""
-    if tokenizer.base_spec(spec).startswith("char:"):
-        alphabet = tokenizer.base_spec(spec)[len("char:"):]
+    base = tokenizer.base_spec(spec)
+    if base.startswith("char:"):
+        alphabet = base[len("char:"):]
         if not alphabet.isascii():
             raise NanoError("GGUF has no character tokenizer and this alphabet is not ASCII (only an "
                             "ASCII alphabet maps onto llama.cpp's byte-level tokenizer; export --to hf instead)")

