@@ -238,9 +238,9 @@ def speed_rows(model, name, quick: bool, llama: dict | None = None, batch: int =
     sides["fp32"] = (fp32, torch.float32, sample.LogitsHead(fp32, batch_size=batch))
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     sides["bf16"] = (bf16, torch.bfloat16, sample.LogitsHead(bf16, batch_size=batch))
-    for dtype in (torch.float32, torch.bfloat16):  # serve.py's CPU path: oneDNN's blocked weights
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # serve.py's CPU path: oneDNN's layout
         packed = sample.pack_linears(copy.deepcopy(model).to(dtype), rows=batch)
-        sides[f"{str(dtype)[6:]} oneDNN-prepacked"] = (packed, dtype, sample.LogitsHead(packed, batch_size=batch))
+        sides[f"{label}, oneDNN-prepacked"] = (packed, dtype, sample.LogitsHead(packed, batch_size=batch))
     kinds = [("int8", "int8 weight-only (_weight_int8pack_mm)"), ("rtn", "int4 g128 (_weight_int4pack_mm)")]
     kinds += [("llm_int8", "LLM.int8"), ("nf4", "NF4 (dequantize per step)")] if batch == 1 else []
     for kind, label in kinds:
