@@ -155,22 +155,32 @@ def int8_rowwise(a: torch.Tensor, threshold: float = 0.0):
     return q, absmax, cols
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) int8 @ b (N, K)^T int8 -> int32: on CPU torch._int_mm (VNNI/AMX); elsewhere an
-    fp32 product, exact while every sum stays below 2^24."""
-    if a.device.type == "cpu":
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, packed=None) -> torch.Tensor:
+    """a (M, K) int8 @ b (N, K)^T int8 -> the int32 sums: on CPU oneDNN's int8 GEMM (VNNI/AMX) on
+    b reordered once (packed = int8_pack(b)), else torch._int_mm; elsewhere an fp32 product, exact
+    while every sum stays below 2^24. (oneDNN hands the sums back as fp32, the type they are scaled
+    in next anyway; 1-row products measured 1.2-2.2x faster than torch._int_mm here.)"""
+    if a.device.type != "cpu":
+        return (a.float() @ b.float().t()).to(torch.int32)
+    if packed is None:
         return torch._int_mm(a, b.t())
-    return (a.float() @ b.float().t()).to(torch.int32)
+    ones, zeros = torch.ones(b.shape[0]), torch.zeros(b.shape[0], dtype=torch.long)  # no scales: the bare sums
+    return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
 
 
-def llm_int8_linear(x, cb, scb, bias=None, threshold=6.0):
+def int8_pack(b: torch.Tensor):
+    """b (N, K) int8 in oneDNN's blocked layout for int8_matmul, or None where oneDNN is absent."""
+    return torch.ops.onednn.qlinear_prepack(b, None) if b.device.type == "cpu" and torch.backends.mkldnn.is_available() else None
+
+
+def llm_int8_linear(x, cb, scb, bias=None, threshold=6.0, packed=None):
     """y = x W^T the LLM.int8 way. W is stored as cb (N, K) int8 with row absmax scb (N,). The
     rows of x are quantized on the fly (scale absmax/127 each), multiplied int8 x int8 -> int32
     and scaled back by row scale x column scale (bitsandbytes' 1/127^2 constant); the outlier
     columns of x, kept in float, meet W's same columns dequantized (as Linear8bitLt does)."""
     a = x.reshape(-1, x.shape[-1]).float()
     ca, sca, cols = int8_rowwise(a, threshold)
-    y = int8_matmul(ca, cb) * (sca[:, None] * scb[None, :]) * 6.200124e-05
+    y = int8_matmul(ca, cb, packed) * (sca[:, None] * scb[None, :]) * 6.200124e-05
     if cols is not None and cols.numel():
         w_cols = cb[:, cols].float() * scb[:, None] * 7.874015718698502e-3  # * 1/127
         y = y + a[:, cols] @ w_cols.t()
@@ -189,6 +199,7 @@ class LLMInt8Linear(nn.Module):
         self.register_buffer("cb", cb)
         self.register_buffer("scb", scb)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._packed = None  # (where, version, cb for oneDNN): made again when cb moves or changes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold=6.0):
@@ -199,7 +210,9 @@ class LLMInt8Linear(nn.Module):
         return (self.cb.float() * self.scb[:, None] / 127).to(dtype)
 
     def forward(self, x):
-        return llm_int8_linear(x, self.cb, self.scb, self.bias, self.threshold)
+        if self._packed is None or self._packed[:2] != (self.cb.data_ptr(), self.cb._version):  # new or changed
+            self._packed = (self.cb.data_ptr(), self.cb._version, int8_pack(self.cb))
+        return llm_int8_linear(x, self.cb, self.scb, self.bias, self.threshold, self._packed[2])
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"

@@ -113,6 +113,20 @@ def test_llm_int8_matches_bitsandbytes(rows):
     assert (y - lin(x)).abs().max() <= 0.02 * lin(x).abs().max()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("shape", [(1, 100, 37), (5, 37, 61), (17, 768, 2304), (3, 3072, 48)])
+def test_int8_matmul_on_onednn_equals_the_exact_sums(shape):
+    """LLM.int8's int8 x int8 product through oneDNN (the weight prepacked) gives the exact int32
+    sums that torch._int_mm gives, at the extreme codes too (|sums| up to 127^2 * K), on odd shapes."""
+    M, K, N = shape
+    g = torch.Generator().manual_seed(K)
+    a, b = (torch.randint(-127, 128, s, generator=g, dtype=torch.int8) for s in ((M, K), (N, K)))
+    a[0], b[0] = 127, -127  # the largest sums there can be
+    want = torch.mm(a.long(), b.long().t())
+    got = Q.int8_matmul(a, b, Q.int8_pack(b))
+    assert torch.equal(got, want.to(got.dtype)) and torch.equal(torch._int_mm(a, b.t()).long(), want)
+
+
 # ----------------------------------------------------------------------------------------
 # 3. RTN and the nibble packing
 
