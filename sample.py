@@ -715,6 +715,8 @@ def main(argv=None):
     if device == "cpu":  # faster 1-row products (decode_layout): the draft's steps, or batch-1 decode
         if draft is not None:
             decode_layout(draft)
+        elif dtype == torch.bfloat16 and not cfg.compile:  # bf16 products are fast only in oneDNN's layout
+            pack_linears(model, rows=cfg.num_samples)
         elif cfg.num_samples == 1:
             decode_layout(model)
     print(kv_cache_line(model.config, dtype), file=sys.stderr)
