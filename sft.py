@@ -81,21 +81,22 @@ checkpoints keep their four): the call is part of the answer, the tool's result 
     <|assistant|>[<|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>]
     <|tool_result|>1014717<|end|><|assistant|>[1014717<|end|>]
 
-The built-in calculator task asks for 4-digit times 3-digit products and 4-digit sums, beyond a 2-layer char
-model's head; a quarter of its conversations answer directly under the system message "answer
-without tools". The evaluation is the agent loop (answers_with_tools): the model's call is run by
-the real calculator (tools.calculator_text), the result fed back, the answer read; then the same
-model is asked under "answer without tools". Printed last:
-`exact match with the tool: X% without: Y%`. Measured under load (2 shared CPU cores): `--base_iters 0 --max_iters 500 --batch_size 8`
-(18 min) gives 71.0% with the tool and 0.0% without on 100 held-out questions; 100% of them call
-the calculator with the right expression, the misses are a digit of the result copied wrong into
-the answer; 400 more iterations (--init_from that checkpoint) gave 66% and 69%, 4 layers
-(--base_layer 4, 900 iterations) 67%. The issue's target
-(>= 90% with the tool) is not reached by these runs.
+The built-in calculator task asks for 4-digit times 3-digit products (7-digit results) and 4-digit
+sums (5-digit results), beyond a 2-layer char model's head; a quarter of its conversations answer
+directly under the system message "answer without tools". Its model learns from scratch
+(--base_iters 0, 1000 iterations: the task's defaults). The evaluation is the agent loop
+(answers_with_tools): the model's call is run by the real calculator (tools.calculator_text), the
+result fed back, the answer read; then the same model is asked under "answer without tools".
+Printed last: `exact match with the tool: X% without: Y%`. Measured 12-07 under load (2 shared CPU
+cores, 1 torch thread), `python sft.py --tasks calculator`, 200 held-out questions, seeds 1337 / 7 / 1:
+95.5% / 99.5% / 100% with the tool, 0% without, 140-170 s each. The model copies the result into
+its answer by position: with results of mixed widths (6- or 7-digit products, 4- or 5-digit sums)
+it got the majority widths right and the others' last digits wrong (71.5%); 300 steps of
+Shakespeare first left it at 0.5%; 700 iterations gave 100% and 74% for two seeds.
 
 Run:
   python sft.py                                             # built-in task, ~40 s on 2 idle CPU cores (more on a busy machine)
-  python sft.py --tasks calculator --base_iters 0          # tool calls (from scratch: Shakespeare does not help)
+  python sft.py --tasks calculator                          # tool calls, ~2.5 min on 2 busy CPU cores
   python sft.py --init_from out/ckpt.pt --data chat.jsonl   # {"messages": [...]} per line
   python sft.py --init_from gpt2 --data chat.jsonl --lora True --learning_rate 2e-4
   python sft.py --init_from path/to/hf_model --data chat.jsonl --qlora True   # its chat_template
@@ -441,7 +442,8 @@ def synthetic_conversation(rng, names=("reverse",), test=False):
 
 
 # The calculator task (--tasks calculator): arithmetic beyond a small model's head (4-digit times
-# 3-digit, 4-digit plus 4-digit), which it learns to hand to tools.calculator_text. A conversation:
+# 3-digit with a 7-digit product, 4-digit plus 4-digit with a 5-digit sum), which it learns to hand
+# to tools.calculator_text. A conversation:
 #   <|user|>what is 3487 * 291?<|end|>
 #   <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>
 #   <|tool_result|>1014717<|end|><|assistant|>1014717<|end|>
@@ -576,7 +578,7 @@ class SFTConfig:
     pack: bool = field(default=True, metadata={"help": "pack conversations into rows (False: pad each to the longest)"})
     batch_size: int = field(default=16, metadata={"help": "rows per micro-batch (conversations, with --pack False)"})
     grad_accum: int = 1
-    max_iters: int = 700
+    max_iters: int = field(default=-1, metadata={"help": "-1: 700, and 1000 with --tasks calculator"})
     learning_rate: float = field(default=3e-3, metadata={"help": "peak LR (the built-in task's; ~2e-5 for full "
                                                                  "finetuning of GPT-2, ~2e-4 with LoRA)"})
     min_lr_ratio: float = field(default=0.5, metadata={"help": "cosine decay ends at learning_rate * this"})
@@ -611,7 +613,7 @@ class SFTConfig:
     n_test: int = field(default=200, metadata={"help": "built-in task: held-out prompts for exact match"})
     base_iters: int = field(default=-1, metadata={
         "help": "built-in task: pretraining iterations of its base on Tiny Shakespeare (-1: 300, and 0 with "
-                "--tasks calculator, which learns from scratch: 300 made it miss nearly every answer)"})
+                "--tasks calculator, which learns from scratch)"})
     base_layer: int = 2
     base_head: int = 4
     base_embd: int = 128
@@ -641,14 +643,21 @@ def builtin_rows(cfg):
     return rows, val_rows, tests, calculator_tests
 
 
+def task_defaults(cfg: SFTConfig) -> SFTConfig:
+    """The options left at -1 take their task's value. The calculator task learns from scratch
+    (300 steps of Shakespeare first left it copying almost no result right) and needs more steps
+    than reversal (700 got 100% and 74% with the tool for two seeds, 1000 got 100% and 99.5%)."""
+    calculator = "calculator" in cfg.tasks.split(",") and not cfg.data
+    return replace(cfg, base_iters=cfg.base_iters if cfg.base_iters != -1 else 0 if calculator else 300,
+                   max_iters=cfg.max_iters if cfg.max_iters != -1 else 1000 if calculator else 700)
+
+
 def check_config(cfg: SFTConfig):
     """Every option, before any work (common.check_options for the numbers)."""
     common.check_options(cfg, positive=("batch_size", "grad_accum", "max_iters", "log_interval", "eval_interval",
                                         "lora_r", "n_train", "n_test", "base_layer", "base_head", "base_embd",
                                         "base_block"),
-                         non_negative=("warmup_iters", "eval_iters", "block_size"))
-    if cfg.base_iters < -1:
-        raise NanoError(f"--base_iters must be >= 0, or -1 for the task's default (got {cfg.base_iters})")
+                         non_negative=("warmup_iters", "eval_iters", "block_size", "base_iters"))
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise NanoError(f"--val_fraction must be in [0, 1) (got {cfg.val_fraction})")
     if not (0.0 <= cfg.dropout < 1.0 and 0.0 <= cfg.lora_dropout < 1.0):
@@ -805,16 +814,11 @@ def base_block(cfg):
     return max(cfg.base_block, 128) if "calculator" in cfg.tasks.split(",") else cfg.base_block
 
 
-def base_iters(cfg):
-    """--base_iters, or its default: 300, and 0 for the calculator task (it learns from scratch)."""
-    return cfg.base_iters if cfg.base_iters >= 0 else 0 if "calculator" in cfg.tasks.split(",") else 300
-
-
 def builtin_base(cfg, device, dtype, out_dir):
     """out_dir/base.pt: a character-level GPT pretrained on Tiny Shakespeare, trained here
     (the same loop, every token a target) unless it exists already (the name tells the block,
     the architecture and the iterations apart from the default's)."""
-    block, iters = base_block(cfg), base_iters(cfg)
+    block, iters = base_block(cfg), cfg.base_iters
     name = ("base" + ("" if block == cfg.base_block else f"-{block}") + ("" if cfg.base_arch == "gpt2" else f"-{cfg.base_arch}")
             + ("" if iters == 300 else f"-{iters}it"))
     path = out_dir / f"{name}.pt"
@@ -842,7 +846,7 @@ def builtin_base(cfg, device, dtype, out_dir):
 
 @common.cli
 def main(argv=None):
-    cfg = common.parse_config(SFTConfig, argv, __doc__)
+    cfg = task_defaults(common.parse_config(SFTConfig, argv, __doc__))
     check_config(cfg)
     rows = read_conversations(cfg.data) if cfg.data else None  # every row checked before any model loads
     device = common.pick_device(cfg.device)

@@ -431,7 +431,9 @@ def test_calculator_questions_have_fixed_widths():
         a, op, b = sft.arithmetic(rng).split()
         value = int(a) * int(b) if op == "*" else int(a) + int(b)
         assert (len(a), len(b), len(str(value))) == ((4, 3, 7) if op == "*" else (4, 4, 5))
-    assert sft.base_iters(sft.SFTConfig(tasks="calculator")) == 0 and sft.base_iters(sft.SFTConfig()) == 300
+    calculator, reverse = sft.task_defaults(sft.SFTConfig(tasks="calculator")), sft.task_defaults(sft.SFTConfig())
+    assert (calculator.base_iters, calculator.max_iters, reverse.base_iters, reverse.max_iters) == (0, 1000, 300, 700)
+    assert sft.task_defaults(sft.SFTConfig(tasks="calculator", base_iters=5, max_iters=9)).max_iters == 9
 
 
 def test_agent_loop_runs_the_real_calculator_and_feeds_the_result_back(monkeypatch):
