@@ -88,8 +88,8 @@ directly under the system message "answer without tools". Its model learns from 
 (answers_with_tools): the model's call is run by the real calculator (tools.calculator_text), the
 result fed back, the answer read; then the same model is asked under "answer without tools".
 Printed last: `exact match with the tool: X% without: Y%`. Measured 12-07 under load (2 shared CPU
-cores, 1 torch thread), `python sft.py --tasks calculator`, 200 held-out questions, seeds 1337 / 7 / 1:
-95.5% / 99.5% / 100% with the tool, 0% without, 140-170 s each. The model copies the result into
+cores, 1 torch thread), `python sft.py --tasks calculator`, 200 held-out questions, seeds 1337 / 7 / 1 /
+2 / 3: 95.5% / 99.5% / 100% / 100% / 99.0% with the tool, 0% without, 115-170 s each. The model copies the result into
 its answer by position: with results of mixed widths (6- or 7-digit products, 4- or 5-digit sums)
 it got the majority widths right and the others' last digits wrong (71.5%); 300 steps of
 Shakespeare first left it at 0.5%; 700 iterations gave 100% and 74% for two seeds.
