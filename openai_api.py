@@ -20,7 +20,10 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI's request and
 shapes; "stream": true sends server-sent events ending in `data: [DONE]`), POST /v1/embeddings
 (with an embedder; "encoding_format": "base64" sends little-endian float32), GET /v1/models,
 GET /health, GET /metrics (Prometheus text: vLLM's gauges and histograms), GET / (a chat page,
-assets/chat.html: plain JavaScript, works offline).
+assets/chat.html: plain JavaScript, works offline). For a model that calls tools (tools.calls_tools)
+the page runs the calculator through the server: GET /tools lists what it may offer the model
+([tools.CALCULATOR_TOOL], or none), POST /tools/calculator runs a call's arguments
+({"expression": "3487 * 291"} -> {"content": "1014717"}) with tools.calculate, a bad one is a 400.
 Bad requests get OpenAI-style error JSON with a 4xx status; a full queue gets 503 with
 Retry-After; a client that goes away cancels its request. One thread per connection.
 
@@ -327,6 +330,7 @@ class Handler(BaseHTTPRequestHandler):
         routes = {"/v1/chat/completions": ("POST", self.chat_completions), "/v1/completions": ("POST", self.completions),
                   "/v1/embeddings": ("POST", self.embeddings), "/v1/models": ("GET", self.models),
                   "/health": ("GET", self.health), "/metrics": ("GET", self.metrics),
+                  "/tools": ("GET", self.tool_list), "/tools/calculator": ("POST", self.calculator),
                   "/": ("GET", self.page), "/index.html": ("GET", self.page)}
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
@@ -339,7 +343,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(405, f"{path} takes {want}, not {method}", code="method_not_allowed",
                                headers={"Allow": want})
             key = self.server.api_key
-            if path.startswith("/v1/") and key and \
+            if path.startswith(("/v1/", "/tools")) and key and \
                     not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
                 raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                                code="invalid_api_key")
@@ -439,6 +443,18 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not self.head_only:
             self.wfile.write(payload)
+
+    def tool_list(self, _):
+        self._send_json(200, {"tools": self.server.tools})
+
+    def calculator(self, body):
+        """The chat page's calculator: a call's arguments in, the tool's text out (the same as
+        tools.calculator_text's); refused input is a 400 with the calculator's line."""
+        expression = body.get("expression")
+        if set(body) != {"expression"} or not isinstance(expression, str):
+            raise APIError(400, "the calculator takes {\"expression\": \"<arithmetic>\"} (got keys "
+                                f"{sorted(body)})", param="expression")
+        self._send_json(200, {"name": "calculator", "content": tools.number_text(tools.calculate(expression))})
 
     def chat_completions(self, body):
         self._check_model(body)
@@ -633,6 +649,7 @@ class Server(ThreadingHTTPServer):
         self.created = int(time.time())
         self.page = PAGE.read_bytes()
         self.grammars = {}  # tools.CallGrammar per tool list (tool_choice required or named)
+        self.tools = [tools.CALCULATOR_TOOL] if tools.calls_tools(tok, self.template) else []  # GET /tools
 
     def process_request(self, request, client_address):
         with self._lock:

@@ -356,8 +356,7 @@ def chat_cli(engine, tok, template, cfg):
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(system)
     fmt = tools.tool_format(template)
-    calculator = [tools.CALCULATOR_TOOL] if getattr(tok, "tools", False) or "tool_call" in str(
-        getattr(template, "source", "")) else None
+    calculator = [tools.CALCULATOR_TOOL] if tools.calls_tools(tok, template) else None
     print("nanollm chat (/new starts over, /quit leaves)" + (" with a calculator" if calculator else ""), flush=True)
     while True:
         try:

@@ -81,21 +81,22 @@ checkpoints keep their four): the call is part of the answer, the tool's result 
     <|assistant|>[<|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>]
     <|tool_result|>1014717<|end|><|assistant|>[1014717<|end|>]
 
-The built-in calculator task asks for 4-digit times 3-digit products and 4-digit sums, beyond a 2-layer char
-model's head; a quarter of its conversations answer directly under the system message "answer
-without tools". The evaluation is the agent loop (answers_with_tools): the model's call is run by
-the real calculator (tools.calculator_text), the result fed back, the answer read; then the same
-model is asked under "answer without tools". Printed last:
-`exact match with the tool: X% without: Y%`. Measured under load (2 shared CPU cores): `--base_iters 0 --max_iters 500 --batch_size 8`
-(18 min) gives 71.0% with the tool and 0.0% without on 100 held-out questions; 100% of them call
-the calculator with the right expression, the misses are a digit of the result copied wrong into
-the answer; 400 more iterations (--init_from that checkpoint) gave 66% and 69%, 4 layers
-(--base_layer 4, 900 iterations) 67%. The issue's target
-(>= 90% with the tool) is not reached by these runs.
+The built-in calculator task asks for 4-digit times 3-digit products (7-digit results) and 4-digit
+sums (5-digit results), beyond a 2-layer char model's head; a quarter of its conversations answer
+directly under the system message "answer without tools". Its model learns from scratch
+(--base_iters 0, 1000 iterations: the task's defaults). The evaluation is the agent loop
+(answers_with_tools): the model's call is run by the real calculator (tools.calculator_text), the
+result fed back, the answer read; then the same model is asked under "answer without tools".
+Printed last: `exact match with the tool: X% without: Y%`. Measured 12-07 under load (2 shared CPU
+cores, 1 torch thread), `python sft.py --tasks calculator`, 200 held-out questions, seeds 1337 / 7 / 1 /
+2 / 3: 95.5% / 99.5% / 100% / 100% / 99.0% with the tool, 0% without, 115-170 s each. The model copies the result into
+its answer by position: with results of mixed widths (6- or 7-digit products, 4- or 5-digit sums)
+it got the majority widths right and the others' last digits wrong (71.5%); 300 steps of
+Shakespeare first left it at 0.5%; 700 iterations gave 100% and 74% for two seeds.
 
 Run:
   python sft.py                                             # built-in task, ~40 s on 2 idle CPU cores (more on a busy machine)
-  python sft.py --tasks calculator --base_iters 0          # tool calls (from scratch: Shakespeare does not help)
+  python sft.py --tasks calculator                          # tool calls, ~2.5 min on 2 busy CPU cores
   python sft.py --init_from out/ckpt.pt --data chat.jsonl   # {"messages": [...]} per line
   python sft.py --init_from gpt2 --data chat.jsonl --lora True --learning_rate 2e-4
   python sft.py --init_from path/to/hf_model --data chat.jsonl --qlora True   # its chat_template
@@ -441,7 +442,8 @@ def synthetic_conversation(rng, names=("reverse",), test=False):
 
 
 # The calculator task (--tasks calculator): arithmetic beyond a small model's head (4-digit times
-# 3-digit, 4-digit plus 4-digit), which it learns to hand to tools.calculator_text. A conversation:
+# 3-digit with a 7-digit product, 4-digit plus 4-digit with a 5-digit sum), which it learns to hand
+# to tools.calculator_text. A conversation:
 #   <|user|>what is 3487 * 291?<|end|>
 #   <|assistant|><|tool_call|>{"name": "calculator", "arguments": {"expression": "3487 * 291"}}<|end|>
 #   <|tool_result|>1014717<|end|><|assistant|>1014717<|end|>
@@ -452,12 +454,16 @@ NO_TOOLS = "answer without tools"
 
 
 def arithmetic(rng):
-    """4-digit times 3-digit, or 4-digit plus 4-digit: fixed widths, so the call copies the
-    question's digits from fixed distances (a small model learns that far sooner than copying
-    from wherever they are)."""
-    if rng.random() < 0.5:
-        return f"{rng.randint(1000, 9999)} * {rng.randint(100, 999)}"
-    return f"{rng.randint(1000, 9999)} + {rng.randint(1000, 9999)}"
+    """4-digit times 3-digit with a 7-digit product, or 4-digit plus 4-digit with a 5-digit sum:
+    fixed widths everywhere, so the call copies the question's digits and the answer copies the
+    result's from fixed distances. A small model copies by position: with results of mixed
+    widths (6-digit products, 4-digit sums) it answered the majority width right and missed the
+    others' last digits."""
+    times = rng.random() < 0.5
+    while True:
+        a, b = rng.randint(1000, 9999), rng.randint(100, 999) if times else rng.randint(1000, 9999)
+        if len(str(a * b if times else a + b)) == (7 if times else 5):
+            return f"{a} {'*' if times else '+'} {b}"
 
 
 def calculator_conversation(rng, test=False, direct=None):
@@ -572,7 +578,7 @@ class SFTConfig:
     pack: bool = field(default=True, metadata={"help": "pack conversations into rows (False: pad each to the longest)"})
     batch_size: int = field(default=16, metadata={"help": "rows per micro-batch (conversations, with --pack False)"})
     grad_accum: int = 1
-    max_iters: int = 700
+    max_iters: int = field(default=-1, metadata={"help": "-1: 700, and 1000 with --tasks calculator"})
     learning_rate: float = field(default=3e-3, metadata={"help": "peak LR (the built-in task's; ~2e-5 for full "
                                                                  "finetuning of GPT-2, ~2e-4 with LoRA)"})
     min_lr_ratio: float = field(default=0.5, metadata={"help": "cosine decay ends at learning_rate * this"})
@@ -605,7 +611,9 @@ class SFTConfig:
                 "pretrained with a block of at least 128)"})
     n_train: int = field(default=6000, metadata={"help": "built-in task: training conversations"})
     n_test: int = field(default=200, metadata={"help": "built-in task: held-out prompts for exact match"})
-    base_iters: int = field(default=300, metadata={"help": "built-in task: pretraining iterations of its base"})
+    base_iters: int = field(default=-1, metadata={
+        "help": "built-in task: pretraining iterations of its base on Tiny Shakespeare (-1: 300, and 0 with "
+                "--tasks calculator, which learns from scratch)"})
     base_layer: int = 2
     base_head: int = 4
     base_embd: int = 128
@@ -633,6 +641,15 @@ def builtin_rows(cfg):
         calculator_tests = [(m[0]["content"], m[-1]["content"])
                             for m in (calculator_conversation(rng, True, direct=False) for _ in range(cfg.n_test))]
     return rows, val_rows, tests, calculator_tests
+
+
+def task_defaults(cfg: SFTConfig) -> SFTConfig:
+    """The options left at -1 take their task's value. The calculator task learns from scratch
+    (300 steps of Shakespeare first left it copying almost no result right) and needs more steps
+    than reversal (with the tool, 700 got 100% and 74% for seeds 1337 and 7; 1000 got 95.5% and 99.5%)."""
+    calculator = "calculator" in cfg.tasks.split(",") and not cfg.data
+    return replace(cfg, base_iters=cfg.base_iters if cfg.base_iters != -1 else 0 if calculator else 300,
+                   max_iters=cfg.max_iters if cfg.max_iters != -1 else 1000 if calculator else 700)
 
 
 def check_config(cfg: SFTConfig):
@@ -799,9 +816,11 @@ def base_block(cfg):
 
 def builtin_base(cfg, device, dtype, out_dir):
     """out_dir/base.pt: a character-level GPT pretrained on Tiny Shakespeare, trained here
-    (the same loop, every token a target) unless it exists already."""
-    block = base_block(cfg)
-    name = "base" + ("" if block == cfg.base_block else f"-{block}") + ("" if cfg.base_arch == "gpt2" else f"-{cfg.base_arch}")
+    (the same loop, every token a target) unless it exists already (the name tells the block,
+    the architecture and the iterations apart from the default's)."""
+    block, iters = base_block(cfg), cfg.base_iters
+    name = ("base" + ("" if block == cfg.base_block else f"-{block}") + ("" if cfg.base_arch == "gpt2" else f"-{cfg.base_arch}")
+            + ("" if iters == 300 else f"-{iters}it"))
     path = out_dir / f"{name}.pt"
     if path.is_file():
         print(f"base model: {path} (delete it to pretrain again)")
@@ -813,8 +832,8 @@ def builtin_base(cfg, device, dtype, out_dir):
                   n_head=cfg.base_head, n_embd=cfg.base_embd, dropout=0.0)
     model = gpt.GPT(config).to(device)
     train_ex, val_ex = shakespeare_examples(tok, block)
-    pre = replace(cfg, max_iters=cfg.base_iters, learning_rate=3e-3, min_lr_ratio=0.1, batch_size=32,
-                  grad_accum=1, warmup_iters=50, weight_decay=0.0, eval_iters=8, eval_interval=cfg.base_iters,
+    pre = replace(cfg, max_iters=iters, learning_rate=3e-3, min_lr_ratio=0.1, batch_size=32,
+                  grad_accum=1, warmup_iters=50, weight_decay=0.0, eval_iters=8, eval_interval=max(iters, 1),
                   pack=True)
     print(f"pretraining the base: {model.num_params() / 1e6:.2f}M parameters on Tiny Shakespeare "
           f"({pre.max_iters} iters of {pre.batch_size} x {block} characters)")
@@ -827,7 +846,7 @@ def builtin_base(cfg, device, dtype, out_dir):
 
 @common.cli
 def main(argv=None):
-    cfg = common.parse_config(SFTConfig, argv, __doc__)
+    cfg = task_defaults(common.parse_config(SFTConfig, argv, __doc__))
     check_config(cfg)
     rows = read_conversations(cfg.data) if cfg.data else None  # every row checked before any model loads
     device = common.pick_device(cfg.device)

@@ -22,7 +22,9 @@ assistant `tool_calls` (arguments arrive as JSON strings; templates write dicts)
 `template.render(messages, tools=tools)` (tokenizer.ChatTemplate) for the prompt; `parse_tool_calls`
 or `ToolStream` for the reply (finish_reason "tool_calls" when it holds calls); `CallGrammar` and
 `CallConstraint` for tool_choice "required" or a named function; `run_tool_call` with
-{"calculator": calculator_text} where the server itself runs the calculator (serve.py --chat).
+{"calculator": calculator_text} where the server itself runs the calculator (serve.py --chat; the
+chat page asks openai_api.py's POST /tools/calculator, which runs `calculate`), for a model that
+`calls_tools`.
 
 The calculator is the tool sft.py's `calculator` task teaches: arithmetic a small model cannot do
 in its head. It evaluates an expression by walking its syntax tree with a whitelist (numbers,
@@ -107,9 +109,13 @@ def bounded(value):
 def calculator_text(expression: str) -> str:
     """What a tool message carries back: the value, or the calculator's error line."""
     try:
-        value = calculate(expression)
+        return number_text(calculate(expression))
     except NanoError as e:
         return f"error: {e}"
+
+
+def number_text(value) -> str:
+    """A calculated value as the tool writes it: 6 / 3 -> "2", 1 / 4 -> "0.25"."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         value = int(value)
     return str(value)
@@ -118,6 +124,12 @@ def calculator_text(expression: str) -> str:
 CALCULATOR_TOOL = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate an arithmetic expression exactly.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+def calls_tools(tok, template) -> bool:
+    """Whether a model calls tools, so a chat front end offers it the calculator: nanollm's chat
+    tokenizer with the tool tokens (sft.py --tasks calculator), or a template that writes tool calls."""
+    return bool(getattr(tok, "tools", False)) or "tool_call" in str(getattr(template, "source", ""))
 
 
 def run_tool_call(call: dict, functions: dict) -> str:

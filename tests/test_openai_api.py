@@ -342,20 +342,27 @@ def test_models_health_and_page(client, server):
 # A real browser
 
 
-def test_browser_chat_page_streams_a_reply(model, tok, slow_steps, loopback):
+@pytest.fixture
+def browser():
+    """Headless Chromium driven by selenium (a skip that says what to install where either is missing)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (pip install selenium) drives the browser")
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not binary or not driver_path:
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
-    from selenium.webdriver.common.by import By
-
-    srv = start(model, tok)
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
-    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_browser_chat_page_streams_a_reply(model, tok, slow_steps, loopback, browser):
+    from selenium.webdriver.common.by import By
+
+    srv = start(model, tok)
     try:
         browser.get(f"http://127.0.0.1:{srv.server_address[1]}/")
         assert wait_until(lambda: "nanollm" in browser.find_element(By.ID, "model").text)
@@ -394,7 +401,6 @@ def test_browser_chat_page_streams_a_reply(model, tok, slow_steps, loopback):
         assert wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
                           .get_attribute("data-done") == "stopped")
     finally:
-        browser.quit()
         srv.close()
 
 

@@ -423,6 +423,19 @@ def test_calculator_conversations_learn_the_call_and_the_answer():
     assert not any(sft.held_out(q[8:-1]) for q in train if q.startswith("what is"))
 
 
+def test_calculator_questions_have_fixed_widths():
+    """Every product is 4 x 3 digits with 7, every sum 4 + 4 digits with 5: the answer copies the
+    tool's result from a fixed distance (a small model copies by position)."""
+    rng = random.Random(0)
+    for _ in range(500):
+        a, op, b = sft.arithmetic(rng).split()
+        value = int(a) * int(b) if op == "*" else int(a) + int(b)
+        assert (len(a), len(b), len(str(value))) == ((4, 3, 7) if op == "*" else (4, 4, 5))
+    calculator, reverse = sft.task_defaults(sft.SFTConfig(tasks="calculator")), sft.task_defaults(sft.SFTConfig())
+    assert (calculator.base_iters, calculator.max_iters, reverse.base_iters, reverse.max_iters) == (0, 1000, 300, 700)
+    assert sft.task_defaults(sft.SFTConfig(tasks="calculator", base_iters=5, max_iters=9)).max_iters == 9
+
+
 def test_agent_loop_runs_the_real_calculator_and_feeds_the_result_back(monkeypatch):
     """answers_with_tools with a stand-in for the model: it calls the calculator when asked, and
     answers with the last tool result it reads; without tools its call is not run."""
@@ -453,12 +466,13 @@ def test_agent_loop_runs_the_real_calculator_and_feeds_the_result_back(monkeypat
 def test_calculator_task_smoke(tmp_path, capsys):
     """python sft.py --tasks calculator, tiny: a "chat:tools:" checkpoint, the with/without line last."""
     with one_thread():
-        result = sft.main(["--tasks", "calculator", "--out_dir", str(tmp_path), "--base_iters", "0", "--max_iters", "1",
+        result = sft.main(["--tasks", "calculator", "--out_dir", str(tmp_path), "--max_iters", "1",
                            "--n_train", "16", "--n_test", "3", "--base_layer", "1", "--base_embd", "16",
                            "--base_head", "2", "--eval_iters", "1", "--device", "cpu"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"exact match with the tool: \d+\.\d% without: \d+\.\d%", last)
     assert {"with_tool", "without_tool", "called_tool"} <= set(result)
     assert gpt.load_checkpoint(str(tmp_path / "ckpt.pt"))[1].startswith("chat:tools:char:")
-    assert (tmp_path / "base-128.pt").is_file()
+    assert (tmp_path / "base-128-0it.pt").is_file()  # the calculator's base is not pretrained by default
+    assert gpt.read_checkpoint(tmp_path / "base-128-0it.pt")["step"] == 0
 

@@ -1,15 +1,19 @@
 """OpenAI's tools API on our server, through the official openai client: tool_calls streamed and
 not (the same calls), tool_choice none / auto / required / named (a forced call's arguments are
-valid JSON for the schema, tools.CallConstraint), tool results sent back, bad tools -> 400."""
+valid JSON for the schema, tools.CallConstraint), tool results sent back, bad tools -> 400; the chat
+page runs the calculator on the server (GET /tools, POST /tools/calculator) and shows call and result."""
 
 import json
+import re
+import threading
 
 import pytest
 
+import openai_api
 import tokenizer
 import tools
-from test_openai_api import start
-from test_serve import random_model
+from test_openai_api import StubCompletion, StubEngine, browser, raw, start  # noqa: F401  (browser: a fixture)
+from test_serve import random_model, wait_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -106,3 +110,97 @@ def test_bad_tool_requests_get_400(client, kwargs, says):
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError, match=says):
         client.chat.completions.create(model="nanollm", **{"messages": USER, "max_tokens": 5, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------
+# The chat page's calculator: the server runs it (tools.calculate), the page shows it
+
+
+class ScriptedEngine(StubEngine):
+    """A model that calls tools, scripted: asked "what is X?" it calls the calculator on X; shown
+    a tool result, it answers with it. Replies stream in a few pieces; every prompt is kept."""
+    block_size = 512
+
+    def complete(self, tok, prompt, stop_ids, stop, **sampling):
+        text = tok.decode(prompt)
+        self.calls.append(text)
+        turn = text.rsplit("<|user|>", 1)[-1]  # the last question and what followed it
+        result = re.findall(r"<\|tool_result\|>(.*?)<\|end\|>", turn)
+        if result:
+            reply = "The answer is " + result[-1]
+        else:
+            expression = re.findall(r"what is (.*?)\?", turn)[-1]
+            reply = "<|tool_call|>" + json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        return StubCompletion([reply[i:i + 9] for i in range(0, len(reply), 9)])
+
+
+def scripted_server(spec="chat:tools:char:" + ALPHABET, **kw):
+    tok = tokenizer.load_tokenizer(spec)
+    srv = openai_api.make_server(ScriptedEngine(), tok, template=tokenizer.ChatTemplate(tok), log_requests=False, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"expression": "__import__('os')"}, "calculator: Call is not allowed"),
+    ({"expression": "().__class__"}, "calculator: Attribute is not allowed"),
+    ({"expression": "9 ** 99999"}, "calculator: exponent 99999 is larger"),
+    ({"expr": "1 + 1"}, "the calculator takes"),
+    ({"expression": 12}, "the calculator takes"),
+    (b"[1]", "the body must be a JSON object"),
+    (b'{"expression": ', "the body is not valid JSON"),
+])
+def test_calculator_endpoint_refuses_with_one_line(loopback, body, says):
+    srv = scripted_server()
+    try:
+        status, _, reply = raw(srv, "POST", "/tools/calculator", body)
+        assert status == 400 and reply["error"]["message"].startswith(says) and "\n" not in reply["error"]["message"]
+    finally:
+        srv.close()
+
+
+def test_calculator_endpoint_and_tool_list(loopback):
+    srv = scripted_server(api_key="k")
+    auth = {"Authorization": "Bearer k"}
+    try:
+        assert raw(srv, "GET", "/tools", headers=auth)[2] == {"tools": [tools.CALCULATOR_TOOL]}
+        for expression, value in (("3487 * 291", 3487 * 291), ("(2 + 3) ** 2 // 4", (2 + 3) ** 2 // 4), ("1 / 8", 1 / 8)):
+            status, _, reply = raw(srv, "POST", "/tools/calculator", {"expression": expression}, auth)
+            assert status == 200 and reply == {"name": "calculator", "content": str(value)}
+        assert raw(srv, "POST", "/tools/calculator", {"expression": "1"})[0] == 401  # the API key guards it too
+    finally:
+        srv.close()
+    srv = scripted_server("chat:char:" + ALPHABET)  # a chat model without the tool tokens: nothing offered
+    try:
+        assert raw(srv, "GET", "/tools")[2] == {"tools": []}
+    finally:
+        srv.close()
+
+
+def test_browser_chat_page_runs_the_calculator(loopback, browser):
+    """The page sends the calculator with the request, the scripted model calls it, the page has
+    the server run it and shows the call and its result, sends the result back and shows the answer;
+    a refused expression shows the server's line, which goes back to the model too."""
+    from selenium.webdriver.common.by import By
+
+    srv = scripted_server()
+    try:
+        browser.get(f"http://127.0.0.1:{srv.server_address[1]}/")
+        assert wait_until(lambda: "tools: calculator" in browser.find_element(By.ID, "model").text)
+        for question, result in (("what is 3487 * 291?", str(3487 * 291)),
+                                 ("what is 2 ** 99999?", "error: calculator: exponent 99999 is larger than")):
+            n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.tool"))
+            browser.find_element(By.ID, "input").send_keys(question)
+            browser.find_element(By.ID, "send").click()
+            assert wait_until(lambda: browser.find_element(By.ID, "status").text == "" and
+                              len(browser.find_elements(By.CSS_SELECTOR, ".msg.tool")) == n + 1, timeout=15)
+            tool = browser.find_elements(By.CSS_SELECTOR, ".msg.tool")[-1]
+            shown = tool.find_element(By.CLASS_NAME, "result").get_property("textContent")
+            assert tool.find_element(By.CLASS_NAME, "call").get_property("textContent") == f"calculator({question[8:-1]})"
+            assert shown.startswith(result) and tool.get_attribute("data-tool") == "calculator"
+            final = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+            assert final.get_attribute("data-done") == "true" and final.get_property("textContent") == "The answer is " + shown
+            assert f"<|tool_result|>{shown}<|end|>" in srv.engine.calls[-1]  # the page sent the result back
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    finally:
+        srv.close()
