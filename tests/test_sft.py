@@ -369,7 +369,7 @@ def test_builtin_task_raises_accuracy(builtin_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["iter"] == 0 and rows[-1]["val_loss"] < rows[0]["val_loss"] / 2
     assert all(k in rows[-1] for k in ("train_loss", "lr", "tokens", "tok_per_s"))
-    assert (out / "base.pt").is_file() and (out / "ckpt.pt").is_file()
+    assert (out / "base-10it.pt").is_file() and (out / "ckpt.pt").is_file()
 
 
 @pytest.mark.slow
