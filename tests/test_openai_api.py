@@ -7,7 +7,6 @@ import ast
 import http.client
 import json
 import queue
-import shutil
 import socket
 import sys
 import threading
@@ -340,23 +339,6 @@ def test_models_health_and_page(client, server):
 
 # ---------------------------------------------------------------------------------------
 # A real browser
-
-
-@pytest.fixture
-def browser():
-    """Headless Chromium driven by selenium (a skip that says what to install where either is missing)."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (pip install selenium) drives the browser")
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not binary or not driver_path:
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
-    yield driver
-    driver.quit()
 
 
 def test_browser_chat_page_streams_a_reply(model, tok, slow_steps, loopback, browser):

@@ -12,7 +12,7 @@ import pytest
 import openai_api
 import tokenizer
 import tools
-from test_openai_api import StubCompletion, StubEngine, browser, raw, start  # noqa: F401  (browser: a fixture)
+from test_openai_api import StubCompletion, StubEngine, raw, start
 from test_serve import random_model, wait_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
