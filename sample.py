@@ -897,26 +897,36 @@ class PackedLinear(nn.Module):
     and the blocked layout keeps the CPU's vector (fp32) or AMX (bf16) units fed; measured on
     this CPU kind (one thread, 16 rows): 768 -> 2304 1.2-1.4x and the 768 -> 50304 head
     2.6x faster than F.linear in fp32, 1.4x in bf16 (and 2.3x for the bf16 head at 1 row).
-    One fp32 row is not faster (decode_layout is the batch-1 path). The packed copy replaces
-    the weight (an opaque tensor: it cannot be saved, trained or read back as a matrix)."""
+    One or two fp32 rows are slower there (a whole 124M batch-1 step 1.2x), so an fp32 layer
+    keeps a plain copy too for those, wide ones in decode_layout's faster order (twice the weight
+    memory); a bf16 one keeps only the packed copy (an opaque tensor: it cannot be saved, trained
+    or read back as a matrix)."""
 
     def __init__(self, linear: nn.Linear, rows: int = 16, gelu: str | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)  # (out, in), blocked
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)  # (out, in), blocked
+        self.weight = None  # fp32: the 1-2 row path, a wide weight in decode_layout's (in, out) order
+        if weight.dtype == torch.float32:
+            self.weight = weight.t().contiguous().t() if self.out_features > self.in_features else weight
         self.bias = None if linear.bias is None else linear.bias.detach()
         # GELU fused into the product (a oneDNN post-op, "tanh" or "none" as nn.GELU's approximate):
         # one pass over the (rows, 4C) output instead of two
-        self.post_op, self.algorithm = ("gelu", gelu) if gelu else ("none", "")
+        self.gelu, self.post_op, self.algorithm = gelu, "gelu" if gelu else "none", gelu or ""
 
     def forward(self, x):  # (..., in) -> (..., out)
+        if self.weight is not None and x.numel() <= 2 * self.in_features:
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y, approximate=self.gelu) if self.gelu else y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.post_op, [], self.algorithm)
 
 
 def pack_linears(model, rows: int = 16):
     """Replace every nn.Linear of a CPU inference model (the blocks and the output head; a tied
     head gets its own packed copy, the embedding keeps the matrix) by a PackedLinear tuned for
-    `rows` rows, GPT-2's MLP GELU fused into its first product. Returns the model; a no-op off CPU or where PyTorch was built without oneDNN."""
+    `rows` rows, GPT-2's MLP GELU fused into its first product. Returns the model; a no-op off
+    CPU or where PyTorch was built without oneDNN."""
     if model.transformer.wte.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return model
     for module in list(model.modules()):

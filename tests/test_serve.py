@@ -196,8 +196,8 @@ def test_engine_matches_the_static_cache_over_64_requests(model, static_outputs,
 @pytest.mark.parametrize("gelu", ["tanh", "exact", "relu2"])
 def test_prepacked_linears_equal_nn_linear(gelu):
     """sample.PackedLinear (oneDNN's reordered weight, what serve.py runs on a CPU) computes
-    nn.Linear, with and without a bias, on odd shapes, one row, a batch of rows and a (B, T, C)
-    input; GPT-2's MLP with its GELU (tanh or exact) fused into the first product equals the plain MLP. fp32 at
+    nn.Linear, with and without a bias, on odd shapes, one row (fp32: through its plain copy), a
+    batch of rows and a (B, T, C) input; GPT-2's MLP with its GELU (tanh or exact) fused into the first product equals the plain MLP. fp32 at
     1e-5 (another summation order); bf16 within one bf16 rounding of the fp32 result."""
     torch.manual_seed(0)
     config = gpt.GPTConfig(n_embd=40, n_head=4, gelu=gelu, bias=True)
@@ -210,6 +210,7 @@ def test_prepacked_linears_equal_nn_linear(gelu):
         assert isinstance(packed.c_fc, sample.PackedLinear)
         assert isinstance(packed.gelu, torch.nn.Identity) == (gelu != "relu2")  # ReLU² stays apart
         torch.testing.assert_close(packed(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x[:1, :1]), want[:1, :1], atol=1e-5, rtol=1e-5)  # 1 fp32 row: plain weights
         for bias in (True, False):
             for dtype in (torch.float32, torch.bfloat16):
                 linear = torch.nn.Linear(37, 61, bias=bias).to(dtype)
