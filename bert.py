@@ -23,8 +23,8 @@ the 10% kept), and at a [MASK] its output does not depend on the context at all:
 could use arrives through attention, which starts uniform, so a neighbour's signal is diluted by
 the window length, and learned positions must first organise for "look one to the left" to exist.
 The escape is sudden (the loss drops ~0.5 within a few hundred steps) and late: on windows of 64
-tokens it had not come after 2500 steps here, with transformers' BertForMaskedLM on the same
-batches just the same (tests: our gradients equal its); on windows of 12 it comes after ~1300.
+tokens it had not come after 2500 steps here (transformers' BertForMaskedLM on the same batches:
+no different; tests: our gradients equal its); on windows of 12 it comes after ~1000-1300.
 So the CPU default trains short windows, as BERT itself trained 90% of its steps at 128 tokens.
 
 Tokenizer: WordPiece (wordpiece.py), trained on the text first. Weights load from a Hugging Face
@@ -396,15 +396,19 @@ def encode_with_specials(tok: wordpiece.WordPiece, text: str) -> list[int]:
 
 @torch.no_grad()
 def fill(model: Bert, tok: wordpiece.WordPiece, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """For each [MASK] of text, the top_k (piece, probability)."""
-    ids = torch.tensor([encode_with_specials(tok, text)])
-    where = (ids[0] == tok.vocab["[MASK]"]).nonzero().flatten()
-    if not len(where):
+    """For each [MASK] of text, the top_k (piece, probability). A text longer than the model's
+    positions is read, as in training, in a window of that many tokens around each [MASK]."""
+    ids, mask_id = encode_with_specials(tok, text)[1:-1], tok.vocab["[MASK]"]
+    where = [i for i, t in enumerate(ids) if t == mask_id]
+    if not where:
         raise NanoError(f"no [MASK] in {text!r} (write [MASK] where a word should be predicted)")
-    probs = model(ids)[0][0, where].softmax(-1)
-    top = probs.topk(top_k, dim=-1)
-    return [[(tok.pieces[i], p) for i, p in zip(row_i.tolist(), row_p.tolist())]
-            for row_i, row_p in zip(top.indices, top.values)]
+    n, rows = model.cfg.max_position - 2, []
+    for w in where:
+        start = max(0, min(w - n // 2, len(ids) - n))
+        window = torch.tensor([[tok.vocab["[CLS]"]] + ids[start:start + n] + [tok.vocab["[SEP]"]]])
+        top = model(window)[0][0, 1 + w - start].softmax(-1).topk(top_k)
+        rows.append([(tok.pieces[i], p) for i, p in zip(top.indices.tolist(), top.values.tolist())])
+    return rows
 
 
 @cli

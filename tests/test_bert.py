@@ -160,6 +160,10 @@ def test_training_run_saves_a_model_that_fills_masks(tmp_path, capsys, nsp):
     bert.main(["--out_dir", str(out), "--fill", "To be or [MASK] to be, [MASK]", "--top_k", "3"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("[MASK] 1:") and len(lines[0].split()) == 2 + 2 * 3
+    long_text = " ".join(["to be or not to be"] * 12 + ["[MASK] the question"])  # > 32 tokens: a window
+    model, tok = bert.load_checkpoint(out)
+    window = " ".join(["to be or not to be"] * 5)[len("to be or "):] + " [MASK] the question"
+    assert bert.fill(model, tok, long_text, 3) == bert.fill(model, tok, window, 3)
     with pytest.raises(CLIError, match="no \\[MASK\\]"):
         bert.main(["--out_dir", str(out), "--fill", "no mask here"])
     with pytest.raises(CLIError, match="train one first"):
