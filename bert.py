@@ -31,8 +31,8 @@ Tokenizer: WordPiece (wordpiece.py), trained on the text first. Weights load fro
 folder with BertForMaskedLM / BertForPreTraining names (load_hf), equal logits.
 
 Run: python bert.py        (Tiny Shakespeare on a CPU: trains a 1000-piece WordPiece vocab, then a
-                            2-layer, 128-wide BERT, 3000 steps of 160 windows of 12 tokens (a few
-                            minutes on two cores); prints held-out masked-token accuracy at the
+                            2-layer, 128-wide BERT, 3000 steps of 160 windows of 12 tokens (5-7 min
+                            on one thread of a busy shared CPU); prints held-out masked-token accuracy at the
                             [MASK]ed positions and at all selected ones vs the unigram baseline;
                             --n_layer 12 --n_head 12 --n_embd 768 are BERT-base's shapes)
      python bert.py --fill "To be or [MASK] to be"      (top predictions from out-bert/ckpt.pt)

@@ -1,6 +1,7 @@
 """bert.py against transformers: logits of a BertForMaskedLM / BertForPreTraining folder built
-offline (random weights, fp32, 1e-5), masking draw for draw as DataCollatorForLanguageModeling
-and its statistics over 1M tokens, a short training run and --fill."""
+offline (random weights, fp32, 1e-5) and the gradients of the MLM loss, masking draw for draw as
+DataCollatorForLanguageModeling and its statistics over 1M tokens, a short training run and --fill,
+[MASK] positions that learn from their context (seconds; the default run's margin: slow)."""
 
 import math
 import random
