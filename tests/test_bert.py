@@ -1,8 +1,10 @@
 """bert.py against transformers: logits of a BertForMaskedLM / BertForPreTraining folder built
-offline (random weights, fp32, 1e-5), masking draw for draw as DataCollatorForLanguageModeling
-and its statistics over 1M tokens, a short training run and --fill."""
+offline (random weights, fp32, 1e-5) and the gradients of the MLM loss, masking draw for draw as
+DataCollatorForLanguageModeling and its statistics over 1M tokens, a short training run and --fill,
+[MASK] positions that learn from their context (seconds; the default run's margin: slow)."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -50,6 +52,32 @@ def test_logits_equal_transformers(tmp_path, cls):
         ref_loss = BertForMaskedLM.from_pretrained(tmp_path).eval()(input_ids=idx, token_type_ids=types,
                                                                     labels=labels).loss
         torch.testing.assert_close(ours(idx, types, labels=labels)[2], ref_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_equal_transformers(tmp_path):
+    """The training path, not only the forward pass: the MLM loss at selected positions and the
+    gradient of every parameter (the tied embedding/decoder and the decoder bias included) equal
+    BertForMaskedLM's, so the slow escape from the unigram plateau (README, bert rows) is the
+    model's, not a bug here: the reference trained on the same batches sits on it as long."""
+    ref = hf_folder(tmp_path, BertForMaskedLM).train()
+    ours = bert.load_hf(str(tmp_path)).train()
+    ref.config.hidden_dropout_prob = ref.config.attention_probs_dropout_prob = 0.0
+    for module in list(ref.modules()) + list(ours.modules()):
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    g = torch.Generator().manual_seed(2)
+    idx, types = torch.randint(101, (4, 19), generator=g), torch.randint(2, (4, 19), generator=g)
+    labels = torch.where(torch.rand(4, 19, generator=g) < 0.15, idx, -100)
+    labels[0, 3] = idx[0, 3]  # at least one
+    ref_loss = ref(input_ids=idx, token_type_ids=types, labels=labels).loss
+    loss = ours(idx, types, labels=labels)[2]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    ref_loss.backward()
+    loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        ref_grad = ref_params[bert.to_hf_name(name)].grad
+        torch.testing.assert_close(p.grad, ref_grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +161,39 @@ def test_training_run_saves_a_model_that_fills_masks(tmp_path, capsys, nsp):
     bert.main(["--out_dir", str(out), "--fill", "To be or [MASK] to be, [MASK]", "--top_k", "3"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("[MASK] 1:") and len(lines[0].split()) == 2 + 2 * 3
+    long_text = " ".join(["to be or not to be"] * 12 + ["[MASK] the question"])  # > 32 tokens: a window
+    model, tok = bert.load_checkpoint(out)
+    window = " ".join(["to be or not to be"] * 5)[len("to be or "):] + " [MASK] the question"
+    assert bert.fill(model, tok, long_text, 3) == bert.fill(model, tok, window, 3)
     with pytest.raises(CLIError, match="no \\[MASK\\]"):
         bert.main(["--out_dir", str(out), "--fill", "no mask here"])
     with pytest.raises(CLIError, match="train one first"):
         bert.main(["--out_dir", str(tmp_path / "none"), "--fill", "a [MASK]"])
 
 
+def test_masked_positions_see_their_context(tmp_path, capsys):
+    """Smoke test of the context path (seconds): in runs of one repeated word, the word under a
+    [MASK] is its neighbours', which even uniform attention finds; a model whose [MASK] positions
+    could not see the others would stay at the unigram rate (about 1 in 8). Both accuracies print."""
+    words, rng = "apple brick cloud dove ember frost grape heron".split(), random.Random(0)
+    text = tmp_path / "runs.txt"
+    text.write_text("\n".join(" ".join([rng.choice(words)] * 30) for _ in range(300)))
+    result = bert.main(["--input", str(text), "--out_dir", str(tmp_path / "out"), "--vocab_size", "60",
+                        "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "32",
+                        "--max_iters", "150", "--eval_windows", "200"])
+    after = result["after"]
+    assert after["masked"] > 100 and after["mask_acc"] > after["mask_baseline_acc"] + 0.3
+    out = capsys.readouterr().out
+    assert f"at the [MASK]ed positions: {after['mask_acc']:.1%} vs {after['mask_baseline_acc']:.1%}" in out
+    assert f"at all selected positions (+ random, kept): {after['acc']:.1%} vs {after['baseline_acc']:.1%}" in out
+
+
 @pytest.mark.slow
 def test_default_run_beats_the_unigram_baseline(tmp_path):
-    """The default configuration (minutes on a CPU): held-out accuracy at the selected 15% above
-    always predicting the most frequent token. (At the [MASK]ed positions alone it is not above
-    it yet: README, bert rows.)"""
+    """The default configuration (minutes on a CPU) leaves the unigram plateau: held-out accuracy
+    at the [MASK]ed positions, where only the context can tell, 10 points above always predicting
+    the most frequent token (README, bert rows)."""
     result = bert.main(["--out_dir", str(tmp_path / "out")])
-    assert result["after"]["acc"] > result["after"]["baseline_acc"] + 0.05
+    after = result["after"]
+    assert after["mask_acc"] > after["mask_baseline_acc"] + 0.10
+    assert after["acc"] > after["baseline_acc"] + 0.10
