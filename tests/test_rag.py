@@ -183,8 +183,11 @@ def test_reciprocal_rank_fusion_and_rerank():
     fused = rag.reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]], k=60)
     # 1: 1/61 + 1/62, 3: 1/63 + 1/61, 2: 1/62, 4: 1/63
     assert fused == [1, 3, 2, 4]
+    # weighted: 3: 1/63 + 2/61 = 0.048660 just above 1: 1/61 + 2/62 = 0.048652, then 4: 2/63, 2: 1/62
+    assert rag.reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]], k=60, weights=[1, 2]) == [3, 1, 4, 2]
     # the head (3 scores) reordered to 6, 7, 5, then fused with the first order 5, 6, 7, 8
-    assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5]) == rag.reciprocal_rank_fusion([[5, 6, 7, 8], [6, 7, 5, 8]])
+    assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5]) == rag.reciprocal_rank_fusion(
+        [[5, 6, 7, 8], [6, 7, 5, 8]], weights=[1, rag.RERANK_WEIGHT])
     assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5])[:2] == [6, 5]
 
 
