@@ -916,7 +916,7 @@ def check_train_config(cfg: TrainConfig):
     own = ("temperature", "group_size", "rerank_k", "val_questions", "passages", "n_layer", "n_head", "n_embd",
            "block_size")  # the options of one trainer or another
     common.check_options(cfg, positive=[n for n in own if hasattr(cfg, n)],
-                         ranges={"substitute": (0.0, 1.0), "gold_first": (0.0, 1.0), "made_up": (0.0, 1.0)} if hasattr(cfg, "substitute") else None)
+                         ranges={"substitute": (0.0, 1.0), "gold_first": (0.0, 1.0)} if hasattr(cfg, "substitute") else None)
     if getattr(cfg, "group_size", 2) < 2:
         raise NanoError(f"--group_size must be at least 2: one relevant passage and a negative (got {cfg.group_size})")
     if cfg.chunk_overlap >= cfg.chunk_tokens:
@@ -1197,9 +1197,6 @@ class GeneratorConfig(TrainConfig):
     passages: int = field(default=3, metadata={"help": "passages per prompt (training: 1 to this many)"})
     substitute: float = field(default=1.0, metadata={
         "help": "share of training prompts whose answer is swapped for another of its kind (counterfactual)"})
-    made_up: float = field(default=0.5, metadata={
-        "help": "share of training prompts with every name and number made up afresh (consistently): "
-                "nothing to memorise about the training people"})
     gold_first: float = field(default=0.7, metadata={
         "help": "share of prompts with the relevant passage first, as a good retriever ranks it (the others: "
                 "anywhere), in [0, 1]"})
@@ -1218,32 +1215,20 @@ def substitute_answer(chunk: Chunk, q: dict, new: str) -> Chunk:
     return Chunk(chunk.doc, chunk.title, chunk.start, chunk.end, chunk.text[:start] + new + chunk.text[end:])
 
 
-def invented_like(word: str, rng) -> str:
-    """A made-up word of the word's shape: a number of as many digits, or a capitalised name."""
-    if word.isdigit():
-        return str(rng.randint(10 ** (len(word) - 1) if len(word) > 1 else 0, 10 ** len(word) - 1))
-    return "".join(rng.choice("bdfghklmnprstvz") + rng.choice(["a", "e", "i", "o", "u", "ai", "ou", "ei"])
-                   + rng.choice(["", "", "n", "r", "l", "s", "th", "sk"]) for _ in range(rng.randint(2, 3))).capitalize()
-
-
 def question_kind(q: dict, title: str) -> str:
     """The question with its person's name taken out: "Where was {} born?" (its template)."""
     return q["question"].replace(title, "{}")
 
 
 def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substitute: float, rng,
-                     answers_of_kind=None, gold_first: float = 0.0, names=(), made_up: float = 0.0) -> dict:
+                     answers_of_kind=None, gold_first: float = 0.0) -> dict:
     """{"prompt", "response"} for question i: its relevant chunk among BM25 hard negatives, first
     with probability gold_first (as a good retriever ranks it), else at a random place; the
     response " <answer> [<its place>]". With probability `substitute` the answer is
     swapped, in the passage and the response, for the answer of another question of its kind
     (answers_of_kind: question_kind -> answers; a job for a job): the reader cannot give those
     from facts it memorised, only by reading (the counterfactual contexts of Longpre et al. 2021,
-    arXiv:2109.05052), and the kind of the answer still tells which sentence holds it. With
-    probability made_up, every word of `names` and every number in prompt and response is then
-    swapped for a made-up one: 1,348 training chunks seen thousands of times are learnt by heart,
-    and a reader that knows a passage can spot the swapped answer without reading the question
-    (measured: training loss 0.09, validation 0.61)."""
+    arXiv:2109.05052), and the kind of the answer still tells which sentence holds it."""
     q, rel = qa_data.questions[i], qa_data.relevant[i]
     gold, negs = rng.choice(sorted(rel)), negatives[i][:10]
     chosen = rng.sample(negs, min(n_passages - 1, len(negs)))
@@ -1253,17 +1238,8 @@ def grounded_example(qa_data: QAData, i: int, negatives, n_passages: int, substi
     if answers_of_kind and rng.random() < substitute:
         answer = rng.choice(answers_of_kind[question_kind(q, passages[gold].title)])
         passages[gold] = substitute_answer(passages[gold], q, answer)
-    example = {"prompt": grounded_prompt(q["question"], [passages[d].passage() for d in chosen]),
-               "response": grounded_response(answer, chosen.index(gold) + 1)}
-    if names and rng.random() < made_up:  # every name and number made up afresh, the same one throughout
-        made = {}
-        swap = lambda m: made.setdefault(m.group(), invented_like(m.group(), rng)) if (  # noqa: E731
-            m.group().isdigit() or m.group() in names) else m.group()
-        example = {k: NAME_OR_NUMBER.sub(swap, v) for k, v in example.items()}
-    return example
-
-
-NAME_OR_NUMBER = re.compile(r"(?<![\[\d])\b\d+\b(?!\])|\b[A-Z][a-z]+\b")  # not a citation's [1]
+    return {"prompt": grounded_prompt(q["question"], [passages[d].passage() for d in chosen]),
+            "response": grounded_response(answer, chosen.index(gold) + 1)}
 
 
 def sft_batch(tok, examples, block_size: int, device):
@@ -1299,8 +1275,6 @@ def train_generator(cfg: GeneratorConfig) -> str:
     for answers in kinds.values():  # a rare kind ("How many ponies does {} keep?") borrows any number
         if len(set(answers)) < 5 and answers[0].isdigit():
             answers += numbers
-    names = {w for q, rel in zip(train.questions, train.relevant) for w in
-             (q["answer"] + " " + train.chunks[min(rel)].title).split() if w[:1].isupper()}  # people, towns, firms
     rng = random.Random(cfg.seed)
     val_rows = [grounded_example(val, i, val_negatives, cfg.passages, 0.0, rng, gold_first=cfg.gold_first)
                 for i in range(min(cfg.val_questions, len(val.questions)))]
@@ -1316,7 +1290,7 @@ def train_generator(cfg: GeneratorConfig) -> str:
         model.train()
         picks = torch.randint(len(train.questions), (cfg.batch_size,), generator=gen).tolist()
         examples = [grounded_example(train, i, negatives, rng.randint(1, cfg.passages), cfg.substitute, rng, kinds,
-                                     cfg.gold_first, names, cfg.made_up) for i in picks]  # one passage sometimes: copying is learnt first, choosing builds on it
+                                     cfg.gold_first) for i in picks]  # one passage sometimes: copying is learnt first, choosing builds on it
         return model(*sft_batch(tok, examples, block, device))[1]
 
     @torch.no_grad()

@@ -298,17 +298,6 @@ def test_grounded_examples_cite_the_relevant_passage_and_swap_answers(tok):
               for g in (1.0, 0.0) for i in range(len(qa.questions))]
     n = len(qa.questions)
     assert firsts[:n] == [[1]] * n and 0.2 < sum(c == [1] for c in firsts[n:]) / n < 0.5  # else uniform
-    names = {w for q, rel in zip(qa.questions, qa.relevant) for w in (q["answer"] + " " + qa.chunks[min(rel)].title).split()
-             if w[0].isupper()}
-    for i in range(len(qa.questions)):  # every name and number made up, the same one throughout
-        same, made = (rag.grounded_example(qa, i, negatives, 3, 0.0, random.Random(i), kinds, 0.7, names, m)
-                      for m in (0.0, 1.0))
-        answer, (cite,) = rag.split_citations(made["response"])
-        assert rag.split_citations(same["response"])[1] == [cite] and answer in made["prompt"].split("\n")[cite]
-        pairs = {(a, b) for x, y in zip(same.values(), made.values()) for a, b in zip(x.split(), y.split())}
-        assert len(dict(pairs)) == len(pairs)  # a word always becomes the same word
-        assert [a for a, b in pairs if a == b and a.strip("?.:,") in names] == []  # (a number may draw itself)
-        assert made["prompt"].count("[") == same["prompt"].count("[") == 3
     chunk, q = qa.chunks[0], next(q for q, r in zip(qa.questions, qa.relevant) if 0 in r)
     swapped = rag.substitute_answer(chunk, q, "Zzz")
     assert swapped.text == chunk.text.replace(q["answer"], "Zzz", 1) and swapped.start == chunk.start
@@ -467,7 +456,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 # Slow: the whole pipeline with rag.py's defaults, and the figures
 
 
-@pytest.mark.slow  # ~1 hour on 2 CPU cores (measured under load 12-07): base, encoder, reranker, reader (3,500 steps)
+@pytest.mark.slow  # ~90 min on 2 idle CPU cores, hours under load: pretraining, encoder, reranker, reader (9000 steps)
 def test_pipeline_figures(tmp_path):
     r = rag.main(["pipeline", "--out", str(tmp_path / "out-rag")])
     for metric in ("recall@5", "ndcg@10"):
