@@ -456,7 +456,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 # Slow: the whole pipeline with rag.py's defaults, and the figures
 
 
-@pytest.mark.slow  # ~90 min on 2 idle CPU cores, hours under load: pretraining, encoder, reranker, reader (9000 steps)
+@pytest.mark.slow  # ~40 min on 2 CPU cores (measured under load 12-07): base, encoder, reranker, reader (3,500 steps)
 def test_pipeline_figures(tmp_path):
     r = rag.main(["pipeline", "--out", str(tmp_path / "out-rag")])
     for metric in ("recall@5", "ndcg@10"):
