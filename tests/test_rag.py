@@ -183,8 +183,11 @@ def test_reciprocal_rank_fusion_and_rerank():
     fused = rag.reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]], k=60)
     # 1: 1/61 + 1/62, 3: 1/63 + 1/61, 2: 1/62, 4: 1/63
     assert fused == [1, 3, 2, 4]
+    # weighted: 3: 1/63 + 2/61 = 0.048660 just above 1: 1/61 + 2/62 = 0.048652, then 4: 2/63, 2: 1/62
+    assert rag.reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]], k=60, weights=[1, 2]) == [3, 1, 4, 2]
     # the head (3 scores) reordered to 6, 7, 5, then fused with the first order 5, 6, 7, 8
-    assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5]) == rag.reciprocal_rank_fusion([[5, 6, 7, 8], [6, 7, 5, 8]])
+    assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5]) == rag.reciprocal_rank_fusion(
+        [[5, 6, 7, 8], [6, 7, 5, 8]], weights=[1, rag.RERANK_WEIGHT])
     assert rag.rerank([5, 6, 7, 8], [0.1, 0.9, 0.5])[:2] == [6, 5]
 
 
@@ -453,7 +456,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 # Slow: the whole pipeline with rag.py's defaults, and the figures
 
 
-@pytest.mark.slow  # ~90 min on 2 idle CPU cores, hours under load: pretraining, encoder, reranker, reader (9000 steps)
+@pytest.mark.slow  # ~40 min on 2 CPU cores (measured under load 12-07): base, encoder, reranker, reader (3,500 steps)
 def test_pipeline_figures(tmp_path):
     r = rag.main(["pipeline", "--out", str(tmp_path / "out-rag")])
     for metric in ("recall@5", "ndcg@10"):
