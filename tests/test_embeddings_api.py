@@ -113,8 +113,14 @@ def test_serve_cli_loads_the_encoder(encoder, tmp_path, monkeypatch):
         engine = property(lambda self: self)
         blocks = types.SimpleNamespace(num_blocks=0, block_size=16)  # the engine's KV pool, as main prints it
 
-        def serve_forever(self):
+        def serve_forever(self):  # main() runs it in a thread
+            pass
+
+        def loop(self):  # the engine's loop, which main() runs in its own thread until Ctrl-C
             raise KeyboardInterrupt
+
+        def shutdown(self):
+            pass
 
         def server_close(self):
             pass
