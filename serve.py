@@ -207,7 +207,7 @@ class Engine:
         rows = [[i] for i in range(len(batch))] if decode else [list(range(len(batch)))]
         idx, pos, mask, views = self.kv.batch(segments, rows, self.model.config.sliding_window)
         if self.model.config.attn_impl != "naive":  # SDPA adds a float mask: made once here, not in every layer
-            mask = torch.zeros(mask.shape, dtype=self.kv.k[0].dtype).masked_fill_(~mask, float("-inf"))
+            mask = torch.zeros(mask.shape, dtype=self.kv.k[0].dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         with torch.no_grad():
             hidden = self.model.hidden_states(idx, kv_cache=views, input_pos=pos, position_ids=pos, attn_mask=mask)
         ends = [i for i, (r, n) in enumerate(batch) if r.num_computed + n == len(r.tokens)]
