@@ -33,6 +33,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+import bpe
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's ids 0-4 here (bert-base has them at 0, 100-103)
 CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
        (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # tokenizers' is_chinese_char
@@ -181,7 +183,7 @@ def train_wordpiece(text: str, vocab_size: int, specials=SPECIALS, lowercase: bo
         vocab.append(merged)
         for n in list(stats.where[pair]):
             stats.add(words[n], -freq[n], n)
-            words[n] = merge(words[n], a, b, merged)
+            words[n] = bpe.merge(words[n], (a, b), merged)  # the same left-to-right replacement as BPE's
             stats.add(words[n], freq[n], n)
         stats.rescore(stats.pairs_of[a] | stats.pairs_of[b] | stats.pairs_of[merged])
     return WordPiece(vocab, unk_token=specials[1] if len(specials) > 1 else specials[0], prefix=prefix,
@@ -248,18 +250,6 @@ class PairStats:
         if scores[i] == -np.inf:
             return None
         return self.order[i]
-
-
-def merge(pieces, a, b, merged):
-    out, i = [], 0
-    while i < len(pieces):
-        if i + 1 < len(pieces) and pieces[i] == a and pieces[i + 1] == b:
-            out.append(merged)
-            i += 2
-        else:
-            out.append(pieces[i])
-            i += 1
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ ALLOWED = {
     "interp": BASE | {"plot"}, "rag": BASE | {"sample", "finetune"},
     "train": BASE | {"eval_hellaswag", "bpe", "sample"}, "moe": BASE, "distill": BASE | {"plot"},
     "scaling_laws": BASE | {"plot"}, "bert": BASE | {"bpe", "wordpiece", "unigram"}, "tools": {"common"},
-    "unigram": set(), "wordpiece": set(),
+    "unigram": set(), "wordpiece": {"bpe"},
 }
 CAPS = {"gpt.py": 560, "data.py": 300, "lora.py": 300, "bpe.py": 800, "serve.py": 500}
 CORE = ("gpt.py", "sample.py", "lora.py", "bpe.py", "serve.py", "train.py")
