@@ -164,13 +164,16 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, packed=None) -> torch.Tensor:
         return (a.float() @ b.float().t()).to(torch.int32)
     if packed is None:
         return torch._int_mm(a, b.t())
-    ones, zeros = torch.ones(b.shape[0]), torch.zeros(b.shape[0], dtype=torch.long)  # no scales: the bare sums
-    return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+    weight, ones, zeros = packed
+    return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, weight, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
 
 
 def int8_pack(b: torch.Tensor):
-    """b (N, K) int8 in oneDNN's blocked layout for int8_matmul, or None where oneDNN is absent."""
-    return torch.ops.onednn.qlinear_prepack(b, None) if b.device.type == "cpu" and torch.backends.mkldnn.is_available() else None
+    """b (N, K) int8 in oneDNN's blocked layout for int8_matmul, with unit scales and zero points (no
+    scaling: the bare sums), or None where oneDNN is absent."""
+    if b.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.onednn.qlinear_prepack(b, None), torch.ones(b.shape[0]), torch.zeros(b.shape[0], dtype=torch.long)
 
 
 def llm_int8_linear(x, cb, scb, bias=None, threshold=6.0, packed=None):
