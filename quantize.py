@@ -20,7 +20,10 @@ in 4 bits is 8x fewer bytes than in fp32. The question is what the rounding cost
    one of a grid that gives the least output error on calibration data. Then each group's range
    is shrunk (its largest weights clipped) where that lowers the group's output error.
 
-The layers (`QuantLinear`, `LLMInt8Linear`) run on CPU through torch's weight-only kernels with
+The layers (`QuantLinear`, `LLMInt8Linear`) run on CPU through our own kernels where a C compiler
+and AVX-512 VNNI are here (quantize_kernels.c: the activations quantized in blocks of 32 as
+llama.cpp's q8_0 does, then int8 or 4-bit x int8 dot products that never turn a weight into a
+float, reading the weights at the memory's speed), else through torch's weight-only kernels with
 bf16 activations (int8: `torch._weight_int8pack_mm`, per-channel scales; int4:
 `_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`, as gpt-fast's
 quantize.py), elsewhere through a plain dequantize + F.linear. Calibration text is the model's
@@ -35,7 +38,13 @@ Run:
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 import math
+import os
+import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -447,16 +456,104 @@ def awq_clip_targets(block: nn.Module) -> list:
 
 
 # ----------------------------------------------------------------------------------------
-# The layers: weight-only int8 / int4 on torch's CPU kernels, a plain dequantize elsewhere
+# The layers and their CPU kernels: our own (quantize_kernels.c), else torch's
+
+KERNELS_C = Path(__file__).with_name("quantize_kernels.c")
+KERNEL_BLOCK, KERNEL_TILES = 32, 8  # quantize_kernels.c's BLOCK (inputs per activation scale) and S
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+@functools.cache
+def own_kernels():
+    """quantize_kernels.c built for this CPU and loaded (ctypes), or None where it cannot run: no
+    AVX-512 VNNI, no C compiler, or NANOLLM_OWN_KERNELS=0 (torch's kernels then). Built once per
+    source, flags and CPU into ~/.cache/nanollm/kernels (a few tenths of a second)."""
+    flags = cpu_flags()
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if os.environ.get("NANOLLM_OWN_KERNELS", "1") == "0" or not {"avx512_vnni", "avx512bw"} <= flags or not compiler:
+        return None
+    options = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: the runtime torch has loaded
+    key = hashlib.sha256(KERNELS_C.read_bytes() + " ".join(options + sorted(flags)).encode()).hexdigest()[:16]
+    path = common.nanollm_cache() / "kernels" / f"quantize_kernels-{key}.so"
+    try:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # never a half-written library under the name
+            if subprocess.run([compiler, *options, str(KERNELS_C), "-o", str(tmp)], capture_output=True).returncode:
+                return None
+            os.replace(tmp, path)
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    P, I = ctypes.c_void_p, ctypes.c_int
+    lib.quant_linear.argtypes = [I, P, I, I, I, I, P, P, P, P, P, I, P, P, P]
+    return lib
+
+
+def pack_int8_tiles(q: torch.Tensor, scales: torch.Tensor):
+    """(N, K) int8 -> quantize_kernels.c's int8 layout: w + 128 as uint8 in tiles of 16 outputs,
+    4 consecutive inputs of an output side by side; zero pads to whole blocks and tile groups."""
+    N, K = q.shape
+    Kp, Np = -(-K // KERNEL_BLOCK) * KERNEL_BLOCK, -(-N // (16 * KERNEL_TILES)) * 16 * KERNEL_TILES
+    w = (F.pad(q, (0, Kp - K, 0, Np - N)).to(torch.int16) + 128).to(torch.uint8)
+    w = w.view(Np // 16, 16, Kp // 4, 4).permute(0, 2, 1, 3)  # (tile, output, k4, 4) -> (tile, k4, output, 4)
+    return w.contiguous(), F.pad(scales.float(), (0, Np - N)).contiguous(), None, Kp
+
+
+def pack_int4_tiles(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
+    """(N, K) codes 0..15 -> quantize_kernels.c's 4-bit layout: per tile of 16 outputs and 8 inputs,
+    64 bytes whose byte c of output i holds input c (low nibble) and c + 4 (high); the scales and
+    zero points (N, G) as (tiles, G, 16)."""
+    N, K = codes.shape
+    Kp, Np = -(-K // group_size) * group_size, -(-N // (16 * KERNEL_TILES)) * 16 * KERNEL_TILES
+    c = F.pad(codes, (0, Kp - K, 0, Np - N)).view(Np // 16, 16, Kp // 8, 2, 4)  # (tile, output, k8, low/high, 4)
+    w = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # (tile, k8, output, 4)
+
+    def per_tile(t):  # (N, G) -> (tiles, G, 16)
+        return F.pad(t.float(), (0, 0, 0, Np - N)).view(Np // 16, 16, -1).transpose(1, 2).contiguous()
+    return w.contiguous(), per_tile(scales), per_tile(zeros), Kp
+
+
+def own_linear(x: torch.Tensor, packed, bits: int, group_size: int, N: int, bias=None) -> torch.Tensor:
+    """y (M, N) = x (M, K) W^T (+ bias) by quantize_kernels.c on weights packed by pack_int*_tiles."""
+    w, scales, zeros, Kp = packed
+    x = x.float().contiguous()
+    (M, K), lib = x.shape, own_kernels()
+    y = torch.empty(M, N)
+    xq = torch.empty(M, Kp, dtype=torch.int8)  # the kernel's scratch: activation codes, block scales and sums
+    xs, xsum = torch.empty(M, Kp // KERNEL_BLOCK), torch.empty(M, Kp // KERNEL_BLOCK, dtype=torch.int32)
+    lib.quant_linear(bits, x.data_ptr(), M, K, Kp, group_size, w.data_ptr(), scales.data_ptr(),
+                     None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
+                     y.data_ptr(), N, xq.data_ptr(), xs.data_ptr(), xsum.data_ptr())
+    return y
+
+
+def block_quantized(x: torch.Tensor) -> torch.Tensor:
+    """What own_linear multiplies: x with each block of KERNEL_BLOCK inputs of a row rounded to
+    int8 on its absmax scale (the plain PyTorch statement of quantize_blocks, for the tests)."""
+    K = x.shape[-1]
+    blocks = F.pad(x.float(), (0, -K % KERNEL_BLOCK)).unflatten(-1, (-1, KERNEL_BLOCK))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0.0))
+    return (codes * (amax / 127)).flatten(-2)[..., :K]
 
 
 class QuantLinear(nn.Module):
     """A frozen Linear with its weight in `bits` bits. bits 8: qweight int8 (N, K), one scale per
-    output channel (absmax), run by torch._weight_int8pack_mm. bits 2..4: two codes a byte
-    (pack_nibbles), a scale and an integer zero point per group of group_size inputs (RTN, GPTQ,
-    AWQ), run by the int4 kernel (fewer bits use fewer of its 16 levels). On CPU the activations
-    go into the kernel in bf16 and come out in the input's dtype; elsewhere (or with
-    use_kernel False) the weight is dequantized to the input's dtype for F.linear."""
+    output channel (absmax). bits 2..4: two codes a byte (pack_nibbles), a scale and an integer
+    zero point per group of group_size inputs (RTN, GPTQ, AWQ). On CPU, `kernel` "auto" runs our
+    own kernel (own_linear: activations in int8 blocks, outputs in the input's dtype) where it
+    runs here and the group is a multiple of KERNEL_BLOCK, else torch's weight-only kernels
+    (bf16 activations; "torch" asks for them); "none", or another device, dequantizes the weight
+    to the input's dtype for F.linear."""
 
     def __init__(self, in_features, out_features, bits, group_size=0, bias=False, device=None):
         super().__init__()
@@ -471,7 +568,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.empty(N, G, device=device))
             self.register_buffer("zeros", torch.empty(N, G, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(N, device=device), requires_grad=False) if bias else None
-        self.use_kernel, self._kernel = True, None
+        self.kernel, self._kernel = "auto", None
 
     @classmethod
     def from_int8(cls, q, scale, bias=None):
@@ -499,8 +596,24 @@ class QuantLinear(nn.Module):
         codes = unpack_nibbles(self.qweight, self.in_features)
         return dequantize_groups(codes, self.scales, self.zeros, self.group_size).to(dtype)
 
-    def kernel_weights(self):
-        """What the CPU kernel reads, made once: bf16 scales (int8), or (int4) the codes in the
+    def kernel_kind(self, x) -> str:
+        """"own", "torch" or "none": which forward runs x (see the class docstring)."""
+        if self.kernel == "none" or x.device.type != "cpu":
+            return "none"
+        own = own_kernels() is not None and (self.bits == 8 or self.group_size % KERNEL_BLOCK == 0)
+        return "own" if own and self.kernel != "torch" else "torch"
+
+    def own_kernel_weights(self):
+        """The weight in quantize_kernels.c's tiles, and the bias in fp32 (made once)."""
+        if self.bits == 8:
+            packed = pack_int8_tiles(self.qweight, self.scales)
+        else:
+            packed = pack_int4_tiles(unpack_nibbles(self.qweight, self.in_features), self.scales, self.zeros,
+                                     self.group_size)
+        return packed, None if self.bias is None else self.bias.float().contiguous()
+
+    def torch_kernel_weights(self):
+        """What torch's kernels read, made once: bf16 scales (int8), or (int4) the codes in the
         kernel's own packing plus bf16 (scale, zero) pairs (G, N, 2), where its w = (q - 8) *
         scale + zero, so zero = scale * (8 - our zero point). The int4 kernel wants N a multiple
         of 16 and K of the group: the pads are zero rows (cut from the output) and columns (which
@@ -518,12 +631,18 @@ class QuantLinear(nn.Module):
         return packed, pairs, pad_k
 
     def forward(self, x):
-        if not (self.use_kernel and x.device.type == "cpu"):
+        kind = self.kernel_kind(x)
+        if kind == "none":
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-        if self._kernel is None:
-            self._kernel = self.kernel_weights()
-        weight, scales, pad_k = self._kernel
-        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # one cast (none for bf16 input)
+        if self._kernel is None or self._kernel[0] != kind:
+            self._kernel = (kind, self.own_kernel_weights() if kind == "own" else self.torch_kernel_weights())
+        a = x.reshape(-1, self.in_features)
+        if kind == "own":
+            packed, bias = self._kernel[1]
+            y = own_linear(a, packed, self.bits, self.group_size, self.out_features, bias)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        weight, scales, pad_k = self._kernel[1]
+        a = a.to(torch.bfloat16).contiguous()  # one cast (none for bf16 input)
         a = F.pad(a, (0, pad_k)) if pad_k else a
         if self.bits == 8:
             y = torch._weight_int8pack_mm(a, weight, scales)
@@ -543,6 +662,14 @@ class QuantLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
                 + (f", group_size={self.group_size}" if self.bits < 8 else ""))
+
+
+def set_kernel(model: nn.Module, kind: str) -> nn.Module:
+    """Every QuantLinear of model runs `kind`: "auto" (ours where it runs), "torch" or "none"."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.kernel = kind
+    return model
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -158,6 +158,11 @@ def quality_rows(model, train_ids, val_ids, quick: bool):
         row(S, f"trained: {bits}-bit g128 loss above fp32: GPTQ / RTN (goal < 1)", f"{gap_gptq:+.4f} / {gap_rtn:+.4f}")
     row(S, "trained: 4-bit g128 loss above fp32: AWQ / RTN (goal < 1)",
         f"{results['awq', 4] - base:+.4f} / {results['rtn', 4] - base:+.4f}")
+    for kind, bits in (("int8", 8), ("rtn", 4)):  # the same weights, the activations left in fp32
+        plain = Q.eval_loss(Q.set_kernel(copy.deepcopy(models[kind, bits]), "none"), x, y)
+        row(S, f"trained: {'int8 absmax' if bits == 8 else 'RTN-4 g128'} with fp32 activations (dequantized weights)",
+            f"{plain:.4f} ({plain - base:+.4f} vs fp32; our kernel's int8 activation blocks: "
+            f"{results[kind, bits] - plain:+.4f})")
     layer_error_rows(model, models["rtn", 4], models["gptq", 4], val_ids)
     greedy_rows(model, models["int8", 8], val_ids, n=64 if quick else 256)
     return models
@@ -228,8 +233,7 @@ def speed_model(quick: bool):
 
 def speed_rows(model, name, quick: bool, llama: dict | None = None, batch: int = 1):
     """ms per decode step of every format at `batch` rows, interleaved over rounds; llama: {label:
-    fn() -> seconds per step}. "bf16 around": the quantized model's other tensors (norms,
-    embedding, biases) in bf16 too, so no cast in or out of the kernels."""
+    fn() -> seconds per step}; our kernels and torch's on the same quantized weights."""
     import quantize as Q
     import sample
     prompt, n, rounds = list(range(1, 33)), (16 if quick else 64), (2 if quick else 3)
@@ -241,12 +245,16 @@ def speed_rows(model, name, quick: bool, llama: dict | None = None, batch: int =
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # serve.py's CPU path: oneDNN's layout
         packed = sample.pack_linears(copy.deepcopy(model).to(dtype), rows=batch)
         sides[f"{label}, oneDNN-prepacked"] = (packed, dtype, sample.LogitsHead(packed, batch_size=batch))
-    kinds = [("int8", "int8 weight-only (_weight_int8pack_mm)"), ("rtn", "int4 g128 (_weight_int4pack_mm)")]
-    kinds += [("llm_int8", "LLM.int8"), ("nf4", "NF4 (dequantize per step)")] if batch == 1 else []
-    for kind, label in kinds:
-        sides[label] = (variant(model, kind, bits=8 if kind in ("int8", "llm_int8") else 4), torch.float32, None)
-    for kind, label in kinds[:2]:
-        sides[label.split(" (")[0] + ", bf16 around"] = (copy.deepcopy(sides[label][0]).to(torch.bfloat16), torch.bfloat16, None)
+    kinds = [("int8", "int8 (our kernel: x in int8 blocks of 32)", "auto"),
+             ("int8", "int8 weight-only (torch's _weight_int8pack_mm)", "torch"),
+             ("rtn", "int4 g128 (our kernel)", "auto"), ("rtn", "int4 g128 (torch's _weight_int4pack_mm)", "torch")]
+    kinds += [("llm_int8", "LLM.int8", "auto"), ("nf4", "NF4 (dequantize per step)", "auto")] if batch == 1 else []
+    if Q.own_kernels() is None:
+        kinds = [k for k in kinds if "our kernel" not in k[1]]
+        row(S, "our kernels (quantize_kernels.c)", "skipped: no AVX-512 VNNI CPU or C compiler here")
+    for kind, label, kernel in kinds:
+        m = variant(model, kind, bits=8 if kind in ("int8", "llm_int8") else 4)
+        sides[label] = (Q.set_kernel(m, kernel), torch.float32, None)
     times = {label: [] for label in list(sides) + list(llama or {})}
     for label, (m, dtype, head) in sides.items():  # warm-up: kernels' packed copies, allocator
         greedy(m, prompt, 4, dtype, head, batch)

@@ -11,9 +11,11 @@ Tolerances, and why:
 - LLM.int8 vs bitsandbytes: the int8 codes and scales are equal exactly (inputs are fp16 values,
   as bnb casts to fp16); outputs differ only by bnb's fp16 output (and fp16 outlier product):
   within 2^-10 relative of the output scale plus 1e-3.
-- CPU kernels vs dequantize: the kernels take bf16 activations and scales and return bf16, so the
+- torch's CPU kernels vs dequantize: they take bf16 activations and scales and return bf16, so the
   reference is computed in fp32 from bf16-rounded inputs, scales and zeros; the kernel's bf16 output
   and summation order leave ~2^-8 relative of the output scale.
+- our kernels (quantize_kernels.c) vs their plain statement F.linear(block_quantized(x), W_hat):
+  the same integer products, summed in another order in fp32: 1e-5 of the output scale.
 """
 
 import copy
@@ -391,20 +393,27 @@ def bf16(t):
     return t.to(torch.bfloat16).float()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
-@pytest.mark.parametrize("shape", [(1, 100), (3, 5, 100)])
-def test_quant_linear_kernel_matches_dequantize(bits, shape):
-    """N = 37 (not a multiple of 16) and K = 100 (not a multiple of the group): the int4 kernel's pads."""
-    lin = nn.Linear(100, 37)
+def quant_layer(bits, N=37, K=100, group_size=32, seed=0):
+    """N = 37 (not a multiple of 16) and K = 100 (not a multiple of the group): the kernels' pads."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N)
     if bits == 8:
         q, s = Q.absmax_quantize(lin.weight.detach(), 8, "channel")
-        layer = Q.QuantLinear.from_int8(q, s, lin.bias)
-    else:
-        layer = Q.QuantLinear.from_codes(*Q.rtn_quantize(lin.weight.detach(), bits, 32), bits, 32, lin.bias)
+        return lin, Q.QuantLinear.from_int8(q, s, lin.bias)
+    return lin, Q.QuantLinear.from_codes(*Q.rtn_quantize(lin.weight.detach(), bits, group_size), bits, group_size,
+                                         lin.bias)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("shape", [(1, 100), (3, 5, 100)])
+def test_quant_linear_torch_kernel_matches_dequantize(bits, shape):
+    lin, layer = quant_layer(bits)
+    layer.kernel = "torch"
     x = randn(*shape, seed=12)
     with torch.no_grad():
         y = layer(x)
-        layer.use_kernel = False
+        assert layer._kernel[0] == "torch"
+        layer.kernel = "none"
         plain = layer(x)
     assert y.shape == plain.shape == (*shape[:-1], 37) and y.dtype == torch.float32
     if bits == 8:
@@ -419,6 +428,60 @@ def test_quant_linear_kernel_matches_dequantize(bits, shape):
     # the plain path (fp32 activations and scales) is close to the kernel's
     assert (y - plain).abs().max() <= 2**-6 * plain.abs().max() + 1e-3
     assert torch.allclose(plain, x @ layer.dequantized_weight().t() + lin.bias.detach(), atol=1e-5)
+
+
+def test_block_quantized_matches_a_loop_reference():
+    """llama.cpp's q8_0 activations: each block of 32 inputs of a row on its own absmax scale."""
+    x = randn(3, 100, seed=4) * torch.logspace(-2, 1, 100)  # blocks of very different sizes
+    x[1, 32:64] = 0.0  # an all-zero block
+    got = Q.block_quantized(x)
+    for r in range(3):
+        for k in range(0, 100, 32):
+            block = x[r, k:k + 32]
+            amax = block.abs().max().item()
+            want = [0.0] * len(block) if amax == 0 else [round(v * (127 / amax)) * (amax / 127) for v in block.tolist()]
+            assert torch.allclose(got[r, k:k + 32], torch.tensor(want), rtol=1e-6, atol=0)
+
+
+own = pytest.mark.skipif(Q.own_kernels() is None, reason="no AVX-512 VNNI CPU or C compiler here: torch's kernels run")
+
+
+@own
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32), (4, 128), (3, 64), (2, 32)])
+@pytest.mark.parametrize("N,K", [(37, 100), (300, 520)])
+def test_own_kernel_matches_its_plain_statement(bits, group_size, N, K):
+    """quantize_kernels.c == F.linear(block_quantized(x), W_hat) + bias: 1-row, 3-row and 3-D inputs;
+    N = 37 (one partial tile), 300 (three groups of 8 tiles, the last partial); K = 100 and 520
+    (not multiples of the block of 32 or of the group)."""
+    lin, layer = quant_layer(bits, N, K, group_size or 32, seed=bits)
+    for shape in [(1, K), (3, K), (2, 5, K)]:
+        x = randn(*shape, seed=len(shape)) * 3
+        with torch.no_grad():
+            y = layer(x)
+            assert layer._kernel[0] == "own" and y.shape == (*shape[:-1], N) and y.dtype == torch.float32
+            ref = nn.functional.linear(Q.block_quantized(x), layer.dequantized_weight(), lin.bias)
+            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+            # and within the format's error of the float layer: the activations' rounding, 1/254 of a block's absmax
+            layer.kernel = "none"
+            plain = layer(x)
+            layer.kernel = "auto"
+        assert (y - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+@own
+def test_own_kernel_keeps_the_input_dtype_and_falls_back_to_torch(monkeypatch):
+    lin, layer = quant_layer(4)
+    build = Q.own_kernels.__wrapped__  # the uncached build
+    x = randn(2, 100, seed=3).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and layer._kernel[0] == "own"
+        ref = nn.functional.linear(Q.block_quantized(x), layer.dequantized_weight(), lin.bias)
+        assert torch.allclose(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
+        monkeypatch.setattr(Q, "own_kernels", lambda: None)  # no compiler or no VNNI: torch's kernels
+        assert (layer(x.float()) - ref).abs().max() <= 2**-6 * ref.abs().max() and layer._kernel[0] == "torch"
+    monkeypatch.setenv("NANOLLM_OWN_KERNELS", "0")
+    assert build() is None
 
 
 # ----------------------------------------------------------------------------------------
