@@ -45,6 +45,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -487,7 +488,10 @@ def own_kernels():
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # never a half-written library under the name
-            if subprocess.run([compiler, *options, str(KERNELS_C), "-o", str(tmp)], capture_output=True).returncode:
+            built = subprocess.run([compiler, *options, str(KERNELS_C), "-o", str(tmp)], capture_output=True, text=True)
+            if built.returncode:
+                first = (built.stderr.strip().splitlines() or ["no message"])[0]
+                print(f"note: {KERNELS_C.name} did not build ({first}); torch's kernels run instead", file=sys.stderr)
                 return None
             os.replace(tmp, path)
         lib = ctypes.CDLL(str(path))
