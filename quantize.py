@@ -526,9 +526,13 @@ def pack_int4_tiles(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return w.contiguous(), per_tile(scales), per_tile(zeros), Kp
 
 
-def own_linear(x: torch.Tensor, packed, bits: int, group_size: int, N: int, bias=None) -> torch.Tensor:
-    """y (M, N) = x (M, K) W^T (+ bias) by quantize_kernels.c on weights packed by pack_int*_tiles."""
-    w, scales, zeros, Kp = packed
+# The op torch.compile sees (sample.py --compile on a quantized checkpoint): opaque to the compiler,
+# register_fake gives its output's shape and dtype, so the decode step compiles in one graph.
+@torch.library.custom_op("nanollm::quant_linear", mutates_args=())
+def own_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               bias: torch.Tensor | None, Kp: int, bits: int, group_size: int, N: int) -> torch.Tensor:
+    """y (M, N) fp32 = x (M, K) W^T (+ bias fp32) by quantize_kernels.c, on (w, scales, zeros, Kp)
+    from pack_int8_tiles / pack_int4_tiles."""
     x = x.float().contiguous()
     (M, K), lib = x.shape, own_kernels()
     y = torch.empty(M, N)
@@ -538,6 +542,11 @@ def own_linear(x: torch.Tensor, packed, bits: int, group_size: int, N: int, bias
                      None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
                      y.data_ptr(), N, xq.data_ptr(), xs.data_ptr(), xsum.data_ptr())
     return y
+
+
+@own_linear.register_fake
+def _(x, w, scales, zeros, bias, Kp, bits, group_size, N):
+    return x.new_empty(x.shape[0], N, dtype=torch.float32)
 
 
 def block_quantized(x: torch.Tensor) -> torch.Tensor:
@@ -572,7 +581,15 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.empty(N, G, device=device))
             self.register_buffer("zeros", torch.empty(N, G, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(N, device=device), requires_grad=False) if bias else None
-        self.kernel, self._kernel = "auto", None
+        self.kernel = "auto"
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel_choice
+
+    @kernel.setter
+    def kernel(self, choice: str):
+        self._kernel_choice, self._kernel = choice, None  # what the kernel reads is made again on next use
 
     @classmethod
     def from_int8(cls, q, scale, bias=None):
@@ -600,9 +617,9 @@ class QuantLinear(nn.Module):
         codes = unpack_nibbles(self.qweight, self.in_features)
         return dequantize_groups(codes, self.scales, self.zeros, self.group_size).to(dtype)
 
-    def kernel_kind(self, x) -> str:
-        """"own", "torch" or "none": which forward runs x (see the class docstring)."""
-        if self.kernel == "none" or x.device.type != "cpu":
+    def kernel_kind(self) -> str:
+        """"own", "torch" or "none": which forward runs (see the class docstring)."""
+        if self.kernel == "none" or self.qweight.device.type != "cpu":
             return "none"
         own = own_kernels() is not None and (self.bits == 8 or self.group_size % KERNEL_BLOCK == 0)
         return "own" if own and self.kernel != "torch" else "torch"
@@ -635,15 +652,17 @@ class QuantLinear(nn.Module):
         return packed, pairs, pad_k
 
     def forward(self, x):
-        kind = self.kernel_kind(x)
+        if self._kernel is None:  # chosen and made once (a compiled step finds it made by the eager prefill)
+            kind = self.kernel_kind()
+            made = {"own": self.own_kernel_weights, "torch": self.torch_kernel_weights}.get(kind, lambda: None)()
+            self._kernel = (kind, made)
+        kind = self._kernel[0]
         if kind == "none":
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-        if self._kernel is None or self._kernel[0] != kind:
-            self._kernel = (kind, self.own_kernel_weights() if kind == "own" else self.torch_kernel_weights())
         a = x.reshape(-1, self.in_features)
         if kind == "own":
-            packed, bias = self._kernel[1]
-            y = own_linear(a, packed, self.bits, self.group_size, self.out_features, bias)
+            (w, scales, zeros, Kp), bias = self._kernel[1]
+            y = own_linear(a, w, scales, zeros, bias, Kp, self.bits, self.group_size, self.out_features)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         weight, scales, pad_k = self._kernel[1]
         a = a.to(torch.bfloat16).contiguous()  # one cast (none for bf16 input)

@@ -484,6 +484,7 @@ def test_own_kernel_keeps_the_input_dtype_and_falls_back_to_torch(monkeypatch):
         ref = nn.functional.linear(Q.block_quantized(x), layer.dequantized_weight(), lin.bias)
         assert torch.allclose(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
         monkeypatch.setattr(Q, "own_kernels", lambda: None)  # no compiler or no VNNI: torch's kernels
+        layer.kernel = "auto"  # chosen again on next use
         assert (layer(x.float()) - ref).abs().max() <= 2**-6 * ref.abs().max() and layer._kernel[0] == "torch"
     monkeypatch.setenv("NANOLLM_OWN_KERNELS", "0")
     assert build() is None
@@ -498,6 +499,24 @@ def tiny_model(arch="gpt2"):
     config = gpt.llama_config(**kwargs, n_kv_head=1) if arch == "llama" else gpt.GPTConfig(**kwargs)
     torch.manual_seed(0)
     return gpt.GPT(config).eval()
+
+
+@pytest.mark.parametrize("method,bits", [("absmax", 8), ("rtn", 4)])
+def test_quantized_decode_step_compiles_in_one_graph(method, bits):
+    """sample.py --compile on a quantized checkpoint: the kernel is an opaque op (nanollm::quant_linear
+    or torch's), so dynamo traces the decode step whole (fullgraph) and gives the eager tokens."""
+    from torch._dynamo.utils import counters
+
+    import sample
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = Q.quantize_model(tiny_model(), Q.QuantizeConfig(method=method, bits=bits, group_size=32), log=lambda s: None)
+    prompt = torch.tensor([[5, 17, 3, 40, 8, 21]])
+    step = sample.compile_decode(backend="eager")
+    compiled = torch.stack(list(sample.generate(model, prompt, 12, temperature=0, decode_fn=step)), dim=1)
+    assert counters["stats"]["calls_captured"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(compiled, torch.stack(list(sample.generate(model, prompt, 12, temperature=0)), dim=1))
 
 
 @pytest.mark.parametrize("method,arch", [("absmax", "gpt2"), ("llm_int8", "gpt2"), ("rtn", "llama"),
