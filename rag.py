@@ -597,16 +597,44 @@ def split_citations(text: str) -> tuple[str, list[int]]:
     return CITATION.sub("", text).strip(), [int(c) for c in CITATION.findall(text)]
 
 
+def quoted_next(sources: list[list[int]], prefix: list[int]) -> set[int]:
+    """The tokens that extend `prefix` to a run of tokens found in one of `sources` (any of their
+    tokens when prefix is empty): what a reader that quotes its passages may say next."""
+    n = len(prefix)
+    return {s[i + n] for s in sources for i in range(len(s) - n) if s[i:i + n] == prefix}
+
+
 @torch.no_grad()
-def generate_answers(model: gpt.GPT, tok, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
-    """Greedy continuations of each prompt (sample.generate, one left-padded batch), cut at the
-    end-of-text token or the first newline."""
+def generate_answers(model: gpt.GPT, tok, prompts: list[str], max_new_tokens: int = 16, passages=None) -> list[str]:
+    """Greedy continuations of each prompt, cut at the end-of-text token or the first newline.
+    passages (a list of passages per prompt, or None): the answer is quoted, i.e. until its citation
+    starts each token must continue a run of tokens of one of the prompt's passages (constrained
+    decoding; a prompt without passages decodes freely). The small reader picks the right place
+    (its first token is mostly right) but, with no induction heads, guesses the tokens after it:
+    the constraint makes it copy them. Without passages: sample.generate in one left-padded batch."""
     model.eval()
     rows = [tok.encode(p)[-(model.config.block_size - max_new_tokens):] for p in prompts]
     outs = [[] for _ in rows]
-    for token in sample.generate(model, rows, max_new_tokens, temperature=0, eos_id=tok.eot_id):
-        for out, t in zip(outs, token.tolist()):
-            out.append(t)
+    if passages is None:
+        for token in sample.generate(model, rows, max_new_tokens, temperature=0, eos_id=tok.eot_id):
+            for out, t in zip(outs, token.tolist()):
+                out.append(t)
+    else:
+        sources = [[tok.encode(" " + p) for p in ps] for ps in passages]  # as they sit in the prompt
+        newline = tok.encode("\n")
+        ends = {tok.encode(" [1]")[0], tok.eot_id, *newline}
+        quoting, live = [bool(s) for s in sources], list(range(len(rows)))
+        for _ in range(max_new_tokens):
+            for b, logits in zip(live, sample.forward_no_cache(model, [rows[b] + outs[b] for b in live])):
+                if quoting[b]:  # the citation's " [" (or the end) once something is quoted
+                    allowed = quoted_next(sources[b], outs[b]) | (ends if outs[b] else set())
+                    logits = logits + torch.full_like(logits, float("-inf")).index_fill(
+                        0, torch.tensor(sorted(allowed), device=logits.device), 0.0)
+                outs[b].append(int(logits.argmax()))
+                quoting[b] = quoting[b] and outs[b][-1] not in ends
+            live = [b for b in live if outs[b][-1] != tok.eot_id and outs[b][-1] not in newline]
+            if not live:
+                break
     return [tok.decode(out[:out.index(tok.eot_id)] if tok.eot_id in out else out).split("\n")[0] for out in outs]
 
 
@@ -1323,6 +1351,8 @@ class EvalConfig:
                                                         "exact match without and with retrieval"})
     rerank_k: int = field(default=20, metadata={"help": "the reranker reorders this many of the top"})
     passages: int = field(default=3, metadata={"help": "passages in the reader's prompt"})
+    quote: bool = field(default=True, metadata={
+        "help": "the reader's answer quotes its passages (constrained decoding, see generate_answers; false: free)"})
     nprobe: int = field(default=0, metadata={"help": "dense search: 0 exact, else IVF probing this many cells"})
     limit: int = field(default=0, metadata={"help": "evaluate the first N questions only (0: all)"})
     out_json: str = field(default="", metadata={"help": "also write the figures here"})
@@ -1343,14 +1373,15 @@ def load_retriever(folder, encoder: str, reranker: str, device, **kwargs) -> Ret
     return Retriever(index, enc, Reranker.load(reranker, device) if reranker else None, **kwargs)
 
 
-def reader_scores(model, tok, questions, passages_of, relevant_of, batch_size=32) -> dict:
+def reader_scores(model, tok, questions, passages_of, relevant_of, quote=True, batch_size=32) -> dict:
     """Exact match of the reader's answers, and of the correct ones the share whose first citation
     points at a passage that holds the answer. passages_of(i) -> [(chunk id, passage)]."""
     hits, cited = 0, 0
     for s in range(0, len(questions), batch_size):
         batch = range(s, min(s + batch_size, len(questions)))
-        prompts = [grounded_prompt(questions[i]["question"], [p for _, p in passages_of(i)]) for i in batch]
-        for i, out in zip(batch, generate_answers(model, tok, prompts)):
+        texts = [[p for _, p in passages_of(i)] for i in batch]
+        prompts = [grounded_prompt(questions[i]["question"], ps) for i, ps in zip(batch, texts)]
+        for i, out in zip(batch, generate_answers(model, tok, prompts, passages=texts if quote else None)):
             answer, cites = split_citations(out)
             if normalize_answer(answer) == normalize_answer(questions[i]["answer"]):
                 hits += 1
@@ -1399,7 +1430,7 @@ def eval_reader(cfg, device, questions, relevant, ranked, chunks, method) -> dic
     tok = tokenizer.load_tokenizer(spec)
     closed = reader_scores(model, tok, questions, lambda i: [], lambda i: relevant[i])
     top = lambda i: [(d, chunks[d].passage()) for d in ranked[i][:cfg.passages]]  # noqa: E731
-    opened = reader_scores(model, tok, questions, top, lambda i: relevant[i])
+    opened = reader_scores(model, tok, questions, top, lambda i: relevant[i], quote=cfg.quote)
     print(f"{'reader':<28} {'exact match':>12} {'citations right':>16}")
     print(f"{'no retrieval':<28} {100 * closed['exact_match']:>11.1f}% {'-':>16}")
     print(f"{f'top {cfg.passages} of {method}':<28} {100 * opened['exact_match']:>11.1f}% "
@@ -1414,6 +1445,7 @@ class AskConfig:
     encoder: str = field(default="", metadata={"help": "query encoder (empty: the index's)"})
     reranker: str = field(default="", metadata={"help": "a rag.py reranker checkpoint"})
     generator: str = field(default="", metadata={"help": "a grounded reader: answer with citations"})
+    quote: bool = field(default=True, metadata={"help": "the answer quotes the passages (false: free decoding)"})
     rerank_k: int = 20
     nprobe: int = field(default=0, metadata={"help": "dense search: 0 exact, else IVF probing this many cells"})
     device: str = "auto"
@@ -1434,8 +1466,9 @@ def run_ask(args, cfg: AskConfig) -> dict:
         if not Path(cfg.generator).is_file():
             raise NanoError(f"--generator {cfg.generator} not found (train it: python rag.py train_generator)")
         model, spec = gpt.load_checkpoint(cfg.generator, device)
-        prompt = grounded_prompt(question, [c.passage() for c in chunks])
-        out = generate_answers(model, tokenizer.load_tokenizer(spec), [prompt])[0]
+        texts = [c.passage() for c in chunks]
+        out = generate_answers(model, tokenizer.load_tokenizer(spec), [grounded_prompt(question, texts)],
+                               passages=[texts] if cfg.quote else None)[0]
         answer, cites = split_citations(out)
         sources = [f"[{n}] {chunks[n - 1].doc} characters {chunks[n - 1].start}-{chunks[n - 1].end}"
                    for n in cites if 1 <= n <= len(chunks)]

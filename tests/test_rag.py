@@ -270,6 +270,24 @@ def test_grounded_prompt_citations_and_exact_match(tiny_model, tok):
     assert len(out) == 2 and all("\n" not in a for a in out)
 
 
+def test_quoted_answers_continue_a_run_of_a_passage(tiny_model, tok, monkeypatch):
+    assert rag.quoted_next([[1, 2, 3], [2, 4]], []) == {1, 2, 3, 4}
+    assert rag.quoted_next([[1, 2, 3], [2, 4]], [2]) == {3, 4} and rag.quoted_next([[1, 2, 3]], [1, 2]) == {3}
+    assert rag.quoted_next([[1, 2, 3]], [3]) == set() and rag.quoted_next([[1, 2, 3]], [2, 1]) == set()
+    first, right, wrong, cite = (tok.encode(w)[0] for w in (" Feilfouthqueth", " Leindstomheis", " Runbreimsteis", " [1]"))
+    assert len({first, right, wrong, cite}) == 4
+    prefer = torch.zeros(tok.vocab_size)  # a reader that knows the first name and guesses the second
+    prefer[[first, wrong, right, cite]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    monkeypatch.setattr(rag.sample, "forward_no_cache", lambda model, rows: prefer.repeat(len(rows), 1))
+    passage = "Kaindgros Quoga: His oldest friend is Feilfouthqueth Leindstomheis."
+    quoted, closed = rag.generate_answers(tiny_model, tok, ["Q", "Q"], max_new_tokens=3, passages=[[passage], []])
+    assert quoted == " Feilfouthqueth Leindstomheis" + tok.decode([cite])  # the run the passage holds, then " "
+    assert closed == " Feilfouthqueth Feilfouthqueth Feilfouthqueth"  # no passages: free
+    monkeypatch.undo()
+    out = rag.generate_answers(tiny_model, tok, ["Question: Who?\n[1] A: Osk Nen\nAnswer:"], 6, passages=[["A: Osk Nen"]])
+    assert len(out) == 1 and "\n" not in out[0]
+
+
 def test_grounded_examples_cite_the_relevant_passage_and_swap_answers(tok):
     chunks = list(rag.chunk_docs(rag.read_docs([rag.DOCS]), tok, 32, 8))[:60]
     docs = {c.doc for c in chunks}
