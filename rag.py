@@ -597,19 +597,29 @@ def split_citations(text: str) -> tuple[str, list[int]]:
     return CITATION.sub("", text).strip(), [int(c) for c in CITATION.findall(text)]
 
 
-def quoted_next(sources: list[list[int]], prefix: list[int]) -> set[int]:
+def quoted_next(sources: list[list[int]], prefix: list[int], word_starts=None) -> set:
     """The tokens that extend `prefix` to a run of tokens found in one of `sources` (any of their
-    tokens when prefix is empty): what a reader that quotes its passages may say next."""
-    n = len(prefix)
-    return {s[i + n] for s in sources for i in range(len(s) - n) if s[i:i + n] == prefix}
+    tokens when prefix is empty), and None if the run may end here: after it the passage ends or
+    its next token starts a word (is in word_starts; None: any token does). What a reader that
+    quotes whole words of its passages may say next."""
+    n, after = len(prefix), set()
+    for s in sources:
+        for i in range(len(s) - n + 1):
+            if s[i:i + n] == prefix:
+                t = s[i + n] if i + n < len(s) else None
+                if n and (t is None or word_starts is None or t in word_starts):
+                    after.add(None)
+                if t is not None:
+                    after.add(t)
+    return after
 
 
 @torch.no_grad()
 def generate_answers(model: gpt.GPT, tok, prompts: list[str], max_new_tokens: int = 16, passages=None) -> list[str]:
     """Greedy continuations of each prompt, cut at the end-of-text token or the first newline.
     passages (a list of passages per prompt, or None): the answer is quoted, i.e. until its citation
-    starts each token must continue a run of tokens of one of the prompt's passages (constrained
-    decoding; a prompt without passages decodes freely). The small reader picks the right place
+    starts each token must continue a run of whole words of one of the prompt's passages
+    (constrained decoding, quoted_next; a prompt without passages decodes freely). The small reader picks the right place
     (its first token is mostly right) but, with no induction heads, guesses the tokens after it:
     the constraint makes it copy them. Without passages: sample.generate in one left-padded batch."""
     model.eval()
@@ -623,11 +633,13 @@ def generate_answers(model: gpt.GPT, tok, prompts: list[str], max_new_tokens: in
         sources = [[tok.encode(" " + p) for p in ps] for ps in passages]  # as they sit in the prompt
         newline = tok.encode("\n")
         ends = {tok.encode(" [1]")[0], tok.eot_id, *newline}
+        word_starts = {t for src in sources for s in src for t in s if not tok.decode([t])[:1].isalnum()}
         quoting, live = [bool(s) for s in sources], list(range(len(rows)))
         for _ in range(max_new_tokens):
             for b, logits in zip(live, sample.forward_no_cache(model, [rows[b] + outs[b] for b in live])):
                 if quoting[b]:  # the citation's " [" (or the end) once something is quoted
-                    allowed = quoted_next(sources[b], outs[b]) | (ends if outs[b] else set())
+                    after = quoted_next(sources[b], outs[b], word_starts)
+                    allowed = after - {None} | (ends if None in after else set())
                     logits = logits + torch.full_like(logits, float("-inf")).index_fill(
                         0, torch.tensor(sorted(allowed), device=logits.device), 0.0)
                 outs[b].append(int(logits.argmax()))
