@@ -30,13 +30,17 @@ ids so that every answer points at its source. This file builds each part from s
   model answers "Nenbrou [1]"; an SFT task (prompt/response pairs in finetune.py's format, the
   loss on the response) teaches a small GPT to answer from context: prompts drawn afresh at every
   step, their answers swapped for others of the same kind (counterfactual passages: only reading
-  gives them), the relevant passage mostly first, as the retrievers rank it.
+  gives them), the relevant passage mostly first, as the retrievers rank it. The answer is
+  quoted (constrained decoding): each of its tokens must continue a run of whole words of one
+  of the passages, so the reader chooses where the answer is and copies it exactly; it could not
+  copy on its own (free decoding: the right first token, the rest guessed; 56% vs 80% right).
 
 No embedding model can be downloaded here: the retriever, the reranker and the reader are all
 trained from one small GPT (out-rag/base: 4 layers, 128 wide, rotary positions), pretrained on
-documents no question asks about, each read twice so that copying from the context is learnt (a
-base that knew the training people's facts let the reranker and the reader answer from memory:
-they then failed on unseen people).
+documents no question asks about, each read twice (meant to teach copying from the context; it
+learns the 150 documents by heart instead: no induction heads) (a base that knew the training
+people's facts let the reranker and the reader answer from memory: they then failed on unseen
+people).
 
 The shipped QA set (assets/rag/, 0.57 MB, written by assets/rag/make_qa.py, seed 30): 450
 biographies of invented people (names, towns, firms and numbers drawn at random, so no model
@@ -939,8 +943,9 @@ class BaseConfig(TrainConfig):
     n_embd: int = 128
     block_size: int = field(default=256, metadata={"help": "the reader's prompt (3 passages + question) must fit"})
     repeat: bool = field(default=True, metadata={
-        "help": "write each document twice: copying from the context, which the reader needs, is learnt "
-                "(induction heads, Olsson et al. 2022, arXiv:2209.11895)"})
+        "help": "write each document twice, the second copy predictable by copying from the first (induction "
+                "heads, Olsson et al. 2022, arXiv:2209.11895); at 300 steps the base learns the documents by "
+                "heart instead (second-copy loss = first's), so the reader's answers are quoted (--quote)"})
     rope_theta: float = field(default=10000.0, metadata={
         "help": "rotary positions (0: GPT-2's learned ones): the reader copies from a passage wherever it sits"})
     max_iters: int = 300
