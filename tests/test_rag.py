@@ -270,6 +270,29 @@ def test_grounded_prompt_citations_and_exact_match(tiny_model, tok):
     assert len(out) == 2 and all("\n" not in a for a in out)
 
 
+def test_quoted_answers_continue_a_run_of_a_passage(tiny_model, tok, monkeypatch):
+    sources = [[1, 2, 3], [2, 4]]  # None: the run may end there
+    assert rag.quoted_next(sources, []) == {1, 2, 3, 4} and rag.quoted_next(sources, [2]) == {3, 4, None}
+    assert rag.quoted_next(sources, [2], word_starts={4}) == {3, 4, None}  # 4 starts a word: "2" is whole
+    assert rag.quoted_next(sources, [1], word_starts={4}) == {2}  # 1 is part of the word "1 2"
+    assert rag.quoted_next(sources, [1, 2, 3], word_starts=set()) == {None} and rag.quoted_next(sources, [2, 1]) == set()
+    first, right, wrong, cite = (tok.encode(w)[0] for w in (" Feilfouthqueth", " Leindstomheis", " Runbreimsteis", " [1]"))
+    assert len({first, right, wrong, cite}) == 4
+    prefer = torch.zeros(tok.vocab_size)  # a reader that knows the first name and guesses the second
+    prefer[[first, wrong, right, cite]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    monkeypatch.setattr(rag.sample, "forward_no_cache", lambda model, rows: prefer.repeat(len(rows), 1))
+    passage = "Kaindgros Quoga: His oldest friend is Feilfouthqueth Leindstomheis."
+    quoted, closed = rag.generate_answers(tiny_model, tok, ["Q", "Q"], max_new_tokens=3, passages=[[passage], []])
+    assert quoted == " Feilfouthqueth Leindstomheis" + tok.decode([cite])  # the run the passage holds, then " "
+    assert closed == " Feilfouthqueth Feilfouthqueth Feilfouthqueth"  # no passages: free
+    prefer[:] = 0
+    prefer[[tok.encode(" 3")[0], cite]] = torch.tensor([2.0, 1.0])  # " 3" then the citation: "31" is cut
+    assert rag.generate_answers(tiny_model, tok, ["Q"], 3, passages=[["He lives at number 31."]]) == [" 31 "]
+    monkeypatch.undo()
+    out = rag.generate_answers(tiny_model, tok, ["Question: Who?\n[1] A: Osk Nen\nAnswer:"], 6, passages=[["A: Osk Nen"]])
+    assert len(out) == 1 and "\n" not in out[0]
+
+
 def test_grounded_examples_cite_the_relevant_passage_and_swap_answers(tok):
     chunks = list(rag.chunk_docs(rag.read_docs([rag.DOCS]), tok, 32, 8))[:60]
     docs = {c.doc for c in chunks}
