@@ -629,7 +629,7 @@ def generate_answers(model: gpt.GPT, tok, prompts: list[str], max_new_tokens: in
     model.eval()
     rows = [tok.encode(p)[-(model.config.block_size - max_new_tokens):] for p in prompts]
     outs = [[] for _ in rows]
-    if passages is None:
+    if passages is None or not any(passages):  # nothing to quote: the cached batch decode
         for token in sample.generate(model, rows, max_new_tokens, temperature=0, eos_id=tok.eot_id):
             for out, t in zip(outs, token.tolist()):
                 out.append(t)
